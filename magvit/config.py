@@ -1,0 +1,209 @@
+"""Typed configuration: dataclasses with strict loading, named presets and ``key.path=value`` overrides.
+
+Every config in the project (``TokenizerConfig``, ``TransformerConfig``, training configs) subclasses
+:class:`Config`. Loading is strict: an unknown key anywhere in a dict or YAML file is a ``ValueError`` that names
+the full dotted key and lists the valid ones, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Mapping, Sequence, TypeVar, Union, get_args, get_origin
+
+import yaml
+
+C = TypeVar("C", bound="Config")
+
+
+class ConfigError(ValueError):
+    """A config value or key does not fit the schema."""
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert ``value`` (from JSON/YAML) to the annotated type ``tp``; raise ConfigError naming ``key``."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{key}: {value!r} does not fit {_type_name(tp)}")
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}")
+        return value
+    if origin in (tuple, list):
+        if isinstance(value, str) or not isinstance(value, Sequence):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        args = get_args(tp)
+        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+            items = [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+        elif origin is tuple and args:
+            if len(args) != len(value):
+                raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}")
+            items = [_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
+        else:
+            inner = args[0] if args else Any
+            items = [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else list(items)
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if isinstance(tp, type) and issubclass(tp, Config):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {value!r}")
+        return tp.from_dict(value, _prefix=f"{key}.")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+@dataclasses.dataclass
+class Config:
+    """Base class of every config dataclass.
+
+    Subclasses may define ``PRESETS: ClassVar[dict[str, dict]]`` mapping a preset name to field overrides of the
+    defaults; :meth:`preset` builds one.
+    """
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    # --- construction -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls: type[C], data: Mapping[str, Any], *, _prefix: str = "") -> C:
+        """Build from a (nested) mapping. Unknown keys raise ``ConfigError`` naming the dotted key."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{_prefix or cls.__name__}: expected a mapping, got {type(data).__name__}")
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            raise ConfigError(
+                f"unknown config key '{_prefix}{unknown[0]}' for {cls.__name__}; valid keys: {', '.join(sorted(fields))}"
+            )
+        kwargs = {name: _coerce(value, hints[name], f"{_prefix}{name}") for name, value in data.items()}
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{_prefix or cls.__name__}: {err}") from err
+
+    @classmethod
+    def preset(cls: type[C], name: str, **overrides: Any) -> C:
+        """A named size preset (e.g. ``"tiny"``, ``"B"``, ``"L"``) with optional field overrides."""
+        if name not in cls.PRESETS:
+            raise ConfigError(f"unknown {cls.__name__} preset '{name}'; available: {', '.join(cls.PRESETS)}")
+        base = dict(cls.PRESETS[name])
+        base.update(overrides)
+        return cls.from_dict(base)
+
+    @classmethod
+    def from_yaml(cls: type[C], path: str | Path) -> C:
+        """Load a YAML file (safe loader). A top-level ``preset: NAME`` key starts from that preset."""
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: invalid YAML: {err}") from None
+        return cls.from_mapping(data, source=str(path))
+
+    @classmethod
+    def from_mapping(cls: type[C], data: Mapping[str, Any], source: str = "") -> C:
+        data = dict(data)
+        preset = data.pop("preset", None)
+        try:
+            if preset is None:
+                return cls.from_dict(data)
+            if preset not in cls.PRESETS:
+                raise ConfigError(f"unknown {cls.__name__} preset '{preset}'; available: {', '.join(cls.PRESETS)}")
+            return cls.from_dict(_deep_merge(dict(cls.PRESETS[preset]), data))
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}" if source else str(err)) from None
+
+    # --- export -------------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (tuples become lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_json(cls: type[C], path: str | Path) -> C:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def replace(self: C, **changes: Any) -> C:
+        """Copy with some fields changed, re-validated."""
+        return type(self).from_dict({**self.to_dict(), **changes})
+
+    def with_overrides(self: C, overrides: Sequence[str]) -> C:
+        """Apply ``key.path=value`` words (values parsed as YAML scalars/lists). Unknown keys raise."""
+        data = self.to_dict()
+        for word in overrides:
+            if "=" not in word:
+                raise ConfigError(f"override '{word}' is not of the form key.path=value")
+            key, raw = word.split("=", 1)
+            value = yaml.safe_load(raw) if raw != "" else ""
+            node = data
+            parts = key.split(".")
+            for i, part in enumerate(parts[:-1]):
+                if not isinstance(node.get(part), dict):
+                    raise ConfigError(f"unknown config key '{'.'.join(parts[: i + 1])}' in override '{word}'")
+                node = node[part]
+            if parts[-1] not in node:
+                raise ConfigError(f"unknown config key '{key}' in override '{word}'")
+            node[parts[-1]] = value
+        return type(self).from_dict(data)
+
+
+def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _deep_merge(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
