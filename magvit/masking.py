@@ -1,0 +1,396 @@
+"""The one mask schedule, the token vocabulary and sequence layout, COMMIT condition construction, training masks
+and the masked-token loss.
+
+Everything here is shared by training (``launch/train_transformer.py``) and sampling (``magvit/sampling.py``), so
+the schedule, the special tokens and the sequence layout are defined exactly once.
+
+Sequence layout (length ``2 + 2 * t*h*w``)::
+
+    [task token][class or unconditional token][prefix: t*h*w condition tokens][video: t*h*w tokens]
+
+The prefix holds the tokens of the pixel-space condition video (COMMIT tasks) or of a sketch video; tasks without
+a pixel condition (class, unconditional) and dropped conditions fill it with the no-condition pad token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Mapping, NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+
+# --- tasks ---------------------------------------------------------------------------------------------------------
+
+#: COMMIT tasks whose condition is a video built in pixel space (``build_condition_video``) and then tokenized.
+#: ``data_prep.tokenize`` writes one ``cond.<task>`` token grid per clip for each of these.
+CONDITION_TASKS: tuple[str, ...] = (
+    "frame_prediction",  # first n frames known (n = 1 by default)
+    "interpolation",  # first and last frames known
+    "outpaint_central",  # central box known, the rest is generated
+    "outpaint_vertical",  # central vertical stripe (middle half of the width) known
+    "outpaint_horizontal",  # central horizontal stripe (middle half of the height) known
+    "inpaint_central",  # everything but a central box known
+)
+#: Every task the transformer knows; each has its own task token.
+TASKS: tuple[str, ...] = CONDITION_TASKS + ("sketch", "class", "unconditional")
+
+SCHEDULES: tuple[str, ...] = ("cosine", "linear", "square", "exponential")
+
+#: Label value meaning "no class" (as in ``ClipDataset`` / token shards).
+NO_LABEL = -1
+#: ``labels`` value at positions that carry no target (cross_entropy's ``ignore_index``).
+IGNORE_INDEX = -100
+
+_EXPONENTIAL_RATE = 5.0  # steepness of the "exponential" schedule
+
+
+# --- the mask schedule ---------------------------------------------------------------------------------------------
+
+
+def mask_schedule(ratio: float | torch.Tensor, name: str = "cosine") -> float | torch.Tensor:
+    """Fraction of tokens that are masked at progress ``ratio`` in [0, 1] (MaskGIT's gamma function).
+
+    Monotone non-increasing with ``gamma(0) = 1`` (all masked) and ``gamma(1) = 0`` (all revealed). Training draws
+    ``ratio ~ U(0, 1)`` and masks ``gamma(ratio)`` of the video tokens; decoding step ``s`` of ``K`` leaves
+    ``gamma((s + 1) / K)`` of the initially unknown tokens masked.
+
+    - ``cosine``: ``cos(pi/2 * r)`` (MaskGIT's default)
+    - ``linear``: ``1 - r``
+    - ``square``: ``1 - r**2``
+    - ``exponential``: ``(exp(-k r) - exp(-k)) / (1 - exp(-k))`` with ``k = 5`` (reveals most tokens early)
+    """
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown mask schedule '{name}'; expected one of {', '.join(SCHEDULES)}")
+    is_tensor = isinstance(ratio, torch.Tensor)
+    r = ratio if is_tensor else torch.tensor(float(ratio), dtype=torch.float64)
+    if bool(((r < 0) | (r > 1)).any()):
+        raise ValueError(f"mask_schedule expects a ratio in [0, 1], got {ratio}")
+    if name == "cosine":
+        out = torch.cos(math.pi / 2 * r)
+    elif name == "linear":
+        out = 1 - r
+    elif name == "square":
+        out = 1 - r**2
+    else:
+        k = _EXPONENTIAL_RATE
+        out = (torch.exp(-k * r) - math.exp(-k)) / (1 - math.exp(-k))
+    out = out.clamp(0.0, 1.0)
+    return out if is_tensor else float(out)
+
+
+# --- vocabulary and sequence layout --------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenVocabulary:
+    """Named special tokens placed after the codebook: ``[codes][mask][pad][uncond][tasks...][classes...]``."""
+
+    codebook_size: int
+    num_classes: int = 0
+    tasks: tuple[str, ...] = TASKS
+
+    def __post_init__(self) -> None:
+        if self.codebook_size < 2:
+            raise ValueError(f"codebook_size must be >= 2, got {self.codebook_size}")
+        if self.num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
+
+    @property
+    def mask_token(self) -> int:
+        """Stands for a video token still to be generated."""
+        return self.codebook_size
+
+    @property
+    def pad_token(self) -> int:
+        """Fills the condition prefix when there is no (or a dropped) pixel/sketch condition."""
+        return self.codebook_size + 1
+
+    @property
+    def unconditional_token(self) -> int:
+        """Takes the class slot when there is no (or a dropped) class label."""
+        return self.codebook_size + 2
+
+    def task_token(self, task: str) -> int:
+        if task not in self.tasks:
+            raise ValueError(f"unknown task '{task}'; expected one of {', '.join(self.tasks)}")
+        return self.codebook_size + 3 + self.tasks.index(task)
+
+    def class_token(self, label: int) -> int:
+        """The class token of ``label``, or the unconditional token for ``NO_LABEL``."""
+        if label == NO_LABEL:
+            return self.unconditional_token
+        if not 0 <= label < self.num_classes:
+            raise ValueError(f"class id {label} out of range: the model knows {self.num_classes} classes")
+        return self.codebook_size + 3 + len(self.tasks) + label
+
+    def class_tokens(self, labels: torch.Tensor) -> torch.Tensor:
+        """Vectorised :meth:`class_token` for a (B,) long tensor of labels (``NO_LABEL`` -> unconditional)."""
+        if bool(((labels < NO_LABEL) | (labels >= self.num_classes)).any()):
+            raise ValueError(f"class ids must be in [-1, {self.num_classes}), got {labels.tolist()}")
+        first = self.codebook_size + 3 + len(self.tasks)
+        return torch.where(labels >= 0, first + labels, torch.full_like(labels, self.unconditional_token))
+
+    @property
+    def size(self) -> int:
+        """Total vocabulary size (embedding rows)."""
+        return self.codebook_size + 3 + len(self.tasks) + self.num_classes
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceLayout:
+    """Positions of the parts of a sequence for a token grid ``(t, h, w)``."""
+
+    token_grid: tuple[int, int, int]
+
+    @property
+    def num_video_tokens(self) -> int:
+        t, h, w = self.token_grid
+        return t * h * w
+
+    @property
+    def task_position(self) -> int:
+        return 0
+
+    @property
+    def class_position(self) -> int:
+        return 1
+
+    @property
+    def prefix(self) -> slice:
+        return slice(2, 2 + self.num_video_tokens)
+
+    @property
+    def video(self) -> slice:
+        n = self.num_video_tokens
+        return slice(2 + n, 2 + 2 * n)
+
+    @property
+    def length(self) -> int:
+        return 2 + 2 * self.num_video_tokens
+
+
+def build_sequence(
+    vocab: TokenVocabulary,
+    layout: SequenceLayout,
+    task_tokens: torch.Tensor,
+    class_tokens: torch.Tensor,
+    prefix: torch.Tensor | None,
+    video: torch.Tensor | None,
+) -> torch.Tensor:
+    """Assemble ``(B, L)`` input ids from per-example task / class tokens (B,), prefix tokens ``(B, t, h, w)``
+    (``None``: all pad) and video tokens ``(B, t, h, w)`` (``None``: all mask)."""
+    batch = task_tokens.shape[0]
+    n = layout.num_video_tokens
+    for name, grid in (("prefix", prefix), ("video", video)):
+        if grid is not None and (grid.dim() != 4 or tuple(grid.shape[1:]) != tuple(layout.token_grid)):
+            raise ValueError(f"{name} tokens must be (B, {', '.join(map(str, layout.token_grid))}), "
+                             f"got {tuple(grid.shape)}")
+    device = task_tokens.device
+    ids = torch.empty(batch, layout.length, dtype=torch.long, device=device)
+    ids[:, layout.task_position] = task_tokens
+    ids[:, layout.class_position] = class_tokens
+    ids[:, layout.prefix] = vocab.pad_token if prefix is None else prefix.reshape(batch, n)
+    ids[:, layout.video] = vocab.mask_token if video is None else video.reshape(batch, n)
+    return ids
+
+
+# --- COMMIT condition construction in pixel space ------------------------------------------------------------------
+
+
+def condition_region(task: str, num_frames: int, height: int, width: int, num_cond_frames: int = 1) -> torch.Tensor:
+    """Bool ``(T, H, W)``: True where the condition video shows real pixels for ``task``."""
+    if task not in CONDITION_TASKS:
+        raise ValueError(f"'{task}' is not a pixel-space condition task; expected one of {', '.join(CONDITION_TASKS)}")
+    known = torch.zeros(num_frames, height, width, dtype=torch.bool)
+    # Central band: the middle half of each axis (MAGVIT's OPC/OPV/OPH/IPC regions).
+    h0, h1 = height // 4, height - height // 4
+    w0, w1 = width // 4, width - width // 4
+    if task == "frame_prediction":
+        if not 1 <= num_cond_frames < num_frames:
+            raise ValueError(f"frame_prediction needs 1 <= num_cond_frames < {num_frames}, got {num_cond_frames}")
+        known[:num_cond_frames] = True
+    elif task == "interpolation":
+        if num_frames < 3:
+            raise ValueError(f"interpolation needs at least 3 frames, got {num_frames}")
+        known[0] = True
+        known[-1] = True
+    elif task == "outpaint_central":
+        known[:, h0:h1, w0:w1] = True
+    elif task == "outpaint_vertical":
+        known[:, :, w0:w1] = True
+    elif task == "outpaint_horizontal":
+        known[:, h0:h1, :] = True
+    elif task == "inpaint_central":
+        known[:] = True
+        known[:, h0:h1, w0:w1] = False
+    return known
+
+
+def build_condition_video(video: torch.Tensor, task: str, num_cond_frames: int = 1,
+                          fill_value: float = 0.0) -> torch.Tensor:
+    """The COMMIT condition video of ``task`` built in pixel space, ready to be tokenized.
+
+    ``video``: ``(3, T, H, W)`` or ``(B, 3, T, H, W)`` in [-1, 1]; the result has the same shape.
+    Temporal tasks fill unknown frames by replicating the nearest known frame (frame prediction: the last given
+    frame; interpolation: the first frame for the first half, the last for the second half) so the tokenizer sees
+    a natural video; spatial tasks fill unknown pixels with ``fill_value`` (0 = mid grey).
+    """
+    if not isinstance(video, torch.Tensor) or video.dim() not in (4, 5) or video.shape[-4] != 3:
+        raise ValueError(f"video must be a (3, T, H, W) or (B, 3, T, H, W) tensor, got "
+                         f"{tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__}")
+    num_frames, height, width = video.shape[-3:]
+    known = condition_region(task, num_frames, height, width, num_cond_frames).to(video.device)  # (T, H, W)
+    if task == "frame_prediction":
+        index = torch.arange(num_frames, device=video.device).clamp(max=num_cond_frames - 1)
+        return video.index_select(-3, index)
+    if task == "interpolation":
+        index = torch.where(torch.arange(num_frames, device=video.device) < num_frames // 2, 0, num_frames - 1)
+        return video.index_select(-3, index)
+    return torch.where(known, video, torch.full_like(video, fill_value))
+
+
+# --- training batches ----------------------------------------------------------------------------------------------
+
+
+class TrainingBatch(NamedTuple):
+    input_ids: torch.Tensor  # (B, L) long
+    labels: torch.Tensor  # (B, L) long; codebook ids at video positions, IGNORE_INDEX elsewhere
+    loss_mask: torch.Tensor  # (B, L) float weights; 0 outside the video positions
+
+
+def random_mask(num_tokens: int, mask_ratio: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Bool ``(B, N)`` masks with exactly ``clamp(floor(ratio * N), 1, N)`` True entries per row at random places.
+
+    ``mask_ratio``: ``(B,)`` fractions in [0, 1]. At least one token is masked so every example trains.
+    """
+    batch = mask_ratio.shape[0]
+    counts = torch.floor(mask_ratio.double() * num_tokens).long().clamp(1, num_tokens)  # (B,)
+    scores = torch.rand(batch, num_tokens, generator=generator, device=mask_ratio.device)
+    ranks = scores.argsort(dim=1).argsort(dim=1)  # (B, N): rank of each position in a random permutation
+    return ranks < counts[:, None]
+
+
+def _rand(shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
+    return torch.rand(shape, generator=generator)
+
+
+def make_training_batch(
+    batch: Mapping[str, torch.Tensor],
+    vocab: TokenVocabulary,
+    *,
+    tasks: Sequence[str] | None = None,
+    schedule: str = "cosine",
+    cond_dropout_prob: float = 0.1,
+    unmasked_weight: float = 1.0,
+    mask_ratio: float | None = None,
+    generator: torch.Generator | None = None,
+) -> TrainingBatch:
+    """Turn token-shard items into a masked-token training batch.
+
+    ``batch``: collated items ``{"codes": (B, t, h, w), "cond.<task>": (B, t, h, w)..., "sketch_codes": (B, t, h, w)
+    (optional), "label": (B,)}``. For every example a task is drawn uniformly among ``tasks`` (default: every task
+    the batch supports: each ``cond.<task>`` present, ``sketch`` if ``sketch_codes`` is present, ``class`` for
+    labelled examples, ``unconditional``). The task's condition tokens go into the prefix and the label (if any)
+    into the class slot. For classifier-free guidance the prefix and the class are each dropped (replaced by the
+    pad / unconditional token) with probability ``cond_dropout_prob``.
+
+    The video tokens are masked with ratio ``mask_schedule(r, schedule)``, ``r ~ U(0, 1)`` per example (or the fixed
+    ``mask_ratio``). As in MAGVIT the loss covers all video positions: masked ones with weight 1, unmasked ones with
+    ``unmasked_weight``.
+
+    All randomness comes from ``generator`` (CPU); the outputs live on the device of ``batch["codes"]``.
+    """
+    if "codes" not in batch:
+        raise ValueError(f"batch needs 'codes' (B, t, h, w); got keys {sorted(batch)}")
+    codes = batch["codes"].long()
+    if codes.dim() != 4:
+        raise ValueError(f"batch['codes'] must be (B, t, h, w), got {tuple(codes.shape)}")
+    if bool(((codes < 0) | (codes >= vocab.codebook_size)).any()):
+        raise ValueError(f"codes must be in [0, {vocab.codebook_size})")
+    if not 0.0 <= cond_dropout_prob <= 1.0:
+        raise ValueError(f"cond_dropout_prob must be in [0, 1], got {cond_dropout_prob}")
+    if mask_ratio is not None and not 0.0 <= mask_ratio <= 1.0:
+        raise ValueError(f"mask_ratio must be in [0, 1], got {mask_ratio}")
+    device = codes.device
+    b = codes.shape[0]
+    layout = SequenceLayout(tuple(codes.shape[1:]))  # type: ignore[arg-type]
+    n = layout.num_video_tokens
+    labels_in = batch.get("label")
+    labels_in = (torch.full((b,), NO_LABEL, dtype=torch.long) if labels_in is None
+                 else torch.as_tensor(labels_in).long().reshape(b).cpu())
+
+    # Which tasks each example can train on.
+    supported = [t for t in CONDITION_TASKS if f"cond.{t}" in batch]
+    if "sketch_codes" in batch:
+        supported.append("sketch")
+    supported += ["class", "unconditional"]
+    chosen = list(supported if tasks is None else tasks)
+    for t in chosen:
+        if t not in vocab.tasks:
+            raise ValueError(f"unknown task '{t}'; expected one of {', '.join(vocab.tasks)}")
+        if t not in supported:
+            need = "sketch_codes" if t == "sketch" else f"cond.{t}"
+            raise ValueError(f"task '{t}' needs '{need}' in the batch; got keys {sorted(batch)}")
+    if not chosen:
+        raise ValueError("tasks must name at least one task")
+    allowed = torch.ones(b, len(chosen), dtype=torch.bool)  # (B, num_tasks)
+    if "class" in chosen:
+        allowed[:, chosen.index("class")] = labels_in >= 0
+    no_choice = ~allowed.any(dim=1)
+    if bool(no_choice.any()):
+        raise ValueError("some examples have no label and 'class' is the only task allowed")
+    scores = _rand((b, len(chosen)), generator).masked_fill(~allowed, -1.0)
+    task_index = scores.argmax(dim=1)  # (B,) uniform among the allowed tasks
+
+    # Prefix: the chosen task's condition tokens (pad for class / unconditional).
+    prefix = torch.full((b, n), vocab.pad_token, dtype=torch.long, device=device)
+    for i, t in enumerate(chosen):
+        rows = (task_index == i).to(device)
+        key = "sketch_codes" if t == "sketch" else f"cond.{t}"
+        if key in batch and bool(rows.any()):
+            prefix[rows] = batch[key].long().reshape(b, n).to(device)[rows]
+    class_labels = torch.where(torch.tensor([t == "unconditional" for t in chosen])[task_index],
+                               torch.full_like(labels_in, NO_LABEL), labels_in)
+
+    # Classifier-free guidance: drop prefix and class independently.
+    drop_prefix = _rand((b,), generator) < cond_dropout_prob
+    drop_class = _rand((b,), generator) < cond_dropout_prob
+    prefix[drop_prefix.to(device)] = vocab.pad_token
+    class_labels = torch.where(drop_class, torch.full_like(class_labels, NO_LABEL), class_labels)
+
+    # Mask the video tokens per the schedule.
+    if mask_ratio is None:
+        ratio = mask_schedule(_rand((b,), generator), schedule)
+    else:
+        ratio = torch.full((b,), float(mask_ratio))
+    masked = random_mask(n, ratio, generator).to(device)  # (B, N)
+    video = codes.reshape(b, n)
+    video_in = torch.where(masked, torch.full_like(video, vocab.mask_token), video)
+
+    task_tokens = torch.tensor([vocab.task_token(t) for t in chosen], dtype=torch.long)[task_index]
+    input_ids = build_sequence(vocab, layout, task_tokens.to(device), vocab.class_tokens(class_labels).to(device),
+                               prefix.reshape(codes.shape), video_in.reshape(codes.shape))
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[:, layout.video] = video
+    loss_mask = torch.zeros(b, layout.length, dtype=torch.float32, device=device)
+    loss_mask[:, layout.video] = torch.where(masked, 1.0, float(unmasked_weight))
+    return TrainingBatch(input_ids, labels, loss_mask)
+
+
+def masked_token_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, codebook_size: int,
+                      label_smoothing: float = 0.0) -> torch.Tensor:
+    """Weighted mean cross-entropy over the video positions, with logits restricted to the codebook.
+
+    ``logits``: ``(B, L, V)``; ``labels``: ``(B, L)`` (``IGNORE_INDEX`` where there is no target);
+    ``loss_mask``: ``(B, L)`` weights (from :func:`make_training_batch`).
+    """
+    if logits.shape[:2] != labels.shape or labels.shape != loss_mask.shape:
+        raise ValueError(f"shapes differ: logits {tuple(logits.shape)}, labels {tuple(labels.shape)}, "
+                         f"loss_mask {tuple(loss_mask.shape)}")
+    code_logits = logits[..., :codebook_size].float()  # special tokens are never targets
+    ce = F.cross_entropy(code_logits.reshape(-1, codebook_size), labels.reshape(-1), reduction="none",
+                         ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing).view_as(loss_mask)
+    weights = loss_mask.float() * (labels != IGNORE_INDEX)
+    return (ce * weights).sum() / weights.sum().clamp_min(1e-8)
