@@ -1,0 +1,461 @@
+"""Quantizers of the video tokenizer: MAGVIT's vector quantizer and MAGVIT-v2's lookup-free quantizer (LFQ).
+
+Both map encoder latents ``z`` of shape ``(B, D, t, h, w)`` to a :class:`QuantizerOutput` (straight-through
+``quantized`` latents, integer ``codes`` ``(B, t, h, w)``, a scalar ``loss`` and detached ``stats``) and map codes
+back with ``codes_to_latents``. They always compute in fp32 with autocast disabled, because nearest-code search and
+EMA statistics are unreliable in bf16 (near ties flip, EMA sums lose their low bits).
+
+Distributed training: the vector quantizer's mutable state (EMA counts and sums, k-means initialisation, dead-code
+restarts) is all-reduced / broadcast over the default ``torch.distributed`` group whenever one is initialised, so
+every rank keeps a bit-identical codebook. Every rank makes the same collective calls in the same order: the calls
+depend only on the config, ``self.training`` and state that is itself synchronised (never on local data).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import Config
+
+
+@dataclass
+class QuantizerConfig(Config):
+    """Options of both quantizers (the tokenizer nests it as ``quantization``). Defaults follow MAGVIT / MAGVIT-v2."""
+
+    # Vector quantizer (MAGVIT): loss = codebook + commitment_beta * commitment + entropy_loss_weight * entropy.
+    commitment_beta: float = 0.25
+    # EMA codebook updates (VQ-VAE-2 style) instead of the codebook loss; the codebook loss term is dropped.
+    use_ema: bool = False
+    ema_decay: float = 0.99
+    ema_epsilon: float = 1e-5  # Laplace smoothing of the EMA cluster sizes
+    # k-means initialisation of the codebook from the first training batch (k-means++ seeding, Lloyd iterations).
+    kmeans_init: bool = False
+    kmeans_iters: int = 10
+    # Restart codes whose EMA usage (assignments per global batch) falls below this with encoder outputs; 0 = off.
+    dead_code_threshold: float = 0.0
+    # Entropy loss (MAGVIT for VQ, "entropy penalty" for LFQ): E[H(q(z))] - gamma * H[E q(z)], q = softmax(-d/T).
+    entropy_loss_weight: float = 0.1
+    entropy_temperature: float = 0.01
+    entropy_diversity_gamma: float = 1.0
+    entropy_loss_type: Literal["softmax", "argmax"] = "softmax"  # VQ only, as in MAGVIT
+    # Lookup-free quantizer (MAGVIT-v2): loss = lfq_commitment_weight * commitment + entropy_loss_weight * entropy.
+    lfq_commitment_weight: float = 0.25
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.ema_epsilon <= 0:
+            raise ValueError(f"ema_epsilon must be > 0, got {self.ema_epsilon}")
+        if self.kmeans_iters < 0:
+            raise ValueError(f"kmeans_iters must be >= 0, got {self.kmeans_iters}")
+        if self.dead_code_threshold < 0:
+            raise ValueError(f"dead_code_threshold must be >= 0 (0 disables restarts), got {self.dead_code_threshold}")
+        if self.entropy_temperature <= 0:
+            raise ValueError(f"entropy_temperature must be > 0, got {self.entropy_temperature}")
+        for name in ("commitment_beta", "entropy_loss_weight", "lfq_commitment_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+class QuantizerOutput(NamedTuple):
+    """Result of a quantizer's forward pass."""
+
+    quantized: Tensor  # (B, D, t, h, w), input dtype, straight-through gradient to z
+    codes: Tensor  # (B, t, h, w) long
+    loss: Tensor  # scalar fp32: total quantizer loss to add to the generator loss
+    stats: dict[str, Tensor]  # detached scalars for logging
+
+
+# --- torch.distributed helpers (no-ops without an initialised process group) ------------------------------------------
+def _world_size() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if _world_size() > 1 else 0
+
+
+def _all_reduce_(tensor: Tensor, op: str = "sum") -> Tensor:
+    if _world_size() > 1:
+        reduce_op = torch.distributed.ReduceOp.SUM if op == "sum" else torch.distributed.ReduceOp.MAX
+        torch.distributed.all_reduce(tensor, op=reduce_op)
+    return tensor
+
+
+def _broadcast_(tensor: Tensor, src: int = 0) -> Tensor:
+    if _world_size() > 1:
+        torch.distributed.broadcast(tensor, src=src)
+    return tensor
+
+
+# --- shared pieces --------------------------------------------------------------------------------------------------
+def _check_latents(z: Tensor, dim: int, name: str) -> None:
+    if not isinstance(z, Tensor) or z.dim() != 5 or z.shape[1] != dim:
+        shape = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
+        raise ValueError(f"{name} expects latents of shape (B, {dim}, t, h, w), got {shape}")
+    if not z.is_floating_point():
+        raise ValueError(f"{name} expects floating-point latents, got {z.dtype}")
+
+
+def _check_codes(codes: Tensor, codebook_size: int, name: str) -> None:
+    if not isinstance(codes, Tensor) or codes.dim() != 4:
+        shape = tuple(codes.shape) if isinstance(codes, Tensor) else type(codes).__name__
+        raise ValueError(f"{name}.codes_to_latents expects codes of shape (B, t, h, w), got {shape}")
+    if codes.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise ValueError(f"{name}.codes_to_latents expects integer codes, got {codes.dtype}")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= codebook_size):
+        raise ValueError(
+            f"{name}.codes_to_latents expects codes in [0, {codebook_size}), got [{int(codes.min())}, {int(codes.max())}]"
+        )
+
+
+def _flatten(z: Tensor) -> Tensor:
+    """(B, D, t, h, w) -> (N, D) with N = B * t * h * w, in (b, t, h, w) order."""
+    return z.permute(0, 2, 3, 4, 1).reshape(-1, z.shape[1])
+
+
+def _unflatten(flat: Tensor, shape: torch.Size) -> Tensor:
+    """(N, D) -> (B, D, t, h, w) for the latent ``shape`` it came from."""
+    b, d, t, h, w = shape
+    return flat.view(b, t, h, w, d).permute(0, 4, 1, 2, 3).contiguous()
+
+
+def _usage_stats(counts: Tensor) -> tuple[Tensor, Tensor]:
+    """Fraction of codes used and perplexity exp(H(usage)) from per-code counts (K,)."""
+    usage = (counts > 0).float().mean()
+    probs = counts / counts.sum().clamp_min(1.0)
+    perplexity = torch.exp(torch.special.entr(probs).sum())
+    return usage, perplexity
+
+
+def _entropy_of_mean(probs: Tensor) -> Tensor:
+    """H[E q] of per-token distributions probs (N, K), with MAGVIT's 1e-5 inside the log."""
+    avg_probs = probs.mean(dim=0)
+    return -(avg_probs * torch.log(avg_probs + 1e-5)).sum()
+
+
+# --- vector quantizer -----------------------------------------------------------------------------------------------
+class VectorQuantizer(nn.Module):
+    """MAGVIT's vector quantizer: nearest code by L2 with a straight-through estimator.
+
+    Loss: ``||sg(z) - e||^2`` (codebook, dropped under EMA) + ``beta * ||z - sg(e)||^2`` (commitment) + MAGVIT's
+    entropy loss on ``softmax(-||z - e||^2 / T)`` over codes. Options (``QuantizerConfig``): EMA codebook updates with
+    Laplace smoothing, k-means initialisation from the first training batch, restarts of dead codes from encoder
+    outputs. Mutations happen only in training mode and are synchronised across ranks.
+
+    State (all persistent, so ``save_pretrained``/``from_pretrained`` restores identical codes): ``codebook`` (K, D)
+    (a parameter trained by the codebook loss, or a buffer under EMA), ``ema_cluster_size`` (K,) (EMA of assignments
+    per global batch; kept under EMA or when restarts are on), ``ema_embed_sum`` (K, D) (EMA only), ``initialized``
+    (k-means done). EMA buffers and an EMA codebook stay fp32 even if the module is cast to bf16.
+
+    Note: k-means init and restarts write into the codebook in place. With a gradient-trained codebook
+    (``use_ema=False``) an optimiser that keeps fp32 master weights (DeepSpeed bf16 / ZeRO) would overwrite those
+    writes at its next step; use ``use_ema=True`` with k-means init or restarts there.
+    """
+
+    _FP32_BUFFERS = ("codebook", "ema_cluster_size", "ema_embed_sum")
+
+    def __init__(self, codebook_size: int, dim: int, config: QuantizerConfig | None = None) -> None:
+        super().__init__()
+        if codebook_size < 2:
+            raise ValueError(f"codebook_size must be >= 2, got {codebook_size}")
+        if dim < 1:
+            raise ValueError(f"dim must be >= 1, got {dim}")
+        self.config = config if config is not None else QuantizerConfig()
+        self.codebook_size = codebook_size
+        self.dim = dim
+        # MAGVIT's init: variance_scaling(1.0, "fan_in", "uniform") over a (K, D) table, i.e. U(+-sqrt(3 / K)).
+        bound = math.sqrt(3.0 / codebook_size)
+        codebook = torch.empty(codebook_size, dim).uniform_(-bound, bound)
+        if self.config.use_ema:
+            self.register_buffer("codebook", codebook)
+            # Counts start at 1 and sums at the codebook, so sums / counts reproduces the initial codebook.
+            self.register_buffer("ema_embed_sum", codebook.clone())
+        else:
+            self.codebook = nn.Parameter(codebook)
+        self.register_buffer("ema_cluster_size", torch.ones(codebook_size))
+        self.register_buffer("initialized", torch.tensor(0 if self.config.kmeans_init else 1, dtype=torch.uint8))
+
+    @property
+    def _mutates(self) -> bool:
+        """Whether training steps write into the codebook / EMA state."""
+        return self.config.use_ema or self.config.dead_code_threshold > 0
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - torch's signature
+        # Keep EMA statistics (and an EMA codebook) fp32 when the module is cast to bf16 (e.g. by DeepSpeed): their
+        # running sums would otherwise lose their low bits every step.
+        super()._apply(fn, recurse)
+        for name in self._FP32_BUFFERS:
+            buf = self._buffers.get(name)
+            if buf is not None and buf.is_floating_point() and buf.dtype != torch.float32:
+                self._buffers[name] = buf.float()
+        return self
+
+    @staticmethod
+    def _distances(flat: Tensor, codebook: Tensor) -> Tensor:
+        """Squared L2 distances (N, K) up to the per-row constant ||z||^2 (which changes neither the argmin nor the
+        softmax over codes): ||e||^2 - 2 z.e."""
+        return torch.addmm(codebook.pow(2).sum(dim=1)[None, :], flat, codebook.t(), alpha=-2.0)
+
+    def codes_to_latents(self, codes: Tensor) -> Tensor:
+        """Codebook vectors of ``codes`` (B, t, h, w) as latents (B, D, t, h, w) in the codebook's dtype."""
+        _check_codes(codes, self.codebook_size, type(self).__name__)
+        return self.codebook[codes.long()].permute(0, 4, 1, 2, 3).contiguous()
+
+    def forward(self, z: Tensor) -> QuantizerOutput:
+        """Quantize ``z`` (B, D, t, h, w). In training mode also runs k-means init / EMA / restarts as configured."""
+        _check_latents(z, self.dim, type(self).__name__)
+        cfg = self.config
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            flat = _flatten(z.float())  # (N, D) fp32
+            if self.training and cfg.kmeans_init and not bool(self.initialized):
+                self._kmeans_init(flat.detach())
+            codebook = self.codebook.float()
+            if self.training and self._mutates:
+                codebook = codebook.clone()  # autograd keeps this copy; the buffers are updated in place below
+            distances = self._distances(flat, codebook)  # (N, K)
+            codes = distances.detach().argmin(dim=1)  # (N,)
+            quantized = F.embedding(codes, codebook)  # (N, D)
+
+            commitment_loss = F.mse_loss(flat, quantized.detach())
+            zero = flat.new_zeros(())
+            codebook_loss = zero if cfg.use_ema else F.mse_loss(quantized, flat.detach())
+            entropy_loss = self._entropy_loss(distances) if cfg.entropy_loss_weight > 0 else zero
+            loss = codebook_loss + cfg.commitment_beta * commitment_loss + cfg.entropy_loss_weight * entropy_loss
+
+            counts = torch.bincount(codes, minlength=self.codebook_size).float()  # (K,)
+            restarted = zero
+            if self.training and self._mutates:
+                counts, restarted = self._update(flat.detach(), codes, counts)  # counts become global
+
+            quantized = flat + (quantized - flat).detach()  # straight-through estimator
+            usage, perplexity = _usage_stats(counts)
+        b, _, t, h, w = z.shape
+        stats = {
+            "codebook_usage": usage,
+            "perplexity": perplexity,
+            "commitment_loss": commitment_loss.detach(),
+            "codebook_loss": codebook_loss.detach(),
+            "entropy_loss": entropy_loss.detach(),
+            "restarted_codes": restarted,
+        }
+        return QuantizerOutput(_unflatten(quantized, z.shape).to(z.dtype), codes.view(b, t, h, w), loss, stats)
+
+    def _entropy_loss(self, distances: Tensor) -> Tensor:
+        """MAGVIT's entropy loss on affinities -distances / T: mean per-token entropy - gamma * entropy of the mean."""
+        cfg = self.config
+        logits = -distances / cfg.entropy_temperature  # (N, K)
+        probs = logits.softmax(dim=1)
+        log_probs = logits.log_softmax(dim=1)
+        if cfg.entropy_loss_type == "argmax":  # one-hot forward, softmax gradient
+            onehot = F.one_hot(logits.argmax(dim=1), self.codebook_size).to(probs.dtype)
+            probs = probs - (probs - onehot).detach()
+        sample_entropy = -(probs * log_probs).sum(dim=1).mean()
+        return sample_entropy - cfg.entropy_diversity_gamma * _entropy_of_mean(probs)
+
+    @torch.no_grad()
+    def _update(self, flat: Tensor, codes: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+        """EMA statistics / codebook update and dead-code restarts for one training batch.
+
+        flat: (N, D) fp32 encoder outputs, codes: (N,), counts: (K,) local assignments. Returns the global counts and
+        the number of restarted codes.
+        """
+        cfg = self.config
+        k = self.codebook_size
+        decay = cfg.ema_decay
+        if cfg.use_ema:
+            sums = flat.new_zeros(k, self.dim).index_add_(0, codes, flat)  # (K, D)
+            packed = _all_reduce_(torch.cat([counts[:, None], sums], dim=1))  # one collective for both
+            counts, sums = packed[:, 0].contiguous(), packed[:, 1:]
+        else:
+            counts = _all_reduce_(counts)
+        self.ema_cluster_size.mul_(decay).add_(counts, alpha=1.0 - decay)
+        if cfg.use_ema:
+            self.ema_embed_sum.mul_(decay).add_(sums, alpha=1.0 - decay)
+            self.codebook.copy_(self._ema_codebook())
+        restarted = flat.new_zeros(())
+        if cfg.dead_code_threshold > 0:
+            restarted = self._restart_dead_codes(flat)
+        return counts, restarted
+
+    def _ema_codebook(self) -> Tensor:
+        """Codebook from the EMA sums and Laplace-smoothed EMA counts: e_i = m_i / ((n_i + eps) / (n + K eps) * n)."""
+        size = self.ema_cluster_size
+        total = size.sum()
+        smoothed = (size + self.config.ema_epsilon) / (total + self.codebook_size * self.config.ema_epsilon) * total
+        return self.ema_embed_sum / smoothed[:, None]
+
+    @torch.no_grad()
+    def _restart_dead_codes(self, flat: Tensor) -> Tensor:
+        """Replace codes whose EMA usage is below the threshold with encoder outputs of rank 0's batch."""
+        threshold = self.config.dead_code_threshold
+        dead = (self.ema_cluster_size < threshold).float()  # (K,)
+        # The usage EMA is already identical on all ranks; the MAX makes the decision provably identical (a rank
+        # that took a different branch would wait forever in the broadcast below).
+        dead = _all_reduce_(dead, op="max").bool()
+        num_dead = int(dead.sum())
+        if num_dead == 0:
+            return flat.new_zeros(())
+        candidates = _sample_vectors(flat, self.codebook_size)  # (K, D)
+        _broadcast_(candidates, src=0)
+        self.codebook[dead] = candidates[dead].to(self.codebook.dtype)
+        # A restarted code starts at the threshold: it must be used about that often per batch to stay.
+        self.ema_cluster_size[dead] = threshold
+        if self.config.use_ema:
+            self.ema_embed_sum[dead] = candidates[dead] * threshold
+        return flat.new_tensor(float(num_dead))
+
+    @torch.no_grad()
+    def _kmeans_init(self, flat: Tensor) -> None:
+        """k-means on the (global) first batch: k-means++ seeds from rank 0, Lloyd steps on all ranks' data."""
+        k = self.codebook_size
+        centroids = flat.new_zeros(k, self.dim)
+        if _rank() == 0:
+            centroids = _kmeans_plus_plus(flat, k)
+        _broadcast_(centroids, src=0)
+        counts = flat.new_zeros(k)
+        for _ in range(self.config.kmeans_iters):
+            codes = self._distances(flat, centroids).argmin(dim=1)
+            local = torch.cat(
+                [torch.bincount(codes, minlength=k).float()[:, None], flat.new_zeros(k, self.dim).index_add_(0, codes, flat)],
+                dim=1,
+            )
+            packed = _all_reduce_(local)  # (K, 1 + D): counts and sums of all ranks
+            counts, sums = packed[:, 0], packed[:, 1:]
+            # An empty cluster keeps its centroid.
+            centroids = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1.0)[:, None], centroids)
+        self.codebook.copy_(centroids)
+        size = counts.clamp_min(1.0)  # assignments per batch; >= 1 so that EMA sums / counts stays finite
+        self.ema_cluster_size.copy_(size)
+        if self.config.use_ema:
+            self.ema_embed_sum.copy_(centroids * size[:, None])
+        self.initialized.fill_(1)
+
+
+def _sample_vectors(flat: Tensor, num: int) -> Tensor:
+    """``num`` rows of ``flat`` (N, D): without replacement when N >= num."""
+    n = flat.shape[0]
+    if n >= num:
+        index = torch.randperm(n, device=flat.device)[:num]
+    else:
+        index = torch.randint(n, (num,), device=flat.device)
+    return flat[index].clone()
+
+
+def _kmeans_plus_plus(x: Tensor, k: int) -> Tensor:
+    """k-means++ seeds (k, D) from points x (N, D): each seed drawn with probability proportional to D(x)^2.
+
+    One-time cost O(k * N * D) (like one Lloyd step) with k small kernel launches.
+    """
+    n = x.shape[0]
+    centroids = x.new_empty(k, x.shape[1])
+    first = torch.randint(n, (1,), device=x.device)
+    centroids[0] = x[first[0]]
+    min_dist = (x - centroids[0]).pow(2).sum(dim=1)  # (N,)
+    for i in range(1, k):
+        # The tiny floor makes the draw uniform once every point coincides with a seed (N < k or duplicates).
+        index = torch.multinomial(min_dist + 1e-30, 1)[0]
+        centroids[i] = x[index]
+        min_dist = torch.minimum(min_dist, (x - x[index]).pow(2).sum(dim=1))
+    return centroids
+
+
+# --- lookup-free quantizer ------------------------------------------------------------------------------------------
+class LookupFreeQuantizer(nn.Module):
+    """MAGVIT-v2's lookup-free quantizer: latent dim D = log2(K), q = sign(z) in {-1, +1}^D, index = sum_i b_i 2^i.
+
+    Channel i is bit i (b_i = 1 for q_i = +1). Loss: ``lfq_commitment_weight * ||z - sg(q)||^2`` +
+    ``entropy_loss_weight * (E[H(q(z))] - gamma * H[E q(z)])`` with ``q(c | z) = softmax_c(-||z - c||^2 / T)``.
+    The per-token entropy factorises over bits (for +-1 codes, ``q`` is a product of Bernoullis with
+    ``p(b_i = 1) = sigmoid(4 z_i / T)``) and costs O(N * D). The entropy of the batch-mean distribution does not
+    factorise: it builds an (N, K) softmax, i.e. O(N * K * D) time and O(N * K) memory (kept for backward), e.g.
+    8192 tokens x K = 2^14 -> 0.5 GiB fp32. Fine for K <= 2^14; larger K would need chunking or sub-codebooks.
+    No parameters or buffers.
+    """
+
+    def __init__(self, codebook_size: int, config: QuantizerConfig | None = None) -> None:
+        super().__init__()
+        if codebook_size < 2 or codebook_size & (codebook_size - 1):
+            raise ValueError(f"LookupFreeQuantizer needs a codebook size that is a power of two >= 2, got {codebook_size}")
+        self.config = config if config is not None else QuantizerConfig()
+        self.codebook_size = codebook_size
+        self.dim = codebook_size.bit_length() - 1
+
+    def _bit_weights(self, device: torch.device) -> Tensor:
+        return torch.pow(2, torch.arange(self.dim, device=device))  # (D,) long: 1, 2, 4, ...
+
+    def codebook(self, device: torch.device | str = "cpu") -> Tensor:
+        """All K codes as +-1 vectors (K, D), row i = code i."""
+        bits = (torch.arange(self.codebook_size, device=device)[:, None] & self._bit_weights(device)) > 0
+        return bits.float() * 2.0 - 1.0
+
+    def codes_to_latents(self, codes: Tensor) -> Tensor:
+        """+-1 latents (B, D, t, h, w) fp32 of ``codes`` (B, t, h, w)."""
+        _check_codes(codes, self.codebook_size, type(self).__name__)
+        bits = (codes.long()[..., None] & self._bit_weights(codes.device)) > 0  # (B, t, h, w, D)
+        return (bits.float() * 2.0 - 1.0).permute(0, 4, 1, 2, 3).contiguous()
+
+    def forward(self, z: Tensor) -> QuantizerOutput:
+        """Quantize ``z`` (B, D, t, h, w) with D = log2(K)."""
+        _check_latents(z, self.dim, type(self).__name__)
+        cfg = self.config
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            flat = _flatten(z.float())  # (N, D)
+            bits = flat > 0  # sign(z), with 0 -> -1
+            quantized = bits.float() * 2.0 - 1.0
+            codes = (bits.long() * self._bit_weights(z.device)).sum(dim=1)  # (N,)
+            commitment_loss = F.mse_loss(flat, quantized)
+            zero = flat.new_zeros(())
+            sample_entropy = codebook_entropy = entropy_loss = zero
+            if cfg.entropy_loss_weight > 0:
+                sample_entropy, codebook_entropy = self._entropies(flat)
+                entropy_loss = sample_entropy - cfg.entropy_diversity_gamma * codebook_entropy
+            loss = cfg.lfq_commitment_weight * commitment_loss + cfg.entropy_loss_weight * entropy_loss
+            counts = torch.bincount(codes, minlength=self.codebook_size).float()
+            usage, perplexity = _usage_stats(counts)
+            quantized = flat + (quantized - flat).detach()  # straight-through estimator
+        b, _, t, h, w = z.shape
+        stats = {
+            "codebook_usage": usage,
+            "perplexity": perplexity,
+            "commitment_loss": commitment_loss.detach(),
+            "codebook_loss": zero.detach(),  # no codebook to learn
+            "entropy_loss": entropy_loss.detach(),
+            "sample_entropy": sample_entropy.detach(),
+            "codebook_entropy": codebook_entropy.detach(),
+        }
+        return QuantizerOutput(_unflatten(quantized, z.shape).to(z.dtype), codes.view(b, t, h, w), loss, stats)
+
+    def _entropies(self, flat: Tensor) -> tuple[Tensor, Tensor]:
+        """(E[H(q(z))], H[E q(z)]) for q(c | z) = softmax_c(-||z - c||^2 / T) over the +-1 codes c.
+
+        -||z - c||^2 = 2 z.c - ||z||^2 - D, so the softmax only sees 2 z.c / T = sum_i 2 z_i c_i / T: a product of
+        per-bit Bernoullis with logit x_i = 4 z_i / T, whose entropy is sum_i softplus(x_i) - x_i sigmoid(x_i).
+        """
+        temperature = self.config.entropy_temperature
+        bit_logits = 4.0 * flat / temperature  # (N, D)
+        sample_entropy = (F.softplus(bit_logits) - bit_logits * torch.sigmoid(bit_logits)).sum(dim=1).mean()
+        logits = 2.0 * flat @ self.codebook(flat.device).t() / temperature  # (N, K)
+        return sample_entropy, _entropy_of_mean(logits.softmax(dim=1))
+
+
+def build_quantizer(
+    kind: Literal["vq", "lfq"], codebook_size: int, dim: int, config: QuantizerConfig | None = None
+) -> nn.Module:
+    """The quantizer named by ``kind``; for ``"lfq"`` the latent ``dim`` must equal log2(codebook_size)."""
+    if kind == "vq":
+        return VectorQuantizer(codebook_size, dim, config)
+    if kind == "lfq":
+        quantizer = LookupFreeQuantizer(codebook_size, config)
+        if dim != quantizer.dim:
+            raise ValueError(f"lfq with codebook_size {codebook_size} needs latent dim log2(K) = {quantizer.dim}, got {dim}")
+        return quantizer
+    raise ValueError(f"unknown quantizer kind {kind!r}; expected 'vq' or 'lfq'")
