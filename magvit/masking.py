@@ -266,7 +266,8 @@ def random_mask(num_tokens: int, mask_ratio: torch.Tensor, generator: torch.Gene
     ``mask_ratio``: ``(B,)`` fractions in [0, 1]. At least one token is masked so every example trains.
     """
     batch = mask_ratio.shape[0]
-    counts = torch.floor(mask_ratio.double() * num_tokens).long().clamp(1, num_tokens)  # (B,)
+    # The small epsilon keeps e.g. a float32 0.77 (= 0.76999998) from losing a token to rounding.
+    counts = torch.floor(mask_ratio.double() * num_tokens + 1e-4).long().clamp(1, num_tokens)  # (B,)
     scores = torch.rand(batch, num_tokens, generator=generator, device=mask_ratio.device)
     ranks = scores.argsort(dim=1).argsort(dim=1)  # (B, N): rank of each position in a random permutation
     return ranks < counts[:, None]
@@ -364,7 +365,7 @@ def make_training_batch(
     if mask_ratio is None:
         ratio = mask_schedule(_rand((b,), generator), schedule)
     else:
-        ratio = torch.full((b,), float(mask_ratio))
+        ratio = torch.full((b,), float(mask_ratio), dtype=torch.float64)
     masked = random_mask(n, ratio, generator).to(device)  # (B, N)
     video = codes.reshape(b, n)
     video_in = torch.where(masked, torch.full_like(video, vocab.mask_token), video)

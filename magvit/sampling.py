@@ -1,0 +1,166 @@
+"""Iterative parallel decoding (MaskGIT / MAGVIT's COMMIT) given any ``tokens -> logits`` callable.
+
+A sequence is a ``(B, L)`` tensor of ids: positions holding ``mask_token`` are generated, every other position is
+a fixed condition and is never altered. Each of the ``K`` steps predicts all masked positions at once, keeps the
+most confident predictions and re-masks the rest, so that after step ``s`` exactly
+``floor(N * mask_schedule((s + 1) / K))`` of the ``N`` initially masked tokens remain masked (at least one token is
+revealed per step, and none remain after the last step).
+
+``sequential_decode`` is the one-token-per-forward-pass baseline used by ``benchmarks/bench_decoding.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from .masking import mask_schedule
+
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # (B, L) long -> (B, L, V) float
+StepCallback = Callable[[int, torch.Tensor], None]  # (step, tokens (B, L)) after each step
+
+
+def _gumbel(shape: torch.Size, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    # Drawn on the CPU so that a CPU generator gives the same numbers on every device.
+    u = torch.rand(shape, generator=generator, dtype=torch.float32).to(device)
+    return -torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-7)))
+
+
+def _top_k_filter(logits: torch.Tensor, top_k: int | None) -> torch.Tensor:
+    if top_k is None or top_k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def _guided_logits(logits_fn: LogitsFn, tokens: torch.Tensor, uncond_tokens: torch.Tensor | None,
+                   generate: torch.Tensor, guidance_scale: float, codebook_size: int) -> torch.Tensor:
+    """Codebook logits ``(B, L, codebook_size)``, with classifier-free guidance when ``uncond_tokens`` is given."""
+    if uncond_tokens is None or guidance_scale == 0.0:
+        return logits_fn(tokens)[..., :codebook_size].float()
+    # The unconditional sequence shares the partially generated video, but not the condition.
+    uncond = torch.where(generate, tokens, uncond_tokens)
+    both = logits_fn(torch.cat([tokens, uncond]))[..., :codebook_size].float()
+    cond_logits, uncond_logits = both.chunk(2)
+    return cond_logits + guidance_scale * (cond_logits - uncond_logits)
+
+
+def _check_inputs(tokens: torch.Tensor, uncond_tokens: torch.Tensor | None, mask_token: int) -> torch.Tensor:
+    if tokens.dim() != 2:
+        raise ValueError(f"tokens must be (B, L), got {tuple(tokens.shape)}")
+    if uncond_tokens is not None and uncond_tokens.shape != tokens.shape:
+        raise ValueError(f"uncond_tokens {tuple(uncond_tokens.shape)} must match tokens {tuple(tokens.shape)}")
+    generate = tokens == mask_token
+    counts = generate.sum(dim=1)
+    if bool((counts != counts[0]).any()):
+        raise ValueError("every sequence of the batch must have the same number of mask tokens")
+    return generate
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_k: int | None,
+            generator: torch.Generator | None) -> torch.Tensor:
+    """Sample ids from ``logits`` (B, L, V) with temperature (0 = argmax) via the Gumbel-max trick."""
+    logits = _top_k_filter(logits, top_k)
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    return (logits / temperature + _gumbel(logits.shape, generator, logits.device)).argmax(dim=-1)
+
+
+def num_masked_after_step(num_unknown: int, step: int, steps: int, schedule: str = "cosine") -> int:
+    """How many of ``num_unknown`` tokens are still masked after decoding step ``step`` (0-based) of ``steps``."""
+    if step >= steps - 1:
+        return 0
+    remaining_before = num_unknown if step == 0 else num_masked_after_step(num_unknown, step - 1, steps, schedule)
+    target = math.floor(num_unknown * mask_schedule((step + 1) / steps, schedule))
+    # Reveal at least one token per step, and never re-mask more than is currently masked.
+    return max(0, min(remaining_before - 1, target))
+
+
+@torch.no_grad()
+def iterative_decode(
+    logits_fn: LogitsFn,
+    tokens: torch.Tensor,
+    *,
+    mask_token: int,
+    codebook_size: int,
+    steps: int = 12,
+    temperature: float = 1.0,
+    choice_temperature: float = 4.5,
+    top_k: int | None = None,
+    schedule: str = "cosine",
+    guidance_scale: float = 0.0,
+    uncond_tokens: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+    on_step: StepCallback | None = None,
+) -> torch.Tensor:
+    """Fill every ``mask_token`` position of ``tokens`` ``(B, L)`` in ``steps`` parallel steps; returns ``(B, L)``.
+
+    - Samples each masked position from ``softmax(logits / temperature)`` restricted to the codebook (optionally to
+      the ``top_k`` most likely codes; ``temperature=0`` takes the argmax).
+    - Confidence = log-probability of the sampled code + Gumbel noise scaled by
+      ``choice_temperature * (1 - (s + 1) / steps)`` (annealed linearly to 0), as in MaskGIT.
+    - The least confident predictions are re-masked so the count follows ``mask_schedule`` (see module doc).
+    - Classifier-free guidance: with ``uncond_tokens`` (the same sequences with the condition replaced by its
+      dropped form) the logits are ``cond + guidance_scale * (cond - uncond)``.
+    - Non-mask positions are fixed and returned unchanged. Deterministic given ``generator``.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    generate = _check_inputs(tokens, uncond_tokens, mask_token)  # (B, L) bool: positions to fill
+    num_unknown = int(generate[0].sum())
+    tokens = tokens.clone()
+    if num_unknown == 0:
+        return tokens
+    from tqdm.auto import tqdm
+
+    for step in tqdm(range(steps), desc="decoding", unit="step", disable=not progress, leave=False):
+        masked = tokens == mask_token  # (B, L) still unknown
+        logits = _guided_logits(logits_fn, tokens, uncond_tokens, generate, guidance_scale, codebook_size)
+        sampled = _sample(logits, temperature, top_k, generator)  # (B, L)
+        sampled = torch.where(masked, sampled, tokens)
+        num_masked = num_masked_after_step(num_unknown, step, steps, schedule)
+        if num_masked == 0:
+            tokens = sampled
+        else:
+            log_probs = torch.log_softmax(logits, dim=-1).gather(-1, sampled.unsqueeze(-1)).squeeze(-1)  # (B, L)
+            anneal = choice_temperature * (1.0 - (step + 1) / steps)
+            confidence = log_probs + anneal * _gumbel(log_probs.shape, generator, log_probs.device)
+            confidence = confidence.masked_fill(~masked, float("inf"))  # known tokens are never re-masked
+            lowest = confidence.topk(num_masked, dim=1, largest=False).indices  # (B, num_masked)
+            tokens = sampled.scatter(1, lowest, mask_token)
+        if on_step is not None:
+            on_step(step, tokens)
+    return tokens
+
+
+@torch.no_grad()
+def sequential_decode(
+    logits_fn: LogitsFn,
+    tokens: torch.Tensor,
+    *,
+    mask_token: int,
+    codebook_size: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    guidance_scale: float = 0.0,
+    uncond_tokens: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Baseline: fill the mask positions one token per forward pass, in raster order (t, h, w)."""
+    generate = _check_inputs(tokens, uncond_tokens, mask_token)
+    tokens = tokens.clone()
+    positions = generate.nonzero()[:, 1].view(tokens.shape[0], -1)  # (B, N) positions in raster order
+    from tqdm.auto import tqdm
+
+    for i in tqdm(range(positions.shape[1]), desc="decoding", unit="token", disable=not progress, leave=False):
+        logits = _guided_logits(logits_fn, tokens, uncond_tokens, generate, guidance_scale, codebook_size)
+        pos = positions[:, i : i + 1]  # (B, 1)
+        picked = logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1]))  # (B, 1, V)
+        tokens.scatter_(1, pos, _sample(picked, temperature, top_k, generator))
+    return tokens

@@ -1,0 +1,225 @@
+"""Mask schedule, vocabulary, COMMIT condition videos, training batches and the masked-token loss."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from magvit.masking import (
+    CONDITION_TASKS,
+    IGNORE_INDEX,
+    NO_LABEL,
+    SCHEDULES,
+    TASKS,
+    SequenceLayout,
+    TokenVocabulary,
+    build_condition_video,
+    condition_region,
+    make_training_batch,
+    mask_schedule,
+    masked_token_loss,
+    random_mask,
+)
+
+GRID = (2, 4, 4)
+N = 32
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_schedule_monotone_with_endpoints(name):
+    r = torch.linspace(0, 1, 101, dtype=torch.float64)
+    g = mask_schedule(r, name)
+    assert g[0] == pytest.approx(1.0) and g[-1] == pytest.approx(0.0, abs=1e-12)
+    assert bool((g[1:] <= g[:-1]).all())
+    assert bool(((g >= 0) & (g <= 1)).all())
+    # float in, float out, same value as the tensor path
+    assert mask_schedule(0.3, name) == pytest.approx(float(mask_schedule(torch.tensor(0.3, dtype=torch.float64), name)))
+
+
+def test_schedule_known_values_and_errors():
+    assert mask_schedule(0.5, "cosine") == pytest.approx(math.cos(math.pi / 4))
+    assert mask_schedule(0.5, "linear") == pytest.approx(0.5)
+    assert mask_schedule(0.5, "square") == pytest.approx(0.75)
+    assert mask_schedule(0.5) == mask_schedule(0.5, "cosine")  # cosine is the default
+    with pytest.raises(ValueError, match="unknown mask schedule"):
+        mask_schedule(0.5, "cubic")
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        mask_schedule(1.5)
+
+
+def test_vocabulary_tokens_are_distinct_and_after_codebook():
+    vocab = TokenVocabulary(codebook_size=16, num_classes=3)
+    special = [vocab.mask_token, vocab.pad_token, vocab.unconditional_token]
+    special += [vocab.task_token(t) for t in TASKS] + [vocab.class_token(c) for c in range(3)]
+    assert len(set(special)) == len(special) == vocab.size - 16
+    assert min(special) == 16 and max(special) == vocab.size - 1
+    assert vocab.class_token(NO_LABEL) == vocab.unconditional_token
+    assert vocab.class_tokens(torch.tensor([2, -1])).tolist() == [vocab.class_token(2), vocab.unconditional_token]
+    with pytest.raises(ValueError, match="out of range"):
+        vocab.class_token(3)
+    with pytest.raises(ValueError, match="unknown task"):
+        vocab.task_token("deblur")
+
+
+@pytest.mark.parametrize("task", CONDITION_TASKS)
+def test_condition_video_for_every_task(task):
+    torch.manual_seed(0)
+    video = torch.rand(2, 3, 8, 16, 16) * 2 - 1
+    cond = build_condition_video(video, task)
+    assert cond.shape == video.shape
+    known = condition_region(task, 8, 16, 16)
+    # Known pixels are copied exactly; unknown ones hold no information about the video there.
+    assert torch.equal(cond[..., known], video[..., known])
+    assert 0 < int(known.sum()) < known.numel()
+    unknown = ~known
+    expected_fraction = {"frame_prediction": 1 / 8, "interpolation": 2 / 8, "outpaint_central": 1 / 4,
+                         "outpaint_vertical": 1 / 2, "outpaint_horizontal": 1 / 2, "inpaint_central": 3 / 4}[task]
+    assert known.float().mean().item() == pytest.approx(expected_fraction)
+    if task == "frame_prediction":
+        assert torch.equal(cond[:, :, 1:], video[:, :, :1].expand(-1, -1, 7, -1, -1))
+    elif task == "interpolation":
+        assert torch.equal(cond[:, :, 1:4], video[:, :, :1].expand(-1, -1, 3, -1, -1))
+        assert torch.equal(cond[:, :, 4:7], video[:, :, 7:].expand(-1, -1, 3, -1, -1))
+    else:
+        assert bool((cond[..., unknown] == 0).all())
+    # an unbatched (3, T, H, W) video gives the same result
+    assert torch.equal(build_condition_video(video[0], task), cond[0])
+
+
+def test_condition_regions_geometry():
+    central = condition_region("outpaint_central", 1, 8, 8)[0]
+    assert central[2:6, 2:6].all() and int(central.sum()) == 16
+    vertical = condition_region("outpaint_vertical", 1, 8, 8)[0]
+    assert vertical[:, 2:6].all() and not vertical[:, :2].any()
+    horizontal = condition_region("outpaint_horizontal", 1, 8, 8)[0]
+    assert horizontal[2:6, :].all() and not horizontal[:2].any()
+    inpaint = condition_region("inpaint_central", 1, 8, 8)[0]
+    assert torch.equal(inpaint, ~central)
+    multi = condition_region("frame_prediction", 8, 4, 4, num_cond_frames=3)
+    assert multi[:3].all() and not multi[3:].any()
+
+
+def test_condition_errors():
+    video = torch.zeros(3, 4, 8, 8)
+    with pytest.raises(ValueError, match="not a pixel-space condition task"):
+        build_condition_video(video, "sketch")
+    with pytest.raises(ValueError, match="num_cond_frames"):
+        build_condition_video(video, "frame_prediction", num_cond_frames=4)
+    with pytest.raises(ValueError, match=r"\(3, T, H, W\)"):
+        build_condition_video(torch.zeros(4, 8, 8), "interpolation")
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.1, 0.5, 0.77, 1.0])
+def test_random_mask_hits_ratio(ratio):
+    masks = random_mask(1000, torch.full((4,), ratio), torch.Generator().manual_seed(1))
+    expected = min(1000, max(1, math.floor(ratio * 1000)))
+    assert masks.sum(dim=1).tolist() == [expected] * 4
+    # positions differ between rows (random, not a fixed prefix)
+    if 0 < expected < 1000:
+        assert not torch.equal(masks[0], masks[1])
+
+
+def _batch(b=6, labels=(0, 1, -1, 2, -1, 1)):
+    g = torch.Generator().manual_seed(0)
+    items = {"codes": torch.randint(0, 16, (b, *GRID), generator=g), "label": torch.tensor(labels[:b])}
+    for task in CONDITION_TASKS:
+        items[f"cond.{task}"] = torch.randint(0, 16, (b, *GRID), generator=g)
+    items["sketch_codes"] = torch.randint(0, 16, (b, *GRID), generator=g)
+    return items
+
+
+def test_training_batch_layout_and_requested_ratio():
+    vocab = TokenVocabulary(16, num_classes=3)
+    layout = SequenceLayout(GRID)
+    batch = _batch()
+    out = make_training_batch(batch, vocab, mask_ratio=0.5, cond_dropout_prob=0.0, unmasked_weight=0.25,
+                              generator=torch.Generator().manual_seed(0))
+    ids, labels, weights = out
+    assert ids.shape == labels.shape == weights.shape == (6, layout.length)
+    video_in = ids[:, layout.video]
+    masked = video_in == vocab.mask_token
+    assert masked.sum(dim=1).tolist() == [N // 2] * 6  # exactly the requested ratio
+    codes = batch["codes"].reshape(6, N)
+    assert torch.equal(video_in[~masked], codes[~masked])  # unmasked tokens are the ground truth
+    assert torch.equal(labels[:, layout.video], codes)
+    assert bool((labels[:, : layout.video.start] == IGNORE_INDEX).all())
+    assert bool((weights[:, : layout.video.start] == 0).all())
+    assert torch.equal(weights[:, layout.video], torch.where(masked, 1.0, 0.25))
+    # prefix and class slots agree with the task chosen for each example
+    task_of = {vocab.task_token(t): t for t in TASKS}
+    for i in range(6):
+        task = task_of[int(ids[i, 0])]
+        prefix = ids[i, layout.prefix]
+        if task in CONDITION_TASKS:
+            assert torch.equal(prefix, batch[f"cond.{task}"][i].reshape(N))
+        elif task == "sketch":
+            assert torch.equal(prefix, batch["sketch_codes"][i].reshape(N))
+        else:
+            assert bool((prefix == vocab.pad_token).all())
+        label = int(batch["label"][i])
+        expected_class = vocab.unconditional_token if task == "unconditional" else vocab.class_token(label)
+        assert int(ids[i, 1]) == expected_class
+
+
+def test_training_batch_schedule_ratios_and_task_mix():
+    vocab = TokenVocabulary(16, num_classes=3)
+    batch = {k: v.repeat(50, *[1] * (v.dim() - 1)) for k, v in _batch().items()}  # 300 examples
+    ids, _, _ = make_training_batch(batch, vocab, cond_dropout_prob=0.0, generator=torch.Generator().manual_seed(3))
+    fraction = (ids[:, SequenceLayout(GRID).video] == vocab.mask_token).float().mean(dim=1)
+    # ratio = cos(pi/2 u), u ~ U(0,1): mean 2/pi
+    assert fraction.mean().item() == pytest.approx(2 / math.pi, abs=0.05)
+    tasks = {int(t) for t in ids[:, 0]}
+    assert tasks == {vocab.task_token(t) for t in TASKS}
+    # unlabelled examples never get the class task
+    unlabelled = batch["label"] < 0
+    assert not bool((ids[unlabelled, 0] == vocab.task_token("class")).any())
+
+
+def test_training_batch_condition_dropout_and_determinism():
+    vocab = TokenVocabulary(16, num_classes=3)
+    batch = {k: v.repeat(50, *[1] * (v.dim() - 1)) for k, v in _batch().items()}
+    kwargs = dict(tasks=["frame_prediction"], cond_dropout_prob=0.3)
+    a = make_training_batch(batch, vocab, generator=torch.Generator().manual_seed(5), **kwargs)
+    b = make_training_batch(batch, vocab, generator=torch.Generator().manual_seed(5), **kwargs)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    layout = SequenceLayout(GRID)
+    dropped_prefix = (a.input_ids[:, layout.prefix] == vocab.pad_token).all(dim=1).float().mean().item()
+    labelled = batch["label"] >= 0
+    dropped_class = (a.input_ids[labelled, 1] == vocab.unconditional_token).float().mean().item()
+    assert dropped_prefix == pytest.approx(0.3, abs=0.1)
+    assert dropped_class == pytest.approx(0.3, abs=0.1)
+    none = make_training_batch(batch, vocab, tasks=["frame_prediction"], cond_dropout_prob=0.0)
+    assert not bool((none.input_ids[:, layout.prefix] == vocab.pad_token).all(dim=1).any())
+
+
+def test_training_batch_errors():
+    vocab = TokenVocabulary(16, num_classes=3)
+    batch = {"codes": torch.randint(0, 16, (2, *GRID)), "label": torch.tensor([-1, -1])}
+    with pytest.raises(ValueError, match="cond.interpolation"):
+        make_training_batch(batch, vocab, tasks=["interpolation"])
+    with pytest.raises(ValueError, match="no label"):
+        make_training_batch(batch, vocab, tasks=["class"])
+    with pytest.raises(ValueError, match=r"\[0, 16\)"):
+        make_training_batch({"codes": torch.full((1, *GRID), 16)}, vocab)
+
+
+def test_masked_token_loss_matches_reference_and_ignores_special_logits():
+    torch.manual_seed(0)
+    vocab = TokenVocabulary(16, num_classes=3)
+    ids, labels, weights = make_training_batch(_batch(), vocab, mask_ratio=0.5, unmasked_weight=0.5)
+    logits = torch.randn(*ids.shape, vocab.size)
+    loss = masked_token_loss(logits, labels, weights, 16)
+    video = SequenceLayout(GRID).video
+    ce = F.cross_entropy(logits[:, video, :16].reshape(-1, 16), labels[:, video].reshape(-1), reduction="none")
+    w = weights[:, video].reshape(-1)
+    assert loss.item() == pytest.approx(((ce * w).sum() / w.sum()).item(), rel=1e-5)
+    # huge logits on special tokens change nothing: the loss sees the codebook only
+    logits[..., 16:] = 1e4
+    assert masked_token_loss(logits, labels, weights, 16).item() == pytest.approx(loss.item(), rel=1e-5)
+    # label smoothing raises the loss of a confident correct prediction
+    perfect = F.one_hot(labels.clamp_min(0), vocab.size).float() * 20
+    assert masked_token_loss(perfect, labels, weights, 16).item() < 1e-6
+    assert masked_token_loss(perfect, labels, weights, 16, label_smoothing=0.1).item() > 0.5

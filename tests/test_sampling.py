@@ -1,0 +1,154 @@
+"""Iterative decoding with fake tokens -> logits callables: masks, schedule, fixed tokens, determinism, guidance."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from magvit.masking import mask_schedule
+from magvit.sampling import iterative_decode, num_masked_after_step, sequential_decode
+
+V = 16  # codebook size
+MASK = V  # first special token
+VOCAB = V + 4
+
+
+class Oracle:
+    """Fake model: always predicts the ground truth (confidently), counts its calls."""
+
+    def __init__(self, truth: torch.Tensor):
+        self.truth = truth
+        self.calls = 0
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        assert tokens.shape[0] % self.truth.shape[0] == 0
+        truth = self.truth.repeat(tokens.shape[0] // self.truth.shape[0], 1)
+        return F.one_hot(truth, VOCAB).float() * 50.0
+
+
+def random_logits(tokens: torch.Tensor) -> torch.Tensor:
+    g = torch.Generator().manual_seed(int(tokens.sum()))  # a deterministic function of the input
+    return torch.randn(*tokens.shape, VOCAB, generator=g)
+
+
+def _problem(batch=3, length=300, fixed=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    truth = torch.randint(0, V, (batch, length), generator=g)
+    start = truth.clone()
+    start[:, fixed:] = MASK
+    return truth, start
+
+
+@pytest.mark.parametrize("steps", [1, 4, 12])
+def test_oracle_model_returns_ground_truth(steps):
+    truth, start = _problem()
+    oracle = Oracle(truth)
+    out = iterative_decode(oracle, start, mask_token=MASK, codebook_size=V, steps=steps,
+                           generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, truth)
+    assert oracle.calls == steps
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "square", "exponential"])
+def test_reveals_per_schedule_and_never_leaves_masks(schedule):
+    _, start = _problem(length=1040, fixed=16)
+    n = 1024
+    remaining = []
+    out = iterative_decode(random_logits, start, mask_token=MASK, codebook_size=V, steps=12, schedule=schedule,
+                           on_step=lambda s, t: remaining.append((t == MASK).sum(dim=1).tolist()),
+                           generator=torch.Generator().manual_seed(0))
+    assert not bool((out == MASK).any())
+    assert bool(((out >= 0) & (out < V)).all())
+    counts = [r[0] for r in remaining]
+    assert all(r == [r[0]] * 3 for r in remaining)  # the same count in every sample
+    for step, count in enumerate(counts[:-1]):
+        expected = math.floor(n * mask_schedule((step + 1) / 12, schedule))
+        assert count == min(expected, (counts[step - 1] if step else n) - 1)
+        assert count == num_masked_after_step(n, step, 12, schedule)
+    assert counts[-1] == 0
+    if schedule == "cosine":  # plain floor(N * gamma) with no clamping at this size
+        assert counts[:3] == [math.floor(n * math.cos(math.pi / 2 * (s + 1) / 12)) for s in range(3)]
+
+
+def test_fixed_tokens_never_altered_and_only_codebook_sampled():
+    truth, start = _problem()
+    start[:, 100:120] = 3  # fixed tokens in the middle too
+
+    def wants_special(tokens):  # a model that prefers special tokens and wrong codes everywhere
+        logits = torch.zeros(*tokens.shape, VOCAB)
+        logits[..., V:] = 100.0
+        logits[..., 7] = 5.0
+        return logits
+
+    out = iterative_decode(wants_special, start, mask_token=MASK, codebook_size=V, temperature=0.0)
+    fixed = start != MASK
+    assert torch.equal(out[fixed], start[fixed])
+    assert bool((out[~fixed] == 7).all())
+
+
+def test_deterministic_with_seed_and_batched_samples_differ():
+    _, start = _problem(batch=1)
+    start = start.repeat(4, 1)  # 4 samples of one condition
+    a = iterative_decode(random_logits, start, mask_token=MASK, codebook_size=V, generator=torch.Generator().manual_seed(1))
+    b = iterative_decode(random_logits, start, mask_token=MASK, codebook_size=V, generator=torch.Generator().manual_seed(1))
+    c = iterative_decode(random_logits, start, mask_token=MASK, codebook_size=V, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert not torch.equal(a[0], a[1])
+
+
+def test_top_k_one_equals_argmax():
+    _, start = _problem(batch=2)
+    logits_table = torch.randn(2, start.shape[1], VOCAB, generator=torch.Generator().manual_seed(4))
+    out = iterative_decode(lambda t: logits_table, start, mask_token=MASK, codebook_size=V, top_k=1,
+                           temperature=2.0, generator=torch.Generator().manual_seed(0))
+    gen = start == MASK
+    assert torch.equal(out[gen], logits_table[..., :V].argmax(-1)[gen])
+
+
+def test_classifier_free_guidance_combines_logits():
+    truth, start = _problem(batch=2, length=50, fixed=10)
+    uncond = start.clone()
+    uncond[:, :10] = V + 1  # condition replaced by pad
+    seen = []
+
+    def model(tokens):
+        seen.append(tokens.clone())
+        cond_rows = (tokens[:, 0] != V + 1)[:, None, None]
+        cond = torch.zeros(*tokens.shape, VOCAB)
+        cond[..., 5] = 2.0
+        cond[..., 6] = 1.5
+        unc = torch.zeros(*tokens.shape, VOCAB)
+        unc[..., 5] = 2.0
+        unc[..., 6] = 0.0
+        return torch.where(cond_rows, cond, unc)
+
+    # without guidance code 5 wins, with guidance 3: cond + 3 (cond - uncond) favours 6 (1.5 + 4.5 > 2)
+    plain = iterative_decode(model, start, mask_token=MASK, codebook_size=V, temperature=0.0)
+    guided = iterative_decode(model, start, mask_token=MASK, codebook_size=V, temperature=0.0, guidance_scale=3.0,
+                              uncond_tokens=uncond)
+    assert bool((plain[:, 10:] == 5).all()) and bool((guided[:, 10:] == 6).all())
+    assert seen[-1].shape[0] == 4  # conditional and unconditional in one batched call
+    assert torch.equal(seen[-1][2:, :10], uncond[:, :10])
+    assert torch.equal(seen[-1][2:, 10:], seen[-1][:2, 10:])  # both halves share the generated video
+
+
+def test_sequential_baseline_one_token_per_call():
+    truth, start = _problem(batch=2, length=30, fixed=10)
+    oracle = Oracle(truth)
+    out = sequential_decode(oracle, start, mask_token=MASK, codebook_size=V)
+    assert torch.equal(out, truth)
+    assert oracle.calls == 20
+
+
+def test_errors():
+    _, start = _problem(batch=2)
+    start[1, 0] = MASK  # different number of masks per row
+    with pytest.raises(ValueError, match="same number of mask tokens"):
+        iterative_decode(random_logits, start, mask_token=MASK, codebook_size=V)
+    with pytest.raises(ValueError, match="steps"):
+        iterative_decode(random_logits, start, mask_token=MASK, codebook_size=V, steps=0)
