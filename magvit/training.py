@@ -1,0 +1,517 @@
+"""Training pieces shared by ``launch/train_tokenizer.py`` and ``launch/train_transformer.py`` (no deepspeed here).
+
+Typed training configs, the command line (``--config``, ``--run-dir``, ``--resume auto``, ``key.path=value``),
+the warmup + cosine learning-rate schedule, weight-decay parameter groups, the EMA of weights, the metrics logger
+(TensorBoard + ``metrics.jsonl``), run-directory set-up, the non-finite-loss guard and a resumable data order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
+
+import torch
+import yaml
+
+from .config import Config, ConfigError
+
+Precision = Literal["fp32", "bf16", "autocast-bf16"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Configs
+# --------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class DataConfig(Config):
+    """What is read and how much per rank. ``batch_size`` is the micro-batch of one rank."""
+
+    manifest: str = "data/sample/manifest.jsonl"  # tokenizer: clip manifest (JSON lines)
+    tokens: str = "data/sample/tokens"  # transformer: token shard directory
+    num_frames: int = 16
+    image_size: int = 64
+    batch_size: int = 2
+    num_workers: int = 2
+    val_clips: int = 4  # validation clips reconstructed / evaluated at each sample step
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.num_frames < 1 or self.image_size < 1 or self.num_workers < 0:
+            raise ValueError("data: batch_size, num_frames, image_size must be >= 1 and num_workers >= 0")
+
+
+@dataclasses.dataclass
+class OptimConfig(Config):
+    """Adam(W). MAGVIT trains both networks with beta1 = 0, beta2 = 0.99."""
+
+    lr: float = 1e-4
+    beta1: float = 0.0
+    beta2: float = 0.99
+    eps: float = 1e-8
+    weight_decay: float = 0.0  # decoupled (AdamW); never applied to norms, biases, embeddings
+    grad_clip: float = 1.0  # global norm; 0 disables
+
+    def __post_init__(self):
+        if self.lr <= 0 or not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1) or self.weight_decay < 0:
+            raise ValueError("optim: need lr > 0, 0 <= beta1, beta2 < 1, weight_decay >= 0")
+
+
+@dataclasses.dataclass
+class TrainConfig(Config):
+    """Length, schedule, precision and parallelism of a run."""
+
+    max_steps: int = 1000  # optimizer steps
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at max_steps
+    grad_accum_steps: int = 1
+    seed: int = 0  # rank r uses seed + r for its own randomness
+    precision: Precision = "fp32"
+    deepspeed_config: str = "configs/deepspeed/zero2.json"
+    zero_stage: int | None = None  # overrides the stage of the DeepSpeed config when set
+    ema_decay: float = 0.999
+    max_nonfinite_steps: int = 20  # that many non-finite losses in a row stop the run
+
+    def __post_init__(self):
+        if self.max_steps < 1 or self.warmup_steps < 0 or self.grad_accum_steps < 1:
+            raise ValueError("train: need max_steps >= 1, warmup_steps >= 0, grad_accum_steps >= 1")
+        if not 0.0 <= self.min_lr_ratio <= 1.0 or not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError("train: need 0 <= min_lr_ratio <= 1 and 0 <= ema_decay < 1")
+
+
+@dataclasses.dataclass
+class LoggingConfig(Config):
+    log_every: int = 10  # steps between metric lines
+    sample_every: int = 500  # steps between validation reconstructions/metrics (0: only at the end)
+    tensorboard: bool = True
+    progress: bool = True  # tqdm bar on rank 0
+
+
+@dataclasses.dataclass
+class CheckpointConfig(Config):
+    every: int = 1000  # steps between checkpoints (also written at the end and on preemption)
+    keep_last: int = 3
+
+    def __post_init__(self):
+        if self.every < 1 or self.keep_last < 1:
+            raise ValueError("checkpoint: every and keep_last must be >= 1")
+
+
+@dataclasses.dataclass
+class TokenizerLossConfig(Config):
+    """Generator/discriminator objective of MAGVIT (reconstruction + quantizer + perceptual + GAN)."""
+
+    recon_loss: Literal["l1", "l2"] = "l2"
+    recon_weight: float = 1.0
+    perceptual_weight: float = 0.0  # > 0 needs perceptual_model (a local weights path)
+    perceptual_model: str = ""
+    gan_loss: Literal["hinge", "non_saturating"] = "hinge"
+    gan_weight: float = 0.1
+    adaptive_gan_weight: bool = True  # VQGAN's ratio of gradient norms at the decoder's last layer
+    disc_start: int = 2000  # steps of reconstruction-only training before the discriminator joins
+    r1_weight: float = 0.0  # gradient penalty on real clips
+    lecam_weight: float = 0.0
+    lecam_decay: float = 0.999
+
+
+@dataclasses.dataclass
+class TokenizerTrainConfig(Config):
+    """``configs/tokenizer/*.yaml``. ``model``/``discriminator``: a ``preset`` name plus field overrides."""
+
+    model: dict[str, Any] = dataclasses.field(default_factory=lambda: {"preset": "tiny"})
+    discriminator: dict[str, Any] = dataclasses.field(default_factory=lambda: {"preset": "tiny"})
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    disc_optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    loss: TokenizerLossConfig = dataclasses.field(default_factory=TokenizerLossConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+
+
+@dataclasses.dataclass
+class TransformerTrainConfig(Config):
+    """``configs/transformer/*.yaml``. ``masking``: keyword options of ``masking.make_training_batch``."""
+
+    model: dict[str, Any] = dataclasses.field(default_factory=lambda: {"preset": "tiny"})
+    masking: dict[str, Any] = dataclasses.field(default_factory=dict)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(lr=1e-4, beta1=0.9, beta2=0.96,
+                                                                             weight_decay=0.045))
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+
+
+def resolve_section(section: Mapping[str, Any], config_cls: type[Config], name: str) -> dict[str, Any]:
+    """Expand ``{"preset": ..., overrides...}`` into the full field dict of ``config_cls`` (strict), so the run
+    directory records every value and ``name.field=value`` overrides can address any field."""
+    try:
+        return config_cls.from_mapping(section).to_dict()
+    except ConfigError as err:
+        raise ConfigError(f"{name}: {err}") from None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------------------
+class UsageError(Exception):
+    """A user mistake on the command line or in a config file: one line on stderr, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one clear line instead of usage + message
+        raise UsageError(message)
+
+
+def build_arg_parser(description: str, default_config: str) -> argparse.ArgumentParser:
+    parser = _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", default=default_config, help="training YAML (model, data, optim, train, ...)")
+    parser.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default=None,
+                        help="DeepSpeed JSON (ZeRO stage and options); overrides train.deepspeed_config")
+    parser.add_argument("--run-dir", "--run_dir", dest="run_dir", default=None,
+                        help="where everything of the run goes (default: runs/<kind>/<config name>)")
+    parser.add_argument("--resume", choices=["auto", "never"], default="never",
+                        help="'auto': continue from the latest complete checkpoint in the run dir, if any")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
+    return parser
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    args = parser.parse_intermixed_args(argv)
+    for word in args.overrides:
+        if "=" not in word or word.startswith("-"):
+            raise UsageError(f"expected key.path=value, got '{word}'")
+    return args
+
+
+def load_train_config(config_cls: type[Config], path: str, overrides: Sequence[str],
+                      sections: Mapping[str, type[Config]], deepspeed_config: str | None = None) -> Config:
+    """Load the YAML, expand the model sections named in ``sections`` (preset + overrides -> full dict), apply
+    ``key.path=value`` overrides and re-validate the model sections. Raises ``ConfigError``."""
+    cfg = config_cls.from_yaml(path)
+    cfg = cfg.replace(**{name: resolve_section(getattr(cfg, name), cls, name) for name, cls in sections.items()})
+    cfg = cfg.with_overrides(overrides)
+    for name, cls in sections.items():
+        resolve_section(getattr(cfg, name), cls, name)  # strict check after overrides
+    if deepspeed_config:
+        cfg = cfg.with_overrides([f"train.deepspeed_config={deepspeed_config}"])
+    return cfg
+
+
+def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
+    """Run ``main`` turning user errors (``UsageError``, ``ConfigError``) into one stderr line and status 2."""
+    try:
+        return main(argv)
+    except (UsageError, ConfigError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Learning rate, weight decay, EMA
+# --------------------------------------------------------------------------------------------------------------
+def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
+    """LR multiplier at optimizer step ``step`` (0-based): linear warmup from 1/warmup to 1 over ``warmup_steps``,
+    then cosine decay from 1 to ``min_lr_ratio`` at ``max_steps`` (held there afterwards)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(1, max_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class WarmupCosineSchedule(torch.optim.lr_scheduler.LRScheduler):
+    """``warmup_cosine`` as a scheduler; its ``state_dict`` (step counter) travels with DeepSpeed checkpoints."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int, max_steps: int,
+                 min_lr_ratio: float = 0.0, last_epoch: int = -1):
+        self.warmup_steps, self.max_steps, self.min_lr_ratio = warmup_steps, max_steps, min_lr_ratio
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self) -> list[float]:
+        factor = warmup_cosine(self.last_epoch, self.warmup_steps, self.max_steps, self.min_lr_ratio)
+        return [base * factor for base in self.base_lrs]
+
+
+_NORM_TYPES = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.modules.batchnorm._NormBase, torch.nn.RMSNorm)
+
+
+def weight_decay_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two AdamW groups: decay for weight matrices / conv kernels; none for biases, norm parameters, embeddings
+    and codebooks (decaying them shrinks scales and token vectors towards zero for no regularisation gain)."""
+    no_decay_ids: set[int] = set()
+    for module_name, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            full = f"{module_name}.{name}" if module_name else name
+            lowered = full.lower()
+            if (isinstance(module, (torch.nn.Embedding, *_NORM_TYPES)) or param.ndim < 2 or name.endswith("bias")
+                    or "embed" in lowered or "codebook" in lowered or "norm" in lowered):
+                no_decay_ids.add(id(param))
+    decay, no_decay, seen = [], [], set()
+    for param in model.parameters():
+        if not param.requires_grad or id(param) in seen:
+            continue
+        seen.add(id(param))
+        (no_decay if id(param) in no_decay_ids else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_adam(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
+    """torch AdamW (no JIT-built fused kernels) over the weight-decay groups."""
+    return torch.optim.AdamW(weight_decay_param_groups(model, optim.weight_decay), lr=optim.lr,
+                             betas=(optim.beta1, optim.beta2), eps=optim.eps)
+
+
+class EMA:
+    """Exponential moving average of a module's parameters, kept in fp32: ``shadow = d * shadow + (1 - d) * p``.
+
+    The caller makes full parameters visible during ``update`` (ZeRO-3: ``distributed.gathered_parameters``).
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        self.decay = decay
+        self.num_updates = 0
+        self.shadow: dict[str, torch.Tensor] = {
+            name: p.detach().float().clone() for name, p in model.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for name, p in model.named_parameters():
+            shadow = self.shadow[name]
+            shadow.lerp_(p.detach().to(shadow.device, torch.float32), 1.0 - self.decay)
+        self.num_updates += 1
+
+    @torch.no_grad()
+    def copy_to(self, model: torch.nn.Module) -> None:
+        """Write the averaged weights into ``model`` (same architecture)."""
+        for name, p in model.named_parameters():
+            p.copy_(self.shadow[name].to(p.dtype))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "num_updates": self.num_updates, "shadow": dict(self.shadow)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        shadow = state["shadow"]
+        if set(shadow) != set(self.shadow):
+            missing, extra = set(self.shadow) - set(shadow), set(shadow) - set(self.shadow)
+            raise ValueError(f"EMA state does not match the model (missing {sorted(missing)[:3]}, "
+                             f"unexpected {sorted(extra)[:3]})")
+        for name, value in shadow.items():
+            if value.shape != self.shadow[name].shape:
+                raise ValueError(f"EMA tensor {name}: shape {tuple(value.shape)} != {tuple(self.shadow[name].shape)}")
+            self.shadow[name] = value.float().clone()
+        self.decay = float(state.get("decay", self.decay))
+        self.num_updates = int(state.get("num_updates", 0))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Non-finite losses
+# --------------------------------------------------------------------------------------------------------------
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class NonFiniteGuard:
+    """Decides, identically on every rank, whether a micro-batch's loss may be back-propagated.
+
+    ``check`` takes this rank's loss value and a ``reduce_max`` collective; if any rank saw a NaN/inf the step is
+    skipped everywhere. ``max_consecutive`` skips in a row raise ``NonFiniteLossError``.
+    """
+
+    def __init__(self, max_consecutive: int):
+        self.max_consecutive = max_consecutive
+        self.consecutive = 0
+        self.total_skipped = 0
+
+    def check(self, loss_value: float, step: int, reduce_max: Callable[[float], float] = float) -> bool:
+        bad = reduce_max(0.0 if math.isfinite(loss_value) else 1.0) > 0.0
+        if not bad:
+            self.consecutive = 0
+            return True
+        self.consecutive += 1
+        self.total_skipped += 1
+        if self.consecutive >= self.max_consecutive:
+            raise NonFiniteLossError(
+                f"{self.consecutive} non-finite losses in a row (last at step {step}); stopping. "
+                "Lower the learning rate, enable gradient clipping or resume from an earlier checkpoint.")
+        return False
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Data order that can resume mid-epoch
+# --------------------------------------------------------------------------------------------------------------
+class ResumableDistributedSampler(torch.utils.data.Sampler[int]):
+    """Each rank's share of a per-epoch permutation of ``range(dataset_len)``, seeded by ``(seed, epoch)``;
+    ``start_batch`` skips the batches already consumed this epoch (resume) without loading them.
+
+    Every rank gets ``dataset_len // world_size`` indices (the remainder is dropped so ranks stay in step).
+    """
+
+    def __init__(self, dataset_len: int, rank: int, world_size: int, batch_size: int, seed: int = 0,
+                 shuffle: bool = True):
+        if dataset_len < world_size * batch_size:
+            raise ValueError(f"dataset of {dataset_len} items is smaller than one global batch "
+                             f"({world_size} ranks x {batch_size})")
+        self.dataset_len, self.rank, self.world_size = dataset_len, rank, world_size
+        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
+        self.epoch = 0
+        self.start_batch = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return (self.dataset_len // self.world_size) // self.batch_size
+
+    def _indices(self) -> list[int]:
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+            order = torch.randperm(self.dataset_len, generator=gen).tolist()
+        else:
+            order = list(range(self.dataset_len))
+        per_rank = self.batches_per_epoch * self.batch_size
+        mine = order[self.rank::self.world_size][:per_rank]
+        return mine[self.start_batch * self.batch_size:]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._indices())
+
+    def __len__(self) -> int:
+        return max(0, (self.batches_per_epoch - self.start_batch) * self.batch_size)
+
+
+class BatchStream:
+    """Endless batches over epochs with a resumable position ``(epoch, batch)``: the number of micro-batches this
+    rank consumed in the current epoch. ``make_loader(sampler)`` builds the DataLoader (drop_last batches)."""
+
+    def __init__(self, dataset: Any, sampler: ResumableDistributedSampler,
+                 make_loader: Callable[[ResumableDistributedSampler], Any], epoch: int = 0, batch: int = 0):
+        if sampler.batches_per_epoch < 1:
+            raise ValueError("not a single batch per epoch: lower data.batch_size or add data")
+        self.dataset, self.sampler, self.make_loader = dataset, sampler, make_loader
+        self.epoch, self.batch = epoch, batch
+        self._iterator: Iterator | None = None
+
+    def _start_epoch(self) -> None:
+        if self.batch >= self.sampler.batches_per_epoch:
+            self.epoch, self.batch = self.epoch + 1, 0
+        self.sampler.set_epoch(self.epoch, self.batch)
+        if hasattr(self.dataset, "set_epoch"):  # clip datasets draw crops from (seed, epoch, index)
+            self.dataset.set_epoch(self.epoch)
+        self._iterator = iter(self.make_loader(self.sampler))
+
+    def __iter__(self) -> "BatchStream":
+        return self
+
+    def __next__(self) -> Any:
+        if self._iterator is None:
+            self._start_epoch()
+        try:
+            item = next(self._iterator)
+        except StopIteration:
+            self.epoch, self.batch = self.epoch + 1, 0
+            self._start_epoch()
+            item = next(self._iterator)
+        self.batch += 1
+        return item
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batch": self.batch}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Run directory and metrics
+# --------------------------------------------------------------------------------------------------------------
+RUN_SUBDIRS = ("checkpoints", "export", "samples", "tb", "logs")
+
+
+def version_info() -> dict[str, str]:
+    from . import __version__
+
+    info = {"magvit": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    try:
+        import deepspeed
+
+        info["deepspeed"] = deepspeed.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def setup_run_dir(run_dir: str | os.PathLike, config: Config, deepspeed_config: Mapping[str, Any] | None,
+                  argv: Sequence[str]) -> Path:
+    """Create the run layout and record the resolved config, DeepSpeed config, command line (appended, one line
+    per launch) and package versions. Call on rank 0 only."""
+    run_dir = Path(run_dir)
+    for sub in RUN_SUBDIRS:
+        (run_dir / sub).mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    if deepspeed_config is not None:
+        (run_dir / "deepspeed_config.json").write_text(json.dumps(deepspeed_config, indent=2) + "\n")
+    launcher = {k: os.environ[k] for k in ("WORLD_SIZE", "SLURM_JOB_ID") if k in os.environ}
+    line = f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {json.dumps(launcher)} {shlex.join([sys.executable, *argv])}\n"
+    with open(run_dir / "command.txt", "a") as f:
+        f.write(line)
+    (run_dir / "version.txt").write_text("".join(f"{k} {v}\n" for k, v in version_info().items()))
+    return run_dir
+
+
+class MetricsLogger:
+    """Scalars to ``RUN_DIR/metrics.jsonl`` (one JSON object per line, flushed) and TensorBoard ``RUN_DIR/tb``.
+    Disabled (no-op) on ranks other than 0."""
+
+    def __init__(self, run_dir: str | os.PathLike, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self._file = None
+        self._tb = None
+        if not enabled:
+            return
+        run_dir = Path(run_dir)
+        self._file = open(run_dir / "metrics.jsonl", "a")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(run_dir / "tb"))
+
+    def log(self, step: int, metrics: Mapping[str, float], **extra: Any) -> None:
+        if not self.enabled:
+            return
+        clean = {k: float(v) for k, v in metrics.items()}
+        record = {"step": int(step), "time": round(time.time(), 3), **extra, **clean}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in clean.items():
+                if math.isfinite(value):
+                    self._tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """All records of a ``metrics.jsonl`` (a torn last line from a killed run is ignored)."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records

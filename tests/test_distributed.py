@@ -1,0 +1,110 @@
+"""Rank/world discovery from torchrun, deepspeed-launcher and SLURM variables; DeepSpeed config filling; signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from magvit import distributed as dist
+
+
+def test_torchrun_env_wins_over_slurm():
+    env = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "n7", "MASTER_PORT": "1234",
+           "SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "x[1-2]"}
+    got = dist.read_dist_env(env)
+    assert got == dist.DistEnv(rank=3, world_size=8, local_rank=1, master_addr="n7", master_port=1234,
+                               source="torchrun")
+    assert not got.is_main
+
+
+def test_slurm_env_compressed_nodelist_and_port_from_job_id():
+    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "node[01-04,07]",
+           "SLURM_JOB_ID": "123456"}
+    got = dist.read_dist_env(env)
+    assert (got.rank, got.world_size, got.local_rank, got.master_addr, got.source) == (5, 8, 1, "node01", "slurm")
+    assert got.master_port == 15000 + 123456 % 20000
+    # every task of the job derives the same port; an explicit MASTER_PORT wins
+    assert dist.read_dist_env({**env, "SLURM_PROCID": "0"}).master_port == got.master_port
+    assert dist.read_dist_env({**env, "MASTER_PORT": "4000"}).master_port == 4000
+
+
+def test_slurm_step_tasks_preferred_over_allocation():
+    env = {"SLURM_PROCID": "1", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "2", "SLURM_JOB_NODELIST": "a"}
+    assert dist.read_dist_env(env).world_size == 2
+
+
+def test_single_process_defaults():
+    got = dist.read_dist_env({})
+    assert (got.rank, got.world_size, got.local_rank, got.source) == (0, 1, 0, "single")
+
+
+@pytest.mark.parametrize("nodelist, expected", [
+    ("node01", ["node01"]),
+    ("node[01-04,07]", ["node01", "node02", "node03", "node04", "node07"]),
+    ("gpu[9-11],cpu3", ["gpu9", "gpu10", "gpu11", "cpu3"]),
+    ("a[1-2]-b[01-02]", ["a1-b01", "a1-b02", "a2-b01", "a2-b02"]),
+    ("x[008-010].cluster,y", ["x008.cluster", "x009.cluster", "x010.cluster", "y"]),
+])
+def test_expand_slurm_nodelist(nodelist, expected):
+    assert dist.expand_slurm_nodelist(nodelist) == expected
+
+
+@pytest.mark.parametrize("bad", ["", "node[01-", "node[3-1]", "node[a-b]"])
+def test_expand_slurm_nodelist_rejects_malformed(bad):
+    with pytest.raises(ValueError):
+        dist.expand_slurm_nodelist(bad)
+
+
+def test_inconsistent_rank_is_an_error():
+    with pytest.raises(ValueError, match="rank 4 of world size 2"):
+        dist.read_dist_env({"RANK": "4", "WORLD_SIZE": "2"})
+    with pytest.raises(ValueError, match="not an integer"):
+        dist.read_dist_env({"SLURM_PROCID": "x"})
+
+
+def test_make_deepspeed_config_fills_training_values():
+    base = {"zero_optimization": {"stage": 2, "overlap_comm": False}}
+    cfg = dist.make_deepspeed_config(base, micro_batch_size=3, grad_accum_steps=2, grad_clip=0.5,
+                                     precision="bf16", zero_stage=3, world_size=4)
+    assert cfg["train_batch_size"] == 24 and cfg["train_micro_batch_size_per_gpu"] == 3
+    assert cfg["gradient_accumulation_steps"] == 2 and cfg["gradient_clipping"] == 0.5
+    assert cfg["bf16"]["enabled"] is True and cfg["zero_optimization"] == {"stage": 3, "overlap_comm": False}
+    assert base["zero_optimization"]["stage"] == 2  # input untouched
+    fp32 = dist.make_deepspeed_config(base, micro_batch_size=1, grad_accum_steps=1, grad_clip=1.0,
+                                      precision="autocast-bf16")
+    assert fp32["bf16"]["enabled"] is False and fp32["zero_optimization"]["stage"] == 2
+    with pytest.raises(ValueError, match="must not define 'optimizer'"):
+        dist.make_deepspeed_config({"optimizer": {"type": "AdamW"}}, micro_batch_size=1, grad_accum_steps=1,
+                                   grad_clip=1.0, precision="fp32")
+    with pytest.raises(ValueError, match="ZeRO stage"):
+        dist.make_deepspeed_config({}, micro_batch_size=1, grad_accum_steps=1, grad_clip=1.0, precision="fp32",
+                                   zero_stage=4)
+
+
+def test_repo_deepspeed_configs_load():
+    root = os.path.join(os.path.dirname(__file__), "..", "configs", "deepspeed")
+    stages = {}
+    for name in sorted(os.listdir(root)):
+        cfg = dist.load_deepspeed_config(os.path.join(root, name))
+        stages[name] = cfg["zero_optimization"]["stage"]
+    assert stages == {"zero0.json": 0, "zero1.json": 1, "zero2.json": 2, "zero3.json": 3}
+    with pytest.raises(ValueError, match="not found"):
+        dist.load_deepspeed_config(os.path.join(root, "nope.json"))
+
+
+def test_preemption_handler_sets_flag_on_sigusr1_and_sigterm():
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        handler = dist.PreemptionHandler().install()
+        try:
+            assert not handler.should_stop()
+            os.kill(os.getpid(), sig)
+            assert handler.should_stop() and handler.received == sig
+        finally:
+            handler.uninstall()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_exit_code_contract():
+    assert dist.EXIT_CODE_PREEMPTED == 3

@@ -1,0 +1,216 @@
+"""Shared training pieces: LR schedule, weight-decay groups, EMA, non-finite guard, resumable data order, CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+from magvit.config import Config, ConfigError
+from magvit import training as T
+
+
+def test_warmup_cosine_known_values():
+    f = lambda s: T.warmup_cosine(s, warmup_steps=4, max_steps=12, min_lr_ratio=0.1)  # noqa: E731
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(4) == pytest.approx(1.0)
+    assert f(8) == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the decay
+    assert f(12) == pytest.approx(0.1) and f(50) == pytest.approx(0.1)
+    values = [f(s) for s in range(4, 13)]
+    assert all(a >= b for a, b in zip(values, values[1:]))  # monotone decay
+    assert T.warmup_cosine(0, 0, 10, 0.0) == pytest.approx(1.0)
+
+
+def test_scheduler_matches_function_and_round_trips():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=2.0)
+    sched = T.WarmupCosineSchedule(opt, warmup_steps=3, max_steps=10, min_lr_ratio=0.0)
+    lrs = []
+    for _ in range(6):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([2.0 * T.warmup_cosine(s, 3, 10, 0.0) for s in range(6)])
+    opt2 = torch.optim.SGD([p], lr=2.0)
+    sched2 = T.WarmupCosineSchedule(opt2, warmup_steps=3, max_steps=10, min_lr_ratio=0.0)
+    sched2.load_state_dict(sched.state_dict())
+    opt2.param_groups[0]["lr"] = sched2.get_last_lr()[0]
+    assert opt2.param_groups[0]["lr"] == pytest.approx(opt.param_groups[0]["lr"])
+
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 4)
+        self.conv = torch.nn.Conv3d(4, 4, 3)
+        self.norm = torch.nn.GroupNorm(2, 4)
+        self.proj = torch.nn.Linear(4, 4)
+        self.ln = torch.nn.LayerNorm(4)
+        self.codebook = torch.nn.Parameter(torch.randn(8, 4))
+
+
+def test_weight_decay_groups_exclude_norms_biases_embeddings():
+    net = _Net()
+    groups = T.weight_decay_param_groups(net, 0.05)
+    decay = {id(p) for p in groups[0]["params"]}
+    no_decay = {id(p) for p in groups[1]["params"]}
+    assert groups[0]["weight_decay"] == 0.05 and groups[1]["weight_decay"] == 0.0
+    assert decay == {id(net.conv.weight), id(net.proj.weight)}
+    assert no_decay == {id(p) for p in net.parameters()} - decay
+    assert len(decay) + len(no_decay) == len(list(net.parameters()))
+
+
+def test_ema_matches_closed_form_and_round_trips():
+    net = torch.nn.Linear(3, 2)
+    w0 = net.weight.detach().clone()
+    ema = T.EMA(net, decay=0.9)
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    for _ in range(3):
+        ema.update(net)
+    # shadow_n = 0.9^n w0 + (1 - 0.9^n) * 1
+    expected = 0.9 ** 3 * w0 + (1 - 0.9 ** 3)
+    torch.testing.assert_close(ema.shadow["weight"], expected)
+    other = T.EMA(torch.nn.Linear(3, 2), decay=0.5)
+    other.load_state_dict(ema.state_dict())
+    assert other.decay == 0.9 and other.num_updates == 3
+    target = torch.nn.Linear(3, 2)
+    other.copy_to(target)
+    torch.testing.assert_close(target.weight.detach(), expected)
+    with pytest.raises(ValueError, match="does not match"):
+        T.EMA(torch.nn.Linear(3, 3, bias=False), 0.9).load_state_dict(ema.state_dict())
+
+
+def test_nonfinite_guard_skips_and_stops():
+    guard = T.NonFiniteGuard(max_consecutive=3)
+    assert guard.check(1.0, step=0)
+    assert not guard.check(float("nan"), step=1)
+    assert not guard.check(float("inf"), step=1)
+    assert guard.check(0.5, step=1) and guard.consecutive == 0 and guard.total_skipped == 2
+    # another rank's NaN (the reduce returns the max over ranks) skips here too
+    assert not guard.check(0.5, step=2, reduce_max=lambda v: 1.0)
+    guard.check(float("nan"), step=2)
+    with pytest.raises(T.NonFiniteLossError, match="3 non-finite losses in a row"):
+        guard.check(float("nan"), step=2)
+
+
+def test_sampler_partitions_and_resumes_mid_epoch():
+    samplers = [T.ResumableDistributedSampler(23, rank=r, world_size=2, batch_size=3, seed=7) for r in range(2)]
+    for s in samplers:
+        s.set_epoch(1)
+    full = [list(s) for s in samplers]
+    assert all(len(f) == 9 for f in full)  # 11 per rank -> 3 whole batches
+    assert not set(full[0]) & set(full[1])
+    samplers[0].set_epoch(1, start_batch=2)
+    assert list(samplers[0]) == full[0][6:] and len(samplers[0]) == 3
+    samplers[0].set_epoch(2)
+    assert list(samplers[0]) != full[0]  # new permutation each epoch
+    with pytest.raises(ValueError, match="smaller than one global batch"):
+        T.ResumableDistributedSampler(3, rank=0, world_size=2, batch_size=2)
+
+
+class _Items(torch.utils.data.Dataset):
+    def __init__(self, n):
+        self.n, self.epochs = n, []
+
+    def set_epoch(self, epoch):
+        self.epochs.append(epoch)
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return i
+
+
+def _stream(epoch=0, batch=0):
+    data = _Items(10)
+    sampler = T.ResumableDistributedSampler(10, 0, 1, batch_size=3, seed=1)
+    loader = lambda s: torch.utils.data.DataLoader(data, batch_size=3, sampler=s, drop_last=True)  # noqa: E731
+    return T.BatchStream(data, sampler, loader, epoch=epoch, batch=batch), data
+
+
+def test_batch_stream_resume_sees_the_same_batches():
+    stream, data = _stream()
+    seen = [next(stream).tolist() for _ in range(8)]  # 3 batches per epoch: crosses two epoch ends
+    assert data.epochs == [0, 1, 2]
+    stream2, _ = _stream()
+    for _ in range(4):
+        next(stream2)
+    state = stream2.state_dict()
+    assert state == {"epoch": 1, "batch": 1}
+    resumed, _ = _stream(**state)
+    assert [next(resumed).tolist() for _ in range(4)] == seen[4:]
+    done, _ = _stream(epoch=0, batch=3)  # saved exactly at an epoch end
+    assert next(done).tolist() == seen[3]
+
+
+@dataclasses.dataclass
+class _Model(Config):
+    PRESETS = {"tiny": {"width": 8}, "B": {"width": 64}}
+    width: int = 4
+    depth: int = 2
+
+
+@dataclasses.dataclass
+class _RunCfg(Config):
+    model: dict = dataclasses.field(default_factory=lambda: {"preset": "tiny"})
+    train: T.TrainConfig = dataclasses.field(default_factory=T.TrainConfig)
+
+
+def test_load_train_config_expands_presets_and_applies_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"model": {"preset": "B", "depth": 3}, "train": {"max_steps": 5}}))
+    cfg = T.load_train_config(_RunCfg, str(path), ["model.width=16", "train.precision=bf16"], {"model": _Model},
+                              deepspeed_config="x.json")
+    assert cfg.model == {"width": 16, "depth": 3}
+    assert cfg.train.max_steps == 5 and cfg.train.precision == "bf16" and cfg.train.deepspeed_config == "x.json"
+    with pytest.raises(ConfigError, match="model.nope"):
+        T.load_train_config(_RunCfg, str(path), ["model.nope=1"], {"model": _Model})
+    with pytest.raises(ConfigError, match="precision"):
+        T.load_train_config(_RunCfg, str(path), ["train.precision=fp8"], {"model": _Model})
+    with pytest.raises(ConfigError, match="not found"):
+        T.load_train_config(_RunCfg, str(tmp_path / "missing.yaml"), [], {"model": _Model})
+
+
+def test_cli_user_errors_are_one_line_exit_2(capsys):
+    parser = T.build_arg_parser("x", "c.yaml")
+
+    def main(argv):
+        T.parse_args(parser, argv)
+        raise ConfigError("unknown config key 'train.nope'")
+
+    assert T.run_cli(main, ["--local_rank=1", "a.b=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "error: unknown config key 'train.nope'"
+    assert T.run_cli(main, ["--bogus"]) == 2
+    assert T.run_cli(main, ["word"]) == 2
+    assert capsys.readouterr().err.count("\n") == 2
+    args = T.parse_args(parser, ["--config", "a.yaml", "x.y=1", "--resume", "auto", "--local_rank=0"])
+    assert args.overrides == ["x.y=1"] and args.resume == "auto" and args.config == "a.yaml"
+
+
+def test_run_dir_and_metrics(tmp_path):
+    cfg = T.TokenizerTrainConfig()
+    run = T.setup_run_dir(tmp_path / "run", cfg, {"zero_optimization": {"stage": 2}}, ["train.py", "a=1"])
+    T.setup_run_dir(run, cfg, None, ["train.py", "--resume", "auto"])
+    assert all((run / d).is_dir() for d in T.RUN_SUBDIRS)
+    assert T.TokenizerTrainConfig.from_dict(yaml.safe_load((run / "config.yaml").read_text())) == cfg
+    assert json.loads((run / "deepspeed_config.json").read_text())["zero_optimization"]["stage"] == 2
+    assert len((run / "command.txt").read_text().splitlines()) == 2  # one line per launch
+    assert "magvit 0.1.0" in (run / "version.txt").read_text()
+    log = T.MetricsLogger(run, tensorboard=True)
+    log.log(1, {"loss": torch.tensor(0.5).item(), "lr": 1e-3})
+    log.log(2, {"loss": math.nan})
+    log.close()
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "lo')  # torn line of a killed run
+    records = T.read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2] and records[0]["loss"] == 0.5
+    assert any((run / "tb").iterdir())
+    T.MetricsLogger(run, enabled=False).log(5, {"x": 1.0})  # other ranks: no-op
+    assert len(T.read_metrics(run / "metrics.jsonl")) == 2
