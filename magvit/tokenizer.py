@@ -1,0 +1,427 @@
+"""3D-convolutional VQ video tokenizer (MAGVIT), with MAGVIT-v2's causal convolution and lookup-free quantization.
+
+``VideoTokenizer`` = ``Encoder`` (3D conv, average-pool downsampling) -> quantizer (VQ or LFQ, ``magvit.quantizers``)
+-> ``Decoder`` (3D conv, nearest upsampling + conv). Videos are float ``(B, 3, T, H, W)`` in ``[-1, 1]``; codes are
+long ``(B, t, h, w)``.
+
+Architecture (MAGVIT v1, paper and released code): stem conv3x3x3, per level ``num_res_blocks`` residual blocks
+(GroupNorm eps 1e-6 -> swish -> conv3x3x3, twice; 1x1x1 shortcut conv when the width changes), average pooling
+between levels (time halved only where ``temporal_downsample`` says so), ``num_res_blocks`` more blocks after the
+last level, GroupNorm -> swish -> 1x1x1 conv to the latent. The decoder mirrors it with nearest upsampling + conv3x3x3.
+
+Causal mode (MAGVIT-v2): convolutions pad only on the past, normalisation is per frame, and temporal down/upsampling
+keeps frame 0 on its own, so a ``1 + k * temporal_factor`` frame clip maps to ``1 + k`` latent frames, latent frame
+``j`` sees only input frames ``<= j * temporal_factor``, and a single image (``T = 1``) is a valid input.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Mapping
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from .config import Config, ConfigError, _deep_merge
+from .pretrained import PretrainedMixin
+from .quantizers import QuantizerConfig, build_quantizer
+
+# Tolerance on the [-1, 1] range check: resizing / colour conversion overshoot by a few 1e-4.
+_RANGE_TOLERANCE = 1e-3
+
+
+@dataclass
+class TokenizerConfig(Config):
+    """Size and options of a :class:`VideoTokenizer`.
+
+    ``num_frames`` / ``image_size`` are the clip size the model is trained on; the network is convolutional and takes
+    any size that fits the down-sampling factors. In causal mode a clip has ``1 + k * temporal_factor`` frames:
+    ``preset(name, causal=True)`` therefore uses ``num_frames + 1`` frames unless ``num_frames`` is given
+    (MAGVIT-v2's 17-frame clips for B and L).
+    """
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        # CI-sized: 8x32x32 -> 4x8x8 tokens.
+        "tiny": dict(num_frames=8, image_size=32, base_channels=16, channel_multipliers=(1, 2, 2), num_res_blocks=1,
+                     temporal_downsample=(True, False), embedding_dim=16, codebook_size=64, norm_groups=8),
+        # MAGVIT-B / -L: 16x128x128 -> 4x16x16 tokens, codebook 1024 x 256.
+        "B": dict(num_frames=16, image_size=128, base_channels=64, channel_multipliers=(1, 2, 2, 4), num_res_blocks=2,
+                  temporal_downsample=(True, True, False), embedding_dim=256, codebook_size=1024),
+        "L": dict(num_frames=16, image_size=128, base_channels=128, channel_multipliers=(1, 2, 2, 4), num_res_blocks=2,
+                  temporal_downsample=(True, True, False), embedding_dim=256, codebook_size=1024),
+    }
+
+    num_frames: int = 16
+    image_size: int = 128
+    in_channels: int = 3
+    base_channels: int = 64
+    channel_multipliers: tuple[int, ...] = (1, 2, 2, 4)
+    num_res_blocks: int = 2
+    temporal_downsample: tuple[bool, ...] = (True, True, False)  # one flag per downsample (len(multipliers) - 1)
+    embedding_dim: int = 256  # VQ code dimension (LFQ uses log2(codebook_size), see `latent_dim`)
+    codebook_size: int = 1024
+    causal: bool = False
+    quantizer: Literal["vq", "lfq"] = "vq"
+    quantization: QuantizerConfig = field(default_factory=QuantizerConfig)
+    temporal_kernel_size: int = 3  # 1 gives a 2D (per-frame) image tokenizer, the source of 2D->3D inflation
+    norm_groups: int = 32
+
+    def __post_init__(self) -> None:
+        if not self.channel_multipliers:
+            raise ValueError("channel_multipliers must not be empty")
+        if len(self.temporal_downsample) != len(self.channel_multipliers) - 1:
+            raise ValueError(
+                f"temporal_downsample needs one flag per downsample ({len(self.channel_multipliers) - 1} for "
+                f"channel_multipliers={tuple(self.channel_multipliers)}), got {tuple(self.temporal_downsample)}"
+            )
+        for name in ("num_frames", "image_size", "in_channels", "base_channels", "num_res_blocks", "embedding_dim",
+                     "codebook_size", "norm_groups"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.temporal_kernel_size < 1 or self.temporal_kernel_size % 2 == 0:
+            raise ValueError(f"temporal_kernel_size must be odd and >= 1, got {self.temporal_kernel_size}")
+        if self.codebook_size < 2:
+            raise ValueError(f"codebook_size must be >= 2, got {self.codebook_size}")
+        if self.quantizer == "lfq" and self.codebook_size & (self.codebook_size - 1):
+            raise ValueError(f"LFQ needs a power-of-two codebook_size (2**bits), got {self.codebook_size}")
+        try:
+            self.token_grid(self.num_frames, self.image_size, self.image_size)
+        except ValueError as err:
+            raise ValueError(f"num_frames/image_size do not fit the model: {err}") from None
+
+    # --- presets: causal clips have 1 + k * temporal_factor frames ----------------------------------------------
+    @classmethod
+    def _preset_dict(cls, name: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
+        if name not in cls.PRESETS:
+            raise ConfigError(f"unknown {cls.__name__} preset '{name}'; available: {', '.join(cls.PRESETS)}")
+        data = _deep_merge(dict(cls.PRESETS[name]), overrides)
+        if data.get("causal") and "num_frames" not in overrides:
+            data["num_frames"] = data.get("num_frames", 16) + 1
+        return data
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "TokenizerConfig":
+        """A size preset (``tiny``, ``B``, ``L``) with overrides; causal presets take ``num_frames + 1`` frames."""
+        return cls.from_dict(cls._preset_dict(name, overrides))
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], source: str = "") -> "TokenizerConfig":
+        data = dict(data)
+        name = data.pop("preset", None)
+        if name is None:
+            return super().from_mapping(data, source)
+        try:
+            return cls.from_dict(cls._preset_dict(name, data))
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}" if source else str(err)) from None
+
+    # --- derived sizes ------------------------------------------------------------------------------------------
+    @property
+    def temporal_factor(self) -> int:
+        return 2 ** sum(bool(flag) for flag in self.temporal_downsample)
+
+    @property
+    def spatial_factor(self) -> int:
+        return 2 ** (len(self.channel_multipliers) - 1)
+
+    @property
+    def latent_dim(self) -> int:
+        """Channels of the encoder output: ``embedding_dim`` for VQ, ``log2(codebook_size)`` bits for LFQ."""
+        return int(math.log2(self.codebook_size)) if self.quantizer == "lfq" else self.embedding_dim
+
+    def check_frames(self, num_frames: int) -> None:
+        """Raise ``ValueError`` unless ``num_frames`` fits the temporal downsampling (and causality)."""
+        f = self.temporal_factor
+        if self.causal:
+            if num_frames < 1 or (num_frames - 1) % f:
+                raise ValueError(
+                    f"a causal tokenizer expects T = 1 + k * {f} frames (1, {1 + f}, {1 + 2 * f}, ...), got T={num_frames}"
+                )
+        elif num_frames < 1 or num_frames % f:
+            raise ValueError(f"expected T divisible by the temporal factor {f}, got T={num_frames}")
+
+    def token_grid(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
+        """The ``(t, h, w)`` token grid of a ``num_frames x height x width`` video (``ValueError`` if it does not fit)."""
+        self.check_frames(num_frames)
+        s = self.spatial_factor
+        if height < 1 or width < 1 or height % s or width % s:
+            raise ValueError(f"expected H and W divisible by the spatial factor {s}, got H={height}, W={width}")
+        f = self.temporal_factor
+        t = 1 + (num_frames - 1) // f if self.causal else num_frames // f
+        return t, height // s, width // s
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Building blocks
+# ------------------------------------------------------------------------------------------------------------------
+
+
+class Conv3d(nn.Conv3d):
+    """3D convolution with 'same' spatial padding; in time either centred ('same') or causal (past only).
+
+    Causal padding puts ``k_t - 1`` zero frames before the clip, so output frame ``i`` sees input frames ``<= i``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int, int], *, causal: bool,
+                 bias: bool = True) -> None:
+        kt, kh, kw = kernel_size
+        self.causal = causal
+        self.time_pad = kt - 1 if causal else 0
+        super().__init__(in_channels, out_channels, kernel_size,
+                         padding=(0 if causal else kt // 2, kh // 2, kw // 2), bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T, H, W) -> (B, C', T, H, W)
+        if self.time_pad:
+            x = F.pad(x, (0, 0, 0, 0, self.time_pad, 0))
+        return super().forward(x)
+
+
+class GroupNorm(nn.GroupNorm):
+    """GroupNorm over (C/G, T, H, W); per frame (over (C/G, H, W)) in causal mode so the future never leaks back."""
+
+    def __init__(self, num_groups: int, num_channels: int, *, per_frame: bool) -> None:
+        super().__init__(math.gcd(num_groups, num_channels), num_channels, eps=1e-6)
+        self.per_frame = per_frame
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T, H, W)
+        if not self.per_frame:
+            return super().forward(x)
+        b = x.shape[0]
+        y = super().forward(rearrange(x, "b c t h w -> (b t) c h w"))
+        return rearrange(y, "(b t) c h w -> b c t h w", b=b)
+
+
+class ResBlock(nn.Module):
+    """(GroupNorm -> swish -> conv3x3x3) x 2 plus a shortcut (1x1x1 conv when the width changes)."""
+
+    def __init__(self, in_channels: int, out_channels: int, config: TokenizerConfig) -> None:
+        super().__init__()
+        k = (config.temporal_kernel_size, 3, 3)
+        self.norm1 = GroupNorm(config.norm_groups, in_channels, per_frame=config.causal)
+        self.conv1 = Conv3d(in_channels, out_channels, k, causal=config.causal, bias=False)
+        self.norm2 = GroupNorm(config.norm_groups, out_channels, per_frame=config.causal)
+        self.conv2 = Conv3d(out_channels, out_channels, k, causal=config.causal, bias=False)
+        self.shortcut = (
+            Conv3d(in_channels, out_channels, (1, 1, 1), causal=config.causal, bias=False)
+            if in_channels != out_channels else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T, H, W)
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.shortcut(x) + h
+
+
+def downsample(x: torch.Tensor, temporal: bool, causal: bool) -> torch.Tensor:
+    """Average pooling by 2 in H, W (and T if ``temporal``). Causal: frame 0 is pooled alone in space, frames
+    1.. in pairs, so ``1 + 2k`` frames become ``1 + k`` and frame 0 stays separate."""
+    if not temporal:
+        return F.avg_pool3d(x, (1, 2, 2))
+    if causal:
+        first = F.avg_pool3d(x[:, :, :1], (1, 2, 2))  # (B, C, 1, H/2, W/2)
+        rest = F.avg_pool3d(x[:, :, 1:], (2, 2, 2)) if x.shape[2] > 1 else x[:, :, :0, ::2, ::2]
+        return torch.cat([first, rest], dim=2)
+    return F.avg_pool3d(x, (2, 2, 2))
+
+
+def upsample(x: torch.Tensor, temporal: bool, causal: bool) -> torch.Tensor:
+    """Nearest upsampling by 2 in H, W (and T if ``temporal``); the inverse layout of :func:`downsample`."""
+    x = x.repeat_interleave(2, dim=3).repeat_interleave(2, dim=4)
+    if not temporal:
+        return x
+    if causal:  # 1 + k -> 1 + 2k frames
+        return torch.cat([x[:, :, :1], x[:, :, 1:].repeat_interleave(2, dim=2)], dim=2)
+    return x.repeat_interleave(2, dim=2)
+
+
+class Encoder(nn.Module):
+    """Video ``(B, C_in, T, H, W)`` -> latent ``(B, latent_dim, t, h, w)``."""
+
+    def __init__(self, config: TokenizerConfig) -> None:
+        super().__init__()
+        self.config = config
+        k = (config.temporal_kernel_size, 3, 3)
+        width = config.base_channels
+        self.conv_in = Conv3d(config.in_channels, width, k, causal=config.causal, bias=False)
+        self.levels = nn.ModuleList()
+        for mult in config.channel_multipliers:
+            blocks = nn.ModuleList()
+            for _ in range(config.num_res_blocks):
+                blocks.append(ResBlock(width, config.base_channels * mult, config))
+                width = config.base_channels * mult
+            self.levels.append(blocks)
+        self.mid = nn.Sequential(*[ResBlock(width, width, config) for _ in range(config.num_res_blocks)])
+        self.norm_out = GroupNorm(config.norm_groups, width, per_frame=config.causal)
+        self.conv_out = Conv3d(width, config.latent_dim, (1, 1, 1), causal=config.causal)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        x = self.conv_in(x)
+        for i, blocks in enumerate(self.levels):
+            for block in blocks:
+                x = block(x)
+            if i < len(self.levels) - 1:
+                x = downsample(x, cfg.temporal_downsample[i], cfg.causal)
+        x = self.mid(x)
+        return self.conv_out(F.silu(self.norm_out(x)))
+
+
+class Decoder(nn.Module):
+    """Latent ``(B, latent_dim, t, h, w)`` -> video ``(B, C_in, T, H, W)`` (mirror of :class:`Encoder`)."""
+
+    def __init__(self, config: TokenizerConfig) -> None:
+        super().__init__()
+        self.config = config
+        k = (config.temporal_kernel_size, 3, 3)
+        width = config.base_channels * config.channel_multipliers[-1]
+        self.conv_in = Conv3d(config.latent_dim, width, k, causal=config.causal)
+        self.mid = nn.Sequential(*[ResBlock(width, width, config) for _ in range(config.num_res_blocks)])
+        # levels[i] serves channel_multipliers[i]; they run from the last level to the first.
+        self.levels = nn.ModuleList()
+        self.upsample_convs = nn.ModuleList()
+        widths = []
+        for i in reversed(range(len(config.channel_multipliers))):
+            blocks = nn.ModuleList()
+            for _ in range(config.num_res_blocks):
+                blocks.append(ResBlock(width, config.base_channels * config.channel_multipliers[i], config))
+                width = config.base_channels * config.channel_multipliers[i]
+            self.levels.append(blocks)
+            widths.append(width)
+            if i > 0:
+                self.upsample_convs.append(Conv3d(width, width, k, causal=config.causal))
+        self.norm_out = GroupNorm(config.norm_groups, width, per_frame=config.causal)
+        self.conv_out = Conv3d(width, config.in_channels, k, causal=config.causal)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        x = self.mid(self.conv_in(z))
+        num_levels = len(self.levels)
+        for j, blocks in enumerate(self.levels):
+            for block in blocks:
+                x = block(x)
+            i = num_levels - 1 - j  # index into channel_multipliers
+            if i > 0:
+                x = upsample(x, cfg.temporal_downsample[i - 1], cfg.causal)
+                x = self.upsample_convs[j](x)
+        return self.conv_out(F.silu(self.norm_out(x)))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Tokenizer
+# ------------------------------------------------------------------------------------------------------------------
+
+
+class VideoTokenizer(nn.Module, PretrainedMixin):
+    """MAGVIT 3D-conv tokenizer: ``encode`` video -> codes, ``decode`` codes -> video, ``forward`` for training."""
+
+    config_class = TokenizerConfig
+    model_type = "video_tokenizer"
+
+    def __init__(self, config: TokenizerConfig) -> None:
+        super().__init__()
+        if not isinstance(config, TokenizerConfig):
+            raise ValueError(f"expected a TokenizerConfig, got {type(config).__name__}")
+        self.config = config
+        self.encoder = Encoder(config)
+        self.quantizer = build_quantizer(config.quantizer, config.codebook_size, config.latent_dim,
+                                         config.quantization)
+        self.decoder = Decoder(config)
+
+    # --- validation ---------------------------------------------------------------------------------------------
+    def check_video(self, video: torch.Tensor) -> None:
+        """Raise ``ValueError`` unless ``video`` is a float ``(B, C, T, H, W)`` tensor in [-1, 1] that fits."""
+        cfg = self.config
+        if not isinstance(video, torch.Tensor):
+            raise ValueError(f"expected a torch.Tensor video, got {type(video).__name__}")
+        if video.dim() != 5:
+            raise ValueError(f"expected a video of shape (B, {cfg.in_channels}, T, H, W), got shape {tuple(video.shape)}")
+        if not video.is_floating_point():
+            raise ValueError(f"expected a float video in [-1, 1], got dtype {video.dtype} (convert uint8 with x / 127.5 - 1)")
+        if video.shape[1] != cfg.in_channels:
+            raise ValueError(f"expected {cfg.in_channels} channels in dim 1 of (B, C, T, H, W), got shape {tuple(video.shape)}")
+        cfg.token_grid(*video.shape[2:])  # raises with the expected T / H / W
+        if video.device.type != "meta" and video.numel():
+            lo, hi = torch.aminmax(video.detach())
+            if lo.item() < -1 - _RANGE_TOLERANCE or hi.item() > 1 + _RANGE_TOLERANCE:
+                raise ValueError(f"expected video values in [-1, 1], got range [{lo.item():.4g}, {hi.item():.4g}]")
+
+    def check_codes(self, codes: torch.Tensor) -> None:
+        """Raise ``ValueError`` unless ``codes`` is an integer ``(B, t, h, w)`` tensor with values in the codebook."""
+        if not isinstance(codes, torch.Tensor) or codes.dim() != 4:
+            shape = tuple(codes.shape) if isinstance(codes, torch.Tensor) else type(codes).__name__
+            raise ValueError(f"expected codes of shape (B, t, h, w), got {shape}")
+        if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+            raise ValueError(f"expected integer codes, got dtype {codes.dtype}")
+        if min(codes.shape) < 1:
+            raise ValueError(f"expected a non-empty code grid, got shape {tuple(codes.shape)}")
+        lo, hi = int(codes.min()), int(codes.max())
+        if lo < 0 or hi >= self.config.codebook_size:
+            raise ValueError(f"expected codes in [0, {self.config.codebook_size}), got range [{lo}, {hi}]")
+
+    # --- public API -----------------------------------------------------------------------------------------------
+    @property
+    def decoder_last_layer(self) -> torch.Tensor:
+        """Weight of the decoder's final conv: where VQGAN's adaptive GAN weight compares gradient norms."""
+        return self.decoder.conv_out.weight
+
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """Video ``(B, C, T, H, W)`` float in [-1, 1] -> codes ``(B, t, h, w)`` long."""
+        self.check_video(video)
+        return self.quantizer(self.encoder(video)).codes
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes ``(B, t, h, w)`` -> video ``(B, C, T, H, W)`` (unclamped decoder output)."""
+        self.check_codes(codes)
+        return self.decoder(self.quantizer.codes_to_latents(codes.long()))
+
+    def forward(self, video: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Reconstruct ``video``; returns ``(reconstruction, stats)`` with ``stats["quantizer_loss"]`` (to add to the
+        generator loss) and the quantizer's statistics (codebook usage, perplexity, ...) for logging."""
+        self.check_video(video)
+        q = self.quantizer(self.encoder(video))
+        reconstruction = self.decoder(q.quantized)
+        stats = {"quantizer_loss": q.loss, **q.stats}
+        return reconstruction, stats
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 2D -> 3D inflation
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def inflate_tokenizer(image_tokenizer: VideoTokenizer, video_config: TokenizerConfig) -> VideoTokenizer:
+    """A 3D tokenizer initialised from a 2D one (``temporal_kernel_size=1``) by "central" inflation.
+
+    Each 2D kernel ``(O, I, 1, kh, kw)`` goes into the central temporal slice of the 3D kernel (the current frame's
+    slice, the last one, for causal convs) and the other slices are zero, so on a static video every frame starts
+    out encoded as the 2D model encodes it. All other tensors (norms, biases, codebook) are copied.
+    """
+    src_cfg = image_tokenizer.config
+    if src_cfg.temporal_kernel_size != 1:
+        raise ValueError(f"expected a 2D tokenizer (temporal_kernel_size=1), got {src_cfg.temporal_kernel_size}")
+    same = ("in_channels", "base_channels", "channel_multipliers", "num_res_blocks", "embedding_dim",
+            "codebook_size", "quantizer", "norm_groups")
+    diff = [n for n in same if getattr(src_cfg, n) != getattr(video_config, n)]
+    if diff:
+        raise ValueError(f"2D and 3D configs must agree on {', '.join(diff)} to inflate")
+    video = VideoTokenizer(video_config)
+    source = image_tokenizer.state_dict()
+    target = video.state_dict()
+    centre = video_config.temporal_kernel_size - 1 if video_config.causal else video_config.temporal_kernel_size // 2
+    for name, tensor in target.items():
+        src = source[name]
+        if src.shape == tensor.shape:
+            tensor.copy_(src)
+        elif src.dim() == 5 and src.shape[2] == 1 and src.shape[:2] + src.shape[3:] == tensor.shape[:2] + tensor.shape[3:]:
+            tensor.zero_()
+            tensor[:, :, centre] = src[:, :, 0]
+        else:
+            raise ValueError(f"cannot inflate '{name}': 2D shape {tuple(src.shape)} vs 3D {tuple(tensor.shape)}")
+    video.load_state_dict(target, strict=True)
+    return video
+
+
+__all__ = ["TokenizerConfig", "VideoTokenizer", "Encoder", "Decoder", "inflate_tokenizer"]
