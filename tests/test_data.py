@@ -1,0 +1,137 @@
+"""ClipDataset: known values on real footage, determinism, rank x worker sharding, failures mid-training."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from conftest import load_real_clip
+from magvit.data import ClipDataset, collate_skip_none, read_manifest, write_manifest
+from magvit.video_io import probe_video, write_video
+
+
+def _record(path, split, label):
+    return {"path": str(path), **probe_video(path), "split": split, "label": label}
+
+
+@pytest.fixture(scope="module")
+def small_manifest(tmp_path_factory, real_video_paths):
+    """12 short real clips (carphone, 176x144) in 3 classes, train and val, plus the bikes video in val."""
+    root = tmp_path_factory.mktemp("clips")
+    carphone = load_real_clip(real_video_paths[1], num_frames=60, size=96)[0]  # (3, 60, 96, 96)
+    records = []
+    for i in range(12):
+        path = write_video(root / f"c{i % 3}" / f"clip{i}.mp4", carphone[:, i * 4:i * 4 + 12], fps=10)
+        records.append(_record(path, "val" if i % 4 == 3 else "train", f"c{i % 3}"))
+    records.append(_record(real_video_paths[0], "val", None))
+    return write_manifest(root / "manifest.jsonl", records)
+
+
+def test_manifest_round_trip_and_relative_paths(tmp_path, small_manifest):
+    records = read_manifest(small_manifest)
+    assert len(records) == 13 and len(read_manifest(small_manifest, "val")) == 4
+    moved = tmp_path / "m.jsonl"
+    rel = [dict(r, path=f"../{r['path'].lstrip('/')}") for r in records[:1]]
+    write_manifest(moved, rel)
+    assert read_manifest(moved)[0]["path"] == str(tmp_path / rel[0]["path"])  # relative to the manifest folder
+    (tmp_path / "bad.jsonl").write_text('{"path": "a.mp4", "frames": 3}\nnot json\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        read_manifest(tmp_path / "bad.jsonl")
+
+
+def test_val_clip_is_center_of_video_with_center_crop(real_video_path):
+    """Known value: a val clip equals the reference loader's clip at the centered start (same resize/crop)."""
+    records = [_record(real_video_path, "val", None)]
+    dataset = ClipDataset(records, split="val", num_frames=16, image_size=64)
+    item = dataset[0]
+    start = round((250 - 16) / 2)
+    expected = load_real_clip(real_video_path, num_frames=16, size=64, start=start)[0]
+    assert item["video"].shape == (3, 16, 64, 64) and item["label"] == -1 and item["index"] == 0
+    torch.testing.assert_close(item["video"], expected, atol=1e-5, rtol=0)
+    # frame stride and target fps pick the same source frames: 25 fps -> 12.5 fps is a stride of 2
+    by_stride = ClipDataset(records, split="val", num_frames=8, image_size=32, frame_stride=2)
+    by_fps = ClipDataset(records, split="val", num_frames=8, image_size=32, target_fps=12.5)
+    assert by_stride.span(records[0]) == by_fps.span(records[0]) == 15
+    torch.testing.assert_close(by_stride[0]["video"], by_fps[0]["video"])
+    fractional = ClipDataset(records, split="val", num_frames=5, image_size=32, target_fps=10)  # step 2.5
+    assert fractional.clip_indices(records[0], 0, None) == [120, 123, 125, 128, 130]  # start (250 - 11) // 2 rounded
+
+
+def test_train_items_are_a_function_of_seed_epoch_index(small_manifest):
+    make = lambda seed: ClipDataset(small_manifest, "train", num_frames=4, image_size=48, hflip=True, seed=seed)
+    a, b = make(0), make(0)
+    assert len(a) == 9 and a.classes == ["c0", "c1", "c2"]
+    for i in (0, 5):
+        torch.testing.assert_close(a[i]["video"], b[i]["video"])
+    b[3]  # reading other items or in another order changes nothing
+    torch.testing.assert_close(a[7]["video"], b[7]["video"])
+    views = [make(0)[2]["video"]]
+    for epoch in range(1, 6):
+        a.set_epoch(epoch)
+        views.append(a[2]["video"])
+    assert len({v.sum().item() for v in views}) > 1  # crops / starts / flips change across epochs
+    a.set_epoch(0)
+    torch.testing.assert_close(a[2]["video"], views[0])
+    assert not torch.equal(make(1)[2]["video"], views[0])  # ... and with the seed
+    assert a[0]["video"].min() >= -1 and a[0]["video"].max() <= 1
+
+
+def test_no_duplicates_across_two_ranks_and_two_workers(small_manifest):
+    dataset = ClipDataset(small_manifest, "train", num_frames=4, image_size=32, clips_per_video=4, seed=3)
+    assert len(dataset) == 36
+    dataset.set_epoch(2)
+    seen, videos = [], {}
+    for rank in range(2):
+        sampler = DistributedSampler(dataset, num_replicas=2, rank=rank, shuffle=True, seed=3)
+        sampler.set_epoch(2)
+        loader = DataLoader(dataset, batch_size=4, sampler=sampler, num_workers=2)
+        for batch in loader:
+            seen += batch["index"].tolist()
+            videos.update(zip(batch["index"].tolist(), batch["video"]))
+    assert sorted(seen) == list(range(36))  # every clip exactly once
+    for index in (0, 17, 35):  # workers in other processes produced exactly the in-process items
+        torch.testing.assert_close(videos[index], dataset[index]["video"])
+
+
+def test_short_videos_skipped_with_reason_or_padded(small_manifest):
+    skipped = ClipDataset(small_manifest, "train", num_frames=13, image_size=32)
+    assert len(skipped) == 0 and len(skipped.skipped) == 9
+    assert "12 frames, a clip needs 13" in skipped.skipped[0][1]
+    padded = ClipDataset(small_manifest, "train", num_frames=13, image_size=32, short_videos="pad")
+    video = padded[0]["video"]
+    assert video.shape == (3, 13, 32, 32)
+    torch.testing.assert_close(video[:, 12], video[:, 11])  # last frame repeated
+
+
+def test_file_failing_mid_training_is_skipped_and_counted(tmp_path, small_manifest):
+    records = read_manifest(small_manifest, "train")
+    broken = tmp_path / "broken.mp4"
+    shutil.copy(records[0]["path"], broken)
+    records[0] = dict(records[0], path=str(broken))
+    dataset = ClipDataset(records, "train", num_frames=4, image_size=32, seed=1)
+    first = dataset[0]
+    broken.write_bytes(b"garbage")  # the file goes bad after indexing
+    again = dataset[0]
+    assert dataset.num_failures == 1 and dataset.failures[str(broken)] == 1
+    assert again["index"] == 0 and again["video"].shape == first["video"].shape
+    assert not torch.equal(again["video"], first["video"])  # a substitute clip
+    torch.testing.assert_close(dataset[0]["video"], again["video"])  # the substitute is deterministic too
+    skip = ClipDataset(records, "train", num_frames=4, image_size=32, on_error="skip")
+    batch = collate_skip_none([skip[0], skip[1]])
+    assert batch["index"].tolist() == [1]
+    with pytest.raises(ValueError, match="broken.mp4"):
+        ClipDataset(records, "train", num_frames=4, image_size=32, on_error="raise")[0]
+
+
+def test_bad_arguments_are_value_errors(small_manifest):
+    with pytest.raises(ValueError, match="split"):
+        ClipDataset(small_manifest, "test")
+    with pytest.raises(ValueError, match="num_frames"):
+        ClipDataset(small_manifest, num_frames=0)
+    with pytest.raises(FileNotFoundError, match="manifest not found"):
+        ClipDataset("/nonexistent/manifest.jsonl")
+    with pytest.raises(IndexError):
+        ClipDataset(small_manifest, "val", num_frames=4, image_size=32)[99]
