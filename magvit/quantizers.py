@@ -69,7 +69,9 @@ class QuantizerOutput(NamedTuple):
     quantized: Tensor  # (B, D, t, h, w), input dtype, straight-through gradient to z
     codes: Tensor  # (B, t, h, w) long
     loss: Tensor  # scalar fp32: total quantizer loss to add to the generator loss
-    stats: dict[str, Tensor]  # detached scalars for logging
+    # Detached fp32 scalars for logging. codebook_usage / perplexity count the vector quantizer's global batch (all
+    # ranks) when it updates state in training; otherwise this rank's batch.
+    stats: dict[str, Tensor]
 
 
 # --- torch.distributed helpers (no-ops without an initialised process group) ------------------------------------------
@@ -392,7 +394,7 @@ class LookupFreeQuantizer(nn.Module):
     def _bit_weights(self, device: torch.device) -> Tensor:
         return torch.pow(2, torch.arange(self.dim, device=device))  # (D,) long: 1, 2, 4, ...
 
-    def codebook(self, device: torch.device | str = "cpu") -> Tensor:
+    def code_vectors(self, device: torch.device | str = "cpu") -> Tensor:
         """All K codes as +-1 vectors (K, D), row i = code i."""
         bits = (torch.arange(self.codebook_size, device=device)[:, None] & self._bit_weights(device)) > 0
         return bits.float() * 2.0 - 1.0
@@ -443,7 +445,7 @@ class LookupFreeQuantizer(nn.Module):
         temperature = self.config.entropy_temperature
         bit_logits = 4.0 * flat / temperature  # (N, D)
         sample_entropy = (F.softplus(bit_logits) - bit_logits * torch.sigmoid(bit_logits)).sum(dim=1).mean()
-        logits = 2.0 * flat @ self.codebook(flat.device).t() / temperature  # (N, K)
+        logits = 2.0 * flat @ self.code_vectors(flat.device).t() / temperature  # (N, K)
         return sample_entropy, _entropy_of_mean(logits.softmax(dim=1))
 
 
