@@ -174,7 +174,10 @@ def test_dead_codes_restart_from_encoder_outputs(use_ema):
         if use_ema:
             vq.ema_embed_sum.copy_(vq.codebook)
     flat = torch.randn(16, 2)
-    out = vq(_latents(flat))
+    z = _latents(flat).requires_grad_()
+    out = vq(z)
+    out.loss.backward()  # in-place restarts after the forward must not break autograd
+    assert z.grad.abs().sum() > 0
     assert out.stats["codebook_usage"] == 1 / 8  # everything went to code 0
     assert out.stats["restarted_codes"] == 7
     restarted = vq.codebook.detach()[1:]
