@@ -268,7 +268,8 @@ def probe_video(path: str | os.PathLike, check: str = "first", backend: str = "a
     except VideoReadError:
         raise
     except Exception as err:
-        raise VideoReadError(path, _short(err)) from None
+        raise VideoReadError(path, f"not a video FFmpeg can open, e.g. truncated or another format "
+                                   f"({_short(err)})") from None
     if codec is None:
         raise VideoReadError(path, "unknown video codec")
 
@@ -390,7 +391,8 @@ def _atomic_target(path: Path):
     return Path(tmp)
 
 
-def write_video(path: str | os.PathLike, video: torch.Tensor | np.ndarray, fps: float, crf: int = 18) -> Path:
+def write_video(path: str | os.PathLike, video: torch.Tensor | np.ndarray, fps: float, crf: int = 18,
+                preset: str = "medium") -> Path:
     """Write a video atomically (temp file, then rename).
 
     Args:
@@ -398,6 +400,7 @@ def write_video(path: str | os.PathLike, video: torch.Tensor | np.ndarray, fps: 
         video: float ``(3, T, H, W)`` / ``(1, 3, T, H, W)`` in [-1, 1], or uint8 ``(T, H, W, 3)``.
         fps: frames per second (> 0).
         crf: libx264 quality (0 = lossless luma, 18 = visually lossless, 23 = FFmpeg default).
+        preset: libx264 speed/size trade-off (``"ultrafast"`` ... ``"veryslow"``).
 
     Odd heights/widths are padded by one replicated row/column (yuv420p needs even sizes).
     """
@@ -426,7 +429,7 @@ def write_video(path: str | os.PathLike, video: torch.Tensor | np.ndarray, fps: 
                 stream = container.add_stream("libx264", rate=rate)
                 stream.width, stream.height = frames.shape[2], frames.shape[1]
                 stream.pix_fmt = "yuv420p"
-                stream.options = {"crf": str(crf), "preset": "medium"}
+                stream.options = {"crf": str(crf), "preset": preset}
                 for frame in frames:
                     for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                         container.mux(packet)

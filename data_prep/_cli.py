@@ -1,0 +1,70 @@
+"""Shared command-line plumbing: one-line errors with exit status 2, progress bars, atomic JSON writes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A user mistake (bad argument, missing input): printed as one line, exit status 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse`` whose errors are one line on stderr (no usage dump) and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def run_main(prog: str, main, argv=None) -> int:
+    """Call ``main(argv)``; turn ``UsageError`` (and a bad value from the library) into one line + exit 2."""
+    try:
+        return int(main(argv) or 0)
+    except UsageError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted (finished outputs are kept; rerun to resume)", file=sys.stderr)
+        return 130
+
+
+def progress(iterable=None, **kwargs):
+    """A tqdm bar on stderr."""
+    from tqdm import tqdm
+
+    kwargs.setdefault("dynamic_ncols", True)
+    kwargs.setdefault("file", sys.stderr)
+    return tqdm(iterable, **kwargs)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    """Write JSON atomically (temp file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def quiet_decoders() -> None:
+    """Silence FFmpeg's per-file chatter (reasons are reported by the tools themselves)."""
+    try:
+        import av.logging
+
+        av.logging.set_level(av.logging.PANIC)
+    except Exception:
+        pass
+    try:
+        import decord
+
+        decord.logging.set_level(decord.logging.QUIET)
+    except Exception:
+        pass
