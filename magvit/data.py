@@ -445,7 +445,7 @@ class TokenShardDataset(Dataset):
         if tuple(self.tensors["codes"].shape[1:]) != self.token_grid:
             raise ValueError(f"{self.directory}: codes of shape {tuple(self.tensors['codes'].shape[1:])}, "
                              f"meta.json says token_grid {self.token_grid}")
-        self._keys = [k for k in self.tensors if k not in ("labels", "video_index")]
+        self._keys = [k for k in self.tensors if k not in ("labels", "clip_index")]
 
     def __len__(self) -> int:
         return len(self.tensors["codes"])

@@ -1,0 +1,71 @@
+"""Resumable shard folders: a plan fingerprint, atomic safetensors shards, ``meta.json`` written last."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data_prep._cli import UsageError, write_json
+
+PLAN_NAME = ".plan.json"
+
+
+def shard_name(number: int) -> str:
+    return f"shard-{number:05d}.safetensors"
+
+
+def fingerprint(data: Any) -> str:
+    """SHA-1 of a JSON-able value (sorted keys): equal plans give equal fingerprints on every machine."""
+    return hashlib.sha1(json.dumps(data, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def open_out_dir(out: Path, plan: dict[str, Any], overwrite: bool) -> None:
+    """Create ``out`` or check that its earlier, possibly interrupted, run had the same plan (then resume)."""
+    out.mkdir(parents=True, exist_ok=True)
+    plan_path = out / PLAN_NAME
+    existing = sorted(out.glob("shard-*.safetensors"))
+    if plan_path.is_file():
+        old = json.loads(plan_path.read_text())
+        if old.get("fingerprint") != plan["fingerprint"]:
+            if not overwrite:
+                raise UsageError(f"{out} holds shards made with other inputs or settings; use another --out "
+                                 "or --overwrite")
+            for path in existing + [out / "meta.json"]:
+                path.unlink(missing_ok=True)
+    elif existing:
+        if not overwrite:
+            raise UsageError(f"{out} holds shards of unknown origin; use another --out or --overwrite")
+        for path in existing + [out / "meta.json"]:
+            path.unlink(missing_ok=True)
+    write_json(plan_path, plan)
+
+
+def save_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write one shard atomically: a rerun never sees half a shard under its final name."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def shard_rows(path: Path) -> int:
+    """Examples in a finished shard (from its header, nothing else is read)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        key = "codes" if "codes" in f.keys() else "frames"
+        return int(f.get_slice(key).get_shape()[0])

@@ -1,0 +1,175 @@
+"""Tokenize a dataset with a trained tokenizer into token shards for transformer training.
+
+    python -m data_prep.tokenize --tokenizer DIR --manifest manifest.jsonl --out DIR [--split train|val|all]
+                                 [--batch-size 8] [--shard-size 256]
+
+Clips of the tokenizer's ``num_frames`` x ``image_size`` (center start and crop, deterministic) are encoded with
+``VideoTokenizer.from_pretrained(DIR)``. Each ``shard-XXXXX.safetensors`` holds, per clip: ``codes`` (N, t, h, w),
+``cond.<task>`` (N, t, h, w) for every pixel-space COMMIT task (``magvit.masking.CONDITION_TASKS``, condition video
+from ``build_condition_video``), ``sketch_codes`` (N, t, h, w) from the sketch video (the manifest's ``sketch`` when
+every clip has one, else ``data_prep.sketch.sketch_video`` of the clip), ``labels`` (N,) and ``clip_index`` (N,).
+``meta.json`` (written last) holds the tokenizer config, ``token_grid``, ``codebook_size``, ``classes``,
+``condition_tasks`` and ``num_examples``. Codes are stored as int32. Rerunning resumes: finished shards are kept
+(each is written to a temp file and renamed). Decoding runs in DataLoader workers, encoding on all torch threads.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from data_prep._cli import ArgumentParser, UsageError, progress, quiet_decoders, run_main, write_json
+from data_prep._shards import file_digest, fingerprint, open_out_dir, save_shard, shard_name, shard_rows
+
+PROG = "python -m data_prep.tokenize"
+
+
+def load_tokenizer(directory: str, device: str):
+    from magvit.tokenizer import VideoTokenizer
+
+    try:
+        return VideoTokenizer.from_pretrained(directory, device=device)
+    except (FileNotFoundError, ValueError) as err:
+        raise UsageError(str(err)) from None
+
+
+@torch.inference_mode()
+def encode_batch(tokenizer, video: torch.Tensor, tasks: Sequence[str], sketch: torch.Tensor | None,
+                 device: str) -> dict[str, torch.Tensor]:
+    """Codes of a clip batch ``(B, 3, T, H, W)``, of its condition videos and of its sketch, as int32 ``(B, t, h, w)``.
+
+    All variants go through the encoder as one batch (one call instead of ``2 + len(tasks)``).
+    """
+    from magvit.masking import build_condition_video
+
+    names = ["codes"] + [f"cond.{task}" for task in tasks] + (["sketch_codes"] if sketch is not None else [])
+    variants = [video] + [build_condition_video(video, task) for task in tasks]
+    if sketch is not None:
+        variants.append(sketch)
+    codes = tokenizer.encode(torch.cat(variants).to(device)).cpu()  # (V * B, t, h, w)
+    return {name: part.to(torch.int32) for name, part in zip(names, codes.split(len(video)))}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokenizer", required=True, help="save_pretrained folder of a VideoTokenizer")
+    parser.add_argument("--manifest", required=True, help="manifest from data_prep.index")
+    parser.add_argument("--out", required=True, help="output folder for the token shards")
+    parser.add_argument("--split", choices=("train", "val", "all"), default="train")
+    parser.add_argument("--batch-size", type=int, default=8, help="clips per encoder batch (default 8)")
+    parser.add_argument("--shard-size", type=int, default=256, help="clips per shard (default 256)")
+    parser.add_argument("--sketch", choices=("auto", "manifest", "compute", "none"), default="auto",
+                        help="sketch source: the manifest's 'sketch' videos, computed edge maps, or no sketch codes "
+                             "(default auto: the manifest's when every clip has one, else computed)")
+    parser.add_argument("--no-conditions", action="store_true", help="skip the cond.<task> codes")
+    parser.add_argument("--frame-stride", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=None, help="decoding DataLoader workers (default: 2)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--overwrite", action="store_true", help="discard shards made with other settings")
+    args = parser.parse_args(argv)
+    for name in ("batch_size", "shard_size", "frame_stride"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.workers is not None and args.workers < 0:
+        raise UsageError(f"--workers must be >= 0, got {args.workers}")
+    if not Path(args.manifest).is_file():
+        raise UsageError(f"manifest not found: {args.manifest}")
+    quiet_decoders()
+    torch.set_num_threads(os.cpu_count() or 1)
+    tokenizer = load_tokenizer(args.tokenizer, args.device)
+    config = tokenizer.config
+    num_frames, size = config.num_frames, config.image_size
+    grid = config.token_grid(num_frames, size, size)
+
+    from magvit.data import ClipDataset, collate_skip_none, read_manifest
+    from magvit.masking import CONDITION_TASKS
+
+    tasks = [] if args.no_conditions else list(CONDITION_TASKS)
+    try:
+        records = read_manifest(args.manifest)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    in_split = [r for r in records if args.split == "all" or r.get("split") == args.split]
+    sketch_mode = args.sketch
+    if sketch_mode == "auto":
+        sketch_mode = "manifest" if in_split and all(r.get("sketch") for r in in_split) else "compute"
+    if sketch_mode == "manifest" and not all(r.get("sketch") for r in in_split):
+        raise UsageError("--sketch manifest: some videos have no 'sketch' (run python -m data_prep.sketch first)")
+    dataset = ClipDataset(records, args.split, num_frames=num_frames, image_size=size,
+                          frame_stride=args.frame_stride, random_start=False, random_crop=False, on_error="skip",
+                          with_sketch=sketch_mode == "manifest")
+    if len(dataset) == 0:
+        raise UsageError(f"no {args.split} videos with enough frames ({num_frames} x stride {args.frame_stride}) "
+                         f"in {args.manifest}")
+
+    out = Path(args.out)
+    settings = {"split": args.split, "shard_size": args.shard_size, "sketch": sketch_mode, "tasks": tasks,
+                "frame_stride": args.frame_stride, "tokenizer_config": config.to_dict(),
+                "tokenizer_weights": file_digest(Path(args.tokenizer) / "model.safetensors")}
+    videos = [(r["path"], r["frames"], r.get("label"), r.get("sketch")) for r in dataset.records]
+    open_out_dir(out, {"settings": settings, "fingerprint": fingerprint({"s": settings, "v": videos})},
+                 args.overwrite)
+    workers = 2 if args.workers is None else args.workers
+
+    from data_prep.sketch import sketch_video
+
+    num_shards = -(-len(dataset) // args.shard_size)
+    shards, made, kept, dropped = [], 0, 0, 0
+    bar = progress(total=len(dataset), desc="tokenizing", unit="clip")
+    for number in range(num_shards):
+        path = out / shard_name(number)
+        lo, hi = number * args.shard_size, min(len(dataset), (number + 1) * args.shard_size)
+        if path.is_file():
+            shards.append({"file": path.name, "num_examples": shard_rows(path)})
+            kept += 1
+            bar.update(hi - lo)
+            continue
+        loader = DataLoader(Subset(dataset, range(lo, hi)), batch_size=args.batch_size, num_workers=workers,
+                            collate_fn=collate_skip_none)
+        parts: dict[str, list[torch.Tensor]] = {}
+        for step, batch in enumerate(loader):
+            bar.update(min(args.batch_size, hi - lo - step * args.batch_size))
+            if batch is None:
+                continue
+            video = batch["video"]  # (B, 3, T, H, W) in [-1, 1]
+            sketch = None
+            if sketch_mode == "manifest":
+                sketch = batch["sketch"]
+            elif sketch_mode == "compute":
+                sketch = sketch_video(video)
+            for name, value in encode_batch(tokenizer, video, tasks, sketch, args.device).items():
+                parts.setdefault(name, []).append(value)
+            parts.setdefault("labels", []).append(batch["label"].long())
+            parts.setdefault("clip_index", []).append(batch["index"].long())
+        got = sum(len(p) for p in parts.get("codes", []))
+        dropped += (hi - lo) - got
+        if got:  # a shard whose every clip failed is left out (a rerun retries it)
+            save_shard(path, {name: torch.cat(values) for name, values in parts.items()})
+            shards.append({"file": path.name, "num_examples": got})
+            made += 1
+    bar.close()
+    meta = {"format": "magvit-tokens", "tokenizer": config.to_dict(),
+            "tokenizer_dir": str(Path(args.tokenizer).resolve()), "token_grid": list(grid),
+            "codebook_size": config.codebook_size, "classes": dataset.classes, "condition_tasks": tasks,
+            "has_sketch": sketch_mode != "none", "sketch_source": sketch_mode, "num_frames": num_frames,
+            "image_size": size, "frame_stride": args.frame_stride, "split": args.split,
+            "manifest": str(Path(args.manifest).resolve()),
+            "num_examples": sum(s["num_examples"] for s in shards), "shards": shards}
+    if shards:
+        write_json(out / "meta.json", meta)
+    for path_, reason in dataset.skipped[:10]:
+        print(f"skipped {path_}: {reason}", file=sys.stderr)
+    print(f"tokenized {meta['num_examples']} clips ({num_frames}x{size}x{size} -> tokens {tuple(grid)}; "
+          f"{len(tasks)} condition tasks; sketch: {sketch_mode}; {len(dataset.classes)} classes) into {len(shards)} "
+          f"shards ({made} written, {kept} already there) -> {out}; {dropped} failed to decode, "
+          f"{len(dataset.skipped)} videos too short")
+    return 0 if shards else 1
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(PROG, main))
