@@ -1,0 +1,92 @@
+# Body shared by launch/slurm/tokenizer.sbatch and launch/slurm/transformer.sbatch (sourced, not run).
+#
+# Inputs (set by the sourcing batch script or the environment):
+#   TRAIN_SCRIPT     training entry point relative to the repository (launch/train_tokenizer.py, ...); the
+#                    .sbatch files take it from MAGVIT_TRAIN_SCRIPT when that is set (another entry point)
+#   MAGVIT_ROOT      repository root (default: the directory sbatch was called from)
+#   MAGVIT_PYTHON    interpreter (default: python on PATH, i.e. the environment sbatch was called from)
+#   "$@"             arguments of the training script: --config FILE [--run-dir DIR] [key.path=value ...]
+#
+# What it does: one task per GPU (or per CPU task) on every node via srun; every task gets RANK, WORLD_SIZE,
+# LOCAL_RANK, MASTER_ADDR (first host of the allocation) and MASTER_PORT (derived from the job id, as
+# magvit.distributed does), so DeepSpeed needs no launcher of its own. Training always runs with --resume auto.
+# When training exits with status 3 (checkpoint saved after SIGUSR1/SIGTERM, e.g. --signal=USR1@120 before
+# the time limit or a preemption), the job requeues itself and the next start resumes from that checkpoint.
+
+set -uo pipefail
+
+EXIT_CODE_PREEMPTED=3  # magvit.distributed.EXIT_CODE_PREEMPTED
+
+log() { echo "[$(date '+%Y-%m-%dT%H:%M:%S')] magvit-slurm: $*"; }
+
+if [ -z "${SLURM_JOB_ID:-}" ]; then
+    echo "error: this is a SLURM batch script: submit it with sbatch (or python -m launch.submit)" >&2
+    exit 2
+fi
+if [ -z "${TRAIN_SCRIPT:-}" ]; then
+    echo "error: TRAIN_SCRIPT is not set (source this file from launch/slurm/*.sbatch)" >&2
+    exit 2
+fi
+
+ROOT=${MAGVIT_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}
+PYTHON=${MAGVIT_PYTHON:-python}
+cd "$ROOT" || { echo "error: repository root $ROOT not found (set MAGVIT_ROOT)" >&2; exit 2; }
+
+# The run directory: --run-dir from the arguments, else runs/<job name> (matches the default #SBATCH --output).
+ARGS=("$@")
+RUN_DIR=""
+HAS_RESUME=0
+for ((i = 0; i < ${#ARGS[@]}; i++)); do
+    case "${ARGS[i]}" in
+        --run-dir | --run_dir) RUN_DIR=${ARGS[i + 1]:-} ;;
+        --run-dir=* | --run_dir=*) RUN_DIR=${ARGS[i]#*=} ;;
+        --resume | --resume=*) HAS_RESUME=1 ;;
+    esac
+done
+if [ -z "$RUN_DIR" ]; then
+    RUN_DIR="runs/${SLURM_JOB_NAME}"
+    ARGS+=(--run-dir "$RUN_DIR")
+fi
+# Every start of the job (first or requeued) continues from the latest complete checkpoint.
+[ "$HAS_RESUME" = 1 ] || ARGS+=(--resume auto)
+mkdir -p "$RUN_DIR/logs"
+
+# Rendezvous: first host of the allocation; port from the job id (same formula as magvit.distributed) so a
+# requeued job gets the same one and two jobs sharing a node rarely collide.
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+export MASTER_ADDR
+export MASTER_PORT=${MASTER_PORT:-$((15000 + ${SLURM_JOB_ID//[^0-9]/} % 20000))}
+
+# No GPU in the allocation: DeepSpeed on CPU (gloo). On GPU nodes every task sees the node's GPUs and
+# picks cuda:LOCAL_RANK.
+if [ "${SLURM_GPUS_ON_NODE:-0}" = 0 ]; then
+    export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
+fi
+CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-1}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$CPUS_PER_TASK}
+
+log "job ${SLURM_JOB_ID} start $((${SLURM_RESTART_COUNT:-0} + 1)): ${SLURM_NTASKS} tasks on ${SLURM_JOB_NUM_NODES} node(s)" \
+    "(${SLURM_JOB_NODELIST}), master ${MASTER_ADDR}:${MASTER_PORT}, run dir ${RUN_DIR}"
+log "command: ${PYTHON} ${TRAIN_SCRIPT} ${ARGS[*]}"
+
+# One process per task. srun of Slurm 22.05 does not inherit --cpus-per-task from the allocation: pass it.
+# Per-rank logs: RUN_DIR/logs/<job name>-<job id>-rank<N>.log, appended across requeues.
+# shellcheck disable=SC2016  # the inner variables are expanded by each task, not here
+srun --kill-on-bad-exit=0 --cpus-per-task="$CPUS_PER_TASK" --open-mode=append \
+    --output="$RUN_DIR/logs/%x-%j-rank%t.log" \
+    bash -c 'export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID; exec "$@"' magvit-rank \
+    "$PYTHON" "$TRAIN_SCRIPT" "${ARGS[@]}"
+STATUS=$?
+
+if [ "$STATUS" -eq "$EXIT_CODE_PREEMPTED" ]; then
+    log "training saved a checkpoint after a stop signal: requeueing job ${SLURM_JOB_ID}"
+    if scontrol requeue "$SLURM_JOB_ID"; then
+        exit 0
+    fi
+    log "scontrol requeue failed: resubmit this script to resume from ${RUN_DIR}/checkpoints"
+elif [ "$STATUS" -ne 0 ]; then
+    log "training failed with status ${STATUS}: see ${RUN_DIR}/logs/${SLURM_JOB_NAME}-${SLURM_JOB_ID}-rank*.log"
+else
+    log "training finished"
+fi
+exit "$STATUS"
