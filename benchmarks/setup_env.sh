@@ -12,10 +12,10 @@ PIP="$VENV/bin/python -m pip"
 $PIP install -q --upgrade pip
 # torch + torchvision pinned together (torchvision from PyPI only imports beside its matching torch).
 $PIP install -q "torch==2.14.1" "torchvision==0.29.1"
-# The project without its training-only dependencies (deepspeed, transformers are not used by the benchmarks).
+# The project without deepspeed (the benchmarks train in one process); transformers builds the BERT transformer.
 $PIP install -q --no-deps -e "$ROOT"
 $PIP install -q einops safetensors numpy scipy pyyaml tqdm pillow matplotlib opencv-python-headless av decord \
-    scikit-video
+    scikit-video "transformers>=4.40"
 # The peers. The installed torch satisfies their ranges, so pip keeps it.
 $PIP install -q magvit2-pytorch vector-quantize-pytorch
 "$VENV/bin/python" - <<'PY'

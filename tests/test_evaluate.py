@@ -1,0 +1,231 @@
+"""``python -m magvit.evaluate`` on tiny randomly initialised models and real clips."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from magvit import evaluate, metrics
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, real_video_paths):
+    """Tiny tokenizer + matching transformer (save_pretrained), a manifest of the two real clips, a run dir."""
+    from magvit.tokenizer import TokenizerConfig, VideoTokenizer
+    from magvit.transformer import MaskedVideoTransformer, TransformerConfig
+    from magvit.video_io import probe_video
+
+    root = tmp_path_factory.mktemp("eval")
+    torch.manual_seed(0)
+    tok_cfg = TokenizerConfig.preset("tiny")  # 8x32x32 clips -> 4x8x8 tokens of a 64-code book
+    VideoTokenizer(tok_cfg).save_pretrained(root / "tokenizer")
+    grid = tok_cfg.token_grid(tok_cfg.num_frames, tok_cfg.image_size, tok_cfg.image_size)
+    xf_cfg = TransformerConfig.preset("tiny", codebook_size=tok_cfg.codebook_size, token_grid=grid)
+    MaskedVideoTransformer(xf_cfg).save_pretrained(root / "transformer")
+    other = TransformerConfig.preset("tiny", codebook_size=tok_cfg.codebook_size, token_grid=(2, 8, 8))
+    MaskedVideoTransformer(other).save_pretrained(root / "transformer_other_grid")
+    records = [{"path": p, **probe_video(p), "split": "val", "label": None} for p in real_video_paths]
+    (root / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    run_dir = root / "run"
+    run_dir.mkdir()
+    lines = [json.dumps({"step": s, "time": 0.0, "loss": 1.0 / (s + 1), "psnr": 10.0 + s}) for s in range(5)]
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n{\"step\": 5, \"lo")  # torn last line
+    return {"root": root, "tok_cfg": tok_cfg, "grid": grid}
+
+
+def _args(setup, out: Path, *extra: str) -> list[str]:
+    root = setup["root"]
+    return ["--tokenizer", str(root / "tokenizer"), "--data", str(root / "manifest.jsonl"), "--out", str(out),
+            "--no-progress", *extra]
+
+
+def test_tokenizer_and_transformer_report(setup, tmp_path, capsys):
+    from magvit.data import ClipDataset
+    from magvit.masking import build_condition_video
+    from magvit.tokenizer import VideoTokenizer
+
+    root, cfg = setup["root"], setup["tok_cfg"]
+    out = tmp_path / "report"
+    code = evaluate.main(_args(setup, out, "--transformer", str(root / "transformer"), "--run-dir",
+                               str(root / "run"), "--steps", "3"))
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    printed = capsys.readouterr().out
+    assert "PSNR" in printed and "FVD skipped" in printed and str(out / "report.json") in printed
+
+    # Reconstruction metrics equal a direct computation on the same clips.
+    tokenizer = VideoTokenizer.from_pretrained(root / "tokenizer")
+    videos = torch.stack([item["video"] for item in ClipDataset(root / "manifest.jsonl", "val", cfg.num_frames,
+                                                                 cfg.image_size)])
+    with torch.no_grad():
+        codes = tokenizer.encode(videos)
+        recon = tokenizer.decode(codes).clamp(-1, 1)
+    tok = report["tokenizer"]
+    assert tok["num_clips"] == 2
+    assert tok["per_clip"]["psnr"] == pytest.approx(metrics.video_psnr(recon, videos).tolist(), abs=1e-4)
+    assert tok["ssim"] == pytest.approx(metrics.video_ssim(recon, videos).mean().item(), abs=1e-5)
+    usage = metrics.CodebookUsage(cfg.codebook_size)
+    usage.update(codes)
+    assert tok["codebook_num_tokens"] == 2 * math.prod(setup["grid"]) == usage.num_tokens
+    assert tok["codebook_perplexity"] == pytest.approx(usage.perplexity)
+    assert tok["codebook_usage"] == pytest.approx(usage.usage)
+    # 64 codes = 6 bits per token, 4*8*8 tokens per 8*32*32 pixels.
+    assert tok["bits_per_pixel"] == pytest.approx(6 * 256 / 8192)
+    assert 0 < tok["bits_per_pixel_entropy_coded"] <= tok["bits_per_pixel"] + 1e-12
+
+    # Frame prediction: the copy baseline equals repeating frame 0, scored on frames 1..T-1.
+    fp = report["frame_prediction"]
+    baseline = build_condition_video(videos, "frame_prediction", num_cond_frames=1)
+    expected = metrics.video_psnr(baseline[:, :, 1:], videos[:, :, 1:])
+    assert fp["copy_baseline"]["per_clip"]["psnr"] == pytest.approx(expected.tolist(), abs=1e-4)
+    expected_recon = metrics.video_psnr(recon[:, :, 1:], videos[:, :, 1:])
+    assert fp["reconstruction"]["per_clip"]["psnr"] == pytest.approx(expected_recon.tolist(), abs=1e-4)
+    assert len(fp["generated"]["per_clip"]["psnr"]) == 2 and fp["steps"] == 3
+
+    # Masked tokens, tokenized on the fly: a random 64-way model is near log(64) nats.
+    mt = report["masked_tokens"]
+    assert set(mt["per_task"]) == {"frame_prediction", "unconditional"}
+    assert abs(mt["masked_token_nll"] - math.log(64)) < 1.0
+    assert 0.0 <= mt["masked_token_accuracy"] <= 1.0 and mt["masked_tokens"] > 0
+
+    assert "skipped" in report["fvd"]
+    for name in ("curves", "per_clip", "samples"):
+        path = Path(report["plots"][name])
+        assert path.is_file() and path.read_bytes()[:4] == b"\x89PNG"
+
+
+def _write_token_shards(directory: Path, grid, codebook_size: int, n: int = 6) -> torch.Tensor:
+    from safetensors.torch import save_file
+
+    directory.mkdir()
+    g = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, codebook_size, (n, *grid), generator=g)
+    cond = torch.randint(0, codebook_size, (n, *grid), generator=g)
+    save_file({"codes": codes, "cond.frame_prediction": cond, "labels": torch.full((n,), -1)},
+              str(directory / "shard-00000.safetensors"))
+    meta = {"token_grid": list(grid), "codebook_size": codebook_size, "classes": [],
+            "condition_tasks": ["frame_prediction"], "num_examples": n,
+            "shards": [{"file": "shard-00000.safetensors", "num_examples": n}]}
+    (directory / "meta.json").write_text(json.dumps(meta))
+    return codes
+
+
+def test_masked_token_nll_on_shards_is_deterministic(setup, tmp_path):
+    root = setup["root"]
+    shards = tmp_path / "tokens"
+    _write_token_shards(shards, setup["grid"], setup["tok_cfg"].codebook_size)
+    reports = []
+    for i in range(2):
+        out = tmp_path / f"out{i}"
+        assert evaluate.main(["--transformer", str(root / "transformer"), "--data", str(shards), "--out", str(out),
+                              "--no-progress", "--nll-tasks", "frame_prediction,unconditional,interpolation"]) == 0
+        reports.append(json.loads((out / "report.json").read_text()))
+    mt = reports[0]["masked_tokens"]
+    assert mt == reports[1]["masked_tokens"]  # fixed seed: same masks, same numbers
+    assert set(mt["per_task"]) == {"frame_prediction", "unconditional"}  # no interpolation condition in the data
+    # The overall NLL is the token-weighted mean of the per-task NLLs.
+    tasks = mt["per_task"].values()
+    weighted = sum(t["nll"] * t["masked_tokens"] for t in tasks) / sum(t["masked_tokens"] for t in tasks)
+    assert mt["masked_token_nll"] == pytest.approx(weighted)
+    assert "tokenizer" not in reports[0]
+
+
+def test_masked_token_evaluation_known_values():
+    """With a fake transformer whose logits put all mass on the right code, NLL -> 0 and accuracy = 1."""
+    from magvit.masking import TokenVocabulary
+
+    vocab = TokenVocabulary(8)
+    grid = (1, 2, 2)
+
+    class Oracle(torch.nn.Module):
+        def __init__(self, codes):
+            super().__init__()
+            self.codes = codes
+            self.anchor = torch.nn.Parameter(torch.zeros(()))
+            self.config = type("C", (), {"vocab": vocab, "codebook_size": 8, "num_classes": 0})()
+
+        def forward(self, ids):
+            logits = torch.full((*ids.shape, vocab.size), -50.0)
+            video = slice(2 + 4, 2 + 8)
+            logits[:, video].scatter_(-1, self.codes.reshape(ids.shape[0], 4, 1), 50.0)
+            return logits
+
+    codes = torch.tensor([[[[1, 2], [3, 4]]], [[[5, 6], [7, 0]]]])
+    ev = evaluate.MaskedTokenEvaluation(Oracle(codes), ["unconditional"], seed=0)
+    ev.update({"codes": codes, "label": torch.tensor([-1, -1])})
+    summary = ev.summary()
+    assert summary["masked_token_accuracy"] == 1.0
+    assert summary["masked_token_nll"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_fvd_with_scripted_extractor(setup, tmp_path):
+    class Features(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([x.mean(dim=(2, 3, 4)), x.std(dim=(2, 3, 4))], dim=1)  # (B, 6)
+
+    path = tmp_path / "features.pt"
+    torch.jit.script(Features()).save(str(path))
+    out = tmp_path / "out"
+    assert evaluate.main(_args(setup, out, "--i3d", str(path), "--num-samples", "0")) == 0
+    report = json.loads((out / "report.json").read_text())
+    fvd = report["fvd"]
+    assert fvd["num_clips"] == 2 and math.isfinite(fvd["reconstruction"]) and fvd["reconstruction"] > 0
+    assert "samples" not in report["plots"]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no_tokenizer_dir", "--tokenizer: no such folder"),
+    ("mismatch", "do not belong together"),
+    ("no_data", "give --data"),
+    ("bad_manifest_split", "no usable 'train' clip"),
+    ("missing_i3d", "--i3d: no such file"),
+    ("bad_run_dir", "no metrics.jsonl"),
+    ("bad_flag", "unrecognized arguments"),
+])
+def test_user_errors_are_one_line_exit_2(setup, tmp_path, capsys, case, message):
+    root = setup["root"]
+    args = {
+        "no_tokenizer_dir": ["--tokenizer", str(tmp_path / "nope"), "--data", str(root / "manifest.jsonl")],
+        "mismatch": ["--tokenizer", str(root / "tokenizer"), "--transformer", str(root / "transformer_other_grid"),
+                     "--data", str(root / "manifest.jsonl")],
+        "no_data": ["--tokenizer", str(root / "tokenizer")],
+        "bad_manifest_split": _args(setup, tmp_path / "o", "--split", "train"),
+        "missing_i3d": _args(setup, tmp_path / "o", "--i3d", str(tmp_path / "i3d.pt")),
+        "bad_run_dir": _args(setup, tmp_path / "o", "--run-dir", str(tmp_path)),
+        "bad_flag": ["--tokenizer", str(root / "tokenizer"), "--frobnicate"],
+    }[case]
+    with pytest.raises(SystemExit) if case == "bad_flag" else _nullcontext() as exit_info:
+        code = evaluate.main(args)
+    if case == "bad_flag":
+        code = exit_info.value.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert message in err and "\n" not in err and "Traceback" not in err
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_training_curves_skip_torn_lines_and_text(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(
+        json.dumps({"step": 1, "loss": 2.0, "event": "nonfinite_loss"}) + "\n"
+        + json.dumps({"step": 2, "loss": 1.0}) + "\n{\"step\": 3,"
+    )
+    assert [r["step"] for r in evaluate.read_metrics_jsonl(run / "metrics.jsonl")] == [1, 2]
+    path = evaluate.plot_training_curves([run], tmp_path / "curves.png")
+    assert path is not None and path.stat().st_size > 0
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "metrics.jsonl").write_text("")
+    assert evaluate.plot_training_curves([empty], tmp_path / "none.png") is None
