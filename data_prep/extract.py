@@ -61,7 +61,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan = {"settings": settings, "fingerprint": fingerprint({"settings": settings, "videos": videos})}
     open_out_dir(out, plan, args.overwrite)
     workers = (os.cpu_count() or 1) if args.workers is None else args.workers
-    torch.set_num_threads(max(1, (os.cpu_count() or 1)))
 
     num_shards = -(-len(dataset) // args.shard_size)
     shards, made, kept, dropped = [], 0, 0, 0

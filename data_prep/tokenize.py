@@ -69,6 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-conditions", action="store_true", help="skip the cond.<task> codes")
     parser.add_argument("--frame-stride", type=int, default=1)
     parser.add_argument("--workers", type=int, default=None, help="decoding DataLoader workers (default: 2)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, all cores)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--overwrite", action="store_true", help="discard shards made with other settings")
     args = parser.parse_args(argv)
@@ -80,7 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not Path(args.manifest).is_file():
         raise UsageError(f"manifest not found: {args.manifest}")
     quiet_decoders()
-    torch.set_num_threads(os.cpu_count() or 1)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(args.tokenizer, args.device)
     config = tokenizer.config
     num_frames, size = config.num_frames, config.image_size

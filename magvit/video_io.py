@@ -127,7 +127,8 @@ def _read_pyav(path: Path, indices: Sequence[int] | None, max_frames: int | None
         if not container.streams.video:
             raise VideoReadError(path, "no video stream")
         stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
+        if not partial_ok:  # frame threading may report a late packet's error before earlier frames come out
+            stream.thread_type = "AUTO"
         fps = _stream_fps(stream)
         wanted = None if indices is None else [int(i) for i in indices]
         if wanted is not None:
@@ -314,6 +315,8 @@ def probe_video(path: str | os.PathLike, check: str = "first", backend: str = "a
                 height, width = decoded.shape[1:3]
         except Exception as err:
             reason = err.reason if isinstance(err, VideoReadError) else _short(err)
+            if not reason.startswith("truncated"):  # the headers were fine, the frames are not
+                reason = f"truncated or corrupt: {reason}"
             raise VideoReadError(path, reason + (f" ({'; '.join(errors)})" if errors else "")) from None
         if frames == 0:
             raise VideoReadError(path, "the video stream has no frames")

