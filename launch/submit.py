@@ -19,7 +19,9 @@ run directory continues the run (``--resume auto``) and is refused if the config
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import importlib
 import json
 import os
 import re
@@ -68,30 +70,45 @@ class _Parser(argparse.ArgumentParser):
 # Config
 # --------------------------------------------------------------------------------------------------------------
 def resolve_config(kind: str, config_path: str | os.PathLike, overrides: Sequence[str]) -> dict[str, Any]:
-    """The resolved training config of ``kind`` as a plain dict: what ``launch/train_<kind>.py`` would run with
-    ``--config config_path overrides...`` (model sections expanded from their presets). ``SubmitError`` on any
-    config mistake."""
+    """The resolved training config of ``kind`` as a plain dict: exactly what ``launch/train_<kind>.py`` runs
+    with ``--config config_path overrides...`` (its own ``load_config``). ``SubmitError`` on any config mistake."""
     from magvit.config import ConfigError
-    from magvit.training import TokenizerTrainConfig, TransformerTrainConfig, load_train_config
+    from magvit.training import UsageError
 
-    if kind == "tokenizer":
-        from magvit.discriminator import DiscriminatorConfig
-        from magvit.tokenizer import TokenizerConfig
-
-        config_cls, sections = TokenizerTrainConfig, {"model": TokenizerConfig, "discriminator": DiscriminatorConfig}
-    elif kind == "transformer":
-        from magvit.transformer import TransformerConfig
-
-        config_cls, sections = TransformerTrainConfig, {"model": TransformerConfig}
-    else:
+    if kind not in KINDS:
         raise SubmitError(f"unknown kind '{kind}'; expected one of {', '.join(KINDS)}")
     for word in overrides:
         if "=" not in word or word.startswith("-"):
             raise SubmitError(f"expected key.path=value, got '{word}'")
+    module_name = f"launch.{Path(KINDS[kind].train_script).stem}"
     try:
-        return load_train_config(config_cls, str(config_path), list(overrides), sections).to_dict()
-    except ConfigError as err:
+        load_config = importlib.import_module(module_name).load_config
+    except (ImportError, AttributeError) as err:
+        raise SubmitError(f"cannot read the {kind} config: {module_name}.load_config is unavailable ({err})") from None
+    # Relative paths in configs (data, DeepSpeed config) are read from the repository root, the job's working
+    # directory; the config file itself is found from where the command runs.
+    try:
+        with contextlib.chdir(ROOT):
+            return load_config(str(Path(config_path).resolve()), list(overrides)).to_dict()
+    except (ConfigError, UsageError) as err:
         raise SubmitError(str(err)) from None
+
+
+def check_paths(config: Mapping[str, Any], kind: str, root: Path = ROOT) -> list[str]:
+    """Warnings for data the job will not find (paths in configs are relative to the repository root, the job's
+    working directory). A missing DeepSpeed config is an error."""
+    def resolve(path: str) -> Path:
+        return Path(path) if Path(path).is_absolute() else root / path
+
+    ds_config = config.get("train", {}).get("deepspeed_config")
+    if ds_config and not resolve(ds_config).is_file():
+        raise SubmitError(f"DeepSpeed config not found: {ds_config} (train.deepspeed_config, relative to {root})")
+    data_key = "manifest" if kind == "tokenizer" else "tokens"
+    data_path = config.get("data", {}).get(data_key)
+    if data_path and not resolve(data_path).exists():
+        return [f"warning: data.{data_key} {data_path} does not exist here (relative to {root}); the job will fail "
+                "unless the compute nodes see it"]
+    return []
 
 
 def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
@@ -252,6 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           job_name=args.job_name, extra=tuple(args.sbatch_option))
     resources.validate()
     config = resolve_config(args.kind, config_path, args.overrides)
+    warnings = check_paths(config, args.kind)
     run_dir = Path(args.run_dir or Path("runs") / args.kind / config_path.stem).resolve()
     if re.search(r"[\s%]", str(run_dir)):
         raise SubmitError(f"run dir {run_dir} contains whitespace or '%', which SLURM log paths cannot hold")
@@ -259,6 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dry_run:
         print(script, end="")
         return 0
+    for line in warnings:
+        print(line, file=sys.stderr)
 
     slurm_dir = run_dir / "slurm"
     snapshot = slurm_dir / "config.yaml"

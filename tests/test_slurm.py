@@ -6,11 +6,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -22,47 +19,6 @@ from slurm_cluster import SlurmCluster, SlurmUnavailable  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
-
-# A stand-in for a training script that keeps the training contract where the batch scripts depend on it: rank
-# variables and rendezvous through torch.distributed (gloo), SIGUSR1/SIGTERM -> checkpoint + exit status 3,
-# --resume auto, metrics.jsonl. Each step sleeps so the test can preempt mid-run.
-CONTRACT_TRAINER = textwrap.dedent('''
-    import argparse, json, os, signal, sys, time
-    from pathlib import Path
-    import torch
-    import torch.distributed as dist
-
-    p = argparse.ArgumentParser()
-    p.add_argument("--config"); p.add_argument("--run-dir"); p.add_argument("--resume", default="never")
-    p.add_argument("overrides", nargs="*")
-    a = p.parse_args()
-    opts = dict(w.split("=", 1) for w in a.overrides)
-    max_steps, step_s = int(opts.get("train.max_steps", 10)), float(opts.get("step_seconds", 0.3))
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    dist.init_process_group("gloo", init_method=f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
-                            rank=rank, world_size=world)
-    got = []
-    for s in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(s, lambda n, f: got.append(n))
-    run = Path(a.run_dir); ckpt = run / "checkpoints" / "latest.json"
-    step = json.loads(ckpt.read_text())["step"] if a.resume == "auto" and ckpt.exists() else 0
-    print(f"rank {rank}/{world} local {os.environ['LOCAL_RANK']} resume_step {step}", flush=True)
-    seen = torch.tensor([float(rank)]); dist.all_reduce(seen)
-    assert seen.item() == world * (world - 1) / 2  # every rank joined the same group
-    while step < max_steps:
-        time.sleep(step_s); step += 1
-        if rank == 0:
-            with open(run / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"step": step, "world": world}) + "\\n")
-        stop = torch.tensor([1.0 if got else 0.0]); dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-        if stop.item() > 0:
-            break
-    if rank == 0:
-        ckpt.parent.mkdir(parents=True, exist_ok=True); ckpt.write_text(json.dumps({"step": step}))
-    dist.barrier(); dist.destroy_process_group()
-    sys.exit(3 if step < max_steps else 0)
-''')
-
 
 def _submit(capsys, *args: str) -> subprocess.CompletedProcess:
     """``python -m launch.submit ARGS`` in this process (imports once): status, stdout and stderr."""
@@ -113,7 +69,7 @@ def test_dry_run_prints_script_and_writes_nothing(capsys, tmp_path, tiny_config)
     run_dir = tmp_path / "run"
     proc = _submit(capsys, "tokenizer", "--config", str(tiny_config), "--nodes", "4", "--gpus-per-node", "8",
                    "--cpus-per-task", "6", "--time", "2-00:00:00", "--partition", "gpu", "--run-dir", str(run_dir),
-                   "--dry-run", "train.max_steps=3")
+                   "--sbatch-option=--qos=high", "--dry-run", "train.max_steps=3")
     assert proc.returncode == 0, proc.stderr
     options = re.findall(r"^#SBATCH --([\w-]+)(?:=(\S+))?$", proc.stdout, re.M)
     opts = dict(options)
@@ -122,19 +78,26 @@ def test_dry_run_prints_script_and_writes_nothing(capsys, tmp_path, tiny_config)
     assert opts["cpus-per-task"] == "6" and opts["time"] == "2-00:00:00" and opts["partition"] == "gpu"
     assert opts["signal"] == "USR1@120" and "requeue" in opts and opts["open-mode"] == "append"
     assert opts["output"] == f"{run_dir}/logs/%x-%j.out" and opts["error"] == f"{run_dir}/logs/%x-%j.err"
+    assert opts["qos"] == "high"
     assert f"--config {run_dir}/slurm/config.yaml --run-dir {run_dir}" in proc.stdout
     assert "launch/train_tokenizer.py" in proc.stdout and "train_job.sh" in proc.stdout
     assert not run_dir.exists()
 
 
 def test_dry_run_cpu_nodes_request_no_gpus(capsys, tmp_path):
+    tokens = tmp_path / "tokens"  # the transformer's config takes vocabulary and grid from the shards' meta.json
+    tokens.mkdir()
+    (tokens / "meta.json").write_text(json.dumps({"codebook_size": 64, "token_grid": [2, 4, 4], "classes": []}))
     cfg = tmp_path / "tr.yaml"
-    cfg.write_text("model:\n  preset: tiny\n")
+    cfg.write_text(f"model:\n  preset: tiny\ndata:\n  tokens: {tokens}\n")
     proc = _submit(capsys, "transformer", "--config", str(cfg), "--gpus-per-node", "0", "--ntasks-per-node", "2",
                    "--run-dir", str(tmp_path / "r"), "--dry-run")
     assert proc.returncode == 0, proc.stderr
     assert "--gpus-per-node" not in proc.stdout and "#SBATCH --ntasks-per-node=2" in proc.stdout
     assert "launch/train_transformer.py" in proc.stdout
+    proc = _submit(capsys, "transformer", "--config", str(cfg), "--run-dir", str(tmp_path / "r"), "--dry-run",
+                   f"data.tokens={tmp_path / 'missing'}")
+    assert proc.returncode == 2 and "token shards not found" in proc.stderr and proc.stderr.count("\n") == 1
 
 
 @pytest.mark.parametrize("args, message", [
@@ -157,9 +120,11 @@ def test_submit_writes_script_and_config_then_calls_sbatch(capsys, monkeypatch, 
     run_dir = tmp_path / "run"
     monkeypatch.setenv("PATH", f"{fake_sbatch}:{os.environ['PATH']}")
     args = ["tokenizer", "--config", str(tiny_config), "--gpus-per-node", "0", "--ntasks-per-node", "2",
-            "--cpus-per-task", "1", "--run-dir", str(run_dir), "train.max_steps=3", "data.batch_size=1"]
+            "--cpus-per-task", "1", "--run-dir", str(run_dir), f"data.manifest={tmp_path / 'm.jsonl'}",
+            "train.max_steps=3", "data.batch_size=1"]
     proc = _submit(capsys, *args)
     assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.startswith("warning: data.manifest")  # submitted anyway: compute nodes may see other disks
     assert "submitted job 4242" in proc.stdout
     script = run_dir / "slurm" / "job.sbatch"
     calls = (tmp_path / "sbatch_calls.txt").read_text().splitlines()
@@ -220,30 +185,88 @@ def _static_sbatch_args(run_dir: Path, job_name: str) -> list[str]:
             f"--error={run_dir}/logs/%x-%j.err"]
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The real tokenizer training under SLURM
+# ----------------------------------------------------------------------------------------------------------------
+TINY_TRAINING = ["data.num_frames=4", "data.image_size=16", "data.batch_size=1", "data.num_workers=0",
+                 "data.val_clips=0", "logging.log_every=1", "logging.tensorboard=false", "logging.progress=false"]
+
+
+@pytest.fixture(scope="module")
+def sample_manifest(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sample")
+    proc = subprocess.run([PYTHON, "-m", "data_prep.sample_data", "--out", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out / "manifest.jsonl"
+
+
+def _train_steps(run_dir: Path) -> list[int]:
+    """Steps of the per-step training records of metrics.jsonl, in file order."""
+    return [r["step"] for r in _read_metrics(run_dir) if "lr/generator" in r]
+
+
 @pytest.mark.slow
 @pytest.mark.slurm
-def test_requeue_mechanism_with_contract_trainer(cluster, tmp_path):
-    """The static batch script under sbatch flags: 2 ranks rendezvous through the exported variables; USR1 ->
-    checkpoint + status 3 -> the job requeues itself and resumes from the checkpoint."""
-    trainer = tmp_path / "trainer.py"
-    trainer.write_text(CONTRACT_TRAINER)
+def test_tokenizer_job_on_two_tasks_trains_and_exports(cluster, tmp_path, sample_manifest):
+    """`python -m launch.submit tokenizer` on the local cluster: a 2-task DeepSpeed job that finishes with a
+    complete checkpoint and exported EMA weights."""
     run_dir = tmp_path / "run"
-    job = cluster.sbatch(*_static_sbatch_args(run_dir, "contract"), str(ROOT / "launch" / "slurm" / "tokenizer.sbatch"),
-                         "--config", "unused.yaml", "--run-dir", str(run_dir), "train.max_steps=12",
-                         "step_seconds=0.4", cwd=ROOT,
-                         env={"MAGVIT_TRAIN_SCRIPT": str(trainer), "MAGVIT_PYTHON": PYTHON})
-    cluster.wait(lambda: any(r["step"] >= 2 for r in _read_metrics(run_dir)), 60,
-                 f"step 2 of job {job}{_job_logs(run_dir) if run_dir.exists() else ''}")
+    proc = subprocess.run(
+        [PYTHON, "-m", "launch.submit", "tokenizer", "--config", "configs/tokenizer/tiny.yaml", "--nodes", "1",
+         "--gpus-per-node", "0", "--ntasks-per-node", "2", "--cpus-per-task", "1", "--time", "10",
+         "--partition", "debug", "--run-dir", str(run_dir), f"data.manifest={sample_manifest}",
+         "train.max_steps=4", "checkpoint.every=2", *TINY_TRAINING],
+        cwd=ROOT, env=cluster.env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    job = int(re.search(r"submitted job (\d+)", proc.stdout).group(1))
+    info = cluster.wait_finished(job, 150)
+    logs = _job_logs(run_dir)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}{logs}"
+    assert _train_steps(run_dir) == [1, 2, 3, 4], logs
+    # Both ranks ran in one DeepSpeed world (rank logs from srun, WORLD_SIZE recorded by the trainer).
+    assert sorted(p.name for p in (run_dir / "logs").glob("*rank*.log")) == [
+        f"tokenizer-run-{job}-rank0.log", f"tokenizer-run-{job}-rank1.log"]
+    assert json.dumps({"WORLD_SIZE": "2", "SLURM_JOB_ID": str(job)}) in (run_dir / "command.txt").read_text()
+    latest = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert latest.name == "step_00000004" and (latest / "COMPLETE").exists()
+    assert len(list((latest / "generator").glob("zero_pp_rank_*_optim_states.pt"))) == 2  # one shard per rank
+    # The export is the EMA of the last checkpoint and loads as a tokenizer.
+    from safetensors.torch import load_file
+
+    from magvit.tokenizer import VideoTokenizer
+
+    ema, exported = load_file(latest / "ema.safetensors"), load_file(run_dir / "export" / "model.safetensors")
+    assert set(ema) <= set(exported) and all(ema[k].equal(exported[k]) for k in ema)
+    tokenizer = VideoTokenizer.from_pretrained(run_dir / "export")
+    assert tokenizer.config.num_frames == 4 and tokenizer.config.image_size == 16
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_preempted_tokenizer_job_requeues_and_resumes_from_checkpoint(cluster, tmp_path, sample_manifest):
+    """The batch script under plain sbatch flags; SIGUSR1 mid-training (what --signal=USR1@120 sends before the
+    time limit) -> checkpoint, status 3, self-requeue -> the restarted job resumes at that step and finishes."""
+    run_dir = tmp_path / "run"
+    max_steps = 16
+    job = cluster.sbatch(*_static_sbatch_args(run_dir, "tok-preempt"),
+                         str(ROOT / "launch" / "slurm" / "tokenizer.sbatch"),
+                         "--config", "configs/tokenizer/tiny.yaml", "--run-dir", str(run_dir),
+                         f"data.manifest={sample_manifest}", f"train.max_steps={max_steps}", "checkpoint.every=1000",
+                         *TINY_TRAINING, cwd=ROOT, env={"MAGVIT_PYTHON": PYTHON})
+    cluster.wait(lambda: len(_train_steps(run_dir)) >= 1, 150,
+                 f"the first training step of job {job}{_job_logs(run_dir)}")
     cluster.command("scancel", "--signal=USR1", str(job))
-    info = cluster.wait_finished(job, 90)
+    cluster.wait(lambda: cluster.job(job).get("Restarts") == "1", 60, f"job {job} to requeue{_job_logs(run_dir)}")
+    info = cluster.wait_finished(job, 150)
     logs = _job_logs(run_dir)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", f"{info}{logs}"
-    steps = [r["step"] for r in _read_metrics(run_dir)]
-    assert steps == list(range(1, 13)), f"steps {steps}{logs}"  # no step trained twice, none skipped
-    assert all(r["world"] == 2 for r in _read_metrics(run_dir))
-    rank_logs = {p.name: p.read_text() for p in (run_dir / "logs").glob("contract-*-rank*.log")}
-    assert sorted(rank_logs) == [f"contract-{job}-rank0.log", f"contract-{job}-rank1.log"]
-    resume_steps = [int(s) for s in re.findall(r"resume_step (\d+)", rank_logs[f"contract-{job}-rank0.log"])]
-    assert resume_steps[0] == 0 and len(resume_steps) == 2 and 2 <= resume_steps[1] < 12, rank_logs
-    batch_log = (run_dir / "logs" / f"contract-{job}.out").read_text()
-    assert "start 1:" in batch_log and "start 2:" in batch_log and "requeueing" in batch_log, batch_log
+    steps = _train_steps(run_dir)
+    assert steps == list(range(1, max_steps + 1)), f"steps {steps}{logs}"  # no step trained twice or skipped
+    rank0 = (run_dir / "logs" / f"tok-preempt-{job}-rank0.log").read_text()
+    saved = [int(s) for s in re.findall(r"checkpointing at step (\d+) and exiting with status 3", rank0)]
+    resumed = [int(s) for s in re.findall(r"resumed from \S+ \(step (\d+)", rank0)]
+    assert len(saved) == 1 and 1 <= saved[0] < max_steps and resumed == saved, logs
+    batch_log = (run_dir / "logs" / f"tok-preempt-{job}.out").read_text()
+    assert "start 1:" in batch_log and "requeueing" in batch_log and "start 2:" in batch_log, batch_log
+    assert "training finished" in batch_log, batch_log

@@ -1,8 +1,7 @@
 # Body shared by launch/slurm/tokenizer.sbatch and launch/slurm/transformer.sbatch (sourced, not run).
 #
 # Inputs (set by the sourcing batch script or the environment):
-#   TRAIN_SCRIPT     training entry point relative to the repository (launch/train_tokenizer.py, ...); the
-#                    .sbatch files take it from MAGVIT_TRAIN_SCRIPT when that is set (another entry point)
+#   TRAIN_SCRIPT     training entry point relative to the repository (launch/train_tokenizer.py, ...)
 #   MAGVIT_ROOT      repository root (default: the directory sbatch was called from)
 #   MAGVIT_PYTHON    interpreter (default: python on PATH, i.e. the environment sbatch was called from)
 #   "$@"             arguments of the training script: --config FILE [--run-dir DIR] [key.path=value ...]
