@@ -121,13 +121,13 @@ def iterative_decode(
     for step in tqdm(range(steps), desc="decoding", unit="step", disable=not progress, leave=False):
         masked = tokens == mask_token  # (B, L) still unknown
         logits = _guided_logits(logits_fn, tokens, uncond_tokens, generate, guidance_scale, codebook_size)
-        sampled = _sample(logits, temperature, top_k, generator)  # (B, L)
-        sampled = torch.where(masked, sampled, tokens)
+        proposal = _sample(logits, temperature, top_k, generator)  # (B, L) codebook ids everywhere
+        sampled = torch.where(masked, proposal, tokens)  # fixed / already revealed tokens stay
         num_masked = num_masked_after_step(num_unknown, step, steps, schedule)
         if num_masked == 0:
             tokens = sampled
         else:
-            log_probs = torch.log_softmax(logits, dim=-1).gather(-1, sampled.unsqueeze(-1)).squeeze(-1)  # (B, L)
+            log_probs = torch.log_softmax(logits, dim=-1).gather(-1, proposal.unsqueeze(-1)).squeeze(-1)  # (B, L)
             anneal = choice_temperature * (1.0 - (step + 1) / steps)
             confidence = log_probs + anneal * _gumbel(log_probs.shape, generator, log_probs.device)
             confidence = confidence.masked_fill(~masked, float("inf"))  # known tokens are never re-masked

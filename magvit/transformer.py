@@ -43,7 +43,7 @@ class TransformerConfig(Config):
     attn_implementation: str = "sdpa"
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
-        "tiny": dict(codebook_size=64, token_grid=(2, 4, 4), hidden_size=64, num_layers=2, num_heads=2,
+        "tiny": dict(codebook_size=64, token_grid=(4, 8, 8), hidden_size=64, num_layers=2, num_heads=2,
                      intermediate_size=256),
         "B": dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072),
         "L": dict(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096),

@@ -77,6 +77,7 @@ def test_reveals_per_schedule_and_never_leaves_masks(schedule):
 def test_fixed_tokens_never_altered_and_only_codebook_sampled():
     truth, start = _problem()
     start[:, 100:120] = 3  # fixed tokens in the middle too
+    start[:, 0] = V + 2  # and special (non-codebook) tokens, like the task and class tokens
 
     def wants_special(tokens):  # a model that prefers special tokens and wrong codes everywhere
         logits = torch.zeros(*tokens.shape, VOCAB)

@@ -29,7 +29,7 @@ def test_forward_shapes_and_bert_structure():
     model = MaskedVideoTransformer(config).eval()
     vocab = config.vocab
     assert config.vocab_size == vocab.size == 64 + 3 + 9 + 5
-    assert config.max_length == 2 + 2 * 32
+    assert config.max_length == 2 + 2 * 256
     ids = torch.randint(0, vocab.size, (3, config.max_length))
     logits = model(ids)
     assert logits.shape == (3, config.max_length, vocab.size)
@@ -70,5 +70,5 @@ def test_bad_config_and_input():
     with pytest.raises(ConfigError, match="token_grid"):
         TransformerConfig.preset("tiny", token_grid=(0, 4, 4))
     model = MaskedVideoTransformer(TransformerConfig.preset("tiny"))
-    with pytest.raises(ValueError, match=r"L <= 66"):
-        model(torch.zeros(1, 67, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"L <= 514"):
+        model(torch.zeros(1, 515, dtype=torch.long))

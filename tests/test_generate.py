@@ -1,0 +1,201 @@
+"""``python -m magvit.generate``: CLI outputs and user errors, sketch conditioning end to end, and frame prediction
+on real footage against a copy-the-first-frame baseline."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import load_real_clip
+from magvit import MaskedVideoTransformer, TokenizerConfig, TransformerConfig, VideoTokenizer
+from magvit.generate import generate, main
+from magvit.masking import build_condition_video, make_training_batch, masked_token_loss
+from magvit.video_io import read_video, write_image, write_video
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, real_video_path):
+    """Saved tiny tokenizer + transformers (random weights) and condition files written from real footage."""
+    root = tmp_path_factory.mktemp("generate")
+    torch.manual_seed(0)
+    VideoTokenizer(TokenizerConfig.preset("tiny")).save_pretrained(root / "tokenizer")
+    MaskedVideoTransformer(TransformerConfig.preset("tiny", num_classes=3)).save_pretrained(root / "transformer")
+    MaskedVideoTransformer(TransformerConfig.preset("tiny", token_grid=(2, 8, 8))).save_pretrained(root / "grid")
+    MaskedVideoTransformer(TransformerConfig.preset("tiny", codebook_size=128)).save_pretrained(root / "codebook")
+    clip = load_real_clip(real_video_path, num_frames=10, size=48)[0]  # (3, 10, 48, 48): cropped to 32 by the CLI
+    write_video(root / "clip.mp4", clip, fps=12.5)
+    write_video(root / "short.mp4", clip[:, :3], fps=12.5)
+    write_image(root / "frame.png", clip[:, 0])
+    (root / "broken.mp4").write_bytes(b"this is not a video" * 10)
+    return root
+
+
+def _cli(models: Path, *args: str) -> list[str]:
+    return ["--tokenizer", str(models / "tokenizer"), "--transformer", str(models / "transformer"), *args]
+
+
+def test_cli_frame_prediction_from_an_image(models, tmp_path, capsys):
+    out = tmp_path / "gen.mp4"
+    assert main(_cli(models, "--cond", str(models / "frame.png"), "--out", str(out), "--steps", "4",
+                     "--strip", str(tmp_path / "strip.png"))) == 0
+    frames, fps = read_video(out)
+    assert frames.shape == (8, 32, 32, 3)  # the tokenizer's clip size
+    assert fps == pytest.approx(8.0)  # an image has no frame rate: the default
+    strip, _ = read_video(tmp_path / "strip.png")
+    assert strip.shape[1] == 2 + 2 * (32 + 2)  # two rows: condition | generated
+    assert "generated 1 video(s)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("task", ["interpolation", "outpaint", "inpaint", "sketch", "class", "unconditional"])
+def test_cli_tasks_write_videos_at_the_input_fps(models, tmp_path, task):
+    out = tmp_path / "gen.mp4"
+    extra = ["--class-id", "2"] if task == "class" else []
+    assert main(_cli(models, "--cond", str(models / "clip.mp4"), "--task", task, "--out", str(out), "--steps", "3",
+                     "--num-samples", "2", "--guidance-scale", "1.5", *extra)) == 0
+    for i in range(2):
+        frames, fps = read_video(tmp_path / f"gen_{i}.mp4")
+        assert frames.shape == (8, 32, 32, 3)
+        # class / unconditional samples have no input video: the default frame rate
+        assert fps == pytest.approx(8.0 if task in ("class", "unconditional") else 12.5)
+
+
+def test_cli_same_seed_same_video(models, tmp_path):
+    outs = [tmp_path / "a.mp4", tmp_path / "b.mp4"]
+    for out in outs:
+        assert main(_cli(models, "--cond", str(models / "clip.mp4"), "--out", str(out), "--seed", "3",
+                         "--steps", "2")) == 0
+    assert torch.equal(read_video(outs[0]).frames, read_video(outs[1]).frames)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--cond", "{m}/missing.mp4"], "no such file"),
+        (["--cond", "{m}/broken.mp4"], "broken.mp4"),
+        (["--cond", "{m}/frame.png", "--task", "interpolation"], "first and a last frame"),
+        (["--cond", "{m}/short.mp4", "--task", "outpaint"], "needs a clip of 8 frames"),
+        (["--cond", "{m}/frame.png", "--cond-frames", "2"], "needs at least 2 frame"),
+        (["--task", "frame_prediction"], "needs --cond"),
+        (["--task", "class"], "needs --class-id"),
+        (["--task", "class", "--class-id", "7"], "class id 7 out of range"),
+        (["--cond", "{m}/clip.mp4", "--transformer", "{m}/grid"], "token grid"),
+        (["--cond", "{m}/clip.mp4", "--transformer", "{m}/codebook"], "codebook size"),
+        (["--cond", "{m}/clip.mp4", "--transformer", "{m}/nothing"], "cannot load the transformer"),
+        (["--cond", "{m}/clip.mp4", "--transformer", "{m}/tokenizer"], "'video_tokenizer' checkpoint"),
+        (["--cond", "{m}/clip.mp4", "--tokenizer", "{m}/nothing"], "cannot load the tokenizer"),
+        (["--cond", "{m}/clip.mp4", "--out", "{m}/gen.avi"], "--out must end in"),
+        (["--cond", "{m}/clip.mp4", "--out", "{m}/clip.mp4"], "exists; pass --overwrite"),
+        (["--cond", "{m}/clip.mp4", "--steps", "0"], "--steps must be >= 1"),
+    ],
+)
+def test_cli_user_errors_one_line_exit_2(models, capsys, args, message):
+    args = [a.replace("{m}", str(models)) for a in args]
+    before = (models / "clip.mp4").read_bytes()
+    assert main(_cli(models, "--out", str(models / "unused.mp4"), *args)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+    assert "Traceback" not in err
+    assert (models / "clip.mp4").read_bytes() == before  # nothing overwritten
+    assert not (models / "unused.mp4").exists()
+
+
+def test_cli_subprocess_default_checkpoint_missing(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "magvit.generate", "--cond", "nothing.png"], cwd=tmp_path,
+                            capture_output=True, text=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin"})
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    help_text = subprocess.run([sys.executable, "-m", "magvit.generate", "--help"], cwd=tmp_path,
+                               capture_output=True, text=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin"})
+    assert help_text.returncode == 0 and "runs/demo/transformer/export" in help_text.stdout
+
+
+# --- trained tiny models on real footage -----------------------------------------------------------------------------
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (10 * torch.log10(4.0 / F.mse_loss(a, b))).item()  # values in [-1, 1]: peak-to-peak 2
+
+
+@pytest.fixture(scope="module")
+def real_clip_8(real_video_path) -> torch.Tensor:
+    """(1, 3, 8, 32, 32): every other frame, so that the scene moves (copying frame 0 is ~14 dB)."""
+    return load_real_clip(real_video_path, num_frames=8, size=32, start=40, stride=2)
+
+
+@pytest.fixture(scope="module")
+def trained_tokenizer(real_clip_8) -> VideoTokenizer:
+    torch.manual_seed(0)
+    tokenizer = VideoTokenizer(TokenizerConfig.preset("tiny"))
+    opt = torch.optim.Adam(tokenizer.parameters(), lr=3e-3)
+    for _ in range(60):
+        reconstruction, stats = tokenizer(real_clip_8)
+        loss = F.mse_loss(reconstruction, real_clip_8) + stats["quantizer_loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return tokenizer.eval()
+
+
+def _train_transformer(batch: dict, tasks: list[str], steps: int) -> MaskedVideoTransformer:
+    torch.manual_seed(0)
+    model = MaskedVideoTransformer(TransformerConfig.preset("tiny", dropout=0.0, attention_dropout=0.0))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        ids, labels, weights = make_training_batch(batch, model.vocab, tasks=tasks, cond_dropout_prob=0.0,
+                                                   generator=generator)
+        loss = masked_token_loss(model(ids), labels, weights, model.config.codebook_size)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.mark.slow
+def test_frame_prediction_beats_copying_the_first_frame(real_clip_8, trained_tokenizer):
+    clip, tokenizer = real_clip_8, trained_tokenizer
+    with torch.no_grad():
+        codes = tokenizer.encode(clip)
+        condition = build_condition_video(clip, "frame_prediction")  # first frame, repeated
+        cond_codes = tokenizer.encode(condition)
+    batch = {"codes": codes.repeat(4, 1, 1, 1), "cond.frame_prediction": cond_codes.repeat(4, 1, 1, 1)}
+    transformer = _train_transformer(batch, ["frame_prediction"], steps=100)
+    predicted = generate(tokenizer, transformer, "frame_prediction", condition[0], temperature=0.0, seed=0)
+    later = slice(1, None)  # frames 1..7 are predicted from frame 0
+    psnr_model = _psnr(predicted[:, :, later], clip[:, :, later])
+    psnr_copy = _psnr(clip[:, :, :1].expand_as(clip[:, :, later]), clip[:, :, later])
+    print(f"frame prediction PSNR: model {psnr_model:.2f} dB, copy-first-frame {psnr_copy:.2f} dB")
+    assert psnr_model > psnr_copy + 3.0
+
+
+@pytest.mark.slow
+def test_sketch_conditioning_end_to_end(real_video_path, trained_tokenizer):
+    from data_prep.sketch import sketch_video
+
+    videos = torch.cat([load_real_clip(real_video_path, num_frames=8, size=32, start=s, stride=2) for s in (40, 160)])
+    sketches = sketch_video(videos)  # (2, 3, 8, 32, 32) edges in {-1, 1}
+    with torch.no_grad():
+        codes = trained_tokenizer.encode(videos)
+        sketch_codes = trained_tokenizer.encode(sketches)
+    assert not torch.equal(sketch_codes[0], sketch_codes[1])
+    batch = {"codes": codes.repeat(2, 1, 1, 1), "sketch_codes": sketch_codes.repeat(2, 1, 1, 1)}
+    transformer = _train_transformer(batch, ["sketch"], steps=100)
+    from magvit.generate import generate_codes
+
+    accuracy = torch.zeros(2, 2)  # [sketch given, video compared]
+    for i in range(2):
+        out = generate_codes(transformer, "sketch", sketch_codes[i : i + 1], temperature=0.0, seed=0)
+        for j in range(2):
+            accuracy[i, j] = (out[0] == codes[j]).float().mean()
+    # each sketch yields its own video's tokens, not the other one's
+    assert accuracy[0, 0] > 0.9 and accuracy[1, 1] > 0.9
+    assert accuracy[0, 1] < accuracy[0, 0] - 0.3 and accuracy[1, 0] < accuracy[1, 1] - 0.3
+    videos_out = generate(trained_tokenizer, transformer, "sketch", sketches[0], temperature=0.0, seed=0)
+    assert videos_out.shape == (1, 3, 8, 32, 32)
