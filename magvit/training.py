@@ -38,13 +38,18 @@ class DataConfig(Config):
     tokens: str = "data/sample/tokens"  # transformer: token shard directory
     num_frames: int = 16
     image_size: int = 64
+    frame_stride: int = 1
+    clips_per_video: int = 1  # clips drawn from each video per epoch (small data sets: > 1)
+    hflip: bool = True
     batch_size: int = 2
     num_workers: int = 2
     val_clips: int = 4  # validation clips reconstructed / evaluated at each sample step
 
     def __post_init__(self):
-        if self.batch_size < 1 or self.num_frames < 1 or self.image_size < 1 or self.num_workers < 0:
-            raise ValueError("data: batch_size, num_frames, image_size must be >= 1 and num_workers >= 0")
+        if min(self.batch_size, self.num_frames, self.image_size, self.frame_stride, self.clips_per_video) < 1:
+            raise ValueError("data: batch_size, num_frames, image_size, frame_stride, clips_per_video must be >= 1")
+        if self.num_workers < 0 or self.val_clips < 0:
+            raise ValueError("data: num_workers and val_clips must be >= 0")
 
 
 @dataclasses.dataclass
@@ -76,6 +81,7 @@ class TrainConfig(Config):
     deepspeed_config: str = "configs/deepspeed/zero2.json"
     zero_stage: int | None = None  # overrides the stage of the DeepSpeed config when set
     ema_decay: float = 0.999
+    ema_warmup: bool = True  # effective decay min(ema_decay, (1 + n) / (10 + n)) after n updates
     max_nonfinite_steps: int = 20  # that many non-finite losses in a row stop the run
 
     def __post_init__(self):
@@ -107,7 +113,7 @@ class CheckpointConfig(Config):
 class TokenizerLossConfig(Config):
     """Generator/discriminator objective of MAGVIT (reconstruction + quantizer + perceptual + GAN)."""
 
-    recon_loss: Literal["l1", "l2"] = "l2"
+    recon_loss: Literal["mse", "l1"] = "mse"
     recon_weight: float = 1.0
     perceptual_weight: float = 0.0  # > 0 needs perceptual_model (a local weights path)
     perceptual_model: str = ""
@@ -136,11 +142,23 @@ class TokenizerTrainConfig(Config):
 
 
 @dataclasses.dataclass
+class MaskingConfig(Config):
+    """Options of ``masking.make_training_batch`` and ``masking.masked_token_loss``."""
+
+    tasks: list[str] | None = None  # None: every task the token shards support
+    schedule: str = "cosine"
+    cond_dropout_prob: float = 0.1  # classifier-free guidance: drop the condition / class
+    unmasked_weight: float = 1.0  # loss weight of the visible video tokens (masked ones weigh 1)
+    label_smoothing: float = 0.0
+
+
+@dataclasses.dataclass
 class TransformerTrainConfig(Config):
-    """``configs/transformer/*.yaml``. ``masking``: keyword options of ``masking.make_training_batch``."""
+    """``configs/transformer/*.yaml``. ``model``: a ``preset`` plus overrides; its ``codebook_size``,
+    ``token_grid`` and ``num_classes`` follow the token shards."""
 
     model: dict[str, Any] = dataclasses.field(default_factory=lambda: {"preset": "tiny"})
-    masking: dict[str, Any] = dataclasses.field(default_factory=dict)
+    masking: MaskingConfig = dataclasses.field(default_factory=MaskingConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(lr=1e-4, beta1=0.9, beta2=0.96,
                                                                              weight_decay=0.045))
@@ -274,22 +292,31 @@ def build_adam(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Optimi
 class EMA:
     """Exponential moving average of a module's parameters, kept in fp32: ``shadow = d * shadow + (1 - d) * p``.
 
-    The caller makes full parameters visible during ``update`` (ZeRO-3: ``distributed.gathered_parameters``).
+    With ``warmup`` the decay after ``n`` updates is ``min(decay, (1 + n) / (10 + n))``, so short runs are not
+    dominated by the initial weights. The caller makes full parameters visible during ``update`` (ZeRO-3:
+    ``distributed.gathered_parameters``).
     """
 
-    def __init__(self, model: torch.nn.Module, decay: float):
+    def __init__(self, model: torch.nn.Module, decay: float, warmup: bool = False):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay = decay
+        self.warmup = warmup
         self.num_updates = 0
         self.shadow: dict[str, torch.Tensor] = {
             name: p.detach().float().clone() for name, p in model.named_parameters()}
 
+    def current_decay(self) -> float:
+        if self.warmup:
+            return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        return self.decay
+
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
+        decay = self.current_decay()
         for name, p in model.named_parameters():
             shadow = self.shadow[name]
-            shadow.lerp_(p.detach().to(shadow.device, torch.float32), 1.0 - self.decay)
+            shadow.lerp_(p.detach().to(shadow.device, torch.float32), 1.0 - decay)
         self.num_updates += 1
 
     @torch.no_grad()

@@ -85,6 +85,21 @@ def test_ema_matches_closed_form_and_round_trips():
         T.EMA(torch.nn.Linear(3, 3, bias=False), 0.9).load_state_dict(ema.state_dict())
 
 
+def test_ema_warmup_decay_known_values():
+    net = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        net.weight.fill_(0.0)
+    ema = T.EMA(net, decay=0.999, warmup=True)
+    assert ema.current_decay() == pytest.approx(0.1)  # (1 + 0) / (10 + 0)
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    ema.update(net)  # shadow = 0.1 * 0 + 0.9 * 1
+    assert ema.shadow["weight"].item() == pytest.approx(0.9)
+    assert ema.current_decay() == pytest.approx(2 / 11)
+    ema.num_updates = 10**6
+    assert ema.current_decay() == 0.999
+
+
 def test_nonfinite_guard_skips_and_stops():
     guard = T.NonFiniteGuard(max_consecutive=3)
     assert guard.check(1.0, step=0)

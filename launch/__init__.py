@@ -1,0 +1,1 @@
+"""Training entry points (``train_tokenizer.py``, ``train_transformer.py``) and job submission helpers."""

@@ -1,0 +1,410 @@
+"""Train the MAGVIT video tokenizer (generator) against a 3D discriminator with DeepSpeed.
+
+    deepspeed --num_accelerators 2 launch/train_tokenizer.py --config configs/tokenizer/tiny.yaml \\
+        [--deepspeed_config configs/deepspeed/zero2.json] [--run-dir DIR] [--resume auto] [key.path=value ...]
+
+Also runs under ``torchrun``, ``srun`` (one process per task) and as plain ``python`` (one process).
+
+Generator and discriminator are two DeepSpeed engines with their own torch Adam optimizers (beta1 = 0,
+beta2 = 0.99 as MAGVIT) and LR schedules. Each optimizer step is ``generator_step`` (reconstruction + quantizer +
+perceptual + weighted GAN loss) followed, once the discriminator has started, by ``discriminator_step`` (GAN loss
+on real vs. reconstructed clips + optional R1 and LeCam). The exported weights (``RUN_DIR/export``) are the EMA of
+the generator. SIGTERM/SIGUSR1 finish the step, checkpoint and exit with status 3.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+if __package__ in (None, ""):  # `python launch/train_tokenizer.py` / the deepspeed launcher: make magvit importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from magvit import distributed as dist
+from magvit.checkpoint import CheckpointManager, export_ema, latest_checkpoint, seed_everything
+from magvit.training import (EMA, BatchStream, MetricsLogger, NonFiniteGuard, NonFiniteLossError,
+                             ResumableDistributedSampler, TokenizerTrainConfig, UsageError, WarmupCosineSchedule,
+                             build_adam, build_arg_parser, load_train_config, parse_args, run_cli, setup_run_dir)
+
+DEFAULT_CONFIG = "configs/tokenizer/tiny.yaml"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------------------------
+def load_config(config_path: str, overrides: Sequence[str], deepspeed_config: str | None = None
+                ) -> TokenizerTrainConfig:
+    """The resolved training config. The clip size of the model and discriminator follows ``data``
+    (``num_frames``, ``image_size``); a size that does not fit either network is a ``ConfigError``."""
+    from magvit.config import ConfigError
+    from magvit.discriminator import DiscriminatorConfig
+    from magvit.tokenizer import TokenizerConfig
+
+    sections = {"model": TokenizerConfig, "discriminator": DiscriminatorConfig}
+    cfg = load_train_config(TokenizerTrainConfig, config_path, overrides, sections, deepspeed_config)
+    clip = {"num_frames": cfg.data.num_frames, "image_size": cfg.data.image_size}
+    cfg = cfg.replace(model={**cfg.model, **clip}, discriminator={**cfg.discriminator, **clip})
+    for name, cls in sections.items():
+        try:
+            cls.from_dict(getattr(cfg, name))
+        except ConfigError as err:
+            raise ConfigError(f"{name} (with data.num_frames/image_size): {err}") from None
+    if cfg.loss.perceptual_weight > 0 and not cfg.loss.perceptual_model:
+        raise ConfigError("loss.perceptual_weight > 0 needs loss.perceptual_model (a local ResNet-50 folder)")
+    return cfg
+
+
+def precision_context(precision: str, device: torch.device):
+    """``torch.autocast`` for ``autocast-bf16``; DeepSpeed handles ``bf16`` (bf16 weights) itself."""
+    if precision == "autocast-bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class LastLayerInput:
+    """Keeps the input of the decoder's last conv from the latest forward (for the adaptive GAN weight)."""
+
+    def __init__(self, layer: torch.nn.Module):
+        self.value: torch.Tensor | None = None
+        self.handle = layer.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output) -> None:
+        self.value = inputs[0].detach()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The two steps
+# --------------------------------------------------------------------------------------------------------------
+def generator_step(g_engine, discriminator: torch.nn.Module, video: torch.Tensor, step: int,
+                   cfg: TokenizerTrainConfig, perceptual, guard: NonFiniteGuard, autocast,
+                   last_input: LastLayerInput | None) -> tuple[dict[str, float], torch.Tensor] | None:
+    """One generator micro-step on ``video`` (B, 3, T, H, W). Returns (metrics, reconstruction detached), or None
+    when a non-finite loss on any rank made every rank skip it.
+
+    The pixel-space losses are evaluated on a detached copy of the reconstruction, and their gradient with respect
+    to it is pushed into the generator with ``engine.backward(<recon, dL/drecon> + quantizer_loss)``: the same
+    parameter gradients as back-propagating the loss itself, but the discriminator's parameters never receive
+    gradients and the adaptive GAN weight needs no extra pass through the engine's backward hooks (gradient norms
+    at the decoder's last layer come from re-running that one conv on its saved input).
+    """
+    from magvit import losses
+
+    lc = cfg.loss
+    with autocast:
+        recon, stats = g_engine(video)  # (B, 3, T, H, W), {"quantizer_loss": scalar, ...}
+    recon_leaf = recon.detach().requires_grad_(True)
+    rec = losses.reconstruction_loss(video, recon_leaf, lc.recon_loss)
+    nll = lc.recon_weight * rec
+    metrics: dict[str, float] = {"g/recon": rec.item()}
+    if lc.perceptual_weight > 0:
+        with autocast:
+            perc = perceptual(video, recon_leaf)
+        nll = nll + lc.perceptual_weight * perc.float()
+        metrics["g/perceptual"] = perc.item()
+    (grad,) = torch.autograd.grad(nll, recon_leaf)  # (B, 3, T, H, W)
+    loss = nll.detach() + stats["quantizer_loss"].detach().float()
+    if losses.discriminator_active(step, lc.disc_start):
+        with autocast:
+            fake_logits = discriminator(recon_leaf)  # (B,)
+        g_gan = losses.generator_loss(fake_logits, lc.gan_loss)
+        (gan_grad,) = torch.autograd.grad(g_gan, recon_leaf)
+        if lc.adaptive_gan_weight and last_input is not None:
+            last_layer = g_engine.module.decoder.conv_out
+            with autocast:
+                out = last_layer(last_input.value)  # recon again, as a function of the last layer only
+            weight = lc.gan_weight * losses.adaptive_gan_weight(
+                (out.float() * grad.float()).sum(), (out.float() * gan_grad.float()).sum(), last_layer.weight)
+        else:
+            weight = torch.tensor(float(lc.gan_weight))
+        grad = grad + weight.to(gan_grad) * gan_grad
+        loss = loss + weight.float() * g_gan.detach()
+        metrics.update({"g/gan": g_gan.item(), "g/gan_weight": float(weight)})
+    metrics["g/loss"] = loss.item()
+    for key, value in stats.items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            metrics[f"quantizer/{key}"] = value.item()
+    if not guard.check(metrics["g/loss"], step, dist.all_reduce_max):
+        return None
+    surrogate = (recon.float() * grad.float()).sum() + stats["quantizer_loss"].float()
+    g_engine.backward(surrogate)
+    g_engine.step()
+    return metrics, recon.detach()
+
+
+def discriminator_step(d_engine, video: torch.Tensor, recon: torch.Tensor, step: int, cfg: TokenizerTrainConfig,
+                       lecam, guard: NonFiniteGuard, autocast) -> dict[str, float] | None:
+    """One discriminator micro-step: real ``video`` vs. the generator's ``recon`` (both (B, 3, T, H, W)).
+    Returns metrics, or None when skipped for a non-finite loss."""
+    from magvit import losses
+
+    lc = cfg.loss
+    real = video.detach().requires_grad_(lc.r1_weight > 0)
+    with autocast:
+        logits = d_engine(torch.cat([real, recon.detach().to(real.dtype)]))  # (2B,): one pass for both halves
+    real_logits, fake_logits = logits.chunk(2)
+    d_gan = losses.discriminator_loss(real_logits, fake_logits, lc.gan_loss)
+    loss = d_gan
+    metrics = {"d/gan": d_gan.item(), "d/real_logits": real_logits.float().mean().item(),
+               "d/fake_logits": fake_logits.float().mean().item()}
+    if lc.r1_weight > 0:
+        r1 = losses.r1_penalty(real_logits, real)
+        loss = loss + 0.5 * lc.r1_weight * r1
+        metrics["d/r1"] = r1.item()
+    if lc.lecam_weight > 0:
+        reg = lecam(real_logits, fake_logits)
+        loss = loss + lc.lecam_weight * reg
+        metrics["d/lecam"] = reg.item()
+    metrics["d/loss"] = loss.item()
+    if not guard.check(metrics["d/loss"], step, dist.all_reduce_max):
+        return None
+    d_engine.backward(loss)
+    d_engine.step()
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Validation samples and export (rank 0, EMA weights in a plain copy: no collectives)
+# --------------------------------------------------------------------------------------------------------------
+def ema_copy(model_cfg, ema: EMA, live: torch.nn.Module) -> torch.nn.Module:
+    """A plain fp32 tokenizer with the EMA weights and the live model's buffers (e.g. codebook statistics)."""
+    from magvit.tokenizer import VideoTokenizer
+
+    with torch.random.fork_rng(devices=[]):  # building it must not move the training RNG (exact resume)
+        model = VideoTokenizer(model_cfg)
+    buffers = dict(live.named_buffers())
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name in buffers and buffers[name].shape == buf.shape:
+                buf.copy_(buffers[name].detach().to("cpu", buf.dtype))
+    ema.copy_to(model)
+    return model.eval()
+
+
+@torch.no_grad()
+def validate(model: torch.nn.Module, val_videos: torch.Tensor, samples_dir: Path, step: int,
+             fps: float) -> dict[str, float]:
+    """Reconstruct the validation clips (V, 3, T, H, W); write ``step_XXXXXXXX.mp4`` (real | reconstruction side
+    by side, clips one after another) and a PNG grid (rows: real, reconstruction, ...). Returns PSNR."""
+    from magvit.metrics import video_psnr
+    from magvit.video_io import save_frame_grid, write_video
+
+    recon = model(val_videos)[0].float().clamp(-1, 1)
+    psnr = video_psnr(recon, val_videos).mean().item()
+    pairs = torch.cat([val_videos, recon], dim=-1)  # (V, 3, T, H, 2W)
+    movie = torch.cat(list(pairs), dim=1)  # (3, V*T, H, 2W)
+    write_video(samples_dir / f"step_{step:08d}.mp4", movie, fps=fps)
+    rows = [v for pair in zip(val_videos, recon) for v in pair]
+    save_frame_grid(samples_dir / f"step_{step:08d}.png", rows)
+    return {"val/psnr": psnr}
+
+
+def load_val_videos(cfg: TokenizerTrainConfig, num: int) -> torch.Tensor:
+    """The first ``num`` validation clips (center crops); the train split if the manifest has no val records."""
+    from magvit.data import ClipDataset
+
+    d = cfg.data
+    kwargs = dict(num_frames=d.num_frames, image_size=d.image_size, frame_stride=d.frame_stride, seed=cfg.train.seed)
+    dataset = ClipDataset(d.manifest, "val", **kwargs)
+    if len(dataset) == 0:
+        dataset = ClipDataset(d.manifest, "train", random_start=False, random_crop=False, **kwargs)
+    items = [dataset[i]["video"] for i in range(min(num, len(dataset)))]
+    return torch.stack(items) if items else torch.empty(0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_arg_parser(__doc__.split("\n")[0], DEFAULT_CONFIG)
+    args = parse_args(parser, argv)
+    cfg = load_config(args.config, args.overrides, args.deepspeed_config)
+    try:
+        ds_base = dist.load_deepspeed_config(cfg.train.deepspeed_config)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if not Path(cfg.data.manifest).is_file():
+        raise UsageError(f"manifest not found: {cfg.data.manifest} (make one with `python -m data_prep.sample_data "
+                         f"--out data/sample` or set data.manifest=...)")
+    run_dir = Path(args.run_dir or Path("runs") / "tokenizer" / Path(args.config).stem)
+    return train(cfg, ds_base, run_dir, resume=args.resume == "auto", argv=sys.argv if argv is None else argv)
+
+
+def train(cfg: TokenizerTrainConfig, ds_base: dict[str, Any], run_dir: Path, resume: bool,
+          argv: Sequence[str]) -> int:
+    from magvit.data import ClipDataset
+    from magvit.discriminator import Discriminator, DiscriminatorConfig
+    from magvit.losses import LeCamRegularizer, PerceptualLoss
+    from magvit.tokenizer import TokenizerConfig, VideoTokenizer
+
+    env = dist.init_distributed()
+    rank, world = env.rank, env.world_size
+    log = dist.rank_zero_logger("magvit.train_tokenizer", rank)
+    device = dist.device()
+    tc = cfg.train
+    ds_config = dist.make_deepspeed_config(ds_base, micro_batch_size=cfg.data.batch_size,
+                                           grad_accum_steps=tc.grad_accum_steps, grad_clip=cfg.optim.grad_clip,
+                                           precision=tc.precision, zero_stage=tc.zero_stage, world_size=world)
+    stage = ds_config["zero_optimization"]["stage"]
+    if rank == 0:
+        setup_run_dir(run_dir, cfg, ds_config, argv)
+    dist.barrier()
+
+    # --- networks: identical initial weights on every rank, then per-rank randomness ---------------------------
+    seed_everything(tc.seed)
+    model_cfg = TokenizerConfig.from_dict(cfg.model)
+    generator = VideoTokenizer(model_cfg)
+    discriminator = Discriminator(DiscriminatorConfig.from_dict(cfg.discriminator))
+    ema = EMA(generator, tc.ema_decay, warmup=tc.ema_warmup)  # fp32 full copy, before ZeRO partitions anything
+    perceptual = PerceptualLoss(cfg.loss.perceptual_model or None).to(device)
+    lecam = LeCamRegularizer(cfg.loss.lecam_decay).to(device)
+    seed_everything(tc.seed + rank)
+
+    g_opt = build_adam(generator, cfg.optim)
+    d_opt = build_adam(discriminator, cfg.disc_optim)
+    g_sched = WarmupCosineSchedule(g_opt, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
+    d_sched = WarmupCosineSchedule(d_opt, tc.warmup_steps, max(1, tc.max_steps - cfg.loss.disc_start),
+                                   tc.min_lr_ratio)
+    g_engine = dist.build_engine(generator, g_opt, ds_config, g_sched)
+    d_engine = dist.build_engine(discriminator, d_opt, ds_config, d_sched)
+    engines = {"generator": g_engine, "discriminator": d_engine}
+    dtype = torch.bfloat16 if tc.precision == "bf16" else torch.float32
+    autocast = precision_context(tc.precision, device)
+    last_input = LastLayerInput(g_engine.module.decoder.conv_out) if cfg.loss.adaptive_gan_weight else None
+
+    # --- data ----------------------------------------------------------------------------------------------------
+    d = cfg.data
+    train_set = ClipDataset(d.manifest, "train", num_frames=d.num_frames, image_size=d.image_size,
+                            frame_stride=d.frame_stride, hflip=d.hflip, seed=tc.seed, clips_per_video=d.clips_per_video)
+    sampler = ResumableDistributedSampler(len(train_set), rank, world, d.batch_size, seed=tc.seed)
+
+    def make_loader(s):
+        return torch.utils.data.DataLoader(train_set, batch_size=d.batch_size, sampler=s, drop_last=True,
+                                           num_workers=d.num_workers, pin_memory=device.type == "cuda",
+                                           generator=torch.Generator().manual_seed(tc.seed + rank))
+
+    stream = BatchStream(train_set, sampler, make_loader)
+    val_videos = load_val_videos(cfg, d.val_clips) if rank == 0 and d.val_clips > 0 else None
+
+    # --- resume ----------------------------------------------------------------------------------------------------
+    ckpt = CheckpointManager(run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last)
+    ckpt.clean_stale()
+    guard = NonFiniteGuard(tc.max_nonfinite_steps)
+    step = 0
+    latest = latest_checkpoint(ckpt.root) if resume else None
+    if latest is not None:
+        state = ckpt.load(latest, engines, ema)
+        step = int(state["step"])
+        stream.epoch, stream.batch = state["data"]["epoch"], state["data"]["batch"]
+        lecam.ema_real.fill_(state["lecam"][0])
+        lecam.ema_fake.fill_(state["lecam"][1])
+        guard.total_skipped = int(state.get("nonfinite_skipped", 0))
+        if state.get("rng_restored") is False:
+            log.warning("checkpoint was written with another world size: RNG streams restart from the seed")
+            seed_everything(tc.seed + rank + 7919 * step)
+        log.info("resumed from %s (step %d, epoch %d, batch %d)", latest, step, stream.epoch, stream.batch)
+    elif resume:
+        log.info("no checkpoint in %s: starting fresh", ckpt.root)
+
+    def save(at_step: int) -> None:
+        state = {"data": stream.state_dict(), "lecam": [lecam.ema_real.item(), lecam.ema_fake.item()],
+                 "nonfinite_skipped": guard.total_skipped, "config": cfg.to_dict()}
+        ckpt.save(at_step, engines, state, ema)
+        if rank == 0:
+            export_ema(ema_copy(model_cfg, ema, g_engine.module), ema, run_dir / "export")
+        dist.barrier()
+
+    # --- loop ------------------------------------------------------------------------------------------------------
+    metrics_log = MetricsLogger(run_dir, enabled=rank == 0, tensorboard=cfg.logging.tensorboard)
+    preempt = dist.PreemptionHandler().install()
+    clips_per_step = d.batch_size * world * tc.grad_accum_steps
+    from tqdm import tqdm
+
+    bar = tqdm(total=tc.max_steps, initial=step, disable=rank != 0 or not cfg.logging.progress, unit="step",
+               dynamic_ncols=True)
+    window: dict[str, list[float]] = {}
+    t_last, steps_since = time.perf_counter(), 0
+    exit_code, micro = 0, 0
+    last_saved = step if latest is not None else -1
+    log.info("training %s for %d steps on %d rank(s), ZeRO-%d, %s, run dir %s", model_cfg.__class__.__name__,
+             tc.max_steps, world, stage, tc.precision, run_dir)
+    try:
+        while step < tc.max_steps:
+            if micro == 0 and preempt.should_stop():  # only between optimizer steps
+                log.warning("signal received: checkpointing at step %d and exiting with status %d", step,
+                            dist.EXIT_CODE_PREEMPTED)
+                if last_saved != step:
+                    save(step)
+                exit_code = dist.EXIT_CODE_PREEMPTED
+                break
+            batch = next(stream)
+            video = batch["video"].to(device, dtype, non_blocking=True)  # (B, 3, T, H, W)
+            boundary = g_engine.is_gradient_accumulation_boundary()
+            lrs = {"lr/generator": g_engine.get_lr()[0], "lr/discriminator": d_engine.get_lr()[0]}  # this step's
+            out = generator_step(g_engine, d_engine.module, video, step, cfg, perceptual, guard, autocast,
+                                 last_input)
+            if out is None:
+                metrics_log.log(step, {"nonfinite_skipped": guard.total_skipped}, event="nonfinite_loss")
+                log.warning("non-finite generator loss at step %d: micro-batch skipped (%d in a row)", step,
+                            guard.consecutive)
+                continue
+            g_metrics, recon = out
+            d_metrics = {}
+            if step >= cfg.loss.disc_start:
+                d_out = discriminator_step(d_engine, video, recon, step, cfg, lecam, guard, autocast)
+                if d_out is None:
+                    metrics_log.log(step, {"nonfinite_skipped": guard.total_skipped}, event="nonfinite_loss")
+                    log.warning("non-finite discriminator loss at step %d: its micro-batch skipped", step)
+                else:
+                    d_metrics = d_out
+            for key, value in {**g_metrics, **d_metrics}.items():
+                window.setdefault(key, []).append(value)
+            micro = 0 if boundary else micro + 1
+            if not boundary:
+                continue
+
+            # --- an optimizer step is complete ------------------------------------------------------------------------
+            with dist.gathered_parameters(g_engine.module, stage):
+                ema.update(g_engine.module)
+            step += 1
+            steps_since += 1
+            bar.update(1)
+            if step % cfg.logging.log_every == 0 or step == tc.max_steps:
+                keys = sorted(window)
+                means = dict(zip(keys, dist.all_reduce_mean([sum(window[k]) / len(window[k]) for k in keys])))
+                elapsed = time.perf_counter() - t_last
+                means.update({**lrs, "perf/clips_per_s": clips_per_step * steps_since / elapsed,
+                              "perf/step_s": elapsed / steps_since, "epoch": stream.epoch})
+                metrics_log.log(step, means)
+                bar.set_postfix(loss=f"{means.get('g/loss', math.nan):.4f}",
+                                clips_s=f"{means['perf/clips_per_s']:.1f}")
+                window, t_last, steps_since = {}, time.perf_counter(), 0
+            if val_videos is not None and (cfg.logging.sample_every and step % cfg.logging.sample_every == 0
+                                           or step == tc.max_steps):
+                model = ema_copy(model_cfg, ema, g_engine.module).to(device)
+                metrics_log.log(step, validate(model, val_videos.to(device), run_dir / "samples", step, fps=8.0))
+            if step % cfg.checkpoint.every == 0 or step == tc.max_steps:
+                save(step)
+                last_saved = step
+    except NonFiniteLossError as err:
+        log.error("%s", err)
+        exit_code = 1
+    finally:
+        bar.close()
+        preempt.uninstall()
+        metrics_log.close()
+    if exit_code == 0 and rank == 0:
+        log.info("done: %d steps, EMA weights exported to %s", step, run_dir / "export")
+    dist.shutdown(g_engine, d_engine)
+    return exit_code
+
+
+if __name__ == "__main__":
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*deprecated. Please use")
+    sys.exit(run_cli(main))

