@@ -44,7 +44,7 @@ def load_models(tokenizer_dir: str | Path, transformer_dir: str | Path, device: 
                                  (MaskedVideoTransformer, transformer_dir, "transformer")):
         try:
             models.append(cls.from_pretrained(directory, device=device))
-        except (FileNotFoundError, ValueError) as err:
+        except Exception as err:  # missing folder, foreign or corrupt checkpoint: all user-facing
             raise GenerateError(f"cannot load the {what} from {directory}: {err}") from None
     tokenizer, transformer = models
     check_pair(tokenizer.config, transformer.config)

@@ -390,8 +390,8 @@ def masked_token_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: tor
     if logits.shape[:2] != labels.shape or labels.shape != loss_mask.shape:
         raise ValueError(f"shapes differ: logits {tuple(logits.shape)}, labels {tuple(labels.shape)}, "
                          f"loss_mask {tuple(loss_mask.shape)}")
-    code_logits = logits[..., :codebook_size].float()  # special tokens are never targets
-    ce = F.cross_entropy(code_logits.reshape(-1, codebook_size), labels.reshape(-1), reduction="none",
-                         ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing).view_as(loss_mask)
-    weights = loss_mask.float() * (labels != IGNORE_INDEX)
+    valid = labels != IGNORE_INDEX  # (B, L): the video positions
+    code_logits = logits[valid][:, :codebook_size].float()  # (M, codebook_size): special tokens are never targets
+    ce = F.cross_entropy(code_logits, labels[valid], reduction="none", label_smoothing=label_smoothing)  # (M,)
+    weights = loss_mask[valid].float()
     return (ce * weights).sum() / weights.sum().clamp_min(1e-8)

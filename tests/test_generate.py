@@ -34,6 +34,9 @@ def models(tmp_path_factory, real_video_path):
     write_video(root / "short.mp4", clip[:, :3], fps=12.5)
     write_image(root / "frame.png", clip[:, 0])
     (root / "broken.mp4").write_bytes(b"this is not a video" * 10)
+    (root / "corrupt").mkdir()
+    (root / "corrupt" / "config.json").write_text((root / "transformer" / "config.json").read_text())
+    (root / "corrupt" / "model.safetensors").write_bytes(b"\0" * 64)
     return root
 
 
@@ -90,6 +93,7 @@ def test_cli_same_seed_same_video(models, tmp_path):
         (["--cond", "{m}/clip.mp4", "--transformer", "{m}/nothing"], "cannot load the transformer"),
         (["--cond", "{m}/clip.mp4", "--transformer", "{m}/tokenizer"], "'video_tokenizer' checkpoint"),
         (["--cond", "{m}/clip.mp4", "--tokenizer", "{m}/nothing"], "cannot load the tokenizer"),
+        (["--cond", "{m}/clip.mp4", "--transformer", "{m}/corrupt"], "cannot load the transformer"),
         (["--cond", "{m}/clip.mp4", "--out", "{m}/gen.avi"], "--out must end in"),
         (["--cond", "{m}/clip.mp4", "--out", "{m}/clip.mp4"], "exists; pass --overwrite"),
         (["--cond", "{m}/clip.mp4", "--steps", "0"], "--steps must be >= 1"),

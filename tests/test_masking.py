@@ -223,3 +223,14 @@ def test_masked_token_loss_matches_reference_and_ignores_special_logits():
     perfect = F.one_hot(labels.clamp_min(0), vocab.size).float() * 20
     assert masked_token_loss(perfect, labels, weights, 16).item() < 1e-6
     assert masked_token_loss(perfect, labels, weights, 16, label_smoothing=0.1).item() > 0.5
+
+
+def test_training_batch_from_token_shard_items():
+    """Collated ``TokenShardDataset`` items: int32 codes, an ``index`` key, labels as a tensor."""
+    vocab = TokenVocabulary(16, num_classes=3)
+    items = _batch()
+    items = {k: (v.to(torch.int32) if k != "label" else v) for k, v in items.items()}
+    items["index"] = torch.arange(6)
+    ids, labels, weights = make_training_batch(items, vocab, generator=torch.Generator().manual_seed(0))
+    assert ids.dtype == labels.dtype == torch.long
+    assert torch.equal(labels[:, SequenceLayout(GRID).video], items["codes"].long().reshape(6, N))
