@@ -268,13 +268,13 @@ def random_mask(num_tokens: int, mask_ratio: torch.Tensor, generator: torch.Gene
     batch = mask_ratio.shape[0]
     # The small epsilon keeps e.g. a float32 0.77 (= 0.76999998) from losing a token to rounding.
     counts = torch.floor(mask_ratio.double() * num_tokens + 1e-4).long().clamp(1, num_tokens)  # (B,)
-    scores = torch.rand(batch, num_tokens, generator=generator, device=mask_ratio.device)
+    scores = torch.rand(batch, num_tokens, generator=generator)  # on the CPU, like the generator
     ranks = scores.argsort(dim=1).argsort(dim=1)  # (B, N): rank of each position in a random permutation
-    return ranks < counts[:, None]
+    return (ranks < counts.cpu()[:, None]).to(mask_ratio.device)
 
 
 def _rand(shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
-    return torch.rand(shape, generator=generator)
+    return torch.rand(shape, generator=generator)  # CPU: a CPU generator gives the same draws on every device
 
 
 def make_training_batch(
