@@ -229,12 +229,10 @@ def downsample(x: torch.Tensor, temporal: bool, causal: bool) -> torch.Tensor:
 
 def upsample(x: torch.Tensor, temporal: bool, causal: bool) -> torch.Tensor:
     """Nearest upsampling by 2 in H, W (and T if ``temporal``); the inverse layout of :func:`downsample`."""
-    x = x.repeat_interleave(2, dim=3).repeat_interleave(2, dim=4)
-    if not temporal:
-        return x
-    if causal:  # 1 + k -> 1 + 2k frames
+    if causal and temporal:  # 1 + k -> 1 + 2k frames: frame 0 is only upsampled in space
+        x = F.interpolate(x, scale_factor=(1, 2, 2), mode="nearest")
         return torch.cat([x[:, :, :1], x[:, :, 1:].repeat_interleave(2, dim=2)], dim=2)
-    return x.repeat_interleave(2, dim=2)
+    return F.interpolate(x, scale_factor=(2 if temporal else 1, 2, 2), mode="nearest")
 
 
 class Encoder(nn.Module):
