@@ -139,7 +139,6 @@ def test_masked_token_evaluation_known_values():
     from magvit.masking import TokenVocabulary
 
     vocab = TokenVocabulary(8)
-    grid = (1, 2, 2)
 
     class Oracle(torch.nn.Module):
         def __init__(self, codes):
