@@ -40,7 +40,7 @@ def resolve_data(path: str | os.PathLike, scratch: Path) -> tuple[str, Path]:
     """Classify ``--data``: ``("manifest", file)`` or ``("tokens", folder)``.
 
     Accepts a manifest file, a folder holding ``manifest.jsonl``, a folder of token shards (``meta.json``), or a
-    folder of videos (indexed into ``scratch/manifest.jsonl`` with every video in the ``val`` split).
+    folder of videos (indexed into ``scratch/clips_manifest.jsonl`` with every video in the ``val`` split).
     """
     path = Path(path)
     if path.is_file():
@@ -59,10 +59,14 @@ def resolve_data(path: str | os.PathLike, scratch: Path) -> tuple[str, Path]:
             return "tokens", path
         raise EvaluateError(f"--data: {path} holds clip shards; give the manifest they were extracted from")
     # A plain folder of videos: index it (all clips held out, since nothing here was trained on them).
+    from data_prep._cli import UsageError
     from data_prep.index import build_manifest
 
-    out = scratch / MANIFEST_NAME
-    summary = build_manifest([path], out, val_fraction=0.0, labels=False, show_progress=False)
+    out = scratch / "clips_manifest.jsonl"  # beside the report, never over a manifest of the user's
+    try:
+        summary = build_manifest([path], out, val_fraction=0.0, labels=False, show_progress=False)
+    except UsageError as err:
+        raise EvaluateError(f"--data: {err}") from None
     if not summary["videos"]:
         raise EvaluateError(f"--data: no readable video in {path}")
     records = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]

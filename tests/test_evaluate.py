@@ -228,3 +228,21 @@ def test_training_curves_skip_torn_lines_and_text(tmp_path):
     empty.mkdir()
     (empty / "metrics.jsonl").write_text("")
     assert evaluate.plot_training_curves([empty], tmp_path / "none.png") is None
+
+
+def test_folder_of_videos_is_indexed(setup, real_video_paths, tmp_path, capsys):
+    import shutil
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    shutil.copy(real_video_paths[1], videos / "carphone.mp4")  # real footage, 176x144
+    out = tmp_path / "out"
+    assert evaluate.main(["--tokenizer", str(setup["root"] / "tokenizer"), "--data", str(videos), "--out", str(out),
+                          "--no-progress", "--num-samples", "1"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["tokenizer"]["num_clips"] == 1 and (out / "clips_manifest.jsonl").is_file()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert evaluate.main(["--tokenizer", str(setup["root"] / "tokenizer"), "--data", str(empty), "--out",
+                          str(tmp_path / "o2"), "--no-progress"]) == 2
+    assert "no readable video" in capsys.readouterr().err
