@@ -207,7 +207,13 @@ class MaskedTokenEvaluation:
         labels = torch.where((labels >= 0) & (labels < config.num_classes), labels, torch.full_like(labels, NO_LABEL))
         batch = {**batch, "label": labels}
         for task in self.tasks:
-            tb = make_training_batch(batch, config.vocab, tasks=[task], cond_dropout_prob=0.0, unmasked_weight=0.0,
+            rows = batch
+            if task == "class":  # only the examples with a class the model knows
+                keep = labels >= 0
+                if not bool(keep.any()):
+                    continue
+                rows = {k: (v[keep] if isinstance(v, torch.Tensor) and v.dim() > 0 else v) for k, v in batch.items()}
+            tb = make_training_batch(rows, config.vocab, tasks=[task], cond_dropout_prob=0.0, unmasked_weight=0.0,
                                      schedule="cosine", generator=self.generator)
             logits = self.transformer(tb.input_ids.to(device))[..., : config.codebook_size].float().cpu()
             scored = tb.loss_mask > 0  # (B, L): the masked video positions
@@ -220,7 +226,9 @@ class MaskedTokenEvaluation:
     def summary(self) -> dict[str, Any]:
         per_task = {}
         for t in self.tasks:
-            n = max(self.count[t], 1)
+            if self.count[t] == 0:  # e.g. "class" without labelled examples
+                continue
+            n = self.count[t]
             per_task[t] = {"nll": self.nll[t] / n, "accuracy": self.correct[t] / n, "masked_tokens": self.count[t]}
         total = max(sum(self.count.values()), 1)
         nll = sum(self.nll.values()) / total
@@ -587,6 +595,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if first is None:
             raise EvaluateError(f"--tokens: no token grid in {tokens_dir}")
         available = [k[len("cond."):] for k in first if k.startswith("cond.")]
+        if "sketch_codes" in first:
+            available.append("sketch")
         if tuple(first["codes"].shape[1:]) != tuple(transformer.config.token_grid):
             raise EvaluateError(f"--tokens: token grid {tuple(first['codes'].shape[1:])} does not match the "
                                 f"transformer's {tuple(transformer.config.token_grid)}")
@@ -636,11 +646,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _supported(requested: Sequence[str], condition_tasks: Sequence[str]) -> list[str]:
-    """The requested tasks that need nothing the data lacks (class needs labels: left to the shards' labels)."""
+    """The requested tasks whose condition the data holds (``sketch`` needs ``sketch_codes``; ``class`` is scored on
+    the labelled examples only)."""
     from .masking import CONDITION_TASKS
 
     keep = [t for t in requested
-            if (t in CONDITION_TASKS and t in condition_tasks) or t in ("unconditional", "class")]
+            if (t in CONDITION_TASKS and t in condition_tasks) or t in ("unconditional", "class")
+            or (t == "sketch" and "sketch" in condition_tasks)]
     if not keep:
         raise EvaluateError(f"--nll-tasks: none of {', '.join(requested)} can be evaluated on this data "
                             f"(condition tasks available: {', '.join(condition_tasks) or 'none'})")

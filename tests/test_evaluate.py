@@ -122,11 +122,12 @@ def test_masked_token_nll_on_shards_is_deterministic(setup, tmp_path):
     for i in range(2):
         out = tmp_path / f"out{i}"
         assert evaluate.main(["--transformer", str(root / "transformer"), "--data", str(shards), "--out", str(out),
-                              "--no-progress", "--nll-tasks", "frame_prediction,unconditional,interpolation"]) == 0
+                              "--no-progress", "--nll-tasks", "frame_prediction,unconditional,interpolation,class"]) == 0
         reports.append(json.loads((out / "report.json").read_text()))
     mt = reports[0]["masked_tokens"]
     assert mt == reports[1]["masked_tokens"]  # fixed seed: same masks, same numbers
-    assert set(mt["per_task"]) == {"frame_prediction", "unconditional"}  # no interpolation condition in the data
+    # No interpolation condition in the data, no labelled example for "class".
+    assert set(mt["per_task"]) == {"frame_prediction", "unconditional"}
     # The overall NLL is the token-weighted mean of the per-task NLLs.
     tasks = mt["per_task"].values()
     weighted = sum(t["nll"] * t["masked_tokens"] for t in tasks) / sum(t["masked_tokens"] for t in tasks)
