@@ -55,13 +55,11 @@ def write_json(path: str | os.PathLike, data: Any) -> Path:
 
 
 def quiet_decoders() -> None:
-    """Silence FFmpeg's per-file chatter (reasons are reported by the tools themselves)."""
-    try:
-        import av.logging
+    """Silence decord's FFmpeg chatter (reasons are reported by the tools themselves).
 
-        av.logging.set_level(av.logging.PANIC)
-    except Exception:
-        pass
+    PyAV's own logging is left off (its default): routing FFmpeg logs to Python from decoder threads can deadlock
+    threaded decoding.
+    """
     try:
         import decord
 
