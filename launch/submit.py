@@ -198,8 +198,10 @@ def render_batch_script(kind: str, run_dir: Path, resources: Resources, python: 
         del options["gpus-per-node"]  # CPU nodes: no GPU request at all
     if not resources.partition:
         del options["partition"]  # the cluster's default partition
+    for option in resources.extra:  # "--qos=high": replaces an option of the same name or adds one
+        name, _, value = option[2:].partition("=")
+        options[name] = value or None
     header = [f"#SBATCH --{name}" + (f"={value}" if value is not None else "") for name, value in options.items()]
-    header += [f"#SBATCH {option}" for option in resources.extra]
     # The template's body: everything after its last #SBATCH line.
     lines = template.splitlines()
     last = max(i for i, line in enumerate(lines) if line.lstrip().startswith(("#SBATCH", "##SBATCH")))

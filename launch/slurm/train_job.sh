@@ -77,8 +77,14 @@ srun --kill-on-bad-exit=0 --cpus-per-task="$CPUS_PER_TASK" --open-mode=append \
     "$PYTHON" "$TRAIN_SCRIPT" "${ARGS[@]}"
 STATUS=$?
 
-if [ "$STATUS" -eq "$EXIT_CODE_PREEMPTED" ]; then
-    log "training saved a checkpoint after a stop signal: requeueing job ${SLURM_JOB_ID}"
+# 3: checkpoint saved after the signal. 128 + SIGUSR1: the signal came while Python was still starting, before
+# the trainer's handler was installed; the latest earlier checkpoint (if any) is where the next start resumes.
+if [ "$STATUS" -eq "$EXIT_CODE_PREEMPTED" ] || [ "$STATUS" -eq $((128 + 10)) ]; then
+    if [ "$STATUS" -eq "$EXIT_CODE_PREEMPTED" ]; then
+        log "training saved a checkpoint after a stop signal: requeueing job ${SLURM_JOB_ID}"
+    else
+        log "SIGUSR1 arrived before training could checkpoint: requeueing job ${SLURM_JOB_ID}"
+    fi
     if scontrol requeue "$SLURM_JOB_ID"; then
         exit 0
     fi
