@@ -97,7 +97,7 @@ def _probe(path: str, check: str) -> tuple[str, dict | None, str | None]:
 
 def _probe_isolated(path: str, check: str, timeout: float) -> tuple[str, dict | None, str | None]:
     """Probe one file in its own process: a decoder that crashes or hangs only loses this file."""
-    with cf.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with cf.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:
         future = pool.submit(_probe, path, check)
         try:
             return future.result(timeout=timeout)

@@ -272,3 +272,23 @@ def test_tokenize_writes_shards_with_conditions_and_resumes(small_manifest, tiny
     assert cli(tokenize, "--tokenizer", tmp_path / "nope", "--manifest", small_manifest, "--out", out) == 2
     err = capsys.readouterr().err
     assert "batch-size" in err and "nope" in err and "Traceback" not in err
+
+
+def test_index_survives_a_decoder_crash(sample, monkeypatch):
+    """A file that kills its probing process is reported; the other files are still indexed."""
+    real = index.probe_video
+
+    def crashing(path, **kwargs):
+        if path.endswith("bikes_003.mp4"):
+            os._exit(11)  # what a segfaulting decoder looks like to the pool
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(index, "probe_video", crashing)  # forked workers inherit the patch
+    paths = sorted(str(p) for p in (sample / "bikes").glob("*.mp4"))
+    results = index.probe_all(paths, workers=2, check="first", show_progress=False)
+    assert set(results) == set(paths)
+    for path, (info, reason) in results.items():
+        if path.endswith("bikes_003.mp4"):
+            assert info is None and "crashed" in reason
+        else:
+            assert reason is None and info["frames"] >= 24
