@@ -119,9 +119,55 @@ def _stream_fps(stream) -> float:
     return float(rate) if rate else 0.0
 
 
+#: below this first frame number PyAV decodes from the start; above it, it seeks to the keyframe before it first
+_SEEK_MIN_FRAMES = 48
+
+
+def _decode_after_seek(path: Path, wanted: Sequence[int], fps: float) -> dict[int, np.ndarray] | None:
+    """Frames ``wanted`` (sorted) after seeking to the keyframe before the first one; ``None`` when the timestamps
+    cannot be trusted (missing pts, or the seek landed past the first wanted frame): the caller decodes from the start.
+    """
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        if not stream.time_base:
+            return None
+        time_base, start = stream.time_base, stream.start_time or 0
+        first, last, needed = wanted[0], wanted[-1], set(wanted)
+        container.seek(start + int((first - 0.5) / fps / time_base), stream=stream, backward=True, any_frame=False)
+        out: dict[int, np.ndarray] = {}
+        seen = False
+        for frame in container.decode(stream):
+            if frame.pts is None:
+                return None
+            index = round(float((frame.pts - start) * time_base) * fps)  # constant frame rate: pts -> frame number
+            if not seen and index > first:
+                return None
+            seen = True
+            if index in needed:
+                out[index] = frame.to_ndarray(format="rgb24")
+            if index >= last:
+                break
+    return out if len(out) == len(needed) else None
+
+
 def _read_pyav(path: Path, indices: Sequence[int] | None, max_frames: int | None,
                partial_ok: bool = False) -> VideoFrames:
     import av
+
+    if indices is not None and len(indices) and not partial_ok and min(indices) >= _SEEK_MIN_FRAMES:
+        # a clip deep inside a long video: seek instead of decoding everything before it
+        with av.open(str(path)) as container:
+            fps = _stream_fps(container.streams.video[0]) if container.streams.video else 0.0
+        if fps > 0:
+            try:
+                got = _decode_after_seek(path, sorted(set(int(i) for i in indices)), fps)
+            except Exception:
+                got = None
+            if got is not None:
+                return VideoFrames(torch.from_numpy(np.stack([got[int(i)] for i in indices])), fps)
 
     with av.open(str(path)) as container:
         if not container.streams.video:

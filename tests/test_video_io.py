@@ -216,3 +216,28 @@ def test_frame_indices():
     assert frame_indices(10, 3, 1.5, start=1) == [1, 3, 4]  # 1, 2.5 -> 3, 4
     with pytest.raises(ValueError, match="need 9 frames"):
         frame_indices(8, 5, 2.0)
+
+
+def test_pyav_seeks_deep_clips_to_the_same_frames_as_decord(tmp_path, real_video_path):
+    """Short GOPs with B-frames: PyAV seeks to the keyframe before the clip and maps pts to frame numbers."""
+    from magvit import video_io
+
+    frames = read_video(real_video_path, indices=range(120)).frames[:, ::4, ::4].numpy()  # (120, 68, 160, 3)
+    path = tmp_path / "gop.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 160, 68, "yuv420p"
+        stream.options = {"g": "8", "bf": "2"}
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    indices = [97, 98, 99, 100, 60, 119, 97]
+    assert min(indices) >= video_io._SEEK_MIN_FRAMES
+    seeked = video_io._decode_after_seek(path, sorted(set(indices)), 25.0)
+    assert seeked is not None and sorted(seeked) == sorted(set(indices))  # the seek path itself, not the fallback
+    a = read_video(path, indices=indices, backend="decord").frames.int()
+    b = read_video(path, indices=indices, backend="pyav").frames.int()
+    assert (a - b).abs().max().item() <= DECODER_TOLERANCE
+    assert torch.equal(torch.from_numpy(seeked[60]).int(), a[4])
