@@ -64,10 +64,16 @@ def _sbin(name: str) -> str:
     return shutil.which(name) or str(Path("/usr/sbin", name))
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct unused TCP ports (all held open while choosing, so they differ)."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def _node_line(hostname: str) -> str:
@@ -177,11 +183,12 @@ class SlurmCluster:
         match = re.search(r"\bCPUs=(\d+)", node)
         self.cpus = int(match.group(1)) if match else 1
         d = self.slurm_dir
+        ctld_port, slurmd_port = _free_ports(2)
         lines = [
             "ClusterName=magvit-test",
             f"SlurmctldHost={self.hostname}(127.0.0.1)",
-            f"SlurmctldPort={_free_port()}",
-            f"SlurmdPort={_free_port()}",
+            f"SlurmctldPort={ctld_port}",
+            f"SlurmdPort={slurmd_port}",
             "SlurmUser=root",
             "SlurmdUser=root",
             "AuthType=auth/munge",

@@ -20,6 +20,7 @@ from slurm_cluster import SlurmCluster, SlurmUnavailable  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 
+
 def _submit(capsys, *args: str) -> subprocess.CompletedProcess:
     """``python -m launch.submit ARGS`` in this process (imports once): status, stdout and stderr."""
     from launch.submit import cli
@@ -174,6 +175,21 @@ def _job_logs(run_dir: Path) -> str:
     return "".join(f"\n--- {p.name} ---\n{p.read_text()[-3000:]}" for p in sorted((run_dir / "logs").glob("*")))
 
 
+def _wait(cluster: SlurmCluster, predicate, timeout: float, what: str, run_dir: Path) -> None:
+    """``cluster.wait`` whose failure message ends with the job's logs as they are at the timeout."""
+    try:
+        cluster.wait(predicate, timeout, what)
+    except TimeoutError as err:
+        raise TimeoutError(f"{err}{_job_logs(run_dir) if (run_dir / 'logs').is_dir() else ''}") from None
+
+
+def _wait_finished(cluster: SlurmCluster, job: int, timeout: float, run_dir: Path) -> dict[str, str]:
+    try:
+        return cluster.wait_finished(job, timeout)
+    except TimeoutError as err:
+        raise TimeoutError(f"{err}{_job_logs(run_dir) if (run_dir / 'logs').is_dir() else ''}") from None
+
+
 def _static_sbatch_args(run_dir: Path, job_name: str) -> list[str]:
     """Flags that fit the project's batch script to the test node: 2 CPU tasks, no GPUs."""
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -217,7 +233,7 @@ def test_tokenizer_job_on_two_tasks_trains_and_exports(cluster, tmp_path, sample
         cwd=ROOT, env=cluster.env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     job = int(re.search(r"submitted job (\d+)", proc.stdout).group(1))
-    info = cluster.wait_finished(job, 150)
+    info = _wait_finished(cluster, job, 150, run_dir)
     logs = _job_logs(run_dir)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}{logs}"
     assert _train_steps(run_dir) == [1, 2, 3, 4], logs
@@ -251,11 +267,10 @@ def test_preempted_tokenizer_job_requeues_and_resumes_from_checkpoint(cluster, t
                          "--config", "configs/tokenizer/tiny.yaml", "--run-dir", str(run_dir),
                          f"data.manifest={sample_manifest}", f"train.max_steps={max_steps}", "checkpoint.every=1000",
                          *TINY_TRAINING, cwd=ROOT, env={"MAGVIT_PYTHON": PYTHON})
-    cluster.wait(lambda: len(_train_steps(run_dir)) >= 1, 150,
-                 f"the first training step of job {job}{_job_logs(run_dir)}")
+    _wait(cluster, lambda: len(_train_steps(run_dir)) >= 1, 150, f"the first training step of job {job}", run_dir)
     cluster.command("scancel", "--signal=USR1", str(job))
-    cluster.wait(lambda: cluster.job(job).get("Restarts") == "1", 60, f"job {job} to requeue{_job_logs(run_dir)}")
-    info = cluster.wait_finished(job, 150)
+    _wait(cluster, lambda: cluster.job(job).get("Restarts") == "1", 60, f"job {job} to requeue", run_dir)
+    info = _wait_finished(cluster, job, 150, run_dir)
     logs = _job_logs(run_dir)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", f"{info}{logs}"
     steps = _train_steps(run_dir)

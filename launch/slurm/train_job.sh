@@ -56,9 +56,9 @@ MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export MASTER_ADDR
 export MASTER_PORT=${MASTER_PORT:-$((15000 + ${SLURM_JOB_ID//[^0-9]/} % 20000))}
 
-# No GPU in the allocation: DeepSpeed on CPU (gloo). On GPU nodes every task sees the node's GPUs and
-# picks cuda:LOCAL_RANK.
-if [ "${SLURM_GPUS_ON_NODE:-0}" = 0 ]; then
+# CPU-only nodes: DeepSpeed on CPU (gloo), without its accelerator-detection warning. On GPU nodes every task
+# sees the node's allocated GPUs and picks cuda:LOCAL_RANK.
+if [ "${SLURM_GPUS_ON_NODE:-0}" = 0 ] && ! command -v nvidia-smi >/dev/null 2>&1; then
     export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
 fi
 CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-1}
