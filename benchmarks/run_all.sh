@@ -15,6 +15,6 @@ for bench in tokenizer quantizer flops reconstruction; do
 done
 if [ -f "$ROOT/benchmarks/bench_decoding.py" ]; then
   echo "== decoding ($(date -u +%H:%M:%S) UTC)" >&2
-  "$PY" "$ROOT/benchmarks/bench_decoding.py" "$@" > "$OUT/decoding.txt" || echo "bench_decoding.py failed" >&2
+  "$PY" "$ROOT/benchmarks/bench_decoding.py" --markdown "$OUT/decoding.md" "$@" || echo "bench_decoding.py failed" >&2
 fi
 echo "tables in $OUT" >&2
