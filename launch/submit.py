@@ -36,7 +36,6 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-SLURM_DIR = ROOT / "launch" / "slurm"
 _TIME_RE = re.compile(r"^(\d+-\d{1,2}(:\d{1,2}){0,2}|\d+(:\d{1,2}){0,2}|unlimited|infinite)$", re.IGNORECASE)
 _SBATCH_LINE_RE = re.compile(r"^#SBATCH\s+--([\w-]+)(?:[= ](.*))?$")
 
@@ -227,22 +226,23 @@ def render_batch_script(kind: str, run_dir: Path, resources: Resources, python: 
 # Command line
 # --------------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m launch.submit", description=__doc__.split("\n\n")[0],
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = _Parser(prog="python -m launch.submit", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("kind", choices=sorted(KINDS), help="what to train")
     parser.add_argument("--config", default=None, help="training YAML (default: configs/<kind>/tiny.yaml)")
-    parser.add_argument("--nodes", type=int, default=1, help="number of nodes")
-    parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (0: CPU-only nodes)")
+    parser.add_argument("--nodes", type=int, default=1, help="number of nodes (default: 1)")
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node; 0: CPU-only nodes (default: 8)")
     parser.add_argument("--ntasks-per-node", type=int, default=None,
                         help="training processes per node (default: --gpus-per-node, or 1 without GPUs)")
-    parser.add_argument("--cpus-per-task", type=int, default=8, help="CPU cores per training process")
-    parser.add_argument("--time", default="24:00:00", help="time limit of one job start (requeues continue)")
+    parser.add_argument("--cpus-per-task", type=int, default=8, help="CPU cores per training process (default: 8)")
+    parser.add_argument("--time", default="24:00:00",
+                        help="time limit of one start of the job; requeued starts get it again (default: 24:00:00)")
     parser.add_argument("--partition", default=None, help="SLURM partition (default: the cluster's default)")
     parser.add_argument("--job-name", default=None, help="job name (default: <kind>-<run dir name>)")
-    parser.add_argument("--run-dir", default=None, help="run directory (default: runs/<kind>/<config name>)")
+    parser.add_argument("--run-dir", default=None, help="run directory (default: runs/<kind>/<config name> in the repository)")
     parser.add_argument("--sbatch-option", action="append", default=[], metavar="--NAME=VALUE",
-                        help="extra sbatch option written into the script, e.g. --sbatch-option=--qos=high "
-                             "(repeatable)")
+                        help="another sbatch option written into the script, e.g. --sbatch-option=--qos=high; "
+                             "replaces the script's option of the same name (repeatable)")
     parser.add_argument("--dry-run", action="store_true", help="print the batch script and do nothing else")
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
     return parser
@@ -272,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     resources.validate()
     config = resolve_config(args.kind, config_path, args.overrides)
     warnings = check_paths(config, args.kind)
-    run_dir = Path(args.run_dir or Path("runs") / args.kind / config_path.stem).resolve()
+    run_dir = Path(args.run_dir).resolve() if args.run_dir else ROOT / "runs" / args.kind / config_path.stem
     if re.search(r"[\s%]", str(run_dir)):
         raise SubmitError(f"run dir {run_dir} contains whitespace or '%', which SLURM log paths cannot hold")
     script = render_batch_script(args.kind, run_dir, resources)
