@@ -57,24 +57,29 @@ def theirs_step(q, z):
     return quantized, loss.sum()
 
 
-def measure(q, step, z, max_seconds):
-    q.train()
+def measure(ours, theirs, z, max_seconds):
+    """Interleaved timings ``(train, inference)`` of both quantizers on the same latents ``z``."""
 
-    def train():
+    def train(q, step):
         x = z.detach().requires_grad_(True)
         quantized, loss = step(q, x)
         (quantized.float().square().mean() + loss).backward()
 
-    t_train = common.time_call(train, max_seconds=max_seconds)
-    q.eval()
+    ours.train()
+    theirs.train()
+    t_train = common.time_pair(lambda: train(ours, ours_step), lambda: train(theirs, theirs_step),
+                               max_seconds=max_seconds, min_reps=3)
+    ours.eval()
+    theirs.eval()
     with torch.no_grad():
-        t_infer = common.time_call(lambda: step(q, z), max_seconds=max_seconds)
+        t_infer = common.time_pair(lambda: ours_step(ours, z), lambda: theirs_step(theirs, z),
+                                   max_seconds=max_seconds, min_reps=3)
     return t_train, t_infer
 
 
 def main() -> None:
     p = common.parser(__doc__.splitlines()[0])
-    p.add_argument("--max-seconds", type=float, default=4.0)
+    p.add_argument("--max-seconds", type=float, default=6.0, help="timed seconds per cell, both sides together")
     args = p.parse_args()
     common.setup_threads(args.threads)
     header = common.machine_description(args.threads)
@@ -93,8 +98,7 @@ def main() -> None:
         torch.manual_seed(0)
         ours, theirs = lfq_pair(k) if name == "LFQ" else vq_pair(k, d, entropy)
         z = torch.randn(grid[0], d, *grid[1:])
-        o_train, o_infer = measure(ours, ours_step, z, args.max_seconds)
-        t_train, t_infer = measure(theirs, theirs_step, z, args.max_seconds)
+        (o_train, t_train), (o_infer, t_infer) = measure(ours, theirs, z, args.max_seconds)
         for mode, a, b in (("train (fwd+bwd)", o_train, t_train), ("inference", o_infer, t_infer)):
             table.add(name, k, d, mode, f"{a.median * 1000:.1f}", f"{b.median * 1000:.1f}",
                       common.ratio(a.median, b.median))

@@ -71,7 +71,7 @@ def evaluate(side, clips: torch.Tensor) -> dict:
 def main() -> None:
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--manifest", default=str(ROOT / "data/sample/manifest.jsonl"))
-    p.add_argument("--budget", type=float, default=150.0, help="training seconds per side (default: %(default)s)")
+    p.add_argument("--budget", type=float, default=120.0, help="training seconds per side (default: %(default)s)")
     p.add_argument("--size", default="17x64x64", help="TxHxW clips (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--lr", type=float, default=3e-4)

@@ -30,7 +30,8 @@ def main() -> None:
     p.add_argument("--sizes", default="17x64x64,16x128x128", help="TxHxW inputs (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--base-channels", type=int, default=32, help="width of our tokenizer (default: %(default)s)")
-    p.add_argument("--max-seconds", type=float, default=8.0, help="timed seconds per cell (at least 2 reps)")
+    p.add_argument("--max-seconds", type=float, default=16.0,
+                   help="timed seconds per cell, both sides together (at least 2 interleaved rounds)")
     args = p.parse_args()
     common.setup_threads(args.threads)
     header = common.machine_description(args.threads)
@@ -48,36 +49,36 @@ def main() -> None:
         grid = ours.config.token_grid(t, h, w)
         table = common.Table(
             f"Tokenizer {size} (batch {args.batch_size}): milliseconds per call, median",
-            ["step", "dtype", "magvit (ours)", "magvit2-pytorch", "ours faster by", "reps (ours/theirs)"],
+            ["step", "dtype", "magvit (ours)", "magvit2-pytorch", "ours faster by", "reps (spread ours / theirs)"],
             notes=[f"Parameters (encoder + quantizer + decoder): ours {n_ours / 1e6:.2f} M, magvit2-pytorch "
                    f"{n_theirs / 1e6:.2f} M (its unused discriminator excluded); token grid {grid}; "
                    f"magvit2-pytorch layers: {layers}."],
         )
         for dtype in ("fp32", "bf16"):
+            def train_step(side):
+                side.model.zero_grad(set_to_none=True)
+                with autocast(dtype):
+                    loss = side.train_loss(video)
+                loss.backward()
+
             results = {}
             for side in sides:
                 side.model.train()
-
-                def train_step(side=side):
-                    side.model.zero_grad(set_to_none=True)
-                    with autocast(dtype):
-                        loss = side.train_loss(video)
-                    loss.backward()
-
-                results[(side.name, "train")] = common.time_call(train_step, max_seconds=args.max_seconds,
-                                                                 min_reps=2)
+            results["train"] = common.time_pair(lambda: train_step(sides[0]), lambda: train_step(sides[1]),
+                                                max_seconds=args.max_seconds)
+            for side in sides:
                 side.model.eval()
-                with torch.no_grad(), autocast(dtype):
-                    codes = side.encode(video)
-                    results[(side.name, "encode")] = common.time_call(lambda: side.encode(video),
-                                                                      max_seconds=args.max_seconds, min_reps=2)
-                    results[(side.name, "decode")] = common.time_call(lambda: side.decode(codes),
-                                                                      max_seconds=args.max_seconds, min_reps=2)
+            with torch.no_grad(), autocast(dtype):
+                codes = [side.encode(video) for side in sides]
+                results["encode"] = common.time_pair(lambda: sides[0].encode(video), lambda: sides[1].encode(video),
+                                                     max_seconds=args.max_seconds)
+                results["decode"] = common.time_pair(lambda: sides[0].decode(codes[0]),
+                                                     lambda: sides[1].decode(codes[1]), max_seconds=args.max_seconds)
             for step in ("train", "encode", "decode"):
-                a, b = results[(sides[0].name, step)], results[(sides[1].name, step)]
+                a, b = results[step]
                 label = {"train": "train step (fwd+bwd)", "encode": "encode", "decode": "decode"}[step]
                 table.add(label, dtype, f"{a.median * 1000:.0f}", f"{b.median * 1000:.0f}",
-                          common.ratio(a.median, b.median), f"{a.reps}/{b.reps}")
+                          common.ratio(a.median, b.median), f"{a.reps} ({a.spread:.0%} / {b.spread:.0%})")
         tables.append(table)
         del ours, theirs, sides
     tables[-1].notes.append(f"Load average at the end: {common.load_average()}.")

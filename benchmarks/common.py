@@ -56,6 +56,28 @@ def time_call(fn: Callable[[], object], warmup: int = 1, min_reps: int = 3, max_
     return Timing(times)
 
 
+def time_pair(fn_a: Callable[[], object], fn_b: Callable[[], object], warmup: int = 1, min_reps: int = 2,
+              max_reps: int = 20, max_seconds: float = 20.0) -> tuple[Timing, Timing]:
+    """Time two functions interleaved (a b, b a, a b, ...) so that a change of machine load during the measurement
+    hits both sides alike. Stops after ``max_reps`` rounds, or once both have ``min_reps`` and ``max_seconds`` of
+    timed calls (both sides together) have passed."""
+    for _ in range(warmup):
+        fn_a()
+        fn_b()
+    times: tuple[list[float], list[float]] = ([], [])
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < max_reps and (rounds < min_reps or time.perf_counter() - start < max_seconds):
+        order = (0, 1) if rounds % 2 == 0 else (1, 0)
+        for which in order:
+            fn = fn_a if which == 0 else fn_b
+            t0 = time.perf_counter()
+            fn()
+            times[which].append(time.perf_counter() - t0)
+        rounds += 1
+    return Timing(times[0]), Timing(times[1])
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
