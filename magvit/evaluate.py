@@ -348,7 +348,9 @@ def plot_training_curves(run_dirs: Sequence[Path], path: Path, max_panels: int =
                     ys.append(value)
     if not series:
         return None
-    names = sorted(series)[:max_panels]
+    # Quality and loss curves first, then the rest (learning rate, usage, ...), alphabetically within each group.
+    important = ("loss", "psnr", "ssim", "nll", "acc", "fvd")
+    names = sorted(series, key=lambda k: (not any(w in k.lower() for w in important), k))[:max_panels]
     plt = _pyplot()
     cols = min(3, len(names))
     rows = math.ceil(len(names) / cols)
