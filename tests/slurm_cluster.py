@@ -11,6 +11,7 @@ installs the Debian packages with apt-get when they are missing.
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import signal
@@ -29,6 +30,9 @@ FINISHED_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "
 # Requeued jobs wait cred_expire + 1 seconds before they may start again (120 s by default): shortened here.
 # The scheduler normally looks at pending jobs every 60 s (30 s for backfill): every second here.
 _CRED_EXPIRE_S = 5
+
+
+_LAUNCHER_VARIABLES = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
 
 
 class SlurmUnavailable(RuntimeError):
@@ -120,9 +124,10 @@ class SlurmCluster:
         self.pid_files = {"slurmd": self.slurm_dir / "slurmd.pid", "slurmctld": self.slurm_dir / "slurmctld.pid",
                           "munged": self.munge_dir / "run" / "munged.pid"}
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
-        # Keep the caller's job-related SLURM variables out of client commands (tests may run inside a job).
+        # sbatch exports the submitting environment to the job: keep the caller's SLURM job variables (tests may
+        # run inside a job) and rendezvous variables left by in-process distributed tests out of it.
         for key in list(self.env):
-            if key.startswith("SLURM_") and key != "SLURM_CONF":
+            if (key.startswith("SLURM_") and key != "SLURM_CONF") or key in _LAUNCHER_VARIABLES:
                 del self.env[key]
         self.cpus = 1
         self._started: list[str] = []
@@ -186,6 +191,9 @@ class SlurmCluster:
         ctld_port, slurmd_port = _free_ports(2)
         lines = [
             "ClusterName=magvit-test",
+            # Jobs derive their rendezvous port from the job id: a random first id keeps two test clusters on one
+            # machine from handing out the same ports.
+            f"FirstJobId={random.randrange(1000, 15000)}",
             f"SlurmctldHost={self.hostname}(127.0.0.1)",
             f"SlurmctldPort={ctld_port}",
             f"SlurmdPort={slurmd_port}",

@@ -54,7 +54,8 @@ mkdir -p "$RUN_DIR/logs"
 # requeued job gets the same one and two jobs sharing a node rarely collide.
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export MASTER_ADDR
-export MASTER_PORT=${MASTER_PORT:-$((15000 + ${SLURM_JOB_ID//[^0-9]/} % 20000))}
+# (Always derived: a MASTER_PORT exported from the submitting shell would be shared by every job.)
+export MASTER_PORT=$((15000 + ${SLURM_JOB_ID//[^0-9]/} % 20000))
 
 # CPU-only nodes: DeepSpeed on CPU (gloo), without its accelerator-detection warning. On GPU nodes every task
 # sees the node's allocated GPUs and picks cuda:LOCAL_RANK.
