@@ -240,7 +240,10 @@ def test_tokenizer_job_on_two_tasks_trains_and_exports(cluster, tmp_path, sample
     # Both ranks ran in one DeepSpeed world (rank logs from srun, WORLD_SIZE recorded by the trainer).
     assert sorted(p.name for p in (run_dir / "logs").glob(f"tokenizer-run-{job}-rank*.log")) == [
         f"tokenizer-run-{job}-rank0.log", f"tokenizer-run-{job}-rank1.log"]
-    assert json.dumps({"WORLD_SIZE": "2", "SLURM_JOB_ID": str(job)}) in (run_dir / "command.txt").read_text()
+    batch_log = (run_dir / "logs" / f"tokenizer-run-{job}.out").read_text()
+    assert f"master 127.0.0.1:{15000 + job % 20000}," in batch_log, batch_log  # NodeAddr, port from the job id
+    command = (run_dir / "command.txt").read_text()
+    assert '"WORLD_SIZE": "2"' in command and f'"SLURM_JOB_ID": "{job}"' in command, command
     latest = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
     assert latest.name == "step_00000004" and (latest / "COMPLETE").exists()
     assert len(list((latest / "generator").glob("zero_pp_rank_*_optim_states.pt"))) == 2  # one shard per rank

@@ -50,10 +50,12 @@ fi
 [ "$HAS_RESUME" = 1 ] || ARGS+=(--resume auto)
 mkdir -p "$RUN_DIR/logs"
 
-# Rendezvous: first host of the allocation; port from the job id (same formula as magvit.distributed) so a
-# requeued job gets the same one and two jobs sharing a node rarely collide.
-MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-export MASTER_ADDR
+# Rendezvous: the first host of the allocation, by the address SLURM itself reaches it at (NodeAddr; its name
+# when that is unknown); port from the job id (same formula as magvit.distributed) so a requeued job gets the
+# same one and two jobs sharing a node rarely collide.
+FIRST_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+NODE_ADDR=$(scontrol show node "$FIRST_HOST" 2>/dev/null | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p' | head -n 1)
+export MASTER_ADDR=${NODE_ADDR:-$FIRST_HOST}
 # (Always derived: a MASTER_PORT exported from the submitting shell would be shared by every job.)
 export MASTER_PORT=$((15000 + ${SLURM_JOB_ID//[^0-9]/} % 20000))
 
