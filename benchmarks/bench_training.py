@@ -27,13 +27,13 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 
-# Mid-size: the tiny layout made wider and deeper (between tiny and B).
+# Overrides of configs/tokenizer/tiny.yaml. Mid-size: the tiny layout made wider and deeper (between tiny and B).
 MODELS = {
-    "tiny": {"model.preset": "tiny", "discriminator.preset": "tiny"},
-    "mid": {"model.preset": "tiny", "model.base_channels": 32, "model.channel_multipliers": "[1,2,2,4]",
+    "tiny": {},
+    "mid": {"model.base_channels": 32, "model.channel_multipliers": "[1,2,2,4]",
             "model.temporal_downsample": "[true,true,false]", "model.num_res_blocks": 2,
             "model.embedding_dim": 64, "model.codebook_size": 1024, "model.norm_groups": 16,
-            "discriminator.preset": "tiny", "discriminator.base_channels": 32},
+            "discriminator.base_channels": 32},
 }
 
 
@@ -136,8 +136,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="tiny,mid", help="tokenizer sizes (default: %(default)s)")
     p.add_argument("--transformer", action="store_true", help="also time the transformer on 16x64x64-clip tokens")
-    p.add_argument("--steps", type=int, default=12, help="optimizer steps per run (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=3, help="steps left out of the median (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=8, help="optimizer steps per run (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=2, help="steps left out of the median (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=2, help="clips per rank per step (default: %(default)s)")
     p.add_argument("--threads", type=int, default=0,
                    help="OMP threads per rank (default: cores / ranks, so 1 and 2 ranks use the same cores)")

@@ -244,8 +244,8 @@ def train(cfg: TokenizerTrainConfig, ds_base: dict[str, Any], run_dir: Path, res
     from magvit.tokenizer import TokenizerConfig, VideoTokenizer
 
     env = dist.init_distributed()
+    preempt = dist.PreemptionHandler().install()  # from here on SIGTERM/SIGUSR1 mean "checkpoint and exit 3"
     rank, world = env.rank, env.world_size
-    log = dist.rank_zero_logger("magvit.train_tokenizer", rank)
     device = dist.device()
     tc = cfg.train
     ds_config = dist.make_deepspeed_config(ds_base, micro_batch_size=cfg.data.batch_size,
@@ -255,6 +255,7 @@ def train(cfg: TokenizerTrainConfig, ds_base: dict[str, Any], run_dir: Path, res
     if rank == 0:
         setup_run_dir(run_dir, cfg, ds_config, argv)
     dist.barrier()
+    log = dist.rank_zero_logger("magvit.train_tokenizer", rank, run_dir / "logs" / f"rank{rank}.log")
 
     # --- networks: identical initial weights on every rank, then per-rank randomness ---------------------------
     seed_everything(tc.seed)
@@ -322,7 +323,6 @@ def train(cfg: TokenizerTrainConfig, ds_base: dict[str, Any], run_dir: Path, res
 
     # --- loop ------------------------------------------------------------------------------------------------------
     metrics_log = MetricsLogger(run_dir, enabled=rank == 0, tensorboard=cfg.logging.tensorboard)
-    preempt = dist.PreemptionHandler().install()
     clips_per_step = d.batch_size * world * tc.grad_accum_steps
     from tqdm import tqdm
 

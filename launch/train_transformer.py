@@ -128,8 +128,8 @@ def train(cfg: TransformerTrainConfig, ds_base: dict[str, Any], run_dir: Path, r
     from magvit.transformer import MaskedVideoTransformer, TransformerConfig
 
     env = dist.init_distributed()
+    preempt = dist.PreemptionHandler().install()  # from here on SIGTERM/SIGUSR1 mean "checkpoint and exit 3"
     rank, world = env.rank, env.world_size
-    log = dist.rank_zero_logger("magvit.train_transformer", rank)
     device = dist.device()
     tc = cfg.train
     ds_config = dist.make_deepspeed_config(ds_base, micro_batch_size=cfg.data.batch_size,
@@ -139,6 +139,7 @@ def train(cfg: TransformerTrainConfig, ds_base: dict[str, Any], run_dir: Path, r
     if rank == 0:
         setup_run_dir(run_dir, cfg, ds_config, argv)
     dist.barrier()
+    log = dist.rank_zero_logger("magvit.train_transformer", rank, run_dir / "logs" / f"rank{rank}.log")
 
     seed_everything(tc.seed)  # identical initial weights on every rank
     model_cfg = TransformerConfig.from_dict(cfg.model)
@@ -190,7 +191,6 @@ def train(cfg: TransformerTrainConfig, ds_base: dict[str, Any], run_dir: Path, r
         dist.barrier()
 
     metrics_log = MetricsLogger(run_dir, enabled=rank == 0, tensorboard=cfg.logging.tensorboard)
-    preempt = dist.PreemptionHandler().install()
     examples_per_step = d.batch_size * world * tc.grad_accum_steps
     from tqdm import tqdm
 

@@ -183,7 +183,9 @@ def init_distributed(env: DistEnv | None = None) -> DistEnv:
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
     _disable_jit_ops()
     import deepspeed
+    from deepspeed.utils import logger as ds_logger
 
+    ds_logger.setLevel(logging.WARNING)  # progress and summaries come from the training script
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(auto_mpi_discovery=False, verbose=False, rank=env.rank, world_size=env.world_size)
     return env
@@ -392,13 +394,25 @@ class PreemptionHandler:
         return all_reduce_max(1.0 if self.received is not None else 0.0) > 0.0
 
 
-def rank_zero_logger(name: str, rank: int, level: int = logging.INFO) -> logging.Logger:
-    """A logger that prints on rank 0 only (other ranks keep warnings)."""
+def rank_zero_logger(name: str, rank: int, log_file: str | os.PathLike | None = None,
+                     level: int = logging.INFO) -> logging.Logger:
+    """A logger that prints on rank 0 (other ranks print warnings only) and, with ``log_file``, writes every
+    message of this rank to that file (``RUN_DIR/logs/rank<r>.log``)."""
     log = logging.getLogger(name)
-    if not log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-        log.addHandler(handler)
-        log.propagate = False
-    log.setLevel(level if rank == 0 else logging.WARNING)
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+        handler.close()
+    log.propagate = False
+    log.setLevel(level)
+    fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(message)s", "%H:%M:%S")
+    stream = logging.StreamHandler()
+    stream.setFormatter(fmt)
+    stream.setLevel(level if rank == 0 else logging.WARNING)
+    log.addHandler(stream)
+    if log_file is not None:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        file_handler = logging.FileHandler(log_file)
+        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        file_handler.setLevel(level)
+        log.addHandler(file_handler)
     return log

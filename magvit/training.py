@@ -213,10 +213,22 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> a
 def load_train_config(config_cls: type[Config], path: str, overrides: Sequence[str],
                       sections: Mapping[str, type[Config]], deepspeed_config: str | None = None) -> Config:
     """Load the YAML, expand the model sections named in ``sections`` (preset + overrides -> full dict), apply
-    ``key.path=value`` overrides and re-validate the model sections. Raises ``ConfigError``."""
+    ``key.path=value`` overrides and re-validate the model sections. ``<section>.preset=NAME`` switches the preset
+    (the YAML's field overrides of that section still apply). Raises ``ConfigError``."""
     cfg = config_cls.from_yaml(path)
-    cfg = cfg.replace(**{name: resolve_section(getattr(cfg, name), cls, name) for name, cls in sections.items()})
-    cfg = cfg.with_overrides(overrides)
+    presets = {}  # `model.preset=B` picks another preset before the section is expanded
+    rest = []
+    for word in overrides:
+        key, _, value = word.partition("=")
+        name = key[: -len(".preset")] if key.endswith(".preset") else None
+        if name in sections:
+            presets[name] = value
+        else:
+            rest.append(word)
+    cfg = cfg.replace(**{name: resolve_section({**getattr(cfg, name), **({"preset": presets[name]} if name in presets
+                                                                           else {})}, cls, name)
+                         for name, cls in sections.items()})
+    cfg = cfg.with_overrides(rest)
     for name, cls in sections.items():
         resolve_section(getattr(cfg, name), cls, name)  # strict check after overrides
     if deepspeed_config:

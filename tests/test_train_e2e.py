@@ -121,6 +121,7 @@ def test_tokenizer_zero2_run_dir_contract(tokenizer_reference):
     assert ds["zero_optimization"]["stage"] == 2 and ds["train_batch_size"] == 4  # 2 per rank x 2 ranks
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["max_steps"] == 6
     assert "deepspeed" in (run / "version.txt").read_text()
+    assert "done: 6 steps" in (run / "logs" / "rank0.log").read_text() and (run / "logs" / "rank1.log").is_file()
     losses = _losses(run, "g/loss")
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]
     assert set(_losses(run, "d/loss")) == {3, 4, 5, 6}  # the discriminator starts at step 2 (0-based)
@@ -256,10 +257,10 @@ def _run_like_srun(script: str, args: list[str], ntasks: int = 2, timeout: float
     return [(p.wait(timeout=timeout), p.stdout.read()) for p in procs]
 
 
-@pytest.mark.parametrize("launcher, stage, precision", [("srun", 2, "fp32"), ("deepspeed", 3, "bf16")])
-def test_transformer_trains_and_exports_ema(launcher, stage, precision, tokens, tmp_path):
+@pytest.mark.parametrize("launcher, stage, precision, accum", [("srun", 2, "fp32", 2), ("deepspeed", 3, "bf16", 1)])
+def test_transformer_trains_and_exports_ema(launcher, stage, precision, accum, tokens, tmp_path):
     """2 ranks started by the deepspeed launcher (ZeRO-3, DeepSpeed bf16) or, as srun does, as two plain
-    processes with SLURM variables only (ZeRO-2, fp32)."""
+    processes with SLURM variables only (ZeRO-2, fp32, 2 micro-batches per optimizer step)."""
     from safetensors.torch import load_file
 
     from magvit.transformer import MaskedVideoTransformer
@@ -267,8 +268,8 @@ def test_transformer_trains_and_exports_ema(launcher, stage, precision, tokens, 
     run_dir = tmp_path / "run"
     args = ["--config", "configs/transformer/tiny.yaml", "--deepspeed_config", f"configs/deepspeed/zero{stage}.json",
             "--run-dir", str(run_dir), f"data.tokens={tokens}", "data.batch_size=2", "train.max_steps=4",
-            "train.warmup_steps=1", f"train.precision={precision}", "checkpoint.every=2", "logging.log_every=1",
-            "logging.tensorboard=false"]
+            "train.warmup_steps=1", f"train.precision={precision}", f"train.grad_accum_steps={accum}",
+            "checkpoint.every=2", "logging.log_every=1", "logging.tensorboard=false"]
     if launcher == "srun":
         for status, output in _run_like_srun("train_transformer.py", args):
             assert status == 0, output[-3000:]
@@ -278,11 +279,13 @@ def test_transformer_trains_and_exports_ema(launcher, stage, precision, tokens, 
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     ds = json.loads((run_dir / "deepspeed_config.json").read_text())
     assert ds["zero_optimization"]["stage"] == stage and ds["bf16"]["enabled"] is (precision == "bf16")
-    assert ds["train_batch_size"] == 4  # 2 per rank x 2 ranks
+    assert ds["train_batch_size"] == 4 * accum and ds["gradient_accumulation_steps"] == accum  # 2/rank x 2 ranks
     losses = _losses(run_dir, "loss")
     assert sorted(losses) == [1, 2, 3, 4] and all(0 < v < 10 for v in losses.values())
-    model = MaskedVideoTransformer.from_pretrained(run_dir / "export")
     meta = json.loads((tokens / "meta.json").read_text())
+    per_epoch = meta["num_examples"] // 2 // 2  # micro-batches of 2 per rank and epoch
+    assert _losses(run_dir, "epoch")[4] == (4 * accum - 1) // per_epoch  # 4 steps consumed 4 * accum of them
+    model = MaskedVideoTransformer.from_pretrained(run_dir / "export")
     assert model.config.codebook_size == meta["codebook_size"]
     assert list(model.config.token_grid) == list(meta["token_grid"])
     ema = load_file(str(run_dir / "checkpoints" / "step_00000004" / "ema.safetensors"))

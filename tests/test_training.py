@@ -184,6 +184,8 @@ def test_load_train_config_expands_presets_and_applies_overrides(tmp_path):
                               deepspeed_config="x.json")
     assert cfg.model == {"width": 16, "depth": 3}
     assert cfg.train.max_steps == 5 and cfg.train.precision == "bf16" and cfg.train.deepspeed_config == "x.json"
+    switched = T.load_train_config(_RunCfg, str(path), ["model.preset=tiny"], {"model": _Model})
+    assert switched.model == {"width": 8, "depth": 3}  # the YAML's depth override survives the preset switch
     with pytest.raises(ConfigError, match="model.nope"):
         T.load_train_config(_RunCfg, str(path), ["model.nope=1"], {"model": _Model})
     with pytest.raises(ConfigError, match="precision"):
