@@ -395,6 +395,7 @@ def train(cfg: TokenizerTrainConfig, ds_base: dict[str, Any], run_dir: Path, res
                 save(step)
                 last_saved = step
     except NonFiniteLossError as err:
+        metrics_log.log(step, {"nonfinite_skipped": guard.total_skipped}, event="nonfinite_stop")
         log.error("%s", err)
         exit_code = 1
     finally:

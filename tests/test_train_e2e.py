@@ -291,3 +291,21 @@ def test_transformer_trains_and_exports_ema(launcher, stage, precision, accum, t
     ema = load_file(str(run_dir / "checkpoints" / "step_00000004" / "ema.safetensors"))
     for name, param in model.named_parameters():  # the export holds the EMA weights of the last checkpoint
         assert torch.equal(param.detach(), ema[name]), name
+
+
+def test_plain_python_run_stops_on_repeated_nonfinite_loss(tokens, tmp_path):
+    """One plain `python` process (no launcher). An absurd learning rate makes the loss non-finite from the
+    second step on: each such step is skipped and logged, and max_nonfinite_steps in a row stop the run."""
+    run_dir = tmp_path / "run"
+    result = _run("train_transformer.py", [
+        "--config", "configs/transformer/tiny.yaml", "--run-dir", str(run_dir), f"data.tokens={tokens}",
+        "data.batch_size=2", "train.max_steps=20", "train.warmup_steps=0", "optim.lr=1e30", "optim.grad_clip=0",
+        "train.max_nonfinite_steps=3", "logging.log_every=1", "logging.tensorboard=false"], ranks=1)
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "3 non-finite losses in a row" in result.stderr
+    records = read_metrics(run_dir / "metrics.jsonl")
+    skipped = [r for r in records if r.get("event") in ("nonfinite_loss", "nonfinite_stop")]
+    assert [(r["event"], r["nonfinite_skipped"]) for r in skipped] == [
+        ("nonfinite_loss", 1), ("nonfinite_loss", 2), ("nonfinite_stop", 3)]
+    assert all(r["step"] == skipped[0]["step"] for r in skipped)  # skipped steps do not advance the step count
+    assert '"WORLD_SIZE": "1"' in (run_dir / "command.txt").read_text()
