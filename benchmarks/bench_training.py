@@ -114,16 +114,21 @@ def _last_error(proc: subprocess.CompletedProcess) -> str:
     return (lines[-1].strip() if lines else f"exit status {proc.returncode}")[-120:]
 
 
+# bf16: DeepSpeed bf16 (bf16 weights, fp32 master copy); autocast-bf16: fp32 weights, bf16 matmuls/convs.
+PRECISIONS = ("fp32", "bf16", "autocast-bf16")
+
+
 def cells(models: list[str], full: bool) -> list[Cell]:
-    """Default: ranks 1 vs 2 (ZeRO-2 fp32), ZeRO 0/1/2/3 (2 ranks fp32), fp32 vs bf16 (2 ranks ZeRO-2).
+    """Default: ranks 1 vs 2 (ZeRO-2 fp32), ZeRO 0/1/2/3 (2 ranks fp32), fp32 vs bf16 vs autocast-bf16 (2 ranks
+    ZeRO-2).
     ``full``: every combination."""
     out: list[Cell] = []
     for m in models:
         if full:
-            out += [Cell(m, r, z, p) for r in (1, 2) for z in (0, 1, 2, 3) for p in ("fp32", "bf16")]
+            out += [Cell(m, r, z, p) for r in (1, 2) for z in (0, 1, 2, 3) for p in PRECISIONS]
             continue
         wanted = [Cell(m, 1, 2, "fp32"), Cell(m, 2, 2, "fp32"), Cell(m, 2, 0, "fp32"), Cell(m, 2, 1, "fp32"),
-                  Cell(m, 2, 3, "fp32"), Cell(m, 2, 2, "bf16"), Cell(m, 1, 2, "bf16")]
+                  Cell(m, 2, 3, "fp32"), Cell(m, 2, 2, "bf16"), Cell(m, 2, 2, "autocast-bf16")]
         out += wanted
     return out
 

@@ -9,7 +9,9 @@ Generator and discriminator are two DeepSpeed engines with their own torch Adam 
 beta2 = 0.99 as MAGVIT) and LR schedules. Each optimizer step is ``generator_step`` (reconstruction + quantizer +
 perceptual + weighted GAN loss) followed, once the discriminator has started, by ``discriminator_step`` (GAN loss
 on real vs. reconstructed clips + optional R1 and LeCam). The exported weights (``RUN_DIR/export``) are the EMA of
-the generator. SIGTERM/SIGUSR1 finish the step, checkpoint and exit with status 3.
+the generator. SIGTERM/SIGUSR1 finish the step, checkpoint and exit with status 3. Send them to the training
+processes (srun and ``scancel --signal`` do): the deepspeed launcher answers SIGTERM by terminating its children
+(they still checkpoint, within its 30 s grace period) and exits with status 1 itself.
 """
 
 from __future__ import annotations
@@ -358,7 +360,7 @@ def train(cfg: TokenizerTrainConfig, ds_base: dict[str, Any], run_dir: Path, res
             d_metrics = {}
             if step >= cfg.loss.disc_start:
                 d_out = discriminator_step(d_engine, video, recon, step, cfg, lecam, guard, autocast)
-                if d_out is None:
+                if d_out is None:  # with accumulation, the discriminator's step then takes one more micro-batch
                     metrics_log.log(step, {"nonfinite_skipped": guard.total_skipped}, event="nonfinite_loss")
                     log.warning("non-finite discriminator loss at step %d: its micro-batch skipped", step)
                 else:

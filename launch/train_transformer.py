@@ -9,7 +9,8 @@ The token shards come from ``python -m data_prep.tokenize``; their ``meta.json``
 token grid and number of classes. Each step draws a task (COMMIT condition, sketch, class, unconditional) and a
 mask ratio from the mask schedule per example (``masking.make_training_batch``) and minimises the masked-token
 cross-entropy. The exported weights (``RUN_DIR/export``) are the EMA of the transformer. SIGTERM/SIGUSR1 finish
-the step, checkpoint and exit with status 3.
+the step, checkpoint and exit with status 3 (send them to the training processes, as srun does; see
+``train_tokenizer.py``).
 """
 
 from __future__ import annotations
