@@ -231,3 +231,24 @@ def test_run_dir_and_metrics(tmp_path):
     assert any((run / "tb").iterdir())
     T.MetricsLogger(run, enabled=False).log(5, {"x": 1.0})  # other ranks: no-op
     assert len(T.read_metrics(run / "metrics.jsonl")) == 2
+
+
+@pytest.mark.parametrize("kind", ["tokenizer", "transformer"])
+def test_repository_configs_load_strictly(kind, monkeypatch):
+    """Every shipped YAML resolves (presets expanded, model sizes consistent with the data section)."""
+    import importlib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    module = importlib.import_module(f"launch.train_{kind}")
+    names = sorted(p.stem for p in (root / "configs" / kind).glob("*.yaml"))
+    assert names == ["B", "L", "tiny"]
+    for name in names:
+        cfg = module.load_config(f"configs/{kind}/{name}.yaml", [])
+        assert cfg.train.deepspeed_config == "configs/deepspeed/zero2.json"
+        if kind == "tokenizer":
+            assert cfg.model["num_frames"] == cfg.data.num_frames and cfg.model["image_size"] == cfg.data.image_size
+            if name != "tiny":
+                assert (cfg.data.num_frames, cfg.data.image_size) == (16, 128)
+                assert (cfg.optim.beta1, cfg.optim.beta2) == (0.0, 0.99)
