@@ -283,9 +283,13 @@ def train(cfg: TokenizerTrainConfig, ds_base: dict[str, Any], run_dir: Path, res
 
     # --- data ----------------------------------------------------------------------------------------------------
     d = cfg.data
-    train_set = ClipDataset(d.manifest, "train", num_frames=d.num_frames, image_size=d.image_size,
-                            frame_stride=d.frame_stride, hflip=d.hflip, seed=tc.seed, clips_per_video=d.clips_per_video)
-    sampler = ResumableDistributedSampler(len(train_set), rank, world, d.batch_size, seed=tc.seed)
+    try:
+        train_set = ClipDataset(d.manifest, "train", num_frames=d.num_frames, image_size=d.image_size,
+                                frame_stride=d.frame_stride, hflip=d.hflip, seed=tc.seed,
+                                clips_per_video=d.clips_per_video)
+        sampler = ResumableDistributedSampler(len(train_set), rank, world, d.batch_size, seed=tc.seed)
+    except (ValueError, FileNotFoundError) as err:  # e.g. too few clips for one global batch
+        raise UsageError(f"{d.manifest}: {err}") from None
 
     def make_loader(s):
         return torch.utils.data.DataLoader(train_set, batch_size=d.batch_size, sampler=s, drop_last=True,

@@ -153,9 +153,12 @@ def train(cfg: TransformerTrainConfig, ds_base: dict[str, Any], run_dir: Path, r
     autocast = precision_context(tc.precision, device)
     vocab = model_cfg.vocab
 
-    dataset = TokenShardDataset(cfg.data.tokens)
     d = cfg.data
-    sampler = ResumableDistributedSampler(len(dataset), rank, world, d.batch_size, seed=tc.seed)
+    try:
+        dataset = TokenShardDataset(d.tokens)
+        sampler = ResumableDistributedSampler(len(dataset), rank, world, d.batch_size, seed=tc.seed)
+    except (ValueError, FileNotFoundError) as err:  # e.g. too few examples for one global batch
+        raise UsageError(f"{d.tokens}: {err}") from None
 
     def make_loader(s):
         return torch.utils.data.DataLoader(dataset, batch_size=d.batch_size, sampler=s, drop_last=True,
