@@ -108,3 +108,24 @@ def test_preemption_handler_sets_flag_on_sigusr1_and_sigterm():
 
 def test_exit_code_contract():
     assert dist.EXIT_CODE_PREEMPTED == 3
+
+
+def test_rank_logger_writes_every_rank_to_its_file_and_prints_rank0_only(tmp_path, capsys):
+    for rank in (0, 1):
+        log = dist.rank_zero_logger(f"magvit.test.r{rank}", rank, tmp_path / "logs" / f"rank{rank}.log")
+        log.info("step %d", 5)
+        log.warning("careful")
+        for handler in log.handlers:
+            handler.flush()
+    err = capsys.readouterr().err
+    assert "[rank 0] INFO step 5" in err and "[rank 1] INFO" not in err and "[rank 1] WARNING careful" in err
+    for rank in (0, 1):
+        text = (tmp_path / "logs" / f"rank{rank}.log").read_text()
+        assert "INFO step 5" in text and "WARNING careful" in text
+
+
+def test_single_process_collectives_are_identities():
+    assert dist.all_reduce_max(2.5) == 2.5
+    assert dist.all_reduce_mean([1.0, 3.0]) == [1.0, 3.0]
+    assert dist.all_gather_scalar(7.0) == [7.0]
+    assert dist.peak_memory_mb() > 10  # this process's peak RSS
