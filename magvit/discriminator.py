@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Config
+from .tokenizer import avg_pool3d
 
 
 @dataclass
@@ -78,9 +79,9 @@ class DiscriminatorBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T, H, W) -> (B, C', T', H/2, W/2)
         h = F.leaky_relu(self.conv1(x), self.negative_slope)
-        h = F.avg_pool3d(h, self.pool)
+        h = avg_pool3d(h, self.pool)
         h = F.leaky_relu(self.conv2(h), self.negative_slope)
-        residual = self.shortcut(F.avg_pool3d(x, self.pool))
+        residual = self.shortcut(avg_pool3d(x, self.pool))
         return (h + residual) / math.sqrt(2)  # keeps the activation scale
 
 

@@ -215,16 +215,24 @@ class ResBlock(nn.Module):
         return self.shortcut(x) + h
 
 
+def avg_pool3d(x: torch.Tensor, kernel: tuple[int, int, int]) -> torch.Tensor:
+    """``F.avg_pool3d`` that also runs on bf16 CPU tensors."""
+    # avg_pool3d has no bf16 CPU kernel: pool in fp32 (exact for a mean of 8 values) and cast back.
+    if x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu":
+        return F.avg_pool3d(x.float(), kernel).to(x.dtype)
+    return F.avg_pool3d(x, kernel)
+
+
 def downsample(x: torch.Tensor, temporal: bool, causal: bool) -> torch.Tensor:
     """Average pooling by 2 in H, W (and T if ``temporal``). Causal: frame 0 is pooled alone in space, frames
     1.. in pairs, so ``1 + 2k`` frames become ``1 + k`` and frame 0 stays separate."""
     if not temporal:
-        return F.avg_pool3d(x, (1, 2, 2))
+        return avg_pool3d(x, (1, 2, 2))
     if causal:
-        first = F.avg_pool3d(x[:, :, :1], (1, 2, 2))  # (B, C, 1, H/2, W/2)
-        rest = F.avg_pool3d(x[:, :, 1:], (2, 2, 2)) if x.shape[2] > 1 else x[:, :, :0, ::2, ::2]
+        first = avg_pool3d(x[:, :, :1], (1, 2, 2))  # (B, C, 1, H/2, W/2)
+        rest = avg_pool3d(x[:, :, 1:], (2, 2, 2)) if x.shape[2] > 1 else x[:, :, :0, ::2, ::2]
         return torch.cat([first, rest], dim=2)
-    return F.avg_pool3d(x, (2, 2, 2))
+    return avg_pool3d(x, (2, 2, 2))
 
 
 def upsample(x: torch.Tensor, temporal: bool, causal: bool) -> torch.Tensor:

@@ -261,3 +261,16 @@ def test_overfit_one_real_clip_raises_psnr(real_video_path):
     after = psnr()
     print(f"overfit PSNR: {before:.2f} dB -> {after:.2f} dB")
     assert after > before + 5.0, (before, after)
+
+
+def test_bf16_weights_run_on_cpu():
+    """DeepSpeed bf16 casts the whole model to bf16: every op (avg pooling included) must have a CPU kernel."""
+    from magvit.discriminator import Discriminator, DiscriminatorConfig
+
+    tok = VideoTokenizer(TokenizerConfig.preset("tiny")).to(torch.bfloat16)
+    video = (torch.rand(1, 3, 8, 32, 32) * 2 - 1).to(torch.bfloat16)
+    recon, stats = tok(video)
+    assert recon.dtype == torch.bfloat16 and recon.shape == video.shape
+    disc = Discriminator(DiscriminatorConfig.preset("tiny", image_size=32, num_frames=8)).to(torch.bfloat16)
+    logits = disc(recon)
+    assert logits.shape == (1,) and torch.isfinite(logits.float()).all()
