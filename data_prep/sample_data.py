@@ -71,7 +71,8 @@ def build_sample_data(out: str | Path = "data/sample", show_progress: bool = Tru
         frames = read_video(source, indices=range(start, start + length)).frames  # (T, H, W, 3) uint8
         write_video(path, frames, fps=fps, crf=18, preset="veryfast")
         written += 1
-    summary = build_manifest([out], out / "manifest.jsonl", val_fraction=VAL_FRACTION, workers=1,
+    # Only the class folders written here: other folders under `out` (e.g. sketches/) are not sample clips.
+    summary = build_manifest([path for *_, path in jobs], out / "manifest.jsonl", val_fraction=VAL_FRACTION, workers=1,
                              check="first", show_progress=False)
     summary.update(written=written, skipped=skipped)
     return summary

