@@ -130,13 +130,17 @@ class Config:
             raise ConfigError(f"{_prefix or cls.__name__}: {err}") from err
 
     @classmethod
-    def preset(cls: type[C], name: str, **overrides: Any) -> C:
-        """A named size preset (e.g. ``"tiny"``, ``"B"``, ``"L"``) with optional field overrides."""
+    def _preset_dict(cls, name: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
+        """The field dict of preset ``name`` with ``overrides`` merged in (nested mappings merge key by key).
+        Subclasses override this hook when a preset's fields depend on the overrides."""
         if name not in cls.PRESETS:
             raise ConfigError(f"unknown {cls.__name__} preset '{name}'; available: {', '.join(cls.PRESETS)}")
-        base = dict(cls.PRESETS[name])
-        base.update(overrides)
-        return cls.from_dict(base)
+        return _deep_merge(dict(cls.PRESETS[name]), overrides)
+
+    @classmethod
+    def preset(cls: type[C], name: str, **overrides: Any) -> C:
+        """A named size preset (e.g. ``"tiny"``, ``"B"``, ``"L"``) with optional field overrides."""
+        return cls.from_dict(cls._preset_dict(name, overrides))
 
     @classmethod
     def from_yaml(cls: type[C], path: str | Path) -> C:
@@ -152,14 +156,11 @@ class Config:
 
     @classmethod
     def from_mapping(cls: type[C], data: Mapping[str, Any], source: str = "") -> C:
+        """Like :meth:`from_dict`, but a ``preset: NAME`` key starts from that preset; errors name ``source``."""
         data = dict(data)
-        preset = data.pop("preset", None)
+        name = data.pop("preset", None)
         try:
-            if preset is None:
-                return cls.from_dict(data)
-            if preset not in cls.PRESETS:
-                raise ConfigError(f"unknown {cls.__name__} preset '{preset}'; available: {', '.join(cls.PRESETS)}")
-            return cls.from_dict(_deep_merge(dict(cls.PRESETS[preset]), data))
+            return cls.from_dict(data if name is None else cls._preset_dict(name, data))
         except ConfigError as err:
             raise ConfigError(f"{source}: {err}" if source else str(err)) from None
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .config import Config, ConfigError, _deep_merge
+from .config import Config
 from .pretrained import PretrainedMixin
 from .quantizers import QuantizerConfig, build_quantizer
 
@@ -95,28 +95,10 @@ class TokenizerConfig(Config):
     # --- presets: causal clips have 1 + k * temporal_factor frames ----------------------------------------------
     @classmethod
     def _preset_dict(cls, name: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
-        if name not in cls.PRESETS:
-            raise ConfigError(f"unknown {cls.__name__} preset '{name}'; available: {', '.join(cls.PRESETS)}")
-        data = _deep_merge(dict(cls.PRESETS[name]), overrides)
+        data = super()._preset_dict(name, overrides)
         if data.get("causal") and "num_frames" not in overrides:
             data["num_frames"] = data.get("num_frames", 16) + 1
         return data
-
-    @classmethod
-    def preset(cls, name: str, **overrides: Any) -> "TokenizerConfig":
-        """A size preset (``tiny``, ``B``, ``L``) with overrides; causal presets take ``num_frames + 1`` frames."""
-        return cls.from_dict(cls._preset_dict(name, overrides))
-
-    @classmethod
-    def from_mapping(cls, data: Mapping[str, Any], source: str = "") -> "TokenizerConfig":
-        data = dict(data)
-        name = data.pop("preset", None)
-        if name is None:
-            return super().from_mapping(data, source)
-        try:
-            return cls.from_dict(cls._preset_dict(name, data))
-        except ConfigError as err:
-            raise ConfigError(f"{source}: {err}" if source else str(err)) from None
 
     # --- derived sizes ------------------------------------------------------------------------------------------
     @property
