@@ -158,6 +158,10 @@ class Conv3d(nn.Conv3d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T, H, W) -> (B, C', T, H, W)
         if self.time_pad:
             x = F.pad(x, (0, 0, 0, 0, self.time_pad, 0))
+        if x.shape[0] == 1 and x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[1:4].numel() <= 20480:
+            # PyTorch's CPU heuristic (made for 2D) sends a small batch-1 fp32 input to the slow im2col kernel,
+            # forward and backward; a zero second sample moves it to oneDNN, ~2.8x faster even with the extra work.
+            return super().forward(torch.cat([x, torch.zeros_like(x)]))[:1]
         return super().forward(x)
 
 

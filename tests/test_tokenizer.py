@@ -274,3 +274,21 @@ def test_bf16_weights_run_on_cpu():
     disc = Discriminator(DiscriminatorConfig.preset("tiny", image_size=32, num_frames=8)).to(torch.bfloat16)
     logits = disc(recon)
     assert logits.shape == (1,) and torch.isfinite(logits.float()).all()
+
+
+def test_batch_one_conv_fast_path_matches_plain_conv():
+    """The batch-1 CPU route through oneDNN (zero second sample) gives the plain convolution's values and grads."""
+    from magvit.tokenizer import Conv3d
+
+    for causal in (False, True):
+        conv = Conv3d(4, 6, (3, 3, 3), causal=causal)
+        x = torch.randn(1, 4, 5, 8, 8, requires_grad=True)
+        y = conv(x)
+        padded = torch.nn.functional.pad(x, (0, 0, 0, 0, 2, 0)) if causal else x
+        ref = torch.nn.functional.conv3d(padded, conv.weight, conv.bias, padding=conv.padding)
+        torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+        grad_y = torch.randn_like(y)
+        gx, gw = torch.autograd.grad(y, (x, conv.weight), grad_y)
+        rx, rw = torch.autograd.grad(ref, (x, conv.weight), grad_y)
+        torch.testing.assert_close(gx, rx, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(gw, rw, atol=1e-5, rtol=1e-5)
