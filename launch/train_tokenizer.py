@@ -16,10 +16,7 @@ processes (srun and ``scancel --signal`` do): the deepspeed launcher answers SIG
 
 from __future__ import annotations
 
-import contextlib
-import math
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -30,10 +27,11 @@ if __package__ in (None, ""):  # `python launch/train_tokenizer.py` / the deepsp
 import torch
 
 from magvit import distributed as dist
-from magvit.checkpoint import CheckpointManager, export_ema, latest_checkpoint, seed_everything
-from magvit.training import (EMA, BatchStream, MetricsLogger, NonFiniteGuard, NonFiniteLossError,
-                             ResumableDistributedSampler, TokenizerTrainConfig, UsageError, WarmupCosineSchedule,
-                             build_adam, build_arg_parser, load_train_config, parse_args, run_cli, setup_run_dir)
+from magvit.checkpoint import CheckpointManager, export_ema, seed_everything
+from magvit.training import (EMA, MetricsLogger, MetricsWindow, NonFiniteGuard, NonFiniteLossError,
+                             TokenizerTrainConfig, UsageError, WarmupCosineSchedule, build_adam, load_train_config,
+                             make_batch_stream, parse_train_command, precision_context, progress_bar,
+                             resume_latest, run_cli, start_run)
 
 DEFAULT_CONFIG = "configs/tokenizer/tiny.yaml"
 
@@ -61,13 +59,6 @@ def load_config(config_path: str, overrides: Sequence[str], deepspeed_config: st
     if cfg.loss.perceptual_weight > 0 and not cfg.loss.perceptual_model:
         raise ConfigError("loss.perceptual_weight > 0 needs loss.perceptual_model (a local ResNet-50 folder)")
     return cfg
-
-
-def precision_context(precision: str, device: torch.device):
-    """``torch.autocast`` for ``autocast-bf16``; DeepSpeed handles ``bf16`` (bf16 weights) itself."""
-    if precision == "autocast-bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 class LastLayerInput:
@@ -224,18 +215,11 @@ def load_val_videos(cfg: TokenizerTrainConfig, num: int) -> torch.Tensor:
 # Main
 # --------------------------------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_arg_parser(__doc__.split("\n")[0], DEFAULT_CONFIG)
-    args = parse_args(parser, argv)
-    cfg = load_config(args.config, args.overrides, args.deepspeed_config)
-    try:
-        ds_base = dist.load_deepspeed_config(cfg.train.deepspeed_config)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
+    args, cfg, ds_base = parse_train_command(__doc__.split("\n")[0], DEFAULT_CONFIG, "tokenizer", load_config, argv)
     if not Path(cfg.data.manifest).is_file():
         raise UsageError(f"manifest not found: {cfg.data.manifest} (make one with `python -m data_prep.sample_data "
                          f"--out data/sample` or set data.manifest=...)")
-    run_dir = Path(args.run_dir or Path("runs") / "tokenizer" / Path(args.config).stem)
-    return train(cfg, ds_base, run_dir, resume=args.resume == "auto", argv=sys.argv if argv is None else argv)
+    return train(cfg, ds_base, args.run_dir, resume=args.resume == "auto", argv=sys.argv if argv is None else argv)
 
 
 def train(cfg: TokenizerTrainConfig, ds_base: dict[str, Any], run_dir: Path, resume: bool,
@@ -245,19 +229,10 @@ def train(cfg: TokenizerTrainConfig, ds_base: dict[str, Any], run_dir: Path, res
     from magvit.losses import LeCamRegularizer, PerceptualLoss
     from magvit.tokenizer import TokenizerConfig, VideoTokenizer
 
-    env = dist.init_distributed()
-    preempt = dist.PreemptionHandler().install()  # from here on SIGTERM/SIGUSR1 mean "checkpoint and exit 3"
-    rank, world = env.rank, env.world_size
-    device = dist.device()
+    # from here on SIGTERM/SIGUSR1 mean "checkpoint and exit 3"
+    run = start_run(cfg, ds_base, run_dir, argv, "magvit.train_tokenizer")
+    rank, world, device, stage, log = run.rank, run.world_size, run.device, run.zero_stage, run.log
     tc = cfg.train
-    ds_config = dist.make_deepspeed_config(ds_base, micro_batch_size=cfg.data.batch_size,
-                                           grad_accum_steps=tc.grad_accum_steps, grad_clip=cfg.optim.grad_clip,
-                                           precision=tc.precision, zero_stage=tc.zero_stage, world_size=world)
-    stage = ds_config["zero_optimization"]["stage"]
-    if rank == 0:
-        setup_run_dir(run_dir, cfg, ds_config, argv)
-    dist.barrier()
-    log = dist.rank_zero_logger("magvit.train_tokenizer", rank, run_dir / "logs" / f"rank{rank}.log")
 
     # --- networks: identical initial weights on every rank, then per-rank randomness ---------------------------
     seed_everything(tc.seed)
@@ -274,8 +249,8 @@ def train(cfg: TokenizerTrainConfig, ds_base: dict[str, Any], run_dir: Path, res
     g_sched = WarmupCosineSchedule(g_opt, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
     d_sched = WarmupCosineSchedule(d_opt, tc.warmup_steps, max(1, tc.max_steps - cfg.loss.disc_start),
                                    tc.min_lr_ratio)
-    g_engine = dist.build_engine(generator, g_opt, ds_config, g_sched)
-    d_engine = dist.build_engine(discriminator, d_opt, ds_config, d_sched)
+    g_engine = dist.build_engine(generator, g_opt, run.ds_config, g_sched)
+    d_engine = dist.build_engine(discriminator, d_opt, run.ds_config, d_sched)
     engines = {"generator": g_engine, "discriminator": d_engine}
     dtype = torch.bfloat16 if tc.precision == "bf16" else torch.float32
     autocast = precision_context(tc.precision, device)
@@ -287,37 +262,20 @@ def train(cfg: TokenizerTrainConfig, ds_base: dict[str, Any], run_dir: Path, res
         train_set = ClipDataset(d.manifest, "train", num_frames=d.num_frames, image_size=d.image_size,
                                 frame_stride=d.frame_stride, hflip=d.hflip, seed=tc.seed,
                                 clips_per_video=d.clips_per_video)
-        sampler = ResumableDistributedSampler(len(train_set), rank, world, d.batch_size, seed=tc.seed)
+        stream = make_batch_stream(train_set, d, rank, world, tc.seed, device)
     except (ValueError, FileNotFoundError) as err:  # e.g. too few clips for one global batch
         raise UsageError(f"{d.manifest}: {err}") from None
-
-    def make_loader(s):
-        return torch.utils.data.DataLoader(train_set, batch_size=d.batch_size, sampler=s, drop_last=True,
-                                           num_workers=d.num_workers, pin_memory=device.type == "cuda",
-                                           generator=torch.Generator().manual_seed(tc.seed + rank))
-
-    stream = BatchStream(train_set, sampler, make_loader)
     val_videos = load_val_videos(cfg, d.val_clips) if rank == 0 and d.val_clips > 0 else None
 
     # --- resume ----------------------------------------------------------------------------------------------------
     ckpt = CheckpointManager(run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last)
     ckpt.clean_stale()
     guard = NonFiniteGuard(tc.max_nonfinite_steps)
-    step = 0
-    latest = latest_checkpoint(ckpt.root) if resume else None
-    if latest is not None:
-        state = ckpt.load(latest, engines, ema)
-        step = int(state["step"])
-        stream.epoch, stream.batch = state["data"]["epoch"], state["data"]["batch"]
-        lecam.ema_real.fill_(state["lecam"][0])
-        lecam.ema_fake.fill_(state["lecam"][1])
-        guard.total_skipped = int(state.get("nonfinite_skipped", 0))
-        if state.get("rng_restored") is False:
-            log.warning("checkpoint was written with another world size: RNG streams restart from the seed")
-            seed_everything(tc.seed + rank + 7919 * step)
-        log.info("resumed from %s (step %d, epoch %d, batch %d)", latest, step, stream.epoch, stream.batch)
-    elif resume:
-        log.info("no checkpoint in %s: starting fresh", ckpt.root)
+    resumed = resume_latest(ckpt, engines, ema, stream, guard, tc.seed, run) if resume else None
+    step = int(resumed["step"]) if resumed is not None else 0
+    if resumed is not None:
+        lecam.ema_real.fill_(resumed["lecam"][0])
+        lecam.ema_fake.fill_(resumed["lecam"][1])
 
     def save(at_step: int) -> None:
         state = {"data": stream.state_dict(), "lecam": [lecam.ema_real.item(), lecam.ema_fake.item()],
@@ -329,24 +287,16 @@ def train(cfg: TokenizerTrainConfig, ds_base: dict[str, Any], run_dir: Path, res
 
     # --- loop ------------------------------------------------------------------------------------------------------
     metrics_log = MetricsLogger(run_dir, enabled=rank == 0, tensorboard=cfg.logging.tensorboard)
-    clips_per_step = d.batch_size * world * tc.grad_accum_steps
-    from tqdm import tqdm
-
-    bar = tqdm(total=tc.max_steps, initial=step, disable=rank != 0 or not cfg.logging.progress, unit="step",
-               dynamic_ncols=True)
-    window: dict[str, list[float]] = {}
-    t_last, steps_since = time.perf_counter(), 0
+    bar = progress_bar(tc.max_steps, step, enabled=rank == 0 and cfg.logging.progress)
+    window = MetricsWindow(metrics_log, bar, d.batch_size * world * tc.grad_accum_steps, "perf/clips_per_s",
+                           loss_key="g/loss", rate_label="clips_s")
     exit_code, micro = 0, 0
-    last_saved = step if latest is not None else -1
+    last_saved = step if resumed is not None else -1
     log.info("training %s for %d steps on %d rank(s), ZeRO-%d, %s, run dir %s", model_cfg.__class__.__name__,
              tc.max_steps, world, stage, tc.precision, run_dir)
     try:
         while step < tc.max_steps:
-            if micro == 0 and preempt.should_stop():  # only between optimizer steps
-                log.warning("signal received: checkpointing at step %d and exiting with status %d", step,
-                            dist.EXIT_CODE_PREEMPTED)
-                if last_saved != step:
-                    save(step)
+            if micro == 0 and run.checkpoint_if_preempted(step, last_saved, save):  # only between optimizer steps
                 exit_code = dist.EXIT_CODE_PREEMPTED
                 break
             batch = next(stream)
@@ -369,8 +319,7 @@ def train(cfg: TokenizerTrainConfig, ds_base: dict[str, Any], run_dir: Path, res
                     log.warning("non-finite discriminator loss at step %d: its micro-batch skipped", step)
                 else:
                     d_metrics = d_out
-            for key, value in {**g_metrics, **d_metrics}.items():
-                window.setdefault(key, []).append(value)
+            window.add({**g_metrics, **d_metrics})
             micro = 0 if boundary else micro + 1
             if not boundary:
                 continue
@@ -379,20 +328,9 @@ def train(cfg: TokenizerTrainConfig, ds_base: dict[str, Any], run_dir: Path, res
             with dist.gathered_parameters(g_engine.module, stage):
                 ema.update(g_engine.module)
             step += 1
-            steps_since += 1
-            bar.update(1)
+            window.end_step()
             if step % cfg.logging.log_every == 0 or step == tc.max_steps:
-                keys = sorted(window)
-                means = dict(zip(keys, dist.all_reduce_mean([sum(window[k]) / len(window[k]) for k in keys])))
-                elapsed = time.perf_counter() - t_last
-                means.update({**lrs, "perf/clips_per_s": clips_per_step * steps_since / elapsed,
-                              "perf/step_s": elapsed / steps_since, "epoch": stream.epoch})
-                peaks = dist.all_gather_scalar(dist.peak_memory_mb())
-                means.update({"mem/peak_mb_max": max(peaks), "mem/peak_mb_min": min(peaks)})
-                metrics_log.log(step, means)
-                bar.set_postfix(loss=f"{means.get('g/loss', math.nan):.4f}",
-                                clips_s=f"{means['perf/clips_per_s']:.1f}")
-                window, t_last, steps_since = {}, time.perf_counter(), 0
+                window.log(step, lrs, stream.epoch)
             if val_videos is not None and (cfg.logging.sample_every and step % cfg.logging.sample_every == 0
                                            or step == tc.max_steps):
                 model = ema_copy(model_cfg, ema, g_engine.module).to(device)
@@ -401,13 +339,9 @@ def train(cfg: TokenizerTrainConfig, ds_base: dict[str, Any], run_dir: Path, res
                 save(step)
                 last_saved = step
     except NonFiniteLossError as err:
-        metrics_log.log(step, {"nonfinite_skipped": guard.total_skipped}, event="nonfinite_stop")
-        log.error("%s", err)
-        exit_code = 1
+        exit_code = run.stop_for_nonfinite(err, step, guard, metrics_log)
     finally:
-        bar.close()
-        preempt.uninstall()
-        metrics_log.close()
+        run.close(bar, metrics_log)
     if exit_code == 0 and rank == 0:
         log.info("done: %d steps, EMA weights exported to %s", step, run_dir / "export")
     dist.shutdown(g_engine, d_engine)

@@ -15,11 +15,8 @@ the step, checkpoint and exit with status 3 (send them to the training processes
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -30,10 +27,11 @@ if __package__ in (None, ""):  # `python launch/train_transformer.py` / the deep
 import torch
 
 from magvit import distributed as dist
-from magvit.checkpoint import CheckpointManager, export_ema, latest_checkpoint, seed_everything
-from magvit.training import (EMA, BatchStream, MetricsLogger, NonFiniteGuard, NonFiniteLossError,
-                             ResumableDistributedSampler, TransformerTrainConfig, UsageError, WarmupCosineSchedule,
-                             build_adam, build_arg_parser, load_train_config, parse_args, run_cli, setup_run_dir)
+from magvit.checkpoint import CheckpointManager, export_ema, seed_everything
+from magvit.training import (EMA, MetricsLogger, MetricsWindow, NonFiniteGuard, NonFiniteLossError,
+                             TransformerTrainConfig, UsageError, WarmupCosineSchedule, build_adam, load_train_config,
+                             make_batch_stream, parse_train_command, precision_context, progress_bar,
+                             resume_latest, run_cli, start_run)
 
 DEFAULT_CONFIG = "configs/transformer/tiny.yaml"
 
@@ -80,12 +78,6 @@ def with_token_sizes(cfg: TransformerTrainConfig) -> TransformerTrainConfig:
     return cfg
 
 
-def precision_context(precision: str, device: torch.device):
-    if precision == "autocast-bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def transformer_step(engine, batch: dict[str, Any], step: int, cfg: TransformerTrainConfig, vocab,
                      guard: NonFiniteGuard, autocast) -> dict[str, float] | None:
     """One micro-step: mask the batch's video tokens, predict them, back-propagate the masked-token loss.
@@ -111,16 +103,10 @@ def transformer_step(engine, batch: dict[str, Any], step: int, cfg: TransformerT
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_arg_parser(__doc__.split("\n")[0], DEFAULT_CONFIG)
-    args = parse_args(parser, argv)
-    cfg = load_config(args.config, args.overrides, args.deepspeed_config)
-    try:
-        ds_base = dist.load_deepspeed_config(cfg.train.deepspeed_config)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
+    args, cfg, ds_base = parse_train_command(__doc__.split("\n")[0], DEFAULT_CONFIG, "transformer", load_config,
+                                             argv)
     cfg = with_token_sizes(cfg)
-    run_dir = Path(args.run_dir or Path("runs") / "transformer" / Path(args.config).stem)
-    return train(cfg, ds_base, run_dir, resume=args.resume == "auto", argv=sys.argv if argv is None else argv)
+    return train(cfg, ds_base, args.run_dir, resume=args.resume == "auto", argv=sys.argv if argv is None else argv)
 
 
 def train(cfg: TransformerTrainConfig, ds_base: dict[str, Any], run_dir: Path, resume: bool,
@@ -128,19 +114,10 @@ def train(cfg: TransformerTrainConfig, ds_base: dict[str, Any], run_dir: Path, r
     from magvit.data import TokenShardDataset
     from magvit.transformer import MaskedVideoTransformer, TransformerConfig
 
-    env = dist.init_distributed()
-    preempt = dist.PreemptionHandler().install()  # from here on SIGTERM/SIGUSR1 mean "checkpoint and exit 3"
-    rank, world = env.rank, env.world_size
-    device = dist.device()
+    # from here on SIGTERM/SIGUSR1 mean "checkpoint and exit 3"
+    run = start_run(cfg, ds_base, run_dir, argv, "magvit.train_transformer")
+    rank, world, device, stage, log = run.rank, run.world_size, run.device, run.zero_stage, run.log
     tc = cfg.train
-    ds_config = dist.make_deepspeed_config(ds_base, micro_batch_size=cfg.data.batch_size,
-                                           grad_accum_steps=tc.grad_accum_steps, grad_clip=cfg.optim.grad_clip,
-                                           precision=tc.precision, zero_stage=tc.zero_stage, world_size=world)
-    stage = ds_config["zero_optimization"]["stage"]
-    if rank == 0:
-        setup_run_dir(run_dir, cfg, ds_config, argv)
-    dist.barrier()
-    log = dist.rank_zero_logger("magvit.train_transformer", rank, run_dir / "logs" / f"rank{rank}.log")
 
     seed_everything(tc.seed)  # identical initial weights on every rank
     model_cfg = TransformerConfig.from_dict(cfg.model)
@@ -149,40 +126,22 @@ def train(cfg: TransformerTrainConfig, ds_base: dict[str, Any], run_dir: Path, r
     seed_everything(tc.seed + rank)
     optimizer = build_adam(model, cfg.optim)
     schedule = WarmupCosineSchedule(optimizer, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
-    engine = dist.build_engine(model, optimizer, ds_config, schedule)
+    engine = dist.build_engine(model, optimizer, run.ds_config, schedule)
     autocast = precision_context(tc.precision, device)
     vocab = model_cfg.vocab
 
     d = cfg.data
     try:
         dataset = TokenShardDataset(d.tokens)
-        sampler = ResumableDistributedSampler(len(dataset), rank, world, d.batch_size, seed=tc.seed)
+        stream = make_batch_stream(dataset, d, rank, world, tc.seed, device)
     except (ValueError, FileNotFoundError) as err:  # e.g. too few examples for one global batch
         raise UsageError(f"{d.tokens}: {err}") from None
-
-    def make_loader(s):
-        return torch.utils.data.DataLoader(dataset, batch_size=d.batch_size, sampler=s, drop_last=True,
-                                           num_workers=d.num_workers, pin_memory=device.type == "cuda",
-                                           generator=torch.Generator().manual_seed(tc.seed + rank))
-
-    stream = BatchStream(dataset, sampler, make_loader)
 
     ckpt = CheckpointManager(run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last)
     ckpt.clean_stale()
     guard = NonFiniteGuard(tc.max_nonfinite_steps)
-    step = 0
-    latest = latest_checkpoint(ckpt.root) if resume else None
-    if latest is not None:
-        state = ckpt.load(latest, {"transformer": engine}, ema)
-        step = int(state["step"])
-        stream.epoch, stream.batch = state["data"]["epoch"], state["data"]["batch"]
-        guard.total_skipped = int(state.get("nonfinite_skipped", 0))
-        if state.get("rng_restored") is False:
-            log.warning("checkpoint was written with another world size: RNG streams restart from the seed")
-            seed_everything(tc.seed + rank + 7919 * step)
-        log.info("resumed from %s (step %d, epoch %d, batch %d)", latest, step, stream.epoch, stream.batch)
-    elif resume:
-        log.info("no checkpoint in %s: starting fresh", ckpt.root)
+    resumed = resume_latest(ckpt, {"transformer": engine}, ema, stream, guard, tc.seed, run) if resume else None
+    step = int(resumed["step"]) if resumed is not None else 0
 
     def save(at_step: int) -> None:
         ckpt.save(at_step, {"transformer": engine},
@@ -195,24 +154,16 @@ def train(cfg: TransformerTrainConfig, ds_base: dict[str, Any], run_dir: Path, r
         dist.barrier()
 
     metrics_log = MetricsLogger(run_dir, enabled=rank == 0, tensorboard=cfg.logging.tensorboard)
-    examples_per_step = d.batch_size * world * tc.grad_accum_steps
-    from tqdm import tqdm
-
-    bar = tqdm(total=tc.max_steps, initial=step, disable=rank != 0 or not cfg.logging.progress, unit="step",
-               dynamic_ncols=True)
-    window: dict[str, list[float]] = {}
-    t_last, steps_since = time.perf_counter(), 0
+    bar = progress_bar(tc.max_steps, step, enabled=rank == 0 and cfg.logging.progress)
+    window = MetricsWindow(metrics_log, bar, d.batch_size * world * tc.grad_accum_steps, "perf/examples_per_s",
+                           loss_key="loss", rate_label="ex_s")
     exit_code, micro = 0, 0
-    last_saved = step if latest is not None else -1
+    last_saved = step if resumed is not None else -1
     log.info("training MaskedVideoTransformer (%.1fM parameters) for %d steps on %d rank(s), ZeRO-%d, %s, run dir %s",
              sum(p.numel() for p in ema.shadow.values()) / 1e6, tc.max_steps, world, stage, tc.precision, run_dir)
     try:
         while step < tc.max_steps:
-            if micro == 0 and preempt.should_stop():
-                log.warning("signal received: checkpointing at step %d and exiting with status %d", step,
-                            dist.EXIT_CODE_PREEMPTED)
-                if last_saved != step:
-                    save(step)
+            if micro == 0 and run.checkpoint_if_preempted(step, last_saved, save):  # only between optimizer steps
                 exit_code = dist.EXIT_CODE_PREEMPTED
                 break
             batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
@@ -224,8 +175,7 @@ def train(cfg: TransformerTrainConfig, ds_base: dict[str, Any], run_dir: Path, r
                 metrics_log.log(step, {"nonfinite_skipped": guard.total_skipped}, event="nonfinite_loss")
                 log.warning("non-finite loss at step %d: micro-batch skipped (%d in a row)", step, guard.consecutive)
                 continue
-            for key, value in out.items():
-                window.setdefault(key, []).append(value)
+            window.add(out)
             micro = 0 if boundary else micro + 1
             if not boundary:
                 continue
@@ -233,31 +183,16 @@ def train(cfg: TransformerTrainConfig, ds_base: dict[str, Any], run_dir: Path, r
             with dist.gathered_parameters(engine.module, stage):
                 ema.update(engine.module)
             step += 1
-            steps_since += 1
-            bar.update(1)
+            window.end_step()
             if step % cfg.logging.log_every == 0 or step == tc.max_steps:
-                keys = sorted(window)
-                means = dict(zip(keys, dist.all_reduce_mean([sum(window[k]) / len(window[k]) for k in keys])))
-                elapsed = time.perf_counter() - t_last
-                means.update({"lr": lr, "perf/examples_per_s": examples_per_step * steps_since / elapsed,
-                              "perf/step_s": elapsed / steps_since, "epoch": stream.epoch})
-                peaks = dist.all_gather_scalar(dist.peak_memory_mb())
-                means.update({"mem/peak_mb_max": max(peaks), "mem/peak_mb_min": min(peaks)})
-                metrics_log.log(step, means)
-                bar.set_postfix(loss=f"{means.get('loss', math.nan):.4f}",
-                                ex_s=f"{means['perf/examples_per_s']:.1f}")
-                window, t_last, steps_since = {}, time.perf_counter(), 0
+                window.log(step, {"lr": lr}, stream.epoch)
             if step % cfg.checkpoint.every == 0 or step == tc.max_steps:
                 save(step)
                 last_saved = step
     except NonFiniteLossError as err:
-        metrics_log.log(step, {"nonfinite_skipped": guard.total_skipped}, event="nonfinite_stop")
-        log.error("%s", err)
-        exit_code = 1
+        exit_code = run.stop_for_nonfinite(err, step, guard, metrics_log)
     finally:
-        bar.close()
-        preempt.uninstall()
-        metrics_log.close()
+        run.close(bar, metrics_log)
     if exit_code == 0:
         log.info("done: %d steps, EMA weights exported to %s", step, run_dir / "export")
     dist.shutdown(engine)

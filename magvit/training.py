@@ -2,14 +2,17 @@
 
 Typed training configs, the command line (``--config``, ``--run-dir``, ``--resume auto``, ``key.path=value``),
 the warmup + cosine learning-rate schedule, weight-decay parameter groups, the EMA of weights, the metrics logger
-(TensorBoard + ``metrics.jsonl``), run-directory set-up, the non-finite-loss guard and a resumable data order.
+(TensorBoard + ``metrics.jsonl``), run-directory set-up, the non-finite-loss guard, a resumable data order, and
+the run bookkeeping both scripts share (``start_run``, ``resume_latest``, ``MetricsWindow``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 import platform
@@ -22,6 +25,7 @@ from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 import torch
 import yaml
 
+from . import distributed as dist
 from .config import Config, ConfigError
 
 Precision = Literal["fp32", "bf16", "autocast-bf16"]
@@ -234,6 +238,22 @@ def load_train_config(config_cls: type[Config], path: str, overrides: Sequence[s
     if deepspeed_config:
         cfg = cfg.with_overrides([f"train.deepspeed_config={deepspeed_config}"])
     return cfg
+
+
+def parse_train_command(description: str, default_config: str, kind: str,
+                        load_config: Callable[[str, Sequence[str], str | None], Config],
+                        argv: Sequence[str] | None) -> tuple[argparse.Namespace, Config, dict[str, Any]]:
+    """Parse a training command line, load its config with ``load_config(path, overrides, deepspeed_config)`` and
+    the base DeepSpeed JSON. ``args.run_dir`` comes back as a ``Path`` (default ``runs/<kind>/<config stem>``).
+    Raises ``UsageError`` / ``ConfigError``."""
+    args = parse_args(build_arg_parser(description, default_config), argv)
+    cfg = load_config(args.config, args.overrides, args.deepspeed_config)
+    try:
+        ds_base = dist.load_deepspeed_config(cfg.train.deepspeed_config)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    args.run_dir = Path(args.run_dir or Path("runs") / kind / Path(args.config).stem)
+    return args, cfg, ds_base
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
@@ -554,3 +574,155 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return records
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Run bookkeeping shared by the training scripts (each keeps its own loop and steps)
+# --------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class RunContext:
+    """This process's place in the run, as :func:`start_run` set it up."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    ds_config: dict[str, Any]
+    zero_stage: int
+    preempt: dist.PreemptionHandler
+    log: logging.Logger
+
+    def checkpoint_if_preempted(self, step: int, last_saved: int, save: Callable[[int], None]) -> bool:
+        """True when a preemption signal reached any rank (a collective: call it on every rank between optimizer
+        steps); ``save(step)`` has then written the checkpoint unless ``last_saved == step``."""
+        if not self.preempt.should_stop():
+            return False
+        self.log.warning("signal received: checkpointing at step %d and exiting with status %d", step,
+                         dist.EXIT_CODE_PREEMPTED)
+        if last_saved != step:
+            save(step)
+        return True
+
+    def stop_for_nonfinite(self, err: NonFiniteLossError, step: int, guard: NonFiniteGuard,
+                           metrics_log: "MetricsLogger") -> int:
+        """Record why the run stops (``event: nonfinite_stop``) and return its exit status, 1."""
+        metrics_log.log(step, {"nonfinite_skipped": guard.total_skipped}, event="nonfinite_stop")
+        self.log.error("%s", err)
+        return 1
+
+    def close(self, bar: Any, metrics_log: "MetricsLogger") -> None:
+        """End of the loop, whatever ended it: close the progress bar and the metrics, restore the signals."""
+        bar.close()
+        self.preempt.uninstall()
+        metrics_log.close()
+
+
+def start_run(cfg: Config, ds_base: Mapping[str, Any], run_dir: Path, argv: Sequence[str],
+              logger_name: str) -> RunContext:
+    """Start the process group, turn SIGTERM/SIGUSR1 into "checkpoint and exit 3" from here on, resolve the
+    DeepSpeed config (``cfg.data``, ``cfg.train``, ``cfg.optim.grad_clip``), set up ``run_dir`` (rank 0) and
+    open this rank's logger (``run_dir/logs/rank<r>.log``)."""
+    env = dist.init_distributed()
+    preempt = dist.PreemptionHandler().install()
+    tc = cfg.train
+    ds_config = dist.make_deepspeed_config(ds_base, micro_batch_size=cfg.data.batch_size,
+                                           grad_accum_steps=tc.grad_accum_steps, grad_clip=cfg.optim.grad_clip,
+                                           precision=tc.precision, zero_stage=tc.zero_stage,
+                                           world_size=env.world_size)
+    if env.rank == 0:
+        setup_run_dir(run_dir, cfg, ds_config, argv)
+    dist.barrier()
+    log = dist.rank_zero_logger(logger_name, env.rank, run_dir / "logs" / f"rank{env.rank}.log")
+    return RunContext(env.rank, env.world_size, dist.device(), ds_config, ds_config["zero_optimization"]["stage"],
+                      preempt, log)
+
+
+def precision_context(precision: Precision, device: torch.device) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for ``autocast-bf16``; DeepSpeed handles ``bf16`` (bf16 weights) itself."""
+    if precision == "autocast-bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def make_batch_stream(dataset: Any, data: DataConfig, rank: int, world_size: int, seed: int,
+                      device: torch.device) -> BatchStream:
+    """This rank's endless, resumable micro-batches of ``dataset`` (``data.batch_size`` items, drop_last).
+    Raises ``ValueError`` when the data set is smaller than one global batch."""
+    sampler = ResumableDistributedSampler(len(dataset), rank, world_size, data.batch_size, seed=seed)
+
+    def make_loader(s: ResumableDistributedSampler) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(dataset, batch_size=data.batch_size, sampler=s, drop_last=True,
+                                           num_workers=data.num_workers, pin_memory=device.type == "cuda",
+                                           generator=torch.Generator().manual_seed(seed + rank))
+
+    return BatchStream(dataset, sampler, make_loader)
+
+
+def resume_latest(ckpt: Any, engines: Mapping[str, Any], ema: EMA, stream: BatchStream, guard: NonFiniteGuard,
+                  seed: int, run: RunContext) -> dict[str, Any] | None:
+    """Load the latest complete checkpoint of ``ckpt`` (a ``checkpoint.CheckpointManager``) into the engines and
+    the EMA; restore the data position and the non-finite count. Returns its state (``state["step"]``: the step),
+    or None when there is none."""
+    from .checkpoint import latest_checkpoint, seed_everything
+
+    latest = latest_checkpoint(ckpt.root)
+    if latest is None:
+        run.log.info("no checkpoint in %s: starting fresh", ckpt.root)
+        return None
+    state = ckpt.load(latest, engines, ema)
+    step = int(state["step"])
+    stream.epoch, stream.batch = state["data"]["epoch"], state["data"]["batch"]
+    guard.total_skipped = int(state.get("nonfinite_skipped", 0))
+    if state.get("rng_restored") is False:
+        run.log.warning("checkpoint was written with another world size: RNG streams restart from the seed")
+        seed_everything(seed + run.rank + 7919 * step)
+    run.log.info("resumed from %s (step %d, epoch %d, batch %d)", latest, step, stream.epoch, stream.batch)
+    return state
+
+
+def progress_bar(max_steps: int, step: int, enabled: bool) -> Any:
+    """The tqdm bar of optimizer steps (disabled: a no-op bar)."""
+    from tqdm import tqdm
+
+    return tqdm(total=max_steps, initial=step, disable=not enabled, unit="step", dynamic_ncols=True)
+
+
+class MetricsWindow:
+    """The metrics of the micro-steps since the last log line, and the optimizer steps and time they took.
+
+    ``log`` writes the means over the window, averaged over ranks (a collective: every rank calls it at the same
+    step), then ``extra`` (e.g. learning rates), the throughput ``rate_key`` (``items_per_step`` per optimizer
+    step), ``perf/step_s``, ``epoch`` and the peak memory of the busiest and the idlest rank; shows ``loss_key``
+    and the throughput (as ``rate_label``) on the progress bar, and starts a new window.
+    """
+
+    def __init__(self, metrics_log: MetricsLogger, bar: Any, items_per_step: int, rate_key: str, loss_key: str,
+                 rate_label: str, clock: Callable[[], float] = time.perf_counter):
+        self.metrics_log, self.bar, self.items_per_step = metrics_log, bar, items_per_step
+        self.rate_key, self.loss_key, self.rate_label, self.clock = rate_key, loss_key, rate_label, clock
+        self.values: dict[str, list[float]] = {}
+        self.steps = 0
+        self.start = clock()
+
+    def add(self, metrics: Mapping[str, float]) -> None:
+        """One micro-step's metrics."""
+        for key, value in metrics.items():
+            self.values.setdefault(key, []).append(value)
+
+    def end_step(self) -> None:
+        """An optimizer step is complete."""
+        self.steps += 1
+        self.bar.update(1)
+
+    def log(self, step: int, extra: Mapping[str, float], epoch: int) -> dict[str, float]:
+        keys = sorted(self.values)
+        means = dict(zip(keys, dist.all_reduce_mean([sum(self.values[k]) / len(self.values[k]) for k in keys])))
+        elapsed = self.clock() - self.start
+        means.update({**extra, self.rate_key: self.items_per_step * self.steps / elapsed,
+                      "perf/step_s": elapsed / self.steps, "epoch": epoch})
+        peaks = dist.all_gather_scalar(dist.peak_memory_mb())
+        means.update({"mem/peak_mb_max": max(peaks), "mem/peak_mb_min": min(peaks)})
+        self.metrics_log.log(step, means)
+        self.bar.set_postfix(**{"loss": f"{means.get(self.loss_key, math.nan):.4f}",
+                                self.rate_label: f"{means[self.rate_key]:.1f}"})
+        self.values, self.steps, self.start = {}, 0, self.clock()
+        return means

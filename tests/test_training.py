@@ -252,3 +252,147 @@ def test_repository_configs_load_strictly(kind, monkeypatch):
             if name != "tiny":
                 assert (cfg.data.num_frames, cfg.data.image_size) == (16, 128)
                 assert (cfg.optim.beta1, cfg.optim.beta2) == (0.0, 0.99)
+
+
+class _FakeBar:
+    def __init__(self):
+        self.n, self.postfix = 0, None
+
+    def update(self, n):
+        self.n += n
+
+    def set_postfix(self, **kwargs):
+        self.postfix = kwargs
+
+    def close(self):
+        self.closed = True
+
+
+def test_metrics_window_means_rate_and_reset(tmp_path):
+    times = iter([10.0, 14.0, 14.5, 15.5, 16.0])  # start; each log: its end, the next start
+    metrics_log = T.MetricsLogger(tmp_path, tensorboard=False)
+    bar = _FakeBar()
+    window = T.MetricsWindow(metrics_log, bar, items_per_step=8, rate_key="perf/clips_per_s", loss_key="g/loss",
+                             rate_label="clips_s", clock=lambda: next(times))
+    window.add({"g/loss": 1.0, "g/recon": 3.0})
+    window.add({"g/loss": 2.0})
+    window.end_step()
+    window.add({"g/loss": 6.0})
+    window.end_step()
+    means = window.log(2, {"lr/generator": 1e-3}, epoch=1)
+    # one process: the means over ranks are this rank's means; 2 steps x 8 clips in 4 s
+    assert list(means)[:6] == ["g/loss", "g/recon", "lr/generator", "perf/clips_per_s", "perf/step_s", "epoch"]
+    assert means["g/loss"] == pytest.approx(3.0) and means["g/recon"] == 3.0
+    assert means["perf/clips_per_s"] == pytest.approx(4.0) and means["perf/step_s"] == pytest.approx(2.0)
+    assert means["mem/peak_mb_max"] == means["mem/peak_mb_min"] > 0
+    assert bar.n == 2 and bar.postfix == {"loss": "3.0000", "clips_s": "4.0"}
+    window.add({"g/recon": 5.0})  # a window without the loss key: the bar shows nan
+    window.end_step()
+    second = window.log(3, {}, epoch=1)
+    assert "g/loss" not in second and second["perf/clips_per_s"] == pytest.approx(8.0)
+    assert bar.postfix["loss"] == "nan"
+    metrics_log.close()
+    records = T.read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [2, 3] and records[0]["g/loss"] == pytest.approx(3.0)
+
+
+def test_make_batch_stream_shards_and_rejects_tiny_data():
+    dataset = torch.utils.data.TensorDataset(torch.arange(10))
+    data = T.DataConfig(batch_size=2, num_workers=0)
+    seen = []
+    for rank in range(2):
+        stream = T.make_batch_stream(dataset, data, rank, 2, seed=3, device=torch.device("cpu"))
+        batches = [next(stream)[0] for _ in range(stream.sampler.batches_per_epoch)]
+        assert all(b.shape == (2,) for b in batches) and stream.state_dict() == {"epoch": 0, "batch": 2}
+        seen += torch.cat(batches).tolist()
+    assert len(seen) == len(set(seen)) == 8  # the ranks' shares are disjoint
+    with pytest.raises(ValueError, match="global batch"):
+        T.make_batch_stream(dataset, T.DataConfig(batch_size=6, num_workers=0), 0, 2, 0, torch.device("cpu"))
+
+
+def test_parse_train_command_defaults_and_user_errors(monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    calls = []
+
+    def load_config(path, overrides, deepspeed_config):
+        calls.append((path, list(overrides), deepspeed_config))
+        return T.TransformerTrainConfig().with_overrides([f"train.deepspeed_config={deepspeed_config}"]
+                                                         if deepspeed_config else [])
+
+    args, cfg, ds_base = T.parse_train_command("x", "configs/transformer/tiny.yaml", "transformer", load_config,
+                                               ["train.seed=1"])
+    assert calls == [("configs/transformer/tiny.yaml", ["train.seed=1"], None)]
+    assert args.run_dir == Path("runs/transformer/tiny") and args.resume == "never"
+    assert isinstance(ds_base, dict) and "zero_optimization" in ds_base
+    args, _, _ = T.parse_train_command("x", "c.yaml", "tokenizer", load_config, ["--run-dir", "/tmp/r"])
+    assert args.run_dir == Path("/tmp/r")
+    with pytest.raises(T.UsageError, match="zero9"):
+        T.parse_train_command("x", "c.yaml", "tokenizer", load_config,
+                              ["--deepspeed_config", "configs/deepspeed/zero9.json"])
+
+
+def _run_context(tmp_path):
+    from magvit import distributed as dist
+
+    log = dist.rank_zero_logger("magvit.test_training", 0, tmp_path / "rank0.log")
+    return T.RunContext(0, 1, torch.device("cpu"), {}, 2, dist.PreemptionHandler(), log)
+
+
+def test_run_context_preemption_and_nonfinite_stop(tmp_path):
+    from magvit import distributed as dist
+
+    run = _run_context(tmp_path)
+    saved = []
+    assert not run.checkpoint_if_preempted(5, -1, saved.append) and saved == []
+    run.preempt.received = 15  # SIGTERM arrived
+    assert run.checkpoint_if_preempted(5, -1, saved.append) and saved == [5]
+    assert run.checkpoint_if_preempted(5, 5, saved.append) and saved == [5]  # step 5 is already on disk
+    assert f"exiting with status {dist.EXIT_CODE_PREEMPTED}" in (tmp_path / "rank0.log").read_text()
+
+    metrics_log = T.MetricsLogger(tmp_path, tensorboard=False)
+    guard = T.NonFiniteGuard(1)
+    with pytest.raises(T.NonFiniteLossError) as err:
+        guard.check(math.nan, 7)
+    assert run.stop_for_nonfinite(err.value, 7, guard, metrics_log) == 1
+    bar = _FakeBar()
+    run.close(bar, metrics_log)
+    assert bar.closed and metrics_log._file is None
+    (record,) = T.read_metrics(tmp_path / "metrics.jsonl")
+    assert record["event"] == "nonfinite_stop" and record["nonfinite_skipped"] == 1 and record["step"] == 7
+
+
+def test_resume_latest_restores_position_and_counts(tmp_path):
+    from magvit.checkpoint import COMPLETE
+
+    from magvit.checkpoint import seed_everything
+
+    class FakeManager:
+        root = tmp_path / "checkpoints"
+        rng_restored = True
+
+        def load(self, path, engines, ema):
+            self.loaded = (path.name, engines, ema)
+            return {"step": 12, "data": {"epoch": 2, "batch": 3}, "nonfinite_skipped": 4,
+                    "rng_restored": self.rng_restored}
+
+    run = _run_context(tmp_path)
+    stream = T.make_batch_stream(torch.utils.data.TensorDataset(torch.arange(4)), T.DataConfig(num_workers=0), 0,
+                                 1, 0, torch.device("cpu"))
+    guard, ckpt = T.NonFiniteGuard(3), FakeManager()
+    assert T.resume_latest(ckpt, {"m": None}, None, stream, guard, 0, run) is None  # nothing saved yet
+    assert "starting fresh" in (tmp_path / "rank0.log").read_text()
+    (ckpt.root / "step_00000012").mkdir(parents=True)
+    (ckpt.root / "step_00000012" / COMPLETE).write_text("")
+    state = T.resume_latest(ckpt, {"m": None}, "ema", stream, guard, 0, run)
+    assert state["step"] == 12 and ckpt.loaded == ("step_00000012", {"m": None}, "ema")
+    assert stream.state_dict() == {"epoch": 2, "batch": 3} and guard.total_skipped == 4
+    assert "resumed from" in (tmp_path / "rank0.log").read_text()
+    # written with another world size: the RNG restarts from seed + rank + 7919 * step
+    ckpt.rng_restored = False
+    T.resume_latest(ckpt, {"m": None}, "ema", stream, guard, 5, run)
+    after_resume = torch.rand(3)
+    seed_everything(5 + 0 + 7919 * 12)
+    assert torch.equal(after_resume, torch.rand(3))
+    assert "another world size" in (tmp_path / "rank0.log").read_text()
