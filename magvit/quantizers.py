@@ -212,6 +212,14 @@ class VectorQuantizer(nn.Module):
         _check_codes(codes, self.codebook_size, type(self).__name__)
         return self.codebook[codes.long()].permute(0, 4, 1, 2, 3).contiguous()
 
+    def latents_to_codes(self, z: Tensor) -> Tensor:
+        """Nearest-code indices (B, t, h, w) of ``z`` (B, D, t, h, w): the codes of :meth:`forward` without its
+        losses, statistics or codebook updates (the inference path of ``VideoTokenizer.encode``)."""
+        _check_latents(z, self.dim, type(self).__name__)
+        b, _, t, h, w = z.shape
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            return self._distances(_flatten(z.float()), self.codebook.float()).argmin(dim=1).view(b, t, h, w)
+
     def forward(self, z: Tensor) -> QuantizerOutput:
         """Quantize ``z`` (B, D, t, h, w). In training mode also runs k-means init / EMA / restarts as configured."""
         _check_latents(z, self.dim, type(self).__name__)
@@ -404,6 +412,13 @@ class LookupFreeQuantizer(nn.Module):
         _check_codes(codes, self.codebook_size, type(self).__name__)
         bits = (codes.long()[..., None] & self._bit_weights(codes.device)) > 0  # (B, t, h, w, D)
         return (bits.float() * 2.0 - 1.0).permute(0, 4, 1, 2, 3).contiguous()
+
+    def latents_to_codes(self, z: Tensor) -> Tensor:
+        """Code indices (B, t, h, w) of ``z`` (B, D, t, h, w) from its sign bits, without the entropy terms of
+        :meth:`forward` (an (N, K) softmax): the inference path of ``VideoTokenizer.encode``."""
+        _check_latents(z, self.dim, type(self).__name__)
+        b, _, t, h, w = z.shape
+        return ((_flatten(z) > 0).long() * self._bit_weights(z.device)).sum(dim=1).view(b, t, h, w)
 
     def forward(self, z: Tensor) -> QuantizerOutput:
         """Quantize ``z`` (B, D, t, h, w) with D = log2(K)."""

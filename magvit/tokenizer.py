@@ -362,7 +362,7 @@ class VideoTokenizer(nn.Module, PretrainedMixin):
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         """Video ``(B, C, T, H, W)`` float in [-1, 1] -> codes ``(B, t, h, w)`` long."""
         self.check_video(video)
-        return self.quantizer(self.encoder(video)).codes
+        return self.quantizer.latents_to_codes(self.encoder(video))  # no losses or codebook updates
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes ``(B, t, h, w)`` -> video ``(B, C, T, H, W)`` (unclamped decoder output)."""

@@ -405,3 +405,14 @@ def test_two_ranks_keep_identical_codebooks(tmp_path):
         single(torch.cat(step_data, dim=0))
     for key, value in single.state_dict().items():
         assert torch.allclose(ranks[0][f"ema.{key}"].to(value.dtype), value, atol=1e-6), key
+
+
+@pytest.mark.parametrize("kind", ["vq", "lfq"])
+def test_latents_to_codes_equals_forward_codes(kind):
+    """The inference path (no losses, no updates) picks the same codes as the training forward."""
+    cfg = QuantizerConfig(entropy_loss_weight=0.1)
+    quantizer = build_quantizer(kind, 64, 6 if kind == "lfq" else 8, cfg).eval()
+    z = torch.randn(2, quantizer.dim, 3, 4, 5)
+    assert torch.equal(quantizer.latents_to_codes(z), quantizer(z).codes)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(quantizer.latents_to_codes(z), quantizer(z).codes)
