@@ -3,7 +3,9 @@
 VQ: this project's ``VectorQuantizer`` (EMA codebook, decay 0.99, commitment 0.25) vs ``VectorQuantize`` with the
 same settings, both on ``(B, D, t, h, w)`` latents. LFQ: ``LookupFreeQuantizer`` vs ``LFQ`` (entropy loss 0.1,
 commitment 0.25, temperature 0.01 / inverse temperature 100). Training = forward + backward through the
-straight-through output and the auxiliary loss (EMA updates included); inference = eval-mode forward, no grad.
+straight-through output and the auxiliary loss (EMA updates included); inference = latents to codes and quantized
+latents, no grad (ours: ``latents_to_codes`` + ``codes_to_latents``, the path of ``VideoTokenizer.encode``/``decode``;
+theirs: eval-mode forward).
 
     .venv-bench/bin/python benchmarks/bench_quantizer.py [--threads 2] [--markdown benchmarks/results/quantizer.md]
 """
@@ -72,7 +74,8 @@ def measure(ours, theirs, z, max_seconds):
     ours.eval()
     theirs.eval()
     with torch.no_grad():
-        t_infer = common.time_pair(lambda: ours_step(ours, z), lambda: theirs_step(theirs, z),
+        t_infer = common.time_pair(lambda: ours.codes_to_latents(ours.latents_to_codes(z)),
+                                   lambda: theirs_step(theirs, z),
                                    max_seconds=max_seconds, min_reps=3)
     return t_train, t_infer
 

@@ -49,7 +49,7 @@ python -m magvit.generate --cond "$held_out" --task frame_prediction --tokenizer
 
 step "evaluate on the held-out clips"
 python -m magvit.evaluate --tokenizer "$RUN/tokenizer/export" --transformer "$RUN/transformer/export" \
-  --data "$DATA/manifest.jsonl" --run-dir "$RUN/tokenizer" --out "$RUN/report"
+  --data "$DATA/manifest.jsonl" --run-dir "$RUN/tokenizer" --run-dir "$RUN/transformer" --out "$RUN/report"
 
 step "done in $(( $(date +%s) - start )) s"
 cat <<EOF
