@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -69,3 +69,44 @@ def shard_rows(path: Path) -> int:
     with safe_open(str(path), "pt") as f:
         key = "codes" if "codes" in f.keys() else "frames"
         return int(f.get_slice(key).get_shape()[0])
+
+
+def write_shards(dataset, out: Path, shard_size: int, batch_size: int, workers: int, desc: str,
+                 encode: Callable[[dict[str, Any]], dict[str, torch.Tensor]]) -> tuple[list[dict[str, Any]], int, int, int]:
+    """Turn ``dataset`` into shards of ``shard_size`` examples under ``out``, skipping shards a previous run finished.
+
+    ``encode(batch)`` maps a collated batch to the tensors to store (each with the batch in dim 0, ``labels``
+    among them). A shard whose every clip failed to decode is left out (a rerun retries it).
+    Returns ``(shards for meta.json, shards written, shards kept, clips dropped)``.
+    """
+    from torch.utils.data import DataLoader, Subset
+
+    from data_prep._cli import progress
+    from magvit.data import collate_skip_none
+
+    shards, made, kept, dropped = [], 0, 0, 0
+    bar = progress(total=len(dataset), desc=desc, unit="clip")
+    for number in range(-(-len(dataset) // shard_size)):
+        path = out / shard_name(number)
+        lo, hi = number * shard_size, min(len(dataset), (number + 1) * shard_size)
+        if path.is_file():
+            shards.append({"file": path.name, "num_examples": shard_rows(path)})
+            kept += 1
+            bar.update(hi - lo)
+            continue
+        loader = DataLoader(Subset(dataset, range(lo, hi)), batch_size=batch_size, num_workers=workers,
+                            collate_fn=collate_skip_none)
+        parts: dict[str, list[torch.Tensor]] = {}
+        for step, batch in enumerate(loader):
+            bar.update(min(batch_size, hi - lo - step * batch_size))
+            if batch is not None:
+                for name, value in encode(batch).items():
+                    parts.setdefault(name, []).append(value)
+        got = sum(len(labels) for labels in parts.get("labels", []))
+        dropped += (hi - lo) - got
+        if got:
+            save_shard(path, {name: torch.cat(values) for name, values in parts.items()})
+            shards.append({"file": path.name, "num_examples": got})
+            made += 1
+    bar.close()
+    return shards, made, kept, dropped

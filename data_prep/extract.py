@@ -16,11 +16,9 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-import torch
-from torch.utils.data import DataLoader, Subset
 
-from data_prep._cli import ArgumentParser, UsageError, progress, quiet_decoders, run_main, write_json
-from data_prep._shards import fingerprint, open_out_dir, save_shard, shard_name, shard_rows
+from data_prep._cli import ArgumentParser, UsageError, quiet_decoders, run_main, write_json
+from data_prep._shards import fingerprint, open_out_dir, write_shards
 
 PROG = "python -m data_prep.extract"
 
@@ -43,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     quiet_decoders()
-    from magvit.data import ClipDataset, collate_skip_none
+    from magvit.data import ClipDataset
 
     try:
         dataset = ClipDataset(args.manifest, args.split, num_frames=args.num_frames, image_size=args.image_size,
@@ -62,34 +60,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     open_out_dir(out, plan, args.overwrite)
     workers = (os.cpu_count() or 1) if args.workers is None else args.workers
 
-    num_shards = -(-len(dataset) // args.shard_size)
-    shards, made, kept, dropped = [], 0, 0, 0
-    bar = progress(total=len(dataset), desc="extracting", unit="clip")
-    for number in range(num_shards):
-        path = out / shard_name(number)
-        lo, hi = number * args.shard_size, min(len(dataset), (number + 1) * args.shard_size)
-        if path.is_file():
-            shards.append({"file": path.name, "num_examples": shard_rows(path)})
-            kept += 1
-            bar.update(hi - lo)
-            continue
-        loader = DataLoader(Subset(dataset, range(lo, hi)), batch_size=8, num_workers=workers,
-                            collate_fn=collate_skip_none)
-        frames, labels, index = [], [], []
-        for step, batch in enumerate(loader):
-            if batch is not None:
-                frames.append(batch["video"])
-                labels.append(batch["label"])
-                index.append(batch["index"])
-            bar.update(min(8, hi - lo - 8 * step))
-        got = sum(len(f) for f in frames)
-        dropped += (hi - lo) - got
-        if got:  # a shard whose every clip failed is left out of meta.json (a rerun retries it)
-            save_shard(path, {"frames": torch.cat(frames), "labels": torch.cat(labels).long(),
-                              "clip_index": torch.cat(index).long()})
-            shards.append({"file": path.name, "num_examples": got})
-            made += 1
-    bar.close()
+    shards, made, kept, dropped = write_shards(
+        dataset, out, args.shard_size, batch_size=8, workers=workers, desc="extracting",
+        encode=lambda batch: {"frames": batch["video"], "labels": batch["label"].long(),
+                              "clip_index": batch["index"].long()})
     meta = {"format": "magvit-clips", "num_frames": args.num_frames, "size": [args.image_size, args.image_size],
             "classes": dataset.classes, "split": args.split, "manifest": str(Path(args.manifest).resolve()),
             "frame_stride": args.frame_stride, "target_fps": args.target_fps,

@@ -15,16 +15,14 @@ every clip has one, else ``data_prep.sketch.sketch_video`` of the clip), ``label
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from torch.utils.data import DataLoader, Subset
 
-from data_prep._cli import ArgumentParser, UsageError, progress, quiet_decoders, run_main, write_json
-from data_prep._shards import file_digest, fingerprint, open_out_dir, save_shard, shard_name, shard_rows
+from data_prep._cli import ArgumentParser, UsageError, quiet_decoders, run_main, write_json
+from data_prep._shards import file_digest, fingerprint, open_out_dir, write_shards
 
 PROG = "python -m data_prep.tokenize"
 
@@ -88,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     num_frames, size = config.num_frames, config.image_size
     grid = config.token_grid(num_frames, size, size)
 
-    from magvit.data import ClipDataset, collate_skip_none, read_manifest
+    from magvit.data import ClipDataset, read_manifest
     from magvit.masking import CONDITION_TASKS
 
     tasks = [] if args.no_conditions else list(CONDITION_TASKS)
@@ -120,41 +118,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from data_prep.sketch import sketch_video
 
-    num_shards = -(-len(dataset) // args.shard_size)
-    shards, made, kept, dropped = [], 0, 0, 0
-    bar = progress(total=len(dataset), desc="tokenizing", unit="clip")
-    for number in range(num_shards):
-        path = out / shard_name(number)
-        lo, hi = number * args.shard_size, min(len(dataset), (number + 1) * args.shard_size)
-        if path.is_file():
-            shards.append({"file": path.name, "num_examples": shard_rows(path)})
-            kept += 1
-            bar.update(hi - lo)
-            continue
-        loader = DataLoader(Subset(dataset, range(lo, hi)), batch_size=args.batch_size, num_workers=workers,
-                            collate_fn=collate_skip_none)
-        parts: dict[str, list[torch.Tensor]] = {}
-        for step, batch in enumerate(loader):
-            bar.update(min(args.batch_size, hi - lo - step * args.batch_size))
-            if batch is None:
-                continue
-            video = batch["video"]  # (B, 3, T, H, W) in [-1, 1]
-            sketch = None
-            if sketch_mode == "manifest":
-                sketch = batch["sketch"]
-            elif sketch_mode == "compute":
-                sketch = sketch_video(video)
-            for name, value in encode_batch(tokenizer, video, tasks, sketch, args.device).items():
-                parts.setdefault(name, []).append(value)
-            parts.setdefault("labels", []).append(batch["label"].long())
-            parts.setdefault("clip_index", []).append(batch["index"].long())
-        got = sum(len(p) for p in parts.get("codes", []))
-        dropped += (hi - lo) - got
-        if got:  # a shard whose every clip failed is left out (a rerun retries it)
-            save_shard(path, {name: torch.cat(values) for name, values in parts.items()})
-            shards.append({"file": path.name, "num_examples": got})
-            made += 1
-    bar.close()
+    def encode(batch: dict) -> dict[str, torch.Tensor]:
+        video = batch["video"]  # (B, 3, T, H, W) in [-1, 1]
+        sketch = None
+        if sketch_mode == "manifest":
+            sketch = batch["sketch"]
+        elif sketch_mode == "compute":
+            sketch = sketch_video(video)
+        return {**encode_batch(tokenizer, video, tasks, sketch, args.device), "labels": batch["label"].long(),
+                "clip_index": batch["index"].long()}
+
+    shards, made, kept, dropped = write_shards(dataset, out, args.shard_size, args.batch_size, workers,
+                                               "tokenizing", encode)
     meta = {"format": "magvit-tokens", "tokenizer": config.to_dict(),
             "tokenizer_dir": str(Path(args.tokenizer).resolve()), "token_grid": list(grid),
             "codebook_size": config.codebook_size, "classes": dataset.classes, "condition_tasks": tasks,
