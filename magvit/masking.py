@@ -139,6 +139,50 @@ class TokenVocabulary:
 
 
 @dataclasses.dataclass(frozen=True)
+class CodeFactorization:
+    """A code as ``num_factors`` sub-tokens of equal bit width (MAGVIT-v2's token factorization).
+
+    Code ``c`` is the base-``S`` number of its sub-tokens, most significant first:
+    ``c = sum_i sub_i * S**(F - 1 - i)`` with ``S = sub_vocab_size``; for ``2^18`` codes and ``F = 2`` that is
+    ``(c >> 9, c & 511)``. The transformer then embeds and predicts ``F`` tokens of ``S`` values each instead of one
+    of ``codebook_size`` values. ``num_factors = 1`` is the identity (any codebook size).
+    """
+
+    codebook_size: int
+    num_factors: int = 1
+
+    def __post_init__(self) -> None:
+        k, f = self.codebook_size, self.num_factors
+        if f < 1:
+            raise ValueError(f"token_factorization must be >= 1, got {f}")
+        bits = k.bit_length() - 1
+        if f > 1 and (k < 2 or k != 1 << bits or bits % f):
+            raise ValueError(f"codebook_size {k} cannot be split into {f} sub-tokens: token factorization needs a "
+                             f"power-of-two codebook whose bit count divides by {f} "
+                             "(e.g. 2^18 codes = 2 sub-tokens of 2^9)")
+
+    @property
+    def sub_vocab_size(self) -> int:
+        """Values per sub-token ``S`` (``S ** num_factors == codebook_size``)."""
+        if self.num_factors == 1:
+            return self.codebook_size
+        return 1 << ((self.codebook_size.bit_length() - 1) // self.num_factors)
+
+    def _radix(self, device: torch.device) -> torch.Tensor:
+        # (F,): S**(F-1), ..., S, 1; built on the device, so no host-to-device copy per call
+        return self.sub_vocab_size ** torch.arange(self.num_factors - 1, -1, -1, device=device)
+
+    def split(self, codes: torch.Tensor) -> torch.Tensor:
+        """Sub-tokens ``(..., F)`` of codes ``(...)`` in ``[0, codebook_size)``."""
+        return torch.div(codes.long()[..., None], self._radix(codes.device), rounding_mode="floor") \
+            % self.sub_vocab_size
+
+    def merge(self, sub_tokens: torch.Tensor) -> torch.Tensor:
+        """Codes ``(...)`` of sub-tokens ``(..., F)``: the inverse of :meth:`split`."""
+        return (sub_tokens.long() * self._radix(sub_tokens.device)).sum(dim=-1)
+
+
+@dataclasses.dataclass(frozen=True)
 class SequenceLayout:
     """Positions of the parts of a sequence for a token grid ``(t, h, w)``."""
 
@@ -380,18 +424,59 @@ def make_training_batch(
     return TrainingBatch(input_ids, labels, loss_mask)
 
 
+def factor_logits(logits: torch.Tensor, codebook_size: int) -> torch.Tensor:
+    """The code logits of a model output in factor form ``(..., F, S)`` with ``S ** F == codebook_size``.
+
+    A flat output ``(..., V)`` (``V >= codebook_size``: the codes, then the special tokens) becomes
+    ``(..., 1, codebook_size)``; a factorised output ``(..., F, S)`` (one head per sub-token,
+    :class:`CodeFactorization`) passes unchanged. Special tokens are never targets, so their logits are dropped.
+    """
+    if logits.shape[-1] >= codebook_size:
+        return logits[..., :codebook_size].unsqueeze(-2)
+    factors, sub = (logits.shape[-2], logits.shape[-1]) if logits.dim() >= 2 else (0, logits.shape[-1])
+    if not 1 < factors < codebook_size.bit_length() or sub**factors != codebook_size:
+        raise ValueError(f"logits {tuple(logits.shape)} fit neither a flat (..., V >= {codebook_size}) nor a "
+                         f"factorised (..., F, S) output with S**F == {codebook_size}")
+    return logits
+
+
+def code_nll(logits: torch.Tensor, targets: torch.Tensor, codebook_size: int,
+             label_smoothing: float = 0.0) -> torch.Tensor:
+    """Negative log-likelihood (nats) ``(M,)`` of target codes ``(M,)`` under model logits ``(M, V)`` or
+    ``(M, F, S)``.
+
+    Factorised, it is the sum of the ``F`` sub-token cross-entropies: the NLL of the whole code under the model's
+    joint ``p(c) = prod_i p_i(sub_i)``, so it is comparable with a flat model's. Label smoothing applies to each
+    sub-token's distribution.
+    """
+    code_logits = factor_logits(logits, codebook_size).float()  # (M, F, S)
+    m, factors, sub = code_logits.shape
+    sub_targets = CodeFactorization(codebook_size, factors).split(targets)  # (M, F)
+    ce = F.cross_entropy(code_logits.reshape(m * factors, sub), sub_targets.reshape(m * factors), reduction="none",
+                         label_smoothing=label_smoothing)  # (M * F,)
+    return ce.view(m, factors).sum(dim=1)
+
+
+def predicted_codes(logits: torch.Tensor, codebook_size: int) -> torch.Tensor:
+    """The most likely code ``(...)`` under model logits ``(..., V)`` or ``(..., F, S)``: the sub-tokens are
+    independent given the context, so the joint's argmax is the merge of each sub-token's argmax."""
+    code_logits = factor_logits(logits, codebook_size)  # (..., F, S)
+    return CodeFactorization(codebook_size, code_logits.shape[-2]).merge(code_logits.argmax(dim=-1))
+
+
 def masked_token_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, codebook_size: int,
                       label_smoothing: float = 0.0) -> torch.Tensor:
     """Weighted mean cross-entropy over the video positions, with logits restricted to the codebook.
 
-    ``logits``: ``(B, L, V)``; ``labels``: ``(B, L)`` (``IGNORE_INDEX`` where there is no target);
-    ``loss_mask``: ``(B, L)`` weights (from :func:`make_training_batch`).
+    ``logits``: ``(B, L, V)``, or ``(B, L, F, S)`` from a factorised model (then the per-position loss is the sum of
+    the sub-token cross-entropies, :func:`code_nll`); ``labels``: ``(B, L)`` (``IGNORE_INDEX`` where there is no
+    target); ``loss_mask``: ``(B, L)`` weights (from :func:`make_training_batch`).
     """
     if logits.shape[:2] != labels.shape or labels.shape != loss_mask.shape:
         raise ValueError(f"shapes differ: logits {tuple(logits.shape)}, labels {tuple(labels.shape)}, "
                          f"loss_mask {tuple(loss_mask.shape)}")
     valid = labels != IGNORE_INDEX  # (B, L): the video positions
-    code_logits = logits[valid][:, :codebook_size].float()  # (M, codebook_size): special tokens are never targets
-    ce = F.cross_entropy(code_logits, labels[valid], reduction="none", label_smoothing=label_smoothing)  # (M,)
+    # (M,): special tokens are never targets, so only the code logits count
+    ce = code_nll(logits[valid], labels[valid], codebook_size, label_smoothing)
     weights = loss_mask[valid].float()
     return (ce * weights).sum() / weights.sum().clamp_min(1e-8)

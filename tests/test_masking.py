@@ -14,13 +14,17 @@ from magvit.masking import (
     NO_LABEL,
     SCHEDULES,
     TASKS,
+    CodeFactorization,
     SequenceLayout,
     TokenVocabulary,
     build_condition_video,
+    code_nll,
     condition_region,
+    factor_logits,
     make_training_batch,
     mask_schedule,
     masked_token_loss,
+    predicted_codes,
     random_mask,
 )
 
@@ -234,3 +238,78 @@ def test_training_batch_from_token_shard_items():
     ids, labels, weights = make_training_batch(items, vocab, generator=torch.Generator().manual_seed(0))
     assert ids.dtype == labels.dtype == torch.long
     assert torch.equal(labels[:, SequenceLayout(GRID).video], items["codes"].long().reshape(6, N))
+
+
+# --- token factorization (MAGVIT-v2: a 2^18 code as two 2^9 sub-tokens) --------------------------------------------
+
+
+def test_code_factorization_is_a_bijection_with_known_bits():
+    f = CodeFactorization(2**18, 2)
+    assert f.sub_vocab_size == 512
+    codes = torch.arange(2**18)
+    sub = f.split(codes)  # (2^18, 2)
+    assert torch.equal(sub[:, 0], codes >> 9) and torch.equal(sub[:, 1], codes & 511)
+    assert torch.equal(f.merge(sub), codes)
+    # every (sub_0, sub_1) pair is the split of exactly one code
+    pairs = torch.cartesian_prod(torch.arange(512), torch.arange(512))
+    assert torch.equal(f.split(f.merge(pairs)), pairs)
+    three = CodeFactorization(64, 3)  # 6 bits -> 3 x 2 bits
+    assert three.sub_vocab_size == 4
+    assert three.split(torch.tensor([0b10_01_11])).tolist() == [[2, 1, 3]]
+    assert torch.equal(three.merge(three.split(torch.arange(64))), torch.arange(64))
+    one = CodeFactorization(1000, 1)  # no factorization: any codebook, identity
+    assert one.sub_vocab_size == 1000 and torch.equal(one.split(torch.arange(1000))[:, 0], torch.arange(1000))
+
+
+@pytest.mark.parametrize(("codebook_size", "factors"), [(1000, 2), (2**18, 4), (2, 2), (64, 0)])
+def test_code_factorization_rejects_uneven_splits(codebook_size, factors):
+    with pytest.raises(ValueError, match="sub-tokens|>= 1"):
+        CodeFactorization(codebook_size, factors)
+
+
+def test_flat_loss_is_bit_identical_to_the_unfactorised_formula():
+    """The flat path of ``masked_token_loss`` is the formula it had before factorization, to the last bit."""
+    torch.manual_seed(1)
+    vocab = TokenVocabulary(16, num_classes=3)
+    ids, labels, weights = make_training_batch(_batch(), vocab, mask_ratio=0.5, unmasked_weight=0.3)
+    logits = torch.randn(*ids.shape, vocab.size)
+    for smoothing in (0.0, 0.1):
+        valid = labels != IGNORE_INDEX
+        ce = F.cross_entropy(logits[valid][:, :16].float(), labels[valid], reduction="none", label_smoothing=smoothing)
+        w = weights[valid].float()
+        before = (ce * w).sum() / w.sum().clamp_min(1e-8)
+        assert torch.equal(masked_token_loss(logits, labels, weights, 16, smoothing), before)
+
+
+def test_factorised_loss_is_the_joint_code_nll():
+    torch.manual_seed(2)
+    vocab = TokenVocabulary(16, num_classes=3)  # 16 codes = 2 sub-tokens of 4
+    ids, labels, weights = make_training_batch(_batch(), vocab, mask_ratio=0.5, unmasked_weight=0.5)
+    logits = torch.randn(*ids.shape, 2, 4)  # (B, L, F, S)
+    loss = masked_token_loss(logits, labels, weights, 16)
+    # reference: the softmax over all 16 codes of the joint logit l_0[c >> 2] + l_1[c & 3]
+    video = SequenceLayout(GRID).video
+    joint = (logits[:, video, 0, :, None] + logits[:, video, 1, None, :]).reshape(-1, 16)  # (M, 16)
+    ce = F.cross_entropy(joint, labels[:, video].reshape(-1), reduction="none")
+    w = weights[:, video].reshape(-1)
+    assert loss.item() == pytest.approx(((ce * w).sum() / w.sum()).item(), rel=1e-5)
+    # the joint's argmax is the merge of the sub-token argmaxes
+    assert torch.equal(predicted_codes(logits[:, video], 16).reshape(-1), joint.argmax(-1))
+    # a confident correct prediction costs nothing, label smoothing (per sub-token) makes it cost
+    sub = CodeFactorization(16, 2).split(labels.clamp_min(0))  # (B, L, 2)
+    perfect = F.one_hot(sub, 4).float() * 20
+    assert masked_token_loss(perfect, labels, weights, 16).item() < 1e-6
+    smoothed = masked_token_loss(perfect, labels, weights, 16, label_smoothing=0.1).item()
+    per_factor = F.cross_entropy(perfect[:, video, 0].reshape(-1, 4), sub[:, video, 0].reshape(-1),
+                                 label_smoothing=0.1).item()
+    assert smoothed == pytest.approx(2 * per_factor, rel=1e-5)  # summed over the two sub-tokens
+
+
+def test_factor_logits_shapes_and_errors():
+    flat = torch.randn(2, 5, 16 + 7)
+    assert torch.equal(factor_logits(flat, 16), flat[..., :16].unsqueeze(-2))
+    factored = torch.randn(2, 5, 2, 4)
+    assert factor_logits(factored, 16) is factored
+    assert code_nll(factored[0], torch.tensor([0, 5, 10, 15, 3]), 16).shape == (5,)
+    with pytest.raises(ValueError, match="neither a flat"):
+        factor_logits(torch.randn(2, 5, 2, 3), 16)  # 3**2 != 16
