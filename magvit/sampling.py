@@ -6,6 +6,11 @@ most confident predictions and re-masks the rest, so that after step ``s`` exact
 ``floor(N * mask_schedule((s + 1) / K))`` of the ``N`` initially masked tokens remain masked (at least one token is
 revealed per step, and none remain after the last step).
 
+The callable returns flat logits ``(B, L, V)`` (codes first, then special tokens) or, for a factorised model
+(MAGVIT-v2's token factorization, :class:`magvit.masking.CodeFactorization`), ``(B, L, F, S)``: one head per
+sub-token. Internally both are code logits in factor form ``(B, L, F, S)`` (flat: ``F = 1``); every sub-token is
+sampled from its own head and the sub-tokens are merged into the code.
+
 ``sequential_decode`` is the one-token-per-forward-pass baseline used by ``benchmarks/bench_decoding.py``.
 """
 
@@ -16,9 +21,9 @@ from typing import Callable
 
 import torch
 
-from .masking import mask_schedule
+from .masking import CodeFactorization, factor_logits, mask_schedule
 
-LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # (B, L) long -> (B, L, V) float
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # (B, L) long -> (B, L, V) or (B, L, F, S) float
 StepCallback = Callable[[int, torch.Tensor], None]  # (step, tokens (B, L)) after each step
 
 
@@ -37,12 +42,13 @@ def _top_k_filter(logits: torch.Tensor, top_k: int | None) -> torch.Tensor:
 
 def _guided_logits(logits_fn: LogitsFn, tokens: torch.Tensor, uncond_tokens: torch.Tensor | None,
                    generate: torch.Tensor, guidance_scale: float, codebook_size: int) -> torch.Tensor:
-    """Codebook logits ``(B, L, codebook_size)``, with classifier-free guidance when ``uncond_tokens`` is given."""
+    """Code logits in factor form ``(B, L, F, S)``, with classifier-free guidance (per sub-token head) when
+    ``uncond_tokens`` is given."""
     if uncond_tokens is None or guidance_scale == 0.0:
-        return logits_fn(tokens)[..., :codebook_size].float()
+        return factor_logits(logits_fn(tokens), codebook_size).float()
     # The unconditional sequence shares the partially generated video, but not the condition.
     uncond = torch.where(generate, tokens, uncond_tokens)
-    both = logits_fn(torch.cat([tokens, uncond]))[..., :codebook_size].float()
+    both = factor_logits(logits_fn(torch.cat([tokens, uncond])), codebook_size).float()
     cond_logits, uncond_logits = both.chunk(2)
     return cond_logits + guidance_scale * (cond_logits - uncond_logits)
 
@@ -61,7 +67,7 @@ def _check_inputs(tokens: torch.Tensor, uncond_tokens: torch.Tensor | None, mask
 
 def _sample(logits: torch.Tensor, temperature: float, top_k: int | None,
             generator: torch.Generator | None) -> torch.Tensor:
-    """Sample ids from ``logits`` (B, L, V) with temperature (0 = argmax) via the Gumbel-max trick."""
+    """Sample ids ``(...)`` from ``logits`` ``(..., V)`` with temperature (0 = argmax) via the Gumbel-max trick."""
     logits = _top_k_filter(logits, top_k)
     if temperature <= 0:
         return logits.argmax(dim=-1)
@@ -99,9 +105,11 @@ def iterative_decode(
     """Fill every ``mask_token`` position of ``tokens`` ``(B, L)`` in ``steps`` parallel steps; returns ``(B, L)``.
 
     - Samples each masked position from ``softmax(logits / temperature)`` restricted to the codebook (optionally to
-      the ``top_k`` most likely codes; ``temperature=0`` takes the argmax).
-    - Confidence = log-probability of the sampled code + Gumbel noise scaled by
-      ``choice_temperature * (1 - (s + 1) / steps)`` (annealed linearly to 0), as in MaskGIT.
+      the ``top_k`` most likely codes; ``temperature=0`` takes the argmax). Factorised logits ``(B, L, F, S)``:
+      each sub-token is sampled from its own head (``top_k`` per sub-token) and the sub-tokens form the code.
+    - Confidence = log-probability of the sampled code (factorised: the sum of its sub-tokens' log-probabilities,
+      the joint under the model) + Gumbel noise scaled by ``choice_temperature * (1 - (s + 1) / steps)``
+      (annealed linearly to 0), as in MaskGIT.
     - The least confident predictions are re-masked so the count follows ``mask_schedule`` (see module doc).
     - Classifier-free guidance: with ``uncond_tokens`` (the same sequences with the condition replaced by its
       dropped form) the logits are ``cond + guidance_scale * (cond - uncond)``.
@@ -121,13 +129,16 @@ def iterative_decode(
     for step in tqdm(range(steps), desc="decoding", unit="step", disable=not progress, leave=False):
         masked = tokens == mask_token  # (B, L) still unknown
         logits = _guided_logits(logits_fn, tokens, uncond_tokens, generate, guidance_scale, codebook_size)
-        proposal = _sample(logits, temperature, top_k, generator)  # (B, L) codebook ids everywhere
+        factorization = CodeFactorization(codebook_size, logits.shape[-2])
+        sub_tokens = _sample(logits, temperature, top_k, generator)  # (B, L, F) sub-token ids everywhere
+        proposal = factorization.merge(sub_tokens)  # (B, L) codebook ids
         sampled = torch.where(masked, proposal, tokens)  # fixed / already revealed tokens stay
         num_masked = num_masked_after_step(num_unknown, step, steps, schedule)
         if num_masked == 0:
             tokens = sampled
         else:
-            log_probs = torch.log_softmax(logits, dim=-1).gather(-1, proposal.unsqueeze(-1)).squeeze(-1)  # (B, L)
+            # (B, L): log p(code) = sum of the sub-tokens' log-probabilities (one term when flat)
+            log_probs = torch.log_softmax(logits, dim=-1).gather(-1, sub_tokens.unsqueeze(-1)).squeeze(-1).sum(-1)
             anneal = choice_temperature * (1.0 - (step + 1) / steps)
             confidence = log_probs + anneal * _gumbel(log_probs.shape, generator, log_probs.device)
             confidence = confidence.masked_fill(~masked, float("inf"))  # known tokens are never re-masked
@@ -161,6 +172,7 @@ def sequential_decode(
     for i in tqdm(range(positions.shape[1]), desc="decoding", unit="token", disable=not progress, leave=False):
         logits = _guided_logits(logits_fn, tokens, uncond_tokens, generate, guidance_scale, codebook_size)
         pos = positions[:, i : i + 1]  # (B, 1)
-        picked = logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1]))  # (B, 1, V)
-        tokens.scatter_(1, pos, _sample(picked, temperature, top_k, generator))
+        picked = logits.gather(1, pos[..., None, None].expand(-1, -1, *logits.shape[2:]))  # (B, 1, F, S)
+        code = CodeFactorization(codebook_size, logits.shape[-2]).merge(_sample(picked, temperature, top_k, generator))
+        tokens.scatter_(1, pos, code)
     return tokens

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from magvit.masking import mask_schedule
+from magvit.masking import CodeFactorization, mask_schedule
 from magvit.sampling import iterative_decode, num_masked_after_step, sequential_decode
 
 V = 16  # codebook size
@@ -153,3 +153,149 @@ def test_errors():
         iterative_decode(random_logits, start, mask_token=MASK, codebook_size=V)
     with pytest.raises(ValueError, match="steps"):
         iterative_decode(random_logits, start, mask_token=MASK, codebook_size=V, steps=0)
+
+
+# --- the decoding loop as it was before token factorization: the flat-logits path must stay bit-identical ---------
+
+
+def _reference_decode(logits_fn, tokens, *, steps, temperature, choice_temperature, top_k, guidance_scale,
+                      uncond_tokens, generator, schedule="cosine"):
+    """The pre-factorization ``iterative_decode`` loop, kept verbatim as the reference for the flat-logits path."""
+    from magvit.sampling import _gumbel
+
+    def guided(tokens, generate):
+        if uncond_tokens is None or guidance_scale == 0.0:
+            return logits_fn(tokens)[..., :V].float()
+        both = logits_fn(torch.cat([tokens, torch.where(generate, tokens, uncond_tokens)]))[..., :V].float()
+        cond, unc = both.chunk(2)
+        return cond + guidance_scale * (cond - unc)
+
+    def sample(logits):
+        if top_k is not None and top_k < logits.shape[-1]:
+            kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if temperature <= 0:
+            return logits.argmax(dim=-1)
+        return (logits / temperature + _gumbel(logits.shape, generator, logits.device)).argmax(dim=-1)
+
+    generate = tokens == MASK
+    num_unknown = int(generate[0].sum())
+    tokens = tokens.clone()
+    for step in range(steps):
+        masked = tokens == MASK
+        logits = guided(tokens, generate)
+        proposal = sample(logits)
+        sampled = torch.where(masked, proposal, tokens)
+        num_masked = num_masked_after_step(num_unknown, step, steps, schedule)
+        if num_masked == 0:
+            tokens = sampled
+            continue
+        log_probs = torch.log_softmax(logits, dim=-1).gather(-1, proposal.unsqueeze(-1)).squeeze(-1)
+        anneal = choice_temperature * (1.0 - (step + 1) / steps)
+        confidence = log_probs + anneal * _gumbel(log_probs.shape, generator, log_probs.device)
+        confidence = confidence.masked_fill(~masked, float("inf"))
+        tokens = sampled.scatter(1, confidence.topk(num_masked, dim=1, largest=False).indices, MASK)
+    return tokens
+
+
+@pytest.mark.parametrize(("temperature", "top_k", "guidance_scale"), [(1.0, None, 0.0), (0.7, 5, 2.0), (0.0, None, 1.5)])
+def test_flat_logits_decode_is_bit_identical_to_the_reference(temperature, top_k, guidance_scale):
+    _, start = _problem(batch=3, length=200, fixed=30)
+    uncond = start.clone()
+    uncond[:, :30] = V + 1
+    kwargs = dict(steps=8, temperature=temperature, choice_temperature=4.5, top_k=top_k,
+                  guidance_scale=guidance_scale, uncond_tokens=uncond if guidance_scale else None)
+    ours = iterative_decode(random_logits, start, mask_token=MASK, codebook_size=V,
+                            generator=torch.Generator().manual_seed(7), **kwargs)
+    reference = _reference_decode(random_logits, start, generator=torch.Generator().manual_seed(7), **kwargs)
+    assert torch.equal(ours, reference)
+
+
+# --- factorised logits (B, L, F, S): V = 16 codes as 2 sub-tokens of 4 -----------------------------------------------
+
+SPLIT = CodeFactorization(V, 2)
+
+
+def factored_random_logits(tokens: torch.Tensor) -> torch.Tensor:
+    g = torch.Generator().manual_seed(int(tokens.sum()))
+    return torch.randn(*tokens.shape, 2, 4, generator=g)
+
+
+class FactoredOracle(Oracle):
+    def __call__(self, tokens):
+        self.calls += 1
+        truth = self.truth.repeat(tokens.shape[0] // self.truth.shape[0], 1)
+        return F.one_hot(SPLIT.split(truth), 4).float() * 50.0  # (B, L, 2, 4)
+
+
+@pytest.mark.parametrize("steps", [1, 5])
+def test_factorised_oracle_returns_ground_truth(steps):
+    truth, start = _problem()
+    oracle = FactoredOracle(truth)
+    out = iterative_decode(oracle, start, mask_token=MASK, codebook_size=V, steps=steps,
+                           generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, truth) and oracle.calls == steps
+    assert torch.equal(sequential_decode(FactoredOracle(truth), start[:, :60], mask_token=MASK, codebook_size=V),
+                       truth[:, :60])
+
+
+def test_factorised_decode_fills_every_mask_and_keeps_fixed_tokens():
+    _, start = _problem(length=400, fixed=40)
+    start[:, 200:230] = 9
+    start[:, 0] = V + 2  # a special token
+    fixed = start != MASK
+    for kwargs in (dict(), dict(temperature=0.0), dict(top_k=2, temperature=2.0)):
+        out = iterative_decode(factored_random_logits, start, mask_token=MASK, codebook_size=V, steps=6,
+                               generator=torch.Generator().manual_seed(3), **kwargs)
+        assert torch.equal(out[fixed], start[fixed])
+        assert bool(((out[~fixed] >= 0) & (out[~fixed] < V)).all())
+    # top_k=1 per sub-token is the merge of each head's argmax
+    table = factored_random_logits(start)
+    out = iterative_decode(lambda t: table, start, mask_token=MASK, codebook_size=V, top_k=1, temperature=3.0,
+                           generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out[~fixed], SPLIT.merge(table.argmax(-1))[~fixed])
+
+
+def test_factorised_confidence_is_the_joint_log_probability():
+    """Two unknown tokens, two steps, no noise: the one revealed first has the higher joint log-probability, even
+    though the other has the single most confident sub-token."""
+    start = torch.tensor([[3, MASK, MASK]])
+    logits = torch.zeros(1, 3, 2, 4)
+    logits[0, 1, 0, 2] = 30.0  # position 1: sub-token 0 certain (log p ~ 0), sub-token 1 uniform (log p = -1.39)
+    logits[0, 2, :, 1] = 2.0  # position 2: both sub-tokens p = 0.71 (log p = -0.34 each, -0.69 jointly)
+    seen = []
+    out = iterative_decode(lambda t: logits, start, mask_token=MASK, codebook_size=V, steps=2, temperature=0.0,
+                           choice_temperature=0.0, on_step=lambda s, t: seen.append(t.clone()))
+    assert seen[0].tolist() == [[3, MASK, SPLIT.merge(torch.tensor([1, 1])).item()]]
+    assert out[0, 1] // 4 == 2
+
+
+def test_factorised_guidance_combines_each_head():
+    _, start = _problem(batch=2, length=40, fixed=8)
+    uncond = start.clone()
+    uncond[:, :8] = V + 1
+
+    def model(tokens):
+        cond_rows = (tokens[:, 0] != V + 1)[:, None, None, None]
+        cond = torch.zeros(*tokens.shape, 2, 4)
+        cond[..., 1] = 2.0
+        cond[..., 2] = 1.5
+        unc = torch.zeros(*tokens.shape, 2, 4)
+        unc[..., 1] = 2.0
+        return torch.where(cond_rows, cond, unc)
+
+    plain = iterative_decode(model, start, mask_token=MASK, codebook_size=V, temperature=0.0)
+    guided = iterative_decode(model, start, mask_token=MASK, codebook_size=V, temperature=0.0, guidance_scale=3.0,
+                              uncond_tokens=uncond)
+    assert bool((plain[:, 8:] == 1 * 4 + 1).all()) and bool((guided[:, 8:] == 2 * 4 + 2).all())
+
+
+def test_flat_and_one_factor_logits_decode_alike():
+    _, start = _problem(batch=2, length=120, fixed=20)
+    a = iterative_decode(random_logits, start, mask_token=MASK, codebook_size=V,
+                         generator=torch.Generator().manual_seed(5))
+    b = iterative_decode(lambda t: random_logits(t)[..., :V], start, mask_token=MASK, codebook_size=V,
+                         generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="neither a flat"):
+        iterative_decode(lambda t: torch.zeros(*t.shape, 2, 3), start, mask_token=MASK, codebook_size=V)
