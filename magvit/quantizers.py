@@ -1,6 +1,7 @@
-"""Quantizers of the video tokenizer: MAGVIT's vector quantizer and MAGVIT-v2's lookup-free quantizer (LFQ).
+"""Quantizers of the video tokenizer: MAGVIT's vector quantizer, MAGVIT-v2's lookup-free quantizer (LFQ) and finite
+scalar quantization (FSQ, Mentzer et al. 2023).
 
-Both map encoder latents ``z`` of shape ``(B, D, t, h, w)`` to a :class:`QuantizerOutput` (straight-through
+All three map encoder latents ``z`` of shape ``(B, D, t, h, w)`` to a :class:`QuantizerOutput` (straight-through
 ``quantized`` latents, integer ``codes`` ``(B, t, h, w)``, a scalar ``loss`` and detached ``stats``) and map codes
 back with ``codes_to_latents``. They always compute in fp32 with autocast disabled, because nearest-code search and
 EMA statistics are unreliable in bf16 (near ties flip, EMA sums lose their low bits).
@@ -22,6 +23,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import Config
+
+
+# FSQ levels the paper recommends for about 2^8, 2^10, 2^12, 2^14 and 2^16 codes (Mentzer et al. 2023, table 1).
+FSQ_LEVELS: dict[int, tuple[int, ...]] = {
+    240: (8, 6, 5),
+    1000: (8, 5, 5, 5),
+    4375: (7, 5, 5, 5, 5),
+    15360: (8, 8, 8, 6, 5),
+    64000: (8, 8, 8, 5, 5, 5),
+}
 
 
 @dataclass
@@ -46,6 +57,9 @@ class QuantizerConfig(Config):
     entropy_loss_type: Literal["softmax", "argmax"] = "softmax"  # VQ only, as in MAGVIT
     # Lookup-free quantizer (MAGVIT-v2): loss = lfq_commitment_weight * commitment + entropy_loss_weight * entropy.
     lfq_commitment_weight: float = 0.25
+    # Finite scalar quantization (Mentzer et al. 2023): levels per latent channel; K = prod(levels) codes, latent dim
+    # = len(levels), no loss. Empty = the paper's levels for the tokenizer's codebook_size (see FSQ_LEVELS).
+    fsq_levels: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ema_decay < 1.0:
@@ -61,6 +75,26 @@ class QuantizerConfig(Config):
         for name in ("commitment_beta", "entropy_loss_weight", "lfq_commitment_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        self.fsq_levels = tuple(self.fsq_levels)
+        if any(level < 2 for level in self.fsq_levels):
+            raise ValueError(f"fsq_levels must all be >= 2 (one level carries no information), got {self.fsq_levels}")
+
+    def fsq_levels_for(self, codebook_size: int) -> tuple[int, ...]:
+        """FSQ levels for a codebook of ``codebook_size`` codes: ``fsq_levels`` if set (their product must equal
+        ``codebook_size``), else the paper's recommendation for that size. Raises ``ValueError`` otherwise."""
+        if self.fsq_levels:
+            if math.prod(self.fsq_levels) != codebook_size:
+                raise ValueError(
+                    f"FSQ's codebook_size is the product of fsq_levels: {'*'.join(map(str, self.fsq_levels))} = "
+                    f"{math.prod(self.fsq_levels)}, but codebook_size is {codebook_size}"
+                )
+            return self.fsq_levels
+        if codebook_size not in FSQ_LEVELS:
+            raise ValueError(
+                f"FSQ with codebook_size {codebook_size} needs quantization.fsq_levels (product = codebook_size); "
+                f"sizes with the paper's levels: " + ", ".join(f"{k} -> {v}" for k, v in FSQ_LEVELS.items())
+            )
+        return FSQ_LEVELS[codebook_size]
 
 
 class QuantizerOutput(NamedTuple):
@@ -464,10 +498,96 @@ class LookupFreeQuantizer(nn.Module):
         return sample_entropy, _entropy_of_mean(logits.softmax(dim=1))
 
 
+# --- finite scalar quantizer ----------------------------------------------------------------------------------------
+class FiniteScalarQuantizer(nn.Module):
+    """Finite scalar quantization (Mentzer et al. 2023): channel i of the latent is bounded to ``levels[i]`` values
+    and rounded; the code is the mixed-radix number of the per-channel level indices.
+
+    ``bound(z) = tanh(z + shift) * (L - 1)(1 - eps) / 2 - offset`` with ``offset = 1/2`` for even L (0 for odd L),
+    so ``round(bound(z))`` takes exactly the L integer values ``-(L // 2) .. (L - 1) // 2``; ``quantized =
+    round_ste(bound(z)) / (L // 2)`` lies in [-1, 1] and the gradient flows straight through the rounding into the
+    tanh. Level index ``j_i = round(bound(z_i)) + L_i // 2`` in ``[0, L_i)``; ``code = sum_i j_i * prod_{k<i} L_k``
+    (channel 0 is the least significant digit). No auxiliary loss (``loss`` is 0), no parameters, no state: the
+    level tables are non-persistent integer buffers, so the module survives casts and loads any state dict it saved.
+    """
+
+    _EPS = 1e-3  # keeps tanh's bound strictly inside the outermost rounding interval
+
+    def __init__(self, levels: tuple[int, ...] | list[int], config: QuantizerConfig | None = None) -> None:
+        super().__init__()
+        levels = tuple(int(level) for level in levels)
+        if not levels or any(level < 2 for level in levels):
+            raise ValueError(f"FiniteScalarQuantizer needs levels >= 2 per channel, got {levels}")
+        self.config = config if config is not None else QuantizerConfig()
+        self.levels = levels
+        self.dim = len(levels)
+        self.codebook_size = math.prod(levels)
+        basis = [math.prod(levels[:i]) for i in range(self.dim)]  # (d,) 1, L_0, L_0 L_1, ...
+        self.register_buffer("_levels", torch.tensor(levels), persistent=False)  # (d,) long
+        self.register_buffer("_basis", torch.tensor(basis), persistent=False)  # (d,) long
+
+    def _bound(self, flat: Tensor) -> Tensor:
+        """(N, d) fp32 -> (N, d) in (-(L // 2) - 1/2, (L - 1) // 2 + 1/2): rounding gives exactly L values."""
+        levels = self._levels.float()
+        half_l = (levels - 1) * (1 - self._EPS) / 2
+        offset = torch.where(self._levels % 2 == 0, 0.5, 0.0)
+        # The shift centres z = 0 on (about) level 0 for even L; tan(offset / half_l) as in the paper's reference
+        # code (~ atanh of it, and finite for L = 2, where offset / half_l > 1).
+        shift = torch.tan(offset / half_l)
+        return torch.tanh(flat + shift) * half_l - offset
+
+    def codes_to_levels(self, codes: Tensor) -> Tensor:
+        """Level indices (..., d) long in [0, L_i) of ``codes`` (...): the mixed-radix digits."""
+        return torch.div(codes.long()[..., None], self._basis, rounding_mode="floor") % self._levels
+
+    def levels_to_codes(self, level_index: Tensor) -> Tensor:
+        """Codes (...) of level indices (..., d) in [0, L_i): inverse of :meth:`codes_to_levels`."""
+        return (level_index.long() * self._basis).sum(dim=-1)
+
+    def codes_to_latents(self, codes: Tensor) -> Tensor:
+        """Quantized latents (B, d, t, h, w) fp32 in [-1, 1] of ``codes`` (B, t, h, w): what :meth:`forward` gives."""
+        _check_codes(codes, self.codebook_size, type(self).__name__)
+        half_width = torch.div(self._levels, 2, rounding_mode="floor")
+        latents = (self.codes_to_levels(codes) - half_width).float() / half_width.float()  # (B, t, h, w, d)
+        return latents.permute(0, 4, 1, 2, 3).contiguous()
+
+    def latents_to_codes(self, z: Tensor) -> Tensor:
+        """Codes (B, t, h, w) of ``z`` (B, d, t, h, w): those of :meth:`forward` without its statistics."""
+        _check_latents(z, self.dim, type(self).__name__)
+        b, _, t, h, w = z.shape
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            rounded = self._bound(_flatten(z.float())).round()  # (N, d)
+            level_index = rounded.long() + torch.div(self._levels, 2, rounding_mode="floor")
+            return self.levels_to_codes(level_index).view(b, t, h, w)
+
+    def forward(self, z: Tensor) -> QuantizerOutput:
+        """Quantize ``z`` (B, d, t, h, w) with d = len(levels)."""
+        _check_latents(z, self.dim, type(self).__name__)
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            bounded = self._bound(_flatten(z.float()))  # (N, d)
+            rounded = bounded.round()
+            half_width = torch.div(self._levels, 2, rounding_mode="floor")
+            codes = self.levels_to_codes(rounded.long() + half_width)  # (N,)
+            quantized = (bounded + (rounded - bounded).detach()) / half_width.float()  # straight-through rounding
+            usage, perplexity = _usage_stats(torch.bincount(codes, minlength=self.codebook_size).float())
+            zero = bounded.new_zeros(())
+        b, _, t, h, w = z.shape
+        stats = {
+            "codebook_usage": usage,
+            "perplexity": perplexity,
+            "commitment_loss": zero,  # FSQ has no auxiliary losses; zeros keep the logged keys of every quantizer
+            "codebook_loss": zero,
+            "entropy_loss": zero,
+        }
+        return QuantizerOutput(_unflatten(quantized, z.shape).to(z.dtype), codes.view(b, t, h, w), zero, stats)
+
+
 def build_quantizer(
-    kind: Literal["vq", "lfq"], codebook_size: int, dim: int, config: QuantizerConfig | None = None
+    kind: Literal["vq", "lfq", "fsq"], codebook_size: int, dim: int, config: QuantizerConfig | None = None
 ) -> nn.Module:
-    """The quantizer named by ``kind``; for ``"lfq"`` the latent ``dim`` must equal log2(codebook_size)."""
+    """The quantizer named by ``kind``. ``"lfq"``: ``dim`` must equal log2(codebook_size). ``"fsq"``: the levels are
+    ``config.fsq_levels_for(codebook_size)`` and ``dim`` must equal their number."""
+    config = config if config is not None else QuantizerConfig()
     if kind == "vq":
         return VectorQuantizer(codebook_size, dim, config)
     if kind == "lfq":
@@ -475,4 +595,9 @@ def build_quantizer(
         if dim != quantizer.dim:
             raise ValueError(f"lfq with codebook_size {codebook_size} needs latent dim log2(K) = {quantizer.dim}, got {dim}")
         return quantizer
-    raise ValueError(f"unknown quantizer kind {kind!r}; expected 'vq' or 'lfq'")
+    if kind == "fsq":
+        quantizer = FiniteScalarQuantizer(config.fsq_levels_for(codebook_size), config)
+        if dim != quantizer.dim:
+            raise ValueError(f"fsq with levels {quantizer.levels} needs latent dim len(levels) = {quantizer.dim}, got {dim}")
+        return quantizer
+    raise ValueError(f"unknown quantizer kind {kind!r}; expected 'vq', 'lfq' or 'fsq'")

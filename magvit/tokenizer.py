@@ -61,10 +61,10 @@ class TokenizerConfig(Config):
     channel_multipliers: tuple[int, ...] = (1, 2, 2, 4)
     num_res_blocks: int = 2
     temporal_downsample: tuple[bool, ...] = (True, True, False)  # one flag per downsample (len(multipliers) - 1)
-    embedding_dim: int = 256  # VQ code dimension (LFQ uses log2(codebook_size), see `latent_dim`)
-    codebook_size: int = 1024
+    embedding_dim: int = 256  # VQ code dimension (LFQ: log2(codebook_size), FSQ: len(levels); see `latent_dim`)
+    codebook_size: int = 1024  # FSQ: the product of quantization.fsq_levels (empty levels: the paper's for this size)
     causal: bool = False
-    quantizer: Literal["vq", "lfq"] = "vq"
+    quantizer: Literal["vq", "lfq", "fsq"] = "vq"
     quantization: QuantizerConfig = field(default_factory=QuantizerConfig)
     temporal_kernel_size: int = 3  # 1 gives a 2D (per-frame) image tokenizer, the source of 2D->3D inflation
     norm_groups: int = 32
@@ -87,6 +87,8 @@ class TokenizerConfig(Config):
             raise ValueError(f"codebook_size must be >= 2, got {self.codebook_size}")
         if self.quantizer == "lfq" and self.codebook_size & (self.codebook_size - 1):
             raise ValueError(f"LFQ needs a power-of-two codebook_size (2**bits), got {self.codebook_size}")
+        if self.quantizer == "fsq":
+            self.quantization.fsq_levels_for(self.codebook_size)  # raises unless the levels give codebook_size codes
         try:
             self.token_grid(self.num_frames, self.image_size, self.image_size)
         except ValueError as err:
@@ -111,7 +113,10 @@ class TokenizerConfig(Config):
 
     @property
     def latent_dim(self) -> int:
-        """Channels of the encoder output: ``embedding_dim`` for VQ, ``log2(codebook_size)`` bits for LFQ."""
+        """Channels of the encoder output: ``embedding_dim`` for VQ, ``log2(codebook_size)`` bits for LFQ, one channel
+        per FSQ level entry (``len(quantization.fsq_levels_for(codebook_size))``)."""
+        if self.quantizer == "fsq":
+            return len(self.quantization.fsq_levels_for(self.codebook_size))
         return int(math.log2(self.codebook_size)) if self.quantizer == "lfq" else self.embedding_dim
 
     def check_frames(self, num_frames: int) -> None:

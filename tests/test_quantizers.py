@@ -1,8 +1,9 @@
 """Quantizers: straight-through gradients, nearest codes, EMA arithmetic, k-means init, dead-code restarts, LFQ bits
-and entropy, fp32 under bf16 autocast, save/load, and identical codebooks across 2 gloo ranks."""
+and entropy, FSQ levels and codes, fp32 under bf16 autocast, save/load, and identical codebooks across 2 gloo ranks."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from datetime import timedelta
@@ -14,7 +15,10 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from magvit.config import ConfigError
+from magvit import TokenizerConfig, VideoTokenizer
 from magvit.quantizers import (
+    FSQ_LEVELS,
+    FiniteScalarQuantizer,
     LookupFreeQuantizer,
     QuantizerConfig,
     QuantizerOutput,
@@ -64,8 +68,10 @@ def test_bad_inputs_raise_value_error():
             LookupFreeQuantizer(bad, QuantizerConfig())
     with pytest.raises(ValueError, match="log2"):
         build_quantizer("lfq", 16, 5, QuantizerConfig())
-    with pytest.raises(ValueError, match="'vq' or 'lfq'"):
-        build_quantizer("fsq", 16, 4, QuantizerConfig())  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="'vq', 'lfq' or 'fsq'"):
+        build_quantizer("rvq", 16, 4, QuantizerConfig())  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="len\\(levels\\) = 4"):
+        build_quantizer("fsq", 1000, 5, QuantizerConfig())
     assert isinstance(build_quantizer("vq", 16, 5, QuantizerConfig()), VectorQuantizer)
     assert isinstance(build_quantizer("lfq", 16, 4, QuantizerConfig()), LookupFreeQuantizer)
 
@@ -337,6 +343,131 @@ def test_lfq_stays_fp32_under_bf16_autocast():
     assert out.loss.item() == pytest.approx(ref.loss.item(), rel=1e-6)
 
 
+# --- finite scalar quantizer ----------------------------------------------------------------------------------------
+def _fsq_inverse_bound(fsq: FiniteScalarQuantizer, level_index: torch.Tensor) -> torch.Tensor:
+    """A latent (N, d) whose bounded value rounds to the level ``level_index`` (N, d): the bound's inverse at the level
+    moved 1/4 towards the centre -offset of the bound's open range (the outermost levels are never reached exactly)."""
+    levels = torch.tensor(fsq.levels, dtype=torch.float64)
+    half_l = (levels - 1) * (1 - 1e-3) / 2
+    offset = torch.where(torch.tensor(fsq.levels) % 2 == 0, 0.5, 0.0).double()
+    target = level_index.double() - torch.div(torch.tensor(fsq.levels), 2, rounding_mode="floor")
+    target = target - 0.25 * torch.sign(target + offset)
+    return (torch.atanh((target + offset) / half_l) - torch.tan(offset / half_l)).float()
+
+
+def test_fsq_config_levels_and_codebook_size():
+    assert QuantizerConfig().fsq_levels == ()
+    assert QuantizerConfig().fsq_levels_for(1000) == (8, 5, 5, 5) == FSQ_LEVELS[1000]
+    assert QuantizerConfig().fsq_levels_for(64000) == (8, 8, 8, 5, 5, 5)
+    assert all(math.prod(levels) == size for size, levels in FSQ_LEVELS.items())
+    cfg = QuantizerConfig.from_dict({"fsq_levels": [4, 4, 4]})
+    assert cfg.fsq_levels == (4, 4, 4) and cfg.fsq_levels_for(64) == (4, 4, 4)
+    assert QuantizerConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match=r"4\*4\*4 = 64, but codebook_size is 1000"):
+        cfg.fsq_levels_for(1000)
+    with pytest.raises(ValueError, match="needs quantization.fsq_levels"):
+        QuantizerConfig().fsq_levels_for(64)
+    with pytest.raises(ConfigError, match="fsq_levels"):
+        QuantizerConfig.from_dict({"fsq_levels": [8, 1, 5]})
+    # The tokenizer config validates the pairing and derives the latent width from it.
+    assert TokenizerConfig.preset("tiny", quantizer="fsq", codebook_size=1000).latent_dim == 4
+    assert TokenizerConfig.preset("tiny", quantizer="fsq", quantization={"fsq_levels": [4, 4, 4]}).latent_dim == 3
+    with pytest.raises(ConfigError, match="product of fsq_levels"):
+        TokenizerConfig.preset("tiny", quantizer="fsq", quantization={"fsq_levels": [8, 5, 5, 5]})  # tiny: 64 codes
+    with pytest.raises(ConfigError, match="codebook_size 64 needs quantization.fsq_levels"):
+        TokenizerConfig.preset("tiny", quantizer="fsq")
+
+
+@pytest.mark.parametrize("levels", [(8, 5, 5, 5), (2, 3, 4, 7, 6)])
+def test_fsq_codes_and_levels_are_a_bijection(levels):
+    fsq = FiniteScalarQuantizer(levels)
+    k = math.prod(levels)
+    assert (fsq.codebook_size, fsq.dim) == (k, len(levels))
+    all_codes = torch.arange(k)
+    digits = fsq.codes_to_levels(all_codes)  # (K, d)
+    assert all(0 <= digits[:, i].min() and digits[:, i].max() < level for i, level in enumerate(levels))
+    assert torch.equal(fsq.levels_to_codes(digits), all_codes)  # every code round trips
+    every_vector = torch.tensor(list(itertools.product(*[range(level) for level in levels])))  # (K, d)
+    codes = fsq.levels_to_codes(every_vector)
+    assert torch.equal(codes.sort().values, all_codes)  # onto [0, K) without collisions
+    assert torch.equal(fsq.codes_to_levels(codes), every_vector)  # every level vector round trips
+    # Mixed radix with channel 0 least significant: digits (1, 2, 0, 0, ...) -> 1 + 2 * L_0.
+    assert fsq.levels_to_codes(torch.tensor([1, 2] + [0] * (len(levels) - 2))).item() == 1 + 2 * levels[0]
+
+    # Every code is reached by some latent, and forward's quantized latents are codes_to_latents of its codes.
+    z = _latents(_fsq_inverse_bound(fsq, digits))  # (1, d, 1, 1, K)
+    out = fsq(z)
+    assert torch.equal(out.codes.flatten(), all_codes)
+    assert torch.equal(fsq.latents_to_codes(z), out.codes)
+    assert torch.allclose(out.quantized, fsq.codes_to_latents(out.codes), atol=1e-6)
+    assert out.stats["codebook_usage"].item() == 1.0
+    assert out.stats["perplexity"].item() == pytest.approx(k, rel=1e-4)
+
+
+@pytest.mark.parametrize("level", [2, 3, 4, 5, 7, 8, 16])
+def test_fsq_exactly_l_values_per_channel(level):
+    fsq = FiniteScalarQuantizer((level, 5))
+    z = torch.linspace(-40.0, 40.0, 40001)
+    z = _latents(torch.stack([z, -z], dim=1))
+    out = fsq(z)
+    values = _rows(out.quantized)[:, 0].unique()
+    half = level // 2
+    expected = (torch.arange(level) - half).float() / half  # -1 .. (L - 1 - L // 2) / (L // 2)
+    assert torch.allclose(values, expected, atol=1e-6)
+    assert _rows(out.quantized)[:, 1].unique().numel() == 5
+    assert _rows(out.quantized).abs().max() <= 1.0
+    assert fsq.codes_to_levels(out.codes)[..., 0].unique().numel() == level
+
+
+def test_fsq_straight_through_gradient_and_no_loss():
+    fsq = FiniteScalarQuantizer((8, 5, 5, 5))
+    z = torch.randn(2, 4, 2, 3, 3, requires_grad=True)
+    upstream = torch.randn_like(z)
+    out = fsq(z)
+    assert out.loss.item() == 0.0 and not out.loss.requires_grad
+    assert {"codebook_usage", "perplexity", "commitment_loss", "codebook_loss", "entropy_loss"} <= set(out.stats)
+    out.quantized.backward(upstream)
+    # d quantized / dz = tanh'(z + shift) * half_l / (L // 2): the rounding passes the gradient straight through.
+    levels = torch.tensor([8.0, 5, 5, 5]).view(1, 4, 1, 1, 1)
+    half_l = (levels - 1) * (1 - 1e-3) / 2
+    offset = torch.tensor([0.5, 0, 0, 0]).view(1, 4, 1, 1, 1)
+    slope = 1 - torch.tanh(z.detach() + torch.tan(offset / half_l)) ** 2
+    assert torch.allclose(z.grad, upstream * slope * half_l / torch.floor(levels / 2), atol=1e-6)
+
+
+def test_fsq_stays_fp32_under_bf16_autocast_and_casts():
+    fsq = FiniteScalarQuantizer((8, 5, 5, 5))
+    z = torch.randn(1, 4, 2, 4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fsq(z)
+    assert torch.equal(out.codes, fsq(z).codes) and out.quantized.dtype == torch.float32
+    fsq.to(torch.bfloat16)
+    assert fsq._levels.dtype == torch.long and fsq.state_dict() == {}
+    assert torch.equal(fsq(z.bfloat16()).codes, fsq.latents_to_codes(z.bfloat16()))
+
+
+def test_fsq_tiny_tokenizer_shapes_and_save_load(tmp_path):
+    torch.manual_seed(0)
+    cfg = TokenizerConfig.preset("tiny", quantizer="fsq", codebook_size=240)  # levels (8, 6, 5)
+    tok = VideoTokenizer(cfg).eval()
+    assert isinstance(tok.quantizer, FiniteScalarQuantizer) and tok.quantizer.levels == (8, 6, 5)
+    video = torch.rand(2, 3, cfg.num_frames, cfg.image_size, cfg.image_size) * 2 - 1
+    grid = cfg.token_grid(cfg.num_frames, cfg.image_size, cfg.image_size)
+    assert tok.encoder(video).shape == (2, 3, *grid)
+    codes = tok.encode(video)
+    assert codes.shape == (2, *grid) and codes.dtype == torch.long and 0 <= codes.min() and codes.max() < 240
+    decoded = tok.decode(codes)
+    assert decoded.shape == video.shape
+    reconstruction, stats = tok(video)
+    assert torch.allclose(reconstruction, decoded, atol=1e-5)  # forward's quantized latents == decode's latents
+    assert stats["quantizer_loss"].item() == 0.0 and 0 < stats["codebook_usage"] <= 1
+    tok.save_pretrained(tmp_path / "tok")
+    loaded = VideoTokenizer.from_pretrained(tmp_path / "tok").eval()
+    assert loaded.config == cfg and loaded.quantizer.levels == (8, 6, 5)
+    assert torch.equal(loaded.encode(video), codes)
+    assert torch.equal(loaded.decode(codes), decoded)
+
+
 # --- two gloo ranks -------------------------------------------------------------------------------------------------
 K, D = 8, 3
 
@@ -407,11 +538,11 @@ def test_two_ranks_keep_identical_codebooks(tmp_path):
         assert torch.allclose(ranks[0][f"ema.{key}"].to(value.dtype), value, atol=1e-6), key
 
 
-@pytest.mark.parametrize("kind", ["vq", "lfq"])
+@pytest.mark.parametrize("kind", ["vq", "lfq", "fsq"])
 def test_latents_to_codes_equals_forward_codes(kind):
     """The inference path (no losses, no updates) picks the same codes as the training forward."""
-    cfg = QuantizerConfig(entropy_loss_weight=0.1)
-    quantizer = build_quantizer(kind, 64, 6 if kind == "lfq" else 8, cfg).eval()
+    cfg = QuantizerConfig(entropy_loss_weight=0.1, fsq_levels=(4, 4, 4))
+    quantizer = build_quantizer(kind, 64, {"vq": 8, "lfq": 6, "fsq": 3}[kind], cfg).eval()
     z = torch.randn(2, quantizer.dim, 3, 4, 5)
     assert torch.equal(quantizer.latents_to_codes(z), quantizer(z).codes)
     with torch.autocast("cpu", dtype=torch.bfloat16):
