@@ -4,6 +4,12 @@ MAGVIT's transformer is a post-LN BERT (tanh GELU, learned absolute positions, d
 tied to the token embedding and has its own bias; it is built here from ``transformers``' ``BertForMaskedLM``
 (its prediction head is exactly dense -> GELU -> LayerNorm -> tied decoder + bias). Masking, conditioning and
 decoding live in ``magvit/masking.py`` and ``magvit/sampling.py``.
+
+Large codebooks (MAGVIT-v2's 2^18 LFQ codes) use token factorization (``token_factorization = F > 1``): a code is
+``F`` sub-tokens of ``S = codebook_size ** (1/F)`` values (:class:`magvit.masking.CodeFactorization`). Its input
+embedding combines ``F`` sub-token embeddings (summed, or concatenated), the special tokens keep their own rows, and
+``F`` output heads, tied to the sub-token embeddings, predict the sub-tokens: logits ``(B, L, F, S)``. The tables
+hold ``F * S`` code rows instead of ``codebook_size`` (2 x 512 instead of 262144).
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import torch
 from torch import nn
 
 from .config import Config
-from .masking import TASKS, SequenceLayout, TokenVocabulary
+from .masking import TASKS, CodeFactorization, SequenceLayout, TokenVocabulary
 from .pretrained import PretrainedMixin
 
 
@@ -25,7 +31,10 @@ class TransformerConfig(Config):
 
     The vocabulary (codebook + named special tokens, :class:`magvit.masking.TokenVocabulary`) and the sequence
     length (:class:`magvit.masking.SequenceLayout`) follow from ``codebook_size``, ``num_classes`` and
-    ``token_grid``.
+    ``token_grid``. ``token_factorization`` > 1 splits each code into that many sub-tokens (the codebook must be a
+    power of two whose bits divide evenly, e.g. 2^18 -> 2 x 2^9); ``factor_embedding`` says how the sub-token
+    embeddings form the code's input embedding: ``"sum"`` (each ``hidden_size`` wide) or ``"concat"`` (each
+    ``hidden_size / F`` wide).
     """
 
     codebook_size: int = 1024
@@ -41,6 +50,8 @@ class TransformerConfig(Config):
     layer_norm_eps: float = 1e-12
     initializer_range: float = 0.02
     attn_implementation: str = "sdpa"
+    token_factorization: int = 1  # sub-tokens per code (MAGVIT-v2: 2 for 2^18 codes); 1 = one softmax over codes
+    factor_embedding: str = "sum"  # "sum" | "concat": how the sub-token embeddings combine
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": dict(codebook_size=64, token_grid=(4, 8, 8), hidden_size=64, num_layers=2, num_heads=2,
@@ -59,6 +70,16 @@ class TransformerConfig(Config):
             raise ValueError(f"codebook_size must be >= 2, got {self.codebook_size}")
         if self.num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
+        if self.factor_embedding not in ("sum", "concat"):
+            raise ValueError(f"factor_embedding must be 'sum' or 'concat', got {self.factor_embedding!r}")
+        self.factorization  # noqa: B018 -- validates codebook_size against token_factorization
+        if self.factor_embedding == "concat" and self.hidden_size % self.token_factorization:
+            raise ValueError(f"factor_embedding 'concat' needs hidden_size {self.hidden_size} divisible by "
+                             f"token_factorization {self.token_factorization}")
+
+    @property
+    def factorization(self) -> CodeFactorization:
+        return CodeFactorization(self.codebook_size, self.token_factorization)
 
     @property
     def vocab(self) -> TokenVocabulary:
@@ -77,44 +98,123 @@ class TransformerConfig(Config):
         return self.layout.length
 
 
+def _bert_config(config: TransformerConfig, vocab_size: int, pad_token_id: int):
+    from transformers import BertConfig
+
+    bert_config = BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        intermediate_size=config.intermediate_size,
+        hidden_act=config.hidden_act,
+        hidden_dropout_prob=config.dropout,
+        attention_probs_dropout_prob=config.attention_dropout,
+        max_position_embeddings=config.max_length,
+        type_vocab_size=1,  # no segments: the sequence layout is carried by the special tokens
+        layer_norm_eps=config.layer_norm_eps,
+        initializer_range=config.initializer_range,
+        tie_word_embeddings=True,
+        pad_token_id=pad_token_id,
+    )
+    bert_config._attn_implementation = config.attn_implementation
+    return bert_config
+
+
+class SubTokenHeads(nn.Module):
+    """BERT's prediction head (dense -> GELU -> LayerNorm) and ``F`` decoders tied to the sub-token embeddings,
+    each with its own bias: hidden ``(B, L, hidden)`` -> logits ``(B, L, F, S)``.
+
+    Summed embeddings: head ``i`` scores the whole hidden state against sub-table ``i``; concatenated: against
+    slice ``i`` of it, the slice that sub-token ``i``'s embedding fills. Either way the sum of a code's sub-token
+    logits is the tied logit ``<h, E[c]>`` of its combined embedding ``E[c]``.
+    """
+
+    def __init__(self, bert_config, code_embedding: nn.Embedding, factorization: CodeFactorization, concat: bool):
+        super().__init__()
+        from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
+
+        self.factors, self.sub_vocab, self.concat = factorization.num_factors, factorization.sub_vocab_size, concat
+        self.transform = BertPredictionHeadTransform(bert_config)
+        self.weight = code_embedding.weight  # tied: the same Parameter, as BERT ties its decoder
+        self.bias = nn.Parameter(torch.zeros(self.factors, self.sub_vocab))
+        nn.init.normal_(self.transform.dense.weight, std=bert_config.initializer_range)  # BERT's initialisation
+        nn.init.zeros_(self.transform.dense.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = self.transform(hidden)  # (B, L, hidden)
+        table = self.weight.view(self.factors, self.sub_vocab, -1)  # (F, S, width)
+        if self.concat:
+            logits = torch.einsum("blfd,fsd->blfs", hidden.unflatten(-1, (self.factors, -1)), table)
+        else:
+            logits = torch.einsum("blh,fsh->blfs", hidden, table)
+        return logits + self.bias  # (B, L, F, S)
+
+
+class FactorizedMaskedLM(nn.Module):
+    """BERT over factorised codes: ``input_ids (B, L) -> sub-token logits (B, L, F, S)``.
+
+    ``bert.embeddings.word_embeddings`` holds the special tokens only (row ``id - codebook_size``; the pad row is
+    zero, as BERT's padding row is in the flat model); ``code_embedding`` holds the ``F * S`` sub-token rows
+    (sub-token ``i`` of value ``v`` is row ``i * S + v``); ``heads`` (:class:`SubTokenHeads`) are tied to them.
+    """
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        from transformers import BertModel
+
+        vocab, self.factorization = config.vocab, config.factorization
+        self.concat = config.factor_embedding == "concat"
+        f, s = self.factorization.num_factors, self.factorization.sub_vocab_size
+        bert_config = _bert_config(config, vocab.size - vocab.codebook_size, vocab.pad_token - vocab.codebook_size)
+        self.bert = BertModel(bert_config, add_pooling_layer=False)
+        self.code_embedding = nn.Embedding(f * s, config.hidden_size // f if self.concat else config.hidden_size)
+        nn.init.normal_(self.code_embedding.weight, std=config.initializer_range)
+        self.heads = SubTokenHeads(bert_config, self.code_embedding, self.factorization, self.concat)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Input embeddings ``(B, L, hidden)``: combined sub-token rows at codes, own rows at special tokens."""
+        k = self.factorization.codebook_size
+        f, s = self.factorization.num_factors, self.factorization.sub_vocab_size
+        is_code = input_ids < k  # (B, L)
+        sub = self.factorization.split(input_ids.clamp(max=k - 1))  # (B, L, F)
+        rows = self.code_embedding(sub + s * torch.arange(f, device=input_ids.device))  # (B, L, F, width)
+        codes = rows.flatten(-2) if self.concat else rows.sum(dim=-2)  # (B, L, hidden)
+        special = self.bert.embeddings.word_embeddings((input_ids - k).clamp(min=0))  # (B, L, hidden)
+        return torch.where(is_code[..., None], codes, special)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.heads(self.bert(inputs_embeds=self.embed(input_ids)).last_hidden_state)  # (B, L, F, S)
+
+
 class MaskedVideoTransformer(nn.Module, PretrainedMixin):
-    """``forward(input_ids (B, L)) -> logits (B, L, vocab_size)`` with a post-LN BERT encoder."""
+    """``forward(input_ids (B, L)) -> logits (B, L, vocab_size)`` with a post-LN BERT encoder; with
+    ``token_factorization = F > 1`` the logits are per sub-token, ``(B, L, F, S)`` (:class:`FactorizedMaskedLM`)."""
 
     config_class = TransformerConfig
     model_type = "masked_video_transformer"
 
     def __init__(self, config: TransformerConfig):
         super().__init__()
-        from transformers import BertConfig, BertForMaskedLM
+        from transformers import BertForMaskedLM
 
         self.config = config
-        bert_config = BertConfig(
-            vocab_size=config.vocab_size,
-            hidden_size=config.hidden_size,
-            num_hidden_layers=config.num_layers,
-            num_attention_heads=config.num_heads,
-            intermediate_size=config.intermediate_size,
-            hidden_act=config.hidden_act,
-            hidden_dropout_prob=config.dropout,
-            attention_probs_dropout_prob=config.attention_dropout,
-            max_position_embeddings=config.max_length,
-            type_vocab_size=1,  # no segments: the sequence layout is carried by the special tokens
-            layer_norm_eps=config.layer_norm_eps,
-            initializer_range=config.initializer_range,
-            tie_word_embeddings=True,
-            pad_token_id=config.vocab.pad_token,
-        )
-        bert_config._attn_implementation = config.attn_implementation
-        self.bert = BertForMaskedLM(bert_config)
+        if config.token_factorization > 1:
+            self.bert = FactorizedMaskedLM(config)
+        else:
+            self.bert = BertForMaskedLM(_bert_config(config, config.vocab_size, config.vocab.pad_token))
 
     @property
     def vocab(self) -> TokenVocabulary:
         return self.config.vocab
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, L, vocab_size)`` for every position of ``input_ids`` ``(B, L)``."""
+        """Logits ``(B, L, vocab_size)`` (factorised: ``(B, L, F, S)``) for every position of ``input_ids``
+        ``(B, L)``."""
         if input_ids.dim() != 2 or input_ids.shape[1] > self.config.max_length:
             raise ValueError(f"input_ids must be (B, L) with L <= {self.config.max_length}, "
                              f"got {tuple(input_ids.shape)}")
         # All positions attend to all others (no padding inside a sequence), so no attention mask is passed.
+        if isinstance(self.bert, FactorizedMaskedLM):
+            return self.bert(input_ids)
         return self.bert(input_ids=input_ids).logits

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
 import torch
 
@@ -72,3 +75,133 @@ def test_bad_config_and_input():
     model = MaskedVideoTransformer(TransformerConfig.preset("tiny"))
     with pytest.raises(ValueError, match=r"L <= 514"):
         model(torch.zeros(1, 515, dtype=torch.long))
+
+
+# --- token factorization (MAGVIT-v2: a large codebook as F sub-tokens) ----------------------------------------------
+
+
+def _factorised(mode: str, **overrides) -> TransformerConfig:
+    # 256 codes = 2 sub-tokens of 16 values
+    return TransformerConfig.preset("tiny", codebook_size=256, token_factorization=2, factor_embedding=mode,
+                                    **overrides)
+
+
+@pytest.mark.parametrize("mode", ["sum", "concat"])
+def test_factorised_forward_shapes_embedding_and_tied_heads(mode):
+    config = _factorised(mode, num_classes=3)
+    model = MaskedVideoTransformer(config).eval()
+    lm, vocab = model.bert, config.vocab
+    assert config.vocab_size == 256 + 3 + 9 + 3  # the token ids are unchanged: codes, then special tokens
+    width = 64 if mode == "sum" else 32
+    assert lm.code_embedding.weight.shape == (2 * 16, width)
+    assert lm.bert.embeddings.word_embeddings.num_embeddings == vocab.size - 256  # special tokens only
+    assert lm.heads.weight is lm.code_embedding.weight and lm.heads.bias.shape == (2, 16)
+    ids = torch.randint(0, vocab.size, (3, config.max_length))
+    logits = model(ids)
+    assert logits.shape == (3, config.max_length, 2, 16)
+    # a code's input embedding combines the rows of its sub-tokens (c >> 4, c & 15); special tokens have their own
+    codes = torch.tensor([[0, 17, 255, vocab.mask_token, vocab.class_token(2)]])
+    emb, table = lm.embed(codes)[0], lm.code_embedding.weight
+    rows = [(table[c >> 4], table[16 + (c & 15)]) for c in (0, 17, 255)]
+    combined = [torch.cat(r) if mode == "concat" else r[0] + r[1] for r in rows]
+    assert torch.allclose(emb[:3], torch.stack(combined))
+    special = lm.bert.embeddings.word_embeddings.weight
+    assert torch.equal(emb[3], special[0]) and torch.equal(emb[4], special[vocab.class_token(2) - 256])
+    # summed over its sub-tokens, a code's logit is the tied logit <h, E[c]> of its combined embedding (+ biases)
+    with torch.no_grad():
+        hidden = lm.heads.transform(lm.bert(inputs_embeds=lm.embed(ids)).last_hidden_state)  # (B, L, H)
+        all_codes = lm.embed(torch.arange(256)[None])[0]  # (256, H)
+        tied = hidden @ all_codes.T + (lm.heads.bias[0, :, None] + lm.heads.bias[1, None, :]).reshape(256)
+    joint = (logits[..., 0, :, None] + logits[..., 1, None, :]).flatten(-2)  # (B, L, 256)
+    assert torch.allclose(joint, tied, atol=1e-4)
+    # bidirectional
+    ids2 = ids.clone()
+    ids2[:, -1] = (ids2[:, -1] + 1) % 256
+    assert not torch.allclose(model(ids2)[:, 0], logits[:, 0])
+
+
+@pytest.mark.parametrize("mode", ["sum", "concat"])
+def test_factorised_model_learns_a_fixed_batch(mode):
+    from magvit.masking import make_training_batch, masked_token_loss
+
+    torch.manual_seed(0)
+    config = _factorised(mode, token_grid=(1, 4, 4), dropout=0.0, attention_dropout=0.0)
+    model = MaskedVideoTransformer(config)
+    batch = {"codes": torch.randint(0, 256, (4, 1, 4, 4))}
+    tb = make_training_batch(batch, config.vocab, mask_ratio=0.5, generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(15):
+        loss = masked_token_loss(model(tb.input_ids), tb.labels, tb.loss_mask, 256)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(2 * math.log(16), rel=0.1)  # two uniform sub-tokens at initialisation
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_b_preset_with_a_2_18_codebook_factorised_vs_flat():
+    counts = {}
+    for factors in (1, 2):
+        config = TransformerConfig.preset("B", codebook_size=2**18, token_factorization=factors)
+        with torch.device("meta"):
+            counts[factors] = sum(p.numel() for p in MaskedVideoTransformer(config).parameters())
+    print(f"B transformer, 2^18 codebook: flat {counts[1] / 1e6:.1f}M, factorised 2 x 2^9 {counts[2] / 1e6:.1f}M")
+    hidden, specials, codes = 768, config.vocab.size - 2**18, 2**18
+    # flat: (codes + specials) embedding rows and output biases; factorised: specials rows + 2 x 512 sub-token
+    # rows and biases
+    assert counts[1] - counts[2] == (codes + specials) * (hidden + 1) - specials * hidden - 2 * 512 * (hidden + 1)
+    assert counts[1] > 280e6 and abs(counts[2] - 87e6) / 87e6 < 0.03  # ~the paper's 87M B model
+
+
+def test_factorised_save_load_and_old_exports(tmp_path):
+    model = MaskedVideoTransformer(_factorised("concat", num_classes=2)).eval()
+    ids = torch.randint(0, 256, (2, model.config.max_length))
+    model.save_pretrained(tmp_path / "factorised")
+    loaded = MaskedVideoTransformer.from_pretrained(tmp_path / "factorised")
+    assert loaded.config == model.config and torch.equal(loaded(ids), model(ids))
+    assert loaded.bert.heads.weight is loaded.bert.code_embedding.weight
+    # an export written before the factorization options existed loads as the flat model it was
+    flat = MaskedVideoTransformer(TransformerConfig.preset("tiny")).eval()
+    flat.save_pretrained(tmp_path / "old")
+    meta = json.loads((tmp_path / "old" / "config.json").read_text())
+    del meta["config"]["token_factorization"], meta["config"]["factor_embedding"]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(meta))
+    old = MaskedVideoTransformer.from_pretrained(tmp_path / "old")
+    ids = torch.randint(0, 64, (2, flat.config.max_length))
+    assert old.config.token_factorization == 1 and torch.equal(old(ids), flat(ids))
+
+
+def test_factorised_model_decodes_with_fixed_tokens_kept():
+    from magvit.generate import generate_codes
+    from magvit.masking import build_sequence
+    from magvit.sampling import iterative_decode
+
+    torch.manual_seed(0)
+    model = MaskedVideoTransformer(_factorised("sum", token_grid=(2, 4, 4))).eval()
+    vocab, layout = model.vocab, model.config.layout
+    video = torch.full((2, 2, 4, 4), vocab.mask_token)
+    video[:, 0, :2] = torch.randint(0, 256, (2, 2, 4))  # some video tokens fixed too
+    prefix = torch.randint(0, 256, (2, 2, 4, 4))
+    tokens = build_sequence(vocab, layout, torch.full((2,), vocab.task_token("frame_prediction")),
+                            torch.full((2,), vocab.unconditional_token), prefix, video)
+    out = iterative_decode(model, tokens, mask_token=vocab.mask_token, codebook_size=256, steps=4,
+                           generator=torch.Generator().manual_seed(0))
+    fixed = tokens != vocab.mask_token
+    assert torch.equal(out[fixed], tokens[fixed])
+    assert bool(((out[~fixed] >= 0) & (out[~fixed] < 256)).all())
+    codes = generate_codes(model, "unconditional", None, num_samples=2, steps=3, guidance_scale=1.0, seed=0)
+    assert codes.shape == (2, 2, 4, 4) and bool(((codes >= 0) & (codes < 256)).all())
+
+
+def test_factorization_config_errors():
+    with pytest.raises(ConfigError, match="power-of-two"):
+        TransformerConfig.preset("tiny", codebook_size=1000, token_factorization=2)
+    with pytest.raises(ConfigError, match="power-of-two"):
+        TransformerConfig.preset("tiny", codebook_size=2**18, token_factorization=4)  # 18 bits into 4 groups
+    with pytest.raises(ConfigError, match="factor_embedding"):
+        TransformerConfig.preset("tiny", codebook_size=256, token_factorization=2, factor_embedding="mean")
+    with pytest.raises(ConfigError, match="divisible by token_factorization"):
+        TransformerConfig.preset("tiny", codebook_size=64, token_factorization=3, factor_embedding="concat")
+    assert TransformerConfig.preset("tiny", codebook_size=1000).factorization.sub_vocab_size == 1000
