@@ -1,17 +1,29 @@
-"""Reconstruction quality at an equal wall-clock training budget, on the same real clips, vs magvit2-pytorch.
+"""Held-out reconstruction against training time: N tokenizers trained interleaved on the same clips.
 
-Both tokenizers (matched parameter count, see peers.py) train for the same number of seconds on the same clips in
-the same order (AdamW, bf16 autocast, MSE + each side's own quantizer loss; no GAN or perceptual loss on either
-side), then reconstruct the held-out clips of the manifest; PSNR / SSIM come from ``magvit.metrics``.
+Every side (two or more; ours, its design-choice variants, magvit2-pytorch) trains on the same training clips in the
+same batch order, one step of each side in turn (a b c, c b a, ...), so a change of machine load hits all sides
+alike; each side stops when its own summed step time reaches the budget. At the evaluation points (seconds of
+training) each side reconstructs the held-out clips, cut from source videos that no side trained on (checked; the
+run fails otherwise): PSNR / SSIM from ``magvit.metrics`` and codebook usage. Evaluation time is not counted.
+Each side trains with its own recommended optimiser settings (``peers.Recipe``: LR, betas, weight decay, clipping;
+its own quantizer loss weights), linear warm-up then a constant LR, so the model at 300 s of a 1200 s run is the
+model of a 300 s run. No GAN or perceptual loss on any side; bf16 autocast on all sides (``--fp32`` for neither).
 
-    .venv-bench/bin/python benchmarks/bench_reconstruction.py [--budget 150] [--markdown ...]
+    .venv-bench/bin/python benchmarks/bench_reconstruction.py --sides ours,magvit2 --budget 1200 \\
+        --report-at 300,1200 --markdown benchmarks/results/reconstruction.md      # + reconstruction.png
+    .venv-bench/bin/python benchmarks/bench_reconstruction.py --sides v1-lfq,v2-lfq --budget 300 ...
+
+A side is ``ours`` (the recommended configuration), a variant name of ``peers.VARIANTS`` or ``magvit2``, optionally
+with a changed LR: ``magvit2@lr=1e-4``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,95 +35,398 @@ import peers  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def load_clips(manifest: Path, split: str, frames: int, size: int, clips_per_video: int, seed: int) -> torch.Tensor:
+class BenchError(Exception):
+    """A usage or data problem: reported as one line on stderr, exit 2."""
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Data: training clips and held-out clips from other source videos
+# ------------------------------------------------------------------------------------------------------------------
+def source_of(record: dict) -> str:
+    """The source video a manifest record was cut from (its ``source`` key, written by data_prep.sample_data)."""
+    if not record.get("source"):
+        raise BenchError(f"manifest record {record.get('path')} has no 'source': cannot check that the held-out "
+                         "clips come from videos no side trains on (rebuild with python -m data_prep.sample_data)")
+    return str(record["source"])
+
+
+def check_held_out(manifest: Path) -> tuple[list[str], list[str]]:
+    """Sorted source videos of the train and val splits; ``BenchError`` if val is empty or shares a source."""
+    from magvit.data import read_manifest
+
+    train = sorted({source_of(r) for r in read_manifest(manifest, "train")})
+    val = sorted({source_of(r) for r in read_manifest(manifest, "val")})
+    if not train or not val:
+        raise BenchError(f"{manifest}: needs clips in both splits (train: {len(train)} sources, val: {len(val)})")
+    shared = sorted(set(train) & set(val))
+    if shared:
+        raise BenchError(f"{manifest}: {len(shared)} source video(s) in both train and val, e.g. {shared[0]}: "
+                         "held-out clips must come from videos no side trains on")
+    return train, val
+
+
+def load_clips(manifest: Path, split: str, frames: int, size: int, clips_per_video: int, epochs: int,
+               seed: int) -> torch.Tensor:
+    """``(N, 3, T, H, W)`` clips in [-1, 1]: train clips at random starts / crops / flips over ``epochs`` epochs,
+    val clips evenly spaced and centred."""
     from magvit.data import ClipDataset
 
     dataset = ClipDataset(manifest, split=split, num_frames=frames, image_size=size, clips_per_video=clips_per_video,
-                          seed=seed)
-    return torch.stack([dataset[i]["video"] for i in range(len(dataset))])  # (N, 3, T, H, W)
+                          hflip=split == "train", seed=seed, on_error="raise")
+    clips = []
+    for epoch in range(epochs):
+        dataset.set_epoch(epoch)
+        clips += [dataset[i]["video"] for i in range(len(dataset))]
+    if not clips:
+        raise BenchError(f"{manifest}: no usable {split} videos of >= {frames} frames")
+    return torch.stack(clips)
 
 
-def train_for(side, clips: torch.Tensor, budget: float, batch_size: int, lr: float, bf16: bool, seed: int) -> dict:
-    """Train ``side`` for ``budget`` seconds; batches drawn in a seeded order shared by both sides."""
-    model = side.model.train()
-    params = [p for name, p in model.named_parameters() if not name.startswith(peers.MAGVIT2_SKIP)]
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
-    order = torch.Generator().manual_seed(seed)
-    losses, steps = [], 0
-    start = time.perf_counter()
-    while time.perf_counter() - start < budget:
-        index = torch.randint(0, clips.shape[0], (batch_size,), generator=order)
-        video = clips[index]
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
-            loss = side.train_loss(video)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss))
-        steps += 1
-    elapsed = time.perf_counter() - start
-    tail = losses[-10:]
-    return {"steps": steps, "seconds": elapsed, "final_loss": sum(tail) / len(tail)}
+class BatchOrder:
+    """The shared batch sequence: batch ``k`` is the same clip indices for every side."""
+
+    def __init__(self, num_clips: int, batch_size: int, seed: int):
+        self.num_clips, self.batch_size = num_clips, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.batches: list[torch.Tensor] = []
+
+    def __getitem__(self, k: int) -> torch.Tensor:
+        while len(self.batches) <= k:  # epochs of shuffled clips, cut into batches
+            perm = torch.randperm(self.num_clips, generator=self.generator)
+            self.batches += list(perm[: len(perm) // self.batch_size * self.batch_size].split(self.batch_size))
+        return self.batches[k]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Sides
+# ------------------------------------------------------------------------------------------------------------------
+def parse_side(spec: str) -> tuple[str, dict]:
+    """``"magvit2@lr=1e-4"`` -> ``("magvit2", {"lr": 1e-4})``."""
+    name, _, rest = spec.partition("@")
+    changes = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        if key not in ("lr", "warmup_steps"):
+            raise BenchError(f"side {spec!r}: only lr= and warmup_steps= can be changed, got {key!r}")
+        changes[key] = int(value) if key == "warmup_steps" else float(value)
+    return name, changes
+
+
+def build_sides(specs: list[str], frames: int, size: int, base_channels: int) -> list:
+    """Sides at one parameter count: that of the recommended tokenizer at ``base_channels`` (variants pick the
+    closest width, magvit2-pytorch the closest depth)."""
+    target = peers.count_parameters(peers.build_ours(frames, size, base_channels))
+    sides = []
+    for spec in specs:
+        name, changes = parse_side(spec)
+        torch.manual_seed(0)
+        if name == "magvit2":
+            side = peers.Magvit2Side(peers.build_magvit2(size, target, base_channels)[0])
+        elif name == "ours":
+            side = peers.OursSide(peers.build_ours(frames, size, base_channels),
+                                  name=f"magvit, recommended ({peers.RECOMMENDED})")
+        elif name in peers.VARIANTS:
+            side = peers.OursSide(peers.matched_variant(name, frames, size, target), name=f"magvit {name}")
+        else:
+            raise BenchError(f"unknown side {name!r}: use ours, magvit2 or one of {', '.join(peers.VARIANTS)}")
+        if changes:
+            peers.with_recipe(side, **changes)
+            side.name += " @" + ",".join(f"{k}={v:g}" for k, v in changes.items())
+        sides.append(side)
+    return sides
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Interleaved training with held-out evaluation
+# ------------------------------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """One side's training state and its curve of held-out results."""
+
+    side: object
+    optimizer: torch.optim.Optimizer
+    steps: int = 0
+    seconds: float = 0.0  # summed step time on the budget clock
+    wall: float = 0.0  # summed step time, wall clock
+    cpu: float = 0.0  # summed step time, CPU clock
+    losses: list[float] = field(default_factory=list)
+    curve: list[dict] = field(default_factory=list)  # {"seconds", "steps", "psnr", "ssim", "usage", ...}
+    diverged: bool = False
+
+
+def precision(bf16: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def clock(kind: str) -> float:
+    """``wall``: wall-clock seconds; ``cpu``: this process's CPU seconds (all threads) / torch threads, about the
+    wall time of a step on idle cores (other processes on shared cores do not inflate it; with 2 threads, OpenMP
+    spin-waiting for a descheduled thread does)."""
+    return time.perf_counter() if kind == "wall" else time.process_time() / torch.get_num_threads()
+
+
+def warm_up(side, video: torch.Tensor, bf16: bool) -> None:
+    """One forward + backward on a copy of the model, so one-time kernel set-up is not charged to the budget."""
+    import copy
+
+    model = side.model
+    side.model = copy.deepcopy(model).train()
+    with precision(bf16):
+        loss = side.train_loss(video)
+    loss.backward()
+    side.model = model
+
+
+def train_step(run: Run, video: torch.Tensor, bf16: bool) -> tuple[float, float]:
+    """One optimiser step of ``run``; returns its (wall-clock seconds, CPU-clock seconds)."""
+    recipe = run.side.recipe
+    wall, cpu = clock("wall"), clock("cpu")
+    for group in run.optimizer.param_groups:
+        group["lr"] = recipe.lr_at(run.steps)
+    run.optimizer.zero_grad(set_to_none=True)
+    with precision(bf16):
+        loss = run.side.train_loss(video)
+    loss.backward()
+    if recipe.grad_clip:
+        torch.nn.utils.clip_grad_norm_(run.side.parameters(), recipe.grad_clip)
+    run.optimizer.step()
+    value = float(loss)
+    wall, cpu = clock("wall") - wall, clock("cpu") - cpu
+    run.losses.append(value)
+    run.diverged = not math.isfinite(value)
+    return wall, cpu
 
 
 @torch.no_grad()
-def evaluate(side, clips: torch.Tensor) -> dict:
+def evaluate(side, clips: torch.Tensor, bf16: bool) -> dict:
+    """Mean PSNR / SSIM over the held-out clips (one at a time) and codebook usage of all their tokens."""
     from magvit import metrics
 
     side.model.eval()
+    usage = metrics.CodebookUsage(side.codebook_size)
     psnr, ssim = [], []
     for i in range(clips.shape[0]):
         video = clips[i : i + 1]
-        recon = side.reconstruct(video).float().clamp(-1, 1)
+        with precision(bf16):
+            codes = side.encode(video)
+            recon = side.decode(codes)
+        usage.update(codes)
+        recon = recon.float().clamp(-1, 1)
         psnr.append(float(metrics.video_psnr(recon, video)))
         ssim.append(float(metrics.video_ssim(recon, video)))
-    return {"psnr": sum(psnr) / len(psnr), "ssim": sum(ssim) / len(ssim)}
+    side.model.train()
+    return {"psnr": sum(psnr) / len(psnr), "ssim": sum(ssim) / len(ssim), "used": usage.used_codes,
+            "usage": usage.usage, "perplexity": usage.perplexity}
+
+
+def record_point(run: Run, val: torch.Tensor, bf16: bool) -> None:
+    point = {"seconds": run.seconds, "wall": run.wall, "cpu": run.cpu, "steps": run.steps, **evaluate(run.side, val, bf16),
+             "train_loss": sum(run.losses[-10:]) / max(len(run.losses[-10:]), 1), "load": common.load_average()}
+    run.curve.append(point)
+    print(f"  {run.side.name}: {run.seconds:.0f} s, {run.steps} steps: PSNR {point['psnr']:.2f} dB, "
+          f"SSIM {point['ssim']:.4f}, usage {point['usage']:.1%} (load {point['load']})", file=sys.stderr, flush=True)
+
+
+def train_interleaved(sides: list, train: torch.Tensor, val: torch.Tensor, budget: float, eval_at: list[float],
+                      batch_size: int, bf16: bool, seed: int, kind: str) -> list[Run]:
+    """Alternate single steps of all sides (order reversed every round) until each has spent ``budget`` seconds;
+    evaluate a side on ``val`` the first time its clock passes each point of ``eval_at`` (and at 0 s)."""
+    from tqdm import tqdm
+
+    order = BatchOrder(train.shape[0], batch_size, seed)
+    runs = [Run(side, side.recipe.optimizer(side.parameters())) for side in sides]
+    for run in runs:
+        run.side.model.train()
+        warm_up(run.side, train[order[0]], bf16)
+        record_point(run, val, bf16)
+    pending = {id(run): sorted(p for p in eval_at if 0 < p < budget) + [budget] for run in runs}
+    bar = tqdm(total=round(budget * len(runs)), unit="s", desc="training (all sides)", file=sys.stderr)
+    round_number = 0
+    while any(run.seconds < budget and not run.diverged for run in runs):
+        for run in (runs if round_number % 2 == 0 else runs[::-1]):
+            if run.seconds >= budget or run.diverged:
+                continue
+            wall, cpu = train_step(run, train[order[run.steps]], bf16)
+            run.seconds += wall if kind == "wall" else cpu
+            run.wall += wall
+            run.cpu += cpu
+            run.steps += 1
+            bar.n = round(sum(min(r.seconds, budget) for r in runs))
+            bar.refresh()
+            points = pending[id(run)]
+            if (points and run.seconds >= points[0]) or run.diverged:
+                while points and run.seconds >= points[0]:
+                    points.pop(0)
+                record_point(run, val, bf16)
+        round_number += 1
+    bar.close()
+    return runs
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Report: tables and the PSNR-vs-seconds plot
+# ------------------------------------------------------------------------------------------------------------------
+def point_at(run: Run, seconds: float) -> dict | None:
+    """The first evaluation at or after ``seconds`` of training."""
+    return next((p for p in run.curve if p["seconds"] >= seconds), None)
+
+
+def results_table(runs: list[Run], report_at: list[float], title: str) -> common.Table:
+    table = common.Table(title, ["tokenizer", "parameters", "budget", "steps", "wall s / step", "CPU s / step",
+                                 "held-out PSNR (dB)", "held-out SSIM", "codebook usage (held-out)", "perplexity"])
+    for seconds in report_at:
+        for run in runs:
+            size, budget = f"{run.side.num_parameters() / 1e6:.2f} M", f"{seconds / 60:g} min"
+            p = point_at(run, seconds)
+            if p is None:
+                reason = f"diverged at step {run.steps}" if run.diverged else "not reached"
+                table.add(run.side.name, size, budget, reason, *[""] * 6)
+                continue
+            steps = max(p["steps"], 1)
+            table.add(run.side.name, size, budget, p["steps"], f"{p['wall'] / steps:.2f}",
+                      f"{p['cpu'] / steps:.2f}", f"{p['psnr']:.2f}", f"{p['ssim']:.4f}",
+                      f"{p['used']} / {run.side.codebook_size} ({p['usage']:.1%})", f"{p['perplexity']:.0f}")
+    return table
+
+
+def curve_table(runs: list[Run]) -> common.Table:
+    table = common.Table("Held-out curve: every evaluation point",
+                         ["tokenizer", "budget-clock seconds", "CPU seconds", "steps", "PSNR (dB)", "SSIM",
+                          "codebook usage", "train loss (last 10)", "load average"])
+    for run in runs:
+        for p in run.curve:
+            table.add(run.side.name, f"{p['seconds']:.0f}", f"{p['cpu']:.0f}", p["steps"], f"{p['psnr']:.2f}",
+                      f"{p['ssim']:.4f}", f"{p['usage']:.1%}", f"{p['train_loss']:.4f}" if p["steps"] else "",
+                      p["load"])
+    return table
+
+
+def plot(runs: list[Run], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for run in runs:
+        seconds = [p["seconds"] for p in run.curve]
+        axes[0].plot(seconds, [p["psnr"] for p in run.curve], marker="o", label=run.side.name)
+        axes[1].plot(seconds, [p["ssim"] for p in run.curve], marker="o", label=run.side.name)
+    for ax, name in zip(axes, ("held-out PSNR (dB)", "held-out SSIM")):
+        ax.set_xlabel("training seconds (own step time)")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def notes(runs: list[Run], data: dict, args, load_start: str) -> list[str]:
+    recipes = "; ".join(f"**{run.side.name}**: {describe(run.side.recipe)}" for run in runs)
+    return [
+        f"Data: {data['train_clips']} training clips from {len(data['train_sources'])} source videos, "
+        f"{data['val_clips']} held-out clips from {len(data['val_sources'])} other source videos "
+        f"({', '.join(Path(s).name for s in data['val_sources'])}); no held-out source video is in the training split "
+        "(checked by the script). Same clips, same batch order for every side.",
+        f"Training: interleaved single steps, each side stopped when its own summed step time reached "
+        f"{args.budget:g} s on the {CLOCKS[args.clock]}; batch {args.batch_size}; {'fp32' if args.fp32 else 'bf16 autocast'} on every side "
+        "(training and evaluation); MSE + each side's own quantizer loss, no GAN, no perceptual loss. The LR is "
+        "linear warm-up then constant, so the point at a smaller budget is the model a run of that length gives. "
+        "Evaluation time is excluded from the budget.",
+        "Optimiser settings: " + recipes + ".",
+        "Codebook usage: distinct codes among all held-out tokens / codebook size (perplexity = 2^entropy). "
+        "Train losses are not comparable across sides (each adds its own quantizer loss); PSNR and SSIM are.",
+        f"Load average (1 / 5 / 15 min) at the start: {load_start}; at the end: {common.load_average()} (the "
+        f"machine's 2 cores are shared with other work; interleaving makes any load hit every side alike). Torch "
+        f"threads: {args.threads}. 'CPU s / step' is the process's CPU time per step over its threads: the compute "
+        "a step got, whatever the load.",
+    ]
+
+
+CLOCKS = {"cpu": "CPU clock (the process's CPU seconds over its torch threads, which other processes on shared cores "
+                "do not inflate)",
+          "wall": "wall clock"}
+
+
+def describe(recipe: peers.Recipe) -> str:
+    wd = f"wd {recipe.weight_decay:g}{' on matrices' if recipe.decay_matrices_only else ''}"
+    clip = f"grad clip {recipe.grad_clip:g}" if recipe.grad_clip else "no grad clip"
+    return (f"lr {recipe.lr:g}, betas {recipe.betas}, {wd}, {clip}, warm-up {recipe.warmup_steps} steps "
+            f"({recipe.source})")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------------------------------
+def arguments():
+    p = common.parser(__doc__.splitlines()[0])
+    p.add_argument("--sides", default="ours,magvit2", help="comma-separated sides (default: %(default)s)")
+    p.add_argument("--manifest", default=str(ROOT / "data/sample/manifest.jsonl"))
+    p.add_argument("--budget", type=float, default=1200.0, help="training seconds per side (default: %(default)s)")
+    p.add_argument("--report-at", default="300,1200", help="budgets (s) reported in the table (default: %(default)s)")
+    p.add_argument("--eval-at", default="30,60,120,300,600,900",
+                   help="more evaluation points (s) for the curve (default: %(default)s)")
+    p.add_argument("--size", default="17x64x64", help="TxHxW clips (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--train-clips-per-video", type=int, default=4)
+    p.add_argument("--train-epochs", type=int, default=2, help="passes of random clips cut for the training pool")
+    p.add_argument("--val-clips-per-video", type=int, default=1, help="clips per held-out manifest record")
+    p.add_argument("--fp32", action="store_true", help="train every side in fp32 instead of bf16 autocast")
+    p.add_argument("--base-channels", type=int, default=32, help="width of the recommended tokenizer")
+    p.add_argument("--title", default="", help="words for the table title (e.g. 'design choice: blocks')")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="budget clock: wall-clock seconds (default) or the process's CPU seconds / threads")
+    # One thread: on cores shared with other work, two OpenMP threads wait on each other whenever one is
+    # descheduled (measured: a step 4x slower in wall time at load 8 than with one thread).
+    p.set_defaults(threads=1)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args()
+
+
+def run(args) -> None:
+    common.setup_threads(args.threads)
+    header, load_start = common.machine_description(args.threads), common.load_average()
+    manifest = Path(args.manifest)
+    if not manifest.is_file():
+        raise BenchError(f"no manifest at {manifest}: build the sample data first (python -m data_prep.sample_data)")
+    t, h, w = (int(x) for x in args.size.lower().split("x"))
+    if h != w:
+        raise BenchError(f"--size needs square frames, got {args.size}")
+    train_sources, val_sources = check_held_out(manifest)
+    if args.quick:
+        args.budget, args.report_at, args.eval_at = 6.0, "3,6", "3"
+    report_at = sorted(float(x) for x in args.report_at.split(","))
+    eval_at = sorted({float(x) for x in args.eval_at.split(",") if x} | set(report_at))
+    train = load_clips(manifest, "train", t, h, args.train_clips_per_video, args.train_epochs, args.seed)
+    val = load_clips(manifest, "val", t, h, args.val_clips_per_video, 1, args.seed)
+    if args.quick:
+        train, val = train[:4], val[:2]
+    sides = build_sides(args.sides.split(","), t, h, args.base_channels)
+    runs = train_interleaved(sides, train, val, args.budget, eval_at, args.batch_size, not args.fp32, args.seed,
+                             args.clock)
+    data = dict(train_clips=train.shape[0], val_clips=val.shape[0], train_sources=train_sources,
+                val_sources=val_sources)
+    title = (f"Held-out reconstruction{' (' + args.title + ')' if args.title else ''}: {args.size}, batch "
+             f"{args.batch_size}, {'fp32' if args.fp32 else 'bf16 autocast'}, {len(runs)} sides interleaved")
+    table = results_table(runs, [s for s in report_at if s <= args.budget], title)
+    table.notes += notes(runs, data, args, load_start)
+    common.emit([table, curve_table(runs)], header, args.markdown)
+    if args.markdown:
+        png = Path(args.markdown).with_suffix(".png")
+        plot(runs, png, title)
+        print(f"plot written to {png}")
 
 
 def main() -> None:
-    p = common.parser(__doc__.splitlines()[0])
-    p.add_argument("--manifest", default=str(ROOT / "data/sample/manifest.jsonl"))
-    p.add_argument("--budget", type=float, default=120.0, help="training seconds per side (default: %(default)s)")
-    p.add_argument("--size", default="17x64x64", help="TxHxW clips (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--fp32", action="store_true", help="train in fp32 instead of bf16 autocast")
-    p.add_argument("--base-channels", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
-    common.setup_threads(args.threads)
-    header = common.machine_description(args.threads)
-    manifest = Path(args.manifest)
-    if not manifest.is_file():
-        sys.exit(f"no manifest at {manifest}: build the sample data first (python -m data_prep.sample_data)")
-    t, h, w = (int(x) for x in args.size.split("x"))
-    budget = 5.0 if args.quick else args.budget
-    train = load_clips(manifest, "train", t, h, clips_per_video=2, seed=args.seed)
-    val = load_clips(manifest, "val", t, h, clips_per_video=1, seed=args.seed)
-    if args.quick:
-        train, val = train[:4], val[:2]
-    table = common.Table(
-        f"Reconstruction after {budget:.0f} s of training each ({args.size}, batch {args.batch_size}, "
-        f"{'fp32' if args.fp32 else 'bf16 autocast'}, {train.shape[0]} training clips, {val.shape[0]} held-out clips)",
-        ["tokenizer", "parameters", "steps in budget", "s / step", "train loss (last 10)", "held-out PSNR (dB)",
-         "held-out SSIM"],
-    )
-    torch.manual_seed(args.seed)
-    ours = peers.build_ours(t, h, args.base_channels)
-    n_ours = peers.count_parameters(ours)
-    torch.manual_seed(args.seed)
-    theirs, _ = peers.build_magvit2(h, n_ours, args.base_channels)
-    results = {}
-    for side, n in ((peers.OursSide(ours), n_ours),
-                    (peers.Magvit2Side(theirs), peers.count_parameters(theirs, peers.MAGVIT2_SKIP))):
-        run = train_for(side, train, budget, args.batch_size, args.lr, not args.fp32, args.seed)
-        quality = evaluate(side, val)
-        results[side.name] = (run, quality)
-        table.add(side.name, f"{n / 1e6:.2f} M", run["steps"], f"{run['seconds'] / max(run['steps'], 1):.2f}",
-                  f"{run['final_loss']:.4f}", f"{quality['psnr']:.2f}", f"{quality['ssim']:.4f}")
-    table.notes.append("The train losses are not comparable across sides (each adds its own quantizer loss); PSNR "
-                       "and SSIM are. Load average at the end: " + common.load_average() + ".")
-    common.emit([table], header, args.markdown)
+    args = arguments()
+    try:
+        run(args)
+    except BenchError as err:
+        print(f"bench_reconstruction.py: error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -109,7 +109,22 @@ def machine_description(threads: int) -> str:
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return (f"{now}; {cpu_name()}, {os.cpu_count()} logical cores; Python {platform.python_version()}, "
             f"torch {torch.__version__}{', ' + ', '.join(versions) if versions else ''}; "
-            f"torch threads {threads}; load average at start {load_average()}")
+            f"torch threads {threads}; code {code_version()}; load average at start {load_average()}")
+
+
+def code_version() -> str:
+    """The commit of the code under test: ``$MAGVIT_CODE_VERSION`` if set (a run from an exported snapshot), else
+    ``git describe --always --dirty`` of the checkout the benchmarks live in."""
+    import subprocess
+
+    if os.environ.get("MAGVIT_CODE_VERSION"):
+        return os.environ["MAGVIT_CODE_VERSION"]
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def setup_threads(threads: int) -> None:

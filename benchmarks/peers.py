@@ -1,11 +1,19 @@
-"""The project's tokenizer and ``magvit2-pytorch``'s at a matched parameter count and the same compression.
+"""The project's tokenizer and ``magvit2-pytorch``'s at a matched parameter count and the same compression, plus the
+design-choice variants of ours that the reconstruction benchmark compares.
 
-Both are LFQ tokenizers with a 2**10 codebook that compress 4x in time and 8x in space (16x128x128 -> 4x16x16,
-17x64x64 -> 5x8x8 with a causal first frame). Neither side uses a GAN or a perceptual loss here, so a training step
-is reconstruction (MSE) + the quantizer's own loss, forward and backward.
+All tokenizers compress 4x in time and 8x in space (16x128x128 -> 4x16x16, 17x64x64 -> 5x8x8 with a causal first
+frame) with about 2**10 codes. Neither side uses a GAN or a perceptual loss here, so a training step is
+reconstruction (MSE) + the quantizer's own loss, forward and backward.
+
+Each side carries its own :class:`Recipe` (optimiser and loss weights as its authors recommend them), so that a
+benchmark trains every side the way it is meant to be trained.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,22 +27,112 @@ def count_parameters(module: torch.nn.Module, skip: tuple[str, ...] = ()) -> int
 MAGVIT2_SKIP = ("discr", "multiscale_discrs", "vgg")
 
 
-def ours_config(num_frames: int, image_size: int, base_channels: int = 32, num_res_blocks: int = 1):
+# ------------------------------------------------------------------------------------------------------------------
+# Optimiser recipes
+# ------------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Recipe:
+    """Adam(W) settings, warm-up and where they come from. The LR is linear warm-up, then constant."""
+
+    lr: float
+    betas: tuple[float, float]
+    weight_decay: float
+    grad_clip: float | None  # max global grad norm, None = no clipping
+    warmup_steps: int
+    source: str  # one line: where these values come from (goes into the table notes)
+    decay_matrices_only: bool = False  # weight decay on >= 2-D tensors only (magvit2-pytorch's get_optimizer)
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.warmup_steps < 0:
+            raise ValueError(f"lr must be > 0 and warmup_steps >= 0, got {self.lr}, {self.warmup_steps}")
+
+    def optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        if self.weight_decay == 0:
+            return torch.optim.Adam(params, lr=self.lr, betas=self.betas)
+        if not self.decay_matrices_only:
+            return torch.optim.AdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
+        groups = [{"params": [p for p in params if p.ndim >= 2]},
+                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
+
+    def lr_at(self, step: int) -> float:
+        """LR of optimiser step ``step`` (0-based)."""
+        return self.lr * min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else self.lr
+
+
+# Ours: configs/tokenizer/tiny.yaml (the short CPU run: lr 1e-3, 20 warm-up steps) with MAGVIT's Adam betas
+# (0, 0.99), no weight decay, grad clip 1.0; quantizer weights from B.yaml (entropy 0.1, commitment 0.25).
+OURS_RECIPE = Recipe(lr=1e-3, betas=(0.0, 0.99), weight_decay=0.0, grad_clip=1.0, warmup_steps=20,
+                     source="configs/tokenizer/tiny.yaml optim (lr 1e-3, Adam betas (0, 0.99), wd 0, grad clip 1.0, "
+                            "warm-up 20 steps); quantizer loss weights of B.yaml (entropy 0.1, commitment 0.25)")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Our tokenizer and its design-choice variants
+# ------------------------------------------------------------------------------------------------------------------
+# Name -> TokenizerConfig overrides on top of `_BASE`. "v1" = MAGVIT blocks (average pooling, nearest upsampling),
+# "v2" = MAGVIT-v2 blocks; the quantizers are at ~2**10 codes: VQ 1024 codes, LFQ 10 bits, FSQ (8, 5, 5, 5) = 1000.
+_VQ = dict(quantizer="vq", codebook_size=1024, embedding_dim=64)  # 1024 codes of 64 dims (~5M like the others)
+_LFQ = dict(quantizer="lfq", codebook_size=1024)  # 10 bits
+_FSQ = dict(quantizer="fsq", codebook_size=1000)  # the paper's levels for ~2^10: (8, 5, 5, 5)
+VARIANTS: dict[str, dict[str, Any]] = {
+    "v1-vq": _VQ,
+    "v1-lfq": _LFQ,
+    "v1-fsq": _FSQ,
+}
+
+#: the configuration the benchmarks chose (benchmarks/results/reconstruction_*.md); build_ours builds it
+RECOMMENDED = "v1-lfq"
+
+
+def _base(num_frames: int, image_size: int, base_channels: int, num_res_blocks: int) -> dict[str, Any]:
+    return dict(num_frames=num_frames, image_size=image_size, base_channels=base_channels,
+                channel_multipliers=(1, 2, 2, 4), num_res_blocks=num_res_blocks,
+                temporal_downsample=(True, True, False), causal=num_frames % 2 == 1, norm_groups=8)
+
+
+def variant_config(name: str, num_frames: int, image_size: int, base_channels: int = 32, num_res_blocks: int = 1):
+    """``TokenizerConfig`` of variant ``name`` (a key of :data:`VARIANTS`) at the given width."""
     from magvit.tokenizer import TokenizerConfig
 
-    return TokenizerConfig(
-        num_frames=num_frames, image_size=image_size, base_channels=base_channels,
-        channel_multipliers=(1, 2, 2, 4), num_res_blocks=num_res_blocks, temporal_downsample=(True, True, False),
-        codebook_size=1024, quantizer="lfq", causal=num_frames % 2 == 1, norm_groups=8,
-    )
+    if name not in VARIANTS:
+        raise ValueError(f"unknown tokenizer variant {name!r}; choose from {', '.join(VARIANTS)}")
+    return TokenizerConfig(**{**_base(num_frames, image_size, base_channels, num_res_blocks), **VARIANTS[name]})
+
+
+def build_variant(name: str, num_frames: int, image_size: int, base_channels: int = 32, num_res_blocks: int = 1):
+    from magvit.tokenizer import VideoTokenizer
+
+    return VideoTokenizer(variant_config(name, num_frames, image_size, base_channels, num_res_blocks))
+
+
+def matched_variant(name: str, num_frames: int, image_size: int, target_params: int,
+                    widths: tuple[int, ...] = tuple(range(16, 97, 4))):
+    """Variant ``name`` at the base width (multiple of 4) whose parameter count is the closest to ``target_params``."""
+    best = None
+    for width in widths:  # parameters grow with the width: stop at the first one above the target
+        model = build_variant(name, num_frames, image_size, width)
+        params = count_parameters(model)
+        if best is None or abs(params - target_params) < best[0]:
+            best = (abs(params - target_params), model)
+        if params > target_params:
+            break
+    return best[1]
+
+
+def ours_config(num_frames: int, image_size: int, base_channels: int = 32, num_res_blocks: int = 1):
+    """The recommended tokenizer's config at this width."""
+    return variant_config(RECOMMENDED, num_frames, image_size, base_channels, num_res_blocks)
 
 
 def build_ours(num_frames: int, image_size: int, base_channels: int = 32, num_res_blocks: int = 1):
-    from magvit.tokenizer import VideoTokenizer
+    """The project's recommended tokenizer (:data:`RECOMMENDED`) at this width."""
+    return build_variant(RECOMMENDED, num_frames, image_size, base_channels, num_res_blocks)
 
-    return VideoTokenizer(ours_config(num_frames, image_size, base_channels, num_res_blocks))
 
-
+# ------------------------------------------------------------------------------------------------------------------
+# magvit2-pytorch
+# ------------------------------------------------------------------------------------------------------------------
 def magvit2_layers(base: int, res_per_level: int, deep_res: int) -> tuple:
     """MAGVIT-v2-style layer list with our channel plan (b, 2b, 2b, 4b) and 4x time / 8x space compression."""
     r = ("residual",) * res_per_level
@@ -65,13 +163,44 @@ def build_magvit2(image_size: int, target_params: int, base_channels: int = 32, 
     return best[1], best[2]
 
 
+# magvit2-pytorch 0.5.1's own defaults (trainer.py VideoTokenizerTrainer, optimizer.py get_optimizer): AdamW betas
+# (0.9, 0.99), eps 1e-8, weight decay 1e-2 on >= 2-D tensors only, no grad clipping (max_grad_norm=None), linear
+# warm-up of 1000 steps, LR 1e-5; its VideoTokenizer's loss weights (LFQ entropy 0.1, commitment 1.0, diversity
+# gamma 2.5, quantizer aux weight 1.0, MSE reconstruction). Its 1e-5 LR and 1000 warm-up steps are meant for long
+# GPU runs and barely move a run of minutes, so the LR and warm-up come from the LR check of the benchmark
+# (benchmarks/results/reconstruction_lr.md) instead.
+MAGVIT2_RECIPE = Recipe(lr=1e-3, betas=(0.9, 0.99), weight_decay=1e-2, decay_matrices_only=True, grad_clip=None,
+                        warmup_steps=20,
+                        source="magvit2-pytorch's trainer defaults (AdamW betas (0.9, 0.99), wd 1e-2 on matrices, no "
+                               "grad clip) and its VideoTokenizer's loss weights (LFQ entropy 0.1, commitment 1.0, "
+                               "diversity gamma 2.5); LR 1e-3 with 20 warm-up steps from the LR check (its trainer's "
+                               "1e-5 / 1000 warm-up steps are for long GPU runs)")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Uniform calls on both
+# ------------------------------------------------------------------------------------------------------------------
 class OursSide:
     """Uniform calls on the project's tokenizer."""
 
     name = "magvit (this project)"
 
-    def __init__(self, model):
+    def __init__(self, model, recipe: Recipe = OURS_RECIPE, name: str | None = None):
         self.model = model
+        self.recipe = recipe
+        if name is not None:
+            self.name = name
+
+    @property
+    def codebook_size(self) -> int:
+        return self.model.quantizer.codebook_size if hasattr(self.model.quantizer, "codebook_size") \
+            else self.model.config.codebook_size
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def num_parameters(self) -> int:
+        return count_parameters(self.model)
 
     def train_loss(self, video: torch.Tensor) -> torch.Tensor:
         recon, stats = self.model(video)
@@ -92,8 +221,21 @@ class Magvit2Side:
 
     name = "magvit2-pytorch"
 
-    def __init__(self, model):
+    def __init__(self, model, recipe: Recipe = MAGVIT2_RECIPE, name: str | None = None):
         self.model = model
+        self.recipe = recipe
+        if name is not None:
+            self.name = name
+
+    @property
+    def codebook_size(self) -> int:
+        return 1024
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for n, p in self.model.named_parameters() if not n.startswith(MAGVIT2_SKIP) and p.requires_grad]
+
+    def num_parameters(self) -> int:
+        return count_parameters(self.model, MAGVIT2_SKIP)
 
     def train_loss(self, video: torch.Tensor) -> torch.Tensor:
         loss, _ = self.model(video, return_loss=True, video_contains_first_frame=video.shape[2] % 2 == 1)
@@ -108,3 +250,9 @@ class Magvit2Side:
 
     def reconstruct(self, video: torch.Tensor) -> torch.Tensor:
         return self.model(video, video_contains_first_frame=video.shape[2] % 2 == 1)
+
+
+def with_recipe(side, **changes):
+    """``side`` with some recipe fields changed (e.g. ``lr=3e-4``), for LR checks."""
+    side.recipe = dataclasses.replace(side.recipe, **changes)
+    return side
