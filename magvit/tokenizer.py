@@ -12,6 +12,11 @@ last level, GroupNorm -> swish -> 1x1x1 conv to the latent. The decoder mirrors 
 Causal mode (MAGVIT-v2): convolutions pad only on the past, normalisation is per frame, and temporal down/upsampling
 keeps frame 0 on its own, so a ``1 + k * temporal_factor`` frame clip maps to ``1 + k`` latent frames, latent frame
 ``j`` sees only input frames ``<= j * temporal_factor``, and a single image (``T = 1``) is a valid input.
+
+MAGVIT-v2 blocks (options of ``TokenizerConfig``, all on with ``**V2``): ``downsample="conv"`` (strided conv3x3x3,
+causal in causal mode), ``upsample="depth_to_space"`` (conv to ``r_t * r_h * r_w`` times the channels, then a 3D
+pixel shuffle), ``decoder_norm="adaptive_group"`` (GroupNorm whose scale and shift come from the quantized latents),
+and ``decoder_channel_multipliers`` / ``decoder_res_blocks`` to move the decoder's work to low resolution.
 """
 
 from __future__ import annotations
@@ -31,6 +36,13 @@ from .quantizers import QuantizerConfig, build_quantizer
 
 # Tolerance on the [-1, 1] range check: resizing / colour conversion overshoot by a few 1e-4.
 _RANGE_TOLERANCE = 1e-3
+
+# MAGVIT-v2's blocks, for the four-level layout (channel_multipliers of length 4) of B, L and the benchmarks:
+# strided-conv downsampling, depth-to-space upsampling, adaptive GroupNorm, and a decoder whose width and blocks
+# sit at low resolution (no residual block at full resolution: 9.5 vs 36.9 GFLOP for v1 at 17x64x64, base 32).
+# ``TokenizerConfig(..., **V2)`` or ``TokenizerConfig.preset("B", **V2)``; the ``B2`` / ``L2`` presets use it.
+V2: dict[str, Any] = dict(downsample="conv", upsample="depth_to_space", decoder_norm="adaptive_group",
+                          decoder_channel_multipliers=(1, 1, 2, 4), decoder_res_blocks=(0, 1, 2, 1))
 
 
 @dataclass
@@ -52,6 +64,14 @@ class TokenizerConfig(Config):
                   temporal_downsample=(True, True, False), embedding_dim=256, codebook_size=1024),
         "L": dict(num_frames=16, image_size=128, base_channels=128, channel_multipliers=(1, 2, 2, 4), num_res_blocks=2,
                   temporal_downsample=(True, True, False), embedding_dim=256, codebook_size=1024),
+        # MAGVIT-v2-style: causal (1 + 16 frames: the preset hook adds the 1), LFQ with 2**18 codes, the V2 blocks
+        # with two blocks per decoder level where V2 has one; 17x128x128 -> 5x16x16 tokens.
+        "B2": dict(num_frames=16, image_size=128, base_channels=64, channel_multipliers=(1, 2, 2, 4), num_res_blocks=2,
+                   temporal_downsample=(True, True, False), codebook_size=2**18, quantizer="lfq", causal=True,
+                   **{**V2, "decoder_res_blocks": (0, 2, 4, 2)}),
+        "L2": dict(num_frames=16, image_size=128, base_channels=128, channel_multipliers=(1, 2, 2, 4), num_res_blocks=2,
+                   temporal_downsample=(True, True, False), codebook_size=2**18, quantizer="lfq", causal=True,
+                   **{**V2, "decoder_res_blocks": (0, 2, 4, 2)}),
     }
 
     num_frames: int = 16
@@ -68,6 +88,13 @@ class TokenizerConfig(Config):
     quantization: QuantizerConfig = field(default_factory=QuantizerConfig)
     temporal_kernel_size: int = 3  # 1 gives a 2D (per-frame) image tokenizer, the source of 2D->3D inflation
     norm_groups: int = 32
+    # --- MAGVIT-v2 blocks (the defaults are MAGVIT v1; ``V2`` selects the whole v2 set) -------------------------
+    downsample: Literal["avg_pool", "conv"] = "avg_pool"  # encoder: average pooling or a strided (causal) conv
+    upsample: Literal["nearest", "depth_to_space"] = "nearest"  # decoder: nearest + conv, or conv + 3D pixel shuffle
+    decoder_norm: Literal["group", "adaptive_group"] = "group"  # adaptive: scale/shift predicted from the latents
+    # Decoder width / depth per level (index i = channel_multipliers[i]'s level; empty = mirror the encoder).
+    decoder_channel_multipliers: tuple[int, ...] = ()
+    decoder_res_blocks: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.channel_multipliers:
@@ -81,6 +108,13 @@ class TokenizerConfig(Config):
                      "codebook_size", "norm_groups"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        levels = len(self.channel_multipliers)
+        for name in ("decoder_channel_multipliers", "decoder_res_blocks"):
+            value = tuple(getattr(self, name))
+            if value and len(value) != levels:
+                raise ValueError(f"{name} needs one entry per level ({levels}) or none, got {value}")
+        if min(self.decoder_channel_multipliers, default=1) < 1 or min(self.decoder_res_blocks, default=0) < 0:
+            raise ValueError("decoder_channel_multipliers must be >= 1 and decoder_res_blocks >= 0")
         if self.temporal_kernel_size < 1 or self.temporal_kernel_size % 2 == 0:
             raise ValueError(f"temporal_kernel_size must be odd and >= 1, got {self.temporal_kernel_size}")
         if self.codebook_size < 2:
@@ -110,6 +144,16 @@ class TokenizerConfig(Config):
     @property
     def spatial_factor(self) -> int:
         return 2 ** (len(self.channel_multipliers) - 1)
+
+    @property
+    def decoder_multipliers(self) -> tuple[int, ...]:
+        """Channel multiplier of each decoder level (``decoder_channel_multipliers``, else the encoder's)."""
+        return tuple(self.decoder_channel_multipliers or self.channel_multipliers)
+
+    @property
+    def decoder_blocks(self) -> tuple[int, ...]:
+        """Residual blocks of each decoder level (``decoder_res_blocks``, else ``num_res_blocks`` everywhere)."""
+        return tuple(self.decoder_res_blocks or (self.num_res_blocks,) * len(self.channel_multipliers))
 
     @property
     def latent_dim(self) -> int:
@@ -150,17 +194,19 @@ class Conv3d(nn.Conv3d):
     """3D convolution with 'same' spatial padding; in time either centred ('same') or causal (past only).
 
     Causal padding puts ``k_t - 1`` zero frames before the clip, so output frame ``i`` sees input frames ``<= i``.
+    With a temporal stride of 2 (MAGVIT-v2's strided downsampling) a causal conv maps ``1 + 2k`` frames to
+    ``1 + k``: output ``j`` sees input frames ``<= 2j`` (output 0 sees frame 0 alone).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int, int], *, causal: bool,
-                 bias: bool = True) -> None:
+                 bias: bool = True, stride: tuple[int, int, int] = (1, 1, 1)) -> None:
         kt, kh, kw = kernel_size
         self.causal = causal
         self.time_pad = kt - 1 if causal else 0
-        super().__init__(in_channels, out_channels, kernel_size,
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride,
                          padding=(0 if causal else kt // 2, kh // 2, kw // 2), bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T, H, W) -> (B, C', T, H, W)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T, H, W) -> (B, C', T / s_t, H / s_h, W / s_w)
         if self.time_pad:
             x = F.pad(x, (0, 0, 0, 0, self.time_pad, 0))
         if x.shape[0] == 1 and x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[1:4].numel() <= 20480:
@@ -185,33 +231,84 @@ class GroupNorm(nn.GroupNorm):
         return rearrange(y, "(b t) c h w -> b c t h w", b=b)
 
 
-class ResBlock(nn.Module):
-    """(GroupNorm -> swish -> conv3x3x3) x 2 plus a shortcut (1x1x1 conv when the width changes)."""
+def resize_latents(z: torch.Tensor, size: tuple[int, int, int], causal: bool) -> torch.Tensor:
+    """Nearest resize of ``z`` (B, D, t, h, w) to ``size`` = (T, H, W) with integer factors. Causal: frame 0 maps to
+    latent 0 and frames ``(j - 1) * r + 1 .. j * r`` to latent ``j`` (the layout of causal upsampling), so a frame
+    never reads a later latent."""
+    t, h, w = z.shape[2:]
+    frames, height, width = size
+    if frames != t:
+        if causal:
+            r = (frames - 1) // (t - 1)
+            index = (torch.arange(frames, device=z.device) + r - 1) // r  # ceil(i / r)
+        else:
+            index = torch.arange(frames, device=z.device) // (frames // t)
+        z = z.index_select(2, index)
+    return z.repeat_interleave(height // h, dim=3).repeat_interleave(width // w, dim=4)
 
-    def __init__(self, in_channels: int, out_channels: int, config: TokenizerConfig) -> None:
+
+class AdaptiveGroupNorm(nn.Module):
+    """MAGVIT-v2's adaptive GroupNorm: ``GroupNorm(x) * (1 + scale) + shift`` where a 1x1x1 conv of the quantized
+    latents, resized to ``x``'s resolution, predicts the per-channel ``scale`` and ``shift`` (StyleGAN-style).
+
+    The conv starts at zero, so a fresh block is exactly a plain :class:`GroupNorm`.
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, latent_channels: int, *, causal: bool) -> None:
+        super().__init__()
+        self.norm = GroupNorm(num_groups, num_channels, per_frame=causal)
+        self.scale_shift = Conv3d(latent_channels, 2 * num_channels, (1, 1, 1), causal=causal)
+        nn.init.zeros_(self.scale_shift.weight)
+        nn.init.zeros_(self.scale_shift.bias)
+        self.causal = causal
+
+    def forward(self, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:  # (B, C, T, H, W), (B, D, t, h, w)
+        # A 1x1x1 conv commutes with nearest resizing: apply it at the latent resolution (cheaper), then resize.
+        params = resize_latents(self.scale_shift(latents.to(x.dtype)), x.shape[2:], self.causal)  # (B, 2C, T, H, W)
+        scale, shift = params.chunk(2, dim=1)
+        return self.norm(x) * (1 + scale) + shift
+
+
+def _normalize(norm: nn.Module, x: torch.Tensor, latents: torch.Tensor | None) -> torch.Tensor:
+    return norm(x) if latents is None else norm(x, latents)
+
+
+class ResBlock(nn.Module):
+    """(GroupNorm -> swish -> conv3x3x3) x 2 plus a shortcut (1x1x1 conv when the width changes).
+
+    With ``latent_channels > 0`` the norms are :class:`AdaptiveGroupNorm` and ``forward`` takes the latents.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, config: TokenizerConfig, latent_channels: int = 0) -> None:
         super().__init__()
         k = (config.temporal_kernel_size, 3, 3)
-        self.norm1 = GroupNorm(config.norm_groups, in_channels, per_frame=config.causal)
+
+        def norm(channels: int) -> nn.Module:
+            if latent_channels:
+                return AdaptiveGroupNorm(config.norm_groups, channels, latent_channels, causal=config.causal)
+            return GroupNorm(config.norm_groups, channels, per_frame=config.causal)
+
+        self.norm1 = norm(in_channels)
         self.conv1 = Conv3d(in_channels, out_channels, k, causal=config.causal, bias=False)
-        self.norm2 = GroupNorm(config.norm_groups, out_channels, per_frame=config.causal)
+        self.norm2 = norm(out_channels)
         self.conv2 = Conv3d(out_channels, out_channels, k, causal=config.causal, bias=False)
         self.shortcut = (
             Conv3d(in_channels, out_channels, (1, 1, 1), causal=config.causal, bias=False)
             if in_channels != out_channels else nn.Identity()
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T, H, W)
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+    def forward(self, x: torch.Tensor, latents: torch.Tensor | None = None) -> torch.Tensor:  # (B, C, T, H, W)
+        h = self.conv1(F.silu(_normalize(self.norm1, x, latents)))
+        h = self.conv2(F.silu(_normalize(self.norm2, h, latents)))
         return self.shortcut(x) + h
 
 
-def avg_pool3d(x: torch.Tensor, kernel: tuple[int, int, int]) -> torch.Tensor:
+def avg_pool3d(x: torch.Tensor, kernel: tuple[int, int, int], ceil_mode: bool = False) -> torch.Tensor:
     """``F.avg_pool3d`` that also runs on bf16 CPU tensors."""
     # avg_pool3d has no bf16 CPU kernel: pool in fp32 (exact for a mean of 8 values) and cast back.
     if x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu":
-        return F.avg_pool3d(x.float(), kernel).to(x.dtype)
-    return F.avg_pool3d(x, kernel)
+        return F.avg_pool3d(x.float(), kernel, ceil_mode=ceil_mode).to(x.dtype)
+    return F.avg_pool3d(x, kernel, ceil_mode=ceil_mode)
 
 
 def downsample(x: torch.Tensor, temporal: bool, causal: bool) -> torch.Tensor:
@@ -234,6 +331,35 @@ def upsample(x: torch.Tensor, temporal: bool, causal: bool) -> torch.Tensor:
     return F.interpolate(x, scale_factor=(2 if temporal else 1, 2, 2), mode="nearest")
 
 
+def depth_to_space(x: torch.Tensor, factors: tuple[int, int, int], causal: bool) -> torch.Tensor:
+    """3D pixel shuffle: ``(B, C * rt * rh * rw, t, h, w) -> (B, C, t * rt, h * rh, w * rw)``; channel
+    ``c * rt * rh * rw + (a * rh + b) * rw + d`` becomes pixel ``(t * rt + a, h * rh + b, w * rw + d)`` of channel
+    ``c``. Causal: the first ``rt - 1`` frames are dropped, so latent 0 gives frame 0 alone and latent ``j`` frames
+    ``(j - 1) * rt + 1 .. j * rt`` (``1 + k`` -> ``1 + k * rt`` frames, the layout of :func:`upsample`)."""
+    rt, rh, rw = factors
+    x = rearrange(x, "b (c rt rh rw) t h w -> b c (t rt) (h rh) (w rw)", rt=rt, rh=rh, rw=rw)
+    return x[:, :, rt - 1:] if causal else x
+
+
+class DepthToSpaceUpsample(nn.Module):
+    """MAGVIT-v2 upsampling: a conv at the low resolution makes ``rt * rh * rw`` times the output channels, then
+    :func:`depth_to_space`. Initialised as nearest upsampling of one conv (each sub-pixel gets the same kernel)."""
+
+    def __init__(self, in_channels: int, out_channels: int, temporal: bool, config: TokenizerConfig) -> None:
+        super().__init__()
+        self.factors = (2 if temporal else 1, 2, 2)
+        self.causal = config.causal
+        r = math.prod(self.factors)
+        k = (config.temporal_kernel_size, 3, 3)
+        self.conv = Conv3d(in_channels, out_channels * r, k, causal=config.causal)
+        with torch.no_grad():  # channel c * r + s for sub-pixel s: the same kernel for every s
+            self.conv.weight.copy_(self.conv.weight[::r].repeat_interleave(r, dim=0))
+            self.conv.bias.copy_(self.conv.bias[::r].repeat_interleave(r, dim=0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, t, h, w) -> (B, C', t * rt (causal 1 + ..), 2h, 2w)
+        return depth_to_space(self.conv(x), self.factors, self.causal)
+
+
 class Encoder(nn.Module):
     """Video ``(B, C_in, T, H, W)`` -> latent ``(B, latent_dim, t, h, w)``."""
 
@@ -244,12 +370,17 @@ class Encoder(nn.Module):
         width = config.base_channels
         self.conv_in = Conv3d(config.in_channels, width, k, causal=config.causal, bias=False)
         self.levels = nn.ModuleList()
-        for mult in config.channel_multipliers:
+        # downsample="conv": a strided conv (stride 2 in H, W and in T where temporal_downsample says) per level.
+        self.downsample_convs = nn.ModuleList() if config.downsample == "conv" else None
+        for i, mult in enumerate(config.channel_multipliers):
             blocks = nn.ModuleList()
             for _ in range(config.num_res_blocks):
                 blocks.append(ResBlock(width, config.base_channels * mult, config))
                 width = config.base_channels * mult
             self.levels.append(blocks)
+            if self.downsample_convs is not None and i < len(config.channel_multipliers) - 1:
+                stride = (2 if config.temporal_downsample[i] else 1, 2, 2)
+                self.downsample_convs.append(Conv3d(width, width, k, causal=config.causal, stride=stride))
         self.mid = nn.Sequential(*[ResBlock(width, width, config) for _ in range(config.num_res_blocks)])
         self.norm_out = GroupNorm(config.norm_groups, width, per_frame=config.causal)
         self.conv_out = Conv3d(width, config.latent_dim, (1, 1, 1), causal=config.causal)
@@ -261,49 +392,71 @@ class Encoder(nn.Module):
             for block in blocks:
                 x = block(x)
             if i < len(self.levels) - 1:
-                x = downsample(x, cfg.temporal_downsample[i], cfg.causal)
+                if self.downsample_convs is not None:
+                    x = self.downsample_convs[i](x)
+                else:
+                    x = downsample(x, cfg.temporal_downsample[i], cfg.causal)
         x = self.mid(x)
         return self.conv_out(F.silu(self.norm_out(x)))
 
 
 class Decoder(nn.Module):
-    """Latent ``(B, latent_dim, t, h, w)`` -> video ``(B, C_in, T, H, W)`` (mirror of :class:`Encoder`)."""
+    """Latent ``(B, latent_dim, t, h, w)`` -> video ``(B, C_in, T, H, W)``.
+
+    Levels run from the deepest to the first, with ``decoder_multipliers[i]`` channels and ``decoder_blocks[i]``
+    residual blocks at level ``i`` (by default the mirror of :class:`Encoder`). ``upsample="nearest"``: nearest
+    upsampling then a conv at the new resolution (MAGVIT v1); ``"depth_to_space"``: a conv at the old resolution
+    straight to the next level's width, then a pixel shuffle. ``decoder_norm="adaptive_group"`` conditions every
+    norm on the latents ``z``.
+    """
 
     def __init__(self, config: TokenizerConfig) -> None:
         super().__init__()
         self.config = config
         k = (config.temporal_kernel_size, 3, 3)
-        width = config.base_channels * config.channel_multipliers[-1]
+        b, mults, depths = config.base_channels, config.decoder_multipliers, config.decoder_blocks
+        cond = config.latent_dim if config.decoder_norm == "adaptive_group" else 0
+        width = b * mults[-1]
         self.conv_in = Conv3d(config.latent_dim, width, k, causal=config.causal)
-        self.mid = nn.Sequential(*[ResBlock(width, width, config) for _ in range(config.num_res_blocks)])
-        # levels[i] serves channel_multipliers[i]; they run from the last level to the first.
+        self.mid = nn.ModuleList([ResBlock(width, width, config, cond) for _ in range(config.num_res_blocks)])
+        # levels[j] serves level i = L - 1 - j; upsample_convs[j] goes from level i to level i - 1.
         self.levels = nn.ModuleList()
         self.upsample_convs = nn.ModuleList()
-        widths = []
-        for i in reversed(range(len(config.channel_multipliers))):
+        for i in reversed(range(len(mults))):
             blocks = nn.ModuleList()
-            for _ in range(config.num_res_blocks):
-                blocks.append(ResBlock(width, config.base_channels * config.channel_multipliers[i], config))
-                width = config.base_channels * config.channel_multipliers[i]
+            for _ in range(depths[i]):
+                blocks.append(ResBlock(width, b * mults[i], config, cond))
+                width = b * mults[i]
             self.levels.append(blocks)
-            widths.append(width)
-            if i > 0:
+            if i == 0:
+                continue
+            temporal = config.temporal_downsample[i - 1]
+            if config.upsample == "depth_to_space":
+                self.upsample_convs.append(DepthToSpaceUpsample(width, b * mults[i - 1], temporal, config))
+                width = b * mults[i - 1]
+            else:
                 self.upsample_convs.append(Conv3d(width, width, k, causal=config.causal))
-        self.norm_out = GroupNorm(config.norm_groups, width, per_frame=config.causal)
+        self.norm_out = (AdaptiveGroupNorm(config.norm_groups, width, cond, causal=config.causal) if cond
+                         else GroupNorm(config.norm_groups, width, per_frame=config.causal))
         self.conv_out = Conv3d(width, config.in_channels, k, causal=config.causal)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         cfg = self.config
-        x = self.mid(self.conv_in(z))
+        latents = z if cfg.decoder_norm == "adaptive_group" else None
+        x = self.conv_in(z)
+        for block in self.mid:
+            x = block(x, latents)
         num_levels = len(self.levels)
         for j, blocks in enumerate(self.levels):
             for block in blocks:
-                x = block(x)
-            i = num_levels - 1 - j  # index into channel_multipliers
+                x = block(x, latents)
+            i = num_levels - 1 - j  # index into the multipliers
             if i > 0:
-                x = upsample(x, cfg.temporal_downsample[i - 1], cfg.causal)
-                x = self.upsample_convs[j](x)
-        return self.conv_out(F.silu(self.norm_out(x)))
+                if cfg.upsample == "depth_to_space":
+                    x = self.upsample_convs[j](x)
+                else:
+                    x = self.upsample_convs[j](upsample(x, cfg.temporal_downsample[i - 1], cfg.causal))
+        return self.conv_out(F.silu(_normalize(self.norm_out, x, latents)))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -400,8 +553,9 @@ def inflate_tokenizer(image_tokenizer: VideoTokenizer, video_config: TokenizerCo
     if src_cfg.temporal_kernel_size != 1:
         raise ValueError(f"expected a 2D tokenizer (temporal_kernel_size=1), got {src_cfg.temporal_kernel_size}")
     same = ("in_channels", "base_channels", "channel_multipliers", "num_res_blocks", "embedding_dim",
-            "codebook_size", "quantizer", "norm_groups")
+            "codebook_size", "quantizer", "norm_groups", "downsample", "upsample", "decoder_norm")
     diff = [n for n in same if getattr(src_cfg, n) != getattr(video_config, n)]
+    diff += [n for n in ("decoder_multipliers", "decoder_blocks") if getattr(src_cfg, n) != getattr(video_config, n)]
     if diff:
         raise ValueError(f"2D and 3D configs must agree on {', '.join(diff)} to inflate")
     video = VideoTokenizer(video_config)
@@ -421,4 +575,4 @@ def inflate_tokenizer(image_tokenizer: VideoTokenizer, video_config: TokenizerCo
     return video
 
 
-__all__ = ["TokenizerConfig", "VideoTokenizer", "Encoder", "Decoder", "inflate_tokenizer"]
+__all__ = ["TokenizerConfig", "VideoTokenizer", "Encoder", "Decoder", "inflate_tokenizer", "V2"]

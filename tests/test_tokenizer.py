@@ -292,3 +292,162 @@ def test_batch_one_conv_fast_path_matches_plain_conv():
         rx, rw = torch.autograd.grad(ref, (x, conv.weight), grad_y)
         torch.testing.assert_close(gx, rx, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(gw, rw, atol=1e-5, rtol=1e-5)
+
+
+# --- MAGVIT-v2 blocks ------------------------------------------------------------------------------------------
+TINY_V2 = dict(downsample="conv", upsample="depth_to_space", decoder_norm="adaptive_group",
+               decoder_channel_multipliers=(1, 1, 2), decoder_res_blocks=(0, 1, 1))  # V2's plan for three levels
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["central", "causal"])
+@pytest.mark.parametrize("decoder_norm", ["group", "adaptive_group"])
+@pytest.mark.parametrize("upsample", ["nearest", "depth_to_space"])
+@pytest.mark.parametrize("downsample", ["avg_pool", "conv"])
+def test_v2_block_combinations_shapes(downsample, upsample, decoder_norm, causal):
+    cfg = TokenizerConfig.preset("tiny", downsample=downsample, upsample=upsample, decoder_norm=decoder_norm,
+                                 causal=causal, quantizer="lfq")
+    tok = VideoTokenizer(cfg)
+    video = torch.rand(1, 3, cfg.num_frames, 16, 16) * 2 - 1
+    grid = cfg.token_grid(cfg.num_frames, 16, 16)
+    latents = tok.encoder(video)
+    assert latents.shape == (1, cfg.latent_dim, *grid)
+    assert tok.decoder(latents).shape == video.shape
+    if causal:  # a single image in, a single frame out
+        assert tok.decoder(tok.encoder(video[:, :, :1])).shape == (1, 3, 1, 16, 16)
+    has = {name for name, _ in tok.named_modules()}
+    assert ("encoder.downsample_convs.0" in has) == (downsample == "conv")
+    assert ("decoder.norm_out.scale_shift" in has) == (decoder_norm == "adaptive_group")
+
+
+def test_v2_decoder_plan_and_v1_state_dict_unchanged():
+    cfg = TokenizerConfig.preset("tiny", **TINY_V2)
+    assert cfg.decoder_multipliers == (1, 1, 2) and cfg.decoder_blocks == (0, 1, 1)
+    v1 = TokenizerConfig.preset("tiny")
+    assert v1.decoder_multipliers == v1.channel_multipliers and v1.decoder_blocks == (1, 1, 1)
+    tok = VideoTokenizer(cfg)
+    assert [len(level) for level in tok.decoder.levels] == [1, 1, 0]  # deepest level first
+    video = torch.rand(2, 3, 8, 16, 16) * 2 - 1
+    assert tok(video)[0].shape == video.shape
+    # The v1 layout keeps its parameter names (old exports load): no v2-only modules appear.
+    names = set(VideoTokenizer(v1).state_dict())
+    assert not any("downsample_convs" in n or "scale_shift" in n or ".norm.weight" in n for n in names)
+    for bad, match in [(dict(decoder_res_blocks=(1, 1)), "one entry per level"),
+                       (dict(decoder_channel_multipliers=(1, 0, 2)), ">= 1"),
+                       (dict(upsample="pixel_shuffle"), "not one of")]:
+        with pytest.raises(ConfigError, match=match):
+            TokenizerConfig.preset("tiny", **bad)
+
+
+def test_old_export_without_v2_fields_loads(tmp_path):
+    """A config.json written before the v2 fields existed loads as the v1 architecture, weights included."""
+    import json
+
+    tok = VideoTokenizer(TokenizerConfig.preset("tiny")).eval()
+    tok.save_pretrained(tmp_path / "old")
+    meta = json.loads((tmp_path / "old" / "config.json").read_text())
+    for key in ("downsample", "upsample", "decoder_norm", "decoder_channel_multipliers", "decoder_res_blocks"):
+        del meta["config"][key]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(meta))
+    loaded = VideoTokenizer.from_pretrained(tmp_path / "old")
+    assert loaded.config == tok.config
+    video = _video(tok.config)
+    with torch.no_grad():
+        assert torch.equal(loaded.encode(video), tok.encode(video))
+
+
+@pytest.mark.parametrize("quantizer", ["vq", "lfq"])
+def test_v2_causal_future_frames_never_change_past(quantizer):
+    """Strided causal convs, causal depth-to-space and the latent-conditioned norms keep the causal contract:
+    input frame k changes latents >= ceil(k / f) only, and latent j changes output frames > (j - 1) * f only."""
+    cfg = TokenizerConfig.preset("tiny", causal=True, quantizer=quantizer, **TINY_V2)
+    tok = VideoTokenizer(cfg).eval()
+    for p in tok.decoder.parameters():  # adaptive norms start as plain GroupNorm: make them depend on the latents
+        if p.dim() == 5 and not p.abs().sum():
+            torch.nn.init.normal_(p, std=0.1)
+    f = cfg.temporal_factor
+    video = torch.rand(1, 3, cfg.num_frames, 16, 16) * 2 - 1
+    with torch.no_grad():
+        latents = tok.encoder(video)
+        for k in range(cfg.num_frames):
+            changed = video.clone()
+            changed[:, :, k] = torch.rand_like(changed[:, :, k]) * 2 - 1
+            first = math.ceil(k / f)
+            new = tok.encoder(changed)
+            assert torch.equal(new[:, :, :first], latents[:, :, :first]), k
+            assert not torch.allclose(new[:, :, first], latents[:, :, first]), k
+        decoded = tok.decoder(latents)
+        for j in range(1, latents.shape[2]):
+            changed = latents.clone()
+            changed[:, :, j] = torch.randn_like(changed[:, :, j])
+            out = tok.decoder(changed)
+            keep = (j - 1) * f + 1
+            assert torch.equal(out[:, :, :keep], decoded[:, :, :keep]), j
+            assert not torch.allclose(out[:, :, keep:keep + f], decoded[:, :, keep:keep + f]), j
+
+
+def test_adaptive_group_norm_starts_as_group_norm_and_uses_latents():
+    from magvit.tokenizer import AdaptiveGroupNorm, GroupNorm
+
+    for causal in (False, True):
+        ada = AdaptiveGroupNorm(4, 8, 6, causal=causal)
+        plain = GroupNorm(4, 8, per_frame=causal)
+        with torch.no_grad():
+            for module in (ada.norm, plain):  # the same (non-trivial) affine in both
+                module.weight.copy_(torch.linspace(0.5, 2.0, 8))
+                module.bias.copy_(torch.linspace(-1.0, 1.0, 8))
+        x = torch.randn(2, 8, 5, 8, 8)
+        z = torch.randn(2, 6, 3 if causal else 5, 2, 2)
+        torch.testing.assert_close(ada(x, z), plain(x), atol=0, rtol=0)
+        # Trained, scale and shift follow the latents: a 1x1x1 map of z, nearest-resized to x's grid.
+        with torch.no_grad():
+            ada.scale_shift.weight.normal_()
+        out = ada(x, z)
+        assert not torch.allclose(out, plain(x))
+        params = ada.scale_shift(z)  # (2, 16, t, 2, 2)
+        frame = 4  # non-causal: frame i -> latent i; causal (r = 2): frames 1, 2 -> latent 1, frames 3, 4 -> 2
+        latent = 2 if causal else 4
+        scale, shift = params[:, :8, latent, 1, 1], params[:, 8:, latent, 1, 1]
+        expected = plain(x)[:, :, frame, 7, 7] * (1 + scale) + shift
+        torch.testing.assert_close(out[:, :, frame, 7, 7], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_depth_to_space_layout_and_shapes():
+    from magvit.tokenizer import DepthToSpaceUpsample, depth_to_space
+
+    x = torch.randn(2, 3 * 8, 4, 5, 6)  # C = 3, r = (2, 2, 2)
+    y = depth_to_space(x, (2, 2, 2), causal=False)
+    assert y.shape == (2, 3, 8, 10, 12)
+    c, a, b, d = 1, 1, 0, 1  # sub-pixel (a, b, d) of channel c at low-res position (t, h, w) = (2, 3, 4)
+    assert torch.equal(y[:, c, 2 * 2 + a, 3 * 2 + b, 4 * 2 + d], x[:, c * 8 + (a * 2 + b) * 2 + d, 2, 3, 4])
+    # The inverse (space-to-depth) gives the input back.
+    back = y.reshape(2, 3, 4, 2, 5, 2, 6, 2).permute(0, 1, 3, 5, 7, 2, 4, 6).reshape(x.shape)
+    assert torch.equal(back, x)
+    causal = depth_to_space(x, (2, 2, 2), causal=True)
+    assert causal.shape == (2, 3, 1 + 3 * 2, 10, 12) and torch.equal(causal, y[:, :, 1:])
+    assert depth_to_space(torch.randn(1, 12, 3, 4, 4), (1, 2, 2), causal=True).shape == (1, 3, 3, 8, 8)
+    # Initialised as nearest upsampling of one conv: the 2x2x2 sub-pixels of every low-res voxel are equal.
+    cfg = TokenizerConfig.preset("tiny", causal=False)
+    up = DepthToSpaceUpsample(8, 4, True, cfg)
+    out = up(torch.randn(1, 8, 4, 4, 4))
+    assert out.shape == (1, 4, 8, 8, 8)
+    torch.testing.assert_close(out, out[:, :, ::2, ::2, ::2].repeat_interleave(2, 2).repeat_interleave(2, 3)
+                               .repeat_interleave(2, 4))
+
+
+@pytest.mark.parametrize("name, count", [("B2", 42.68e6), ("L2", 170.16e6)])
+def test_v2_presets_on_meta(name, count):
+    """B2 / L2: causal, LFQ with 2**18 codes (18 bits), 17x128x128 -> 5x16x16, the V2 blocks."""
+    from magvit.tokenizer import V2
+
+    cfg = TokenizerConfig.preset(name)
+    assert (cfg.causal, cfg.quantizer, cfg.codebook_size, cfg.latent_dim, cfg.num_frames) == (True, "lfq", 2**18, 18, 17)
+    assert all(getattr(cfg, k) == (tuple(v) if isinstance(v, tuple) else v) for k, v in V2.items()
+               if k != "decoder_res_blocks")
+    assert cfg.token_grid(17, 128, 128) == (5, 16, 16)
+    with torch.device("meta"):
+        tok = VideoTokenizer(cfg)
+        latents = tok.encoder(torch.empty(1, 3, 17, 128, 128))
+        video = tok.decoder(latents)
+    assert latents.shape == (1, 18, 5, 16, 16) and video.shape == (1, 3, 17, 128, 128)
+    params = sum(p.numel() for p in tok.parameters())
+    assert abs(params - count) / count < 0.005, params
