@@ -46,12 +46,9 @@ def progress(iterable=None, **kwargs):
 
 def write_json(path: str | os.PathLike, data: Any) -> Path:
     """Write JSON atomically (temp file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    from magvit.fileio import write_text_atomic
+
+    return write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def quiet_decoders() -> None:

@@ -32,22 +32,40 @@ def file_digest(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def check_out_dir(out: Path) -> None:
+    """``UsageError`` unless ``out`` is (or can be made) a writable folder: checked before any work is done."""
+    from magvit.fileio import check_writable_dir
+
+    try:
+        check_writable_dir(out)
+    except ValueError as err:
+        raise UsageError(f"--out: {err}") from None
+
+
+def _read_plan(plan_path: Path) -> dict[str, Any] | None:
+    try:
+        plan = json.loads(plan_path.read_text())
+    except (OSError, ValueError):  # damaged: the shards beside it are of unknown origin
+        return None
+    return plan if isinstance(plan, dict) else None
+
+
 def open_out_dir(out: Path, plan: dict[str, Any], overwrite: bool) -> None:
-    """Create ``out`` or check that its earlier, possibly interrupted, run had the same plan (then resume)."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Create ``out`` or check that its earlier, possibly interrupted, run had the same plan (then resume).
+
+    ``overwrite`` starts over: every shard and ``meta.json`` in ``out`` is removed, whatever made them.
+    """
+    check_out_dir(out)
     plan_path = out / PLAN_NAME
     existing = sorted(out.glob("shard-*.safetensors"))
-    if plan_path.is_file():
-        old = json.loads(plan_path.read_text())
-        if old.get("fingerprint") != plan["fingerprint"]:
-            if not overwrite:
-                raise UsageError(f"{out} holds shards made with other inputs or settings; use another --out "
-                                 "or --overwrite")
-            for path in existing + [out / "meta.json"]:
-                path.unlink(missing_ok=True)
-    elif existing:
-        if not overwrite:
+    old = _read_plan(plan_path) if plan_path.is_file() else None
+    if existing and not overwrite:
+        if old is None:
             raise UsageError(f"{out} holds shards of unknown origin; use another --out or --overwrite")
+        if old.get("fingerprint") != plan["fingerprint"]:
+            raise UsageError(f"{out} holds shards made with other inputs or settings; use another --out "
+                             "or --overwrite")
+    if overwrite or old is None or old.get("fingerprint") != plan["fingerprint"]:
         for path in existing + [out / "meta.json"]:
             path.unlink(missing_ok=True)
     write_json(plan_path, plan)
@@ -57,18 +75,26 @@ def save_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str,
     """Write one shard atomically: a rerun never sees half a shard under its final name."""
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    from magvit.fileio import atomic_path
+
+    with atomic_path(path) as tmp:  # save_file alone writes 0600
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
-def shard_rows(path: Path) -> int:
-    """Examples in a finished shard (from its header, nothing else is read)."""
-    from safetensors import safe_open
+def shard_rows(path: Path) -> int | None:
+    """Examples in a finished shard (from its header, nothing else is read); ``None`` for a damaged shard (a
+    truncated or overwritten file, a header without ``codes``/``frames``): the caller writes it again."""
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), "pt") as f:
-        key = "codes" if "codes" in f.keys() else "frames"
-        return int(f.get_slice(key).get_shape()[0])
+    try:
+        with safe_open(str(path), "pt") as f:  # checks that the file holds every byte its header announces
+            key = next((k for k in ("codes", "frames") if k in f.keys()), None)
+            if key is None:
+                return None
+            rows = {int(f.get_slice(k).get_shape()[0]) for k in f.keys()}
+            return rows.pop() if len(rows) == 1 else None
+    except (SafetensorError, OSError):
+        return None
 
 
 def write_shards(dataset, out: Path, shard_size: int, batch_size: int, workers: int, desc: str,
@@ -89,11 +115,13 @@ def write_shards(dataset, out: Path, shard_size: int, batch_size: int, workers: 
     for number in range(-(-len(dataset) // shard_size)):
         path = out / shard_name(number)
         lo, hi = number * shard_size, min(len(dataset), (number + 1) * shard_size)
-        if path.is_file():
-            shards.append({"file": path.name, "num_examples": shard_rows(path)})
+        rows = shard_rows(path) if path.is_file() else None
+        if rows is not None:
+            shards.append({"file": path.name, "num_examples": rows})
             kept += 1
             bar.update(hi - lo)
             continue
+        path.unlink(missing_ok=True)  # damaged by a crash or a full disk: written again below
         loader = DataLoader(Subset(dataset, range(lo, hi)), batch_size=batch_size, num_workers=workers,
                             collate_fn=collate_skip_none)
         parts: dict[str, list[torch.Tensor]] = {}

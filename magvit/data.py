@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from .fileio import atomic_path
 from .video_io import VideoReadError, read_video, to_float
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,9 @@ def read_manifest(path: str | os.PathLike, split: str | None = None) -> list[dic
             raise ValueError(f"{path}:{number}: not a JSON line ({err})") from None
         if not isinstance(record, dict) or "path" not in record or "frames" not in record:
             raise ValueError(f"{path}:{number}: a manifest record needs at least 'path' and 'frames'")
+        problem = _record_problem(record)
+        if problem:
+            raise ValueError(f"{path}:{number}: {problem}")
         for key in ("path", "sketch"):
             if record.get(key) and not os.path.isabs(record[key]):
                 record[key] = str(path.parent / record[key])
@@ -66,21 +70,36 @@ def read_manifest(path: str | os.PathLike, split: str | None = None) -> list[dic
     return records
 
 
+def _record_problem(record: dict[str, Any]) -> str | None:
+    """Why a manifest record cannot be used as it stands (wrong types), or ``None``."""
+    if not isinstance(record["path"], str) or not record["path"]:
+        return f"'path' must be a file name, got {record['path']!r}"
+    if record.get("sketch") is not None and not isinstance(record["sketch"], str):
+        return f"'sketch' must be a file name, got {record['sketch']!r}"
+    frames = record["frames"]
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 0:
+        return f"'frames' must be a whole number >= 0, got {frames!r}"
+    label = record.get("label")
+    if label is not None and (isinstance(label, bool) or not isinstance(label, (str, int))):
+        return f"'label' must be a class name (a string or a number) or null, got {type(label).__name__} {label!r}"
+    return None
+
+
 def write_manifest(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> Path:
     """Write records as JSON lines atomically (temp file, then rename): a crash never leaves half a manifest."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for record in records:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
     return path
 
 
 def class_names(records: Sequence[dict[str, Any]]) -> list[str]:
     """Sorted class names of the records that have a label (labels are indices into this list)."""
-    return sorted({r["label"] for r in records if r.get("label") is not None})
+    names = {r["label"] for r in records if r.get("label") is not None}
+    if len({type(n) for n in names}) > 1:
+        raise ValueError(f"labels mix names and numbers (e.g. {sorted(map(repr, names))[:4]}): use one kind")
+    return sorted(names)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -197,6 +216,10 @@ class ClipDataset(Dataset):
         if split not in ("train", "val", "all"):
             raise ValueError(f"split must be 'train', 'val' or 'all', got {split!r}")
         all_records = read_manifest(manifest) if isinstance(manifest, (str, os.PathLike)) else list(manifest)
+        for number, record in enumerate(all_records, 1):
+            problem = _record_problem(record) if "path" in record and "frames" in record else "no 'path'/'frames'"
+            if problem:
+                raise ValueError(f"manifest record {number}: {problem}")
         self.classes = class_names(all_records)  # over all splits: train and val share label ids
         records = [r for r in all_records if split == "all" or r.get("split") == split]
         self.split = split
@@ -225,6 +248,10 @@ class ClipDataset(Dataset):
                 self.skipped.append((record["path"], reason))
             else:
                 self.records.append(record)
+        missing = sum(reason == "no such file" for _, reason in self.skipped)
+        if records and missing == len(records):
+            raise ValueError(f"none of the {len(records)} '{split}' videos of the manifest exists, e.g. "
+                             f"{records[0]['path']} (relative paths are relative to the manifest's folder)")
         if self.skipped:
             logger.warning("ClipDataset(%s): skipped %d of %d videos, e.g. %s: %s", split, len(self.skipped),
                            len(records), *self.skipped[0])
@@ -243,6 +270,8 @@ class ClipDataset(Dataset):
         return int(math.floor((self.num_frames - 1) * self.step(record) + 0.5)) + 1
 
     def _unusable(self, record: dict[str, Any]) -> str | None:
+        if not os.path.isfile(record["path"]):  # one stat per video at start, not a failure per read
+            return "no such file"
         if self.with_sketch and not record.get("sketch"):
             return "no 'sketch' in the manifest record"
         frames = int(record.get("frames") or 0)
@@ -296,16 +325,23 @@ class ClipDataset(Dataset):
         return item
 
     def _read(self, path: str, indices: list[int], frames: int) -> torch.Tensor:
+        """uint8 ``(T, H, W, 3)`` at ``indices``; ``VideoReadError`` when the file is shorter than the manifest says.
+
+        A file re-encoded or truncated after indexing decodes fewer frames than its record promises: padding the
+        clip with its last frame would train on a still image without a word, so it is a failure (counted in
+        ``failures``, handled by ``on_error``) whose reason says to re-index.
+        """
         try:
-            return read_video(path, indices=indices, backend=self.backend).frames
+            got = read_video(path, indices=indices, backend=self.backend).frames
         except VideoReadError as err:
-            # the manifest may promise more frames than a damaged file decodes: clamp to what is there and retry
             if "out of range" not in err.reason:
                 raise
-            available = read_video(path, backend=self.backend).frames
-            if len(available) == 0:
-                raise
-            return available[[min(i, len(available) - 1) for i in indices]]
+            raise VideoReadError(path, f"shorter than the manifest says ({frames} frames): {err.reason}; the file "
+                                       "changed after indexing, re-run data_prep.index") from None
+        if len(got) != len(indices):  # a decoder that returns fewer frames than asked
+            raise VideoReadError(path, f"the decoder returned {len(got)} of {len(indices)} frames (the manifest says "
+                                       f"{frames}); re-run data_prep.index")
+        return got
 
     def _prepare(self, frames: torch.Tensor, rng: np.random.Generator | None, flip: bool) -> torch.Tensor:
         video = preprocess_frames(frames, self.size, rng, flip)  # (3, T, h, w)
@@ -415,12 +451,30 @@ class ClipShardDataset(Dataset):
 # --------------------------------------------------------------------------------------------------------------------
 # Token shards (data_prep.tokenize)
 # --------------------------------------------------------------------------------------------------------------------
+def check_code_range(tensors: dict[str, torch.Tensor], codebook_size: int, where: str) -> None:
+    """``ValueError`` unless every token grid (``codes``, ``cond.<task>``, ``sketch_codes``) is an integer tensor with
+    values in ``[0, codebook_size)``: a damaged shard or codes of another tokenizer fail here, not inside a step."""
+    for key, tensor in tensors.items():
+        if not (key in ("codes", "sketch_codes") or key.startswith("cond.")):
+            continue
+        if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+            raise ValueError(f"{where}: '{key}' holds {tensor.dtype} values, token codes are integers")
+        if tensor.numel():
+            low, high = int(tensor.min()), int(tensor.max())
+            if low < 0 or high >= codebook_size:
+                raise ValueError(f"{where}: '{key}' holds codes in [{low}, {high}], outside the codebook "
+                                 f"[0, {codebook_size}) of meta.json")
+
+
 class TokenShardDataset(Dataset):
     """Token shards written by ``python -m data_prep.tokenize``, held in memory (tokens are small).
 
     ``meta.json``: ``tokenizer`` (config), ``token_grid``, ``codebook_size``, ``classes``, ``condition_tasks``,
     ``num_examples``, ``shards``. Items: ``{"codes": (t, h, w) long, "cond.<task>": (t, h, w) long ...,
     "sketch_codes": (t, h, w) long (when present), "label": int, "index": int}``.
+
+    Validated at load (``ValueError`` with the reason): damaged shards, grids that disagree with ``token_grid``,
+    codes outside ``[0, codebook_size)``.
     """
 
     def __init__(self, directory: str | os.PathLike):
@@ -430,14 +484,29 @@ class TokenShardDataset(Dataset):
         self.meta = _read_meta(self.directory, "token")
         self.classes = list(self.meta.get("classes", []))
         self.condition_tasks = list(self.meta.get("condition_tasks", []))
-        self.token_grid = tuple(self.meta["token_grid"])
-        self.codebook_size = int(self.meta["codebook_size"])
+        try:
+            self.token_grid = tuple(int(n) for n in self.meta["token_grid"])
+            self.codebook_size = int(self.meta["codebook_size"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{self.directory}/meta.json: needs 'token_grid' (3 numbers) and 'codebook_size'") from None
+        from safetensors import SafetensorError
+
         parts: dict[str, list[torch.Tensor]] = {}
         for shard in self.meta["shards"]:
-            tensors = load_file(str(self.directory / shard["file"]))
+            try:
+                tensors = load_file(str(self.directory / shard["file"]))
+            except SafetensorError as err:  # truncated, overwritten, not safetensors at all
+                raise ValueError(f"{self.directory / shard['file']}: damaged token shard ({err}); re-run "
+                                 "data_prep.tokenize") from None
+            if "codes" not in tensors:
+                raise ValueError(f"{self.directory / shard['file']}: not a token shard (no 'codes')")
             for key, value in tensors.items():
                 parts.setdefault(key, []).append(value)
-        self.tensors = {key: torch.cat(values) for key, values in parts.items()}
+        try:
+            self.tensors = {key: torch.cat(values) for key, values in parts.items()}
+        except RuntimeError as err:  # shards whose grids differ
+            raise ValueError(f"{self.directory}: shards do not fit together ({str(err).splitlines()[0]})") from None
+        check_code_range(self.tensors, self.codebook_size, str(self.directory))
         n = len(self.tensors["codes"])
         for key, value in self.tensors.items():
             if len(value) != n:

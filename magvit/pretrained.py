@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import TypeVar
 
@@ -17,6 +15,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from .config import Config
+from .fileio import atomic_folder
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -31,25 +30,13 @@ class PretrainedMixin:
     model_type: str  # written into config.json so that a tokenizer dir is never loaded as a transformer
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
-            from . import __version__
+        from . import __version__
 
+        directory = Path(directory)
+        with atomic_folder(directory) as tmp:  # permissions follow the umask (0755 / 0644 under 022)
             meta = {"model_type": self.model_type, "magvit_version": __version__, "config": self.config.to_dict()}
             (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
             save_model(self, str(tmp / WEIGHTS_NAME))  # handles tied weights (shared storage)
-            if directory.exists():
-                old = directory.with_name(f".{directory.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                directory.rename(old)
-                tmp.rename(directory)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                tmp.rename(directory)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return directory
 
     @classmethod
@@ -63,10 +50,14 @@ class PretrainedMixin:
             meta = json.loads(cfg_path.read_text())
         except json.JSONDecodeError as err:
             raise ValueError(f"{cfg_path}: not valid JSON ({err})") from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"{cfg_path}: not a saved model config (a JSON object)")
         if meta.get("model_type") != cls.model_type:
             raise ValueError(
                 f"{directory} holds a '{meta.get('model_type')}' checkpoint, expected '{cls.model_type}'"
             )
+        if not isinstance(meta.get("config"), dict):
+            raise ValueError(f"{cfg_path}: no 'config' object")
         return cls.config_class.from_dict(meta["config"])
 
     @classmethod
@@ -77,5 +68,24 @@ class PretrainedMixin:
         if not weights.is_file():
             raise FileNotFoundError(f"no {cls.__name__} weights at {weights}")
         model = cls(config)  # type: ignore[call-arg]
-        load_model(model, str(weights), strict=True, device=str(device))
+        load_weights(model, weights, device)
         return model.to(device).eval()
+
+
+def load_weights(model: torch.nn.Module, weights: str | os.PathLike, device: str | torch.device = "cpu") -> None:
+    """Load a ``model.safetensors`` into ``model`` (strict: every key, every shape).
+
+    Raises ``ValueError`` with a one-line reason for a file that is not safetensors (truncated, a pickle, another
+    format) or whose tensors do not fit the model, so that every command reports a damaged export the same way.
+    """
+    from safetensors import SafetensorError
+
+    try:
+        load_model(model, str(weights), strict=True, device=str(device))
+    except SafetensorError as err:  # truncated file, a pickle renamed .safetensors, ...
+        raise ValueError(f"{weights}: not a readable safetensors file ({err})") from None
+    except RuntimeError as err:  # load_state_dict: missing / unexpected keys or a size mismatch, one per line
+        lines = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+        detail = lines[0] if lines else str(err)
+        more = f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""
+        raise ValueError(f"{weights} does not fit the model in config.json: {detail[:300]}{more}") from None

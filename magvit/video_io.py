@@ -11,12 +11,13 @@ from __future__ import annotations
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
+
+from .fileio import atomic_path
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".mpg", ".mpeg", ".m4v", ".gif")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -211,6 +212,32 @@ def _read_pyav(path: Path, indices: Sequence[int] | None, max_frames: int | None
     return VideoFrames(torch.from_numpy(frames), fps)
 
 
+def _count_decodable(path: Path) -> tuple[int, tuple[int, int]]:
+    """Frames PyAV decodes from the start until the end or the first error, and the frame size ``(H, W)``.
+
+    Frames are decoded one at a time and dropped: memory stays that of one frame whatever the length (keeping them
+    would hold e.g. 4000 frames of 360p, 1.7 GB, per probing worker).
+    """
+    import av
+
+    count, size = 0, (0, 0)
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise VideoReadError(path, "no video stream")
+        stream = container.streams.video[0]
+        try:
+            for frame in container.decode(stream):
+                if count == 0:
+                    size = (frame.height, frame.width)
+                count += 1
+        except Exception as err:  # corrupt data mid-stream: the frames before it count
+            if count == 0:
+                raise VideoReadError(path, f"decoding failed ({_short(err)})") from None
+    if count == 0:
+        raise VideoReadError(path, "the video stream has no decodable frames")
+    return count, size
+
+
 def read_video(
     path: str | os.PathLike,
     indices: Sequence[int] | None = None,
@@ -353,12 +380,11 @@ def probe_video(path: str | os.PathLike, check: str = "first", backend: str = "a
                 first = _read_pyav(path, [0], None).frames
                 height, width = first.shape[1:3]
             elif check == "ends":
-                decoded = _read_pyav(path, None, None, partial_ok=True).frames  # exact count: full decode
-                if len(decoded) < frames:
-                    raise VideoReadError(path, f"truncated or corrupt: only {len(decoded)} of {frames} frames "
+                decodable, (height, width) = _count_decodable(path)  # exact count, no frame kept
+                if decodable < frames:
+                    raise VideoReadError(path, f"truncated or corrupt: only {decodable} of {frames} frames "
                                                "can be decoded")
-                frames = len(decoded)
-                height, width = decoded.shape[1:3]
+                frames = decodable
         except Exception as err:
             reason = err.reason if isinstance(err, VideoReadError) else _short(err)
             if not reason.startswith("truncated"):  # the headers were fine, the frames are not
@@ -432,12 +458,17 @@ def _as_frames(video: torch.Tensor | np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------------------------------
-def _atomic_target(path: Path):
-    """A temp file beside ``path`` with the same suffix (the container format follows the suffix)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
+#: frame rates a written video can hold: mp4 stores the rate as a fraction with a denominator <= 1001 (below
+#: 1/1001 it rounds to 0, which libx264 silently replaces by 24 fps) and GIF a frame duration of at most 655.35 s
+MIN_FPS = 0.01
+MAX_FPS = 1000.0
+
+
+def check_fps(fps: float) -> float:
+    """``fps`` if a video can be written at that rate, else ``ValueError`` saying why."""
+    if not isinstance(fps, (int, float)) or not math.isfinite(fps) or not MIN_FPS <= fps <= MAX_FPS:
+        raise ValueError(f"fps must be a number in [{MIN_FPS:g}, {MAX_FPS:g}], got {fps}")
+    return float(fps)
 
 
 def write_video(path: str | os.PathLike, video: torch.Tensor | np.ndarray, fps: float, crf: int = 18,
@@ -447,26 +478,26 @@ def write_video(path: str | os.PathLike, video: torch.Tensor | np.ndarray, fps: 
     Args:
         path: ``.mp4`` / ``.mkv`` / ``.mov`` (libx264, yuv420p) or ``.gif``.
         video: float ``(3, T, H, W)`` / ``(1, 3, T, H, W)`` in [-1, 1], or uint8 ``(T, H, W, 3)``.
-        fps: frames per second (> 0).
+        fps: frames per second, in [MIN_FPS, MAX_FPS] (see :func:`check_fps`).
         crf: libx264 quality (0 = lossless luma, 18 = visually lossless, 23 = FFmpeg default).
         preset: libx264 speed/size trade-off (``"ultrafast"`` ... ``"veryslow"``).
 
     Odd heights/widths are padded by one replicated row/column (yuv420p needs even sizes).
     """
     path = Path(path)
-    if not fps or fps <= 0:
-        raise ValueError(f"fps must be > 0, got {fps}")
+    check_fps(fps)
     frames = _as_frames(video)  # (T, H, W, 3)
     suffix = path.suffix.lower()
-    tmp = _atomic_target(path)
-    try:
+    if suffix not in (".gif", ".mp4", ".mkv", ".mov", ".m4v"):
+        raise ValueError(f"cannot write {path}: unsupported extension {path.suffix!r} (use .mp4, .mkv, .mov, .gif)")
+    with atomic_path(path) as tmp:  # the temp file keeps the suffix: the container format follows it
         if suffix == ".gif":
             from PIL import Image
 
             images = [Image.fromarray(f) for f in frames]
             images[0].save(tmp, save_all=True, append_images=images[1:], duration=max(1, round(1000 / fps)),
                            loop=0, optimize=False)
-        elif suffix in (".mp4", ".mkv", ".mov", ".m4v"):
+        else:
             import av
             from fractions import Fraction
 
@@ -484,12 +515,6 @@ def write_video(path: str | os.PathLike, video: torch.Tensor | np.ndarray, fps: 
                         container.mux(packet)
                 for packet in stream.encode():
                     container.mux(packet)
-        else:
-            raise ValueError(f"cannot write {path}: unsupported extension {path.suffix!r} (use .mp4, .mkv, .mov, .gif)")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 
@@ -503,13 +528,8 @@ def write_image(path: str | os.PathLike, image: torch.Tensor | np.ndarray) -> Pa
     array = (image if image.dtype == torch.uint8 else to_uint8(image)).cpu().numpy()
     if array.ndim != 3 or array.shape[-1] != 3:
         raise ValueError(f"expected an image (H, W, 3) uint8 or (3, H, W) float, got shape {tuple(image.shape)}")
-    tmp = _atomic_target(path)
-    try:
+    with atomic_path(path) as tmp:
         Image.fromarray(np.ascontiguousarray(array)).save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 
