@@ -148,7 +148,7 @@ def discriminator_step(d_engine, video: torch.Tensor, recon: torch.Tensor, step:
                "d/fake_logits": fake_logits.float().mean().item()}
     if lc.r1_weight > 0:
         r1 = losses.r1_penalty(real_logits, real)
-        loss = loss + 0.5 * lc.r1_weight * r1
+        loss = loss + lc.r1_weight * r1  # MAGVIT: r1_weight * E||grad_x D(x)||^2 (10 for B / L), no 1/2
         metrics["d/r1"] = r1.item()
     if lc.lecam_weight > 0:
         reg = lecam(real_logits, fake_logits)

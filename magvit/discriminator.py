@@ -3,6 +3,10 @@
 No normalisation layers (so the R1 penalty and LeCam regularisation act on a plain function of the input). The stem
 conv3x3x3 + leaky ReLU is followed by residual blocks that each halve H and W (and T where ``temporal_downsample``
 says so) by average pooling, then a conv3x3x3, a flatten, and two linear layers down to one logit.
+
+Time is halved rounding up (an odd last frame is averaged alone; a single frame stays), so the B / L presets bring
+16 frames to 8, 4, 2, 1, 1 and MAGVIT-v2's 17 frames to 9, 5, 3, 2, 1: the head sees one frame, as in the official
+discriminator.
 """
 
 from __future__ import annotations
@@ -25,12 +29,12 @@ class DiscriminatorConfig(Config):
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "tiny": dict(num_frames=8, image_size=32, base_channels=16, channel_multipliers=(1, 2, 2),
-                     temporal_downsample=(True, True, False)),
-        # MAGVIT-B/L: 64 filters, multipliers (2, 4, 4, 4, 4) on 16x128x128 clips -> (2, 4, 4) before the head.
+                     temporal_downsample=(True, True, True)),
+        # MAGVIT-B/L: 64 filters, multipliers (2, 4, 4, 4, 4) on 16x128x128 clips -> (1, 4, 4) before the head.
         "B": dict(num_frames=16, image_size=128, base_channels=64, channel_multipliers=(2, 4, 4, 4, 4),
-                  temporal_downsample=(True, True, True, False, False)),
+                  temporal_downsample=(True, True, True, True, True)),
         "L": dict(num_frames=16, image_size=128, base_channels=128, channel_multipliers=(2, 4, 4, 4, 4),
-                  temporal_downsample=(True, True, True, False, False)),
+                  temporal_downsample=(True, True, True, True, True)),
     }
 
     num_frames: int = 16
@@ -38,7 +42,7 @@ class DiscriminatorConfig(Config):
     in_channels: int = 3
     base_channels: int = 64
     channel_multipliers: tuple[int, ...] = (2, 4, 4, 4, 4)
-    temporal_downsample: tuple[bool, ...] = (True, True, True, False, False)  # one flag per residual block
+    temporal_downsample: tuple[bool, ...] = (True, True, True, True, True)  # one flag per residual block
     negative_slope: float = 0.2
 
     def __post_init__(self) -> None:
@@ -47,23 +51,25 @@ class DiscriminatorConfig(Config):
                 f"temporal_downsample needs one flag per residual block ({len(self.channel_multipliers)}), "
                 f"got {tuple(self.temporal_downsample)}"
             )
-        tf, sf = self.factors
-        if self.num_frames % tf or self.image_size % sf:
+        sf = self.spatial_factor
+        if self.num_frames < 1 or self.image_size % sf:
             raise ValueError(
-                f"num_frames must be divisible by {tf} and image_size by {sf}, "
+                f"num_frames must be >= 1 and image_size divisible by {sf}, "
                 f"got num_frames={self.num_frames}, image_size={self.image_size}"
             )
 
     @property
-    def factors(self) -> tuple[int, int]:
-        """(temporal, spatial) downsampling factors of the residual blocks."""
-        return 2 ** sum(bool(f) for f in self.temporal_downsample), 2 ** len(self.channel_multipliers)
+    def spatial_factor(self) -> int:
+        """Spatial downsampling factor of the residual blocks (each halves H and W)."""
+        return 2 ** len(self.channel_multipliers)
 
     @property
     def output_grid(self) -> tuple[int, int]:
-        """(frames, pixels per side) that reach the linear head."""
-        tf, sf = self.factors
-        return self.num_frames // tf, self.image_size // sf
+        """(frames, pixels per side) that reach the linear head; time is halved rounding up where flagged."""
+        frames = self.num_frames
+        for flag in self.temporal_downsample:
+            frames = -(-frames // 2) if flag else frames
+        return frames, self.image_size // self.spatial_factor
 
 
 class DiscriminatorBlock(nn.Module):
@@ -77,11 +83,12 @@ class DiscriminatorBlock(nn.Module):
         self.pool = (2 if temporal else 1, 2, 2)
         self.negative_slope = negative_slope
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T, H, W) -> (B, C', T', H/2, W/2)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T, H, W) -> (B, C', ceil(T / 2) or T, H/2, W/2)
+        pool = self.pool if x.shape[2] > 1 else (1, 2, 2)  # one frame stays one frame
         h = F.leaky_relu(self.conv1(x), self.negative_slope)
-        h = avg_pool3d(h, self.pool)
+        h = avg_pool3d(h, pool, ceil_mode=True)  # odd T: the last frame is averaged alone
         h = F.leaky_relu(self.conv2(h), self.negative_slope)
-        residual = self.shortcut(avg_pool3d(x, self.pool))
+        residual = self.shortcut(avg_pool3d(x, pool, ceil_mode=True))
         return (h + residual) / math.sqrt(2)  # keeps the activation scale
 
 

@@ -55,7 +55,8 @@ def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor,
 
 
 def r1_penalty(real_logits: torch.Tensor, real_inputs: torch.Tensor) -> torch.Tensor:
-    """R1 gradient penalty ``E_x ||grad_x D(x)||^2`` on real inputs (multiply by gamma / 2 in the caller).
+    """R1 gradient penalty ``E_x ||grad_x D(x)||^2`` on real inputs. MAGVIT's discriminator loss adds
+    ``r1_weight * r1_penalty`` (weight 10, no StyleGAN-style 1/2 factor).
 
     ``real_inputs`` must have ``requires_grad=True`` and ``real_logits = D(real_inputs)``; the graph is kept so the
     penalty can be back-propagated into D.

@@ -23,14 +23,97 @@ def test_output_shape_and_gradient():
     assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
 
 
+@pytest.mark.parametrize("num_frames", [16, 17])
 @pytest.mark.parametrize("name", ["B", "L"])
-def test_presets_build_on_meta(name):
-    cfg = DiscriminatorConfig.preset(name)
+def test_presets_reach_one_frame_at_the_head(name, num_frames):
+    """As the official discriminator: 16 (MAGVIT) or 17 (MAGVIT-v2) frames reach the head as T = 1, 4x4 pixels."""
+    cfg = DiscriminatorConfig.preset(name, num_frames=num_frames)
+    assert cfg.output_grid == (1, 4)
+    shapes = []
     with torch.device("meta"):
         disc = Discriminator(cfg)
+        hooks = [b.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape[2:]))) for b in disc.blocks]
         out = disc(torch.empty(2, 3, cfg.num_frames, cfg.image_size, cfg.image_size))
     assert out.shape == (2,)
-    assert cfg.output_grid == (2, 4)
+    frames = [8, 4, 2, 1, 1] if num_frames == 16 else [9, 5, 3, 2, 1]  # halved rounding up, one frame stays
+    assert shapes == [(t, 128 // 2 ** (i + 1), 128 // 2 ** (i + 1)) for i, t in enumerate(frames)]
+    assert disc.fc.in_features == disc.conv_out.out_channels * 1 * 4 * 4
+    for hook in hooks:
+        hook.remove()
+
+
+def test_odd_frame_count_pools_the_last_frame_alone():
+    from magvit.discriminator import DiscriminatorBlock
+
+    block = DiscriminatorBlock(1, 1, temporal=True, negative_slope=0.2)
+    x = torch.arange(3.0).view(1, 1, 3, 1, 1).expand(1, 1, 3, 2, 2)
+    torch.nn.init.zeros_(block.conv2.weight)
+    torch.nn.init.zeros_(block.conv2.bias)
+    torch.nn.init.ones_(block.shortcut.weight)
+    out = block(x)  # only the shortcut: avgpool of (0, 1), then 2 alone, over 2x2 pixels
+    assert out.shape == (1, 1, 2, 1, 1)
+    torch.testing.assert_close(out.flatten(), torch.tensor([0.5, 2.0]) / 2 ** 0.5)
+    assert block(torch.ones(1, 1, 1, 2, 2)).shape == (1, 1, 1, 1, 1)
+
+
+class _Engine:
+    """The few DeepSpeed engine methods ``discriminator_step`` calls, on a plain module."""
+
+    def __init__(self, module):
+        self.module = module
+        self.losses = []
+
+    def __call__(self, x):
+        return self.module(x)
+
+    def backward(self, loss):
+        self.losses.append(loss.detach())
+        loss.backward()
+
+    def step(self):
+        pass
+
+    def was_step_applied(self):
+        return True
+
+
+class _Linear(torch.nn.Module):
+    """D(x) = <w, x>: grad_x D = w for every sample, so E||grad||^2 = ||w||^2 exactly."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(shape))
+
+    def forward(self, x):
+        return (x * self.w).flatten(1).sum(1)
+
+
+@pytest.mark.parametrize("r1_weight", [10.0, 3.0])
+def test_trainer_r1_term_is_weight_times_squared_gradient_norm(r1_weight):
+    """The trainer's discriminator loss is GAN + r1_weight * E||grad_x D(x)||^2 (MAGVIT, no 1/2 factor)."""
+    import contextlib
+
+    from launch.train_tokenizer import discriminator_step
+    from magvit.losses import discriminator_loss
+    from magvit.training import NonFiniteGuard, TokenizerTrainConfig
+
+    torch.manual_seed(0)
+    cfg = TokenizerTrainConfig().with_overrides([f"loss.r1_weight={r1_weight}", "loss.lecam_weight=0"])
+    d = _Linear((3, 5, 4, 4))
+    engine = _Engine(d)
+    video, recon = torch.rand(2, 3, 5, 4, 4) * 2 - 1, torch.rand(2, 3, 5, 4, 4) * 2 - 1
+    metrics = discriminator_step(engine, video, recon, 0, cfg, None, NonFiniteGuard(5), contextlib.nullcontext())
+    squared_norm = d.w.detach().pow(2).sum()
+    gan = discriminator_loss(d(video), d(recon), cfg.loss.gan_loss).detach()
+    assert metrics["d/r1"] == pytest.approx(squared_norm.item(), rel=1e-5)
+    torch.testing.assert_close(engine.losses[0], gan + r1_weight * squared_norm, rtol=1e-5, atol=1e-5)
+    # The R1 term's gradient in w is r1_weight * 2w (plus the GAN term's).
+    d.w.grad = None
+    discriminator_loss(d(video), d(recon), cfg.loss.gan_loss).backward()
+    gan_grad = d.w.grad.clone()
+    d.w.grad = None
+    discriminator_step(engine, video, recon, 0, cfg, None, NonFiniteGuard(5), contextlib.nullcontext())
+    torch.testing.assert_close(d.w.grad, gan_grad + r1_weight * 2 * d.w.detach(), rtol=1e-5, atol=1e-5)
 
 
 def test_bad_inputs():
@@ -40,5 +123,6 @@ def test_bad_inputs():
         disc(torch.zeros(1, 3, cfg.num_frames, 16, 16))
     with pytest.raises(ValueError, match="divisible"):
         DiscriminatorConfig.preset("tiny", image_size=36)
+    assert DiscriminatorConfig.preset("tiny", num_frames=9).output_grid == (2, 4)  # any clip length: 9 -> 5, 3, 2
     with pytest.raises(ValueError, match="one flag per residual block"):
         DiscriminatorConfig.preset("tiny", temporal_downsample=(True,))
