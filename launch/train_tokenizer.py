@@ -230,7 +230,7 @@ def train(cfg: TokenizerTrainConfig, ds_base: dict[str, Any], run_dir: Path, res
     from magvit.tokenizer import TokenizerConfig, VideoTokenizer
 
     # from here on SIGTERM/SIGUSR1 mean "checkpoint and exit 3"
-    run = start_run(cfg, ds_base, run_dir, argv, "magvit.train_tokenizer")
+    run = start_run(cfg, ds_base, run_dir, argv, "magvit.train_tokenizer", resume=resume)
     rank, world, device, stage, log = run.rank, run.world_size, run.device, run.zero_stage, run.log
     tc = cfg.train
 
@@ -271,7 +271,7 @@ def train(cfg: TokenizerTrainConfig, ds_base: dict[str, Any], run_dir: Path, res
     ckpt = CheckpointManager(run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last)
     ckpt.clean_stale()
     guard = NonFiniteGuard(tc.max_nonfinite_steps)
-    resumed = resume_latest(ckpt, engines, ema, stream, guard, tc.seed, run) if resume else None
+    resumed = resume_latest(ckpt, engines, ema, stream, guard, run) if resume else None
     step = int(resumed["step"]) if resumed is not None else 0
     if resumed is not None:
         lecam.ema_real.fill_(resumed["lecam"][0])
@@ -279,7 +279,7 @@ def train(cfg: TokenizerTrainConfig, ds_base: dict[str, Any], run_dir: Path, res
 
     def save(at_step: int) -> None:
         state = {"data": stream.state_dict(), "lecam": [lecam.ema_real.item(), lecam.ema_fake.item()],
-                 "nonfinite_skipped": guard.total_skipped, "config": cfg.to_dict()}
+                 **guard.state_dict(), "config": cfg.to_dict()}
         ckpt.save(at_step, engines, state, ema)
         if rank == 0:
             export_ema(ema_copy(model_cfg, ema, g_engine.module), ema, run_dir / "export")
@@ -328,6 +328,7 @@ def train(cfg: TokenizerTrainConfig, ds_base: dict[str, Any], run_dir: Path, res
             with dist.gathered_parameters(g_engine.module, stage):
                 ema.update(g_engine.module)
             step += 1
+            run.count_skipped_step(g_engine, step, guard, metrics_log)  # overflowing gradients: no update
             window.end_step()
             if step % cfg.logging.log_every == 0 or step == tc.max_steps:
                 window.log(step, lrs, stream.epoch)

@@ -25,6 +25,7 @@ if __package__ in (None, ""):  # `python launch/train_transformer.py` / the deep
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
+from safetensors import SafetensorError
 
 from magvit import distributed as dist
 from magvit.checkpoint import CheckpointManager, export_ema, seed_everything
@@ -78,6 +79,16 @@ def with_token_sizes(cfg: TransformerTrainConfig) -> TransformerTrainConfig:
     return cfg
 
 
+def check_code_range(tensors: dict[str, torch.Tensor], codebook_size: int) -> None:
+    """Every token grid of the shards (``codes``, ``cond.<task>``, ``sketch_codes``) within [0, codebook_size),
+    checked once at load: shards of another tokenizer, or damaged ones, would otherwise fail inside a step."""
+    for key, tensor in tensors.items():
+        if (key in ("codes", "sketch_codes") or key.startswith("cond.")) and tensor.numel():
+            low, high = int(tensor.min()), int(tensor.max())
+            if low < 0 or high >= codebook_size:
+                raise ValueError(f"'{key}' holds codes in [{low}, {high}], outside the codebook [0, {codebook_size})")
+
+
 def transformer_step(engine, batch: dict[str, Any], step: int, cfg: TransformerTrainConfig, vocab,
                      guard: NonFiniteGuard, autocast) -> dict[str, float] | None:
     """One micro-step: mask the batch's video tokens, predict them, back-propagate the masked-token loss.
@@ -115,7 +126,7 @@ def train(cfg: TransformerTrainConfig, ds_base: dict[str, Any], run_dir: Path, r
     from magvit.transformer import MaskedVideoTransformer, TransformerConfig
 
     # from here on SIGTERM/SIGUSR1 mean "checkpoint and exit 3"
-    run = start_run(cfg, ds_base, run_dir, argv, "magvit.train_transformer")
+    run = start_run(cfg, ds_base, run_dir, argv, "magvit.train_transformer", resume=resume)
     rank, world, device, stage, log = run.rank, run.world_size, run.device, run.zero_stage, run.log
     tc = cfg.train
 
@@ -133,19 +144,20 @@ def train(cfg: TransformerTrainConfig, ds_base: dict[str, Any], run_dir: Path, r
     d = cfg.data
     try:
         dataset = TokenShardDataset(d.tokens)
+        check_code_range(dataset.tensors, vocab.codebook_size)
         stream = make_batch_stream(dataset, d, rank, world, tc.seed, device)
-    except (ValueError, FileNotFoundError) as err:  # e.g. too few examples for one global batch
-        raise UsageError(f"{d.tokens}: {err}") from None
+    except (ValueError, OSError, SafetensorError) as err:  # a damaged shard, foreign codes, too few examples
+        raise UsageError(f"{d.tokens}: {' '.join(str(err).split())}") from None
 
     ckpt = CheckpointManager(run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last)
     ckpt.clean_stale()
     guard = NonFiniteGuard(tc.max_nonfinite_steps)
-    resumed = resume_latest(ckpt, {"transformer": engine}, ema, stream, guard, tc.seed, run) if resume else None
+    resumed = resume_latest(ckpt, {"transformer": engine}, ema, stream, guard, run) if resume else None
     step = int(resumed["step"]) if resumed is not None else 0
 
     def save(at_step: int) -> None:
         ckpt.save(at_step, {"transformer": engine},
-                  {"data": stream.state_dict(), "nonfinite_skipped": guard.total_skipped, "config": cfg.to_dict()},
+                  {"data": stream.state_dict(), **guard.state_dict(), "config": cfg.to_dict()},
                   ema)
         if rank == 0:
             with torch.random.fork_rng(devices=[]):  # must not move the training RNG (exact resume)
@@ -183,6 +195,7 @@ def train(cfg: TransformerTrainConfig, ds_base: dict[str, Any], run_dir: Path, r
             with dist.gathered_parameters(engine.module, stage):
                 ema.update(engine.module)
             step += 1
+            run.count_skipped_step(engine, step, guard, metrics_log)  # overflowing gradients: no update
             window.end_step()
             if step % cfg.logging.log_every == 0 or step == tc.max_steps:
                 window.log(step, {"lr": lr}, stream.epoch)

@@ -13,14 +13,23 @@ Layout of ``RUN_DIR/checkpoints``::
 
 A checkpoint is first written to ``.tmp-step_...`` and renamed into place only when complete; ``latest`` is
 rewritten through a temporary file and ``os.replace``. A crash at any moment therefore leaves the previous
-``latest`` pointing at an intact checkpoint; stale temporary folders are removed at the next start.
+``latest`` pointing at an intact checkpoint; stale temporary folders are removed at the next start. A save
+that fails with an I/O error (disk full, read-only folder) removes its temporary folder and raises
+:class:`CheckpointError` with one line; the previous checkpoint stays the latest.
+
+Nothing in a checkpoint is unpickled with code execution: DeepSpeed's ``.pt`` files go through
+``distributed.safe_torch_load`` (``weights_only=True`` and an allow-list), and every file is checked before any
+is loaded, so a planted pickle stops every rank with one line before DeepSpeed reads anything. Our own state is
+JSON (trainer state, RNG) and safetensors (EMA).
 """
 
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -29,6 +38,7 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from . import distributed as dist
@@ -39,6 +49,19 @@ COMPLETE = "COMPLETE"
 TRAINER_STATE = "trainer_state.json"
 EMA_FILE = "ema.safetensors"
 _TAG_RE = re.compile(r"^step_(\d{8,})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or read (disk full, read-only folder, damaged or unsafe file). The training
+    scripts report it as one line on stderr with exit status 2."""
+
+
+def _reason(err: BaseException) -> str:
+    """One line for an I/O failure; torch's zip writer reports a full disk as ``unexpected pos``."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if "unexpected pos" in text or "PytorchStreamWriter" in text or getattr(err, "errno", None) == errno.ENOSPC:
+        text = f"the write failed, is the disk full? ({text})"
+    return text
 
 
 def step_tag(step: int) -> str:
@@ -92,11 +115,15 @@ def seed_everything(seed: int) -> None:
 # --------------------------------------------------------------------------------------------------------------
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -143,20 +170,37 @@ class CheckpointManager:
             for child in self.root.iterdir():
                 if child.name.startswith(".tmp-"):
                     shutil.rmtree(child, ignore_errors=True)
+                elif child.name.startswith(f".{LATEST}.tmp"):
+                    child.unlink(missing_ok=True)
         dist.barrier()
 
     def save(self, step: int, engines: Mapping[str, Any], trainer_state: Mapping[str, Any],
              ema: EMA | None = None) -> Path:
-        """Write checkpoint ``step`` and make it the latest. Returns its path."""
+        """Write checkpoint ``step`` and make it the latest. Returns its path.
+
+        An I/O error on this rank (disk full, read-only folder) removes the temporary folder (rank 0; another
+        rank's leftovers go at the next start) and raises :class:`CheckpointError`: the previous checkpoint stays
+        the latest. Other ranks are then ended by the launcher (they wait in DeepSpeed's collectives)."""
         tag = step_tag(step)
         tmp = self.root / f".tmp-{tag}"
+        try:
+            return self._write(step, tag, tmp, engines, trainer_state, ema)
+        except (OSError, RuntimeError) as err:
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            previous = latest_checkpoint(self.root)
+            raise CheckpointError(f"could not write checkpoint {tag} in {self.root}: {_reason(err)}; the latest "
+                                  f"checkpoint is still {previous.name if previous else 'none'}") from None
+
+    def _write(self, step: int, tag: str, tmp: Path, engines: Mapping[str, Any], trainer_state: Mapping[str, Any],
+               ema: EMA | None) -> Path:
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         dist.barrier()
         for name, engine in engines.items():
             engine.save_checkpoint(str(tmp), tag=name, client_state={"step": step}, save_latest=False)
-        (tmp / f"rng_rank{self.rank:05d}.json").write_text(json.dumps(capture_rng_state()))
+        _write_atomic(tmp / f"rng_rank{self.rank:05d}.json", json.dumps(capture_rng_state()))
         if self.rank == 0:
             if ema is not None:
                 from .fileio import atomic_path
@@ -164,8 +208,10 @@ class CheckpointManager:
                 with atomic_path(tmp / EMA_FILE) as part:  # save_file alone writes 0600, whatever the umask
                     save_file({k: v.contiguous() for k, v in ema.shadow.items()}, str(part),
                               metadata={"decay": str(ema.decay), "num_updates": str(ema.num_updates)})
-            state = {"step": step, "world_size": dist.get_world_size(), **trainer_state}
-            (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
+            stages = {name: dist.zero_stage(engine) for name, engine in engines.items()}
+            state = {"step": step, "world_size": dist.get_world_size(), "zero_stage": max(stages.values(), default=0),
+                     **trainer_state}
+            _write_atomic(tmp / TRAINER_STATE, json.dumps(state, indent=2) + "\n")
         dist.barrier()  # every rank's shards are on disk
         final = self.root / tag
         if self.rank == 0:
@@ -191,30 +237,81 @@ class CheckpointManager:
                 shutil.rmtree(path, ignore_errors=True)
 
     def load(self, path: str | os.PathLike, engines: Mapping[str, Any], ema: EMA | None = None) -> dict[str, Any]:
-        """Restore engines (model, optimizer, LR schedule), EMA and this rank's RNG; return the trainer state."""
-        path = Path(path)
-        if not (path / COMPLETE).is_file():
-            raise ValueError(f"{path} is not a complete checkpoint")
-        state = json.loads((path / TRAINER_STATE).read_text())
-        for name, engine in engines.items():
-            load_path, _ = engine.load_checkpoint(str(path), tag=name, load_optimizer_states=True,
-                                                  load_lr_scheduler_states=True)
-            if load_path is None:
-                raise RuntimeError(f"DeepSpeed could not load '{name}' from {path}")
-        if ema is not None:
-            tensors = load_file(str(path / EMA_FILE))
-            from safetensors import safe_open
+        """Restore engines (model, optimizer, LR schedule), EMA and this rank's RNG; return the trainer state.
 
-            with safe_open(str(path / EMA_FILE), framework="pt") as f:
-                meta = f.metadata() or {}
-            ema.load_state_dict({"shadow": tensors, "decay": float(meta.get("decay", ema.decay)),
-                                 "num_updates": int(meta.get("num_updates", 0))})
+        Raises :class:`CheckpointError` (on every rank alike) for a damaged checkpoint or one holding pickled
+        code, before any engine reads from it."""
+        path = Path(path)
+        state = read_trainer_state(path)
+        world = dist.get_world_size()
+        if state.get("world_size", world) != world:  # ZeRO shards and data positions are per rank
+            raise CheckpointError(world_size_mismatch(path, state["world_size"], world))
+        problem = _check_engine_files(path, engines)
+        if dist.all_reduce_max(1.0 if problem else 0.0) > 0:  # every rank stops, not only the one that looked
+            raise CheckpointError(problem or f"{path}: another rank found a damaged or unsafe file (see its log)")
+        for name, engine in engines.items():
+            try:
+                load_path, _ = engine.load_checkpoint(str(path), tag=name, load_optimizer_states=True,
+                                                      load_lr_scheduler_states=True)
+            except (pickle.UnpicklingError, OSError, RuntimeError, KeyError, ValueError) as err:
+                raise CheckpointError(f"{path / name}: cannot load ({_reason(err)})") from None
+            if load_path is None:
+                raise CheckpointError(f"DeepSpeed could not load '{name}' from {path}")
+        if ema is not None:
+            try:
+                tensors = load_file(str(path / EMA_FILE))
+                with safe_open(str(path / EMA_FILE), framework="pt") as f:
+                    meta = f.metadata() or {}
+                ema.load_state_dict({"shadow": tensors, "decay": float(meta.get("decay", ema.decay)),
+                                     "num_updates": int(meta.get("num_updates", 0))})
+            except (OSError, SafetensorError, ValueError) as err:
+                raise CheckpointError(f"{path / EMA_FILE}: cannot load ({_reason(err)})") from None
         rng_file = path / f"rng_rank{self.rank:05d}.json"
-        if rng_file.is_file() and state.get("world_size") == dist.get_world_size():
+        try:
             restore_rng_state(json.loads(rng_file.read_text()))
-        else:  # another world size: the run continues, but not bit-exactly
-            state["rng_restored"] = False
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{rng_file}: not an RNG state ({_reason(err)})") from None
         return state
+
+
+def world_size_mismatch(path: str | os.PathLike, saved: int, current: int) -> str:
+    """The one-line refusal to resume a checkpoint of ``saved`` ranks with ``current`` ranks."""
+    return (f"{path} was written by {saved} rank(s), this run has {current}: resume with {saved} rank(s) (ZeRO "
+            "shards, RNG streams and data positions are per rank), or start a new --run-dir")
+
+
+def read_trainer_state(path: str | os.PathLike) -> dict[str, Any]:
+    """``trainer_state.json`` of a complete checkpoint. Raises :class:`CheckpointError`."""
+    path = Path(path)
+    if not (path / COMPLETE).is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint")
+    try:
+        state = json.loads((path / TRAINER_STATE).read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path / TRAINER_STATE}: cannot read ({_reason(err)})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CheckpointError(f"{path / TRAINER_STATE}: not a trainer state (no integer 'step')")
+    return state
+
+
+def _check_engine_files(path: Path, engines: Mapping[str, Any]) -> str | None:
+    """Why the engines' files under ``path`` must not be loaded, or None. Reads only the pickles, statically."""
+    for name, engine in engines.items():
+        if not getattr(getattr(engine, "checkpoint_engine", None), "loads_safely", False):
+            return f"engine '{name}' was not built by magvit.distributed.build_engine (its loads are not safe)"
+        folder = path / name
+        files = sorted(folder.glob("*.pt")) if folder.is_dir() else []
+        if not files:
+            return f"{folder}: no DeepSpeed state files"
+        for file in files:
+            try:
+                unsafe = dist.unsafe_globals_in(file)
+            except Exception as err:  # noqa: BLE001 - any unreadable archive is a damaged checkpoint
+                return f"{file}: damaged or not a torch.save file ({_reason(err)})"
+            if unsafe:
+                return (f"{file}: refusing to load, it references {', '.join(sorted(unsafe)[:3])} (a pickle that "
+                        "would run code); delete this checkpoint folder if you did not put it there")
+    return None
 
 
 def export_ema(model: torch.nn.Module, ema: EMA | None, directory: str | os.PathLike) -> Path:
@@ -224,4 +321,7 @@ def export_ema(model: torch.nn.Module, ema: EMA | None, directory: str | os.Path
     """
     if ema is not None:
         ema.copy_to(model)
-    return model.save_pretrained(directory)
+    try:
+        return model.save_pretrained(directory)
+    except (OSError, RuntimeError, SafetensorError) as err:
+        raise CheckpointError(f"could not export the EMA weights to {directory}: {_reason(err)}") from None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -85,14 +86,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return int(value)
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads "1e-4" as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML reads "1e-4" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if math.isnan(number):  # NaN passes every `x <= 0` check downstream; no setting means "not a number"
+            raise ConfigError(f"{key}: expected a number, got NaN")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -127,7 +133,9 @@ class Config:
         try:
             return cls(**kwargs)
         except (TypeError, ValueError) as err:
-            raise ConfigError(f"{_prefix or cls.__name__}: {err}") from err
+            name = _prefix[:-1] if _prefix else cls.__name__
+            text = str(err) if str(err).startswith(f"{name}:") else f"{name}: {err}"  # no "optim: optim: ..."
+            raise ConfigError(text) from err
 
     @classmethod
     def _preset_dict(cls, name: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -147,11 +155,19 @@ class Config:
         """Load a YAML file (safe loader). A top-level ``preset: NAME`` key starts from that preset."""
         path = Path(path)
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text())
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"cannot read config file {path}: {err}") from None
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: invalid YAML: {err}") from None
+            raise ConfigError(f"{path}: invalid YAML: {_one_line(err)}") from None
+        if data is None:  # an empty (or comments-only) file is a truncated copy or a wrong path far more often
+            raise ConfigError(f"{path}: the config file is empty (write `{{}}` to use every default of "
+                              f"{cls.__name__})")
+        if not isinstance(data, Mapping):
+            got = "a list" if isinstance(data, list) else f"the scalar {str(data)[:40]!r}"
+            raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {got}")
         return cls.from_mapping(data, source=str(path))
 
     @classmethod
@@ -187,7 +203,10 @@ class Config:
             if "=" not in word:
                 raise ConfigError(f"override '{word}' is not of the form key.path=value")
             key, raw = word.split("=", 1)
-            value = yaml.safe_load(raw) if raw != "" else ""
+            try:
+                value = yaml.safe_load(raw) if raw != "" else ""
+            except yaml.YAMLError as err:  # e.g. a tag (`!!python/...`) or an unclosed `[`
+                raise ConfigError(f"override '{word}': not a YAML value ({_one_line(err)})") from None
             node = data
             parts = key.split(".")
             for i, part in enumerate(parts[:-1]):
@@ -198,6 +217,11 @@ class Config:
                 raise ConfigError(f"unknown config key '{key}' in override '{word}'")
             node[parts[-1]] = value
         return type(self).from_dict(data)
+
+
+def _one_line(err: Exception) -> str:
+    """A YAML error (several lines with a caret diagram) as one line."""
+    return " ".join(str(err).split())
 
 
 def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:

@@ -328,7 +328,57 @@ def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_co
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
                                            config=dict(ds_config), dist_init_required=False)
+    engine.checkpoint_engine = _safe_checkpoint_engine(engine.checkpoint_engine)
     return engine
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading DeepSpeed checkpoints without executing code
+# --------------------------------------------------------------------------------------------------------------
+# DeepSpeed 0.19.8's TorchCheckpointEngine reads `*_model_states.pt` / `*_optim_states.pt` with
+# torch.load(weights_only=False): a pickle planted in a run dir would run as the training user on `--resume auto`.
+# Every load of an engine goes through `engine.checkpoint_engine.load`, so replacing that one method closes it.
+# The allow-list holds exactly the classes beyond torch's defaults that DeepSpeed's own state pickles, found by
+# saving real ZeRO-0..3 checkpoints in fp32 and bf16 and listing `get_unsafe_globals_in_checkpoint` of every file
+# (tests/test_checkpoint.py repeats that survey): model states need none; ZeRO-1/2 optimizer states hold the loss
+# scaler, the stage enum and the bf16 fragment addresses; ZeRO-3 the first two.
+def checkpoint_safe_globals() -> list[Any]:
+    """The non-torch classes a DeepSpeed checkpoint of this project may contain (see above)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_torch_load(path: str | os.PathLike, map_location: Any = None) -> Any:
+    """``torch.load(weights_only=True)`` with DeepSpeed's allow-listed classes: tensors, containers and those
+    classes come back, anything else (a pickled callable) raises ``pickle.UnpicklingError`` before it runs."""
+    with torch.serialization.safe_globals(checkpoint_safe_globals()):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def unsafe_globals_in(path: str | os.PathLike) -> list[str]:
+    """Globals a ``torch.save`` file references beyond the allow-list (a static read of its pickle: no tensor
+    data, nothing executed). Raises ``ValueError`` for a file that is not a ``torch.save`` zip archive."""
+    with torch.serialization.safe_globals(checkpoint_safe_globals()):
+        return torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+
+
+def _safe_checkpoint_engine(current: Any) -> Any:
+    """A TorchCheckpointEngine whose ``load`` is :func:`safe_torch_load` (saving is unchanged)."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    if type(current) is not TorchCheckpointEngine:  # another engine reads files its own way: do not guess
+        raise ValueError(f"unsupported DeepSpeed checkpoint engine {type(current).__name__}: remove the "
+                         "'checkpoint' writer / datastates options from the DeepSpeed config")
+
+    def load(path: str, map_location: Any = None) -> Any:
+        return safe_torch_load(path, map_location=map_location)
+
+    current.load = load
+    current.loads_safely = True  # checked by CheckpointManager.load
+    return current
 
 
 def zero_stage(engine) -> int:

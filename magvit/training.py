@@ -31,6 +31,13 @@ from .config import Config, ConfigError
 Precision = Literal["fp32", "bf16", "autocast-bf16"]
 
 
+def _require_finite(cfg: Config, names: Sequence[str]) -> None:
+    """``ValueError`` naming the first of ``names`` that is NaN or infinite (``optim.lr=.inf`` is no learning rate)."""
+    for name in names:
+        if not math.isfinite(getattr(cfg, name)):
+            raise ValueError(f"{name} must be a finite number, got {getattr(cfg, name)}")
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Configs
 # --------------------------------------------------------------------------------------------------------------
@@ -68,8 +75,11 @@ class OptimConfig(Config):
     grad_clip: float = 1.0  # global norm; 0 disables
 
     def __post_init__(self):
+        _require_finite(self, ("lr", "beta1", "beta2", "eps", "weight_decay", "grad_clip"))
         if self.lr <= 0 or not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1) or self.weight_decay < 0:
             raise ValueError("optim: need lr > 0, 0 <= beta1, beta2 < 1, weight_decay >= 0")
+        if self.eps <= 0 or self.grad_clip < 0:
+            raise ValueError("optim: need eps > 0 and grad_clip >= 0")
 
 
 @dataclasses.dataclass
@@ -86,13 +96,19 @@ class TrainConfig(Config):
     zero_stage: int | None = None  # overrides the stage of the DeepSpeed config when set
     ema_decay: float = 0.999
     ema_warmup: bool = True  # effective decay min(ema_decay, (1 + n) / (10 + n)) after n updates
-    max_nonfinite_steps: int = 20  # that many non-finite losses in a row stop the run
+    # that many non-finite losses, or optimizer steps DeepSpeed skipped for non-finite gradients, in a row stop the run
+    max_nonfinite_steps: int = 20
 
     def __post_init__(self):
-        if self.max_steps < 1 or self.warmup_steps < 0 or self.grad_accum_steps < 1:
-            raise ValueError("train: need max_steps >= 1, warmup_steps >= 0, grad_accum_steps >= 1")
+        _require_finite(self, ("min_lr_ratio", "ema_decay"))
+        if self.max_steps < 1 or self.warmup_steps < 0 or self.grad_accum_steps < 1 or self.max_nonfinite_steps < 1:
+            raise ValueError("train: need max_steps >= 1, warmup_steps >= 0, grad_accum_steps >= 1, "
+                             "max_nonfinite_steps >= 1")
         if not 0.0 <= self.min_lr_ratio <= 1.0 or not 0.0 <= self.ema_decay < 1.0:
             raise ValueError("train: need 0 <= min_lr_ratio <= 1 and 0 <= ema_decay < 1")
+        if self.zero_stage not in (None, 0, 1, 2, 3):
+            raise ValueError(f"train: zero_stage must be 0, 1, 2 or 3 (or null: the DeepSpeed config's), "
+                             f"got {self.zero_stage}")
 
 
 @dataclasses.dataclass
@@ -128,6 +144,12 @@ class TokenizerLossConfig(Config):
     r1_weight: float = 0.0  # gradient penalty on real clips
     lecam_weight: float = 0.0
     lecam_decay: float = 0.999
+
+    def __post_init__(self):
+        weights = ("recon_weight", "perceptual_weight", "gan_weight", "r1_weight", "lecam_weight")
+        _require_finite(self, (*weights, "lecam_decay"))
+        if any(getattr(self, name) < 0 for name in weights) or not 0 <= self.lecam_decay < 1 or self.disc_start < 0:
+            raise ValueError("loss: need weights >= 0, 0 <= lecam_decay < 1 and disc_start >= 0")
 
 
 @dataclasses.dataclass
@@ -257,10 +279,13 @@ def parse_train_command(description: str, default_config: str, kind: str,
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
-    """Run ``main`` turning user errors (``UsageError``, ``ConfigError``) into one stderr line and status 2."""
+    """Run ``main`` turning user errors (``UsageError``, ``ConfigError``) and checkpoint failures (disk full,
+    read-only, damaged or unsafe files: ``checkpoint.CheckpointError``) into one stderr line and status 2."""
+    from .checkpoint import CheckpointError
+
     try:
         return main(argv)
-    except (UsageError, ConfigError) as err:
+    except (UsageError, ConfigError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
@@ -289,6 +314,23 @@ class WarmupCosineSchedule(torch.optim.lr_scheduler.LRScheduler):
     def get_lr(self) -> list[float]:
         factor = warmup_cosine(self.last_epoch, self.warmup_steps, self.max_steps, self.min_lr_ratio)
         return [base * factor for base in self.base_lrs]
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """The position (step counter, base LRs) comes from the checkpoint, the shape (warmup, end, floor) stays
+        the one this schedule was built with from the config in force: a resumed run with a new
+        ``train.max_steps`` decays to its new end instead of silently keeping the old one."""
+        shape = (self.warmup_steps, self.max_steps, self.min_lr_ratio)
+        super().load_state_dict(state_dict)
+        self.warmup_steps, self.max_steps, self.min_lr_ratio = shape
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Set the optimizer's learning rates to the schedule's value at its current step (after a resume, as
+        DeepSpeed may load the optimizer's param groups after the schedule)."""
+        values = self.get_lr()
+        for group, lr in zip(self.optimizer.param_groups, values):
+            group["lr"] = lr
+        self._last_lr = values
 
 
 _NORM_TYPES = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.modules.batchnorm._NormBase, torch.nn.RMSNorm)
@@ -382,16 +424,44 @@ class NonFiniteLossError(RuntimeError):
 
 
 class NonFiniteGuard:
-    """Decides, identically on every rank, whether a micro-batch's loss may be back-propagated.
+    """Decides, identically on every rank, whether a micro-batch's loss may be back-propagated, and counts the
+    optimizer steps DeepSpeed skipped because the gradients were not finite (a finite loss can still overflow
+    them, e.g. ``loss.recon_weight=3e38``: then no weight ever changes).
 
     ``check`` takes this rank's loss value and a ``reduce_max`` collective; if any rank saw a NaN/inf the step is
-    skipped everywhere. ``max_consecutive`` skips in a row raise ``NonFiniteLossError``.
+    skipped everywhere. ``check_step`` takes whether the engine applied its last optimizer step. Either kind of
+    skip ``max_consecutive`` times in a row raises ``NonFiniteLossError``.
     """
 
     def __init__(self, max_consecutive: int):
         self.max_consecutive = max_consecutive
         self.consecutive = 0
         self.total_skipped = 0
+        self.consecutive_skipped_steps = 0
+        self.total_skipped_steps = 0
+
+    def state_dict(self) -> dict[str, int]:
+        """The totals a checkpoint keeps (the trainer state's ``nonfinite_skipped`` / ``skipped_steps``)."""
+        return {"nonfinite_skipped": self.total_skipped, "skipped_steps": self.total_skipped_steps}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.total_skipped = int(state.get("nonfinite_skipped", 0))
+        self.total_skipped_steps = int(state.get("skipped_steps", 0))
+
+    def check_step(self, applied: bool, step: int, reduce_max: Callable[[float], float] = float) -> bool:
+        """After an optimizer step: False (on every rank) when any rank's engine skipped the update."""
+        skipped = reduce_max(0.0 if applied else 1.0) > 0.0
+        if not skipped:
+            self.consecutive_skipped_steps = 0
+            return True
+        self.consecutive_skipped_steps += 1
+        self.total_skipped_steps += 1
+        if self.consecutive_skipped_steps >= self.max_consecutive:
+            raise NonFiniteLossError(
+                f"{self.consecutive_skipped_steps} optimizer steps in a row skipped for non-finite gradients (last "
+                f"at step {step}): the weights are not learning; stopping. Lower the loss weights or the learning "
+                "rate, or resume from an earlier checkpoint.")
+        return False
 
     def check(self, loss_value: float, step: int, reduce_max: Callable[[float], float] = float) -> bool:
         bad = reduce_max(0.0 if math.isfinite(loss_value) else 1.0) > 0.0
@@ -516,6 +586,9 @@ def setup_run_dir(run_dir: str | os.PathLike, config: Config, deepspeed_config: 
     run_dir = Path(run_dir)
     for sub in RUN_SUBDIRS:
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
+        probe = run_dir / sub / f".write-test-{os.getpid()}"  # a read-only checkpoints/ fails now, not at step N
+        probe.write_text("")
+        probe.unlink()
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     if deepspeed_config is not None:
         (run_dir / "deepspeed_config.json").write_text(json.dumps(deepspeed_config, indent=2) + "\n")
@@ -605,9 +678,18 @@ class RunContext:
     def stop_for_nonfinite(self, err: NonFiniteLossError, step: int, guard: NonFiniteGuard,
                            metrics_log: "MetricsLogger") -> int:
         """Record why the run stops (``event: nonfinite_stop``) and return its exit status, 1."""
-        metrics_log.log(step, {"nonfinite_skipped": guard.total_skipped}, event="nonfinite_stop")
+        metrics_log.log(step, guard.state_dict(), event="nonfinite_stop")
         self.log.error("%s", err)
         return 1
+
+    def count_skipped_step(self, engine: Any, step: int, guard: NonFiniteGuard, metrics_log: "MetricsLogger") -> None:
+        """At an optimizer-step boundary: log (``event: step_skipped``) when DeepSpeed skipped ``engine``'s update
+        for non-finite gradients; ``guard`` raises ``NonFiniteLossError`` after too many in a row. A collective."""
+        if guard.check_step(engine.was_step_applied(), step, dist.all_reduce_max):
+            return
+        metrics_log.log(step, guard.state_dict(), event="step_skipped")
+        self.log.warning("optimizer step %d skipped by DeepSpeed: non-finite gradients (%d in a row)", step,
+                         guard.consecutive_skipped_steps)
 
     def close(self, bar: Any, metrics_log: "MetricsLogger") -> None:
         """End of the loop, whatever ended it: close the progress bar and the metrics, restore the signals."""
@@ -617,23 +699,87 @@ class RunContext:
 
 
 def start_run(cfg: Config, ds_base: Mapping[str, Any], run_dir: Path, argv: Sequence[str],
-              logger_name: str) -> RunContext:
+              logger_name: str, resume: bool = False) -> RunContext:
     """Start the process group, turn SIGTERM/SIGUSR1 into "checkpoint and exit 3" from here on, resolve the
-    DeepSpeed config (``cfg.data``, ``cfg.train``, ``cfg.optim.grad_clip``), set up ``run_dir`` (rank 0) and
-    open this rank's logger (``run_dir/logs/rank<r>.log``)."""
+    DeepSpeed config (``cfg.data``, ``cfg.train``, ``cfg.optim.grad_clip``), check that a ``resume`` can honour
+    ``cfg`` (:func:`resume_changes`), set up ``run_dir`` (rank 0) and open this rank's logger
+    (``run_dir/logs/rank<r>.log``). A refused resume or an unwritable run dir raises ``UsageError`` on every rank
+    before ``config.yaml`` is written, so the run dir never records a value that is not in force."""
     env = dist.init_distributed()
     preempt = dist.PreemptionHandler().install()
     tc = cfg.train
-    ds_config = dist.make_deepspeed_config(ds_base, micro_batch_size=cfg.data.batch_size,
-                                           grad_accum_steps=tc.grad_accum_steps, grad_clip=cfg.optim.grad_clip,
-                                           precision=tc.precision, zero_stage=tc.zero_stage,
-                                           world_size=env.world_size)
-    if env.rank == 0:
-        setup_run_dir(run_dir, cfg, ds_config, argv)
-    dist.barrier()
+    try:
+        ds_config = dist.make_deepspeed_config(ds_base, micro_batch_size=cfg.data.batch_size,
+                                               grad_accum_steps=tc.grad_accum_steps, grad_clip=cfg.optim.grad_clip,
+                                               precision=tc.precision, zero_stage=tc.zero_stage,
+                                               world_size=env.world_size)
+    except ValueError as err:  # the same on every rank
+        raise UsageError(f"{tc.deepspeed_config}: {err}") from None
+    stage = ds_config["zero_optimization"]["stage"]
+    problem, changes = None, []
+    if resume:
+        problem, changes = resume_changes(cfg, run_dir / "checkpoints", env.world_size, stage)
+    if problem is None and env.rank == 0:
+        try:
+            setup_run_dir(run_dir, cfg, ds_config, argv)
+        except OSError as err:
+            problem = f"cannot write the run dir {run_dir}: {err}"
+    if dist.all_reduce_max(1.0 if problem else 0.0) > 0:  # every rank stops with one line, none waits forever
+        raise UsageError(problem or "rank 0 could not set up the run dir (see its error)")
     log = dist.rank_zero_logger(logger_name, env.rank, run_dir / "logs" / f"rank{env.rank}.log")
-    return RunContext(env.rank, env.world_size, dist.device(), ds_config, ds_config["zero_optimization"]["stage"],
-                      preempt, log)
+    for line in changes:
+        log.info("resume: %s", line)
+    return RunContext(env.rank, env.world_size, dist.device(), ds_config, stage, preempt, log)
+
+
+# On resume these keys may differ from the checkpoint's config (they change how long the run goes and what it
+# reports, not the state it continues from); every other key is fixed by the checkpoint.
+RESUME_MAY_CHANGE = ("train.max_steps", "train.max_nonfinite_steps", "logging.", "checkpoint.", "data.num_workers",
+                     "data.val_clips")
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def resume_changes(cfg: Config, checkpoints: Path, world_size: int, zero_stage: int) -> tuple[str | None, list[str]]:
+    """Compare ``cfg`` with the config, world size and ZeRO stage of the latest checkpoint under ``checkpoints``.
+    Returns ``(problem, changes)``: ``problem`` a one-line refusal (keys that cannot change on resume, another
+    world size or stage, a damaged trainer state) or None; ``changes`` the allowed differences as
+    ``"key: old -> new"`` (they are applied)."""
+    from .checkpoint import CheckpointError, latest_checkpoint, read_trainer_state, world_size_mismatch
+
+    latest = latest_checkpoint(checkpoints)
+    if latest is None:
+        return None, []
+    try:
+        state = read_trainer_state(latest)
+    except CheckpointError as err:
+        return str(err), []
+    if state.get("world_size", world_size) != world_size:
+        return world_size_mismatch(latest, state["world_size"], world_size), []
+    if state.get("zero_stage", zero_stage) != zero_stage:
+        return (f"{latest} was written with ZeRO-{state['zero_stage']}, this run uses ZeRO-{zero_stage}: resume "
+                f"with train.zero_stage={state['zero_stage']} or start a new --run-dir"), []
+    saved, now = _flatten(state.get("config") or {}), _flatten(cfg.to_dict())
+    diffs = [(k, saved[k], now[k]) for k in sorted(now) if k in saved and saved[k] != now[k]]
+    fixed = [d for d in diffs if not any(d[0] == m or (m.endswith(".") and d[0].startswith(m))
+                                         for m in RESUME_MAY_CHANGE)]
+    if fixed:
+        listed = ", ".join(f"{k} ({old!r} -> {new!r})" for k, old, new in fixed[:4])
+        more = f" and {len(fixed) - 4} more" if len(fixed) > 4 else ""
+        return (f"cannot resume {latest} with changed {listed}{more}: only "
+                f"{', '.join(m.rstrip('.') + ('.*' if m.endswith('.') else '') for m in RESUME_MAY_CHANGE)} may "
+                "change on resume; undo the change or start a new --run-dir"), []
+    if cfg.train.max_steps < state["step"]:
+        return f"train.max_steps={cfg.train.max_steps} is below the step of {latest} ({state['step']})", []
+    return None, [f"{k}: {old!r} -> {new!r}" for k, old, new in diffs]
 
 
 def precision_context(precision: Precision, device: torch.device) -> contextlib.AbstractContextManager:
@@ -658,11 +804,11 @@ def make_batch_stream(dataset: Any, data: DataConfig, rank: int, world_size: int
 
 
 def resume_latest(ckpt: Any, engines: Mapping[str, Any], ema: EMA, stream: BatchStream, guard: NonFiniteGuard,
-                  seed: int, run: RunContext) -> dict[str, Any] | None:
+                  run: RunContext) -> dict[str, Any] | None:
     """Load the latest complete checkpoint of ``ckpt`` (a ``checkpoint.CheckpointManager``) into the engines and
-    the EMA; restore the data position and the non-finite count. Returns its state (``state["step"]``: the step),
-    or None when there is none."""
-    from .checkpoint import latest_checkpoint, seed_everything
+    the EMA; restore the data position and the guard's counts. Returns its state (``state["step"]``: the step),
+    or None when there is none. :func:`start_run` has already refused a checkpoint of another world size."""
+    from .checkpoint import latest_checkpoint
 
     latest = latest_checkpoint(ckpt.root)
     if latest is None:
@@ -671,10 +817,11 @@ def resume_latest(ckpt: Any, engines: Mapping[str, Any], ema: EMA, stream: Batch
     state = ckpt.load(latest, engines, ema)
     step = int(state["step"])
     stream.epoch, stream.batch = state["data"]["epoch"], state["data"]["batch"]
-    guard.total_skipped = int(state.get("nonfinite_skipped", 0))
-    if state.get("rng_restored") is False:
-        run.log.warning("checkpoint was written with another world size: RNG streams restart from the seed")
-        seed_everything(seed + run.rank + 7919 * step)
+    guard.load_state_dict(state)
+    for engine in engines.values():  # the schedule in force (a new train.max_steps moves its end)
+        schedule = getattr(engine, "lr_scheduler", None)
+        if isinstance(schedule, WarmupCosineSchedule):
+            schedule.refresh()
     run.log.info("resumed from %s (step %d, epoch %d, batch %d)", latest, step, stream.epoch, stream.batch)
     return state
 

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import random
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,7 +19,10 @@ from magvit.training import EMA
 
 
 class FakeEngine:
-    """Stands in for a DeepSpeed engine: saves/loads its model and a counter into ``save_dir/tag``."""
+    """Stands in for a DeepSpeed engine built by ``distributed.build_engine`` (whose checkpoint engine loads
+    safely): saves/loads its model and a counter into ``save_dir/tag``."""
+
+    checkpoint_engine = SimpleNamespace(loads_safely=True)
 
     def __init__(self, model, fail_on_save=False):
         self.model, self.fail_on_save, self.counter = model, fail_on_save, 0
@@ -108,7 +112,7 @@ def test_latest_falls_back_when_pointer_is_stale(tmp_path):
     (tmp_path / "step_00000002" / "COMPLETE").unlink()  # incomplete folders never count
     assert C.latest_checkpoint(tmp_path) == tmp_path / "step_00000001"
     assert C.latest_checkpoint(tmp_path / "none") is None
-    with pytest.raises(ValueError, match="not a complete checkpoint"):
+    with pytest.raises(C.CheckpointError, match="not a complete checkpoint"):
         mgr.load(tmp_path / "step_00000002", {"g": engine})
 
 
@@ -140,3 +144,170 @@ def test_export_ema_writes_averaged_weights_and_buffers(tmp_path):
     loaded = _Tiny.from_pretrained(out)
     torch.testing.assert_close(loaded.proj.weight, expected)
     assert torch.all(loaded.codebook_usage == 7.0)
+
+
+# Real DeepSpeed engines (one process): ZeRO-0..3 in fp32 and bf16 saved through CheckpointManager, the globals
+# each file pickles listed, every checkpoint loaded back through the safe path, and a planted pickle refused.
+_SURVEY = r'''
+import glob, json, os, pickle, sys
+import torch
+from magvit import distributed as dist
+from magvit.checkpoint import CheckpointError, CheckpointManager
+from magvit.training import OptimConfig, WarmupCosineSchedule, build_adam
+
+def engine(stage, precision, seed):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
+    opt = build_adam(model, OptimConfig(weight_decay=0.01))
+    cfg = dist.make_deepspeed_config({}, micro_batch_size=2, grad_accum_steps=1, grad_clip=1.0, precision=precision,
+                                     zero_stage=stage)
+    return dist.build_engine(model, opt, cfg, WarmupCosineSchedule(opt, 2, 10, 0.1))
+
+def weights(e, stage):
+    with dist.gathered_parameters(e.module, stage):
+        return [p.detach().float().clone() for p in e.module.parameters()]
+
+class Planted:
+    def __reduce__(self):
+        return (os.system, ("touch " + sys.argv[2],))
+
+dist.init_distributed()
+report = {}
+for stage in (0, 1, 2, 3):
+    for precision in ("fp32", "bf16"):
+        a = engine(stage, precision, 0)
+        x = torch.randn(2, 4, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
+        a.backward(a(x).float().pow(2).mean()); a.step()
+        mgr = CheckpointManager(os.path.join(sys.argv[1], f"z{stage}-{precision}"))
+        path = mgr.save(1, {"net": a}, {"data": {}})
+        files = sorted(glob.glob(f"{path}/net/*.pt"))
+        entry = {"default": sorted({g for f in files for g in torch.serialization.get_unsafe_globals_in_checkpoint(f)}),
+                 "allowed": sorted({g for f in files for g in dist.unsafe_globals_in(f)})}
+        b = engine(stage, precision, 1)
+        mgr.load(path, {"net": b})
+        entry["weights_equal"] = all(torch.equal(u, v) for u, v in zip(weights(a, stage), weights(b, stage)))
+        entry["schedule_step"] = b.lr_scheduler.last_epoch
+        torch.save({"module": Planted()}, files[0])
+        try:
+            b.checkpoint_engine.load(files[0], map_location="cpu")
+            entry["engine_load"] = "loaded"
+        except pickle.UnpicklingError:
+            entry["engine_load"] = "refused"
+        try:
+            mgr.load(path, {"net": b})
+            entry["manager_load"] = "loaded"
+        except CheckpointError as err:
+            entry["manager_load"] = str(err)
+        report[f"z{stage}-{precision}"] = entry
+        a.destroy(); b.destroy()
+print("REPORT " + json.dumps(report))
+'''
+
+
+@pytest.mark.slow
+def test_deepspeed_checkpoints_load_without_unpickling_code(tmp_path):
+    """The allow-list of ``distributed.checkpoint_safe_globals`` is exactly what real ZeRO-0..3 fp32/bf16 checkpoints
+    need: with it no file references anything else, without it the union is exactly those classes; every
+    checkpoint loads back (same weights, schedule position) through the safe path, and a planted pickle is refused
+    by the engine's own loader and by ``CheckpointManager.load`` without running (no marker file)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from magvit import distributed as dist
+
+    script, marker = tmp_path / "survey.py", tmp_path / "code_ran"
+    script.write_text(_SURVEY)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)
+    result = subprocess.run([sys.executable, str(script), str(tmp_path / "ckpt"), str(marker)], cwd=root, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("REPORT "))[7:])
+    assert sorted(report) == [f"z{s}-{p}" for s in range(4) for p in ("bf16", "fp32")]
+    allow = {f"{c.__module__}.{c.__qualname__}" for c in dist.checkpoint_safe_globals()}
+    assert set().union(*(set(e["default"]) for e in report.values())) == allow  # every entry is needed
+    for name, entry in report.items():
+        assert entry["allowed"] == [], name
+        assert entry["weights_equal"] and entry["schedule_step"] == 1, name
+        assert entry["engine_load"] == "refused", name
+        assert "refusing to load" in entry["manager_load"] and "posix.system" in entry["manager_load"], name
+        assert "\n" not in entry["manager_load"]
+    assert not marker.exists()
+
+
+class FullDiskEngine(FakeEngine):
+    """Writes half of its state file, then fails as a full disk does: ``OSError(ENOSPC)`` from the file system,
+    or torch's zip writer's ``RuntimeError(... unexpected pos ...)`` (what a real full disk gave)."""
+
+    def __init__(self, model, error):
+        super().__init__(model)
+        self.error = error
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        os.makedirs(f"{save_dir}/{tag}", exist_ok=True)
+        with open(f"{save_dir}/{tag}/state.pt", "wb") as f:
+            f.write(b"PK\x03\x04 half a zip archive")
+        raise self.error
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"),
+                                   RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 16384 "
+                                                "vs 16278")], ids=["ENOSPC", "zip-writer"])
+def test_full_disk_mid_save_is_one_line_and_keeps_the_previous(error, tmp_path):
+    model = torch.nn.Linear(2, 2)
+    mgr = C.CheckpointManager(tmp_path / "ckpt", keep_last=3)
+    good = FakeEngine(model)
+    good.counter = 10
+    mgr.save(10, {"generator": good}, {})
+    with pytest.raises(C.CheckpointError) as err:
+        mgr.save(20, {"generator": good, "discriminator": FullDiskEngine(model, error)}, {})
+    message = str(err.value)
+    assert "\n" not in message and "could not write checkpoint step_00000020" in message
+    assert "is the disk full?" in message and "the latest checkpoint is still step_00000010" in message
+    assert sorted(p.name for p in mgr.root.iterdir()) == ["latest", "step_00000010"]  # no temp folder left
+    restored = FakeEngine(torch.nn.Linear(2, 2))
+    assert mgr.load(C.latest_checkpoint(mgr.root), {"generator": restored})["step"] == 10
+    assert restored.counter == 10 and torch.equal(restored.model.weight, model.weight)
+
+
+def test_unreadable_checkpoint_files_are_one_line_errors(tmp_path):
+    """A truncated DeepSpeed file, a trainer state that is not JSON, another world size: CheckpointError with one
+    line before any engine reads; a planted pickle is named with the global it would call."""
+    mgr = C.CheckpointManager(tmp_path, keep_last=5)
+    engine = FakeEngine(torch.nn.Linear(1, 1))
+    path = mgr.save(1, {"g": engine}, {})
+    state_file = path / "g" / "state.pt"
+    original = state_file.read_bytes()
+    state_file.write_bytes(original[:100])
+    with pytest.raises(C.CheckpointError, match="damaged or not a torch.save file") as err:
+        mgr.load(path, {"g": engine})
+    assert "\n" not in str(err.value)
+    state_file.write_bytes(original)
+
+    class Planted:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'code_ran'}",))
+
+    torch.save({"model": Planted()}, state_file)
+    with pytest.raises(C.CheckpointError, match="references posix.system"):
+        mgr.load(path, {"g": engine})
+    assert not (tmp_path / "code_ran").exists()
+    torch.save({"model": engine.model.state_dict(), "counter": 1}, state_file)
+    (path / C.TRAINER_STATE).write_text('{"step": 1, "world_size": 2}')
+    with pytest.raises(C.CheckpointError, match="written by 2 rank"):
+        mgr.load(path, {"g": engine})
+    (path / C.TRAINER_STATE).write_text("{not json")
+    with pytest.raises(C.CheckpointError, match="trainer_state.json: cannot read"):
+        mgr.load(path, {"g": engine})
+
+
+def test_clean_stale_removes_temp_folders_and_torn_pointers(tmp_path):
+    mgr = C.CheckpointManager(tmp_path, keep_last=5)
+    mgr.save(1, {"g": FakeEngine(torch.nn.Linear(1, 1))}, {})
+    (tmp_path / ".tmp-step_00000002" / "g").mkdir(parents=True)
+    (tmp_path / ".latest.tmp123").write_text("step_00000002\n")
+    mgr.clean_stale()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000001"]

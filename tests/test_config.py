@@ -56,3 +56,37 @@ def test_presets_yaml_overrides_round_trip(tmp_path):
         cfg.with_overrides(["inner.nope=1"])
     cfg2.to_json(tmp_path / "c.json")
     assert Outer.from_json(tmp_path / "c.json") == cfg2
+
+
+@pytest.mark.parametrize("text, message", [
+    ("- 1\n- 2\n", "expected a mapping of keys at the top level, got a list"),
+    ("42\n", "got the scalar '42'"),
+    ("", "the config file is empty"),
+    ("# nothing but a comment\n", "the config file is empty"),
+    ("width: [1\n", "invalid YAML"),
+    ("width: !!python/object/apply:os.system ['echo ran']\n", "invalid YAML"),
+])
+def test_yaml_files_that_are_not_mappings_are_one_line_errors(text, message, tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=message) as err:
+        Outer.from_yaml(f)
+    assert "\n" not in str(err.value) and str(f) in str(err.value)
+    f.write_text("{}\n")  # the explicit way to ask for every default
+    assert Outer.from_yaml(f) == Outer()
+
+
+@pytest.mark.parametrize("word", ["inner.rate=!!python/object/apply:os.system ['echo ran']", "inner.rate=[1",
+                                  "inner.rate=!!binary aGk="])
+def test_overrides_with_yaml_tags_or_bad_syntax_are_one_line_errors(word):
+    with pytest.raises(ConfigError) as err:
+        Outer().with_overrides([word])
+    assert "\n" not in str(err.value) and word.split("=")[0] in str(err.value)
+
+
+def test_nan_is_never_a_number_but_large_finite_values_are():
+    for value in (".nan", "nan", "NaN"):
+        with pytest.raises(ConfigError, match="inner.rate: expected a number, got NaN"):
+            Outer().with_overrides([f"inner.rate={value}"])
+    assert Outer().with_overrides(["inner.rate=3e38"]).inner.rate == 3e38
+    assert Outer.from_dict({"inner": {"rate": float("inf")}}).inner.rate == float("inf")  # ranges: each config

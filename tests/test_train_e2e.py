@@ -309,3 +309,24 @@ def test_plain_python_run_stops_on_repeated_nonfinite_loss(tokens, tmp_path):
         ("nonfinite_loss", 1), ("nonfinite_loss", 2), ("nonfinite_stop", 3)]
     assert all(r["step"] == skipped[0]["step"] for r in skipped)  # skipped steps do not advance the step count
     assert '"WORLD_SIZE": "1"' in (run_dir / "command.txt").read_text()
+
+
+def test_resume_with_another_world_size_is_refused_in_one_line(tokenizer_reference, manifest, tmp_path):
+    """The 2-rank ZeRO-2 reference resumed by one plain process: exit 2 with one line saying how many ranks wrote
+    the checkpoint (before: a ZeRORuntimeException traceback from inside DeepSpeed), config.yaml untouched."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tokenizer_reference, run_dir)
+    recorded = (run_dir / "config.yaml").read_text()
+    result = _run("train_tokenizer.py", ["--config", "configs/tokenizer/tiny.yaml", "--deepspeed_config",
+                                         "configs/deepspeed/zero2.json", "--run-dir", str(run_dir),
+                                         f"data.manifest={manifest}", "train.max_steps=6", "checkpoint.every=2",
+                                         "logging.sample_every=3", *TOKENIZER_OVERRIDES[:-3],
+                                         "logging.tensorboard=true", "logging.progress=false", "--resume", "auto"],
+                  ranks=1)
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("error: ")]
+    assert "was written by 2 rank(s), this run has 1: resume with 2 rank(s)" in line, line
+    assert (run_dir / "config.yaml").read_text() == recorded

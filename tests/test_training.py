@@ -366,33 +366,99 @@ def test_run_context_preemption_and_nonfinite_stop(tmp_path):
 def test_resume_latest_restores_position_and_counts(tmp_path):
     from magvit.checkpoint import COMPLETE
 
-    from magvit.checkpoint import seed_everything
-
     class FakeManager:
         root = tmp_path / "checkpoints"
-        rng_restored = True
 
         def load(self, path, engines, ema):
             self.loaded = (path.name, engines, ema)
-            return {"step": 12, "data": {"epoch": 2, "batch": 3}, "nonfinite_skipped": 4,
-                    "rng_restored": self.rng_restored}
+            return {"step": 12, "data": {"epoch": 2, "batch": 3}, "nonfinite_skipped": 4, "skipped_steps": 5}
 
     run = _run_context(tmp_path)
     stream = T.make_batch_stream(torch.utils.data.TensorDataset(torch.arange(4)), T.DataConfig(num_workers=0), 0,
                                  1, 0, torch.device("cpu"))
     guard, ckpt = T.NonFiniteGuard(3), FakeManager()
-    assert T.resume_latest(ckpt, {"m": None}, None, stream, guard, 0, run) is None  # nothing saved yet
+    assert T.resume_latest(ckpt, {"m": None}, None, stream, guard, run) is None  # nothing saved yet
     assert "starting fresh" in (tmp_path / "rank0.log").read_text()
     (ckpt.root / "step_00000012").mkdir(parents=True)
     (ckpt.root / "step_00000012" / COMPLETE).write_text("")
-    state = T.resume_latest(ckpt, {"m": None}, "ema", stream, guard, 0, run)
+    state = T.resume_latest(ckpt, {"m": None}, "ema", stream, guard, run)
     assert state["step"] == 12 and ckpt.loaded == ("step_00000012", {"m": None}, "ema")
     assert stream.state_dict() == {"epoch": 2, "batch": 3} and guard.total_skipped == 4
+    assert guard.total_skipped_steps == 5 and guard.state_dict() == {"nonfinite_skipped": 4, "skipped_steps": 5}
     assert "resumed from" in (tmp_path / "rank0.log").read_text()
-    # written with another world size: the RNG restarts from seed + rank + 7919 * step
-    ckpt.rng_restored = False
-    T.resume_latest(ckpt, {"m": None}, "ema", stream, guard, 5, run)
-    after_resume = torch.rand(3)
-    seed_everything(5 + 0 + 7919 * 12)
-    assert torch.equal(after_resume, torch.rand(3))
-    assert "another world size" in (tmp_path / "rank0.log").read_text()
+
+
+def test_nonfinite_guard_counts_skipped_optimizer_steps():
+    guard = T.NonFiniteGuard(3)
+    assert guard.check_step(True, 1) and guard.check_step(False, 2) is False and guard.check_step(False, 3) is False
+    assert guard.consecutive_skipped_steps == 2 and guard.total_skipped_steps == 2
+    assert guard.check(1.0, 4)  # a finite loss does not reset the skipped-step count (the loss was never the issue)
+    assert guard.check_step(True, 4) and guard.consecutive_skipped_steps == 0  # an applied step does
+    assert guard.check_step(False, 5, reduce_max=lambda v: 1.0) is False  # another rank skipped: all skip
+    assert guard.check_step(False, 6) is False
+    with pytest.raises(T.NonFiniteLossError, match="3 optimizer steps in a row skipped"):
+        guard.check_step(False, 7)
+    assert guard.state_dict() == {"nonfinite_skipped": 0, "skipped_steps": 5}
+
+
+def test_schedule_keeps_its_configured_end_when_loading_a_state():
+    """The step counter comes from the state, the shape from the constructor; the optimizer gets the new LR."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    old = T.WarmupCosineSchedule(opt, 2, 10, 0.1)
+    for _ in range(6):
+        opt.step()
+        old.step()
+    state = old.state_dict()
+    opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    new = T.WarmupCosineSchedule(opt2, 2, 20, 0.1)
+    new.load_state_dict(state)
+    assert new.last_epoch == 6 and new.max_steps == 20
+    assert opt2.param_groups[0]["lr"] == T.warmup_cosine(6, 2, 20, 0.1)
+    assert new.get_last_lr() == [opt2.param_groups[0]["lr"]]
+    same = T.WarmupCosineSchedule(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), 2, 10, 0.1)
+    same.load_state_dict(state)
+    assert same.get_last_lr() == old.get_last_lr()  # unchanged config: bit-identical (exact resume)
+
+
+def test_resume_changes_rule(tmp_path):
+    from magvit.checkpoint import COMPLETE, TRAINER_STATE
+
+    cfg = T.TokenizerTrainConfig()
+    root = tmp_path / "checkpoints"
+    assert T.resume_changes(cfg, root, 1, 2) == (None, [])  # nothing to resume
+    ckpt = root / "step_00000004"
+    ckpt.mkdir(parents=True)
+    (ckpt / COMPLETE).write_text("")
+
+    def state(**extra):
+        (ckpt / TRAINER_STATE).write_text(json.dumps({"step": 4, "world_size": 1, "zero_stage": 2,
+                                                      "config": cfg.to_dict(), **extra}))
+
+    state()
+    assert T.resume_changes(cfg, root, 1, 2) == (None, [])
+    allowed = cfg.with_overrides(["train.max_steps=50", "logging.log_every=3", "checkpoint.every=7"])
+    problem, changes = T.resume_changes(allowed, root, 1, 2)
+    assert problem is None and changes == ["checkpoint.every: 1000 -> 7", "logging.log_every: 10 -> 3",
+                                           "train.max_steps: 1000 -> 50"]
+    fixed = cfg.with_overrides(["optim.lr=1e30", "data.batch_size=8", "train.max_steps=50"])
+    problem, changes = T.resume_changes(fixed, root, 1, 2)
+    assert "with changed data.batch_size (2 -> 8), optim.lr (0.0001 -> 1e+30): only train.max_steps" in problem
+    assert changes == [] and "\n" not in problem
+    problem, _ = T.resume_changes(cfg.with_overrides(["train.max_steps=3"]), root, 1, 2)
+    assert "below the step" in problem
+    assert "written by 1 rank(s), this run has 2" in T.resume_changes(cfg, root, 2, 2)[0]
+    assert "ZeRO-2, this run uses ZeRO-3" in T.resume_changes(cfg, root, 1, 3)[0]
+    (ckpt / TRAINER_STATE).write_text("[")
+    assert "cannot read" in T.resume_changes(cfg, root, 1, 2)[0]
+
+
+def test_training_configs_reject_non_finite_and_bad_stage():
+    from magvit.config import ConfigError
+
+    for override, message in [("optim.lr=.inf", "lr must be a finite number"), ("optim.lr=.nan", "got NaN"),
+                              ("train.min_lr_ratio=.nan", "got NaN"), ("train.zero_stage=7", "zero_stage must be"),
+                              ("loss.recon_weight=-1", "weights >= 0"), ("loss.gan_weight=.inf", "finite"),
+                              ("train.max_nonfinite_steps=0", "max_nonfinite_steps >= 1")]:
+        with pytest.raises(ConfigError, match=message):
+            T.TokenizerTrainConfig().with_overrides([override])
+    assert T.TokenizerTrainConfig().with_overrides(["loss.recon_weight=3e38"]).loss.recon_weight == 3e38
