@@ -70,15 +70,26 @@ OURS_RECIPE = Recipe(lr=1e-3, betas=(0.0, 0.99), weight_decay=0.0, grad_clip=1.0
 # ------------------------------------------------------------------------------------------------------------------
 # Our tokenizer and its design-choice variants
 # ------------------------------------------------------------------------------------------------------------------
-# Name -> TokenizerConfig overrides on top of `_BASE`. "v1" = MAGVIT blocks (average pooling, nearest upsampling),
-# "v2" = MAGVIT-v2 blocks; the quantizers are at ~2**10 codes: VQ 1024 codes, LFQ 10 bits, FSQ (8, 5, 5, 5) = 1000.
+# Name -> TokenizerConfig overrides on top of `_base`. "v1" = MAGVIT blocks (average pooling, nearest upsampling, the
+# decoder mirroring the encoder), "v2" = magvit.tokenizer.V2 (MAGVIT-v2's blocks); the quantizers are at ~2**10
+# codes: VQ 1024 codes, LFQ 10 bits, FSQ (8, 5, 5, 5) = 1000.
 _VQ = dict(quantizer="vq", codebook_size=1024, embedding_dim=64)  # 1024 codes of 64 dims (~5M like the others)
 _LFQ = dict(quantizer="lfq", codebook_size=1024)  # 10 bits
 _FSQ = dict(quantizer="fsq", codebook_size=1000)  # the paper's levels for ~2^10: (8, 5, 5, 5)
+
+def _v2() -> dict[str, Any]:
+    from magvit.tokenizer import V2  # strided-conv down, depth-to-space up, adaptive GroupNorm, low-res decoder
+
+    return V2
+
+
 VARIANTS: dict[str, dict[str, Any]] = {
     "v1-vq": _VQ,
     "v1-lfq": _LFQ,
     "v1-fsq": _FSQ,
+    "v2-vq": {"v2": True, **_VQ},
+    "v2-lfq": {"v2": True, **_LFQ},
+    "v2-fsq": {"v2": True, **_FSQ},
 }
 
 #: the configuration the benchmarks chose (benchmarks/results/reconstruction_*.md); build_ours builds it
@@ -97,7 +108,9 @@ def variant_config(name: str, num_frames: int, image_size: int, base_channels: i
 
     if name not in VARIANTS:
         raise ValueError(f"unknown tokenizer variant {name!r}; choose from {', '.join(VARIANTS)}")
-    return TokenizerConfig(**{**_base(num_frames, image_size, base_channels, num_res_blocks), **VARIANTS[name]})
+    options = dict(VARIANTS[name])
+    blocks = _v2() if options.pop("v2", False) else {}
+    return TokenizerConfig(**{**_base(num_frames, image_size, base_channels, num_res_blocks), **blocks, **options})
 
 
 def build_variant(name: str, num_frames: int, image_size: int, base_channels: int = 32, num_res_blocks: int = 1):

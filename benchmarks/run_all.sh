@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run every side-by-side benchmark in the benchmark environment, one after the other (never two at once: they
 # share the cores), writing markdown tables to benchmarks/results/. Usage: bash benchmarks/run_all.sh [--quick]
+# The reconstruction runs take about 25 minutes (design choices) + 45 minutes (ours vs magvit2-pytorch).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${BENCH_PYTHON:-$ROOT/.venv-bench/bin/python}"
@@ -9,12 +10,26 @@ mkdir -p "$OUT"
 [ -x "$PY" ] || { echo "no benchmark environment: bash benchmarks/setup_env.sh" >&2; exit 2; }
 [ -f "$ROOT/data/sample/manifest.jsonl" ] || "$PY" -m data_prep.sample_data --out "$ROOT/data/sample"
 export PYTHONWARNINGS=ignore
-for bench in tokenizer quantizer flops reconstruction; do
-  echo "== $bench ($(date -u +%H:%M:%S) UTC, load $(cut -d' ' -f1-3 /proc/loadavg))" >&2
+stamp() { echo "== $1 ($(date -u +%H:%M:%S) UTC, load $(cut -d' ' -f1-3 /proc/loadavg))" >&2; }
+for bench in tokenizer quantizer flops; do
+  stamp "$bench"
   "$PY" "$ROOT/benchmarks/bench_$bench.py" --markdown "$OUT/$bench.md" "$@"
 done
+# Reconstruction: the design choices (which choose peers.RECOMMENDED), then the recommended tokenizer against
+# magvit2-pytorch for 20 minutes per side, evaluated at 5 and 20 minutes (and the curve points between).
+recon() {
+  local name="$1"; shift
+  stamp "reconstruction $name"
+  "$PY" "$ROOT/benchmarks/bench_reconstruction.py" --markdown "$OUT/reconstruction$name.md" "$@"
+}
+recon _blocks --sides v1-lfq,v2-lfq --budget 300 --report-at 300 --eval-at 60,120,180 \
+  --title "design choice: MAGVIT v1 vs v2 blocks, LFQ 2^10" "$@"
+recon _quantizers --sides v2-vq,v2-lfq,v2-fsq --budget 300 --report-at 300 --eval-at 60,120,180 \
+  --title "design choice: VQ vs LFQ vs FSQ at ~2^10 codes" "$@"
+recon "" --sides ours,magvit2 --budget 1200 --report-at 300,1200 --eval-at 60,120,180,600,900 \
+  --title "recommended tokenizer vs magvit2-pytorch" "$@"
 if [ -f "$ROOT/benchmarks/bench_decoding.py" ]; then
-  echo "== decoding ($(date -u +%H:%M:%S) UTC)" >&2
+  stamp decoding
   "$PY" "$ROOT/benchmarks/bench_decoding.py" --markdown "$OUT/decoding.md" "$@" || echo "bench_decoding.py failed" >&2
 fi
 echo "tables in $OUT" >&2
