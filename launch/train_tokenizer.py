@@ -58,6 +58,13 @@ def load_config(config_path: str, overrides: Sequence[str], deepspeed_config: st
             raise ConfigError(f"{name} (with data.num_frames/image_size): {err}") from None
     if cfg.loss.perceptual_weight > 0 and not cfg.loss.perceptual_model:
         raise ConfigError("loss.perceptual_weight > 0 needs loss.perceptual_model (a local ResNet-50 folder)")
+    if cfg.init_from:  # before any process group or run dir exists: names and shapes from the export's header
+        from magvit.tokenizer import check_init_from
+
+        try:
+            check_init_from(TokenizerConfig.from_dict(cfg.model), cfg.init_from, cfg.inflate)
+        except (ValueError, FileNotFoundError) as err:
+            raise ConfigError(f"init_from: {err}") from None
     return cfg
 
 
@@ -227,7 +234,7 @@ def train(cfg: TokenizerTrainConfig, ds_base: dict[str, Any], run_dir: Path, res
     from magvit.data import ClipDataset
     from magvit.discriminator import Discriminator, DiscriminatorConfig
     from magvit.losses import LeCamRegularizer, PerceptualLoss
-    from magvit.tokenizer import TokenizerConfig, VideoTokenizer
+    from magvit.tokenizer import TokenizerConfig, init_tokenizer
 
     # from here on SIGTERM/SIGUSR1 mean "checkpoint and exit 3"
     run = start_run(cfg, ds_base, run_dir, argv, "magvit.train_tokenizer", resume=resume)
@@ -237,7 +244,10 @@ def train(cfg: TokenizerTrainConfig, ds_base: dict[str, Any], run_dir: Path, res
     # --- networks: identical initial weights on every rank, then per-rank randomness ---------------------------
     seed_everything(tc.seed)
     model_cfg = TokenizerConfig.from_dict(cfg.model)
-    generator = VideoTokenizer(model_cfg)
+    try:  # fresh, fine-tuned from an export (init_from) or inflated from a 2D export (init_from + inflate)
+        generator = init_tokenizer(model_cfg, cfg.init_from, cfg.inflate)
+    except (ValueError, FileNotFoundError) as err:
+        raise UsageError(f"init_from: {err}") from None
     discriminator = Discriminator(DiscriminatorConfig.from_dict(cfg.discriminator))
     ema = EMA(generator, tc.ema_decay, warmup=tc.ema_warmup)  # fp32 full copy, before ZeRO partitions anything
     perceptual = PerceptualLoss(cfg.loss.perceptual_model or None).to(device)

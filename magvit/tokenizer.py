@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal, Mapping
 
 import torch
@@ -549,30 +550,106 @@ def inflate_tokenizer(image_tokenizer: VideoTokenizer, video_config: TokenizerCo
     slice, the last one, for causal convs) and the other slices are zero, so on a static video every frame starts
     out encoded as the 2D model encodes it. All other tensors (norms, biases, codebook) are copied.
     """
-    src_cfg = image_tokenizer.config
-    if src_cfg.temporal_kernel_size != 1:
-        raise ValueError(f"expected a 2D tokenizer (temporal_kernel_size=1), got {src_cfg.temporal_kernel_size}")
-    same = ("in_channels", "base_channels", "channel_multipliers", "num_res_blocks", "embedding_dim",
-            "codebook_size", "quantizer", "norm_groups", "downsample", "upsample", "decoder_norm")
-    diff = [n for n in same if getattr(src_cfg, n) != getattr(video_config, n)]
-    diff += [n for n in ("decoder_multipliers", "decoder_blocks") if getattr(src_cfg, n) != getattr(video_config, n)]
-    if diff:
-        raise ValueError(f"2D and 3D configs must agree on {', '.join(diff)} to inflate")
+    _check_inflation_configs(image_tokenizer.config, video_config)
     video = VideoTokenizer(video_config)
     source = image_tokenizer.state_dict()
     target = video.state_dict()
     centre = video_config.temporal_kernel_size - 1 if video_config.causal else video_config.temporal_kernel_size // 2
     for name, tensor in target.items():
-        src = source[name]
-        if src.shape == tensor.shape:
-            tensor.copy_(src)
-        elif src.dim() == 5 and src.shape[2] == 1 and src.shape[:2] + src.shape[3:] == tensor.shape[:2] + tensor.shape[3:]:
-            tensor.zero_()
-            tensor[:, :, centre] = src[:, :, 0]
-        else:
-            raise ValueError(f"cannot inflate '{name}': 2D shape {tuple(src.shape)} vs 3D {tuple(tensor.shape)}")
+        inflated = _inflate_tensor(name, source[name], tuple(tensor.shape), centre)
+        if inflated is None:
+            raise ValueError(f"cannot inflate '{name}': 2D shape {tuple(source[name].shape)} vs 3D {tuple(tensor.shape)}")
+        tensor.copy_(inflated)
     video.load_state_dict(target, strict=True)
     return video
 
 
-__all__ = ["TokenizerConfig", "VideoTokenizer", "Encoder", "Decoder", "inflate_tokenizer", "V2"]
+def _inflate_tensor(name: str, src: torch.Tensor, shape: tuple[int, ...], centre: int) -> torch.Tensor | None:
+    """The 3D tensor of ``shape`` made from the 2D tensor ``src`` (None if there is no such rule): equal shapes are
+    copied; a kernel ``(O, I, 1, kh, kw)`` goes into the slice ``centre`` of ``(O, I, kt, kh, kw)``, zeros elsewhere.
+    A depth-to-space conv that gains ``rt`` temporal sub-frames (``C * 4`` -> ``C * rt * 4`` outputs) gives each
+    sub-frame the 2D sub-pixel's kernel, so a static video decodes to the 2D model's image in every frame."""
+    if ".upsample_convs." in name and src.shape[0] != shape[0] and src.shape[0] % 4 == 0 and shape[0] % src.shape[0] == 0:
+        rt = shape[0] // src.shape[0]  # output channel c * rt * 4 + a * 4 + s <- 2D channel c * 4 + s
+        src = src.unflatten(0, (-1, 1, 4)).expand(-1, rt, -1, *src.shape[1:]).flatten(0, 2)
+    if tuple(src.shape) == shape:
+        return src.clone()
+    if not _inflatable(tuple(src.shape), shape):
+        return None
+    out = src.new_zeros(shape)
+    out[:, :, centre] = src[:, :, 0]
+    return out
+
+
+def _check_inflation_configs(src_cfg: TokenizerConfig, video_config: TokenizerConfig) -> None:
+    if src_cfg.temporal_kernel_size != 1:
+        raise ValueError(f"expected a 2D tokenizer (temporal_kernel_size=1), got {src_cfg.temporal_kernel_size}")
+    same = ("in_channels", "base_channels", "channel_multipliers", "num_res_blocks", "embedding_dim",
+            "codebook_size", "quantizer", "norm_groups", "downsample", "upsample", "decoder_norm",
+            "decoder_multipliers", "decoder_blocks")
+    diff = [n for n in same if getattr(src_cfg, n) != getattr(video_config, n)]
+    if diff:
+        raise ValueError(f"2D and 3D configs must agree on {', '.join(diff)} to inflate")
+
+
+def _inflatable(src: tuple[int, ...], dst: tuple[int, ...]) -> bool:
+    """Whether a 2D kernel ``(O, I, 1, kh, kw)`` goes into a 3D kernel ``(O, I, kt, kh, kw)``."""
+    return len(src) == 5 and len(dst) == 5 and src[2] == 1 and src[:2] + src[3:] == dst[:2] + dst[3:]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Starting weights of a training run: fresh, fine-tuned from an export, or inflated from a 2D export
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def check_init_from(config: TokenizerConfig, path: str | Path, inflate: bool = False) -> None:
+    """Raise ``ValueError`` / ``FileNotFoundError`` (one line) unless the ``save_pretrained`` export at ``path`` can
+    start a model of ``config``: the same tensor names and shapes (``inflate``: 2D kernels ``(O, I, 1, kh, kw)``
+    where the model has ``(O, I, kt, kh, kw)``). Reads only the export's config and safetensors header."""
+    from safetensors import SafetensorError, safe_open
+
+    from .pretrained import WEIGHTS_NAME
+
+    source_config = VideoTokenizer.read_config(path)  # a tokenizer export, or a clear error
+    if inflate:
+        _check_inflation_configs(source_config, config)
+    weights = Path(path) / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"no tokenizer weights at {weights}")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            source = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{weights}: not a readable safetensors file ({err})") from None
+    with torch.device("meta"):
+        target = {name: tuple(t.shape) for name, t in VideoTokenizer(config).state_dict().items()}
+    problems = [f"'{n}' is missing from the export" for n in target if n not in source]
+    problems += [f"'{n}' is in the export but not in the model" for n in source if n not in target]
+    problems += [f"'{n}' is {source[n]} in the export but {shape} in the model" for n, shape in target.items()
+                 if n in source and source[n] != shape
+                 and not (inflate and _inflate_tensor(n, torch.empty(source[n], device="meta"), shape, 0) is not None)]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ValueError(f"{path} does not fit the model config: {problems[0]}{more}")
+
+
+def init_tokenizer(config: TokenizerConfig, init_from: str | Path = "", inflate: bool = False) -> VideoTokenizer:
+    """The tokenizer a training run starts from (in train mode): freshly initialised (no ``init_from``), the
+    weights of the export at ``init_from`` (fine-tuning; names and shapes must match ``config`` exactly), or, with
+    ``inflate``, the 2D export at ``init_from`` inflated into ``config`` (:func:`inflate_tokenizer`)."""
+    if not init_from:
+        if inflate:
+            raise ValueError("inflate needs init_from (the folder of a 2D tokenizer export)")
+        return VideoTokenizer(config)
+    check_init_from(config, init_from, inflate)
+    if inflate:
+        return inflate_tokenizer(VideoTokenizer.from_pretrained(init_from), config).train()
+    from .pretrained import WEIGHTS_NAME, load_weights
+
+    model = VideoTokenizer(config)
+    load_weights(model, Path(init_from) / WEIGHTS_NAME)  # safetensors, strict
+    return model
+
+
+__all__ = ["TokenizerConfig", "VideoTokenizer", "Encoder", "Decoder", "inflate_tokenizer", "check_init_from",
+           "init_tokenizer", "V2"]

@@ -141,7 +141,7 @@ class TokenizerLossConfig(Config):
     gan_weight: float = 0.1
     adaptive_gan_weight: bool = True  # VQGAN's ratio of gradient norms at the decoder's last layer
     disc_start: int = 2000  # steps of reconstruction-only training before the discriminator joins
-    r1_weight: float = 0.0  # gradient penalty on real clips
+    r1_weight: float = 0.0  # adds r1_weight * E||grad_x D(real)||^2 (MAGVIT: 10)
     lecam_weight: float = 0.0
     lecam_decay: float = 0.999
 
@@ -165,6 +165,15 @@ class TokenizerTrainConfig(Config):
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    # Starting weights (step 0; a resume reads its checkpoint instead): a `save_pretrained` export to fine-tune
+    # (names and shapes as `model`), or with `inflate: true` a 2D export (temporal_kernel_size=1) inflated into
+    # `model` by central inflation. Empty: random initialisation.
+    init_from: str = ""
+    inflate: bool = False
+
+    def __post_init__(self):
+        if self.inflate and not self.init_from:
+            raise ValueError("inflate: true needs init_from (the folder of a 2D tokenizer export)")
 
 
 @dataclasses.dataclass
