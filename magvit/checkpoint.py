@@ -59,7 +59,8 @@ class CheckpointError(RuntimeError):
 def _reason(err: BaseException) -> str:
     """One line for an I/O failure; torch's zip writer reports a full disk as ``unexpected pos``."""
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    if "unexpected pos" in text or "PytorchStreamWriter" in text or getattr(err, "errno", None) == errno.ENOSPC:
+    full = ("unexpected pos", "PytorchStreamWriter", "No space left", "os error 28")
+    if any(marker in text for marker in full) or getattr(err, "errno", None) == errno.ENOSPC:
         text = f"the write failed, is the disk full? ({text})"
     return text
 
@@ -185,7 +186,7 @@ class CheckpointManager:
         tmp = self.root / f".tmp-{tag}"
         try:
             return self._write(step, tag, tmp, engines, trainer_state, ema)
-        except (OSError, RuntimeError) as err:
+        except (OSError, RuntimeError, SafetensorError) as err:  # safetensors' own error for the EMA file
             if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             previous = latest_checkpoint(self.root)

@@ -311,3 +311,21 @@ def test_clean_stale_removes_temp_folders_and_torn_pointers(tmp_path):
     (tmp_path / ".latest.tmp123").write_text("step_00000002\n")
     mgr.clean_stale()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000001"]
+
+
+def test_full_disk_while_writing_the_ema_file(tmp_path, monkeypatch):
+    """safetensors reports a full disk with its own error type (not OSError): still one CheckpointError line."""
+    from safetensors import SafetensorError
+
+    model = torch.nn.Linear(2, 2)
+    mgr = C.CheckpointManager(tmp_path / "ckpt", keep_last=3)
+    mgr.save(1, {"generator": FakeEngine(model)}, {}, ema=EMA(model, 0.5))
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(C, "save_file", full)
+    with pytest.raises(C.CheckpointError, match="is the disk full") as err:
+        mgr.save(2, {"generator": FakeEngine(model)}, {}, ema=EMA(model, 0.5))
+    assert "\n" not in str(err.value) and "still step_00000001" in str(err.value)
+    assert sorted(p.name for p in mgr.root.iterdir()) == ["latest", "step_00000001"]

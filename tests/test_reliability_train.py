@@ -219,6 +219,31 @@ def _unshare_works() -> bool:
         return False
 
 
+@pytest.mark.skipif(not _unshare_works(), reason="needs `unshare -rm` (user + mount namespaces) for a tmpfs")
+def test_really_full_disk_keeps_the_previous_checkpoint(manifest, tmp_path):
+    """checkpoints/ on a 14 MB tmpfs (a private mount namespace): checkpoint 1 (~9.5 MB) fits, checkpoint 2 does
+    not. Exit 2 with one line, no temp folder, and step 1 resumes (before: a safetensors / `unexpected pos`
+    traceback and a half-written .tmp-step folder)."""
+    run_dir, errors = tmp_path / "run", tmp_path / "first.err"
+    ck = run_dir / "checkpoints"
+    ck.mkdir(parents=True)
+    args = " ".join(f"'{a}'" for a in [str(ROOT / "launch" / "train_tokenizer.py"), "--config",
+                                        "configs/tokenizer/tiny.yaml", "--run-dir", str(run_dir),
+                                        f"data.manifest={manifest}", *SMALL, "checkpoint.every=1"])
+    script = (f'mount -t tmpfs -o size=14000k tmpfs "{ck}" || exit 99; "$0" {args} train.max_steps=2 2>"{errors}"; '
+              f'echo "RC1=$?"; ls -a "{ck}"; "$0" {args} train.max_steps=1 --resume auto; echo "RC2=$?"')
+    result = subprocess.run(["unshare", "-rm", "sh", "-c", script, sys.executable], cwd=ROOT, env=_env(),
+                            capture_output=True, text=True, timeout=400)
+    out = result.stdout
+    assert "RC1=2" in out and "RC2=0" in out, out + result.stderr[-3000:]
+    first = subprocess.CompletedProcess([], 2, "", errors.read_text())
+    line = _error_line(first)
+    assert "could not write checkpoint step_00000002" in line and "is the disk full?" in line, line
+    listing = out.split("RC1=2", 1)[1].split("RC2", 1)[0].split()
+    assert sorted(listing) == [".", "..", "latest", "step_00000001"], listing
+    assert f"resumed from {ck / 'step_00000001'}" in result.stderr
+
+
 @pytest.mark.skipif(not _unshare_works(), reason="needs `unshare -rm` (user + mount namespaces) for a read-only bind")
 def test_read_only_checkpoints_dir_fails_at_start(manifest, tmp_path):
     """checkpoints/ on a read-only mount (a bind mount in a private namespace, so it holds for root too): exit 2
