@@ -325,7 +325,10 @@ def plot(runs: list[Run], path: Path, title: str) -> None:
 
 
 def notes(runs: list[Run], data: dict, args, load_start: str) -> list[str]:
-    recipes = "; ".join(f"**{run.side.name}**: {describe(run.side.recipe)}" for run in runs)
+    sources = list(dict.fromkeys(run.side.recipe.source for run in runs))  # each source once
+    recipes = "; ".join(f"**{run.side.name}**: {describe(run.side.recipe)} [{sources.index(run.side.recipe.source) + 1}]"
+                        for run in runs)
+    recipes += ". Sources: " + "; ".join(f"[{i + 1}] {source}" for i, source in enumerate(sources))
     return [
         f"Data: {data['train_clips']} training clips from {len(data['train_sources'])} source videos, "
         f"{data['val_clips']} held-out clips from {len(data['val_sources'])} other source videos "
@@ -354,8 +357,7 @@ CLOCKS = {"cpu": "CPU clock (the process's CPU seconds over its torch threads, w
 def describe(recipe: peers.Recipe) -> str:
     wd = f"wd {recipe.weight_decay:g}{' on matrices' if recipe.decay_matrices_only else ''}"
     clip = f"grad clip {recipe.grad_clip:g}" if recipe.grad_clip else "no grad clip"
-    return (f"lr {recipe.lr:g}, betas {recipe.betas}, {wd}, {clip}, warm-up {recipe.warmup_steps} steps "
-            f"({recipe.source})")
+    return f"lr {recipe.lr:g}, betas {recipe.betas}, {wd}, {clip}, warm-up {recipe.warmup_steps} steps"
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -60,11 +60,13 @@ class Recipe:
         return self.lr * min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else self.lr
 
 
-# Ours: configs/tokenizer/tiny.yaml (the short CPU run: lr 1e-3, 20 warm-up steps) with MAGVIT's Adam betas
-# (0, 0.99), no weight decay, grad clip 1.0; quantizer weights from B.yaml (entropy 0.1, commitment 0.25).
-OURS_RECIPE = Recipe(lr=1e-3, betas=(0.0, 0.99), weight_decay=0.0, grad_clip=1.0, warmup_steps=20,
-                     source="configs/tokenizer/tiny.yaml optim (lr 1e-3, Adam betas (0, 0.99), wd 0, grad clip 1.0, "
-                            "warm-up 20 steps); quantizer loss weights of B.yaml (entropy 0.1, commitment 0.25)")
+# Ours: the optimiser of configs/tokenizer/*.yaml (MAGVIT's Adam betas (0, 0.99), no weight decay, grad clip 1.0,
+# tiny.yaml's 20 warm-up steps for short runs) and the quantizer weights of B.yaml (entropy 0.1, commitment 0.25).
+# LR 3e-4: the best of 3e-4 / 1e-3 / 3e-3 in the LR check (benchmarks/results/reconstruction_lr.md; tiny.yaml has 1e-3).
+OURS_RECIPE = Recipe(lr=3e-4, betas=(0.0, 0.99), weight_decay=0.0, grad_clip=1.0, warmup_steps=20,
+                     source="configs/tokenizer/*.yaml optim (Adam betas (0, 0.99), wd 0, grad clip 1.0, tiny.yaml's "
+                            "20 warm-up steps) and B.yaml's quantizer weights (entropy 0.1, commitment 0.25); LR 3e-4, "
+                            "the best of 3e-4 / 1e-3 / 3e-3 in the LR check")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -180,14 +182,14 @@ def build_magvit2(image_size: int, target_params: int, base_channels: int = 32, 
 # (0.9, 0.99), eps 1e-8, weight decay 1e-2 on >= 2-D tensors only, no grad clipping (max_grad_norm=None), linear
 # warm-up of 1000 steps, LR 1e-5; its VideoTokenizer's loss weights (LFQ entropy 0.1, commitment 1.0, diversity
 # gamma 2.5, quantizer aux weight 1.0, MSE reconstruction). Its 1e-5 LR and 1000 warm-up steps are meant for long
-# GPU runs and barely move a run of minutes, so the LR and warm-up come from the LR check of the benchmark
-# (benchmarks/results/reconstruction_lr.md) instead.
-MAGVIT2_RECIPE = Recipe(lr=1e-3, betas=(0.9, 0.99), weight_decay=1e-2, decay_matrices_only=True, grad_clip=None,
+# GPU runs and would not finish warming up in a run of minutes, so the LR is the best of 1e-4 / 3e-4 / 1e-3 in the
+# LR check (benchmarks/results/reconstruction_lr.md) and the warm-up is ours.
+MAGVIT2_RECIPE = Recipe(lr=3e-4, betas=(0.9, 0.99), weight_decay=1e-2, decay_matrices_only=True, grad_clip=None,
                         warmup_steps=20,
                         source="magvit2-pytorch's trainer defaults (AdamW betas (0.9, 0.99), wd 1e-2 on matrices, no "
                                "grad clip) and its VideoTokenizer's loss weights (LFQ entropy 0.1, commitment 1.0, "
-                               "diversity gamma 2.5); LR 1e-3 with 20 warm-up steps from the LR check (its trainer's "
-                               "1e-5 / 1000 warm-up steps are for long GPU runs)")
+                               "diversity gamma 2.5); LR 3e-4, the best of 1e-4 / 3e-4 / 1e-3 in the LR check, 20 "
+                               "warm-up steps (its trainer's 1e-5 / 1000 warm-up steps are for long GPU runs)")
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -22,10 +22,10 @@ recon() {
   stamp "reconstruction $name"
   "$PY" "$ROOT/benchmarks/bench_reconstruction.py" --markdown "$OUT/reconstruction$name.md" "$@"
 }
-recon _blocks --sides v1-lfq,v2-lfq --budget 300 --report-at 300 --eval-at 60,120,180 \
-  --title "design choice: MAGVIT v1 vs v2 blocks, LFQ 2^10" "$@"
-recon _quantizers --sides v2-vq,v2-lfq,v2-fsq --budget 300 --report-at 300 --eval-at 60,120,180 \
-  --title "design choice: VQ vs LFQ vs FSQ at ~2^10 codes" "$@"
+# One interleaved run answers both design questions: v1-lfq vs v2-lfq (blocks, same quantizer) and v2-vq vs v2-lfq
+# vs v2-fsq (quantizers at ~2^10 codes, same blocks).
+recon _design --sides v1-lfq,v2-lfq,v2-vq,v2-fsq --budget 300 --report-at 300 --eval-at 60,120,180,240 \
+  --title "design choices: v1 vs v2 blocks; VQ vs LFQ vs FSQ at ~2^10 codes" "$@"
 recon "" --sides ours,magvit2 --budget 1200 --report-at 300,1200 --eval-at 60,120,180,600,900 \
   --title "recommended tokenizer vs magvit2-pytorch" "$@"
 if [ -f "$ROOT/benchmarks/bench_decoding.py" ]; then
