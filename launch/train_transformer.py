@@ -93,17 +93,17 @@ def transformer_step(engine, batch: dict[str, Any], step: int, cfg: TransformerT
                      guard: NonFiniteGuard, autocast) -> dict[str, float] | None:
     """One micro-step: mask the batch's video tokens, predict them, back-propagate the masked-token loss.
     Returns metrics, or None when a non-finite loss on any rank made every rank skip it."""
-    from magvit.masking import make_training_batch, masked_token_loss
+    from magvit.masking import make_training_batch, masked_token_loss, predicted_codes
 
     m = cfg.masking
     tb = make_training_batch(batch, vocab, tasks=m.tasks, schedule=m.schedule, cond_dropout_prob=m.cond_dropout_prob,
                              unmasked_weight=m.unmasked_weight)  # randomness from the (checkpointed) global RNG
     with autocast:
-        logits = engine(tb.input_ids)  # (B, L, vocab)
+        logits = engine(tb.input_ids)  # (B, L, vocab), or (B, L, F, S) with token_factorization F
     loss = masked_token_loss(logits, tb.labels, tb.loss_mask, vocab.codebook_size, m.label_smoothing)
     with torch.no_grad():
         masked = tb.input_ids == vocab.mask_token  # (B, L): the positions to predict
-        hits = (logits[..., :vocab.codebook_size].argmax(-1) == tb.labels) & masked
+        hits = (predicted_codes(logits, vocab.codebook_size) == tb.labels) & masked
         accuracy = hits.sum().item() / max(1, masked.sum().item())
     metrics = {"loss": loss.item(), "masked_accuracy": accuracy}
     if not guard.check(metrics["loss"], step, dist.all_reduce_max):

@@ -199,7 +199,7 @@ class MaskedTokenEvaluation:
     @torch.no_grad()
     def update(self, batch: dict[str, torch.Tensor]) -> None:
         """``batch``: collated token items ``{"codes": (B, t, h, w), "cond.<task>": ..., "label": (B,)}``."""
-        from .masking import NO_LABEL, make_training_batch
+        from .masking import NO_LABEL, code_nll, make_training_batch, predicted_codes
 
         config = self.transformer.config
         device = next(self.transformer.parameters()).device
@@ -216,12 +216,13 @@ class MaskedTokenEvaluation:
                 rows = {k: (v[keep] if isinstance(v, torch.Tensor) and v.dim() > 0 else v) for k, v in batch.items()}
             tb = make_training_batch(rows, config.vocab, tasks=[task], cond_dropout_prob=0.0, unmasked_weight=0.0,
                                      schedule="cosine", generator=self.generator)
-            logits = self.transformer(tb.input_ids.to(device))[..., : config.codebook_size].float().cpu()
+            logits = self.transformer(tb.input_ids.to(device)).float().cpu()  # (B, L, V) or factorised (B, L, F, S)
             scored = tb.loss_mask > 0  # (B, L): the masked video positions
             target = tb.labels[scored]  # (M,)
-            picked = logits[scored]  # (M, K)
-            self.nll[task] += float(torch.nn.functional.cross_entropy(picked, target, reduction="sum"))
-            self.correct[task] += int((picked.argmax(-1) == target).sum())
+            picked = logits[scored]  # (M, V) or (M, F, S)
+            # per whole code: a factorised model's sub-token NLLs summed, comparable with a flat model's
+            self.nll[task] += float(code_nll(picked, target, config.codebook_size).sum())
+            self.correct[task] += int((predicted_codes(picked, config.codebook_size) == target).sum())
             self.count[task] += int(target.numel())
 
     def summary(self) -> dict[str, Any]:
