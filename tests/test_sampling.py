@@ -198,7 +198,8 @@ def _reference_decode(logits_fn, tokens, *, steps, temperature, choice_temperatu
     return tokens
 
 
-@pytest.mark.parametrize(("temperature", "top_k", "guidance_scale"), [(1.0, None, 0.0), (0.7, 5, 2.0), (0.0, None, 1.5)])
+@pytest.mark.parametrize(("temperature", "top_k", "guidance_scale"),
+                         [(1.0, None, 0.0), (0.7, 5, 2.0), (0.0, None, 1.5)])
 def test_flat_logits_decode_is_bit_identical_to_the_reference(temperature, top_k, guidance_scale):
     _, start = _problem(batch=3, length=200, fixed=30)
     uncond = start.clone()

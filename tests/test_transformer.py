@@ -205,3 +205,27 @@ def test_factorization_config_errors():
     with pytest.raises(ConfigError, match="divisible by token_factorization"):
         TransformerConfig.preset("tiny", codebook_size=64, token_factorization=3, factor_embedding="concat")
     assert TransformerConfig.preset("tiny", codebook_size=1000).factorization.sub_vocab_size == 1000
+
+
+def test_evaluate_reports_the_summed_sub_token_nll():
+    from magvit.evaluate import MaskedTokenEvaluation
+    from magvit.masking import code_nll, make_training_batch
+
+    torch.manual_seed(0)
+    model = MaskedVideoTransformer(_factorised("sum", token_grid=(1, 4, 4))).eval()
+    batch = {"codes": torch.randint(0, 256, (3, 1, 4, 4))}
+    ev = MaskedTokenEvaluation(model, ["unconditional"], seed=4)
+    ev.update(batch)
+    summary = ev.summary()
+    # the same masking (same seed), scored by hand: mean over masked tokens of -log p_0(c >> 4) - log p_1(c & 15)
+    tb = make_training_batch(batch, model.vocab, tasks=["unconditional"], cond_dropout_prob=0.0, unmasked_weight=0.0,
+                             generator=torch.Generator().manual_seed(4))
+    scored = tb.loss_mask > 0
+    with torch.no_grad():
+        log_p = torch.log_softmax(model(tb.input_ids), dim=-1)[scored]  # (M, 2, 16)
+    target = tb.labels[scored]
+    by_hand = -(log_p[:, 0].gather(1, (target >> 4)[:, None]) + log_p[:, 1].gather(1, (target & 15)[:, None]))
+    assert summary["masked_tokens"] == int(scored.sum())
+    assert summary["masked_token_nll"] == pytest.approx(by_hand.mean().item(), rel=1e-5)
+    assert by_hand.mean().item() == pytest.approx(code_nll(model(tb.input_ids)[scored], target, 256).mean().item(),
+                                                  rel=1e-5)
