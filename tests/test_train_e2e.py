@@ -330,3 +330,32 @@ def test_resume_with_another_world_size_is_refused_in_one_line(tokenizer_referen
     (line,) = [x for x in result.stderr.splitlines() if x.startswith("error: ")]
     assert "was written by 2 rank(s), this run has 1: resume with 2 rank(s)" in line, line
     assert (run_dir / "config.yaml").read_text() == recorded
+
+
+def test_pickle_planted_in_one_ranks_shard_stops_both_ranks(tokenizer_reference, manifest, tmp_path):
+    """A code-running pickle in rank 1's optimizer shard only: both ranks refuse together (the file check is a
+    collective) with one line, exit 2, before DeepSpeed reads anything, and the code never runs."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tokenizer_reference, run_dir)
+    marker = tmp_path / "code_ran"
+    target = run_dir / "checkpoints" / "step_00000006" / "generator" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    assert target.is_file()
+    plant = ("import os, sys, torch\n"
+             "class Planted:\n"
+             "    def __reduce__(self):\n"
+             "        return (os.system, ('touch ' + sys.argv[2],))\n"
+             "torch.save({'optimizer_state_dict': Planted()}, sys.argv[1])\n")
+    subprocess.run([sys.executable, "-c", plant, str(target), str(marker)], check=True, timeout=60)
+    result = _run("train_tokenizer.py", ["--config", "configs/tokenizer/tiny.yaml", "--deepspeed_config",
+                                         "configs/deepspeed/zero2.json", "--run-dir", str(run_dir),
+                                         f"data.manifest={manifest}", "train.max_steps=6", "checkpoint.every=2",
+                                         "logging.sample_every=3", *TOKENIZER_OVERRIDES[:-3],
+                                         "logging.tensorboard=true", "logging.progress=false", "--resume", "auto"])
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output
+    errors = [x for x in output.splitlines() if "error: " in x]
+    assert len(errors) == 2 and all(f"{target}: refusing to load" in x for x in errors), errors  # one per rank
+    assert not marker.exists()
