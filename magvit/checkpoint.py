@@ -247,9 +247,10 @@ class CheckpointManager:
         world = dist.get_world_size()
         if state.get("world_size", world) != world:  # ZeRO shards and data positions are per rank
             raise CheckpointError(world_size_mismatch(path, state["world_size"], world))
-        problem = _check_engine_files(path, engines)
-        if dist.all_reduce_max(1.0 if problem else 0.0) > 0:  # every rank stops, not only the one that looked
-            raise CheckpointError(problem or f"{path}: another rank found a damaged or unsafe file (see its log)")
+        problem = _check_engine_files(path, engines, self.rank)
+        finder = int(dist.all_reduce_max(self.rank + 1.0 if problem else 0.0)) - 1  # every rank stops, not one
+        if finder >= 0:
+            raise CheckpointError(problem or f"{path}: rank {finder} found a damaged or unsafe file (see its log)")
         for name, engine in engines.items():
             try:
                 load_path, _ = engine.load_checkpoint(str(path), tag=name, load_optimizer_states=True,
@@ -295,8 +296,13 @@ def read_trainer_state(path: str | os.PathLike) -> dict[str, Any]:
     return state
 
 
-def _check_engine_files(path: Path, engines: Mapping[str, Any]) -> str | None:
-    """Why the engines' files under ``path`` must not be loaded, or None. Reads only the pickles, statically."""
+_RANK_FILE_RE = re.compile(r"zero_pp_rank_(\d+)_")
+
+
+def _check_engine_files(path: Path, engines: Mapping[str, Any], rank: int) -> str | None:
+    """Why the engines' files under ``path`` must not be loaded, or None. Reads only the pickles, statically.
+    Each rank checks the shared files and its own ZeRO shards (``zero_pp_rank_<rank>_*``), so the work per rank
+    does not grow with the number of ranks."""
     for name, engine in engines.items():
         if not getattr(getattr(engine, "checkpoint_engine", None), "loads_safely", False):
             return f"engine '{name}' was not built by magvit.distributed.build_engine (its loads are not safe)"
@@ -305,6 +311,9 @@ def _check_engine_files(path: Path, engines: Mapping[str, Any]) -> str | None:
         if not files:
             return f"{folder}: no DeepSpeed state files"
         for file in files:
+            owner = _RANK_FILE_RE.search(file.name)
+            if owner is not None and int(owner.group(1)) != rank:
+                continue
             try:
                 unsafe = dist.unsafe_globals_in(file)
             except Exception as err:  # noqa: BLE001 - any unreadable archive is a damaged checkpoint

@@ -329,3 +329,16 @@ def test_full_disk_while_writing_the_ema_file(tmp_path, monkeypatch):
         mgr.save(2, {"generator": FakeEngine(model)}, {}, ema=EMA(model, 0.5))
     assert "\n" not in str(err.value) and "still step_00000001" in str(err.value)
     assert sorted(p.name for p in mgr.root.iterdir()) == ["latest", "step_00000001"]
+
+
+def test_each_rank_checks_the_shared_files_and_its_own_shards(tmp_path):
+    """Per-rank work stays constant with the number of ranks: rank r reads ``zero_pp_rank_r_*`` and the files
+    without a rank; a bad shard of rank 1 is found by rank 1 (``load`` then stops every rank together)."""
+    mgr = C.CheckpointManager(tmp_path, keep_last=5)
+    engine = FakeEngine(torch.nn.Linear(1, 1))
+    path = mgr.save(1, {"g": engine}, {})
+    (path / "g" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"not a zip archive")
+    assert C._check_engine_files(path, {"g": engine}, rank=0) is None
+    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt: damaged" in C._check_engine_files(path, {"g": engine}, rank=1)
+    (path / "g" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"not a zip archive")
+    assert "zero_pp_rank_0_mp_rank_00_optim_states.pt: damaged" in C._check_engine_files(path, {"g": engine}, rank=0)
