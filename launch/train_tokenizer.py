@@ -145,7 +145,7 @@ def discriminator_step(d_engine, video: torch.Tensor, recon: torch.Tensor, step:
     from magvit import losses
 
     lc = cfg.loss
-    real = video.detach().requires_grad_(lc.r1_weight > 0)
+    real = video.detach()
     with autocast:
         logits = d_engine(torch.cat([real, recon.detach().to(real.dtype)]))  # (2B,): one pass for both halves
     real_logits, fake_logits = logits.chunk(2)
@@ -154,7 +154,12 @@ def discriminator_step(d_engine, video: torch.Tensor, recon: torch.Tensor, step:
     metrics = {"d/gan": d_gan.item(), "d/real_logits": real_logits.float().mean().item(),
                "d/fake_logits": fake_logits.float().mean().item()}
     if lc.r1_weight > 0:
-        r1 = losses.r1_penalty(real_logits, real)
+        # Its own pass through the plain module: autograd.grad through the engine's forward would run DeepSpeed's
+        # gradient-reduction epilogue mid-step. The penalty's graph still reaches D's parameters via backward.
+        real_r1 = video.detach().requires_grad_(True)
+        with autocast:
+            r1_logits = d_engine.module(real_r1)  # (B,)
+        r1 = losses.r1_penalty(r1_logits, real_r1)
         loss = loss + lc.r1_weight * r1  # MAGVIT: r1_weight * E||grad_x D(x)||^2 (10 for B / L), no 1/2
         metrics["d/r1"] = r1.item()
     if lc.lecam_weight > 0:

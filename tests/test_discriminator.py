@@ -126,3 +126,59 @@ def test_bad_inputs():
     assert DiscriminatorConfig.preset("tiny", num_frames=9).output_grid == (2, 4)  # any clip length: 9 -> 5, 3, 2
     with pytest.raises(ValueError, match="one flag per residual block"):
         DiscriminatorConfig.preset("tiny", temporal_downsample=(True,))
+
+
+_ENGINE_R1 = r'''
+import contextlib, json, sys
+import torch
+from launch.train_tokenizer import discriminator_step
+from magvit import distributed as dist
+from magvit.training import NonFiniteGuard, TokenizerTrainConfig
+
+class Linear(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.linspace(-1, 1, 3 * 3 * 4 * 4).view(3, 3, 4, 4))
+    def forward(self, x):
+        return (x * self.w).flatten(1).sum(1)
+
+dist.init_distributed()
+torch.manual_seed(0)
+video, recon = torch.rand(2, 3, 3, 4, 4) * 2 - 1, torch.rand(2, 3, 3, 4, 4) * 2 - 1
+out = {}
+for weight in (0.0, 10.0):
+    d = Linear()
+    w0 = d.w.detach().clone()
+    opt = torch.optim.SGD(d.parameters(), lr=0.01)
+    ds = dist.make_deepspeed_config({"zero_optimization": {"stage": 2}}, micro_batch_size=2, grad_accum_steps=1,
+                                    grad_clip=0.0, precision="fp32")
+    engine = dist.build_engine(d, opt, ds)
+    cfg = TokenizerTrainConfig().with_overrides([f"loss.r1_weight={weight}", "loss.lecam_weight=0"])
+    metrics = discriminator_step(engine, video, recon, 0, cfg, None, NonFiniteGuard(5), contextlib.nullcontext())
+    out[str(weight)] = {"step": (w0 - engine.module.w.detach()).div(0.01).flatten().tolist(), "w0": w0.flatten().tolist(),
+                        "r1": metrics.get("d/r1")}
+print(json.dumps(out))
+'''
+
+
+def test_r1_under_a_zero2_engine_reaches_the_parameters():
+    """Under a real DeepSpeed ZeRO-2 engine the R1 term runs (no mid-step gradient reduction) and adds exactly
+    r1_weight * 2w to the SGD step of the linear discriminator D(x) = <w, x>."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        env.pop(key, None)
+    result = subprocess.run([sys.executable, "-c", _ENGINE_R1], cwd=root, env=env, capture_output=True, text=True,
+                            timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    w0 = torch.tensor(out["10.0"]["w0"])
+    assert out["10.0"]["r1"] == pytest.approx(w0.pow(2).sum().item(), rel=1e-5)
+    extra = torch.tensor(out["10.0"]["step"]) - torch.tensor(out["0.0"]["step"])  # gradient of the R1 term alone
+    torch.testing.assert_close(extra, 10.0 * 2 * w0, rtol=1e-3, atol=1e-4)
