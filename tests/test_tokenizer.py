@@ -267,13 +267,14 @@ def test_bf16_weights_run_on_cpu():
     """DeepSpeed bf16 casts the whole model to bf16: every op (avg pooling included) must have a CPU kernel."""
     from magvit.discriminator import Discriminator, DiscriminatorConfig
 
-    tok = VideoTokenizer(TokenizerConfig.preset("tiny")).to(torch.bfloat16)
-    video = (torch.rand(1, 3, 8, 32, 32) * 2 - 1).to(torch.bfloat16)
-    recon, stats = tok(video)
-    assert recon.dtype == torch.bfloat16 and recon.shape == video.shape
-    disc = Discriminator(DiscriminatorConfig.preset("tiny", image_size=32, num_frames=8)).to(torch.bfloat16)
-    logits = disc(recon)
-    assert logits.shape == (1,) and torch.isfinite(logits.float()).all()
+    for options, frames in ((dict(), 8), (dict(causal=True, quantizer="lfq", **TINY_V2), 9)):  # v1; v2, odd T
+        tok = VideoTokenizer(TokenizerConfig.preset("tiny", **options)).to(torch.bfloat16)
+        video = (torch.rand(1, 3, frames, 32, 32) * 2 - 1).to(torch.bfloat16)
+        recon, stats = tok(video)
+        assert recon.dtype == torch.bfloat16 and recon.shape == video.shape
+        disc = Discriminator(DiscriminatorConfig.preset("tiny", image_size=32, num_frames=frames)).to(torch.bfloat16)
+        logits = disc(recon)
+        assert logits.shape == (1,) and torch.isfinite(logits.float()).all()
 
 
 def test_batch_one_conv_fast_path_matches_plain_conv():
