@@ -72,7 +72,7 @@ class TransformerConfig(Config):
             raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
         if self.factor_embedding not in ("sum", "concat"):
             raise ValueError(f"factor_embedding must be 'sum' or 'concat', got {self.factor_embedding!r}")
-        self.factorization  # noqa: B018 -- validates codebook_size against token_factorization
+        CodeFactorization(self.codebook_size, self.token_factorization)  # raises if the codebook cannot be split
         if self.factor_embedding == "concat" and self.hidden_size % self.token_factorization:
             raise ValueError(f"factor_embedding 'concat' needs hidden_size {self.hidden_size} divisible by "
                              f"token_factorization {self.token_factorization}")
