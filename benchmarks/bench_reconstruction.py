@@ -1,8 +1,9 @@
 """Held-out reconstruction against training time: N tokenizers trained interleaved on the same clips.
 
 Every side (two or more; ours, its design-choice variants, magvit2-pytorch) trains on the same training clips in the
-same batch order, one step of each side in turn (a b c, c b a, ...), so a change of machine load hits all sides
-alike; each side stops when its own summed step time reaches the budget. At the evaluation points (seconds of
+same batch order, interleaved step by step: the side whose summed step time is the smallest takes the next step, so
+all sides' clocks advance together and a change of machine load hits them alike; each side stops when its own
+summed step time reaches the budget. At the evaluation points (seconds of
 training) each side reconstructs the held-out clips, cut from source videos that no side trained on (checked; the
 run fails otherwise): PSNR / SSIM from ``magvit.metrics`` and codebook usage. Evaluation time is not counted.
 Each side trains with its own recommended optimiser settings (``peers.Recipe``: LR, betas, weight decay, clipping;
@@ -112,16 +113,16 @@ def parse_side(spec: str) -> tuple[str, dict]:
     return name, changes
 
 
-def build_sides(specs: list[str], frames: int, size: int, base_channels: int) -> list:
+def build_sides(specs: list[str], frames: int, size: int, base_channels: int, peer_base_channels: int = 32) -> list:
     """Sides at one parameter count: that of the recommended tokenizer at ``base_channels`` (variants pick the
-    closest width, magvit2-pytorch the closest depth)."""
+    closest width, magvit2-pytorch at ``peer_base_channels`` the closest depth)."""
     target = peers.count_parameters(peers.build_ours(frames, size, base_channels))
     sides = []
     for spec in specs:
         name, changes = parse_side(spec)
         torch.manual_seed(0)
         if name == "magvit2":
-            side = peers.Magvit2Side(peers.build_magvit2(size, target, base_channels)[0])
+            side = peers.Magvit2Side(peers.build_magvit2(size, target, peer_base_channels)[0])
         elif name == "ours":
             side = peers.OursSide(peers.build_ours(frames, size, base_channels),
                                   name=f"magvit, recommended ({peers.RECOMMENDED})")
@@ -229,8 +230,10 @@ def record_point(run: Run, val: torch.Tensor, bf16: bool) -> None:
 
 def train_interleaved(sides: list, train: torch.Tensor, val: torch.Tensor, budget: float, eval_at: list[float],
                       batch_size: int, bf16: bool, seed: int, kind: str) -> list[Run]:
-    """Alternate single steps of all sides (order reversed every round) until each has spent ``budget`` seconds;
-    evaluate a side on ``val`` the first time its clock passes each point of ``eval_at`` (and at 0 s)."""
+    """Single steps of all sides, always of the side whose clock is furthest behind, until each has spent
+    ``budget`` seconds: the clocks advance together (a cheap step is taken more often), so any change of machine
+    load hits every side alike. A side is evaluated on ``val`` at 0 s and the first time its clock passes each
+    point of ``eval_at``."""
     from tqdm import tqdm
 
     order = BatchOrder(train.shape[0], batch_size, seed)
@@ -241,24 +244,23 @@ def train_interleaved(sides: list, train: torch.Tensor, val: torch.Tensor, budge
         record_point(run, val, bf16)
     pending = {id(run): sorted(p for p in eval_at if 0 < p < budget) + [budget] for run in runs}
     bar = tqdm(total=round(budget * len(runs)), unit="s", desc="training (all sides)", file=sys.stderr)
-    round_number = 0
-    while any(run.seconds < budget and not run.diverged for run in runs):
-        for run in (runs if round_number % 2 == 0 else runs[::-1]):
-            if run.seconds >= budget or run.diverged:
-                continue
-            wall, cpu = train_step(run, train[order[run.steps]], bf16)
-            run.seconds += wall if kind == "wall" else cpu
-            run.wall += wall
-            run.cpu += cpu
-            run.steps += 1
-            bar.n = round(sum(min(r.seconds, budget) for r in runs))
-            bar.refresh()
-            points = pending[id(run)]
-            if (points and run.seconds >= points[0]) or run.diverged:
-                while points and run.seconds >= points[0]:
-                    points.pop(0)
-                record_point(run, val, bf16)
-        round_number += 1
+    while True:
+        active = [run for run in runs if run.seconds < budget and not run.diverged]
+        if not active:
+            break
+        run = min(active, key=lambda r: r.seconds)
+        wall, cpu = train_step(run, train[order[run.steps]], bf16)
+        run.seconds += wall if kind == "wall" else cpu
+        run.wall += wall
+        run.cpu += cpu
+        run.steps += 1
+        bar.n = round(sum(min(r.seconds, budget) for r in runs))
+        bar.refresh()
+        points = pending[id(run)]
+        if (points and run.seconds >= points[0]) or run.diverged:
+            while points and run.seconds >= points[0]:
+                points.pop(0)
+            record_point(run, val, bf16)
     bar.close()
     return runs
 
@@ -334,7 +336,8 @@ def notes(runs: list[Run], data: dict, args, load_start: str) -> list[str]:
         f"{data['val_clips']} held-out clips from {len(data['val_sources'])} other source videos "
         f"({', '.join(Path(s).name for s in data['val_sources'])}); no held-out source video is in the training split "
         "(checked by the script). Same clips, same batch order for every side.",
-        f"Training: interleaved single steps, each side stopped when its own summed step time reached "
+        f"Training: interleaved single steps (the side with the least summed step time steps next, so the sides' "
+        f"clocks advance together), each side stopped when its own summed step time reached "
         f"{args.budget:g} s on the {CLOCKS[args.clock]}; batch {args.batch_size}; {'fp32' if args.fp32 else 'bf16 autocast'} on every side "
         "(training and evaluation); MSE + each side's own quantizer loss, no GAN, no perceptual loss. The LR is "
         "linear warm-up then constant, so the point at a smaller budget is the model a run of that length gives. "
@@ -378,6 +381,8 @@ def arguments():
     p.add_argument("--val-clips-per-video", type=int, default=1, help="clips per held-out manifest record")
     p.add_argument("--fp32", action="store_true", help="train every side in fp32 instead of bf16 autocast")
     p.add_argument("--base-channels", type=int, default=32, help="width of the recommended tokenizer")
+    p.add_argument("--peer-base-channels", type=int, default=32,
+                   help="magvit2-pytorch's init_dim (its depth is then matched to our parameter count)")
     p.add_argument("--title", default="", help="words for the table title (e.g. 'design choice: blocks')")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="budget clock: wall-clock seconds (default) or the process's CPU seconds / threads")
@@ -406,7 +411,7 @@ def run(args) -> None:
     val = load_clips(manifest, "val", t, h, args.val_clips_per_video, 1, args.seed)
     if args.quick:
         train, val = train[:4], val[:2]
-    sides = build_sides(args.sides.split(","), t, h, args.base_channels)
+    sides = build_sides(args.sides.split(","), t, h, args.base_channels, args.peer_base_channels)
     runs = train_interleaved(sides, train, val, args.budget, eval_at, args.batch_size, not args.fp32, args.seed,
                              args.clock)
     data = dict(train_clips=train.shape[0], val_clips=val.shape[0], train_sources=train_sources,

@@ -1,7 +1,8 @@
 """Tokenizer speed against magvit2-pytorch: training step (forward + backward), encode and decode, fp32 and bf16.
 
-Both models: LFQ with a 2**10 codebook, 4x time / 8x space compression, matched parameter count (see peers.py).
-Run in the benchmark environment:
+Ours is the recommended configuration (``peers.RECOMMENDED``, built by ``peers.build_ours``), magvit2-pytorch an LFQ
+tokenizer with a 2**10 codebook; both compress 4x in time / 8x in space at a matched parameter count (see peers.py).
+The two sides are timed interleaved (a b, b a, ...). Run in the benchmark environment:
 
     .venv-bench/bin/python benchmarks/bench_tokenizer.py [--threads 2] [--markdown benchmarks/results/tokenizer.md]
 """
@@ -30,6 +31,8 @@ def main() -> None:
     p.add_argument("--sizes", default="17x64x64,16x128x128", help="TxHxW inputs (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--base-channels", type=int, default=32, help="width of our tokenizer (default: %(default)s)")
+    p.add_argument("--peer-base-channels", type=int, default=32,
+                   help="magvit2-pytorch's init_dim; its depth is matched to our parameter count")
     p.add_argument("--max-seconds", type=float, default=16.0,
                    help="timed seconds per cell, both sides together (at least 2 interleaved rounds)")
     args = p.parse_args()
@@ -42,7 +45,7 @@ def main() -> None:
         torch.manual_seed(0)
         ours = peers.build_ours(t, h, args.base_channels)
         n_ours = peers.count_parameters(ours)
-        theirs, layers = peers.build_magvit2(h, n_ours, args.base_channels)
+        theirs, layers = peers.build_magvit2(h, n_ours, args.peer_base_channels)
         n_theirs = peers.count_parameters(theirs, peers.MAGVIT2_SKIP)
         sides = [peers.OursSide(ours), peers.Magvit2Side(theirs)]
         video = torch.rand(args.batch_size, 3, t, h, w) * 2 - 1
@@ -50,7 +53,8 @@ def main() -> None:
         table = common.Table(
             f"Tokenizer {size} (batch {args.batch_size}): milliseconds per call, median",
             ["step", "dtype", "magvit (ours)", "magvit2-pytorch", "ours faster by", "reps (spread ours / theirs)"],
-            notes=[f"Parameters (encoder + quantizer + decoder): ours {n_ours / 1e6:.2f} M, magvit2-pytorch "
+            notes=[f"Ours: {peers.RECOMMENDED} at base width {args.base_channels}. "
+                   f"Parameters (encoder + quantizer + decoder): ours {n_ours / 1e6:.2f} M, magvit2-pytorch "
                    f"{n_theirs / 1e6:.2f} M (its unused discriminator excluded); token grid {grid}; "
                    f"magvit2-pytorch layers: {layers}."],
         )
