@@ -118,6 +118,10 @@ class LoggingConfig(Config):
     tensorboard: bool = True
     progress: bool = True  # tqdm bar on rank 0
 
+    def __post_init__(self):
+        if self.log_every < 1 or self.sample_every < 0:  # `step % 0` would stop the run at its first step
+            raise ValueError("logging: need log_every >= 1 and sample_every >= 0")
+
 
 @dataclasses.dataclass
 class CheckpointConfig(Config):
@@ -185,6 +189,12 @@ class MaskingConfig(Config):
     cond_dropout_prob: float = 0.1  # classifier-free guidance: drop the condition / class
     unmasked_weight: float = 1.0  # loss weight of the visible video tokens (masked ones weigh 1)
     label_smoothing: float = 0.0
+
+    def __post_init__(self):
+        _require_finite(self, ("cond_dropout_prob", "unmasked_weight", "label_smoothing"))
+        if not 0 <= self.cond_dropout_prob <= 1 or self.unmasked_weight < 0 or not 0 <= self.label_smoothing < 1:
+            raise ValueError("masking: need 0 <= cond_dropout_prob <= 1, unmasked_weight >= 0 and "
+                             "0 <= label_smoothing < 1")
 
 
 @dataclasses.dataclass

@@ -463,3 +463,8 @@ def test_training_configs_reject_non_finite_and_bad_stage():
         with pytest.raises(ConfigError, match=message):
             T.TokenizerTrainConfig().with_overrides([override])
     assert T.TokenizerTrainConfig().with_overrides(["loss.recon_weight=3e38"]).loss.recon_weight == 3e38
+    with pytest.raises(ConfigError, match="log_every >= 1"):  # `step % 0` used to end the run at step 1
+        T.TokenizerTrainConfig().with_overrides(["logging.log_every=0"])
+    for override in ("masking.cond_dropout_prob=1.5", "masking.label_smoothing=1", "masking.unmasked_weight=.inf"):
+        with pytest.raises(ConfigError, match="masking"):
+            T.TransformerTrainConfig().with_overrides([override])
