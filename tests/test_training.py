@@ -243,13 +243,13 @@ def test_repository_configs_load_strictly(kind, monkeypatch):
     monkeypatch.chdir(root)
     module = importlib.import_module(f"launch.train_{kind}")
     names = sorted(p.stem for p in (root / "configs" / kind).glob("*.yaml"))
-    assert names == (["B", "B2", "L", "L2", "tiny"] if kind == "tokenizer" else ["B", "L", "tiny"])
+    assert names == (["B", "B2", "L", "L2", "demo", "tiny"] if kind == "tokenizer" else ["B", "L", "tiny"])
     for name in names:
         cfg = module.load_config(f"configs/{kind}/{name}.yaml", [])
         assert cfg.train.deepspeed_config == "configs/deepspeed/zero2.json"
         if kind == "tokenizer":
             assert cfg.model["num_frames"] == cfg.data.num_frames and cfg.model["image_size"] == cfg.data.image_size
-            if name != "tiny":
+            if name not in ("tiny", "demo"):
                 v2 = name.endswith("2")  # MAGVIT-v2's causal 1 + 16 frames
                 assert (cfg.data.num_frames, cfg.data.image_size) == (17 if v2 else 16, 128)
                 assert (cfg.optim.beta1, cfg.optim.beta2) == (0.0, 0.99)
