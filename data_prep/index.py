@@ -9,15 +9,22 @@ the reason. The split is a hash of the path relative to its INPUT folder, so it 
 file keeps its split when others are added; classes with at least two videos but no val video get their
 lowest-hash video moved to val (``--min-val-per-class``). The label is the name of the parent folder.
 
+Symbolic links are followed, never into a cycle: a link to a folder that contains it, a link loop or a dangling
+link is a reject with the reason. Sketch videos are never indexed as clips: folders written by
+``data_prep.sketch`` (they hold a ``.magvit-sketches`` marker) are skipped, and re-indexing over a manifest that has
+``sketch`` keys skips those videos and keeps the keys.
+
 Exit status: 0 when the manifest holds at least one video, 1 when nothing usable was found, 2 for bad arguments.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import errno
 import hashlib
 import multiprocessing
 import os
+import stat
 import sys
 from collections import Counter
 from pathlib import Path
@@ -25,36 +32,98 @@ from typing import Any, Sequence
 
 from data_prep._cli import ArgumentParser, UsageError, progress, quiet_decoders, run_main
 from magvit.data import write_manifest
+from magvit.fileio import check_writable_file
 from magvit.video_io import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, VideoReadError, probe_video
 
 PROG = "python -m data_prep.index"
 
 
-def find_inputs(inputs: Sequence[str | os.PathLike], images: bool = False) -> list[tuple[Path, str, str | None]]:
-    """Files to index as ``(path, key, parent label)``; ``key`` is the path relative to its INPUT folder.
+#: a folder holding this file is the output of ``data_prep.sketch`` (edge maps, not clips): never indexed as videos
+SKETCH_MARKER = ".magvit-sketches"
 
-    Raises ``UsageError`` for an INPUT that does not exist.
+
+def _bad_link(path: str) -> str:
+    """Why a symbolic link cannot be followed (a loop, or a target that is gone)."""
+    try:
+        os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "symbolic link loop (the links point at each other): not followed"
+        return f"broken symbolic link (target {os.readlink(path)!r} does not exist)"
+    return "symbolic link cannot be followed"
+
+
+def _walk(root: Path, extensions: tuple[str, ...], rejects: list[dict], skipped: list[dict]) -> list[Path]:
+    """Candidate files under ``root``, following symbolic links but never into a cycle.
+
+    A link to a folder that contains it (a cycle), a link loop or a dangling link goes to ``rejects`` with the
+    reason; a folder reached twice through links is scanned once; ``data_prep.sketch`` output goes to ``skipped``.
+    """
+    found, visited = [], set()
+    root_stat = root.stat()
+    stack = [(root, frozenset({(root_stat.st_dev, root_stat.st_ino)}))]  # folder, real (dev, inode) of its chain
+    visited |= stack[0][1]
+    while stack:
+        folder, chain = stack.pop()
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as err:
+            rejects.append({"path": str(folder), "reason": f"cannot list the folder ({err.strerror})"})
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                st = os.stat(entry.path)  # follows links
+            except OSError:
+                if entry.is_symlink():
+                    rejects.append({"path": entry.path, "reason": _bad_link(entry.path)})
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                key = (st.st_dev, st.st_ino)
+                if key in chain:
+                    rejects.append({"path": entry.path, "reason": "symbolic link to a folder that contains it "
+                                                                  "(a cycle): not followed"})
+                elif key not in visited:
+                    visited.add(key)
+                    if os.path.exists(os.path.join(entry.path, SKETCH_MARKER)):
+                        skipped.append({"path": entry.path, "reason": "sketch videos (data_prep.sketch output)"})
+                    else:
+                        stack.append((Path(entry.path), chain | {key}))
+            elif stat.S_ISREG(st.st_mode) and Path(entry.name).suffix.lower() in extensions:
+                found.append(Path(entry.path))
+    return found
+
+
+def find_inputs(inputs: Sequence[str | os.PathLike], images: bool = False,
+                exclude: set[str] | frozenset[str] = frozenset()) -> tuple[list[tuple[Path, str, str | None]],
+                                                                          list[dict], list[dict]]:
+    """Files to index as ``(path, key, parent label)``, the rejected links, and the skipped folders and files.
+
+    ``key`` is the path relative to its INPUT folder; ``exclude`` holds real paths never to index (the sketch
+    videos of an existing manifest). Raises ``UsageError`` for an INPUT that does not exist.
     """
     extensions = VIDEO_EXTENSIONS + (IMAGE_EXTENSIONS if images else ())
     found: dict[Path, tuple[Path, str, str | None]] = {}
+    rejects: list[dict] = []
+    skipped: list[dict] = []
     for raw in inputs:
         root = Path(raw)
         if not root.exists():
-            raise UsageError(f"input not found: {raw}")
+            raise UsageError(f"input not found: {raw}" + (f" ({_bad_link(raw)})" if root.is_symlink() else ""))
         if root.is_file():
             resolved = root.resolve()
             found.setdefault(resolved, (resolved, f"{resolved.parent.name}/{resolved.name}", resolved.parent.name))
             continue
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for name in sorted(filenames):
-                if name.startswith(".") or Path(name).suffix.lower() not in extensions:
-                    continue
-                path = Path(dirpath) / name
-                rel = path.relative_to(root)
-                label = rel.parts[-2] if len(rel.parts) >= 2 else None
-                found.setdefault(path.resolve(), (path.resolve(), rel.as_posix(), label))
-    return sorted(found.values(), key=lambda item: str(item[0]))
+        for path in _walk(root, extensions, rejects, skipped):
+            real = Path(os.path.realpath(path))
+            if str(real) in exclude:
+                skipped.append({"path": str(path), "reason": "a sketch video of the manifest"})
+                continue
+            rel = path.relative_to(root)
+            label = rel.parts[-2] if len(rel.parts) >= 2 else None
+            found.setdefault(real, (real, rel.as_posix(), label))
+    return sorted(found.values(), key=lambda item: str(item[0])), rejects, skipped
 
 
 def split_hash(key: str) -> float:
@@ -152,10 +221,15 @@ def build_manifest(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, 
     if min_frames < 1:
         raise UsageError(f"--min-frames must be >= 1, got {min_frames}")
     out = Path(out)
-    files = find_inputs(inputs, images=images)
+    try:
+        check_writable_file(out)  # before probing: a bad --out fails now, not after every file is decoded
+    except ValueError as err:
+        raise UsageError(f"--out: {err}") from None
+    sketches = _existing_sketches(out)
+    files, rejects, skipped = find_inputs(inputs, images=images, exclude={s for s, _ in sketches.values()})
     workers = workers or os.cpu_count() or 1
     results = probe_all([str(p) for p, _, _ in files], workers, check, show_progress=show_progress)
-    records, keys, rejects = [], [], []
+    records, keys = [], []
     for path, key, label in files:
         info, reason = results[str(path)]
         if info is not None and info["frames"] < min_frames:
@@ -165,6 +239,9 @@ def build_manifest(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, 
             continue
         shown = os.path.relpath(path, out.parent.resolve()) if relative_paths else str(path)
         records.append({"path": shown, **info, "split": "train", "label": label if labels else None})
+        if str(path) in sketches:  # keep the sketch data_prep.sketch made for this video
+            sketch = sketches[str(path)][1]
+            records[-1]["sketch"] = os.path.relpath(sketch, out.parent.resolve()) if relative_paths else sketch
         keys.append(key)
     assign_splits(records, keys, val_fraction, min_val_per_class)
     rejects_path = out.with_name(f"{out.stem}.rejects.jsonl")
@@ -175,7 +252,23 @@ def build_manifest(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, 
     return {"manifest": str(out), "rejects_file": str(rejects_path), "videos": len(records),
             "train": splits["train"], "val": splits["val"],
             "classes": sorted({r["label"] for r in records if r["label"] is not None}),
-            "rejected": rejects, "frames": sum(r["frames"] for r in records)}
+            "rejected": rejects, "skipped": skipped, "frames": sum(r["frames"] for r in records),
+            "sketches_kept": sum("sketch" in r for r in records)}
+
+
+def _existing_sketches(out: Path) -> dict[str, tuple[str, str]]:
+    """``{real video path: (real sketch path, sketch path)}`` of the manifest already at ``out`` (if any), so that
+    re-indexing keeps the ``sketch`` keys and never takes the sketch videos for clips."""
+    from magvit.data import read_manifest
+
+    if not out.is_file():
+        return {}
+    try:
+        records = read_manifest(out)
+    except (OSError, ValueError):  # unreadable: it is about to be replaced anyway
+        return {}
+    return {os.path.realpath(r["path"]): (os.path.realpath(r["sketch"]), os.path.abspath(r["sketch"]))
+            for r in records if isinstance(r.get("sketch"), str) and os.path.isfile(r["sketch"])}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -201,6 +294,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = build_manifest(args.inputs, args.out, val_fraction=args.val_fraction, labels=not args.no_labels,
                              images=args.images, workers=args.workers, check=args.check, min_frames=args.min_frames,
                              min_val_per_class=args.min_val_per_class, relative_paths=args.relative_paths)
+    for skip in summary["skipped"][:5]:
+        print(f"skipped {skip['path']}: {skip['reason']}", file=sys.stderr)
     for reject in summary["rejected"][:20]:
         print(f"rejected {reject['path']}: {reject['reason']}", file=sys.stderr)
     if len(summary["rejected"]) > 20:
@@ -209,7 +304,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"indexed {summary['videos']} videos ({summary['frames']} frames; train {summary['train']}, val "
           f"{summary['val']}; {len(classes)} classes{': ' + ', '.join(classes[:10]) if classes else ''}"
           f"{', ...' if len(classes) > 10 else ''}) -> {summary['manifest']}; rejected {len(summary['rejected'])}"
-          f" -> {summary['rejects_file']}")
+          f" -> {summary['rejects_file']}"
+          + (f"; kept {summary['sketches_kept']} sketch links" if summary["sketches_kept"] else "")
+          + (f"; skipped {len(summary['skipped'])} sketch folders/videos" if summary["skipped"] else ""))
     if summary["videos"] == 0:
         print(f"{PROG}: nothing usable found in {' '.join(args.inputs)}", file=sys.stderr)
         return 1

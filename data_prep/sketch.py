@@ -172,6 +172,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             skipped += 1
     else:
         out = Path(args.out)
+        from data_prep.index import SKETCH_MARKER
+
+        out.mkdir(parents=True, exist_ok=True)
+        (out / SKETCH_MARKER).write_text("sketch videos of data_prep.sketch: data_prep.index does not index them\n")
         targets = [str((out / rel).with_suffix(".mp4").resolve()) for rel in names]
         workers = args.workers or os.cpu_count() or 1
         jobs = [(r["_abs"], t, args.overwrite) for r, t in zip(records, targets)]

@@ -240,6 +240,7 @@ class ClipDataset(Dataset):
         self.uint8_output = uint8_output
         self.max_attempts = max_attempts
         self.failures: Counter[str] = Counter()  # path -> failed reads in this process
+        self.failure_reasons: dict[str, str] = {}  # path -> why its last read failed
         self.skipped: list[tuple[str, str]] = []  # (path, reason) dropped at construction
         self.records = []
         for record in records:
@@ -361,6 +362,7 @@ class ClipDataset(Dataset):
             except (VideoReadError, OSError) as err:
                 path = self.records[source // self.clips_per_video]["path"]
                 self.failures[path] += 1
+                self.failure_reasons[path] = err.reason if isinstance(err, VideoReadError) else str(err)
                 logger.warning("skipping %s (%s)", path, err)
                 if self.on_error == "raise":
                     raise
