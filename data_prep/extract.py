@@ -18,7 +18,7 @@ from typing import Sequence
 
 
 from data_prep._cli import ArgumentParser, UsageError, quiet_decoders, run_main, write_json
-from data_prep._shards import fingerprint, open_out_dir, write_shards
+from data_prep._shards import check_out_dir, fingerprint, open_out_dir, write_shards
 
 PROG = "python -m data_prep.extract"
 
@@ -35,11 +35,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--target-fps", type=float, default=None, help="resample to this fps (overrides stride)")
     parser.add_argument("--shard-size", type=int, default=256, help="clips per shard (default 256)")
     parser.add_argument("--workers", type=int, default=None, help="decoding DataLoader workers (default: cores)")
-    parser.add_argument("--overwrite", action="store_true", help="discard shards made with other settings")
+    parser.add_argument("--overwrite", action="store_true", help="start over: remove the shards already in --out (also damaged ones or those of other settings)")
     args = parser.parse_args(argv)
     for name in ("num_frames", "image_size", "clips_per_video", "frame_stride", "shard_size"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_out_dir(Path(args.out))
     quiet_decoders()
     from magvit.data import ClipDataset
 

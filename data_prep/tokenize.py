@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 
 from data_prep._cli import ArgumentParser, UsageError, quiet_decoders, run_main, write_json
-from data_prep._shards import file_digest, fingerprint, open_out_dir, write_shards
+from data_prep._shards import check_out_dir, file_digest, fingerprint, open_out_dir, write_shards
 
 PROG = "python -m data_prep.tokenize"
 
@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=None, help="decoding DataLoader workers (default: 2)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, all cores)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--overwrite", action="store_true", help="discard shards made with other settings")
+    parser.add_argument("--overwrite", action="store_true", help="start over: remove the shards already in --out (also damaged ones or those of other settings)")
     args = parser.parse_args(argv)
     for name in ("batch_size", "shard_size", "frame_stride"):
         if getattr(args, name) < 1:
@@ -78,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UsageError(f"--workers must be >= 0, got {args.workers}")
     if not Path(args.manifest).is_file():
         raise UsageError(f"manifest not found: {args.manifest}")
+    check_out_dir(Path(args.out))  # before loading and encoding anything
     quiet_decoders()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -92,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tasks = [] if args.no_conditions else list(CONDITION_TASKS)
     try:
         records = read_manifest(args.manifest)
-    except ValueError as err:
+    except (OSError, ValueError) as err:
         raise UsageError(str(err)) from None
     in_split = [r for r in records if args.split == "all" or r.get("split") == args.split]
     sketch_mode = args.sketch
@@ -100,9 +101,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         sketch_mode = "manifest" if in_split and all(r.get("sketch") for r in in_split) else "compute"
     if sketch_mode == "manifest" and not all(r.get("sketch") for r in in_split):
         raise UsageError("--sketch manifest: some videos have no 'sketch' (run python -m data_prep.sketch first)")
-    dataset = ClipDataset(records, args.split, num_frames=num_frames, image_size=size,
-                          frame_stride=args.frame_stride, random_start=False, random_crop=False, on_error="skip",
-                          with_sketch=sketch_mode == "manifest")
+    try:
+        dataset = ClipDataset(records, args.split, num_frames=num_frames, image_size=size,
+                              frame_stride=args.frame_stride, random_start=False, random_crop=False, on_error="skip",
+                              with_sketch=sketch_mode == "manifest")
+    except ValueError as err:  # e.g. no file of the manifest exists, or labels of mixed kinds
+        raise UsageError(f"{args.manifest}: {err}") from None
     if len(dataset) == 0:
         raise UsageError(f"no {args.split} videos with enough frames ({num_frames} x stride {args.frame_stride}) "
                          f"in {args.manifest}")

@@ -24,7 +24,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 
 from . import metrics
-from .fileio import write_text_atomic
+from .fileio import check_writable_dir, write_text_atomic
 
 EXIT_USAGE = 2
 MANIFEST_NAME = "manifest.jsonl"
@@ -100,31 +100,41 @@ def load_models(tokenizer_dir: str | None, transformer_dir: str | None, device: 
 
 
 def iterate_clips(manifest: Path, split: str, num_frames: int, image_size: int, max_clips: int | None,
-                  batch_size: int, progress: bool) -> Iterator[torch.Tensor]:
-    """Held-out clips ``(B, 3, T, H, W)`` in [-1, 1] (centred crops, evenly spaced starts), unreadable files skipped."""
+                  batch_size: int, progress: bool, lost: dict[str, list] | None = None) -> Iterator[torch.Tensor]:
+    """Held-out clips ``(B, 3, T, H, W)`` in [-1, 1] (centred crops, evenly spaced starts).
+
+    Unreadable files are skipped and listed in ``lost``: ``"unreadable"`` gets ``(path, reason)`` of each clip that
+    failed to decode (a damaged file, or one shorter than the manifest says), ``"skipped"`` each video left out
+    before decoding (missing, too short).
+    """
     from torch.utils.data import DataLoader, Subset
 
     from .data import ClipDataset, collate_skip_none
 
+    lost = {} if lost is None else lost
     try:
         dataset = ClipDataset(manifest, split=split, num_frames=num_frames, image_size=image_size, on_error="skip")
     except (FileNotFoundError, ValueError) as err:
         raise EvaluateError(f"--data: {err}") from None
+    lost.setdefault("skipped", []).extend({"path": path, "reason": reason} for path, reason in dataset.skipped)
     if len(dataset) == 0:
         raise EvaluateError(f"--data: no usable '{split}' clip of {num_frames} frames in {manifest}"
                             + (" (try --split all)" if split != "all" else ""))
+    clips = dataset
     if max_clips is not None:
         dataset = Subset(dataset, range(min(max_clips, len(dataset))))
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_skip_none)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_skip_none)  # in-process
     from tqdm.auto import tqdm
 
     with tqdm(total=len(dataset), desc="clips", unit="clip", disable=not progress, file=sys.stderr,
               dynamic_ncols=True) as bar:
         for batch in loader:
-            if batch is None:
-                continue
-            bar.update(batch["video"].shape[0])
-            yield batch["video"]
+            if batch is not None:
+                bar.update(batch["video"].shape[0])
+                yield batch["video"]
+    lost.setdefault("unreadable", []).extend(
+        {"path": path, "clips": count, "reason": clips.failure_reasons.get(path, "")}
+        for path, count in sorted(clips.failures.items()))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -293,6 +303,31 @@ class FramePredictionEvaluation:
             out[name] = {"psnr": _mean_finite(s["psnr"]), "ssim": sum(s["ssim"]) / max(len(s["ssim"]), 1),
                          "per_clip": s}
         return out
+
+
+def check_token_meta(directory: Path, tokenizer, transformer) -> None:
+    """``EvaluateError`` unless the shards' ``meta.json`` says they hold codes of this tokenizer / transformer's
+    codebook and grid: codes of another codebook score a meaningless NLL without any other sign."""
+    try:
+        meta = json.loads((directory / "meta.json").read_text())
+        codebook, grid = int(meta["codebook_size"]), tuple(int(n) for n in meta["token_grid"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise EvaluateError(f"--tokens: {directory}/meta.json is missing or lacks codebook_size / token_grid "
+                            f"({type(err).__name__})") from None
+    expected = [("transformer", transformer.config.codebook_size, tuple(transformer.config.token_grid))]
+    if tokenizer is not None:
+        tc = tokenizer.config
+        expected.append(("tokenizer", tc.codebook_size, tuple(tc.token_grid(tc.num_frames, tc.image_size,
+                                                                             tc.image_size))))
+        made_by, current = meta.get("tokenizer"), tc.to_dict()
+        differ = [k for k in made_by if k in current and made_by[k] != current[k]] if isinstance(made_by, dict) else []
+        if differ:  # keys only one side has: options added in another version, not a different tokenizer
+            raise EvaluateError(f"--tokens: {directory} was made by another tokenizer than --tokenizer ({differ[0]} "
+                                f"{made_by[differ[0]]!r} in meta.json, {current[differ[0]]!r} in the tokenizer)")
+    for name, model_codebook, model_grid in expected:
+        if (codebook, grid) != (model_codebook, model_grid):
+            raise EvaluateError(f"--tokens: {directory} holds codes of a {codebook}-code book on a {grid} grid "
+                                f"(meta.json), the {name} has {model_codebook} codes on {model_grid}")
 
 
 def token_batches_from_shards(directory: Path, batch_size: int, max_examples: int | None) -> Iterator[dict]:
@@ -512,6 +547,15 @@ def _check_args(args: argparse.Namespace) -> None:
             raise EvaluateError(f"--run-dir: no metrics.jsonl in {run_dir}")
     if args.i3d is not None and not Path(args.i3d).is_file():
         raise EvaluateError(f"--i3d: no such file: {args.i3d}")
+    for name in ("temperature", "guidance_scale"):  # NaN passes every comparison
+        value = getattr(args, name)
+        if not math.isfinite(value) or (name == "temperature" and value < 0):
+            raise EvaluateError(f"--{name.replace('_', '-')} must be a finite number"
+                                f"{' >= 0' if name == 'temperature' else ''}, got {value}")
+    try:
+        check_writable_dir(args.out)  # now, not after every clip has been evaluated
+    except ValueError as err:
+        raise EvaluateError(f"--out: {err}") from None
     try:
         torch.device(args.device)
     except RuntimeError:
@@ -523,8 +567,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     _check_args(args)
     progress = not args.no_progress
     device = torch.device(args.device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)  # checked writable by _check_args
     torch.manual_seed(args.seed)
     started = time.time()
     tokenizer, transformer = load_models(args.tokenizer, args.transformer, device)
@@ -564,14 +607,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if transformer is not None:
             if not 1 <= args.cond_frames < cfg.num_frames:
                 raise EvaluateError(f"--cond-frames must be in [1, {cfg.num_frames}), got {args.cond_frames}")
+            num_tokens = math.prod(transformer.config.token_grid)
+            if args.steps > num_tokens:  # each step reveals at least one token
+                raise EvaluateError(f"--steps must be in [1, {num_tokens}] (the tokens of one clip), got {args.steps}")
             frame_eval = FramePredictionEvaluation(tokenizer, transformer, args.cond_frames, args.steps,
                                                    args.temperature, args.guidance_scale, args.seed,
                                                    num_samples=args.num_samples)
             if tokens_dir is None:  # tokenize on the fly: codes + the frame-prediction condition
                 masked_eval = MaskedTokenEvaluation(transformer, _supported(nll_tasks, ["frame_prediction"]),
                                                     args.seed)
+        lost: dict[str, list] = {}
         for video in iterate_clips(manifest, args.split, cfg.num_frames, cfg.image_size, args.max_clips,
-                                   args.batch_size, progress):
+                                   args.batch_size, progress, lost):
             codes, recon = tok_eval.update(video)
             if extractor is not None:
                 real_videos += list(video.cpu())
@@ -585,12 +632,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                     "label": torch.full((codes.shape[0],), -1)})
             if frame_eval is not None:
                 frame_eval.update(video, recon, keep_for_fvd=extractor is not None)
-        report["tokenizer"] = tok_eval.summary()
+        unreadable = lost.get("unreadable", [])
+        if not tok_eval.psnr:
+            raise EvaluateError(f"no clip could be read: {len(unreadable)} unreadable"
+                                + (f", e.g. {unreadable[0]['path']}: {unreadable[0]['reason']}" if unreadable else ""))
+        report["tokenizer"] = {**tok_eval.summary(), "unreadable_clips": sum(u["clips"] for u in unreadable),
+                               "skipped_videos": len(lost.get("skipped", []))}
+        report["data_problems"] = {"unreadable": unreadable, "skipped": lost.get("skipped", [])}
         if frame_eval is not None:
             report["frame_prediction"] = frame_eval.summary()
 
     # --- held-out token shards --------------------------------------------------------------------------------------
     if transformer is not None and tokens_dir is not None:
+        check_token_meta(tokens_dir, tokenizer, transformer)
         batches = token_batches_from_shards(tokens_dir, args.batch_size, args.max_clips)
         first = next(batches, None)
         if first is None:
@@ -672,6 +726,11 @@ def print_summary(report: dict[str, Any]) -> None:
         lines.append(f"tokenizer   {tok['num_clips']} clips  PSNR {tok['psnr']:.2f} dB  SSIM {tok['ssim']:.4f}  "
                      f"codebook usage {tok['codebook_usage']:.1%}  perplexity {tok['codebook_perplexity']:.1f}  "
                      f"bpp {tok['bits_per_pixel']:.4f} (entropy-coded {tok['bits_per_pixel_entropy_coded']:.4f})")
+    lost = report.get("data_problems", {})
+    if lost.get("unreadable") or lost.get("skipped"):
+        first = (lost.get("unreadable") or lost.get("skipped"))[0]
+        lines.append(f"data        {tok['unreadable_clips']} clips unreadable, {tok['skipped_videos']} videos skipped "
+                     f"(e.g. {first['path']}: {first['reason']}); all listed in report.json under data_problems")
     mt = report.get("masked_tokens")
     if mt:
         lines.append(f"transformer masked-token NLL {mt['masked_token_nll']:.3f} nats  "

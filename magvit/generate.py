@@ -12,6 +12,7 @@ tokens are decoded in ``--steps`` parallel steps (``magvit.sampling.iterative_de
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -25,6 +26,8 @@ from .masking import CONDITION_TASKS, NO_LABEL, build_condition_video, build_seq
 CLI_TASKS = ("frame_prediction", "interpolation", "outpaint", "inpaint", "sketch", "class", "unconditional")
 OUTPAINT_REGIONS = ("central", "vertical", "horizontal")
 DEFAULT_FPS = 8.0  # output frame rate when the condition has none (an image, or no condition at all)
+DEFAULT_BATCH = 8  # videos per forward pass: the activations of a batch, not --num-samples, bound the memory
+MAX_SAMPLES = 10_000  # one output file each; more is a typo, not a request
 
 
 class GenerateError(ValueError):
@@ -202,8 +205,15 @@ def generate(
 # --- CLI -----------------------------------------------------------------------------------------------------------
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """Argument errors (e.g. ``--steps 1e20``, not an integer) as one line on stderr, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _ArgumentParser(
         prog="python -m magvit.generate",
         description="Generate a video with a trained tokenizer and masked video transformer.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -222,7 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--choice-temperature", type=float, default=4.5, help="confidence noise, annealed to 0")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely codes")
     p.add_argument("--guidance-scale", type=float, default=0.0, help="classifier-free guidance scale (0 = off)")
-    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--num-samples", type=int, default=1, help=f"videos to generate (at most {MAX_SAMPLES})")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH,
+                   help="videos generated at once (memory grows with it; samples are written batch by batch)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fps", type=float, default=None, help="output frame rate (default: the input's)")
     p.add_argument("--strip", default=None, help="also write a PNG strip: condition row | generated rows")
@@ -242,16 +254,26 @@ def _output_paths(out: Path, num_samples: int) -> list[Path]:
 def _check_args(args: argparse.Namespace) -> None:
     if args.steps < 1:
         raise GenerateError(f"--steps must be >= 1, got {args.steps}")
-    if args.num_samples < 1:
-        raise GenerateError(f"--num-samples must be >= 1, got {args.num_samples}")
-    if args.temperature < 0:
-        raise GenerateError(f"--temperature must be >= 0, got {args.temperature}")
+    if not 1 <= args.num_samples <= MAX_SAMPLES:
+        raise GenerateError(f"--num-samples must be in [1, {MAX_SAMPLES}], got {args.num_samples}")
+    if args.batch_size < 1:
+        raise GenerateError(f"--batch-size must be >= 1, got {args.batch_size}")
+    for flag in ("temperature", "choice_temperature", "guidance_scale"):  # NaN passes every comparison
+        value = getattr(args, flag)
+        if not math.isfinite(value) or (flag != "guidance_scale" and value < 0):
+            bound = "a finite number" if flag == "guidance_scale" else "a finite number >= 0"
+            raise GenerateError(f"--{flag.replace('_', '-')} must be {bound}, got {value}")
     if args.top_k is not None and args.top_k < 1:
         raise GenerateError(f"--top-k must be >= 1, got {args.top_k}")
     if args.cond_frames < 1:
         raise GenerateError(f"--cond-frames must be >= 1, got {args.cond_frames}")
-    if args.fps is not None and args.fps <= 0:
-        raise GenerateError(f"--fps must be > 0, got {args.fps}")
+    if args.fps is not None:
+        from .video_io import check_fps
+
+        try:
+            check_fps(args.fps)
+        except ValueError as err:
+            raise GenerateError(f"--{err}") from None
     if Path(args.out).suffix.lower() not in (".mp4", ".mkv", ".mov", ".gif"):
         raise GenerateError(f"--out must end in .mp4, .mkv, .mov or .gif, got {args.out}")
     if args.task in ("frame_prediction", "interpolation", "outpaint", "inpaint") and not args.cond:
@@ -270,6 +292,15 @@ def _check_args(args: argparse.Namespace) -> None:
                 raise GenerateError(f"{path} exists; pass --overwrite to replace it")
 
 
+def _check_model_args(args: argparse.Namespace, task: str, num_frames: int, num_tokens: int) -> None:
+    """The limits that depend on the loaded models: clip length and tokens per video."""
+    if task == "frame_prediction" and not args.cond_frames < num_frames:
+        raise GenerateError(f"--cond-frames must be < {num_frames} (the model's clip length: at least one frame "
+                            f"must be predicted), got {args.cond_frames}")
+    if args.steps > num_tokens:  # each step reveals at least one token: more steps than tokens do nothing
+        raise GenerateError(f"--steps must be in [1, {num_tokens}] (the tokens of one video), got {args.steps}")
+
+
 def run(args: argparse.Namespace) -> list[Path]:
     """Generate and write the outputs of a parsed command line; returns the written video paths."""
     _check_args(args)
@@ -278,6 +309,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     tokenizer, transformer = load_models(args.tokenizer, args.transformer, args.device)
     num_frames, size = tokenizer.config.num_frames, tokenizer.config.image_size
     task = task_name(args.task, args.region)
+    _check_model_args(args, task, num_frames, math.prod(transformer.config.token_grid))
     fps = DEFAULT_FPS
     condition = shown = None
     if task == "sketch":
@@ -300,21 +332,26 @@ def run(args: argparse.Namespace) -> list[Path]:
         shown = condition
     fps = args.fps or fps or DEFAULT_FPS
 
-    class_id = NO_LABEL if args.class_id is None else args.class_id
-    start = time.perf_counter()
-    videos = generate(tokenizer, transformer, task, condition, class_id=class_id, num_samples=args.num_samples,
-                      steps=args.steps, temperature=args.temperature, choice_temperature=args.choice_temperature,
-                      top_k=args.top_k, guidance_scale=args.guidance_scale, seed=args.seed, progress=True)
-    elapsed = time.perf_counter() - start
-
     from .video_io import save_frame_grid, write_video
 
+    class_id = NO_LABEL if args.class_id is None else args.class_id
     paths = _output_paths(Path(args.out), args.num_samples)
-    for path, video in zip(paths, videos):
-        write_video(path, video.cpu(), fps=fps)
+    start = time.perf_counter()
+    strip_rows = [shown.cpu()] if shown is not None else []
+    for first in range(0, args.num_samples, args.batch_size):
+        # batch k is seeded with seed + k: the samples do not depend on how many are asked for after them
+        batch = paths[first:first + args.batch_size]
+        videos = generate(tokenizer, transformer, task, condition, class_id=class_id, num_samples=len(batch),
+                          steps=args.steps, temperature=args.temperature, choice_temperature=args.choice_temperature,
+                          top_k=args.top_k, guidance_scale=args.guidance_scale,
+                          seed=args.seed + first // args.batch_size, progress=True).cpu()  # (b, 3, T, H, W)
+        for path, video in zip(batch, videos):
+            write_video(path, video, fps=fps)
+        if args.strip and len(strip_rows) < 9:  # a strip shows the first few samples only
+            strip_rows += list(videos[:9 - len(strip_rows)])
+    elapsed = time.perf_counter() - start
     if args.strip:
-        rows = ([shown.cpu()] if shown is not None else []) + [v.cpu() for v in videos]
-        save_frame_grid(args.strip, rows)
+        save_frame_grid(args.strip, strip_rows)
     t, h, w = transformer.config.token_grid
     print(f"generated {len(paths)} video(s) of {videos.shape[2]} frames at {videos.shape[3]}x{videos.shape[4]} "
           f"({task}, {args.steps} steps, {t * h * w} tokens each) in {elapsed:.1f} s -> "

@@ -74,14 +74,22 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int | None,
     return (logits / temperature + _gumbel(logits.shape, generator, logits.device)).argmax(dim=-1)
 
 
+def masked_counts(num_unknown: int, steps: int, schedule: str = "cosine") -> list[int]:
+    """Tokens of ``num_unknown`` still masked after each of the ``steps`` decoding steps (the last is 0)."""
+    counts, remaining = [], num_unknown
+    for step in range(steps - 1):  # a loop, not recursion: any number of steps, O(steps)
+        target = math.floor(num_unknown * mask_schedule((step + 1) / steps, schedule))
+        # Reveal at least one token per step, and never re-mask more than is currently masked.
+        remaining = max(0, min(remaining - 1, target))
+        counts.append(remaining)
+    return counts + [0]
+
+
 def num_masked_after_step(num_unknown: int, step: int, steps: int, schedule: str = "cosine") -> int:
     """How many of ``num_unknown`` tokens are still masked after decoding step ``step`` (0-based) of ``steps``."""
     if step >= steps - 1:
         return 0
-    remaining_before = num_unknown if step == 0 else num_masked_after_step(num_unknown, step - 1, steps, schedule)
-    target = math.floor(num_unknown * mask_schedule((step + 1) / steps, schedule))
-    # Reveal at least one token per step, and never re-mask more than is currently masked.
-    return max(0, min(remaining_before - 1, target))
+    return masked_counts(num_unknown, steps, schedule)[step]
 
 
 @torch.no_grad()
@@ -126,6 +134,7 @@ def iterative_decode(
         return tokens
     from tqdm.auto import tqdm
 
+    counts = masked_counts(num_unknown, steps, schedule)  # once, not per step
     for step in tqdm(range(steps), desc="decoding", unit="step", disable=not progress, leave=False):
         masked = tokens == mask_token  # (B, L) still unknown
         logits = _guided_logits(logits_fn, tokens, uncond_tokens, generate, guidance_scale, codebook_size)
@@ -133,7 +142,7 @@ def iterative_decode(
         sub_tokens = _sample(logits, temperature, top_k, generator)  # (B, L, F) sub-token ids everywhere
         proposal = factorization.merge(sub_tokens)  # (B, L) codebook ids
         sampled = torch.where(masked, proposal, tokens)  # fixed / already revealed tokens stay
-        num_masked = num_masked_after_step(num_unknown, step, steps, schedule)
+        num_masked = counts[step]
         if num_masked == 0:
             tokens = sampled
         else:

@@ -37,6 +37,12 @@ def models(tmp_path_factory, real_video_path):
     (root / "corrupt").mkdir()
     (root / "corrupt" / "config.json").write_text((root / "transformer" / "config.json").read_text())
     (root / "corrupt" / "model.safetensors").write_bytes(b"\0" * 64)
+    (root / "pickled").mkdir()  # a pickle under the safetensors name: rejected, never unpickled
+    (root / "pickled" / "config.json").write_text((root / "transformer" / "config.json").read_text())
+    torch.save({"weights": torch.zeros(2)}, root / "pickled" / "model.safetensors")
+    (root / "codebook_weights").mkdir()  # the 128-code model's weights under the 64-code model's config
+    (root / "codebook_weights" / "config.json").write_text((root / "transformer" / "config.json").read_text())
+    (root / "codebook_weights" / "model.safetensors").write_bytes((root / "codebook" / "model.safetensors").read_bytes())
     return root
 
 
@@ -97,6 +103,20 @@ def test_cli_same_seed_same_video(models, tmp_path):
         (["--cond", "{m}/clip.mp4", "--out", "{m}/gen.avi"], "--out must end in"),
         (["--cond", "{m}/clip.mp4", "--out", "{m}/clip.mp4"], "exists; pass --overwrite"),
         (["--cond", "{m}/clip.mp4", "--steps", "0"], "--steps must be >= 1"),
+        # legitimate-looking values that crashed or were silently replaced
+        (["--cond", "{m}/clip.mp4", "--steps", "1000"], "--steps must be in [1, 256]"),
+        (["--cond", "{m}/clip.mp4", "--steps", "100000000000000000000"], "--steps must be in [1, 256]"),
+        (["--cond", "{m}/clip.mp4", "--cond-frames", "8"], "--cond-frames must be < 8"),
+        (["--cond", "{m}/clip.mp4", "--temperature", "nan"], "--temperature must be a finite number >= 0"),
+        (["--cond", "{m}/clip.mp4", "--guidance-scale", "nan"], "--guidance-scale must be a finite number"),
+        (["--cond", "{m}/clip.mp4", "--guidance-scale", "inf"], "--guidance-scale must be a finite number"),
+        (["--cond", "{m}/clip.mp4", "--choice-temperature", "nan"], "--choice-temperature must be a finite"),
+        (["--cond", "{m}/clip.mp4", "--fps", "1e-9"], "--fps must be a number in [0.01, 1000]"),
+        (["--cond", "{m}/clip.mp4", "--fps", "nan"], "--fps must be a number in [0.01, 1000]"),
+        (["--cond", "{m}/clip.mp4", "--num-samples", "100000"], "--num-samples must be in [1, 10000]"),
+        (["--cond", "{m}/clip.mp4", "--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--cond", "{m}/clip.mp4", "--transformer", "{m}/pickled"], "not a readable safetensors file"),
+        (["--cond", "{m}/clip.mp4", "--transformer", "{m}/codebook_weights"], "does not fit the model"),
     ],
 )
 def test_cli_user_errors_one_line_exit_2(models, capsys, args, message):
@@ -108,6 +128,33 @@ def test_cli_user_errors_one_line_exit_2(models, capsys, args, message):
     assert "Traceback" not in err
     assert (models / "clip.mp4").read_bytes() == before  # nothing overwritten
     assert not (models / "unused.mp4").exists()
+
+
+def test_cli_non_integer_steps_is_one_line(models, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(_cli(models, "--cond", str(models / "clip.mp4"), "--steps", "1e20"))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "invalid int value: '1e20'" in err, err
+
+
+def test_cli_many_samples_are_generated_in_batches(models, tmp_path, monkeypatch):
+    """--num-samples N runs ceil(N / --batch-size) batches, each written before the next: memory is one batch's."""
+    import magvit.generate as gen
+
+    sizes, written = [], []
+    real_generate = gen.generate
+
+    def recording_generate(*args, **kwargs):
+        sizes.append(kwargs["num_samples"])
+        written.append(len(list(tmp_path.glob("gen_*.mp4"))))  # files on disk when this batch starts
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(gen, "generate", recording_generate)
+    assert main(_cli(models, "--cond", str(models / "clip.mp4"), "--out", str(tmp_path / "gen.mp4"), "--steps", "2",
+                     "--num-samples", "5", "--batch-size", "2")) == 0
+    assert sizes == [2, 2, 1] and written == [0, 2, 4]
+    assert sorted(p.name for p in tmp_path.glob("gen_*.mp4")) == [f"gen_{i}.mp4" for i in range(5)]
+    assert read_video(tmp_path / "gen_4.mp4").frames.shape == (8, 32, 32, 3)
 
 
 def test_cli_subprocess_default_checkpoint_missing(tmp_path):
