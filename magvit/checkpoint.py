@@ -324,14 +324,16 @@ def _check_engine_files(path: Path, engines: Mapping[str, Any], rank: int) -> st
     return None
 
 
-def export_ema(model: torch.nn.Module, ema: EMA | None, directory: str | os.PathLike) -> Path:
+def export_ema(model: torch.nn.Module, ema: EMA | None, directory: str | os.PathLike,
+               training: Any = None) -> Path:
     """``save_pretrained`` of ``model`` with the EMA weights (model's own weights if ``ema`` is None).
 
     ``model`` is a plain (non-DeepSpeed) copy of the network holding the current buffers; it is modified in place.
+    ``training`` (a ``model_card.TrainingRecord``) goes into the export's model card.
     """
     if ema is not None:
         ema.copy_to(model)
     try:
-        return model.save_pretrained(directory)
+        return model.save_pretrained(directory, training=training)
     except (OSError, RuntimeError, SafetensorError) as err:
         raise CheckpointError(f"could not export the EMA weights to {directory}: {_reason(err)}") from None
