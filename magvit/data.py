@@ -469,19 +469,20 @@ def check_code_range(tensors: dict[str, torch.Tensor], codebook_size: int, where
 
 
 class TokenShardDataset(Dataset):
-    """Token shards written by ``python -m data_prep.tokenize``, held in memory (tokens are small).
+    """Token shards written by ``python -m data_prep.tokenize``, memory-mapped: nothing is held in RAM per rank.
 
     ``meta.json``: ``tokenizer`` (config), ``token_grid``, ``codebook_size``, ``classes``, ``condition_tasks``,
     ``num_examples``, ``shards``. Items: ``{"codes": (t, h, w) long, "cond.<task>": (t, h, w) long ...,
-    "sketch_codes": (t, h, w) long (when present), "label": int, "index": int}``.
+    "sketch_codes": (t, h, w) long (when present), "label": int, "index": int}``; item ``i`` is row ``i`` of the
+    shards in ``meta.json`` order. Each item reads its own rows through ``safetensors.safe_open`` (one handle per
+    shard and process), so the resident memory does not grow with the data set.
 
-    Validated at load (``ValueError`` with the reason): damaged shards, grids that disagree with ``token_grid``,
-    codes outside ``[0, codebook_size)``.
+    Validated at open (``ValueError`` with the reason): damaged shards, grids that disagree with ``token_grid`` or
+    between shards, codes outside ``[0, codebook_size)`` (each shard is scanned once, one tensor at a time, and
+    dropped again).
     """
 
     def __init__(self, directory: str | os.PathLike):
-        from safetensors.torch import load_file
-
         self.directory = Path(directory)
         self.meta = _read_meta(self.directory, "token")
         self.classes = list(self.meta.get("classes", []))
@@ -491,41 +492,72 @@ class TokenShardDataset(Dataset):
             self.codebook_size = int(self.meta["codebook_size"])
         except (KeyError, TypeError, ValueError):
             raise ValueError(f"{self.directory}/meta.json: needs 'token_grid' (3 numbers) and 'codebook_size'") from None
-        from safetensors import SafetensorError
+        self._files = [str(self.directory / shard["file"]) for shard in self.meta["shards"]]
+        self._layout: dict[str, tuple[str, tuple[int, ...]]] | None = None  # key -> (dtype, row shape)
+        counts = [self._check_shard(path) for path in self._files]
+        self._starts = np.cumsum([0] + counts)
+        self._keys = [k for k in self._layout if k not in ("labels", "clip_index")]
+        self._handles: dict[int, Any] = {}
+        self._pid: int | None = None
 
-        parts: dict[str, list[torch.Tensor]] = {}
-        for shard in self.meta["shards"]:
-            try:
-                tensors = load_file(str(self.directory / shard["file"]))
-            except SafetensorError as err:  # truncated, overwritten, not safetensors at all
-                raise ValueError(f"{self.directory / shard['file']}: damaged token shard ({err}); re-run "
-                                 "data_prep.tokenize") from None
-            if "codes" not in tensors:
-                raise ValueError(f"{self.directory / shard['file']}: not a token shard (no 'codes')")
-            for key, value in tensors.items():
-                parts.setdefault(key, []).append(value)
+    def _check_shard(self, path: str) -> int:
+        """Rows of one shard after checking its header against the others and its codes against the codebook."""
+        from safetensors import SafetensorError, safe_open
+
         try:
-            self.tensors = {key: torch.cat(values) for key, values in parts.items()}
-        except RuntimeError as err:  # shards whose grids differ
-            raise ValueError(f"{self.directory}: shards do not fit together ({str(err).splitlines()[0]})") from None
-        check_code_range(self.tensors, self.codebook_size, str(self.directory))
-        n = len(self.tensors["codes"])
-        for key, value in self.tensors.items():
-            if len(value) != n:
-                raise ValueError(f"{self.directory}: '{key}' has {len(value)} rows, 'codes' has {n}")
-        if tuple(self.tensors["codes"].shape[1:]) != self.token_grid:
-            raise ValueError(f"{self.directory}: codes of shape {tuple(self.tensors['codes'].shape[1:])}, "
-                             f"meta.json says token_grid {self.token_grid}")
-        self._keys = [k for k in self.tensors if k not in ("labels", "clip_index")]
+            with safe_open(path, "pt") as f:
+                layout = {key: (str(f.get_slice(key).get_dtype()), tuple(f.get_slice(key).get_shape()))
+                          for key in f.keys()}
+                if "codes" not in layout:
+                    raise ValueError(f"{path}: not a token shard (no 'codes')")
+                rows = layout["codes"][1][0]
+                for key, (_, shape) in layout.items():
+                    if shape[0] != rows:
+                        raise ValueError(f"{self.directory}: '{key}' has {shape[0]} rows, 'codes' has {rows}")
+                if tuple(layout["codes"][1][1:]) != self.token_grid:
+                    raise ValueError(f"{self.directory}: codes of shape {tuple(layout['codes'][1][1:])}, "
+                                     f"meta.json says token_grid {self.token_grid}")
+                rows_layout = {key: (dtype, shape[1:]) for key, (dtype, shape) in layout.items()}
+                if self._layout is None:
+                    self._layout = rows_layout
+                elif rows_layout != self._layout:
+                    raise ValueError(f"{self.directory}: shards do not fit together ({path} holds "
+                                     f"{sorted(rows_layout.items())}, the first shard {sorted(self._layout.items())})")
+                for key in [k for k in layout if k in ("codes", "sketch_codes") or k.startswith("cond.")]:
+                    # one tensor at a time, dropped after the check: at most one grid of one shard is resident
+                    check_code_range({key: f.get_tensor(key)}, self.codebook_size, str(self.directory))
+        except SafetensorError as err:  # truncated, overwritten, not safetensors at all
+            raise ValueError(f"{path}: damaged token shard ({err}); re-run data_prep.tokenize") from None
+        return int(rows)
 
     def __len__(self) -> int:
-        return len(self.tensors["codes"])
+        return int(self._starts[-1])
+
+    def _shard(self, number: int):
+        from safetensors import safe_open
+
+        if self._pid != os.getpid():  # handles are per process (DataLoader workers fork)
+            self._handles, self._pid = {}, os.getpid()
+        if number not in self._handles:
+            self._handles[number] = safe_open(self._files[number], "pt")
+        return self._handles[number]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} examples")
-        item: dict[str, Any] = {key: self.tensors[key][index].long() for key in self._keys}
-        labels = self.tensors.get("labels")
-        item["label"] = int(labels[index]) if labels is not None else -1
+        number = int(np.searchsorted(self._starts, index, side="right") - 1)
+        row = index - int(self._starts[number])
+        shard = self._shard(number)
+        item: dict[str, Any] = {key: shard.get_slice(key)[row:row + 1][0].long() for key in self._keys}
+        item["label"] = int(shard.get_slice("labels")[row:row + 1][0]) if "labels" in self._layout else -1
         item["index"] = index
         return item
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """All shards concatenated, ``{key: (N, ...)}``: loads everything into RAM (inspection and tests only)."""
+        return {key: torch.cat([self._shard(n).get_tensor(key) for n in range(len(self._files))])
+                for key in self._layout}
+
+    def __getstate__(self) -> dict[str, Any]:  # open handles stay behind (spawned workers open their own)
+        return {**self.__dict__, "_handles": {}, "_pid": None}

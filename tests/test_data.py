@@ -135,3 +135,83 @@ def test_bad_arguments_are_value_errors(small_manifest):
         ClipDataset("/nonexistent/manifest.jsonl")
     with pytest.raises(IndexError):
         ClipDataset(small_manifest, "val", num_frames=4, image_size=32)[99]
+
+
+# --- token shards, memory-mapped --------------------------------------------------------------------------------------
+def _write_token_shards(root, shards: int, rows: int, seed: int = 0):
+    """``shards`` token shards of ``rows`` int32 (4, 16, 16) grids (4 KiB a row) with labels and a condition."""
+    import json
+
+    from safetensors.torch import save_file
+
+    root.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    listed = []
+    for n in range(shards):
+        tensors = {"codes": torch.randint(0, 64, (rows, 4, 16, 16), generator=gen, dtype=torch.int32),
+                   "cond.prefix": torch.randint(0, 64, (rows, 4, 16, 16), generator=gen, dtype=torch.int32),
+                   "labels": torch.randint(0, 3, (rows,), generator=gen), "clip_index": torch.arange(rows) + n * rows}
+        save_file(tensors, str(root / f"shard-{n:05d}.safetensors"))
+        listed.append({"file": f"shard-{n:05d}.safetensors", "num_examples": rows})
+    (root / "meta.json").write_text(json.dumps({"token_grid": [4, 16, 16], "codebook_size": 64, "classes": ["a", "b", "c"],
+                                                "shards": listed, "num_examples": shards * rows}))
+    return root
+
+
+def test_token_shards_items_equal_the_in_memory_concatenation(tmp_path):
+    from safetensors.torch import load_file
+
+    from magvit.data import TokenShardDataset
+
+    root = _write_token_shards(tmp_path / "tokens", shards=3, rows=5)
+    data = TokenShardDataset(root)
+    # the former behaviour: every shard loaded and concatenated in meta.json order
+    parts = [load_file(str(root / f"shard-{n:05d}.safetensors")) for n in range(3)]
+    whole = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+    assert len(data) == 15
+    for i in range(15):
+        item = data[i]
+        assert set(item) == {"codes", "cond.prefix", "label", "index"}
+        assert torch.equal(item["codes"], whole["codes"][i].long()) and item["codes"].dtype == torch.long
+        assert torch.equal(item["cond.prefix"], whole["cond.prefix"][i].long())
+        assert item["label"] == int(whole["labels"][i]) and item["index"] == i
+    with pytest.raises(IndexError):
+        data[15]
+    # a shard whose grid differs from the others is refused at open
+    from safetensors.torch import save_file
+
+    save_file({"codes": torch.zeros(2, 4, 16, 16, dtype=torch.int32), "labels": torch.zeros(2, dtype=torch.long)},
+              str(root / "shard-00002.safetensors"))
+    with pytest.raises(ValueError, match="shards do not fit together"):
+        TokenShardDataset(root)
+
+
+_RSS_PROBE = """
+import sys
+from magvit.data import TokenShardDataset
+
+def anon_kib():  # anonymous memory only: mapped file pages are the page cache's, not this process's
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1])
+
+before = anon_kib()
+data = TokenShardDataset(sys.argv[1])
+total = sum(int(data[i]["codes"][0, 0, 0]) for i in range(0, len(data), 7))
+print(len(data), anon_kib() - before)
+"""
+
+
+def test_token_shards_resident_memory_does_not_grow_with_the_shards(tmp_path):
+    """2 vs 20 shards of 4 MiB: reading items keeps the same resident memory (loading them would add 72 MiB)."""
+    import subprocess
+    import sys
+
+    grown = {}
+    for shards in (2, 20):
+        root = _write_token_shards(tmp_path / f"t{shards}", shards=shards, rows=1024)
+        out = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(root)], capture_output=True, text=True,
+                             check=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"}).stdout.split()
+        assert int(out[0]) == shards * 1024
+        grown[shards] = int(out[1])  # KiB
+    assert grown[20] - grown[2] < 16 * 1024, grown
