@@ -147,7 +147,7 @@ def test_save_load_round_trip(tmp_path, options):
         codes = tok.encode(video)
         decoded = tok.decode(codes)
     tok.save_pretrained(tmp_path / "tok")
-    assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == ["README.md", "config.json", "model.safetensors"]
     loaded = VideoTokenizer.from_pretrained(tmp_path / "tok")
     assert loaded.config == cfg
     with torch.no_grad():
