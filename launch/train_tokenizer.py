@@ -1,7 +1,8 @@
 """Train the MAGVIT video tokenizer (generator) against a 3D discriminator with DeepSpeed.
 
     deepspeed --num_accelerators 2 launch/train_tokenizer.py --config configs/tokenizer/tiny.yaml \\
-        [--deepspeed_config configs/deepspeed/zero2.json] [--run-dir DIR] [--resume auto] [key.path=value ...]
+        [--deepspeed_config configs/deepspeed/zero2.json] [--run-dir DIR] \\
+        [--resume auto|never] [--overwrite] [key.path=value ...]
 
 Also runs under ``torchrun``, ``srun`` (one process per task) and as plain ``python`` (one process).
 
@@ -231,18 +232,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not Path(cfg.data.manifest).is_file():
         raise UsageError(f"manifest not found: {cfg.data.manifest} (make one with `python -m data_prep.sample_data "
                          f"--out data/sample` or set data.manifest=...)")
-    return train(cfg, ds_base, args.run_dir, resume=args.resume == "auto", argv=sys.argv if argv is None else argv)
+    return train(cfg, ds_base, args.run_dir, resume=args.resume == "auto" and not args.overwrite,
+                 argv=sys.argv if argv is None else argv, overwrite=args.overwrite)
 
 
 def train(cfg: TokenizerTrainConfig, ds_base: dict[str, Any], run_dir: Path, resume: bool,
-          argv: Sequence[str]) -> int:
+          argv: Sequence[str], overwrite: bool = False) -> int:
     from magvit.data import ClipDataset
     from magvit.discriminator import Discriminator, DiscriminatorConfig
     from magvit.losses import LeCamRegularizer, PerceptualLoss
+    from magvit.model_card import TrainingRecord
     from magvit.tokenizer import TokenizerConfig, init_tokenizer
 
     # from here on SIGTERM/SIGUSR1 mean "checkpoint and exit 3"
-    run = start_run(cfg, ds_base, run_dir, argv, "magvit.train_tokenizer", resume=resume)
+    run = start_run(cfg, ds_base, run_dir, argv, "magvit.train_tokenizer", resume=resume,
+                    overwrite=overwrite)
     rank, world, device, stage, log = run.rank, run.world_size, run.device, run.zero_stage, run.log
     tc = cfg.train
 
@@ -291,13 +295,15 @@ def train(cfg: TokenizerTrainConfig, ds_base: dict[str, Any], run_dir: Path, res
     if resumed is not None:
         lecam.ema_real.fill_(resumed["lecam"][0])
         lecam.ema_fake.fill_(resumed["lecam"][1])
+    last_eval: dict[str, float] = {}  # the last validation numbers (val/psnr), for the export's model card
 
     def save(at_step: int) -> None:
         state = {"data": stream.state_dict(), "lecam": [lecam.ema_real.item(), lecam.ema_fake.item()],
                  **guard.state_dict(), "config": cfg.to_dict()}
         ckpt.save(at_step, engines, state, ema)
         if rank == 0:
-            export_ema(ema_copy(model_cfg, ema, g_engine.module), ema, run_dir / "export")
+            export_ema(ema_copy(model_cfg, ema, g_engine.module), ema, run_dir / "export",
+                       TrainingRecord(str(d.manifest), len(train_set), at_step, dict(last_eval)))
         dist.barrier()
 
     # --- loop ------------------------------------------------------------------------------------------------------
@@ -350,7 +356,8 @@ def train(cfg: TokenizerTrainConfig, ds_base: dict[str, Any], run_dir: Path, res
             if val_videos is not None and (cfg.logging.sample_every and step % cfg.logging.sample_every == 0
                                            or step == tc.max_steps):
                 model = ema_copy(model_cfg, ema, g_engine.module).to(device)
-                metrics_log.log(step, validate(model, val_videos.to(device), run_dir / "samples", step, fps=8.0))
+                last_eval.update(validate(model, val_videos.to(device), run_dir / "samples", step, fps=8.0))
+                metrics_log.log(step, last_eval)
             if step % cfg.checkpoint.every == 0 or step == tc.max_steps:
                 save(step)
                 last_saved = step

@@ -1,7 +1,8 @@
 """Train the masked video transformer on token shards with DeepSpeed.
 
     deepspeed --num_accelerators 2 launch/train_transformer.py --config configs/transformer/tiny.yaml \\
-        [--deepspeed_config configs/deepspeed/zero2.json] [--run-dir DIR] [--resume auto] [key.path=value ...]
+        [--deepspeed_config configs/deepspeed/zero2.json] [--run-dir DIR] \\
+        [--resume auto|never] [--overwrite] [key.path=value ...]
 
 Also runs under ``torchrun``, ``srun`` (one process per task) and as plain ``python`` (one process).
 
@@ -106,16 +107,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, cfg, ds_base = parse_train_command(__doc__.split("\n")[0], DEFAULT_CONFIG, "transformer", load_config,
                                              argv)
     cfg = with_token_sizes(cfg)
-    return train(cfg, ds_base, args.run_dir, resume=args.resume == "auto", argv=sys.argv if argv is None else argv)
+    return train(cfg, ds_base, args.run_dir, resume=args.resume == "auto" and not args.overwrite,
+                 argv=sys.argv if argv is None else argv, overwrite=args.overwrite)
 
 
 def train(cfg: TransformerTrainConfig, ds_base: dict[str, Any], run_dir: Path, resume: bool,
-          argv: Sequence[str]) -> int:
+          argv: Sequence[str], overwrite: bool = False) -> int:
     from magvit.data import TokenShardDataset
+    from magvit.model_card import TrainingRecord
     from magvit.transformer import MaskedVideoTransformer, TransformerConfig
 
     # from here on SIGTERM/SIGUSR1 mean "checkpoint and exit 3"
-    run = start_run(cfg, ds_base, run_dir, argv, "magvit.train_transformer", resume=resume)
+    run = start_run(cfg, ds_base, run_dir, argv, "magvit.train_transformer", resume=resume,
+                    overwrite=overwrite)
     rank, world, device, stage, log = run.rank, run.world_size, run.device, run.zero_stage, run.log
     tc = cfg.train
 
@@ -142,6 +146,7 @@ def train(cfg: TransformerTrainConfig, ds_base: dict[str, Any], run_dir: Path, r
     guard = NonFiniteGuard(tc.max_nonfinite_steps)
     resumed = resume_latest(ckpt, {"transformer": engine}, ema, stream, guard, run) if resume else None
     step = int(resumed["step"]) if resumed is not None else 0
+    last_eval: dict[str, float] = {}  # the last logged loss / accuracy, for the export's model card
 
     def save(at_step: int) -> None:
         ckpt.save(at_step, {"transformer": engine},
@@ -150,7 +155,9 @@ def train(cfg: TransformerTrainConfig, ds_base: dict[str, Any], run_dir: Path, r
         if rank == 0:
             with torch.random.fork_rng(devices=[]):  # must not move the training RNG (exact resume)
                 plain = MaskedVideoTransformer(model_cfg)
-            export_ema(plain, ema, run_dir / "export")
+            plain.class_names = list(dataset.classes)  # class id -> name, from the shards' meta.json
+            export_ema(plain, ema, run_dir / "export", TrainingRecord(str(d.tokens), len(dataset), at_step,
+                                                                      dict(last_eval)))
         dist.barrier()
 
     metrics_log = MetricsLogger(run_dir, enabled=rank == 0, tensorboard=cfg.logging.tensorboard)
@@ -186,7 +193,8 @@ def train(cfg: TransformerTrainConfig, ds_base: dict[str, Any], run_dir: Path, r
             run.count_skipped_step(engine, step, guard, metrics_log)  # overflowing gradients: no update
             window.end_step()
             if step % cfg.logging.log_every == 0 or step == tc.max_steps:
-                window.log(step, {"lr": lr}, stream.epoch)
+                logged = window.log(step, {"lr": lr}, stream.epoch)
+                last_eval.update({k: logged[k] for k in ("loss", "masked_accuracy") if k in logged})
             if step % cfg.checkpoint.every == 0 or step == tc.max_steps:
                 save(step)
                 last_saved = step

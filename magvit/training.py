@@ -17,6 +17,7 @@ import math
 import os
 import platform
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -240,8 +241,13 @@ def build_arg_parser(description: str, default_config: str) -> argparse.Argument
                         help="DeepSpeed JSON (ZeRO stage and options); overrides train.deepspeed_config")
     parser.add_argument("--run-dir", "--run_dir", dest="run_dir", default=None,
                         help="where everything of the run goes (default: runs/<kind>/<config name>)")
-    parser.add_argument("--resume", choices=["auto", "never"], default="never",
-                        help="'auto': continue from the latest complete checkpoint in the run dir, if any")
+    parser.add_argument("--resume", choices=["auto", "never"], default="auto",
+                        help="'auto': continue from the latest complete checkpoint in the run dir, if any; 'never': "
+                             "start at step 0, refused when the run dir already holds a run (see --overwrite)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in a run dir that holds a run: first DELETE its previous run "
+                             f"({', '.join(s + '/' for s in RUN_SUBDIRS)}, {', '.join(RUN_FILES)}); other files "
+                             "stay. Implies a fresh start (no resume)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
     return parser
@@ -583,6 +589,47 @@ class BatchStream:
 # Run directory and metrics
 # --------------------------------------------------------------------------------------------------------------
 RUN_SUBDIRS = ("checkpoints", "export", "samples", "tb", "logs")
+RUN_FILES = ("metrics.jsonl", "config.yaml", "deepspeed_config.json", "command.txt", "version.txt")
+
+
+def previous_run(run_dir: str | os.PathLike) -> str | None:
+    """What shows that ``run_dir`` already holds a run (its ``config.yaml``, a checkpoint, logged metrics or an
+    export), or None for a new or empty run dir."""
+    run_dir = Path(run_dir)
+    if (run_dir / "config.yaml").is_file():
+        return "config.yaml"
+    if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+        return "checkpoints/"
+    if (run_dir / "metrics.jsonl").is_file() and (run_dir / "metrics.jsonl").stat().st_size > 0:
+        return "metrics.jsonl"
+    if (run_dir / "export" / "config.json").is_file():
+        return "export/"
+    return None
+
+
+def clear_run_dir(run_dir: str | os.PathLike) -> None:
+    """Delete the previous run of ``run_dir`` (``--overwrite``): the run folders and files the training scripts
+    write (``RUN_SUBDIRS``, ``RUN_FILES``, an interrupted export's ``.export.*`` folders); nothing else."""
+    run_dir = Path(run_dir)
+    for sub in RUN_SUBDIRS:
+        if (run_dir / sub).is_symlink():
+            (run_dir / sub).unlink()
+        elif (run_dir / sub).exists():
+            shutil.rmtree(run_dir / sub)
+    for path in [*(run_dir / name for name in RUN_FILES), *run_dir.glob(".export.*")]:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
+def rerun_problem(run_dir: Path, resume: bool, overwrite: bool) -> str | None:
+    """The one-line refusal of a fresh start (no resume, no overwrite) in a run dir that already holds a run."""
+    found = None if resume or overwrite else previous_run(run_dir)
+    if found is None:
+        return None
+    return (f"{run_dir} already holds a run ({found}): pass --resume auto to continue it, --overwrite to delete it "
+            "and start over, or another --run-dir")
 
 
 def version_info() -> dict[str, str]:
@@ -718,12 +765,14 @@ class RunContext:
 
 
 def start_run(cfg: Config, ds_base: Mapping[str, Any], run_dir: Path, argv: Sequence[str],
-              logger_name: str, resume: bool = False) -> RunContext:
+              logger_name: str, resume: bool = False, overwrite: bool = False) -> RunContext:
     """Start the process group, turn SIGTERM/SIGUSR1 into "checkpoint and exit 3" from here on, resolve the
     DeepSpeed config (``cfg.data``, ``cfg.train``, ``cfg.optim.grad_clip``), check that a ``resume`` can honour
-    ``cfg`` (:func:`resume_changes`), set up ``run_dir`` (rank 0) and open this rank's logger
-    (``run_dir/logs/rank<r>.log``). A refused resume or an unwritable run dir raises ``UsageError`` on every rank
-    before ``config.yaml`` is written, so the run dir never records a value that is not in force."""
+    ``cfg`` (:func:`resume_changes`), refuse a fresh start over a previous run unless ``overwrite``
+    (:func:`rerun_problem`; ``overwrite`` deletes it, :func:`clear_run_dir`), set up ``run_dir`` (rank 0) and open
+    this rank's logger (``run_dir/logs/rank<r>.log``). A refused resume or rerun or an unwritable run dir raises
+    ``UsageError`` on every rank before ``config.yaml`` is written, so the run dir never records a value that is
+    not in force."""
     env = dist.init_distributed()
     preempt = dist.PreemptionHandler().install()
     tc = cfg.train
@@ -735,11 +784,16 @@ def start_run(cfg: Config, ds_base: Mapping[str, Any], run_dir: Path, argv: Sequ
     except ValueError as err:  # the same on every rank
         raise UsageError(f"{tc.deepspeed_config}: {err}") from None
     stage = ds_config["zero_optimization"]["stage"]
-    problem, changes = None, []
+    problem = rerun_problem(run_dir, resume, overwrite)  # every rank looks before rank 0 writes anything
+    if dist.all_reduce_max(1.0 if problem else 0.0) > 0:
+        raise UsageError(problem or f"{run_dir} already holds a run (seen by another rank)")
+    changes: list[str] = []
     if resume:
         problem, changes = resume_changes(cfg, run_dir / "checkpoints", env.world_size, stage)
     if problem is None and env.rank == 0:
         try:
+            if overwrite:
+                clear_run_dir(run_dir)
             setup_run_dir(run_dir, cfg, ds_config, argv)
         except OSError as err:
             problem = f"cannot write the run dir {run_dir}: {err}"

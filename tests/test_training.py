@@ -325,7 +325,7 @@ def test_parse_train_command_defaults_and_user_errors(monkeypatch):
     args, cfg, ds_base = T.parse_train_command("x", "configs/transformer/tiny.yaml", "transformer", load_config,
                                                ["train.seed=1"])
     assert calls == [("configs/transformer/tiny.yaml", ["train.seed=1"], None)]
-    assert args.run_dir == Path("runs/transformer/tiny") and args.resume == "never"
+    assert args.run_dir == Path("runs/transformer/tiny") and args.resume == "auto"
     assert isinstance(ds_base, dict) and "zero_optimization" in ds_base
     args, _, _ = T.parse_train_command("x", "c.yaml", "tokenizer", load_config, ["--run-dir", "/tmp/r"])
     assert args.run_dir == Path("/tmp/r")
