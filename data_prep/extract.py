@@ -1,12 +1,14 @@
 """Pre-extract clips into compact uint8 shards, so training never decodes video on the hot path.
 
     python -m data_prep.extract --manifest M --out DIR --num-frames 16 --image-size 128 [--split train]
+                                [--format safetensors|webdataset]
 
 Each video gives ``--clips-per-video`` evenly spaced clips, short-side resized to ``--image-size`` and center
 cropped, stored as ``frames`` uint8 ``(N, T, H, W, 3)`` plus ``labels`` ``(N,)`` in ``shard-XXXXX.safetensors``,
 with ``meta.json`` written last (read by ``magvit.data.ClipShardDataset``, which can crop smaller and flip). Store a
 larger ``--image-size`` than the training size to keep random-crop augmentation. Rerunning resumes: finished
-shards are kept. Videos that fail to decode are left out and reported.
+shards are kept. Videos that fail to decode are left out and reported. ``--format webdataset`` writes
+``shard-XXXXX.tar`` streaming shards instead (``magvit.streaming.ShardStream``; the same ``meta.json``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Sequence
 
 
 from data_prep._cli import ArgumentParser, UsageError, quiet_decoders, run_main, write_json
-from data_prep._shards import check_out_dir, fingerprint, open_out_dir, write_shards
+from data_prep._shards import FORMATS, check_out_dir, fingerprint, open_out_dir, write_shards
 
 PROG = "python -m data_prep.extract"
 
@@ -35,6 +37,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--target-fps", type=float, default=None, help="resample to this fps (overrides stride)")
     parser.add_argument("--shard-size", type=int, default=256, help="clips per shard (default 256)")
     parser.add_argument("--workers", type=int, default=None, help="decoding DataLoader workers (default: cores)")
+    parser.add_argument("--format", choices=FORMATS, default="safetensors",
+                        help="shard format: safetensors (random access) or webdataset (tar shards for streaming)")
     parser.add_argument("--overwrite", action="store_true", help="start over: remove the shards already in --out (also damaged ones or those of other settings)")
     args = parser.parse_args(argv)
     for name in ("num_frames", "image_size", "clips_per_video", "frame_stride", "shard_size"):
@@ -56,6 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     settings = {k: getattr(args, k) for k in ("num_frames", "image_size", "split", "clips_per_video",
                                               "frame_stride", "target_fps", "shard_size")}
+    if args.format != "safetensors":  # folders written before the option keep their fingerprint
+        settings["format"] = args.format
     videos = [(r["path"], r["frames"], r.get("label")) for r in dataset.records]
     plan = {"settings": settings, "fingerprint": fingerprint({"settings": settings, "videos": videos})}
     open_out_dir(out, plan, args.overwrite)
@@ -64,11 +70,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     shards, made, kept, dropped = write_shards(
         dataset, out, args.shard_size, batch_size=8, workers=workers, desc="extracting",
         encode=lambda batch: {"frames": batch["video"], "labels": batch["label"].long(),
-                              "clip_index": batch["index"].long()})
+                              "clip_index": batch["index"].long()}, format=args.format)
     meta = {"format": "magvit-clips", "num_frames": args.num_frames, "size": [args.image_size, args.image_size],
             "classes": dataset.classes, "split": args.split, "manifest": str(Path(args.manifest).resolve()),
             "frame_stride": args.frame_stride, "target_fps": args.target_fps,
-            "clips_per_video": args.clips_per_video, "num_examples": sum(s["num_examples"] for s in shards),
+            "clips_per_video": args.clips_per_video, "storage": args.format, "num_examples": sum(s["num_examples"] for s in shards),
             "shards": shards}
     if shards:
         write_json(out / "meta.json", meta)

@@ -1,7 +1,8 @@
 """Tokenize a dataset with a trained tokenizer into token shards for transformer training.
 
     python -m data_prep.tokenize --tokenizer DIR --manifest manifest.jsonl --out DIR [--split train|val|all]
-                                 [--batch-size 8] [--shard-size 256]
+                                 [--batch-size 8] [--shard-size 256] [--format safetensors|webdataset]
+                                 [--device cuda|cpu] [--rank R --world-size W]
 
 Clips of the tokenizer's ``num_frames`` x ``image_size`` (center start and crop, deterministic) are encoded with
 ``VideoTokenizer.from_pretrained(DIR)``. Each ``shard-XXXXX.safetensors`` holds, per clip: ``codes`` (N, t, h, w),
@@ -10,11 +11,16 @@ from ``build_condition_video``), ``sketch_codes`` (N, t, h, w) from the sketch v
 every clip has one, else ``data_prep.sketch.sketch_video`` of the clip), ``labels`` (N,) and ``clip_index`` (N,).
 ``meta.json`` (written last) holds the tokenizer config, ``token_grid``, ``codebook_size``, ``classes``,
 ``condition_tasks`` and ``num_examples``. Codes are stored as int32. Rerunning resumes: finished shards are kept
-(each is written to a temp file and renamed). Decoding runs in DataLoader workers, encoding on all torch threads.
+(each is written to a temp file and renamed). Decoding runs in DataLoader workers, encoding on all torch threads
+of ``--device`` (default: the GPU when there is one). ``--format webdataset`` writes ``shard-XXXXX.tar`` streaming
+shards instead (``magvit.streaming``; the same ``meta.json``). Several processes (``--rank R --world-size W``, or
+torchrun's / SLURM's environment) split the work: rank ``r`` writes shards ``r, r + W, ...``, and the last rank to
+finish writes ``meta.json``; the shards are the ones a single process writes.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -22,7 +28,8 @@ from typing import Sequence
 import torch
 
 from data_prep._cli import ArgumentParser, UsageError, quiet_decoders, run_main, write_json
-from data_prep._shards import check_out_dir, file_digest, fingerprint, open_out_dir, write_shards
+from data_prep._shards import (FORMATS, check_out_dir, file_digest, finish_rank, fingerprint, num_shards,
+                               open_out_dir_ranked, rank_from_env, write_shards)
 
 PROG = "python -m data_prep.tokenize"
 
@@ -68,7 +75,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--frame-stride", type=int, default=1)
     parser.add_argument("--workers", type=int, default=None, help="decoding DataLoader workers (default: 2)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, all cores)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default=None, help="encoder device (default: cuda when available, else cpu)")
+    parser.add_argument("--format", choices=FORMATS, default="safetensors",
+                        help="shard format: safetensors (random access) or webdataset (tar shards for streaming)")
+    parser.add_argument("--rank", type=int, default=None, help="this process's rank (default: $RANK, else 0)")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="processes sharing the work (default: $WORLD_SIZE, else 1)")
     parser.add_argument("--overwrite", action="store_true", help="start over: remove the shards already in --out (also damaged ones or those of other settings)")
     args = parser.parse_args(argv)
     for name in ("batch_size", "shard_size", "frame_stride"):
@@ -79,6 +91,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not Path(args.manifest).is_file():
         raise UsageError(f"manifest not found: {args.manifest}")
     check_out_dir(Path(args.out))  # before loading and encoding anything
+    rank, world = rank_from_env(args.rank, args.world_size)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device.startswith("cuda") and ":" not in args.device and world > 1 and torch.cuda.device_count() > 1:
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
     quiet_decoders()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -113,11 +130,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     out = Path(args.out)
     settings = {"split": args.split, "shard_size": args.shard_size, "sketch": sketch_mode, "tasks": tasks,
+                **({"format": args.format} if args.format != "safetensors" else {}),
                 "frame_stride": args.frame_stride, "tokenizer_config": config.to_dict(),
                 "tokenizer_weights": file_digest(Path(args.tokenizer) / "model.safetensors")}
     videos = [(r["path"], r["frames"], r.get("label"), r.get("sketch")) for r in dataset.records]
-    open_out_dir(out, {"settings": settings, "fingerprint": fingerprint({"s": settings, "v": videos})},
-                 args.overwrite)
+    plan = {"settings": settings, "fingerprint": fingerprint({"s": settings, "v": videos})}
+    open_out_dir_ranked(out, plan, args.overwrite, rank, world)
     workers = 2 if args.workers is None else args.workers
 
     from data_prep.sketch import sketch_video
@@ -132,17 +150,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return {**encode_batch(tokenizer, video, tasks, sketch, args.device), "labels": batch["label"].long(),
                 "clip_index": batch["index"].long()}
 
-    shards, made, kept, dropped = write_shards(dataset, out, args.shard_size, args.batch_size, workers,
-                                               "tokenizing", encode)
+    numbers = range(rank, num_shards(len(dataset), args.shard_size), world)
+    mine, made, kept, dropped = write_shards(dataset, out, args.shard_size, args.batch_size, workers,
+                                             "tokenizing" if world == 1 else f"tokenizing (rank {rank}/{world})",
+                                             encode, format=args.format, numbers=numbers)
+    shards = finish_rank(out, plan["fingerprint"], rank, world, mine)
     meta = {"format": "magvit-tokens", "tokenizer": config.to_dict(),
             "tokenizer_dir": str(Path(args.tokenizer).resolve()), "token_grid": list(grid),
             "codebook_size": config.codebook_size, "classes": dataset.classes, "condition_tasks": tasks,
             "has_sketch": sketch_mode != "none", "sketch_source": sketch_mode, "num_frames": num_frames,
             "image_size": size, "frame_stride": args.frame_stride, "split": args.split,
-            "manifest": str(Path(args.manifest).resolve()),
-            "num_examples": sum(s["num_examples"] for s in shards), "shards": shards}
+            "manifest": str(Path(args.manifest).resolve()), "storage": args.format,
+            "num_examples": sum(s["num_examples"] for s in shards or mine), "shards": shards or mine}
     if shards:
         write_json(out / "meta.json", meta)
+    elif world > 1:
+        print(f"rank {rank}: wrote its shards; meta.json follows when all {world} ranks have finished",
+              file=sys.stderr)
+        return 0 if mine else 1
     for path_, reason in dataset.skipped[:10]:
         print(f"skipped {path_}: {reason}", file=sys.stderr)
     print(f"tokenized {meta['num_examples']} clips ({num_frames}x{size}x{size} -> tokens {tuple(grid)}; "

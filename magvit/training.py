@@ -56,12 +56,22 @@ class DataConfig(Config):
     batch_size: int = 2
     num_workers: int = 2
     val_clips: int = 4  # validation clips reconstructed / evaluated at each sample step
+    # "files": the manifest (tokenizer) / token shard folder (transformer) above, random access; "webdataset":
+    # stream the tar shards of `shards` (magvit.streaming.ShardStream)
+    format: str = "files"
+    shards: str = ""  # webdataset: folder or fsspec URL with meta.json, or a brace pattern of .tar shard URLs
+    shuffle_buffer: int = 256  # webdataset: samples in each loader worker's shuffling buffer (0: stored order)
 
     def __post_init__(self):
         if min(self.batch_size, self.num_frames, self.image_size, self.frame_stride, self.clips_per_video) < 1:
             raise ValueError("data: batch_size, num_frames, image_size, frame_stride, clips_per_video must be >= 1")
-        if self.num_workers < 0 or self.val_clips < 0:
-            raise ValueError("data: num_workers and val_clips must be >= 0")
+        if self.num_workers < 0 or self.val_clips < 0 or self.shuffle_buffer < 0:
+            raise ValueError("data: num_workers, val_clips and shuffle_buffer must be >= 0")
+        if self.format not in ("files", "webdataset"):
+            raise ValueError(f"data.format must be 'files' or 'webdataset', got {self.format!r}")
+        if self.format == "webdataset" and not self.shards:
+            raise ValueError("data.format 'webdataset' needs data.shards (a folder or URL with meta.json, or a "
+                             "pattern like .../shard-{00000..00099}.tar)")
 
 
 @dataclasses.dataclass
@@ -559,6 +569,7 @@ class BatchStream:
         self._iterator: Iterator | None = None
 
     def _start_epoch(self) -> None:
+        self.sampler.set_epoch(self.epoch, self.batch)  # a streaming plan's batch count depends on the epoch
         if self.batch >= self.sampler.batches_per_epoch:
             self.epoch, self.batch = self.epoch + 1, 0
         self.sampler.set_epoch(self.epoch, self.batch)
@@ -865,7 +876,13 @@ def precision_context(precision: Precision, device: torch.device) -> contextlib.
 def make_batch_stream(dataset: Any, data: DataConfig, rank: int, world_size: int, seed: int,
                       device: torch.device) -> BatchStream:
     """This rank's endless, resumable micro-batches of ``dataset`` (``data.batch_size`` items, drop_last).
-    Raises ``ValueError`` when the data set is smaller than one global batch."""
+    A :class:`magvit.streaming.ShardStream` plans its own batches and position. Raises ``ValueError`` when the
+    data set is smaller than one global batch."""
+    from .streaming import ShardStream
+
+    if isinstance(dataset, ShardStream):  # collated batches from the workers, already split by rank and worker
+        return BatchStream(None, dataset, lambda s: torch.utils.data.DataLoader(
+            s, batch_size=None, num_workers=data.num_workers, pin_memory=device.type == "cuda"))
     sampler = ResumableDistributedSampler(len(dataset), rank, world_size, data.batch_size, seed=seed)
 
     def make_loader(s: ResumableDistributedSampler) -> torch.utils.data.DataLoader:

@@ -1,0 +1,190 @@
+"""Streaming webdataset shards: items equal the source, rank x worker split, exact mid-epoch resume, writers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from data_prep._shards import save_tar_shard
+from magvit.streaming import ShardStream, decode_sample, encode_sample, iter_tar_samples, resolve_shards, tar_rows
+
+GRID = (2, 4, 4)
+
+
+def _token_tars(root, shards: int, rows: int, seed: int = 0) -> dict[int, dict[str, torch.Tensor]]:
+    """``shards`` tar shards of ``rows`` token samples each (clip index = global row); returns row -> tensors."""
+    root.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    source, listed = {}, []
+    for n in range(shards):
+        tensors = {"codes": torch.randint(0, 64, (rows, *GRID), generator=gen, dtype=torch.int32),
+                   "cond.prefix": torch.randint(0, 64, (rows, *GRID), generator=gen, dtype=torch.int32),
+                   "labels": torch.randint(0, 3, (rows,), generator=gen),
+                   "clip_index": torch.arange(n * rows, (n + 1) * rows)}
+        save_tar_shard(root / f"shard-{n:05d}.tar", tensors)
+        listed.append({"file": f"shard-{n:05d}.tar", "num_examples": rows})
+        for i in range(rows):
+            source[n * rows + i] = {"codes": tensors["codes"][i], "cond.prefix": tensors["cond.prefix"][i],
+                                    "label": int(tensors["labels"][i])}
+    (root / "meta.json").write_text(json.dumps({"token_grid": list(GRID), "codebook_size": 64, "shards": listed,
+                                                "num_examples": shards * rows}))
+    return source
+
+
+def _batches(stream: ShardStream, workers: int) -> list[dict[str, torch.Tensor]]:
+    return list(DataLoader(stream, batch_size=None, num_workers=workers))
+
+
+def test_samples_round_trip_and_the_stream_yields_the_source(tmp_path):
+    tensors = {"codes": torch.randint(0, 64, GRID, dtype=torch.int32), "frames": torch.randint(0, 255, (3, 4, 4, 3),
+                                                                                                 dtype=torch.uint8)}
+    item = decode_sample(encode_sample(17, tensors, 2))
+    assert item["index"] == 17 and item["label"] == 2
+    assert all(torch.equal(item[k], v) and item[k].dtype == v.dtype for k, v in tensors.items())
+    source = _token_tars(tmp_path / "wds", shards=4, rows=6)
+    assert tar_rows(tmp_path / "wds" / "shard-00000.tar") == 6
+    # a brace pattern and a file:// URL (any fsspec URL) name the same shards
+    meta, urls, counts = resolve_shards(f"file://{tmp_path}/wds/shard-{{00000..00003}}.tar")
+    assert counts == [6] * 4 and urls[0] == f"file://{tmp_path}/wds/shard-00000.tar"
+    assert [s["__key__"] for s in iter_tar_samples(urls[1])] == [f"{i:09d}" for i in range(6, 12)]
+    stream = ShardStream(str(tmp_path / "wds"), "tokens", batch_size=4, seed=3, shuffle_buffer=5)
+    seen = {}
+    for batch in _batches(stream, 0):
+        assert batch["codes"].dtype == torch.long and batch["codes"].shape == (4, *GRID)
+        for j, index in enumerate(batch["index"].tolist()):
+            seen[index] = {"codes": batch["codes"][j], "cond.prefix": batch["cond.prefix"][j],
+                           "label": int(batch["label"][j])}
+    assert len(seen) == 24 == stream.batches_per_epoch * 4  # every sample once (24 = 6 batches of 4)
+    for index, item in seen.items():
+        assert torch.equal(item["codes"], source[index]["codes"].long())
+        assert torch.equal(item["cond.prefix"], source[index]["cond.prefix"].long())
+        assert item["label"] == source[index]["label"]
+    # the shuffling buffer and the epoch change the order, not the content
+    orders = []
+    for epoch in (0, 1):
+        stream.set_epoch(epoch)
+        orders.append([i for b in _batches(stream, 0) for i in b["index"].tolist()])
+    assert orders[0] != orders[1] and sorted(orders[0]) == sorted(orders[1]) == list(range(24))
+    stream.set_epoch(0)
+    assert [i for b in _batches(stream, 0) for i in b["index"].tolist()] == orders[0]  # (seed, epoch) decide
+
+
+def test_ranks_and_workers_split_the_shards_disjoint_and_complete(tmp_path):
+    _token_tars(tmp_path / "wds", shards=8, rows=6)
+    seen = []
+    for rank in range(2):
+        stream = ShardStream(str(tmp_path / "wds"), "tokens", batch_size=3, rank=rank, world_size=2, num_workers=2,
+                             seed=1, shuffle_buffer=4)
+        batches = _batches(stream, 2)
+        assert len(batches) == stream.batches_per_epoch == 8  # equal on every rank: they stay in step
+        seen.append([i for b in batches for i in b["index"].tolist()])
+    assert not set(seen[0]) & set(seen[1])  # disjoint
+    assert sorted(seen[0] + seen[1]) == list(range(48))  # and complete
+    with pytest.raises(ValueError, match="8 shards for 2 ranks x 5 loader workers"):
+        ShardStream(str(tmp_path / "wds"), "tokens", batch_size=3, rank=0, world_size=2, num_workers=5)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_mid_epoch_gives_exactly_the_remaining_batches(tmp_path, workers):
+    _token_tars(tmp_path / "wds", shards=6, rows=7)  # 7 rows: batches do not end on shard edges
+    kwargs = dict(batch_size=2, rank=1, world_size=2, num_workers=workers, seed=4, shuffle_buffer=5)
+    stream = ShardStream(str(tmp_path / "wds"), "tokens", **kwargs)
+    stream.set_epoch(2)
+    whole = _batches(stream, workers)
+    assert len(whole) == stream.batches_per_epoch >= 5
+    for consumed in (1, 3, len(whole) - 1):
+        resumed = ShardStream(str(tmp_path / "wds"), "tokens", **kwargs)
+        resumed.set_epoch(2, consumed)
+        rest = _batches(resumed, workers)
+        assert len(rest) == len(whole) - consumed
+        for got, expected in zip(rest, whole[consumed:]):
+            assert torch.equal(got["index"], expected["index"]) and torch.equal(got["codes"], expected["codes"])
+
+
+def test_batch_stream_resumes_a_streaming_run_exactly(tmp_path):
+    """The trainer's BatchStream over a ShardStream: a stream restored from ``state_dict()`` mid-epoch (and across
+    an epoch boundary) continues with the batches an uninterrupted stream yields."""
+    from magvit.training import DataConfig, make_batch_stream
+
+    _token_tars(tmp_path / "wds", shards=4, rows=5)
+    data = DataConfig(format="webdataset", shards=str(tmp_path / "wds"), batch_size=2, num_workers=2,
+                      shuffle_buffer=3)
+
+    def stream():
+        return make_batch_stream(ShardStream(data.shards, "tokens", 2, 0, 1, 2, seed=7, shuffle_buffer=3), data, 0,
+                                 1, 7, torch.device("cpu"))
+
+    whole = stream()
+    reference = [next(whole)["index"] for _ in range(14)]  # 8 batches per epoch: crosses into epoch 1
+    first = stream()
+    for _ in range(5):
+        next(first)
+    resumed = stream()
+    resumed.epoch, resumed.batch = first.state_dict()["epoch"], first.state_dict()["batch"]
+    assert all(torch.equal(next(resumed)["index"], expected) for expected in reference[5:])
+    with pytest.raises(ValueError, match="needs data.shards"):
+        DataConfig(format="webdataset")
+
+
+# --- writers: data_prep.extract / data_prep.tokenize --format webdataset, tokenize on several ranks -------------------
+from test_data_prep import cli, sample, sample_cache, small_manifest, tiny_tokenizer  # noqa: E402,F401  (fixtures)
+
+
+def test_extract_webdataset_streams_the_clips_of_the_safetensors_shards(small_manifest, tmp_path):
+    from data_prep import extract
+    from magvit.data import ClipShardDataset
+
+    args = ["--manifest", small_manifest, "--num-frames", "8", "--image-size", "40", "--clips-per-video", "2",
+            "--shard-size", "2", "--workers", "0"]
+    assert cli(extract, *args, "--out", tmp_path / "st") == 0
+    assert cli(extract, *args, "--out", tmp_path / "wds", "--format", "webdataset") == 0
+    assert sorted(p.name for p in (tmp_path / "wds").glob("shard-*")) == [f"shard-{n:05d}.tar" for n in range(4)]
+    reference = ClipShardDataset(tmp_path / "st", image_size=32, random_crop=True, hflip=True, seed=2)
+    reference.set_epoch(1)
+    stream = ShardStream(str(tmp_path / "wds"), "clips", batch_size=2, image_size=32, random_crop=True, hflip=True,
+                         seed=2, shuffle_buffer=3)
+    stream.set_epoch(1)
+    seen = 0
+    for batch in _batches(stream, 0):
+        for j, index in enumerate(batch["index"].tolist()):  # same clip, same crop and flip as the random access
+            expected = reference[index]
+            assert torch.equal(batch["video"][j], expected["video"]) and int(batch["label"][j]) == expected["label"]
+            seen += 1
+    assert seen == len(reference) == 8 and stream.classes == ["indoor", "outdoor"]
+
+
+def test_tokenize_webdataset_and_two_ranks_write_the_same_tokens(small_manifest, tiny_tokenizer, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from magvit.data import TokenShardDataset
+    from data_prep import tokenize
+
+    args = ["--tokenizer", tiny_tokenizer, "--manifest", small_manifest, "--shard-size", "1", "--batch-size", "2",
+            "--workers", "0", "--device", "cpu"]
+    assert cli(tokenize, *args, "--out", tmp_path / "one") == 0
+    reference = TokenShardDataset(tmp_path / "one")
+    # two processes, each writes every other shard; the last one to finish writes meta.json
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    procs = [subprocess.Popen([sys.executable, "-m", "data_prep.tokenize", *map(str, args), "--out",
+                               str(tmp_path / "two"), "--rank", str(rank), "--world-size", "2"], env=env,
+                              stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0], [p.stderr.read() for p in procs]
+    two = TokenShardDataset(tmp_path / "two")
+    assert len(two) == len(reference) == 4
+    assert json.loads((tmp_path / "two" / "meta.json").read_text())["shards"] == reference.meta["shards"]
+    for key, value in reference.tensors.items():
+        assert torch.equal(two.tensors[key], value), key
+    # the streaming format holds the same codes
+    assert cli(tokenize, *args, "--out", tmp_path / "wds", "--format", "webdataset") == 0
+    stream = ShardStream(str(tmp_path / "wds"), "tokens", batch_size=1, shuffle_buffer=0)
+    items = [b for b in _batches(stream, 0)]
+    assert len(items) == 4
+    for batch in items:
+        expected = reference[int(batch["index"])]
+        assert set(batch) == set(expected)
+        assert all(torch.equal(batch[k][0], expected[k]) for k in expected if k not in ("label", "index"))
