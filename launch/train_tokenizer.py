@@ -229,7 +229,7 @@ def load_val_videos(cfg: TokenizerTrainConfig, num: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
     args, cfg, ds_base = parse_train_command(__doc__.split("\n")[0], DEFAULT_CONFIG, "tokenizer", load_config, argv)
-    if not Path(cfg.data.manifest).is_file():
+    if cfg.data.format == "files" and not Path(cfg.data.manifest).is_file():
         raise UsageError(f"manifest not found: {cfg.data.manifest} (make one with `python -m data_prep.sample_data "
                          f"--out data/sample` or set data.manifest=...)")
     return train(cfg, ds_base, args.run_dir, resume=args.resume == "auto" and not args.overwrite,
@@ -239,6 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def train(cfg: TokenizerTrainConfig, ds_base: dict[str, Any], run_dir: Path, resume: bool,
           argv: Sequence[str], overwrite: bool = False) -> int:
     from magvit.data import ClipDataset
+    from magvit.streaming import ShardStream
     from magvit.discriminator import Discriminator, DiscriminatorConfig
     from magvit.losses import LeCamRegularizer, PerceptualLoss
     from magvit.model_card import TrainingRecord
@@ -277,14 +278,24 @@ def train(cfg: TokenizerTrainConfig, ds_base: dict[str, Any], run_dir: Path, res
 
     # --- data ----------------------------------------------------------------------------------------------------
     d = cfg.data
+    source = d.manifest if d.format == "files" else d.shards
     try:
-        train_set = ClipDataset(d.manifest, "train", num_frames=d.num_frames, image_size=d.image_size,
-                                frame_stride=d.frame_stride, hflip=d.hflip, seed=tc.seed,
-                                clips_per_video=d.clips_per_video)
+        if d.format == "webdataset":  # clips of data_prep.extract --format webdataset, streamed, random crops
+            train_set = ShardStream(d.shards, "clips", d.batch_size, rank, world, d.num_workers, tc.seed,
+                                    d.shuffle_buffer, image_size=d.image_size, random_crop=True, hflip=d.hflip)
+            if int(train_set.meta.get("num_frames", d.num_frames)) != d.num_frames:
+                raise ValueError(f"clips of {train_set.meta['num_frames']} frames, data.num_frames is {d.num_frames}")
+        else:
+            train_set = ClipDataset(d.manifest, "train", num_frames=d.num_frames, image_size=d.image_size,
+                                    frame_stride=d.frame_stride, hflip=d.hflip, seed=tc.seed,
+                                    clips_per_video=d.clips_per_video)
         stream = make_batch_stream(train_set, d, rank, world, tc.seed, device)
     except (ValueError, FileNotFoundError) as err:  # e.g. too few clips for one global batch
-        raise UsageError(f"{d.manifest}: {err}") from None
-    val_videos = load_val_videos(cfg, d.val_clips) if rank == 0 and d.val_clips > 0 else None
+        raise UsageError(f"{source}: {err}") from None
+    num_clips = train_set.num_examples if d.format == "webdataset" else len(train_set)
+    # validation clips come from the manifest (a streaming run without one validates nothing)
+    has_val = d.val_clips > 0 and Path(d.manifest).is_file()
+    val_videos = load_val_videos(cfg, d.val_clips) if rank == 0 and has_val else None
 
     # --- resume ----------------------------------------------------------------------------------------------------
     ckpt = CheckpointManager(run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last)
@@ -303,7 +314,7 @@ def train(cfg: TokenizerTrainConfig, ds_base: dict[str, Any], run_dir: Path, res
         ckpt.save(at_step, engines, state, ema)
         if rank == 0:
             export_ema(ema_copy(model_cfg, ema, g_engine.module), ema, run_dir / "export",
-                       TrainingRecord(str(d.manifest), len(train_set), at_step, dict(last_eval)))
+                       TrainingRecord(str(source), num_clips, at_step, dict(last_eval)))
         dist.barrier()
 
     # --- loop ------------------------------------------------------------------------------------------------------

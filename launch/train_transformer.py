@@ -62,11 +62,20 @@ def with_token_sizes(cfg: TransformerTrainConfig) -> TransformerTrainConfig:
     from magvit.transformer import TransformerConfig
 
     meta_path = Path(cfg.data.tokens) / "meta.json"
-    if not meta_path.is_file():
+    if cfg.data.format == "webdataset":  # meta.json beside the tar shards, wherever they are
+        from magvit.streaming import resolve_shards
+
+        meta_path = cfg.data.shards
+        try:
+            meta = resolve_shards(cfg.data.shards)[0]
+        except (OSError, ValueError) as err:
+            raise UsageError(f"data.shards: {err}") from None
+    elif not meta_path.is_file():
         raise UsageError(f"token shards not found: {meta_path} (make them with `python -m data_prep.tokenize`, "
                          "or set data.tokens=DIR)")
     try:
-        meta = json.loads(meta_path.read_text())
+        if cfg.data.format == "files":
+            meta = json.loads(meta_path.read_text())
         from_data = {"codebook_size": int(meta["codebook_size"]), "token_grid": list(meta["token_grid"]),
                      "num_classes": len(meta.get("classes") or [])}
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
@@ -114,6 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def train(cfg: TransformerTrainConfig, ds_base: dict[str, Any], run_dir: Path, resume: bool,
           argv: Sequence[str], overwrite: bool = False) -> int:
     from magvit.data import TokenShardDataset
+    from magvit.streaming import ShardStream
     from magvit.model_card import TrainingRecord
     from magvit.transformer import MaskedVideoTransformer, TransformerConfig
 
@@ -135,11 +145,17 @@ def train(cfg: TransformerTrainConfig, ds_base: dict[str, Any], run_dir: Path, r
     vocab = model_cfg.vocab
 
     d = cfg.data
+    source = d.tokens if d.format == "files" else d.shards
     try:
-        dataset = TokenShardDataset(d.tokens)
+        if d.format == "webdataset":  # streamed: split by shard across ranks and loader workers
+            dataset = ShardStream(d.shards, "tokens", d.batch_size, rank, world, d.num_workers, tc.seed,
+                                  d.shuffle_buffer)
+        else:
+            dataset = TokenShardDataset(d.tokens)
         stream = make_batch_stream(dataset, d, rank, world, tc.seed, device)
     except (ValueError, OSError) as err:  # a damaged shard, codes outside the codebook, too few examples
-        raise UsageError(f"{d.tokens}: {' '.join(str(err).split())}") from None
+        raise UsageError(f"{source}: {' '.join(str(err).split())}") from None
+    num_examples = dataset.num_examples if d.format == "webdataset" else len(dataset)
 
     ckpt = CheckpointManager(run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last)
     ckpt.clean_stale()
@@ -156,7 +172,7 @@ def train(cfg: TransformerTrainConfig, ds_base: dict[str, Any], run_dir: Path, r
             with torch.random.fork_rng(devices=[]):  # must not move the training RNG (exact resume)
                 plain = MaskedVideoTransformer(model_cfg)
             plain.class_names = list(dataset.classes)  # class id -> name, from the shards' meta.json
-            export_ema(plain, ema, run_dir / "export", TrainingRecord(str(d.tokens), len(dataset), at_step,
+            export_ema(plain, ema, run_dir / "export", TrainingRecord(str(source), num_examples, at_step,
                                                                       dict(last_eval)))
         dist.barrier()
 

@@ -202,6 +202,11 @@ class ShardStream(IterableDataset):
                    for workers in self._assignment(epoch) for shards in workers)
 
     @property
+    def num_examples(self) -> int:
+        """Examples in all shards (of every rank)."""
+        return sum(self.counts)
+
+    @property
     def batches_per_epoch(self) -> int:
         """Batches this rank yields in the current epoch (equal on every rank)."""
         return self._worker_batches(self.epoch) * self.workers

@@ -881,8 +881,10 @@ def make_batch_stream(dataset: Any, data: DataConfig, rank: int, world_size: int
     from .streaming import ShardStream
 
     if isinstance(dataset, ShardStream):  # collated batches from the workers, already split by rank and worker
+        # a generator of its own: the loader must not draw its worker seeds from the (checkpointed) global RNG
         return BatchStream(None, dataset, lambda s: torch.utils.data.DataLoader(
-            s, batch_size=None, num_workers=data.num_workers, pin_memory=device.type == "cuda"))
+            s, batch_size=None, num_workers=data.num_workers, pin_memory=device.type == "cuda",
+            generator=torch.Generator().manual_seed(seed + rank)))
     sampler = ResumableDistributedSampler(len(dataset), rank, world_size, data.batch_size, seed=seed)
 
     def make_loader(s: ResumableDistributedSampler) -> torch.utils.data.DataLoader:

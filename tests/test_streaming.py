@@ -21,15 +21,16 @@ def _token_tars(root, shards: int, rows: int, seed: int = 0) -> dict[int, dict[s
     source, listed = {}, []
     for n in range(shards):
         tensors = {"codes": torch.randint(0, 64, (rows, *GRID), generator=gen, dtype=torch.int32),
-                   "cond.prefix": torch.randint(0, 64, (rows, *GRID), generator=gen, dtype=torch.int32),
+                   "cond.interpolation": torch.randint(0, 64, (rows, *GRID), generator=gen, dtype=torch.int32),
                    "labels": torch.randint(0, 3, (rows,), generator=gen),
                    "clip_index": torch.arange(n * rows, (n + 1) * rows)}
         save_tar_shard(root / f"shard-{n:05d}.tar", tensors)
         listed.append({"file": f"shard-{n:05d}.tar", "num_examples": rows})
         for i in range(rows):
-            source[n * rows + i] = {"codes": tensors["codes"][i], "cond.prefix": tensors["cond.prefix"][i],
+            source[n * rows + i] = {"codes": tensors["codes"][i], "cond.interpolation": tensors["cond.interpolation"][i],
                                     "label": int(tensors["labels"][i])}
     (root / "meta.json").write_text(json.dumps({"token_grid": list(GRID), "codebook_size": 64, "shards": listed,
+                                                "classes": ["a", "b", "c"],
                                                 "num_examples": shards * rows}))
     return source
 
@@ -55,12 +56,12 @@ def test_samples_round_trip_and_the_stream_yields_the_source(tmp_path):
     for batch in _batches(stream, 0):
         assert batch["codes"].dtype == torch.long and batch["codes"].shape == (4, *GRID)
         for j, index in enumerate(batch["index"].tolist()):
-            seen[index] = {"codes": batch["codes"][j], "cond.prefix": batch["cond.prefix"][j],
+            seen[index] = {"codes": batch["codes"][j], "cond.interpolation": batch["cond.interpolation"][j],
                            "label": int(batch["label"][j])}
     assert len(seen) == 24 == stream.batches_per_epoch * 4  # every sample once (24 = 6 batches of 4)
     for index, item in seen.items():
         assert torch.equal(item["codes"], source[index]["codes"].long())
-        assert torch.equal(item["cond.prefix"], source[index]["cond.prefix"].long())
+        assert torch.equal(item["cond.interpolation"], source[index]["cond.interpolation"].long())
         assert item["label"] == source[index]["label"]
     # the shuffling buffer and the epoch change the order, not the content
     orders = []
@@ -188,3 +189,42 @@ def test_tokenize_webdataset_and_two_ranks_write_the_same_tokens(small_manifest,
         expected = reference[int(batch["index"])]
         assert set(batch) == set(expected)
         assert all(torch.equal(batch[k][0], expected[k]) for k in expected if k not in ("label", "index"))
+
+
+# --- end to end: the transformer trainer streaming on 2 ranks, killed mid-epoch and resumed ----------------------------
+@pytest.mark.slow
+def test_streaming_run_resumed_exactly_mid_epoch_on_2_ranks(tmp_path):
+    """2 DeepSpeed ranks x 2 loader workers stream 8 tar shards (6 batches per rank and epoch); the run is killed
+    (SIGKILL, whole process group) after its first checkpoint and resumed: every later step's loss equals the
+    uninterrupted run's, also across the epoch boundary (step 7)."""
+    import os
+    import signal
+
+    from test_train_e2e import _latest_step, _losses, _run, _start, _wait_for
+
+    _token_tars(tmp_path / "wds", shards=8, rows=3)
+    args = ["--config", "configs/transformer/tiny.yaml", "data.format=webdataset", f"data.shards={tmp_path}/wds",
+            "data.batch_size=2", "data.num_workers=2", "data.shuffle_buffer=4", "train.max_steps=8",
+            "train.warmup_steps=1", "checkpoint.every=2", "logging.log_every=1", "logging.tensorboard=false",
+            "logging.progress=false"]
+    reference = tmp_path / "reference"
+    result = _run("train_transformer.py", [*args, "--run-dir", str(reference)])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert sorted(_losses(reference, "loss")) == list(range(1, 9)) and _losses(reference, "epoch")[8] == 1
+    run_dir = tmp_path / "run"
+    proc = _start("train_transformer.py", [*args, "--run-dir", str(run_dir)])
+    try:
+        _wait_for(lambda: _latest_step(run_dir) >= 2, proc)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed_at = _latest_step(run_dir)
+    assert 2 <= killed_at < 6  # mid-epoch: 6 batches per epoch
+    result = _run("train_transformer.py", [*args, "--run-dir", str(run_dir), "--resume", "auto"])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"resumed from {run_dir / 'checkpoints' / f'step_{killed_at:08d}'}" in result.stderr + result.stdout
+    expected, resumed = _losses(reference, "loss"), _losses(run_dir, "loss")
+    steps = [s for s in expected if s > killed_at]
+    assert steps and all(s in resumed for s in steps)
+    for s in steps:
+        assert resumed[s] == pytest.approx(expected[s], rel=1e-6, abs=1e-9), s
