@@ -26,6 +26,8 @@ setup(
         "transformers>=4.40",
         "deepspeed>=0.14",
         "safetensors>=0.4",
+        "webdataset>=1.0",  # streaming tar shards (magvit.streaming); fsspec for remote URLs
+        "fsspec>=2023.1",
         "numpy>=1.24",
         "scipy>=1.10",
         "pyyaml>=6",
