@@ -24,6 +24,7 @@ setup(
         "decord>=0.6",
         "av>=12",
         "transformers>=4.40",
+        "huggingface_hub>=0.23",  # from_pretrained of Hub ids (cache, revisions, offline), push_to_hub
         "deepspeed>=0.14",
         "safetensors>=0.4",
         "webdataset>=1.0",  # streaming tar shards (magvit.streaming); fsspec for remote URLs

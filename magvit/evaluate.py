@@ -25,6 +25,7 @@ import torch
 
 from . import metrics
 from .fileio import check_writable_dir, write_text_atomic
+from .pretrained import is_hub_id
 
 EXIT_USAGE = 2
 MANIFEST_NAME = "manifest.jsonl"
@@ -501,8 +502,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate a video tokenizer (and a masked transformer) on held-out clips; writes report.json "
                     "and PNG plots.",
     )
-    p.add_argument("--tokenizer", metavar="DIR", help="save_pretrained folder of the VideoTokenizer (e.g. RUN/export)")
-    p.add_argument("--transformer", metavar="DIR", help="save_pretrained folder of the MaskedVideoTransformer")
+    p.add_argument("--tokenizer", metavar="DIR", help="save_pretrained folder of the VideoTokenizer (e.g. RUN/export) "
+                   "or its Hub id (org/name)")
+    p.add_argument("--transformer", metavar="DIR", help="save_pretrained folder of the MaskedVideoTransformer or its "
+                   "Hub id")
     p.add_argument("--data", metavar="MANIFEST_OR_FOLDER",
                    help="manifest.jsonl, a folder holding one, a folder of videos, or a folder of token shards")
     p.add_argument("--tokens", metavar="DIR", help="held-out token shards for the masked-token NLL "
@@ -540,7 +543,8 @@ def _check_args(args: argparse.Namespace) -> None:
             raise EvaluateError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
     for name in ("tokenizer", "transformer", "tokens"):
         value = getattr(args, name)
-        if value is not None and not Path(value).is_dir():
+        hub_id = name != "tokens" and is_hub_id(value)  # an org/name the Hub (or its cache) resolves at load
+        if value is not None and not Path(value).is_dir() and not hub_id:
             raise EvaluateError(f"--{name}: no such folder: {value}")
     for run_dir in args.run_dir:
         if not (Path(run_dir) / "metrics.jsonl").is_file():

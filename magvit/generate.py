@@ -227,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cond-frames", type=int, default=1, help="frame prediction: number of given frames")
     p.add_argument("--sketch", help="sketch video (edge maps) for --task sketch")
     p.add_argument("--class-id", type=int, default=None, help="class label (class task, or with any other task)")
+    p.add_argument("--class", dest="class_name", metavar="NAME", default=None,
+                   help="class by name, from the transformer export's class_names (instead of --class-id)")
     p.add_argument("--steps", type=int, default=12, help="parallel decoding steps")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = argmax)")
     p.add_argument("--choice-temperature", type=float, default=4.5, help="confidence noise, annealed to 0")
@@ -238,8 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fps", type=float, default=None, help="output frame rate (default: the input's)")
     p.add_argument("--strip", default=None, help="also write a PNG strip: condition row | generated rows")
-    p.add_argument("--tokenizer", default="runs/demo/tokenizer/export", help="tokenizer export folder")
-    p.add_argument("--transformer", default="runs/demo/transformer/export", help="transformer export folder")
+    p.add_argument("--tokenizer", default="runs/demo/tokenizer/export", help="tokenizer export folder or Hub id")
+    p.add_argument("--transformer", default="runs/demo/transformer/export",
+                   help="transformer export folder or Hub id (org/name; HF_HUB_OFFLINE=1 reads the Hub cache only)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     return p
@@ -280,8 +283,10 @@ def _check_args(args: argparse.Namespace) -> None:
         raise GenerateError(f"--task {args.task} needs --cond (a video or an image)")
     if args.task == "sketch" and not (args.sketch or args.cond):
         raise GenerateError("--task sketch needs --sketch (edge-map video) or --cond (a video to sketch)")
-    if args.task == "class" and args.class_id is None:
-        raise GenerateError("--task class needs --class-id")
+    if args.class_id is not None and args.class_name is not None:
+        raise GenerateError("give --class NAME or --class-id N, not both")
+    if args.task == "class" and args.class_id is None and args.class_name is None:
+        raise GenerateError("--task class needs --class-id N or --class NAME")
     for flag in ("cond", "sketch"):
         path = getattr(args, flag)
         if path and not Path(path).is_file():
@@ -301,6 +306,20 @@ def _check_model_args(args: argparse.Namespace, task: str, num_frames: int, num_
         raise GenerateError(f"--steps must be in [1, {num_tokens}] (the tokens of one video), got {args.steps}")
 
 
+def class_from_args(args: argparse.Namespace, class_names: Sequence[str]) -> int:
+    """The class id of ``--class NAME`` (looked up in the export's ``class_names``) or ``--class-id``;
+    ``NO_LABEL`` when neither is given."""
+    if args.class_name is None:
+        return NO_LABEL if args.class_id is None else args.class_id
+    if not class_names:
+        raise GenerateError(f"--class {args.class_name}: the transformer export has no class names (an export "
+                            "trained without classes, or older than class names): use --class-id")
+    if args.class_name not in class_names:
+        raise GenerateError(f"--class {args.class_name}: not a class of this transformer; known: "
+                            f"{', '.join(class_names)}")
+    return list(class_names).index(args.class_name)
+
+
 def run(args: argparse.Namespace) -> list[Path]:
     """Generate and write the outputs of a parsed command line; returns the written video paths."""
     _check_args(args)
@@ -310,6 +329,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     num_frames, size = tokenizer.config.num_frames, tokenizer.config.image_size
     task = task_name(args.task, args.region)
     _check_model_args(args, task, num_frames, math.prod(transformer.config.token_grid))
+    class_id = class_from_args(args, transformer.class_names)
     fps = DEFAULT_FPS
     condition = shown = None
     if task == "sketch":
@@ -334,7 +354,6 @@ def run(args: argparse.Namespace) -> list[Path]:
 
     from .video_io import save_frame_grid, write_video
 
-    class_id = NO_LABEL if args.class_id is None else args.class_id
     paths = _output_paths(Path(args.out), args.num_samples)
     start = time.perf_counter()
     strip_rows = [shown.cpu()] if shown is not None else []

@@ -40,6 +40,11 @@ def _env_true(name: str) -> bool:
     return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
+def is_hub_id(name: str | os.PathLike | None) -> bool:
+    """Whether ``name`` has the form of a Hub repo id (``org/name``), so a missing local folder may be one."""
+    return name is not None and bool(_HUB_ID.match(str(name)))
+
+
 def resolve_pretrained(name_or_path: str | os.PathLike, revision: str | None = None,
                        cache_dir: str | os.PathLike | None = None) -> Path:
     """The local folder of an export: ``name_or_path`` itself when it exists, else the Hub snapshot of the id
@@ -53,7 +58,7 @@ def resolve_pretrained(name_or_path: str | os.PathLike, revision: str | None = N
             raise ValueError(f"revision={revision!r} applies to Hub ids, but {path} is a local folder")
         return path
     name = str(name_or_path)
-    if not _HUB_ID.match(name):
+    if not is_hub_id(name):
         raise FileNotFoundError(f"{name}: no such local folder (and not a Hub id of the form org/name)")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError

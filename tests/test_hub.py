@@ -164,3 +164,72 @@ def test_class_names_round_trip_and_old_exports(tmp_path):
     with pytest.raises(ValueError, match="2 class_names for num_classes=3"):
         model.save_pretrained(tmp_path / "bad")
     assert "class_names" not in json.loads((tmp_path / "old" / "config.json").read_text())
+
+
+# --- the command lines take class names and Hub ids ------------------------------------------------------------------
+@pytest.fixture
+def named_models(tmp_path):
+    VideoTokenizer(TokenizerConfig.preset("tiny")).save_pretrained(tmp_path / "tokenizer")
+    model = MaskedVideoTransformer(TransformerConfig.preset("tiny", num_classes=3))
+    model.class_names = ["walk", "run", "jump"]
+    model.save_pretrained(tmp_path / "transformer")
+    return tmp_path
+
+
+def _generate(models: Path, out: Path, *args: str) -> int:
+    from magvit.generate import main
+
+    return main(["--tokenizer", str(models / "tokenizer"), "--transformer", str(models / "transformer"),
+                 "--task", "class", "--out", str(out), "--steps", "2", "--seed", "1", *args])
+
+
+def test_generate_class_by_name_is_the_class_id(named_models, tmp_path, monkeypatch):
+    import magvit.generate as G
+    from magvit.video_io import read_video
+
+    seen = []  # the class id each run hands to the sampler
+    real = G.generate
+    monkeypatch.setattr(G, "generate", lambda *a, **k: seen.append(k["class_id"]) or real(*a, **k))
+    assert _generate(named_models, tmp_path / "name.mp4", "--class", "jump") == 0
+    assert _generate(named_models, tmp_path / "id.mp4", "--class-id", "2") == 0
+    assert _generate(named_models, tmp_path / "walk.mp4", "--class", "walk") == 0
+    assert seen == [2, 2, 0]
+    assert torch.equal(read_video(tmp_path / "name.mp4").frames, read_video(tmp_path / "id.mp4").frames)
+
+
+def test_generate_unknown_class_name_lists_the_known_ones(named_models, tmp_path, capsys):
+    assert _generate(named_models, tmp_path / "x.mp4", "--class", "swim") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --class swim: not a class of this transformer; known: walk, run, jump"]
+    assert _generate(named_models, tmp_path / "x.mp4", "--class", "run", "--class-id", "1") == 2
+    assert "not both" in capsys.readouterr().err
+    assert not (tmp_path / "x.mp4").exists()
+
+
+def test_generate_class_name_with_an_export_without_names(tmp_path, capsys):
+    VideoTokenizer(TokenizerConfig.preset("tiny")).save_pretrained(tmp_path / "tokenizer")
+    MaskedVideoTransformer(TransformerConfig.preset("tiny", num_classes=2)).save_pretrained(tmp_path / "transformer")
+    assert _generate(tmp_path, tmp_path / "x.mp4", "--class", "walk") == 2
+    assert "has no class names" in capsys.readouterr().err
+
+
+def test_generate_and_evaluate_take_hub_ids_from_the_cache(named_models, tmp_path, monkeypatch, capsys):
+    from magvit.evaluate import main as evaluate_main
+    from magvit.generate import main as generate_main
+
+    cache = tmp_path / "hub"
+    _fill_cache(cache, "lab/tok", {SHA_MAIN: named_models / "tokenizer"}, {"main": SHA_MAIN})
+    _fill_cache(cache, "lab/gen", {SHA_V2: named_models / "transformer"}, {"main": SHA_V2})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    out = tmp_path / "hub.mp4"
+    assert generate_main(["--tokenizer", "lab/tok", "--transformer", "lab/gen", "--task", "class", "--class", "run",
+                          "--out", str(out), "--steps", "2"]) == 0
+    assert out.is_file()
+    assert generate_main(["--tokenizer", "lab/tok", "--transformer", "lab/missing", "--task", "unconditional",
+                          "--out", str(tmp_path / "y.mp4")]) == 2
+    assert "lab/missing: no such local folder" in capsys.readouterr().err
+    # evaluate no longer refuses a Hub id before loading it: the error is about the model, not "no such folder"
+    assert evaluate_main(["--tokenizer", "lab/missing", "--data", str(tmp_path), "--out", str(tmp_path / "ev")]) == 2
+    err = capsys.readouterr().err
+    assert "lab/missing: no such local folder; as a Hub id" in err and "--tokenizer: no such folder" not in err
