@@ -527,7 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "lacks are left out)")
     p.add_argument("--num-samples", type=int, default=2, help="clips shown in the sample strip (default: 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of masking and sampling (default: %(default)s)")
-    p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
