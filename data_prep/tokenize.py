@@ -62,7 +62,7 @@ def encode_batch(tokenizer, video: torch.Tensor, tasks: Sequence[str], sketch: t
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokenizer", required=True, help="save_pretrained folder of a VideoTokenizer")
+    parser.add_argument("--tokenizer", required=True, help="save_pretrained folder of a VideoTokenizer, or its Hub id")
     parser.add_argument("--manifest", required=True, help="manifest from data_prep.index")
     parser.add_argument("--out", required=True, help="output folder for the token shards")
     parser.add_argument("--split", choices=("train", "val", "all"), default="train")
@@ -99,6 +99,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet_decoders()
     if args.threads:
         torch.set_num_threads(args.threads)
+    from magvit.pretrained import resolve_pretrained
+
+    try:  # a Hub id (org/name) becomes its snapshot folder in the Hub cache; the digest below reads its weights
+        args.tokenizer = str(resolve_pretrained(args.tokenizer))
+    except (FileNotFoundError, ValueError) as err:
+        raise UsageError(str(err)) from None
     tokenizer = load_tokenizer(args.tokenizer, args.device)
     config = tokenizer.config
     num_frames, size = config.num_frames, config.image_size

@@ -233,3 +233,24 @@ def test_generate_and_evaluate_take_hub_ids_from_the_cache(named_models, tmp_pat
     assert evaluate_main(["--tokenizer", "lab/missing", "--data", str(tmp_path), "--out", str(tmp_path / "ev")]) == 2
     err = capsys.readouterr().err
     assert "lab/missing: no such local folder; as a Hub id" in err and "--tokenizer: no such folder" not in err
+
+
+def test_tokenize_takes_a_hub_id_from_the_cache(tmp_path, monkeypatch, capsys):
+    from data_prep import tokenize
+    from data_prep._cli import run_main
+
+    VideoTokenizer(TokenizerConfig.preset("tiny")).save_pretrained(tmp_path / "tokenizer")
+    cache = tmp_path / "hub"
+    _fill_cache(cache, "lab/tok", {SHA_MAIN: tmp_path / "tokenizer"}, {"main": SHA_MAIN})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("")  # no clips: the run stops after loading the tokenizer, at the data
+    base = ["--manifest", str(manifest), "--out", str(tmp_path / "tokens"), "--device", "cpu"]
+    assert run_main(tokenize.PROG, tokenize.main, ["--tokenizer", "lab/missing", *base]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "lab/missing: no such local folder; as a Hub id" in err[0], err
+    status = run_main(tokenize.PROG, tokenize.main, ["--tokenizer", "lab/tok", *base])
+    err = capsys.readouterr().err
+    assert "lab/tok" not in err and "Traceback" not in err, err  # resolved and loaded; what stops it is the data
+    assert status == 2 and "no train videos" in err, err
