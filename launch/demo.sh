@@ -43,8 +43,8 @@ step "tokenize the train split -> $DATA/tokens/train"
 python -m data_prep.tokenize --tokenizer "$RUN/tokenizer/export" --manifest "$DATA/manifest.jsonl" \
   --out "$DATA/tokens/train" --split train --overwrite
 
-step "train the tiny masked transformer ($NPROC ranks) -> $RUN/transformer"
-OMP_NUM_THREADS=$RANK_THREADS deepspeed --num_accelerators "$NPROC" --master_port "$(free_port)" launch/train_transformer.py --config configs/transformer/tiny.yaml \
+step "train the demo masked transformer ($NPROC ranks) -> $RUN/transformer"
+OMP_NUM_THREADS=$RANK_THREADS deepspeed --num_accelerators "$NPROC" --master_port "$(free_port)" launch/train_transformer.py --config configs/transformer/demo.yaml \
   --run-dir "$RUN/transformer" --resume auto data.tokens="$DATA/tokens/train"
 
 # The first held-out clip of the manifest; its first frame conditions the generation.

@@ -243,7 +243,7 @@ def test_repository_configs_load_strictly(kind, monkeypatch):
     monkeypatch.chdir(root)
     module = importlib.import_module(f"launch.train_{kind}")
     names = sorted(p.stem for p in (root / "configs" / kind).glob("*.yaml"))
-    assert names == (["B", "B2", "L", "L2", "demo", "tiny"] if kind == "tokenizer" else ["B", "L", "tiny"])
+    assert names == (["B", "B2", "L", "L2", "demo", "tiny"] if kind == "tokenizer" else ["B", "L", "demo", "tiny"])
     for name in names:
         cfg = module.load_config(f"configs/{kind}/{name}.yaml", [])
         assert cfg.train.deepspeed_config == "configs/deepspeed/zero2.json"
