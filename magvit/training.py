@@ -620,14 +620,14 @@ def previous_run(run_dir: str | os.PathLike) -> str | None:
 
 def clear_run_dir(run_dir: str | os.PathLike) -> None:
     """Delete the previous run of ``run_dir`` (``--overwrite``): the run folders and files the training scripts
-    write (``RUN_SUBDIRS``, ``RUN_FILES``, an interrupted export's ``.export.*`` folders); nothing else."""
+    write (``RUN_SUBDIRS``, ``RUN_FILES``, an interrupted export's ``.export.*`` folders); nothing else. In a SLURM
+    job the running job's own files in ``logs/`` (``*-<SLURM_JOB_ID>*``, open for its output) stay."""
     run_dir = Path(run_dir)
-    for sub in RUN_SUBDIRS:
-        if (run_dir / sub).is_symlink():
-            (run_dir / sub).unlink()
-        elif (run_dir / sub).exists():
-            shutil.rmtree(run_dir / sub)
-    for path in [*(run_dir / name for name in RUN_FILES), *run_dir.glob(".export.*")]:
+    job = os.environ.get("SLURM_JOB_ID")
+    logs = [p for p in (run_dir / "logs").iterdir() if not (job and f"-{job}" in p.name)] \
+        if (run_dir / "logs").is_dir() and not (run_dir / "logs").is_symlink() else []
+    subs = [run_dir / sub for sub in RUN_SUBDIRS if sub != "logs" or (run_dir / sub).is_symlink()]
+    for path in [*subs, *logs, *(run_dir / name for name in RUN_FILES), *run_dir.glob(".export.*")]:
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():

@@ -54,8 +54,20 @@ def test_clear_run_dir_deletes_the_previous_run_only(tmp_path):
     _previous_run(run)
     (run / ".export.old").mkdir()  # left by an interrupted export swap
     T.clear_run_dir(run)
-    assert sorted(os.listdir(run)) == ["notes.txt"]
+    assert sorted(os.listdir(run)) == ["logs", "notes.txt"] and os.listdir(run / "logs") == []  # emptied
     assert T.previous_run(run) is None
+
+
+def test_clear_run_dir_keeps_the_running_slurm_jobs_logs(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    _previous_run(run)
+    (run / "logs" / "tok-41.out").write_text("the previous job\n")
+    (run / "logs" / "tok-42.out").write_text("this job, open for its output\n")
+    (run / "logs" / "tok-42-rank0.log").write_text("this job's rank 0\n")
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    T.clear_run_dir(run)
+    assert sorted(os.listdir(run)) == ["logs", "notes.txt"]
+    assert sorted(os.listdir(run / "logs")) == ["tok-42-rank0.log", "tok-42.out"]
 
 
 def test_resume_auto_is_the_default_and_overwrite_is_explicit():

@@ -48,6 +48,13 @@ if [ -z "$RUN_DIR" ]; then
 fi
 # Every start of the job (first or requeued) continues from the latest complete checkpoint.
 [ "$HAS_RESUME" = 1 ] || ARGS+=(--resume auto)
+# --overwrite deletes the run dir's previous run: on the first start only, never the checkpoints of this job's own
+# earlier starts (a requeue).
+if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then
+    KEPT=()
+    for a in "${ARGS[@]}"; do [ "$a" = --overwrite ] || KEPT+=("$a"); done
+    ARGS=("${KEPT[@]}")
+fi
 mkdir -p "$RUN_DIR/logs"
 
 # Rendezvous: the first host of the allocation, by the address SLURM itself reaches it at (NodeAddr; its name
