@@ -228,3 +228,23 @@ def test_streaming_run_resumed_exactly_mid_epoch_on_2_ranks(tmp_path):
     assert steps and all(s in resumed for s in steps)
     for s in steps:
         assert resumed[s] == pytest.approx(expected[s], rel=1e-6, abs=1e-9), s
+
+
+@pytest.mark.slow
+def test_tokenizer_trains_on_streamed_clips(small_manifest, tmp_path):
+    """One plain process, clips streamed from tar shards (no manifest at all: no validation clips)."""
+    from data_prep import extract
+    from test_train_e2e import TOKENIZER_OVERRIDES, _losses, _run
+
+    assert cli(extract, "--manifest", small_manifest, "--out", tmp_path / "wds", "--format", "webdataset",
+               "--num-frames", "4", "--image-size", "20", "--clips-per-video", "2", "--shard-size", "2",
+               "--workers", "0") == 0
+    run_dir = tmp_path / "run"
+    result = _run("train_tokenizer.py", ["--config", "configs/tokenizer/tiny.yaml", "--run-dir", str(run_dir),
+                                         "data.format=webdataset", f"data.shards={tmp_path}/wds",
+                                         f"data.manifest={tmp_path}/none.jsonl", "train.max_steps=2",
+                                         "checkpoint.every=2", *TOKENIZER_OVERRIDES], ranks=1)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert sorted(_losses(run_dir, "g/loss")) == [1, 2]
+    card = (run_dir / "export" / "README.md").read_text()
+    assert str(tmp_path / "wds") in card  # the model card names the streamed data
