@@ -17,7 +17,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Sequence, TypeVar
 
 import torch
 from safetensors.torch import load_model, save_model
@@ -99,7 +99,7 @@ class PretrainedMixin:
 
     config_class: type[Config]
     model_type: str  # written into config.json so that a tokenizer dir is never loaded as a transformer
-    class_names: list[str] = []  # set on the instance; the class default is never mutated
+    class_names: Sequence[str] = ()  # class id -> name; an instance sets its own list
 
     def save_pretrained(self, directory: str | os.PathLike, training: TrainingRecord | None = None) -> Path:
         """Write ``config.json``, ``model.safetensors`` and the model card ``README.md`` (``training``: what the run
@@ -168,12 +168,15 @@ class PretrainedMixin:
     def push_to_hub(self, repo_id: str, revision: str | None = None, private: bool | None = None,
                     token: str | None = None, commit_message: str = "Upload model",
                     training: TrainingRecord | None = None, create_pr: bool = False) -> Any:
-        """Upload a ``save_pretrained`` folder (config, weights, model card) to the Hub repo ``repo_id``, created
-        if missing. Returns ``huggingface_hub``'s commit info."""
+        """Upload a ``save_pretrained`` folder (config, weights, model card) to the Hub repo ``repo_id`` (created if
+        missing) on branch ``revision`` (default main; created if missing). Returns ``huggingface_hub``'s commit
+        info."""
         from huggingface_hub import HfApi
 
         api = HfApi(token=token)
         api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision is not None and not create_pr:  # a new branch is made from main, as `git push origin HEAD:rev`
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="magvit-push-") as tmp:
             folder = self.save_pretrained(Path(tmp) / "export", training=training)
             return api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,

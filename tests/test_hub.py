@@ -94,6 +94,9 @@ def test_push_to_hub_uploads_the_export_folder_with_its_card(monkeypatch):
         def create_repo(self, repo_id, private=None, exist_ok=False):
             calls["create"] = (repo_id, private, exist_ok)
 
+        def create_branch(self, repo_id, branch, exist_ok=False):
+            calls["branch"] = (repo_id, branch, exist_ok)
+
         def upload_folder(self, repo_id, folder_path, commit_message, revision=None, create_pr=False):
             folder = Path(folder_path)
             calls["upload"] = (repo_id, revision, sorted(p.name for p in folder.iterdir()))
@@ -108,6 +111,7 @@ def test_push_to_hub_uploads_the_export_folder_with_its_card(monkeypatch):
                                                     metrics={"val/psnr": 21.5}))
     assert out == "commit-info"
     assert calls["create"] == ("lab/tok", True, True) and calls["token"] == "t0k"
+    assert calls["branch"] == ("lab/tok", "dev", True)
     assert calls["upload"] == ("lab/tok", "dev", ["README.md", "config.json", "model.safetensors"])
     assert calls["config"]["model_type"] == "video_tokenizer"
     assert "| val/psnr | 21.5 |" in calls["card"]
