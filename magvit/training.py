@@ -863,6 +863,11 @@ def resume_changes(cfg: Config, checkpoints: Path, world_size: int, zero_stage: 
                 "change on resume; undo the change or start a new --run-dir"), []
     if cfg.train.max_steps < state["step"]:
         return f"train.max_steps={cfg.train.max_steps} is below the step of {latest} ({state['step']})", []
+    streamed = getattr(getattr(cfg, "data", None), "format", "files") == "webdataset"
+    for key, old, new in diffs:  # a streaming run's batch order follows its loader workers (magvit.streaming)
+        if streamed and key == "data.num_workers":
+            return (f"cannot resume the streaming run of {latest} with changed data.num_workers ({old} -> {new}): "
+                    "its batch order follows the loader workers; undo the change or start a new --run-dir"), []
     return None, [f"{k}: {old!r} -> {new!r}" for k, old, new in diffs]
 
 

@@ -248,3 +248,22 @@ def test_tokenizer_trains_on_streamed_clips(small_manifest, tmp_path):
     assert sorted(_losses(run_dir, "g/loss")) == [1, 2]
     card = (run_dir / "export" / "README.md").read_text()
     assert str(tmp_path / "wds") in card  # the model card names the streamed data
+
+
+def test_a_streaming_run_refuses_to_resume_with_other_loader_workers(tmp_path):
+    """data.num_workers may change on resume of a random-access run, not of a streaming one (it sets the order)."""
+    from magvit import training as T
+    from magvit.checkpoint import COMPLETE, TRAINER_STATE
+
+    root = tmp_path / "checkpoints"
+    (root / "step_00000004").mkdir(parents=True)
+    (root / "step_00000004" / COMPLETE).write_text("")
+    for fmt, refused in (("files", False), ("webdataset", True)):
+        cfg = T.TransformerTrainConfig().with_overrides([f"data.format={fmt}", "data.shards=s3://b/x"])
+        (root / "step_00000004" / TRAINER_STATE).write_text(json.dumps(
+            {"step": 4, "world_size": 1, "zero_stage": 2, "config": cfg.to_dict()}))
+        problem, changes = T.resume_changes(cfg.with_overrides(["data.num_workers=4"]), root, 1, 2)
+        if refused:
+            assert "streaming run" in problem and "data.num_workers (2 -> 4)" in problem and changes == []
+        else:
+            assert problem is None and changes == ["data.num_workers: 2 -> 4"]
