@@ -90,10 +90,20 @@ def tar_rows(path: str | os.PathLike) -> int | None:
     import tarfile
 
     try:
+        size = os.path.getsize(path)
         with tarfile.open(path, "r") as tar:
-            return len({member.name.split(".", 1)[0] for member in tar.getmembers() if member.isreg()})
+            members = [member for member in tar.getmembers() if member.isreg()]
     except (tarfile.TarError, OSError, EOFError):
         return None
+    # cut short: a member's data runs past the end, or the end-of-archive blocks (two zero blocks) are missing
+    end = max((m.offset_data + -(-m.size // 512) * 512 for m in members), default=0)
+    if not members or end + 1024 > size:
+        return None
+    with open(path, "rb") as f:
+        f.seek(end)
+        if f.read(1024).strip(b"\0"):
+            return None
+    return len({member.name.split(".", 1)[0] for member in members})
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -47,6 +47,11 @@ def test_samples_round_trip_and_the_stream_yields_the_source(tmp_path):
     assert all(torch.equal(item[k], v) and item[k].dtype == v.dtype for k, v in tensors.items())
     source = _token_tars(tmp_path / "wds", shards=4, rows=6)
     assert tar_rows(tmp_path / "wds" / "shard-00000.tar") == 6
+    cut = tmp_path / "cut.tar"  # a shard cut short (a full disk, a copy that died) is written again on rerun
+    data = (tmp_path / "wds" / "shard-00000.tar").read_bytes()
+    for length in (len(data) // 2, 700, 0):
+        cut.write_bytes(data[:length])
+        assert tar_rows(cut) is None, length
     # a brace pattern and a file:// URL (any fsspec URL) name the same shards
     meta, urls, counts = resolve_shards(f"file://{tmp_path}/wds/shard-{{00000..00003}}.tar")
     assert counts == [6] * 4 and urls[0] == f"file://{tmp_path}/wds/shard-00000.tar"
