@@ -250,7 +250,8 @@ class CheckpointManager:
         problem = _check_engine_files(path, engines, self.rank)
         finder = int(dist.all_reduce_max(self.rank + 1.0 if problem else 0.0)) - 1  # every rank stops, not one
         if finder >= 0:
-            raise CheckpointError(problem or f"{path}: rank {finder} found a damaged or unsafe file (see its log)")
+            raise CheckpointError(problem or f"{path}: rank {finder} found a damaged or unsafe file "
+                                             "(its own error line names it)")
         for name, engine in engines.items():
             try:
                 load_path, _ = engine.load_checkpoint(str(path), tag=name, load_optimizer_states=True,
