@@ -182,11 +182,18 @@ class TokenizerTrainConfig(Config):
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     # Starting weights (step 0; a resume reads its checkpoint instead): a `save_pretrained` export to fine-tune
     # (names and shapes as `model`), or with `inflate: true` a 2D export (temporal_kernel_size=1) inflated into
-    # `model` by central inflation. Empty: random initialisation.
+    # `model` by central inflation. Empty: random initialisation. `model.init_from` / `model.inflate` are accepted
+    # as the same keys (they describe where the model's weights come from) and moved here.
     init_from: str = ""
     inflate: bool = False
 
     def __post_init__(self):
+        for key, default in (("init_from", ""), ("inflate", False)):
+            if key in self.model:
+                value = self.model.pop(key)
+                if getattr(self, key) not in (default, value):
+                    raise ValueError(f"{key} and model.{key} disagree ({getattr(self, key)!r} vs {value!r}): give one")
+                setattr(self, key, value)
         if self.inflate and not self.init_from:
             raise ValueError("inflate: true needs init_from (the folder of a 2D tokenizer export)")
 

@@ -113,6 +113,14 @@ def test_training_config_keys_and_cli_errors(tmp_path):
         load_config("configs/tokenizer/tiny.yaml", [f"init_from={tmp_path / 'export'}", "model.base_channels=32"])
     with pytest.raises(ConfigError, match="inflate: true needs init_from"):
         TokenizerTrainConfig.from_dict({"inflate": True})
+    # The same keys under `model`, as `model.init_from: PATH` / `model.inflate: true`.
+    (tmp_path / "nested.yaml").write_text(f"model:\n  preset: tiny\n  init_from: {tmp_path / 'export'}\n")
+    nested = load_config(str(tmp_path / "nested.yaml"), [])
+    assert (nested.init_from, nested.inflate, "init_from" in nested.model) == (str(tmp_path / "export"), False, False)
+    with pytest.raises(ConfigError, match="inflate: true needs init_from"):
+        TokenizerTrainConfig.from_dict({"model": {"preset": "tiny", "inflate": True}})
+    with pytest.raises(ConfigError, match="init_from and model.init_from disagree"):
+        TokenizerTrainConfig.from_dict({"init_from": "a", "model": {"preset": "tiny", "init_from": "b"}})
     result = subprocess.run([sys.executable, str(ROOT / "launch" / "train_tokenizer.py"), "--config",
                              "configs/tokenizer/tiny.yaml", f"init_from={tmp_path / 'missing'}"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
