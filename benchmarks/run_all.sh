@@ -11,7 +11,10 @@ mkdir -p "$OUT"
 [ -f "$ROOT/data/sample/manifest.jsonl" ] || "$PY" -m data_prep.sample_data --out "$ROOT/data/sample"
 export PYTHONWARNINGS=ignore
 stamp() { echo "== $1 ($(date -u +%H:%M:%S) UTC, load $(cut -d' ' -f1-3 /proc/loadavg))" >&2; }
-for bench in tokenizer quantizer flops; do
+# The recommended tokenizer (peers.RECOMMENDED = v2-lfq) at base width 30 has ~5.4M parameters, like the peer's.
+stamp tokenizer
+"$PY" "$ROOT/benchmarks/bench_tokenizer.py" --base-channels 30 --markdown "$OUT/tokenizer.md" "$@"
+for bench in quantizer flops; do
   stamp "$bench"
   "$PY" "$ROOT/benchmarks/bench_$bench.py" --markdown "$OUT/$bench.md" "$@"
 done
@@ -26,7 +29,7 @@ recon() {
 # vs v2-fsq (quantizers at ~2^10 codes, same blocks).
 recon _design --sides v1-lfq,v2-lfq,v2-vq,v2-fsq --budget 300 --report-at 300 --eval-at 60,120,180,240 \
   --title "design choices: v1 vs v2 blocks; VQ vs LFQ vs FSQ at ~2^10 codes" "$@"
-recon "" --sides ours,magvit2 --budget 1200 --report-at 300,1200 --eval-at 60,120,180,600,900 \
+recon "" --sides ours,magvit2 --base-channels 30 --budget 1200 --report-at 300,1200 --eval-at 120,600,900 \
   --title "recommended tokenizer vs magvit2-pytorch" "$@"
 if [ -f "$ROOT/benchmarks/bench_decoding.py" ]; then
   stamp decoding
