@@ -336,7 +336,7 @@ def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_co
 # Loading DeepSpeed checkpoints without executing code
 # --------------------------------------------------------------------------------------------------------------
 # DeepSpeed 0.19.8's TorchCheckpointEngine reads `*_model_states.pt` / `*_optim_states.pt` with
-# torch.load(weights_only=False): a pickle planted in a run dir would run as the training user on `--resume auto`.
+# a full unpickler (weights_only off): a pickle planted in a run dir would run as the training user on `--resume auto`.
 # Every load of an engine goes through `engine.checkpoint_engine.load`, so replacing that one method closes it.
 # The allow-list holds exactly the classes beyond torch's defaults that DeepSpeed's own state pickles, found by
 # saving real ZeRO-0..3 checkpoints in fp32 and bf16 and listing `get_unsafe_globals_in_checkpoint` of every file
