@@ -42,6 +42,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from . import distributed as dist
+from .fileio import atomic_path, replace_folder, write_text_atomic
 from .training import EMA
 
 LATEST = "latest"
@@ -114,19 +115,6 @@ def seed_everything(seed: int) -> None:
 # --------------------------------------------------------------------------------------------------------------
 # Checkpoints
 # --------------------------------------------------------------------------------------------------------------
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
     """Complete checkpoints under ``root`` as ``(step, path)``, oldest first."""
     root = Path(root)
@@ -201,31 +189,24 @@ class CheckpointManager:
         dist.barrier()
         for name, engine in engines.items():
             engine.save_checkpoint(str(tmp), tag=name, client_state={"step": step}, save_latest=False)
-        _write_atomic(tmp / f"rng_rank{self.rank:05d}.json", json.dumps(capture_rng_state()))
+        write_text_atomic(tmp / f"rng_rank{self.rank:05d}.json", json.dumps(capture_rng_state()),
+                          fsync=True)
         if self.rank == 0:
             if ema is not None:
-                from .fileio import atomic_path
-
                 with atomic_path(tmp / EMA_FILE) as part:  # save_file alone writes 0600, whatever the umask
                     save_file({k: v.contiguous() for k, v in ema.shadow.items()}, str(part),
                               metadata={"decay": str(ema.decay), "num_updates": str(ema.num_updates)})
             stages = {name: dist.zero_stage(engine) for name, engine in engines.items()}
             state = {"step": step, "world_size": dist.get_world_size(), "zero_stage": max(stages.values(), default=0),
                      **trainer_state}
-            _write_atomic(tmp / TRAINER_STATE, json.dumps(state, indent=2) + "\n")
+            write_text_atomic(tmp / TRAINER_STATE, json.dumps(state, indent=2) + "\n", fsync=True)
         dist.barrier()  # every rank's shards are on disk
         final = self.root / tag
         if self.rank == 0:
-            _write_atomic(tmp / COMPLETE, "")
-            if final.exists():  # same step saved again (e.g. preempted right after a periodic save)
-                old = self.root / f".tmp-old-{tag}"
-                shutil.rmtree(old, ignore_errors=True)
-                final.rename(old)
-                tmp.rename(final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                tmp.rename(final)
-            _write_atomic(self.root / LATEST, tag + "\n")
+            write_text_atomic(tmp / COMPLETE, "", fsync=True)
+            # The same step may be saved again (e.g. preempted right after a periodic save): replace it.
+            replace_folder(tmp, final, self.root / f".tmp-old-{tag}")
+            write_text_atomic(self.root / LATEST, tag + "\n", fsync=True)
             self._prune()
         dist.barrier()
         return final

@@ -100,16 +100,21 @@ def atomic_folder(directory: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         honour_umask(tmp)
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            directory.rename(old)
-            tmp.rename(directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(directory)
+        replace_folder(tmp, directory, directory.with_name(f".{directory.name}.old"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_folder(source: Path, target: Path, old: Path) -> None:
+    """Rename ``source`` to ``target``; an existing ``target`` is first renamed to ``old`` and removed after, so an
+    interrupted swap leaves the old or the new folder under ``target`` (and at worst ``old``, for a cleanup)."""
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+        source.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        source.rename(target)
 
 
 def check_writable_dir(directory: str | os.PathLike) -> Path:
