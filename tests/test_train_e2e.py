@@ -356,10 +356,9 @@ def test_pickle_planted_in_one_ranks_shard_stops_both_ranks(tokenizer_reference,
     assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
     output = result.stdout + result.stderr
     assert "Traceback" not in output
-    # One line per rank; the deepspeed launcher stops the other ranks as soon as one exits, so rank 1's own line
-    # may be cut off when rank 0 exits first (the single-process planted-pickle tests check that line's text).
-    errors = sorted(x.split("error: ", 1)[1] for x in output.splitlines() if "error: " in x)
-    assert f"{target.parents[1]}: rank 1 found a damaged or unsafe file (its own error line names it)" in errors, errors
-    assert all(e.startswith(f"{target}: refusing to load") for e in errors
-               if not e.startswith(f"{target.parents[1]}: rank 1 found")) and len(errors) <= 2, errors
+    # One line per rank, written by two processes to one pipe: the lines may interleave, and the deepspeed launcher
+    # stops the other ranks as soon as one exits, so rank 1's own line may be cut off when rank 0 exits first (the
+    # single-process planted-pickle tests check that line's text). Rank 0's refusal must be there.
+    assert f"{target.parents[1]}: rank 1 found a damaged or unsafe file (its own error line names it)" in output
+    assert output.count("error: ") <= 2, output[-3000:]
     assert not marker.exists()
