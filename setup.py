@@ -15,8 +15,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["magvit", "magvit.*", "data_prep", "data_prep.*", "launch", "launch.*"]),
-    include_package_data=True,
+    packages=find_packages(include=["magvit", "magvit.*"]),
+    package_data={"magvit": ["configs/*/*.yaml", "configs/*/*.json", "launch/slurm/*"]},
     install_requires=[
         # Install a torch build for your hardware first (the Makefile pins the CPU build for this machine).
         "torch>=2.3",

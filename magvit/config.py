@@ -24,6 +24,13 @@ class ConfigError(ValueError):
     """A config value or key does not fit the schema."""
 
 
+def require_finite(cfg: "Config", names: Sequence[str]) -> None:
+    """``ValueError`` naming the first of ``names`` that is NaN or infinite (``optim.lr=.inf`` is no learning rate)."""
+    for name in names:
+        if not math.isfinite(getattr(cfg, name)):
+            raise ValueError(f"{name} must be a finite number, got {getattr(cfg, name)}")
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 

@@ -24,15 +24,12 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 
 from . import metrics
+from .cli import ArgumentParser, UsageError, run_main
 from .fileio import check_writable_dir, write_text_atomic
 from .pretrained import is_hub_id
 
-EXIT_USAGE = 2
+PROG = "python -m magvit.evaluate"
 MANIFEST_NAME = "manifest.jsonl"
-
-
-class EvaluateError(ValueError):
-    """A user error: reported as one line on stderr with exit status 2."""
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -48,7 +45,7 @@ def resolve_data(path: str | os.PathLike, scratch: Path) -> tuple[str, Path]:
     if path.is_file():
         return "manifest", path
     if not path.is_dir():
-        raise EvaluateError(f"--data: no such file or folder: {path}")
+        raise UsageError(f"--data: no such file or folder: {path}")
     if (path / MANIFEST_NAME).is_file():
         return "manifest", path / MANIFEST_NAME
     meta = path / "meta.json"
@@ -56,21 +53,20 @@ def resolve_data(path: str | os.PathLike, scratch: Path) -> tuple[str, Path]:
         try:
             is_tokens = "token_grid" in json.loads(meta.read_text())
         except json.JSONDecodeError as err:
-            raise EvaluateError(f"--data: {meta} is not valid JSON ({err})") from None
+            raise UsageError(f"--data: {meta} is not valid JSON ({err})") from None
         if is_tokens:
             return "tokens", path
-        raise EvaluateError(f"--data: {path} holds clip shards; give the manifest they were extracted from")
+        raise UsageError(f"--data: {path} holds clip shards; give the manifest they were extracted from")
     # A plain folder of videos: index it (all clips held out, since nothing here was trained on them).
-    from data_prep._cli import UsageError
-    from data_prep.index import build_manifest
+    from .prep.index import build_manifest
 
     out = scratch / "clips_manifest.jsonl"  # beside the report, never over a manifest of the user's
     try:
         summary = build_manifest([path], out, val_fraction=0.0, labels=False, show_progress=False)
     except UsageError as err:
-        raise EvaluateError(f"--data: {err}") from None
+        raise UsageError(f"--data: {err}") from None
     if not summary["videos"]:
-        raise EvaluateError(f"--data: no readable video in {path}")
+        raise UsageError(f"--data: no readable video in {path}")
     records = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
     out.write_text("".join(json.dumps({**r, "split": "val"}) + "\n" for r in records))
     return "manifest", out
@@ -88,12 +84,12 @@ def load_models(tokenizer_dir: str | None, transformer_dir: str | None, device: 
         if transformer_dir is not None:
             transformer = MaskedVideoTransformer.from_pretrained(transformer_dir, device=device)
     except (FileNotFoundError, ValueError) as err:
-        raise EvaluateError(f"cannot load a model: {err}") from None
+        raise UsageError(f"cannot load a model: {err}") from None
     if tokenizer is not None and transformer is not None:
         tc, xc = tokenizer.config, transformer.config
         grid = tuple(tc.token_grid(tc.num_frames, tc.image_size, tc.image_size))
         if tc.codebook_size != xc.codebook_size or grid != tuple(xc.token_grid):
-            raise EvaluateError(
+            raise UsageError(
                 f"tokenizer (codebook {tc.codebook_size}, token grid {grid}) and transformer (codebook "
                 f"{xc.codebook_size}, token grid {tuple(xc.token_grid)}) do not belong together"
             )
@@ -116,10 +112,10 @@ def iterate_clips(manifest: Path, split: str, num_frames: int, image_size: int, 
     try:
         dataset = ClipDataset(manifest, split=split, num_frames=num_frames, image_size=image_size, on_error="skip")
     except (FileNotFoundError, ValueError) as err:
-        raise EvaluateError(f"--data: {err}") from None
+        raise UsageError(f"--data: {err}") from None
     lost.setdefault("skipped", []).extend({"path": path, "reason": reason} for path, reason in dataset.skipped)
     if len(dataset) == 0:
-        raise EvaluateError(f"--data: no usable '{split}' clip of {num_frames} frames in {manifest}"
+        raise UsageError(f"--data: no usable '{split}' clip of {num_frames} frames in {manifest}"
                             + (" (try --split all)" if split != "all" else ""))
     clips = dataset
     if max_clips is not None:
@@ -172,7 +168,7 @@ class TokenizerEvaluation:
 
     def summary(self) -> dict[str, Any]:
         if not self.psnr:
-            raise EvaluateError("no clip could be read: nothing to evaluate")
+            raise UsageError("no clip could be read: nothing to evaluate")
         tokens, pixels = math.prod(self.grid), math.prod(self.video_size)
         return {
             "num_clips": len(self.psnr),
@@ -307,13 +303,13 @@ class FramePredictionEvaluation:
 
 
 def check_token_meta(directory: Path, tokenizer, transformer) -> None:
-    """``EvaluateError`` unless the shards' ``meta.json`` says they hold codes of this tokenizer / transformer's
+    """``UsageError`` unless the shards' ``meta.json`` says they hold codes of this tokenizer / transformer's
     codebook and grid: codes of another codebook score a meaningless NLL without any other sign."""
     try:
         meta = json.loads((directory / "meta.json").read_text())
         codebook, grid = int(meta["codebook_size"]), tuple(int(n) for n in meta["token_grid"])
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise EvaluateError(f"--tokens: {directory}/meta.json is missing or lacks codebook_size / token_grid "
+        raise UsageError(f"--tokens: {directory}/meta.json is missing or lacks codebook_size / token_grid "
                             f"({type(err).__name__})") from None
     expected = [("transformer", transformer.config.codebook_size, tuple(transformer.config.token_grid))]
     if tokenizer is not None:
@@ -323,11 +319,11 @@ def check_token_meta(directory: Path, tokenizer, transformer) -> None:
         made_by, current = meta.get("tokenizer"), tc.to_dict()
         differ = [k for k in made_by if k in current and made_by[k] != current[k]] if isinstance(made_by, dict) else []
         if differ:  # keys only one side has: options added in another version, not a different tokenizer
-            raise EvaluateError(f"--tokens: {directory} was made by another tokenizer than --tokenizer ({differ[0]} "
+            raise UsageError(f"--tokens: {directory} was made by another tokenizer than --tokenizer ({differ[0]} "
                                 f"{made_by[differ[0]]!r} in meta.json, {current[differ[0]]!r} in the tokenizer)")
     for name, model_codebook, model_grid in expected:
         if (codebook, grid) != (model_codebook, model_grid):
-            raise EvaluateError(f"--tokens: {directory} holds codes of a {codebook}-code book on a {grid} grid "
+            raise UsageError(f"--tokens: {directory} holds codes of a {codebook}-code book on a {grid} grid "
                                 f"(meta.json), the {name} has {model_codebook} codes on {model_grid}")
 
 
@@ -339,7 +335,7 @@ def token_batches_from_shards(directory: Path, batch_size: int, max_examples: in
     try:
         dataset = TokenShardDataset(directory)
     except (FileNotFoundError, ValueError, KeyError) as err:
-        raise EvaluateError(f"token shards at {directory}: {err}") from None
+        raise UsageError(f"token shards at {directory}: {err}") from None
     if max_examples is not None:
         dataset = Subset(dataset, range(min(max_examples, len(dataset))))
     yield from DataLoader(dataset, batch_size=batch_size, shuffle=False)
@@ -489,16 +485,9 @@ def compute_fvd(extractor, real: list[torch.Tensor], fake: list[torch.Tensor], b
 # --------------------------------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------------------------------
-class _ArgumentParser(argparse.ArgumentParser):
-    """Argument errors as one line on stderr (no usage dump), exit status 2."""
-
-    def error(self, message: str):
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _ArgumentParser(
-        prog="python -m magvit.evaluate",
+    p = ArgumentParser(
+        prog=PROG,
         description="Evaluate a video tokenizer (and a masked transformer) on held-out clips; writes report.json "
                     "and PNG plots.",
     )
@@ -535,36 +524,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_args(args: argparse.Namespace) -> None:
     if args.tokenizer is None and args.transformer is None:
-        raise EvaluateError("give --tokenizer DIR (and optionally --transformer DIR)")
+        raise UsageError("give --tokenizer DIR (and optionally --transformer DIR)")
     if args.data is None and args.tokens is None:
-        raise EvaluateError("give --data MANIFEST_OR_FOLDER (or --tokens DIR for the transformer alone)")
+        raise UsageError("give --data MANIFEST_OR_FOLDER (or --tokens DIR for the transformer alone)")
     for name in ("max_clips", "batch_size", "steps", "cond_frames", "num_samples"):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "num_samples" else 1):
-            raise EvaluateError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
     for name in ("tokenizer", "transformer", "tokens"):
         value = getattr(args, name)
         hub_id = name != "tokens" and is_hub_id(value)  # an org/name the Hub (or its cache) resolves at load
         if value is not None and not Path(value).is_dir() and not hub_id:
-            raise EvaluateError(f"--{name}: no such folder: {value}")
+            raise UsageError(f"--{name}: no such folder: {value}")
     for run_dir in args.run_dir:
         if not (Path(run_dir) / "metrics.jsonl").is_file():
-            raise EvaluateError(f"--run-dir: no metrics.jsonl in {run_dir}")
+            raise UsageError(f"--run-dir: no metrics.jsonl in {run_dir}")
     if args.i3d is not None and not Path(args.i3d).is_file():
-        raise EvaluateError(f"--i3d: no such file: {args.i3d}")
+        raise UsageError(f"--i3d: no such file: {args.i3d}")
     for name in ("temperature", "guidance_scale"):  # NaN passes every comparison
         value = getattr(args, name)
         if not math.isfinite(value) or (name == "temperature" and value < 0):
-            raise EvaluateError(f"--{name.replace('_', '-')} must be a finite number"
+            raise UsageError(f"--{name.replace('_', '-')} must be a finite number"
                                 f"{' >= 0' if name == 'temperature' else ''}, got {value}")
     try:
         check_writable_dir(args.out)  # now, not after every clip has been evaluated
     except ValueError as err:
-        raise EvaluateError(f"--out: {err}") from None
+        raise UsageError(f"--out: {err}") from None
     try:
         torch.device(args.device)
     except RuntimeError:
-        raise EvaluateError(f"--device: unknown device '{args.device}'") from None
+        raise UsageError(f"--device: unknown device '{args.device}'") from None
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -582,16 +571,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tokens_dir = Path(args.tokens) if args.tokens else (data_path if kind == "tokens" else None)
     manifest = data_path if kind == "manifest" else None
     if manifest is not None and tokenizer is None:
-        raise EvaluateError("clips need --tokenizer to be evaluated")
+        raise UsageError("clips need --tokenizer to be evaluated")
     if manifest is None and transformer is None:
-        raise EvaluateError("--data holds token shards: give --transformer DIR to evaluate them, or a manifest")
+        raise UsageError("--data holds token shards: give --transformer DIR to evaluate them, or a manifest")
 
     extractor = None
     if args.i3d:
         try:
             extractor = metrics.load_feature_extractor(args.i3d, device)
         except (FileNotFoundError, ValueError) as err:
-            raise EvaluateError(f"--i3d: {err}") from None
+            raise UsageError(f"--i3d: {err}") from None
 
     nll_tasks = [t.strip() for t in args.nll_tasks.split(",") if t.strip()]
     masked_eval = None
@@ -600,7 +589,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         unknown = [t for t in nll_tasks if t not in TASKS]
         if unknown:
-            raise EvaluateError(f"--nll-tasks: unknown task '{unknown[0]}'; expected some of {', '.join(TASKS)}")
+            raise UsageError(f"--nll-tasks: unknown task '{unknown[0]}'; expected some of {', '.join(TASKS)}")
 
     # --- clips: tokenizer metrics, on-the-fly tokens, frame prediction ---------------------------------------------
     tok_eval = frame_eval = None
@@ -611,10 +600,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         tok_eval = TokenizerEvaluation(tokenizer, device, num_samples=args.num_samples)
         if transformer is not None:
             if not 1 <= args.cond_frames < cfg.num_frames:
-                raise EvaluateError(f"--cond-frames must be in [1, {cfg.num_frames}), got {args.cond_frames}")
+                raise UsageError(f"--cond-frames must be in [1, {cfg.num_frames}), got {args.cond_frames}")
             num_tokens = math.prod(transformer.config.token_grid)
             if args.steps > num_tokens:  # each step reveals at least one token
-                raise EvaluateError(f"--steps must be in [1, {num_tokens}] (the tokens of one clip), got {args.steps}")
+                raise UsageError(f"--steps must be in [1, {num_tokens}] (the tokens of one clip), got {args.steps}")
             frame_eval = FramePredictionEvaluation(tokenizer, transformer, args.cond_frames, args.steps,
                                                    args.temperature, args.guidance_scale, args.seed,
                                                    num_samples=args.num_samples)
@@ -639,7 +628,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 frame_eval.update(video, recon, keep_for_fvd=extractor is not None)
         unreadable = lost.get("unreadable", [])
         if not tok_eval.psnr:
-            raise EvaluateError(f"no clip could be read: {len(unreadable)} unreadable"
+            raise UsageError(f"no clip could be read: {len(unreadable)} unreadable"
                                 + (f", e.g. {unreadable[0]['path']}: {unreadable[0]['reason']}" if unreadable else ""))
         report["tokenizer"] = {**tok_eval.summary(), "unreadable_clips": sum(u["clips"] for u in unreadable),
                                "skipped_videos": len(lost.get("skipped", []))}
@@ -653,12 +642,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         batches = token_batches_from_shards(tokens_dir, args.batch_size, args.max_clips)
         first = next(batches, None)
         if first is None:
-            raise EvaluateError(f"--tokens: no token grid in {tokens_dir}")
+            raise UsageError(f"--tokens: no token grid in {tokens_dir}")
         available = [k[len("cond."):] for k in first if k.startswith("cond.")]
         if "sketch_codes" in first:
             available.append("sketch")
         if tuple(first["codes"].shape[1:]) != tuple(transformer.config.token_grid):
-            raise EvaluateError(f"--tokens: token grid {tuple(first['codes'].shape[1:])} does not match the "
+            raise UsageError(f"--tokens: token grid {tuple(first['codes'].shape[1:])} does not match the "
                                 f"transformer's {tuple(transformer.config.token_grid)}")
         masked_eval = MaskedTokenEvaluation(transformer, _supported(nll_tasks, available), args.seed)
         from tqdm.auto import tqdm
@@ -714,7 +703,7 @@ def _supported(requested: Sequence[str], condition_tasks: Sequence[str]) -> list
             if (t in CONDITION_TASKS and t in condition_tasks) or t in ("unconditional", "class")
             or (t == "sketch" and "sketch" in condition_tasks)]
     if not keep:
-        raise EvaluateError(f"--nll-tasks: none of {', '.join(requested)} can be evaluated on this data "
+        raise UsageError(f"--nll-tasks: none of {', '.join(requested)} can be evaluated on this data "
                             f"(condition tasks available: {', '.join(condition_tasks) or 'none'})")
     return keep
 
@@ -756,19 +745,15 @@ def print_summary(report: dict[str, Any]) -> None:
     print("\n".join(lines))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        report = run(args)
-    except EvaluateError as err:
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted", file=sys.stderr)
-        return 130
+def _main(argv: Sequence[str] | None) -> int:
+    report = run(build_parser().parse_args(argv))
     print_summary(report)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m magvit.evaluate`` / ``magvit-evaluate``: user errors are one line and exit status 2."""
+    return run_main(PROG, _main, argv)
 
 
 if __name__ == "__main__":

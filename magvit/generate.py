@@ -21,17 +21,15 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .cli import ArgumentParser, UsageError, run_main
 from .masking import CONDITION_TASKS, NO_LABEL, build_condition_video, build_sequence
 
 CLI_TASKS = ("frame_prediction", "interpolation", "outpaint", "inpaint", "sketch", "class", "unconditional")
 OUTPAINT_REGIONS = ("central", "vertical", "horizontal")
 DEFAULT_FPS = 8.0  # output frame rate when the condition has none (an image, or no condition at all)
 DEFAULT_BATCH = 8  # videos per forward pass: the activations of a batch, not --num-samples, bound the memory
+PROG = "python -m magvit.generate"
 MAX_SAMPLES = 10_000  # one output file each; more is a typo, not a request
-
-
-class GenerateError(ValueError):
-    """A user error: reported as one line on stderr with exit status 2."""
 
 
 # --- models --------------------------------------------------------------------------------------------------------
@@ -48,21 +46,21 @@ def load_models(tokenizer_dir: str | Path, transformer_dir: str | Path, device: 
         try:
             models.append(cls.from_pretrained(directory, device=device))
         except Exception as err:  # missing folder, foreign or corrupt checkpoint: all user-facing
-            raise GenerateError(f"cannot load the {what} from {directory}: {err}") from None
+            raise UsageError(f"cannot load the {what} from {directory}: {err}") from None
     tokenizer, transformer = models
     check_pair(tokenizer.config, transformer.config)
     return tokenizer, transformer
 
 
 def check_pair(tokenizer_config, transformer_config) -> tuple[int, int, int]:
-    """Raise ``GenerateError`` unless the transformer was trained on this tokenizer's codes; returns the grid."""
+    """Raise ``UsageError`` unless the transformer was trained on this tokenizer's codes; returns the grid."""
     tc = tokenizer_config
     if tc.codebook_size != transformer_config.codebook_size:
-        raise GenerateError(f"tokenizer and transformer do not match: codebook size {tc.codebook_size} vs "
+        raise UsageError(f"tokenizer and transformer do not match: codebook size {tc.codebook_size} vs "
                             f"{transformer_config.codebook_size}")
     grid = tuple(tc.token_grid(tc.num_frames, tc.image_size, tc.image_size))
     if grid != tuple(transformer_config.token_grid):
-        raise GenerateError(f"tokenizer and transformer do not match: token grid {grid} "
+        raise UsageError(f"tokenizer and transformer do not match: token grid {grid} "
                             f"({tc.num_frames}x{tc.image_size}x{tc.image_size} clips) vs "
                             f"{tuple(transformer_config.token_grid)}")
     return grid  # type: ignore[return-value]
@@ -84,13 +82,13 @@ def fit_video(frames: torch.Tensor, image_size: int) -> torch.Tensor:
 
 
 def read_input(path: str | Path, image_size: int, max_frames: int) -> tuple[torch.Tensor, float]:
-    """Read a video or image (``GenerateError`` if unreadable); returns ``((3, T, S, S), fps)``."""
+    """Read a video or image (``UsageError`` if unreadable); returns ``((3, T, S, S), fps)``."""
     from .video_io import VideoReadError, read_video
 
     try:
         frames, fps = read_video(path, max_frames=max_frames)
     except VideoReadError as err:
-        raise GenerateError(str(err)) from None
+        raise UsageError(str(err)) from None
     return fit_video(frames, image_size), float(fps)
 
 
@@ -98,7 +96,7 @@ def task_name(task: str, region: str = "central") -> str:
     """CLI task (``outpaint``, ``inpaint``, ...) -> the model's task name (``outpaint_central``, ...)."""
     if task == "outpaint":
         if region not in OUTPAINT_REGIONS:
-            raise GenerateError(f"--region must be one of {', '.join(OUTPAINT_REGIONS)}, got '{region}'")
+            raise UsageError(f"--region must be one of {', '.join(OUTPAINT_REGIONS)}, got '{region}'")
         return f"outpaint_{region}"
     if task == "inpaint":
         return "inpaint_central"
@@ -114,19 +112,19 @@ def condition_video(task: str, video: torch.Tensor, num_frames: int, num_cond_fr
     available = video.shape[1]
     if task == "frame_prediction":
         if available < num_cond_frames:
-            raise GenerateError(f"frame_prediction with {num_cond_frames} condition frame(s) needs at least "
+            raise UsageError(f"frame_prediction with {num_cond_frames} condition frame(s) needs at least "
                                 f"{num_cond_frames} frame(s), the condition has {available}")
         clip = video[:, :num_cond_frames]
         clip = torch.cat([clip, clip[:, -1:].expand(-1, num_frames - num_cond_frames, -1, -1)], dim=1)
         return build_condition_video(clip, task, num_cond_frames=num_cond_frames)
     if task == "interpolation":
         if available < 2:
-            raise GenerateError(f"interpolation needs a first and a last frame, the condition has {available} frame")
+            raise UsageError(f"interpolation needs a first and a last frame, the condition has {available} frame")
         ends = video[:, [0, min(available, num_frames) - 1]]
         clip = ends[:, [0] * (num_frames - 1) + [1]]
         return build_condition_video(clip, task)
     if available < num_frames:
-        raise GenerateError(f"{task} needs a clip of {num_frames} frames, the condition has {available}")
+        raise UsageError(f"{task} needs a clip of {num_frames} frames, the condition has {available}")
     return build_condition_video(video[:, :num_frames], task)
 
 
@@ -159,7 +157,7 @@ def generate_codes(
     device = next(transformer.parameters()).device
     needs_prefix = task in CONDITION_TASKS or task == "sketch"
     if needs_prefix and prefix_codes is None:
-        raise GenerateError(f"task '{task}' needs a condition")
+        raise UsageError(f"task '{task}' needs a condition")
     prefix = None
     if needs_prefix:
         prefix = prefix_codes.to(device).expand(num_samples, *layout.token_grid)
@@ -167,7 +165,7 @@ def generate_codes(
     try:
         class_token = vocab.class_token(class_id)
     except ValueError as err:
-        raise GenerateError(str(err)) from None
+        raise UsageError(str(err)) from None
     class_tokens = torch.full((num_samples,), class_token, dtype=torch.long, device=device)
     tokens = build_sequence(vocab, layout, task_tokens, class_tokens, prefix, None)
     # The dropped condition of classifier-free guidance: pad prefix and the unconditional class token.
@@ -205,16 +203,9 @@ def generate(
 # --- CLI -----------------------------------------------------------------------------------------------------------
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    """Argument errors (e.g. ``--steps 1e20``, not an integer) as one line on stderr, exit status 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _ArgumentParser(
-        prog="python -m magvit.generate",
+    p = ArgumentParser(
+        prog=PROG,
         description="Generate a video with a trained tokenizer and masked video transformer.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -256,54 +247,54 @@ def _output_paths(out: Path, num_samples: int) -> list[Path]:
 
 def _check_args(args: argparse.Namespace) -> None:
     if args.steps < 1:
-        raise GenerateError(f"--steps must be >= 1, got {args.steps}")
+        raise UsageError(f"--steps must be >= 1, got {args.steps}")
     if not 1 <= args.num_samples <= MAX_SAMPLES:
-        raise GenerateError(f"--num-samples must be in [1, {MAX_SAMPLES}], got {args.num_samples}")
+        raise UsageError(f"--num-samples must be in [1, {MAX_SAMPLES}], got {args.num_samples}")
     if args.batch_size < 1:
-        raise GenerateError(f"--batch-size must be >= 1, got {args.batch_size}")
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     for flag in ("temperature", "choice_temperature", "guidance_scale"):  # NaN passes every comparison
         value = getattr(args, flag)
         if not math.isfinite(value) or (flag != "guidance_scale" and value < 0):
             bound = "a finite number" if flag == "guidance_scale" else "a finite number >= 0"
-            raise GenerateError(f"--{flag.replace('_', '-')} must be {bound}, got {value}")
+            raise UsageError(f"--{flag.replace('_', '-')} must be {bound}, got {value}")
     if args.top_k is not None and args.top_k < 1:
-        raise GenerateError(f"--top-k must be >= 1, got {args.top_k}")
+        raise UsageError(f"--top-k must be >= 1, got {args.top_k}")
     if args.cond_frames < 1:
-        raise GenerateError(f"--cond-frames must be >= 1, got {args.cond_frames}")
+        raise UsageError(f"--cond-frames must be >= 1, got {args.cond_frames}")
     if args.fps is not None:
         from .video_io import check_fps
 
         try:
             check_fps(args.fps)
         except ValueError as err:
-            raise GenerateError(f"--{err}") from None
+            raise UsageError(f"--{err}") from None
     if Path(args.out).suffix.lower() not in (".mp4", ".mkv", ".mov", ".gif"):
-        raise GenerateError(f"--out must end in .mp4, .mkv, .mov or .gif, got {args.out}")
+        raise UsageError(f"--out must end in .mp4, .mkv, .mov or .gif, got {args.out}")
     if args.task in ("frame_prediction", "interpolation", "outpaint", "inpaint") and not args.cond:
-        raise GenerateError(f"--task {args.task} needs --cond (a video or an image)")
+        raise UsageError(f"--task {args.task} needs --cond (a video or an image)")
     if args.task == "sketch" and not (args.sketch or args.cond):
-        raise GenerateError("--task sketch needs --sketch (edge-map video) or --cond (a video to sketch)")
+        raise UsageError("--task sketch needs --sketch (edge-map video) or --cond (a video to sketch)")
     if args.class_id is not None and args.class_name is not None:
-        raise GenerateError("give --class NAME or --class-id N, not both")
+        raise UsageError("give --class NAME or --class-id N, not both")
     if args.task == "class" and args.class_id is None and args.class_name is None:
-        raise GenerateError("--task class needs --class-id N or --class NAME")
+        raise UsageError("--task class needs --class-id N or --class NAME")
     for flag in ("cond", "sketch"):
         path = getattr(args, flag)
         if path and not Path(path).is_file():
-            raise GenerateError(f"--{flag.replace('_', '-')} {path}: no such file")
+            raise UsageError(f"--{flag.replace('_', '-')} {path}: no such file")
     if not args.overwrite:
         for path in _output_paths(Path(args.out), args.num_samples) + ([Path(args.strip)] if args.strip else []):
             if path.exists():
-                raise GenerateError(f"{path} exists; pass --overwrite to replace it")
+                raise UsageError(f"{path} exists; pass --overwrite to replace it")
 
 
 def _check_model_args(args: argparse.Namespace, task: str, num_frames: int, num_tokens: int) -> None:
     """The limits that depend on the loaded models: clip length and tokens per video."""
     if task == "frame_prediction" and not args.cond_frames < num_frames:
-        raise GenerateError(f"--cond-frames must be < {num_frames} (the model's clip length: at least one frame "
+        raise UsageError(f"--cond-frames must be < {num_frames} (the model's clip length: at least one frame "
                             f"must be predicted), got {args.cond_frames}")
     if args.steps > num_tokens:  # each step reveals at least one token: more steps than tokens do nothing
-        raise GenerateError(f"--steps must be in [1, {num_tokens}] (the tokens of one video), got {args.steps}")
+        raise UsageError(f"--steps must be in [1, {num_tokens}] (the tokens of one video), got {args.steps}")
 
 
 def class_from_args(args: argparse.Namespace, class_names: Sequence[str]) -> int:
@@ -312,10 +303,10 @@ def class_from_args(args: argparse.Namespace, class_names: Sequence[str]) -> int
     if args.class_name is None:
         return NO_LABEL if args.class_id is None else args.class_id
     if not class_names:
-        raise GenerateError(f"--class {args.class_name}: the transformer export has no class names (an export "
+        raise UsageError(f"--class {args.class_name}: the transformer export has no class names (an export "
                             "trained without classes, or older than class names): use --class-id")
     if args.class_name not in class_names:
-        raise GenerateError(f"--class {args.class_name}: not a class of this transformer; known: "
+        raise UsageError(f"--class {args.class_name}: not a class of this transformer; known: "
                             f"{', '.join(class_names)}")
     return list(class_names).index(args.class_name)
 
@@ -324,7 +315,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     """Generate and write the outputs of a parsed command line; returns the written video paths."""
     _check_args(args)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise GenerateError(f"--device {args.device}: no CUDA device available")
+        raise UsageError(f"--device {args.device}: no CUDA device available")
     tokenizer, transformer = load_models(args.tokenizer, args.transformer, args.device)
     num_frames, size = tokenizer.config.num_frames, tokenizer.config.image_size
     task = task_name(args.task, args.region)
@@ -338,12 +329,12 @@ def run(args: argparse.Namespace) -> list[Path]:
         else:
             video, fps = read_input(args.cond, size, num_frames)
             try:
-                from data_prep.sketch import sketch_video
+                from magvit.prep.sketch import sketch_video
             except ImportError as err:
-                raise GenerateError(f"cannot sketch --cond without data_prep.sketch ({err}); pass --sketch") from None
+                raise UsageError(f"cannot sketch --cond without data_prep.sketch ({err}); pass --sketch") from None
             condition = sketch_video(video)
         if condition.shape[1] < num_frames:
-            raise GenerateError(f"the sketch needs {num_frames} frames, it has {condition.shape[1]}")
+            raise UsageError(f"the sketch needs {num_frames} frames, it has {condition.shape[1]}")
         condition = condition[:, :num_frames]
         shown = condition
     elif task in CONDITION_TASKS:
@@ -378,17 +369,15 @@ def run(args: argparse.Namespace) -> list[Path]:
     return paths
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except GenerateError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:  # e.g. an output folder that cannot be written
-        print(f"error: {err.strerror or err}: {err.filename or ''}".rstrip(": "), file=sys.stderr)
-        return 2
+def _main(argv: Sequence[str] | None) -> int:
+    run(build_parser().parse_args(argv))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m magvit.generate`` / ``magvit-generate``: user errors (bad input, models that do not fit, an
+    output folder that cannot be written) are one line and exit status 2."""
+    return run_main(PROG, _main, argv)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ the perceptual loss). Videos are ``(B, C, T, H, W)`` in [-1, 1]; discriminator l
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Literal
 
@@ -14,7 +15,33 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .config import Config, require_finite
+
 GanLossType = Literal["hinge", "non_saturating"]
+
+
+@dataclasses.dataclass
+class TokenizerLossConfig(Config):
+    """Generator/discriminator objective of MAGVIT (reconstruction + quantizer + perceptual + GAN)."""
+
+    recon_loss: Literal["mse", "l1"] = "mse"
+    recon_weight: float = 1.0
+    perceptual_weight: float = 0.0  # > 0 needs perceptual_model (a local weights path)
+    perceptual_model: str = ""
+    gan_loss: GanLossType = "hinge"
+    gan_weight: float = 0.1
+    adaptive_gan_weight: bool = True  # VQGAN's ratio of gradient norms at the decoder's last layer
+    disc_start: int = 2000  # steps of reconstruction-only training before the discriminator joins
+    r1_weight: float = 0.0  # adds r1_weight * E||grad_x D(real)||^2 (MAGVIT: 10)
+    lecam_weight: float = 0.0
+    lecam_decay: float = 0.999
+
+    def __post_init__(self):
+        weights = ("recon_weight", "perceptual_weight", "gan_weight", "r1_weight", "lecam_weight")
+        require_finite(self, (*weights, "lecam_decay"))
+        if any(getattr(self, name) < 0 for name in weights) or not 0 <= self.lecam_decay < 1 or self.disc_start < 0:
+            raise ValueError("loss: need weights >= 0, 0 <= lecam_decay < 1 and disc_start >= 0")
+
 
 # ImageNet statistics the torchvision / transformers ResNet-50 was trained with.
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -21,6 +21,25 @@ from typing import Mapping, NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 
+from .config import Config, require_finite
+
+@dataclasses.dataclass
+class MaskingConfig(Config):
+    """Options of ``masking.make_training_batch`` and ``masking.masked_token_loss``."""
+
+    tasks: list[str] | None = None  # None: every task the token shards support
+    schedule: str = "cosine"
+    cond_dropout_prob: float = 0.1  # classifier-free guidance: drop the condition / class
+    unmasked_weight: float = 1.0  # loss weight of the visible video tokens (masked ones weigh 1)
+    label_smoothing: float = 0.0
+
+    def __post_init__(self):
+        require_finite(self, ("cond_dropout_prob", "unmasked_weight", "label_smoothing"))
+        if not 0 <= self.cond_dropout_prob <= 1 or self.unmasked_weight < 0 or not 0 <= self.label_smoothing < 1:
+            raise ValueError("masking: need 0 <= cond_dropout_prob <= 1, unmasked_weight >= 0 and "
+                             "0 <= label_smoothing < 1")
+
+
 # --- tasks ---------------------------------------------------------------------------------------------------------
 
 #: COMMIT tasks whose condition is a video built in pixel space (``build_condition_video``) and then tokenized.

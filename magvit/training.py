@@ -27,16 +27,12 @@ import torch
 import yaml
 
 from . import distributed as dist
-from .config import Config, ConfigError
+from .cli import ArgumentParser, UsageError
+from .config import Config, ConfigError, require_finite
+from .losses import TokenizerLossConfig
+from .masking import MaskingConfig
 
 Precision = Literal["fp32", "bf16", "autocast-bf16"]
-
-
-def _require_finite(cfg: Config, names: Sequence[str]) -> None:
-    """``ValueError`` naming the first of ``names`` that is NaN or infinite (``optim.lr=.inf`` is no learning rate)."""
-    for name in names:
-        if not math.isfinite(getattr(cfg, name)):
-            raise ValueError(f"{name} must be a finite number, got {getattr(cfg, name)}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -86,7 +82,7 @@ class OptimConfig(Config):
     grad_clip: float = 1.0  # global norm; 0 disables
 
     def __post_init__(self):
-        _require_finite(self, ("lr", "beta1", "beta2", "eps", "weight_decay", "grad_clip"))
+        require_finite(self, ("lr", "beta1", "beta2", "eps", "weight_decay", "grad_clip"))
         if self.lr <= 0 or not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1) or self.weight_decay < 0:
             raise ValueError("optim: need lr > 0, 0 <= beta1, beta2 < 1, weight_decay >= 0")
         if self.eps <= 0 or self.grad_clip < 0:
@@ -111,7 +107,7 @@ class TrainConfig(Config):
     max_nonfinite_steps: int = 20
 
     def __post_init__(self):
-        _require_finite(self, ("min_lr_ratio", "ema_decay"))
+        require_finite(self, ("min_lr_ratio", "ema_decay"))
         if self.max_steps < 1 or self.warmup_steps < 0 or self.grad_accum_steps < 1 or self.max_nonfinite_steps < 1:
             raise ValueError("train: need max_steps >= 1, warmup_steps >= 0, grad_accum_steps >= 1, "
                              "max_nonfinite_steps >= 1")
@@ -142,29 +138,6 @@ class CheckpointConfig(Config):
     def __post_init__(self):
         if self.every < 1 or self.keep_last < 1:
             raise ValueError("checkpoint: every and keep_last must be >= 1")
-
-
-@dataclasses.dataclass
-class TokenizerLossConfig(Config):
-    """Generator/discriminator objective of MAGVIT (reconstruction + quantizer + perceptual + GAN)."""
-
-    recon_loss: Literal["mse", "l1"] = "mse"
-    recon_weight: float = 1.0
-    perceptual_weight: float = 0.0  # > 0 needs perceptual_model (a local weights path)
-    perceptual_model: str = ""
-    gan_loss: Literal["hinge", "non_saturating"] = "hinge"
-    gan_weight: float = 0.1
-    adaptive_gan_weight: bool = True  # VQGAN's ratio of gradient norms at the decoder's last layer
-    disc_start: int = 2000  # steps of reconstruction-only training before the discriminator joins
-    r1_weight: float = 0.0  # adds r1_weight * E||grad_x D(real)||^2 (MAGVIT: 10)
-    lecam_weight: float = 0.0
-    lecam_decay: float = 0.999
-
-    def __post_init__(self):
-        weights = ("recon_weight", "perceptual_weight", "gan_weight", "r1_weight", "lecam_weight")
-        _require_finite(self, (*weights, "lecam_decay"))
-        if any(getattr(self, name) < 0 for name in weights) or not 0 <= self.lecam_decay < 1 or self.disc_start < 0:
-            raise ValueError("loss: need weights >= 0, 0 <= lecam_decay < 1 and disc_start >= 0")
 
 
 @dataclasses.dataclass
@@ -199,23 +172,6 @@ class TokenizerTrainConfig(Config):
 
 
 @dataclasses.dataclass
-class MaskingConfig(Config):
-    """Options of ``masking.make_training_batch`` and ``masking.masked_token_loss``."""
-
-    tasks: list[str] | None = None  # None: every task the token shards support
-    schedule: str = "cosine"
-    cond_dropout_prob: float = 0.1  # classifier-free guidance: drop the condition / class
-    unmasked_weight: float = 1.0  # loss weight of the visible video tokens (masked ones weigh 1)
-    label_smoothing: float = 0.0
-
-    def __post_init__(self):
-        _require_finite(self, ("cond_dropout_prob", "unmasked_weight", "label_smoothing"))
-        if not 0 <= self.cond_dropout_prob <= 1 or self.unmasked_weight < 0 or not 0 <= self.label_smoothing < 1:
-            raise ValueError("masking: need 0 <= cond_dropout_prob <= 1, unmasked_weight >= 0 and "
-                             "0 <= label_smoothing < 1")
-
-
-@dataclasses.dataclass
 class TransformerTrainConfig(Config):
     """``configs/transformer/*.yaml``. ``model``: a ``preset`` plus overrides; its ``codebook_size``,
     ``token_grid`` and ``num_classes`` follow the token shards."""
@@ -242,17 +198,8 @@ def resolve_section(section: Mapping[str, Any], config_cls: type[Config], name: 
 # --------------------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------------------
-class UsageError(Exception):
-    """A user mistake on the command line or in a config file: one line on stderr, exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one clear line instead of usage + message
-        raise UsageError(message)
-
-
 def build_arg_parser(description: str, default_config: str) -> argparse.ArgumentParser:
-    parser = _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", default=default_config, help="training YAML (model, data, optim, train, ...)")
     parser.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default=None,
                         help="DeepSpeed JSON (ZeRO stage and options); overrides train.deepspeed_config")
@@ -318,18 +265,6 @@ def parse_train_command(description: str, default_config: str, kind: str,
         raise UsageError(str(err)) from None
     args.run_dir = Path(args.run_dir or Path("runs") / kind / Path(args.config).stem)
     return args, cfg, ds_base
-
-
-def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
-    """Run ``main`` turning user errors (``UsageError``, ``ConfigError``) and checkpoint failures (disk full,
-    read-only, damaged or unsafe files: ``checkpoint.CheckpointError``) into one stderr line and status 2."""
-    from .checkpoint import CheckpointError
-
-    try:
-        return main(argv)
-    except (UsageError, ConfigError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -93,7 +93,7 @@ def test_trainer_r1_term_is_weight_times_squared_gradient_norm(r1_weight):
     """The trainer's discriminator loss is GAN + r1_weight * E||grad_x D(x)||^2 (MAGVIT, no 1/2 factor)."""
     import contextlib
 
-    from launch.train_tokenizer import discriminator_step
+    from magvit.launch.train_tokenizer import discriminator_step
     from magvit.losses import discriminator_loss
     from magvit.training import NonFiniteGuard, TokenizerTrainConfig
 
@@ -131,7 +131,7 @@ def test_bad_inputs():
 _ENGINE_R1 = r'''
 import contextlib, json, sys
 import torch
-from launch.train_tokenizer import discriminator_step
+from magvit.launch.train_tokenizer import discriminator_step
 from magvit import distributed as dist
 from magvit.training import NonFiniteGuard, TokenizerTrainConfig
 

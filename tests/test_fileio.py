@@ -62,8 +62,8 @@ def test_atomic_folder_swaps_and_sets_modes(tmp_path, umask_002):
 
 def test_every_writer_honours_a_002_umask(tmp_path, umask_002):
     """Exports, token shards, EMA files, manifests, reports, videos and images: 0664 files, 0775 folders."""
-    from data_prep._cli import write_json
-    from data_prep._shards import save_shard
+    from magvit.cli import write_json
+    from magvit.prep.shards import save_shard
     from magvit import TokenizerConfig, VideoTokenizer
     from magvit.data import write_manifest
     from magvit.evaluate import write_report

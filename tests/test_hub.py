@@ -240,8 +240,8 @@ def test_generate_and_evaluate_take_hub_ids_from_the_cache(named_models, tmp_pat
 
 
 def test_tokenize_takes_a_hub_id_from_the_cache(tmp_path, monkeypatch, capsys):
-    from data_prep import tokenize
-    from data_prep._cli import run_main
+    from magvit.prep import tokenize
+    from magvit.cli import run_main
 
     VideoTokenizer(TokenizerConfig.preset("tiny")).save_pretrained(tmp_path / "tokenizer")
     cache = tmp_path / "hub"

@@ -102,7 +102,7 @@ def test_bad_sources_are_one_line_errors(tmp_path):
 def test_training_config_keys_and_cli_errors(tmp_path):
     """``init_from`` / ``inflate`` in the run config; a bad source stops the trainer before it starts: one line on
     stderr, exit status 2."""
-    from launch.train_tokenizer import load_config
+    from magvit.launch.train_tokenizer import load_config
     from magvit.training import TokenizerTrainConfig
 
     cfg = TokenizerConfig.preset("tiny")

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_prep import index, tokenize
-from data_prep._cli import run_main
+from magvit.prep import index, tokenize
+from magvit.cli import run_main
 from magvit import evaluate
 from magvit.video_io import probe_video, read_video, write_video
 

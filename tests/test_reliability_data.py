@@ -66,7 +66,7 @@ def test_index_follows_links_to_other_folders_once(tmp_path, frames):
     data.mkdir()
     os.symlink(outside, data / "dog")
     os.symlink(outside, data / "dog_again")
-    from data_prep.index import build_manifest
+    from magvit.prep.index import build_manifest
 
     summary = build_manifest([data], tmp_path / "m.jsonl", val_fraction=0.0, workers=1, show_progress=False)
     assert summary["videos"] == 1 and summary["rejected"] == []
@@ -133,9 +133,9 @@ def test_a_file_shorter_than_its_manifest_is_a_counted_failure(tmp_path, frames)
 @pytest.fixture
 def demo_folder(tmp_path, frames):
     """Like the demo's data folder: two classes of clips, a manifest, sketches under sketches/ and in the manifest."""
-    from data_prep import sketch
-    from data_prep._cli import run_main
-    from data_prep.index import build_manifest
+    from magvit.prep import sketch
+    from magvit.cli import run_main
+    from magvit.prep.index import build_manifest
 
     data = tmp_path / "sample"
     for i in range(3):
@@ -155,7 +155,7 @@ def _records(path: Path) -> list[dict]:
 def test_reindexing_the_demo_folder_keeps_clips_and_sketch_keys(demo_folder, marker):
     """Re-indexing the folder indexes the 6 clips, not 12 (sketches as clips), and keeps the manifest's sketch
     keys; without the folder's marker (sketches made before it existed) the manifest's own keys exclude them."""
-    from data_prep.index import SKETCH_MARKER, build_manifest
+    from magvit.prep.index import SKETCH_MARKER, build_manifest
 
     manifest = demo_folder / "manifest.jsonl"
     before = {Path(r["path"]).name: r["sketch"] for r in _records(manifest)}
@@ -187,8 +187,8 @@ def test_manifest_with_all_paths_missing_or_a_list_label_is_a_value_error(tmp_pa
 
 
 def _token_dir(root: Path, codes: torch.Tensor, codebook_size: int = 64) -> Path:
-    from data_prep._cli import write_json
-    from data_prep._shards import save_shard
+    from magvit.cli import write_json
+    from magvit.prep.shards import save_shard
 
     root.mkdir(parents=True, exist_ok=True)
     save_shard(root / "shard-00000.safetensors", {"codes": codes, "labels": torch.zeros(len(codes), dtype=torch.long)})

@@ -23,7 +23,7 @@ PYTHON = sys.executable
 
 def _submit(capsys, *args: str) -> subprocess.CompletedProcess:
     """``python -m launch.submit ARGS`` in this process (imports once): status, stdout and stderr."""
-    from launch.submit import cli
+    from magvit.launch.submit import cli
 
     capsys.readouterr()
     status = cli(list(args))

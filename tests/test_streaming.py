@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from data_prep._shards import save_tar_shard
+from magvit.prep.shards import save_tar_shard
 from magvit.streaming import ShardStream, decode_sample, encode_sample, iter_tar_samples, resolve_shards, tar_rows
 
 GRID = (2, 4, 4)
@@ -140,7 +140,7 @@ from test_data_prep import cli, sample, sample_cache, small_manifest, tiny_token
 
 
 def test_extract_webdataset_streams_the_clips_of_the_safetensors_shards(small_manifest, tmp_path):
-    from data_prep import extract
+    from magvit.prep import extract
     from magvit.data import ClipShardDataset
 
     args = ["--manifest", small_manifest, "--num-frames", "8", "--image-size", "40", "--clips-per-video", "2",
@@ -168,7 +168,7 @@ def test_tokenize_webdataset_and_two_ranks_write_the_same_tokens(small_manifest,
     import sys
 
     from magvit.data import TokenShardDataset
-    from data_prep import tokenize
+    from magvit.prep import tokenize
 
     args = ["--tokenizer", tiny_tokenizer, "--manifest", small_manifest, "--shard-size", "1", "--batch-size", "2",
             "--workers", "0", "--device", "cpu"]
@@ -238,7 +238,7 @@ def test_streaming_run_resumed_exactly_mid_epoch_on_2_ranks(tmp_path):
 @pytest.mark.slow
 def test_tokenizer_trains_on_streamed_clips(small_manifest, tmp_path):
     """One plain process, clips streamed from tar shards (no manifest at all: no validation clips)."""
-    from data_prep import extract
+    from magvit.prep import extract
     from test_train_e2e import TOKENIZER_OVERRIDES, _losses, _run
 
     assert cli(extract, "--manifest", small_manifest, "--out", tmp_path / "wds", "--format", "webdataset",

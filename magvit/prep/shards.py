@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import torch
 
-from data_prep._cli import UsageError, write_json
+from magvit.cli import UsageError, write_json
 
 PLAN_NAME = ".plan.json"
 
@@ -128,7 +128,7 @@ def write_shards(dataset, out: Path, shard_size: int, batch_size: int, workers: 
     """
     from torch.utils.data import DataLoader, Subset
 
-    from data_prep._cli import progress
+    from magvit.cli import progress
     from magvit.data import collate_skip_none
 
     from magvit.streaming import tar_rows

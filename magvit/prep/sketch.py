@@ -1,0 +1,219 @@
+"""Sketch (edge-map) videos aligned with the videos of a manifest.
+
+    python -m data_prep.sketch --manifest M --out DIR            # compute sketches
+    python -m data_prep.sketch --manifest M --sketch-dir USERDIR # bring your own, aligned by file name
+
+A sketch frame is the Canny edge map of the lightly blurred grayscale frame, drawn as black lines on white, the same
+for every run (no randomness, fixed thresholds). Each sketch video gets the video's path relative to the common
+folder of all videos (``DIR/<class>/<name>.mp4``) and the manifest gains a ``sketch`` field pointing at it (the
+manifest is rewritten atomically, in place unless ``--out-manifest`` is given). Existing sketches are kept.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import multiprocessing
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from magvit.cli import ArgumentParser, UsageError, progress, quiet_decoders, run_main
+
+PROG = "python -m data_prep.sketch"
+
+#: Canny hysteresis thresholds on 8-bit gradients and the Gaussian blur applied first (pixels)
+CANNY_LOW = 50
+CANNY_HIGH = 150
+BLUR_SIGMA = 1.0
+
+
+def sketch_frames(frames: np.ndarray | torch.Tensor, low: int = CANNY_LOW, high: int = CANNY_HIGH,
+                  blur_sigma: float = BLUR_SIGMA) -> np.ndarray:
+    """uint8 ``(T, H, W, 3)`` RGB -> uint8 ``(T, H, W, 3)`` sketch: black (0) edges on white (255)."""
+    import cv2
+
+    if isinstance(frames, torch.Tensor):
+        frames = frames.cpu().numpy()
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"expected uint8 frames (T, H, W, 3), got {frames.dtype} {tuple(frames.shape)}")
+    out = np.empty_like(frames)
+    for t, frame in enumerate(frames):
+        gray = cv2.cvtColor(np.ascontiguousarray(frame), cv2.COLOR_RGB2GRAY)
+        if blur_sigma > 0:
+            gray = cv2.GaussianBlur(gray, (0, 0), blur_sigma)
+        edges = cv2.Canny(gray, low, high, L2gradient=True)  # (H, W) 0 / 255
+        out[t] = (255 - edges)[..., None]
+    return out
+
+
+def sketch_video(video: torch.Tensor, low: int = CANNY_LOW, high: int = CANNY_HIGH,
+                 blur_sigma: float = BLUR_SIGMA) -> torch.Tensor:
+    """Float ``(3, T, H, W)`` or ``(B, 3, T, H, W)`` in [-1, 1] -> sketch of the same shape in {-1, 1}.
+
+    Edges are -1 (black) on +1 (white), identical in the three channels; deterministic.
+    """
+    from magvit.video_io import to_float, to_uint8
+
+    if not isinstance(video, torch.Tensor) or video.dim() not in (4, 5) or video.shape[-4] != 3:
+        raise ValueError(f"expected a float video (3, T, H, W) or (B, 3, T, H, W), got "
+                         f"{tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__}")
+    if video.dim() == 5:
+        return torch.stack([sketch_video(v, low, high, blur_sigma) for v in video])
+    sketch = torch.from_numpy(sketch_frames(to_uint8(video), low, high, blur_sigma))  # (T, H, W, 3)
+    return to_float(sketch).to(device=video.device, dtype=video.dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------------------------
+def _read_raw_manifest(path: Path) -> list[dict[str, Any]]:
+    from magvit.data import read_manifest
+
+    try:
+        resolved = read_manifest(path)
+    except (FileNotFoundError, ValueError) as err:
+        raise UsageError(str(err)) from None
+    raw = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    for record, full in zip(raw, resolved):
+        record["_abs"] = full["path"]
+    return raw
+
+
+def relative_names(paths: Sequence[str]) -> list[str]:
+    """Paths relative to their common folder (the names the sketch videos get)."""
+    folders = [os.path.dirname(p) for p in paths]
+    root = os.path.commonpath(folders) if folders else ""
+    return [os.path.relpath(p, root) for p in paths]
+
+
+def _make_sketch(source: str, target: str, overwrite: bool) -> tuple[str, str | None, bool]:
+    """Worker: write the sketch of ``source`` to ``target``. Returns (target, error or None, skipped)."""
+    from magvit.video_io import VideoReadError, probe_video, read_video, write_video
+
+    try:
+        if not overwrite and Path(target).is_file():
+            try:
+                if probe_video(target, check="none")["frames"] == probe_video(source, check="none")["frames"]:
+                    return target, None, True
+            except VideoReadError:
+                pass  # damaged earlier output: redo it
+        frames, fps = read_video(source)
+        # near-lossless: compression ringing would otherwise blur the one-pixel lines
+        write_video(target, sketch_frames(frames), fps=fps or 1.0, crf=8, preset="veryfast")
+        return target, None, False
+    except VideoReadError as err:
+        return target, err.reason, False
+    except Exception as err:
+        return target, f"{type(err).__name__}: {err}", False
+
+
+def _find_user_sketch(sketch_dir: Path, rel: str) -> Path | None:
+    from magvit.video_io import VIDEO_EXTENSIONS
+
+    exact = sketch_dir / rel
+    if exact.is_file():
+        return exact
+    stem = exact.with_suffix("")
+    for ext in VIDEO_EXTENSIONS:
+        for candidate in (stem.with_suffix(ext), sketch_dir / (Path(rel).stem + ext)):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--manifest", required=True, help="manifest from data_prep.index")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--out", help="folder for the computed sketch videos")
+    source.add_argument("--sketch-dir", help="folder of your own sketch videos, aligned by relative file name")
+    parser.add_argument("--out-manifest", default=None, help="write the updated manifest here (default: in place)")
+    parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    parser.add_argument("--overwrite", action="store_true", help="recompute sketches that already exist")
+    args = parser.parse_args(argv)
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {args.workers}")
+    manifest = Path(args.manifest)
+    records = _read_raw_manifest(manifest)
+    if not records:
+        raise UsageError(f"{manifest} holds no videos")
+    out_manifest = Path(args.out_manifest) if args.out_manifest else manifest
+    quiet_decoders()
+    from magvit.data import write_manifest
+    from magvit.video_io import VideoReadError, probe_video
+
+    names = relative_names([r["_abs"] for r in records])
+    failures: list[tuple[str, str]] = []
+    results: dict[int, str] = {}
+    made = skipped = 0
+    if args.sketch_dir:
+        sketch_dir = Path(args.sketch_dir)
+        if not sketch_dir.is_dir():
+            raise UsageError(f"--sketch-dir not found: {sketch_dir}")
+        for i, (record, rel) in enumerate(progress(list(zip(records, names)), desc="matching", unit="video")):
+            found = _find_user_sketch(sketch_dir, rel)
+            if found is None:
+                failures.append((record["_abs"], f"no sketch named like {rel} in {sketch_dir}"))
+                continue
+            try:
+                frames = probe_video(found, check="first")["frames"]
+            except VideoReadError as err:
+                failures.append((record["_abs"], f"sketch {found}: {err.reason}"))
+                continue
+            if frames < int(record["frames"]):
+                failures.append((record["_abs"], f"sketch {found} has {frames} frames, the video {record['frames']}"))
+                continue
+            results[i] = str(found.resolve())
+            skipped += 1
+    else:
+        out = Path(args.out)
+        from magvit.prep.index import SKETCH_MARKER
+
+        out.mkdir(parents=True, exist_ok=True)
+        (out / SKETCH_MARKER).write_text("sketch videos of data_prep.sketch: data_prep.index does not index them\n")
+        targets = [str((out / rel).with_suffix(".mp4").resolve()) for rel in names]
+        workers = args.workers or os.cpu_count() or 1
+        jobs = [(r["_abs"], t, args.overwrite) for r, t in zip(records, targets)]
+        bar = progress(total=len(jobs), desc="sketching", unit="video")
+        with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            futures = {pool.submit(_make_sketch, *job): i for i, job in enumerate(jobs)}
+            for future in cf.as_completed(futures):
+                i = futures[future]
+                target, error, was_there = future.result()
+                bar.update()
+                if error:
+                    failures.append((records[i]["_abs"], error))
+                else:
+                    results[i] = target
+                    skipped += was_there
+                    made += not was_there
+        bar.close()
+
+    relative = not os.path.isabs(records[0]["path"])
+    updated = []
+    for i, record in enumerate(records):
+        record = {k: v for k, v in record.items() if k != "_abs"}
+        if i in results:
+            record["sketch"] = os.path.relpath(results[i], out_manifest.parent.resolve()) if relative else results[i]
+        updated.append(record)
+    if results:
+        write_manifest(out_manifest, updated)
+    for path, reason in failures[:20]:
+        print(f"no sketch for {path}: {reason}", file=sys.stderr)
+    print(f"sketches: {made} computed, {skipped} already there or matched, {len(failures)} failed; "
+          f"{len(results)}/{len(records)} videos have a sketch -> {out_manifest if results else '(manifest unchanged)'}")
+    return 0 if results else 1
+
+
+def cli() -> int:
+    """Console entry point."""
+    return run_main(PROG, main, interrupted="interrupted (finished outputs are kept; rerun to resume)")
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

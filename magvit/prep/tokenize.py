@@ -1,0 +1,192 @@
+"""Tokenize a dataset with a trained tokenizer into token shards for transformer training.
+
+    python -m data_prep.tokenize --tokenizer DIR --manifest manifest.jsonl --out DIR [--split train|val|all]
+                                 [--batch-size 8] [--shard-size 256] [--format safetensors|webdataset]
+                                 [--device cuda|cpu] [--rank R --world-size W]
+
+Clips of the tokenizer's ``num_frames`` x ``image_size`` (center start and crop, deterministic) are encoded with
+``VideoTokenizer.from_pretrained(DIR)``. Each ``shard-XXXXX.safetensors`` holds, per clip: ``codes`` (N, t, h, w),
+``cond.<task>`` (N, t, h, w) for every pixel-space COMMIT task (``magvit.masking.CONDITION_TASKS``, condition video
+from ``build_condition_video``), ``sketch_codes`` (N, t, h, w) from the sketch video (the manifest's ``sketch`` when
+every clip has one, else ``data_prep.sketch.sketch_video`` of the clip), ``labels`` (N,) and ``clip_index`` (N,).
+``meta.json`` (written last) holds the tokenizer config, ``token_grid``, ``codebook_size``, ``classes``,
+``condition_tasks`` and ``num_examples``. Codes are stored as int32. Rerunning resumes: finished shards are kept
+(each is written to a temp file and renamed). Decoding runs in DataLoader workers, encoding on all torch threads
+of ``--device`` (default: the GPU when there is one). ``--format webdataset`` writes ``shard-XXXXX.tar`` streaming
+shards instead (``magvit.streaming``; the same ``meta.json``). Several processes (``--rank R --world-size W``, or
+torchrun's / SLURM's environment) split the work: rank ``r`` writes shards ``r, r + W, ...``, and the last rank to
+finish writes ``meta.json``; the shards are the ones a single process writes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from magvit.cli import ArgumentParser, UsageError, quiet_decoders, run_main, write_json
+from magvit.prep.shards import (FORMATS, check_out_dir, file_digest, finish_rank, fingerprint, num_shards,
+                               open_out_dir_ranked, rank_from_env, write_shards)
+
+PROG = "python -m data_prep.tokenize"
+
+
+def load_tokenizer(directory: str, device: str):
+    from magvit.tokenizer import VideoTokenizer
+
+    try:
+        return VideoTokenizer.from_pretrained(directory, device=device)
+    except (FileNotFoundError, ValueError) as err:
+        raise UsageError(str(err)) from None
+
+
+@torch.inference_mode()
+def encode_batch(tokenizer, video: torch.Tensor, tasks: Sequence[str], sketch: torch.Tensor | None,
+                 device: str) -> dict[str, torch.Tensor]:
+    """Codes of a clip batch ``(B, 3, T, H, W)``, of its condition videos and of its sketch, as int32 ``(B, t, h, w)``.
+
+    All variants go through the encoder as one batch (one call instead of ``2 + len(tasks)``).
+    """
+    from magvit.masking import build_condition_video
+
+    names = ["codes"] + [f"cond.{task}" for task in tasks] + (["sketch_codes"] if sketch is not None else [])
+    variants = [video] + [build_condition_video(video, task) for task in tasks]
+    if sketch is not None:
+        variants.append(sketch)
+    codes = tokenizer.encode(torch.cat(variants).to(device)).cpu()  # (V * B, t, h, w)
+    return {name: part.to(torch.int32) for name, part in zip(names, codes.split(len(video)))}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokenizer", required=True, help="save_pretrained folder of a VideoTokenizer, or its Hub id")
+    parser.add_argument("--manifest", required=True, help="manifest from data_prep.index")
+    parser.add_argument("--out", required=True, help="output folder for the token shards")
+    parser.add_argument("--split", choices=("train", "val", "all"), default="train")
+    parser.add_argument("--batch-size", type=int, default=8, help="clips per encoder batch (default 8)")
+    parser.add_argument("--shard-size", type=int, default=256, help="clips per shard (default 256)")
+    parser.add_argument("--sketch", choices=("auto", "manifest", "compute", "none"), default="auto",
+                        help="sketch source: the manifest's 'sketch' videos, computed edge maps, or no sketch codes "
+                             "(default auto: the manifest's when every clip has one, else computed)")
+    parser.add_argument("--no-conditions", action="store_true", help="skip the cond.<task> codes")
+    parser.add_argument("--frame-stride", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=None, help="decoding DataLoader workers (default: 2)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, all cores)")
+    parser.add_argument("--device", default=None, help="encoder device (default: cuda when available, else cpu)")
+    parser.add_argument("--format", choices=FORMATS, default="safetensors",
+                        help="shard format: safetensors (random access) or webdataset (tar shards for streaming)")
+    parser.add_argument("--rank", type=int, default=None, help="this process's rank (default: $RANK, else 0)")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="processes sharing the work (default: $WORLD_SIZE, else 1)")
+    parser.add_argument("--overwrite", action="store_true", help="start over: remove the shards already in --out (also damaged ones or those of other settings)")
+    args = parser.parse_args(argv)
+    for name in ("batch_size", "shard_size", "frame_stride"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.workers is not None and args.workers < 0:
+        raise UsageError(f"--workers must be >= 0, got {args.workers}")
+    if not Path(args.manifest).is_file():
+        raise UsageError(f"manifest not found: {args.manifest}")
+    check_out_dir(Path(args.out))  # before loading and encoding anything
+    rank, world = rank_from_env(args.rank, args.world_size)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device.startswith("cuda") and ":" not in args.device and world > 1 and torch.cuda.device_count() > 1:
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
+    quiet_decoders()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from magvit.pretrained import resolve_pretrained
+
+    try:  # a Hub id (org/name) becomes its snapshot folder in the Hub cache; the digest below reads its weights
+        args.tokenizer = str(resolve_pretrained(args.tokenizer))
+    except (FileNotFoundError, ValueError) as err:
+        raise UsageError(str(err)) from None
+    tokenizer = load_tokenizer(args.tokenizer, args.device)
+    config = tokenizer.config
+    num_frames, size = config.num_frames, config.image_size
+    grid = config.token_grid(num_frames, size, size)
+
+    from magvit.data import ClipDataset, read_manifest
+    from magvit.masking import CONDITION_TASKS
+
+    tasks = [] if args.no_conditions else list(CONDITION_TASKS)
+    try:
+        records = read_manifest(args.manifest)
+    except (OSError, ValueError) as err:
+        raise UsageError(str(err)) from None
+    in_split = [r for r in records if args.split == "all" or r.get("split") == args.split]
+    sketch_mode = args.sketch
+    if sketch_mode == "auto":
+        sketch_mode = "manifest" if in_split and all(r.get("sketch") for r in in_split) else "compute"
+    if sketch_mode == "manifest" and not all(r.get("sketch") for r in in_split):
+        raise UsageError("--sketch manifest: some videos have no 'sketch' (run python -m data_prep.sketch first)")
+    try:
+        dataset = ClipDataset(records, args.split, num_frames=num_frames, image_size=size,
+                              frame_stride=args.frame_stride, random_start=False, random_crop=False, on_error="skip",
+                              with_sketch=sketch_mode == "manifest")
+    except ValueError as err:  # e.g. no file of the manifest exists, or labels of mixed kinds
+        raise UsageError(f"{args.manifest}: {err}") from None
+    if len(dataset) == 0:
+        raise UsageError(f"no {args.split} videos with enough frames ({num_frames} x stride {args.frame_stride}) "
+                         f"in {args.manifest}")
+
+    out = Path(args.out)
+    settings = {"split": args.split, "shard_size": args.shard_size, "sketch": sketch_mode, "tasks": tasks,
+                **({"format": args.format} if args.format != "safetensors" else {}),
+                "frame_stride": args.frame_stride, "tokenizer_config": config.to_dict(),
+                "tokenizer_weights": file_digest(Path(args.tokenizer) / "model.safetensors")}
+    videos = [(r["path"], r["frames"], r.get("label"), r.get("sketch")) for r in dataset.records]
+    plan = {"settings": settings, "fingerprint": fingerprint({"s": settings, "v": videos})}
+    open_out_dir_ranked(out, plan, args.overwrite, rank, world)
+    workers = 2 if args.workers is None else args.workers
+
+    from magvit.prep.sketch import sketch_video
+
+    def encode(batch: dict) -> dict[str, torch.Tensor]:
+        video = batch["video"]  # (B, 3, T, H, W) in [-1, 1]
+        sketch = None
+        if sketch_mode == "manifest":
+            sketch = batch["sketch"]
+        elif sketch_mode == "compute":
+            sketch = sketch_video(video)
+        return {**encode_batch(tokenizer, video, tasks, sketch, args.device), "labels": batch["label"].long(),
+                "clip_index": batch["index"].long()}
+
+    numbers = range(rank, num_shards(len(dataset), args.shard_size), world)
+    mine, made, kept, dropped = write_shards(dataset, out, args.shard_size, args.batch_size, workers,
+                                             "tokenizing" if world == 1 else f"tokenizing (rank {rank}/{world})",
+                                             encode, format=args.format, numbers=numbers)
+    shards = finish_rank(out, plan["fingerprint"], rank, world, mine)
+    meta = {"format": "magvit-tokens", "tokenizer": config.to_dict(),
+            "tokenizer_dir": str(Path(args.tokenizer).resolve()), "token_grid": list(grid),
+            "codebook_size": config.codebook_size, "classes": dataset.classes, "condition_tasks": tasks,
+            "has_sketch": sketch_mode != "none", "sketch_source": sketch_mode, "num_frames": num_frames,
+            "image_size": size, "frame_stride": args.frame_stride, "split": args.split,
+            "manifest": str(Path(args.manifest).resolve()), "storage": args.format,
+            "num_examples": sum(s["num_examples"] for s in shards or mine), "shards": shards or mine}
+    if shards:
+        write_json(out / "meta.json", meta)
+    elif world > 1:
+        print(f"rank {rank}: wrote its shards; meta.json follows when all {world} ranks have finished",
+              file=sys.stderr)
+        return 0 if mine else 1
+    for path_, reason in dataset.skipped[:10]:
+        print(f"skipped {path_}: {reason}", file=sys.stderr)
+    print(f"tokenized {meta['num_examples']} clips ({num_frames}x{size}x{size} -> tokens {tuple(grid)}; "
+          f"{len(tasks)} condition tasks; sketch: {sketch_mode}; {len(dataset.classes)} classes) into {len(shards)} "
+          f"shards ({made} written, {kept} already there) -> {out}; {dropped} failed to decode, "
+          f"{len(dataset.skipped)} videos too short")
+    return 0 if shards else 1
+
+
+def cli() -> int:
+    """Console entry point."""
+    return run_main(PROG, main, interrupted="interrupted (finished outputs are kept; rerun to resume)")
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
