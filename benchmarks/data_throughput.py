@@ -58,9 +58,9 @@ def main() -> int:
     parser.add_argument("--out", default=None, help="also write the table (Markdown) here")
     args = parser.parse_args()
 
-    from data_prep import extract
-    from data_prep._cli import quiet_decoders
-    from data_prep.sample_data import build_sample_data
+    from magvit.prep import extract
+    from magvit.cli import quiet_decoders
+    from magvit.prep.sample_data import build_sample_data
     from magvit.data import ClipDataset, ClipShardDataset, read_manifest
     from magvit.streaming import ShardStream
 
