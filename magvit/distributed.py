@@ -1,4 +1,10 @@
-"""Everything distributed lives here: rank/world discovery, process-group set-up, DeepSpeed engines, signals.
+"""Everything distributed lives here: rank/world discovery, process-group set-up, collectives, DeepSpeed engines
+and their checkpoint loads, ZeRO-3 parameter gathering, preemption signals and rank-0 logging.
+
+Collectives come in two kinds, all no-ops without an initialised process group (one process, tests, inference):
+scalars for the training loop's decisions and logs (``all_reduce_max``, ``all_reduce_mean``, ``all_gather_scalar``)
+and in-place tensor collectives for model state that every rank must hold identically, such as the vector
+quantizer's codebook statistics (``all_reduce_tensor_``, ``broadcast_tensor_``).
 
 Rank, world size, local rank and the rendezvous address come from (first match wins):
 
@@ -8,7 +14,8 @@ Rank, world size, local rank and the rendezvous address come from (first match w
    derived from ``SLURM_JOB_ID`` when none is set, so every task of a job agrees without talking first;
 3. nothing: one process (rank 0 of 1) on a free local port.
 
-deepspeed is imported only inside functions: ``import magvit.distributed`` stays cheap.
+deepspeed is imported only inside functions: ``import magvit.distributed`` stays cheap, and models may import the
+tensor collectives without pulling DeepSpeed in.
 """
 
 from __future__ import annotations
@@ -246,6 +253,29 @@ def all_gather_scalar(value: float) -> list[float]:
     return t.tolist()
 
 
+_REDUCE_OPS = ("sum", "max", "mean")
+
+
+def all_reduce_tensor_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """All-reduce ``tensor`` in place over the default group (``"sum"``, ``"max"`` or ``"mean"``) and return it;
+    unchanged with one process. Every rank must call it in the same order with tensors of the same shape."""
+    if op not in _REDUCE_OPS:
+        raise ValueError(f"op must be one of {_REDUCE_OPS}, got {op!r}")
+    if get_world_size() > 1:
+        reduce_op = torch.distributed.ReduceOp.MAX if op == "max" else torch.distributed.ReduceOp.SUM
+        torch.distributed.all_reduce(tensor, op=reduce_op)
+        if op == "mean":
+            tensor /= get_world_size()
+    return tensor
+
+
+def broadcast_tensor_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Overwrite ``tensor`` in place with rank ``src``'s and return it; unchanged with one process."""
+    if get_world_size() > 1:
+        torch.distributed.broadcast(tensor, src=src)
+    return tensor
+
+
 def peak_memory_mb() -> float:
     """Peak memory of this rank: CUDA allocator peak on GPU, else the process's peak resident set size."""
     if torch.cuda.is_available():
@@ -253,15 +283,6 @@ def peak_memory_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """``obj`` of rank ``src`` on every rank."""
-    if not is_initialized() or get_world_size() == 1:
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 # --------------------------------------------------------------------------------------------------------------

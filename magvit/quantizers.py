@@ -7,8 +7,8 @@ back with ``codes_to_latents``. They always compute in fp32 with autocast disabl
 EMA statistics are unreliable in bf16 (near ties flip, EMA sums lose their low bits).
 
 Distributed training: the vector quantizer's mutable state (EMA counts and sums, k-means initialisation, dead-code
-restarts) is all-reduced / broadcast over the default ``torch.distributed`` group whenever one is initialised, so
-every rank keeps a bit-identical codebook. Every rank makes the same collective calls in the same order: the calls
+restarts) is all-reduced / broadcast over the default ``torch.distributed`` group whenever one is initialised
+(``magvit.distributed``'s tensor collectives, no-ops in one process), so every rank keeps a bit-identical codebook. Every rank makes the same collective calls in the same order: the calls
 depend only on the config, ``self.training`` and state that is itself synchronised (never on local data).
 """
 
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import Config
+from .distributed import all_reduce_tensor_, broadcast_tensor_, get_rank
 
 
 # FSQ levels the paper recommends for about 2^8, 2^10, 2^12, 2^14 and 2^16 codes (Mentzer et al. 2023, table 1).
@@ -106,30 +107,6 @@ class QuantizerOutput(NamedTuple):
     # Detached fp32 scalars for logging. codebook_usage / perplexity count the vector quantizer's global batch (all
     # ranks) when it updates state in training; otherwise this rank's batch.
     stats: dict[str, Tensor]
-
-
-# --- torch.distributed helpers (no-ops without an initialised process group) ------------------------------------------
-def _world_size() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return 1
-
-
-def _rank() -> int:
-    return torch.distributed.get_rank() if _world_size() > 1 else 0
-
-
-def _all_reduce_(tensor: Tensor, op: str = "sum") -> Tensor:
-    if _world_size() > 1:
-        reduce_op = torch.distributed.ReduceOp.SUM if op == "sum" else torch.distributed.ReduceOp.MAX
-        torch.distributed.all_reduce(tensor, op=reduce_op)
-    return tensor
-
-
-def _broadcast_(tensor: Tensor, src: int = 0) -> Tensor:
-    if _world_size() > 1:
-        torch.distributed.broadcast(tensor, src=src)
-    return tensor
 
 
 # --- shared pieces --------------------------------------------------------------------------------------------------
@@ -317,10 +294,10 @@ class VectorQuantizer(nn.Module):
         decay = cfg.ema_decay
         if cfg.use_ema:
             sums = flat.new_zeros(k, self.dim).index_add_(0, codes, flat)  # (K, D)
-            packed = _all_reduce_(torch.cat([counts[:, None], sums], dim=1))  # one collective for both
+            packed = all_reduce_tensor_(torch.cat([counts[:, None], sums], dim=1))  # one collective for both
             counts, sums = packed[:, 0].contiguous(), packed[:, 1:]
         else:
-            counts = _all_reduce_(counts)
+            counts = all_reduce_tensor_(counts)
         self.ema_cluster_size.mul_(decay).add_(counts, alpha=1.0 - decay)
         if cfg.use_ema:
             self.ema_embed_sum.mul_(decay).add_(sums, alpha=1.0 - decay)
@@ -344,12 +321,12 @@ class VectorQuantizer(nn.Module):
         dead = (self.ema_cluster_size < threshold).float()  # (K,)
         # The usage EMA is already identical on all ranks; the MAX makes the decision provably identical (a rank
         # that took a different branch would wait forever in the broadcast below).
-        dead = _all_reduce_(dead, op="max").bool()
+        dead = all_reduce_tensor_(dead, op="max").bool()
         num_dead = int(dead.sum())
         if num_dead == 0:
             return flat.new_zeros(())
         candidates = _sample_vectors(flat, self.codebook_size)  # (K, D)
-        _broadcast_(candidates, src=0)
+        broadcast_tensor_(candidates, src=0)
         self.codebook[dead] = candidates[dead].to(self.codebook.dtype)
         # A restarted code starts at the threshold: it must be used about that often per batch to stay.
         self.ema_cluster_size[dead] = threshold
@@ -362,9 +339,9 @@ class VectorQuantizer(nn.Module):
         """k-means on the (global) first batch: k-means++ seeds from rank 0, Lloyd steps on all ranks' data."""
         k = self.codebook_size
         centroids = flat.new_zeros(k, self.dim)
-        if _rank() == 0:
+        if get_rank() == 0:
             centroids = _kmeans_plus_plus(flat, k)
-        _broadcast_(centroids, src=0)
+        broadcast_tensor_(centroids, src=0)
         counts = flat.new_zeros(k)
         for _ in range(self.config.kmeans_iters):
             codes = self._distances(flat, centroids).argmin(dim=1)
@@ -372,7 +349,7 @@ class VectorQuantizer(nn.Module):
                 [torch.bincount(codes, minlength=k).float()[:, None], flat.new_zeros(k, self.dim).index_add_(0, codes, flat)],
                 dim=1,
             )
-            packed = _all_reduce_(local)  # (K, 1 + D): counts and sums of all ranks
+            packed = all_reduce_tensor_(local)  # (K, 1 + D): counts and sums of all ranks
             counts, sums = packed[:, 0], packed[:, 1:]
             # An empty cluster keeps its centroid.
             centroids = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1.0)[:, None], centroids)

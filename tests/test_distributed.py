@@ -6,6 +6,7 @@ import os
 import signal
 
 import pytest
+import torch
 
 from magvit import distributed as dist
 
@@ -129,3 +130,9 @@ def test_single_process_collectives_are_identities():
     assert dist.all_reduce_mean([1.0, 3.0]) == [1.0, 3.0]
     assert dist.all_gather_scalar(7.0) == [7.0]
     assert dist.peak_memory_mb() > 10  # this process's peak RSS
+    x = torch.tensor([1.0, -2.0])
+    for op in ("sum", "max", "mean"):
+        assert dist.all_reduce_tensor_(x, op=op) is x and torch.equal(x, torch.tensor([1.0, -2.0]))
+    assert dist.broadcast_tensor_(x, src=0) is x and torch.equal(x, torch.tensor([1.0, -2.0]))
+    with pytest.raises(ValueError, match="op must be one of"):
+        dist.all_reduce_tensor_(x, op="min")
