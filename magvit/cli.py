@@ -36,23 +36,25 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return UsageError, ConfigError, CheckpointError
 
 
-def run_main(prog: str, main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None,
+def run_main(prog: str | None, main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None,
              interrupted: str = "interrupted") -> int:
     """Call ``main(argv)``; a user error (``UsageError``, ``ConfigError``, ``CheckpointError``) or an OS error on
-    a path (unwritable output, full disk) becomes one line and exit 2, Ctrl-C one line (``interrupted``) and 130."""
+    a path (unwritable output, full disk) becomes one line and exit 2, Ctrl-C one line (``interrupted``) and 130.
+    Lines start with ``prog: error:`` (``None``: just ``error:``, the trainers' and generate's format)."""
+    prefix = f"{prog}: " if prog else ""
     try:
         return int(main(argv) or 0)
     except KeyboardInterrupt:
-        print(f"{prog}: {interrupted}", file=sys.stderr)
+        print(f"{prefix}{interrupted}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except OSError as err:
         where = f": {err.filename}" if err.filename else ""
-        print(f"{prog}: error: {err.strerror or err}{where}", file=sys.stderr)
+        print(f"{prefix}error: {err.strerror or err}{where}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as err:
         if not isinstance(err, _user_errors()):
             raise
-        print(f"{prog}: error: {err}", file=sys.stderr)
+        print(f"{prefix}error: {err}", file=sys.stderr)
         return EXIT_USAGE
 
 

@@ -328,10 +328,8 @@ def run(args: argparse.Namespace) -> list[Path]:
             condition, fps = read_input(args.sketch, size, num_frames)
         else:
             video, fps = read_input(args.cond, size, num_frames)
-            try:
-                from magvit.prep.sketch import sketch_video
-            except ImportError as err:
-                raise UsageError(f"cannot sketch --cond without data_prep.sketch ({err}); pass --sketch") from None
+            from .sketch import sketch_video
+
             condition = sketch_video(video)
         if condition.shape[1] < num_frames:
             raise UsageError(f"the sketch needs {num_frames} frames, it has {condition.shape[1]}")
@@ -377,7 +375,7 @@ def _main(argv: Sequence[str] | None) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m magvit.generate`` / ``magvit-generate``: user errors (bad input, models that do not fit, an
     output folder that cannot be written) are one line and exit status 2."""
-    return run_main(PROG, _main, argv)
+    return run_main(None, _main, argv)
 
 
 if __name__ == "__main__":

@@ -386,7 +386,7 @@ def train(cfg: TokenizerTrainConfig, ds_base: dict[str, Any], run_dir: Path, res
 def cli() -> int:
     """Console entry point."""
     warnings.filterwarnings("ignore", category=FutureWarning, message=r".*deprecated. Please use")
-    return run_main("train_tokenizer", main)
+    return run_main(None, main)
 
 
 if __name__ == "__main__":

@@ -228,7 +228,7 @@ def train(cfg: TransformerTrainConfig, ds_base: dict[str, Any], run_dir: Path, r
 def cli() -> int:
     """Console entry point."""
     warnings.filterwarnings("ignore", category=FutureWarning, message=r".*deprecated. Please use")
-    return run_main("train_transformer", main)
+    return run_main(None, main)
 
 
 if __name__ == "__main__":
