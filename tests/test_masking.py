@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -313,3 +314,51 @@ def test_factor_logits_shapes_and_errors():
     assert code_nll(factored[0], torch.tensor([0, 5, 10, 15, 3]), 16).shape == (5,)
     with pytest.raises(ValueError, match="neither a flat"):
         factor_logits(torch.randn(2, 5, 2, 3), 16)  # 3**2 != 16
+
+
+# --- make_training_batch, pinned -----------------------------------------------------------------------------------
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def _pinned_batch(b, labels, conds=True, sketch=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    items = {"codes": torch.randint(0, 16, (b, *GRID), generator=g), "label": torch.tensor(labels)}
+    if conds:
+        for task in ("frame_prediction", "interpolation", "outpaint_central", "outpaint_vertical",
+                     "outpaint_horizontal", "inpaint_central"):  # the pixel-space tasks of the recording
+            items[f"cond.{task}"] = torch.randint(0, 16, (b, *GRID), generator=g)
+    if sketch:
+        items["sketch_codes"] = torch.randint(0, 16, (b, *GRID), generator=g)
+    return items
+
+
+# (batch, make_training_batch options, seed) -> outputs recorded in fixtures/training_batches.safetensors
+PINNED = {
+    "all_tasks": (dict(b=24, labels=[0, 1, -1, 2, -1, 1] * 4), dict(), 0),
+    "dropout": (dict(b=40, labels=[0, -1, 2, 1, -1] * 8),
+                dict(tasks=["frame_prediction", "class", "sketch"], cond_dropout_prob=0.3), 5),
+    "fixed_ratio": (dict(b=12, labels=[2, -1, 0] * 4), dict(mask_ratio=0.5, unmasked_weight=0.25,
+                                                             cond_dropout_prob=0.0), 7),
+    "no_conditions": (dict(b=10, labels=[-1] * 5 + [1] * 5, conds=False, sketch=False),
+                      dict(schedule="exponential"), 11),
+    "unlabelled_class_mix": (dict(b=16, labels=[-1] * 16, conds=False),
+                             dict(tasks=["class", "unconditional", "sketch"], schedule="linear"), 13),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PINNED))
+def test_training_batch_is_pinned_for_a_fixed_seed(case):
+    """The same generator state gives the very batch the first implementation gave, and consumes as many draws
+    (exact resume replays the training RNG)."""
+    from safetensors.torch import load_file
+
+    expected = load_file(str(FIXTURES / "training_batches.safetensors"))
+    batch_kwargs, options, seed = PINNED[case]
+    g = torch.Generator().manual_seed(seed)
+    ids, labels, weights = make_training_batch(_pinned_batch(**batch_kwargs), TokenVocabulary(16, num_classes=3),
+                                               generator=g, **options)
+    assert torch.equal(ids, expected[f"{case}.input_ids"].long())
+    assert torch.equal(labels, expected[f"{case}.labels"].long())
+    assert torch.equal(weights, expected[f"{case}.loss_mask"])
+    assert torch.equal(torch.rand(4, generator=g), expected[f"{case}.next_draw"])
