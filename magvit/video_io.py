@@ -44,10 +44,6 @@ def is_image(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def is_video(path: str | os.PathLike) -> bool:
-    return Path(path).suffix.lower() in VIDEO_EXTENSIONS
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------------------------------------------------
@@ -313,21 +309,58 @@ def probe_video(path: str | os.PathLike, check: str = "first", backend: str = "a
     path = Path(path)
     _check_file(path)
     if is_image(path):
-        from PIL import Image, UnidentifiedImageError
-
+        return _probe_image(path, check)._asdict()
+    header = _probe_header(path)
+    decord_failure = ""
+    if backend in ("auto", "decord"):
         try:
-            with Image.open(path) as img:
-                fmt = (img.format or path.suffix[1:]).lower()
-                if check != "none":
-                    img.load()
-                width, height = img.size
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-            raise VideoReadError(path, f"not a readable image ({_short(err)})") from None
-        return {"frames": 1, "fps": 0.0, "width": width, "height": height, "duration": 0.0, "codec": fmt}
+            return _probe_decord(path, header, check)._asdict()
+        except VideoReadError as err:
+            if backend == "decord" or err.reason.startswith("truncated"):
+                raise
+            decord_failure = f"decord: {err.reason}"
+        except Exception as err:  # decord raises DECORDError / RuntimeError with C++ traces
+            if backend == "decord":
+                raise VideoReadError(path, _short(err)) from None
+            decord_failure = f"decord: {_short(err)}"
+    return _probe_pyav(path, header, check, decord_failure)._asdict()
 
+
+class _Probe(NamedTuple):
+    """What :func:`probe_video` reports, in its key order."""
+
+    frames: int
+    fps: float
+    width: int
+    height: int
+    duration: float
+    codec: str
+
+
+def _probed(frames: int, fps: float, width: int, height: int, codec: str) -> _Probe:
+    duration = frames / fps if fps > 0 else 0.0
+    return _Probe(int(frames), float(fps), int(width), int(height), float(duration), str(codec))
+
+
+def _probe_image(path: Path, check: str) -> _Probe:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            fmt = (img.format or path.suffix[1:]).lower()
+            if check != "none":
+                img.load()
+            width, height = img.size
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise VideoReadError(path, f"not a readable image ({_short(err)})") from None
+    return _Probe(1, 0.0, width, height, 0.0, fmt)
+
+
+def _probe_header(path: Path) -> _Probe:
+    """The container's word (PyAV, no decoding): codec name, size, fps and frame count (packets counted when the
+    container stores none, as mkv / webm); a readable reason for files that are not videos at all."""
     import av
 
-    # Headers with PyAV: codec name and a readable reason for files that are not videos at all.
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
@@ -337,7 +370,7 @@ def probe_video(path: str | os.PathLike, check: str = "first", backend: str = "a
             width, height = stream.codec_context.width, stream.codec_context.height
             fps = _stream_fps(stream)
             frames = int(stream.frames or 0)
-            if frames == 0:  # some containers (mkv, webm) do not store a count: count packets, no decoding
+            if frames == 0:
                 frames = sum(1 for packet in container.demux(stream) if packet.size)
     except VideoReadError:
         raise
@@ -346,55 +379,50 @@ def probe_video(path: str | os.PathLike, check: str = "first", backend: str = "a
                                    f"({_short(err)})") from None
     if codec is None:
         raise VideoReadError(path, "unknown video codec")
+    return _probed(frames, fps, width, height, codec)
 
-    errors = []
-    if backend in ("auto", "decord"):
+
+def _probe_decord(path: Path, header: _Probe, check: str) -> _Probe:
+    """Frame count and fps from decord's index; with ``check`` the first (and last) frame decoded."""
+    reader = _decord_reader(path, 1)
+    frames, fps = len(reader), float(reader.get_avg_fps()) or header.fps
+    height, width = header.height, header.width
+    if frames == 0:
+        raise VideoReadError(path, "the video stream has no frames")
+    if check != "none":
+        height, width = reader[0].asnumpy().shape[:2]
+    if check == "ends" and frames > 1:
         try:
-            reader = _decord_reader(path, 1)
-            frames, fps = len(reader), float(reader.get_avg_fps()) or fps
-            if frames == 0:
-                raise VideoReadError(path, "the video stream has no frames")
-            if check != "none":
-                first = reader[0].asnumpy()
-                height, width = first.shape[:2]
-            if check == "ends" and frames > 1:
-                try:
-                    reader[frames - 1].asnumpy()
-                except Exception as err:
-                    raise VideoReadError(path, f"truncated or corrupt: frame {frames - 1} of {frames} cannot be "
-                                               f"decoded ({_short(err)})") from None
-            backend = "done"
-        except VideoReadError as err:
-            if backend == "decord" or err.reason.startswith("truncated"):
-                raise
-            errors.append(f"decord: {err.reason}")
+            reader[frames - 1].asnumpy()
         except Exception as err:
-            if backend == "decord":
-                raise VideoReadError(path, _short(err)) from None
-            errors.append(f"decord: {_short(err)}")
-    if backend != "done":
-        if errors and check == "first":
-            check = "ends"  # decord could not open it: prove every promised frame decodes (truncated files)
-        try:
-            if check == "first":
-                first = _read_pyav(path, [0], None).frames
-                height, width = first.shape[1:3]
-            elif check == "ends":
-                decodable, (height, width) = _count_decodable(path)  # exact count, no frame kept
-                if decodable < frames:
-                    raise VideoReadError(path, f"truncated or corrupt: only {decodable} of {frames} frames "
-                                               "can be decoded")
-                frames = decodable
-        except Exception as err:
-            reason = err.reason if isinstance(err, VideoReadError) else _short(err)
-            if not reason.startswith("truncated"):  # the headers were fine, the frames are not
-                reason = f"truncated or corrupt: {reason}"
-            raise VideoReadError(path, reason + (f" ({'; '.join(errors)})" if errors else "")) from None
-        if frames == 0:
-            raise VideoReadError(path, "the video stream has no frames")
-    duration = frames / fps if fps > 0 else 0.0
-    return {"frames": int(frames), "fps": float(fps), "width": int(width), "height": int(height),
-            "duration": float(duration), "codec": str(codec)}
+            raise VideoReadError(path, f"truncated or corrupt: frame {frames - 1} of {frames} cannot be "
+                                       f"decoded ({_short(err)})") from None
+    return _probed(frames, fps, width, height, header.codec)
+
+
+def _probe_pyav(path: Path, header: _Probe, check: str, decord_failure: str) -> _Probe:
+    """The header's metadata proven by PyAV decoding. When decord could not open the file (``decord_failure``),
+    ``"first"`` becomes ``"ends"``: every promised frame must decode (truncated files)."""
+    if decord_failure and check == "first":
+        check = "ends"
+    frames, height, width = header.frames, header.height, header.width
+    try:
+        if check == "first":
+            height, width = _read_pyav(path, [0], None).frames.shape[1:3]
+        elif check == "ends":
+            decodable, (height, width) = _count_decodable(path)  # exact count, no frame kept
+            if decodable < frames:
+                raise VideoReadError(path, f"truncated or corrupt: only {decodable} of {frames} frames "
+                                           "can be decoded")
+            frames = decodable
+    except Exception as err:
+        reason = err.reason if isinstance(err, VideoReadError) else _short(err)
+        if not reason.startswith("truncated"):  # the headers were fine, the frames are not
+            reason = f"truncated or corrupt: {reason}"
+        raise VideoReadError(path, reason + (f" ({decord_failure})" if decord_failure else "")) from None
+    if frames == 0:
+        raise VideoReadError(path, "the video stream has no frames")
+    return _probed(frames, header.fps, width, height, header.codec)
 
 
 # --------------------------------------------------------------------------------------------------------------------
