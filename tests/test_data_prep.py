@@ -15,7 +15,7 @@ import torch
 from magvit.prep import extract, index, sample_data, sketch, tokenize
 from magvit.cli import run_main
 from magvit.prep.index import assign_splits, split_hash
-from magvit.prep.sketch import sketch_video
+from magvit.sketch import sketch_video
 from magvit.data import ClipDataset, ClipShardDataset, TokenShardDataset, read_manifest, write_manifest
 from magvit.video_io import probe_video, read_video, to_float
 from test_video_io import make_corpus

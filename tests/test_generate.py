@@ -228,7 +228,7 @@ def test_frame_prediction_beats_copying_the_first_frame(real_clip_8, trained_tok
 
 @pytest.mark.slow
 def test_sketch_conditioning_end_to_end(real_video_path, trained_tokenizer):
-    from magvit.prep.sketch import sketch_video
+    from magvit.sketch import sketch_video
 
     videos = torch.cat([load_real_clip(real_video_path, num_frames=8, size=32, start=s, stride=2) for s in (40, 160)])
     sketches = sketch_video(videos)  # (2, 3, 8, 32, 32) edges in {-1, 1}

@@ -144,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     open_out_dir_ranked(out, plan, args.overwrite, rank, world)
     workers = 2 if args.workers is None else args.workers
 
-    from magvit.prep.sketch import sketch_video
+    from magvit.sketch import sketch_video
 
     def encode(batch: dict) -> dict[str, torch.Tensor]:
         video = batch["video"]  # (B, 3, T, H, W) in [-1, 1]
