@@ -21,6 +21,7 @@ from typing import Mapping, NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import tasks as _tasks
 from .config import Config, require_finite
 
 @dataclasses.dataclass
@@ -40,20 +41,13 @@ class MaskingConfig(Config):
                              "0 <= label_smoothing < 1")
 
 
-# --- tasks ---------------------------------------------------------------------------------------------------------
+# --- tasks: the table is magvit/tasks.py; names kept here for the modules that import them -----------------------
 
-#: COMMIT tasks whose condition is a video built in pixel space (``build_condition_video``) and then tokenized.
+#: Names of the COMMIT tasks whose condition is a pixel-space video (``build_condition_video``), in table order;
 #: ``data_prep.tokenize`` writes one ``cond.<task>`` token grid per clip for each of these.
-CONDITION_TASKS: tuple[str, ...] = (
-    "frame_prediction",  # first n frames known (n = 1 by default)
-    "interpolation",  # first and last frames known
-    "outpaint_central",  # central box known, the rest is generated
-    "outpaint_vertical",  # central vertical stripe (middle half of the width) known
-    "outpaint_horizontal",  # central horizontal stripe (middle half of the height) known
-    "inpaint_central",  # everything but a central box known
-)
-#: Every task the transformer knows; each has its own task token.
-TASKS: tuple[str, ...] = CONDITION_TASKS + ("sketch", "class", "unconditional")
+CONDITION_TASKS: tuple[str, ...] = _tasks.CONDITION_TASKS
+#: Names of every task of the table (the rows: ``magvit.tasks.TASKS``).
+TASKS: tuple[str, ...] = _tasks.TASK_NAMES
 
 SCHEDULES: tuple[str, ...] = ("cosine", "linear", "square", "exponential")
 

@@ -1,0 +1,141 @@
+"""The COMMIT task table: one row per task the masked transformer knows, and everything that varies by task.
+
+Adding a task is one row in :data:`TASKS` (plus, for a new kind of region or fill, its few lines in
+``magvit/masking.py``). A model's own task list is saved in its ``TransformerConfig.tasks`` (config.json) and fixes
+its task-token ids, so a new row never changes the ids of a saved model; an export whose config.json names no task
+list has :data:`DEFAULT_TASKS`.
+
+API:
+
+- :class:`Task` (frozen): ``name`` (the model's task and the token shards' ``cond.<name>``), ``cli_name`` and
+  ``region`` (``python -m magvit.generate --task CLI_NAME [--region REGION]``), ``condition`` (what the task is
+  conditioned on: ``"video"`` a pixel-space condition video, ``"sketch"`` a sketch video, ``"class"`` the class
+  label, ``"none"`` nothing), and for ``"video"`` tasks the condition region and fill: ``frames`` (which frames
+  show real pixels: ``"first"`` the first ``num_cond_frames``, ``"ends"`` the first and the last, ``"all"``),
+  ``area`` (where in those frames: ``"all"``, ``"central"`` the middle half of both axes, ``"vertical"`` the middle
+  half of the width, ``"horizontal"`` the middle half of the height, ``"outside_central"`` all but the central
+  box) and ``fill`` (the unknown pixels: ``"nearest_frame"`` a copy of the nearest known frame, ``"constant"`` a
+  constant value).
+  Derived: ``shard_key`` (the token-shard key whose codes fill the prefix: ``"cond.<name>"``, ``"sketch_codes"``
+  or ``None``), ``needs_prefix``, ``needs_label`` (trains / generates only with a class label), ``uses_label``
+  (``False``: the class slot always holds the unconditional token).
+- :data:`TASKS`: ``tuple[Task, ...]``, the table; :func:`task` ``(name) -> Task`` (``ValueError`` naming the
+  known tasks).
+- :data:`TASK_NAMES`, :data:`CONDITION_TASKS` (the ``"video"`` tasks): names, in table order.
+- :data:`DEFAULT_TASKS`: the task list of a model whose config.json has none.
+- :func:`cli_names` ``() -> tuple[str, ...]`` (generate's ``--task`` choices, in table order),
+  :func:`cli_regions` ``(cli_name) -> tuple[str, ...]`` (its ``--region`` choices; empty when it has one row) and
+  :func:`from_cli` ``(cli_name, region=None) -> Task``.
+
+The condition region and video of a task are built by ``magvit.masking.condition_region`` /
+``build_condition_video``, which read the row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+CONDITIONS = ("video", "sketch", "class", "none")
+FRAMES = ("first", "ends", "all")
+AREAS = ("all", "central", "vertical", "horizontal", "outside_central")
+FILLS = ("nearest_frame", "constant")
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """One COMMIT task (see the module docstring for the meaning of each field)."""
+
+    name: str
+    cli_name: str
+    condition: str  # one of CONDITIONS
+    region: str | None = None  # generate's --region value, for a cli_name shared by several rows
+    frames: str | None = None  # one of FRAMES ("video" tasks only)
+    area: str | None = None  # one of AREAS ("video" tasks only)
+    fill: str | None = None  # one of FILLS ("video" tasks only)
+
+    def __post_init__(self) -> None:
+        if self.condition not in CONDITIONS:
+            raise ValueError(f"task {self.name}: condition must be one of {CONDITIONS}, got {self.condition!r}")
+        pixel = (self.frames, self.area, self.fill)
+        if self.condition == "video":
+            for value, kinds in zip(pixel, (FRAMES, AREAS, FILLS)):
+                if value not in kinds:
+                    raise ValueError(f"task {self.name}: expected one of {kinds}, got {value!r}")
+        elif pixel != (None, None, None):
+            raise ValueError(f"task {self.name}: frames / area / fill belong to 'video' tasks only")
+
+    @property
+    def shard_key(self) -> str | None:
+        """The token-shard key whose codes fill the prefix (``None``: the prefix is all pad)."""
+        return {"video": f"cond.{self.name}", "sketch": "sketch_codes"}.get(self.condition)
+
+    @property
+    def needs_prefix(self) -> bool:
+        return self.shard_key is not None
+
+    @property
+    def needs_label(self) -> bool:
+        return self.condition == "class"
+
+    @property
+    def uses_label(self) -> bool:
+        return self.condition != "none"
+
+
+#: Every task, in the order of the models' default task list.
+TASKS: tuple[Task, ...] = (
+    Task("frame_prediction", "frame_prediction", "video", frames="first", area="all", fill="nearest_frame"),
+    Task("interpolation", "interpolation", "video", frames="ends", area="all", fill="nearest_frame"),
+    Task("outpaint_central", "outpaint", "video", region="central", frames="all", area="central", fill="constant"),
+    Task("outpaint_vertical", "outpaint", "video", region="vertical", frames="all", area="vertical",
+         fill="constant"),
+    Task("outpaint_horizontal", "outpaint", "video", region="horizontal", frames="all", area="horizontal",
+         fill="constant"),
+    Task("inpaint_central", "inpaint", "video", region="central", frames="all", area="outside_central",
+         fill="constant"),
+    Task("sketch", "sketch", "sketch"),
+    Task("class", "class", "class"),
+    Task("unconditional", "unconditional", "none"),
+)
+
+#: The task list of every model whose config.json names none (all exports written before the list was saved).
+#: Frozen: these ids are in saved weights. New tasks are new rows of TASKS, never entries here.
+DEFAULT_TASKS: tuple[str, ...] = (
+    "frame_prediction", "interpolation", "outpaint_central", "outpaint_vertical", "outpaint_horizontal",
+    "inpaint_central", "sketch", "class", "unconditional",
+)
+
+TASK_NAMES: tuple[str, ...] = tuple(t.name for t in TASKS)
+CONDITION_TASKS: tuple[str, ...] = tuple(t.name for t in TASKS if t.condition == "video")
+
+
+def task(name: str) -> Task:
+    """The row of task ``name``."""
+    for row in TASKS:
+        if row.name == name:
+            return row
+    raise ValueError(f"unknown task '{name}'; expected one of {', '.join(t.name for t in TASKS)}")
+
+
+def cli_names() -> tuple[str, ...]:
+    """``python -m magvit.generate --task`` choices, in table order."""
+    return tuple(dict.fromkeys(t.cli_name for t in TASKS))
+
+
+def cli_regions(cli_name: str) -> tuple[str, ...]:
+    """``--region`` choices of ``cli_name`` (empty when one row has that name: its region needs no choosing)."""
+    rows = [t for t in TASKS if t.cli_name == cli_name]
+    return tuple(t.region for t in rows if t.region is not None) if len(rows) > 1 else ()
+
+
+def from_cli(cli_name: str, region: str | None = None) -> Task:
+    """The row of ``--task cli_name --region region``; ``region`` is ignored when one row has ``cli_name``."""
+    rows = [t for t in TASKS if t.cli_name == cli_name]
+    if not rows:
+        raise ValueError(f"unknown task '{cli_name}'; expected one of {', '.join(cli_names())}")
+    if len(rows) == 1:
+        return rows[0]
+    for row in rows:
+        if row.region == region:
+            return row
+    raise ValueError(f"--region of {cli_name} must be one of {', '.join(cli_regions(cli_name))}, got '{region}'")
