@@ -1,17 +1,28 @@
 # Two entry points for a fresh machine: `make demo` (set up + run the main job) and `make test`.
-# TORCH_SPEC selects the torch build; the default is the CPU build. On a GPU machine use e.g. TORCH_SPEC=torch.
+# TORCH_SPEC / TORCH_INDEX select the torch build (README: Installation): the spec is installed from the index when
+# one is given (e.g. TORCH_INDEX=https://download.pytorch.org/whl/cpu for the CPU build, .../whl/cu126 for CUDA),
+# else from pip's usual sources. Changing either reinstalls torch on the next `make`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
-export DS_ACCELERATOR ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
+TORCH_INDEX ?=
+# One stamp per torch choice: a new TORCH_SPEC / TORCH_INDEX has no stamp yet, so its torch gets installed.
+TORCH_STAMP := $(VENV)/.torch-$(shell printf '%s' '$(TORCH_SPEC) $(TORCH_INDEX)' | md5sum | cut -c1-12)
 
 .PHONY: setup demo test clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py
+# Uninstall first: pip keeps an installed torch that satisfies the new spec (e.g. a CPU build for `torch`).
+$(TORCH_STAMP):
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	rm -f $(VENV)/.torch-*
+	$(PY) -m pip uninstall -q -y torch 2>/dev/null || true
+	$(PY) -m pip install -q $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)") "$(TORCH_SPEC)"
+	printf '%s\n' '$(TORCH_SPEC) $(TORCH_INDEX)' > $@
+
+# Order-only on torch: the package's bare `torch` requirement is then already met by the chosen build.
+$(VENV)/.installed: pyproject.toml | $(TORCH_STAMP)
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
