@@ -29,6 +29,13 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def command_name(module_command: str) -> str:
+    """What a command calls itself in its help and errors: an installed console script its own name
+    (``magvit-index``), ``python -m ...`` the given ``module_command`` (``python -m data_prep.index``)."""
+    name = Path(sys.argv[0]).name
+    return name if name.startswith("magvit-") else module_command
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .checkpoint import CheckpointError  # lazy: keeps `import magvit.cli` free of torch
     from .config import ConfigError

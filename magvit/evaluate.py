@@ -24,11 +24,11 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 
 from . import metrics
-from .cli import ArgumentParser, UsageError, run_main
+from .cli import ArgumentParser, UsageError, command_name, run_main
 from .fileio import check_writable_dir, write_text_atomic
 from .pretrained import is_hub_id
 
-PROG = "python -m magvit.evaluate"
+PROG = command_name("python -m magvit.evaluate")
 MANIFEST_NAME = "manifest.jsonl"
 
 

@@ -21,14 +21,14 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .cli import ArgumentParser, UsageError, run_main
+from .cli import ArgumentParser, UsageError, command_name, run_main
 from .masking import CONDITION_TASKS, NO_LABEL, build_condition_video, build_sequence
 
 CLI_TASKS = ("frame_prediction", "interpolation", "outpaint", "inpaint", "sketch", "class", "unconditional")
 OUTPAINT_REGIONS = ("central", "vertical", "horizontal")
 DEFAULT_FPS = 8.0  # output frame rate when the condition has none (an image, or no condition at all)
 DEFAULT_BATCH = 8  # videos per forward pass: the activations of a batch, not --num-samples, bound the memory
-PROG = "python -m magvit.generate"
+PROG = command_name("python -m magvit.generate")
 MAX_SAMPLES = 10_000  # one output file each; more is a typo, not a request
 
 

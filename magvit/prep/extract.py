@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Sequence
 
 
-from magvit.cli import ArgumentParser, UsageError, quiet_decoders, run_main, write_json
+from magvit.cli import ArgumentParser, UsageError, command_name, quiet_decoders, run_main, write_json
 from magvit.prep.shards import FORMATS, check_out_dir, fingerprint, open_out_dir, write_shards
 
-PROG = "python -m data_prep.extract"
+PROG = command_name("python -m data_prep.extract")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -30,12 +30,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
-from magvit.cli import ArgumentParser, UsageError, progress, quiet_decoders, run_main
+from magvit.cli import ArgumentParser, UsageError, command_name, progress, quiet_decoders, run_main
 from magvit.data import write_manifest
 from magvit.fileio import check_writable_file
 from magvit.video_io import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, VideoReadError, probe_video
 
-PROG = "python -m data_prep.index"
+PROG = command_name("python -m data_prep.index")
 
 
 #: a folder holding this file is the output of ``data_prep.sketch`` (edge maps, not clips): never indexed as videos

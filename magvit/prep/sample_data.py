@@ -36,10 +36,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from magvit.cli import ArgumentParser, UsageError, progress, quiet_decoders, run_main
+from magvit.cli import ArgumentParser, UsageError, command_name, progress, quiet_decoders, run_main
 from magvit.prep.index import build_manifest
 
-PROG = "python -m data_prep.sample_data"
+PROG = command_name("python -m data_prep.sample_data")
 #: stored short side (px): small files and fast decoding, still enough for 64x64 and 128x128 training crops
 SHORT_SIDE = 128
 #: shortest clip (frames); every clip is long enough for 16- and 17-frame models with a little start jitter

@@ -19,10 +19,10 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from magvit.cli import ArgumentParser, UsageError, progress, quiet_decoders, run_main
+from magvit.cli import ArgumentParser, UsageError, command_name, progress, quiet_decoders, run_main
 from magvit.sketch import sketch_frames
 
-PROG = "python -m data_prep.sketch"
+PROG = command_name("python -m data_prep.sketch")
 
 
 def _read_raw_manifest(path: Path) -> list[dict[str, Any]]:

@@ -27,11 +27,11 @@ from typing import Sequence
 
 import torch
 
-from magvit.cli import ArgumentParser, UsageError, quiet_decoders, run_main, write_json
+from magvit.cli import ArgumentParser, UsageError, command_name, quiet_decoders, run_main, write_json
 from magvit.prep.shards import (FORMATS, check_out_dir, file_digest, finish_rank, fingerprint, num_shards,
                                open_out_dir_ranked, rank_from_env, write_shards)
 
-PROG = "python -m data_prep.tokenize"
+PROG = command_name("python -m data_prep.tokenize")
 
 
 def load_tokenizer(directory: str, device: str):
