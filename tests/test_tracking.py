@@ -1,0 +1,179 @@
+"""magvit.tracking: TensorBoard events hold the scalars, image grids and GIF videos; W&B offline writes a run folder
+with the media and no server or key; a missing wandb package or missing online credentials are one UsageError on
+every rank; ranks other than 0 write nothing."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from magvit.cli import UsageError
+from magvit.config import ConfigError
+from magvit.tracking import RUN_ID_FILE, Tracker, TrackingConfig, has_wandb_credentials, tile_videos
+
+
+def constant_videos(values: list[float], frames: int = 4, height: int = 8, width: int = 10) -> torch.Tensor:
+    """(B, 3, T, H, W): frame t of video b is one grey level, values[b] darkened by 0.1 * t (in [-1, 1]; the GIF
+    writer merges identical frames, so every frame differs)."""
+    levels = torch.tensor(values).view(-1, 1) - 0.1 * torch.arange(frames)  # (B, T)
+    return levels.view(-1, 1, frames, 1, 1).expand(-1, 3, frames, height, width).clamp(-1, 1).contiguous()
+
+
+def read_events(log_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    return events
+
+
+def decode(data: bytes) -> list[np.ndarray]:
+    """Every frame of a PNG or GIF as RGB uint8 (H, W, 3)."""
+    image = Image.open(io.BytesIO(data))
+    frames = []
+    for index in range(getattr(image, "n_frames", 1)):
+        image.seek(index)
+        frames.append(np.asarray(image.convert("RGB")))
+    return frames
+
+
+@pytest.fixture
+def wandb_env(tmp_path, monkeypatch):
+    """wandb's own folders in tmp_path; no key, mode or run id from the environment."""
+    for name in ("CONFIG_DIR", "CACHE_DIR", "DATA_DIR", "ARTIFACT_DIR"):
+        monkeypatch.setenv(f"WANDB_{name}", str(tmp_path / f"wandb-{name.lower()}"))
+    for name in ("API_KEY", "IDENTITY_TOKEN_FILE", "MODE", "DIR", "RUN_ID", "RESUME", "PROJECT", "BASE_URL"):
+        monkeypatch.delenv(f"WANDB_{name}", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+
+
+@pytest.fixture
+def stub_wandb(monkeypatch):
+    """An importable ``wandb`` that fails if anything of it is used."""
+    monkeypatch.setitem(sys.modules, "wandb", types.ModuleType("wandb"))
+
+
+def test_config_is_validated_and_extends_into_a_logging_config():
+    with pytest.raises(ValueError, match="wandb_mode"):
+        TrackingConfig(wandb_mode="cloud")
+    with pytest.raises(ValueError, match="wandb_project"):
+        TrackingConfig(wandb=True, wandb_project=" ")
+    with pytest.raises(ConfigError, match="wandb_mode"):
+        TrackingConfig.from_dict({"wandb_mode": "cloud"})
+    with pytest.raises(ConfigError, match="unknown config key 'wandb_projekt'"):
+        TrackingConfig.from_dict({"wandb_projekt": "x"})
+    assert not TrackingConfig(wandb=True, wandb_mode="disabled").uses_wandb
+
+    @dataclasses.dataclass
+    class LoggingConfig(TrackingConfig):  # how a run's logging section takes these fields
+        log_every: int = 10
+
+    cfg = LoggingConfig.from_dict({"log_every": 5, "wandb": True}).with_overrides(["wandb_mode=online"])
+    assert (cfg.log_every, cfg.wandb, cfg.wandb_mode, cfg.tensorboard) == (5, True, "online", True)
+
+
+def test_tile_videos_grid():
+    grid = tile_videos(constant_videos([-1.0, 0.0, 1.0]))  # 3 clips: 2 columns, 2 rows, 2 px white gaps
+    assert grid.shape == (4, 18, 22, 3) and grid.dtype == np.uint8
+    assert (grid[:, :8, :10] == 0).all() and (grid[0, :8, 12:] == 128).all() and (grid[3, :8, 12:] == 89).all()
+    assert (grid[0, 10:, :10] == 255).all() and (grid[3, 10:, :10] == 217).all()
+    assert (grid[:, 8:10] == 255).all() and (grid[:, 10:, 12:] == 255).all()  # gap row; the empty fourth cell
+    with pytest.raises(ValueError, match="B, 3, T, H, W"):
+        tile_videos(torch.zeros(3, 4, 8, 10))
+
+
+def test_tensorboard_events_hold_scalars_images_and_videos(tmp_path):
+    tracker = Tracker(TrackingConfig(), tmp_path, is_main=True)
+    tracker.log_scalars(1, {"loss": 0.5, "broken": float("nan")})
+    tracker.log_scalars(2, {"loss": 0.25})
+    images = torch.randint(0, 256, (9, 3, 4, 5), dtype=torch.uint8)
+    tracker.log_images(2, "val/images", images)
+    tracker.log_images(2, "val/float_images", torch.zeros(2, 3, 4, 5))
+    tracker.log_video(2, "val/video", constant_videos([-1.0, 0.0, 1.0]), fps=4.0)
+    with pytest.raises(ValueError, match="N, 3, H, W"):
+        tracker.log_images(2, "bad", images.permute(0, 2, 3, 1))
+    tracker.close()
+
+    events = read_events(tmp_path / "tb")
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 0.5), (2, 0.25)]
+    assert "broken" not in events.Tags()["scalars"]  # non-finite values are skipped
+    assert set(events.Tags()["images"]) == {"val/images", "val/float_images", "val/video"}
+
+    grid = events.Images("val/images")[0]  # 9 images, 8 per row: 2 rows
+    assert (grid.step, grid.width, grid.height) == (2, 8 * 5, 2 * 4)
+    (pixels,) = decode(grid.encoded_image_string)
+    assert np.array_equal(pixels[:4, :5], images[0].permute(1, 2, 0).numpy())
+    (grey,) = decode(events.Images("val/float_images")[0].encoded_image_string)
+    assert (grey == 128).all()  # 0.0 in [-1, 1] -> 128
+
+    video = events.Images("val/video")[0]
+    assert (video.step, video.width, video.height) == (2, 22, 18)
+    frames = decode(video.encoded_image_string)
+    assert len(frames) == 4 and Image.open(io.BytesIO(video.encoded_image_string)).format == "GIF"
+    expected = tile_videos(constant_videos([-1.0, 0.0, 1.0]))  # (T, H', W', 3)
+    assert all(np.abs(f.astype(int) - e).max() <= 2 for f, e in zip(frames, expected))
+
+
+def wandb_runs(run_dir) -> list:
+    return sorted((run_dir / "wandb").glob("offline-run-*"))
+
+
+def test_wandb_offline_writes_the_run_with_its_media_and_resumes_it(tmp_path, wandb_env):
+    pytest.importorskip("wandb")
+    run_dir = tmp_path / "run"
+    config = TrackingConfig(tensorboard=False, wandb=True, wandb_mode="offline")
+    tracker = Tracker(config, run_dir, is_main=True, run_config={"model": {"preset": "tiny"}}, job_type="tokenizer")
+    tracker.log_scalars(1, {"loss": 0.5})
+    tracker.log_images(1, "val/images", torch.linspace(-1, 1, 3).view(3, 1, 1, 1).expand(3, 3, 4, 5))  # 3 distinct
+    tracker.log_video(1, "val/video", constant_videos([0.0, 1.0]), fps=8.0)
+    tracker.close()
+
+    run_id = (run_dir / RUN_ID_FILE).read_text().strip()
+    (run,) = wandb_runs(run_dir)
+    assert run.name.endswith(f"-{run_id}") and (run / f"run-{run_id}.wandb").stat().st_size > 0
+    media = run / "files" / "media"
+    assert len(list((media / "images").rglob("*.png"))) == 3
+    (gif,) = (media / "videos").rglob("*.gif")
+    assert len(decode(gif.read_bytes())) == 4
+    assert not (run_dir / "tb").exists()
+
+    Tracker(config, run_dir, is_main=True).close()  # a resumed run continues the same W&B run
+    assert [r.name.endswith(f"-{run_id}") for r in wandb_runs(run_dir)] == [True, True]
+
+
+def test_missing_wandb_is_one_usage_error_on_every_rank(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+    for is_main in (True, False):
+        with pytest.raises(UsageError, match="pip install wandb"):
+            Tracker(TrackingConfig(wandb=True), tmp_path / "run", is_main=is_main)
+    assert not (tmp_path / "run").exists()
+    Tracker(TrackingConfig(tensorboard=False, wandb=True, wandb_mode="disabled"), tmp_path, is_main=True).close()
+
+
+def test_online_mode_refuses_without_credentials_instead_of_prompting(tmp_path, monkeypatch, wandb_env, stub_wandb):
+    with pytest.raises(UsageError, match="wandb login"):
+        Tracker(TrackingConfig(wandb=True, wandb_mode="online"), tmp_path / "run", is_main=False)
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password 0123456789abcdef\n")
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    assert has_wandb_credentials()
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org")
+    assert not has_wandb_credentials()  # the key is for another host
+    monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef")
+    assert has_wandb_credentials()
+
+
+def test_other_ranks_write_nothing(tmp_path, wandb_env, stub_wandb):
+    run_dir = tmp_path / "run"
+    tracker = Tracker(TrackingConfig(wandb=True), run_dir, is_main=False)
+    tracker.log_scalars(1, {"loss": 0.5})
+    tracker.log_images(1, "val/images", torch.zeros(2, 3, 4, 5))
+    tracker.log_video(1, "val/video", constant_videos([0.0]), fps=8.0)
+    tracker.close()
+    assert not run_dir.exists()
