@@ -1,8 +1,9 @@
 """Experiment tracking of a training run: scalars, sample images and sample videos to TensorBoard (``RUN_DIR/tb``)
 and, optionally, Weights & Biases.
 
-Only the main process (rank 0) writes. Every rank checks the options when its :class:`Tracker` is built, so a
-missing ``wandb`` package or missing credentials stop all ranks alike, before the first step.
+Only the main process (rank 0) writes. Every rank checks the options (:func:`check_backends`, which the
+:class:`Tracker` calls too), so a missing ``wandb`` package or missing credentials stop all ranks alike, before the
+first step.
 
 Videos reach TensorBoard as ``SummaryWriter.add_video`` would write them (an image summary holding an animated
 GIF), but encoded by :func:`magvit.video_io.write_video`: ``add_video`` needs moviepy and, without it, prints a line
@@ -121,6 +122,19 @@ def has_wandb_credentials() -> bool:
         return False
 
 
+def check_backends(config: TrackingConfig):
+    """The ``wandb`` module when ``config`` uses W&B, else ``None``; a ``UsageError`` when it cannot start (the
+    package is missing, or online mode has no credentials). Cheap and writes nothing: call it on every rank before
+    the run dir is written, so a refused run leaves no trace; :class:`Tracker` calls it too."""
+    if not config.uses_wandb:
+        return None
+    wandb = import_wandb()
+    if config.wandb_mode == "online" and not has_wandb_credentials():
+        raise UsageError("logging.wandb_mode=online needs W&B credentials: run `wandb login` or export "
+                         "WANDB_API_KEY; or use logging.wandb_mode=offline and `wandb sync` the run later")
+    return wandb
+
+
 def start_wandb(wandb, config: TrackingConfig, run_dir: Path, run_config: Mapping[str, Any] | None,
                 job_type: str):
     """``wandb.init`` for this run dir: the id in ``RUN_DIR/wandb_run_id`` is reused (``resume="allow"``) so a
@@ -149,10 +163,7 @@ class Tracker:
 
     def __init__(self, config: TrackingConfig, run_dir: str | os.PathLike, is_main: bool,
                  run_config: Mapping[str, Any] | None = None, job_type: str = ""):
-        wandb = import_wandb() if config.uses_wandb else None
-        if wandb is not None and config.wandb_mode == "online" and not has_wandb_credentials():
-            raise UsageError("logging.wandb_mode=online needs W&B credentials: run `wandb login` or export "
-                             "WANDB_API_KEY; or use logging.wandb_mode=offline and `wandb sync` the run later")
+        wandb = check_backends(config)  # on every rank: all refuse alike
         self.enabled = is_main
         self._tb = None
         self._wandb = None

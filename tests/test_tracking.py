@@ -16,7 +16,8 @@ from PIL import Image
 
 from magvit.cli import UsageError
 from magvit.config import ConfigError
-from magvit.tracking import RUN_ID_FILE, Tracker, TrackingConfig, has_wandb_credentials, tile_videos
+from magvit.tracking import (RUN_ID_FILE, Tracker, TrackingConfig, check_backends, has_wandb_credentials,
+                             tile_videos)
 
 
 def constant_videos(values: list[float], frames: int = 4, height: int = 8, width: int = 10) -> torch.Tensor:
@@ -150,6 +151,8 @@ def test_wandb_offline_writes_the_run_with_its_media_and_resumes_it(tmp_path, wa
 
 def test_missing_wandb_is_one_usage_error_on_every_rank(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+    with pytest.raises(UsageError, match=r"^logging.wandb is true but the wandb package is not installed: pip"):
+        check_backends(TrackingConfig(wandb=True))
     for is_main in (True, False):
         with pytest.raises(UsageError, match="pip install wandb"):
             Tracker(TrackingConfig(wandb=True), tmp_path / "run", is_main=is_main)
