@@ -11,6 +11,7 @@ _EXPORTS = {
     "VideoTokenizer": "tokenizer",
     "TransformerConfig": "transformer",
     "MaskedVideoTransformer": "transformer",
+    "VideoPipeline": "pipeline",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 
 from conftest import load_real_clip
 from magvit import MaskedVideoTransformer, TokenizerConfig, TransformerConfig, VideoTokenizer
-from magvit.generate import generate, main
+from magvit.generate import main
 from magvit.masking import build_condition_video, make_training_batch, masked_token_loss
+from magvit.pipeline import generate, generate_codes
 from magvit.video_io import read_video, write_image, write_video
 
 REPO = Path(__file__).resolve().parents[1]
@@ -238,8 +239,6 @@ def test_sketch_conditioning_end_to_end(real_video_path, trained_tokenizer):
     assert not torch.equal(sketch_codes[0], sketch_codes[1])
     batch = {"codes": codes.repeat(2, 1, 1, 1), "sketch_codes": sketch_codes.repeat(2, 1, 1, 1)}
     transformer = _train_transformer(batch, ["sketch"], steps=100)
-    from magvit.generate import generate_codes
-
     accuracy = torch.zeros(2, 2)  # [sketch given, video compared]
     for i in range(2):
         out = generate_codes(transformer, "sketch", sketch_codes[i : i + 1], temperature=0.0, seed=0)

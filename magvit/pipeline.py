@@ -1,0 +1,250 @@
+"""Generation with a trained tokenizer + masked transformer: the pair, checked once, and every COMMIT task.
+
+Example::
+
+    import torch
+    from magvit import VideoPipeline
+
+    pipe = VideoPipeline.from_pretrained("runs/demo/tokenizer/export", "runs/demo/transformer/export")
+    video, fps = pipe.load_video("first_frame.mp4")  # (3, T, S, S) in [-1, 1], fitted to the tokenizer
+    videos = pipe("frame_prediction", condition=video, num_samples=4, steps=12,
+                  generator=torch.Generator().manual_seed(0))  # (4, 3, T, S, S) in [-1, 1]
+
+The condition (a float video of any size) is resized (short side) and centre-cropped to the tokenizer's resolution,
+turned into the task's COMMIT condition video in pixel space (:func:`condition_video`), tokenized into the prefix,
+and the video tokens are decoded in ``steps`` parallel steps (``magvit.sampling.iterative_decode``), then decoded
+to pixels. The sketch task takes a sketch video (``magvit.sketch.sketch_video``); class and unconditional
+generation take no condition.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+
+from .cli import UsageError
+from .masking import CONDITION_TASKS, NO_LABEL, TASKS, build_condition_video, build_sequence
+
+#: Tasks whose prefix holds the tokens of a pixel-space video: the COMMIT condition tasks and the sketch.
+PREFIX_TASKS: tuple[str, ...] = CONDITION_TASKS + ("sketch",)
+
+
+# --- the model pair ------------------------------------------------------------------------------------------------
+
+
+def check_pair(tokenizer_config, transformer_config) -> tuple[int, int, int]:
+    """Raise ``UsageError`` unless the transformer was trained on this tokenizer's codes (same codebook, same token
+    grid of the tokenizer's clips); returns the grid ``(t, h, w)``."""
+    tc, xc = tokenizer_config, transformer_config
+    if tc.codebook_size != xc.codebook_size:
+        raise UsageError(f"tokenizer and transformer do not belong together: codebook size {tc.codebook_size} vs "
+                         f"{xc.codebook_size}")
+    grid = tuple(tc.token_grid(tc.num_frames, tc.image_size, tc.image_size))
+    if grid != tuple(xc.token_grid):
+        raise UsageError(f"tokenizer and transformer do not belong together: token grid {grid} "
+                         f"({tc.num_frames}x{tc.image_size}x{tc.image_size} clips) vs {tuple(xc.token_grid)}")
+    return grid  # type: ignore[return-value]
+
+
+def load_pretrained(kind: str, name_or_path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """``VideoTokenizer`` (``kind="tokenizer"``) or ``MaskedVideoTransformer`` (``"transformer"``) from an export
+    folder or a Hub id; any failure (missing folder, foreign or damaged export) is one ``UsageError``."""
+    from .tokenizer import VideoTokenizer
+    from .transformer import MaskedVideoTransformer
+
+    cls = {"tokenizer": VideoTokenizer, "transformer": MaskedVideoTransformer}[kind]
+    try:
+        return cls.from_pretrained(name_or_path, device=device)
+    except Exception as err:  # missing folder, foreign or corrupt checkpoint: all user-facing
+        raise UsageError(f"cannot load the {kind} from {name_or_path}: {err}") from None
+
+
+# --- conditions ----------------------------------------------------------------------------------------------------
+
+
+def fit_video(video: torch.Tensor, image_size: int) -> torch.Tensor:
+    """Float ``(3, T, H, W)`` -> ``(3, T, S, S)`` in [-1, 1]: short side resized to ``S``, centre crop (as the
+    clip datasets do)."""
+    from .data import crop_offsets, resize_short_side
+
+    size = (image_size, image_size)
+    video = resize_short_side(video, size)
+    top, left = crop_offsets(video.shape[-2], video.shape[-1], size, None)
+    return video[..., top:top + image_size, left:left + image_size].clamp(-1, 1).contiguous()
+
+
+def condition_video(task: str, video: torch.Tensor, num_frames: int, num_cond_frames: int = 1) -> torch.Tensor:
+    """The pixel-space condition ``(3, num_frames, S, S)`` of ``task`` from a fitted video ``(3, T, S, S)``.
+
+    Frame prediction uses the first ``num_cond_frames`` frames, interpolation the first and the last of the first
+    ``num_frames`` frames; outpainting, inpainting and the sketch need a whole clip of ``num_frames`` frames.
+    """
+    available = video.shape[1]
+    if task == "frame_prediction":
+        if available < num_cond_frames:
+            raise UsageError(f"frame_prediction with {num_cond_frames} condition frame(s) needs at least "
+                             f"{num_cond_frames} frame(s), the condition has {available}")
+        clip = video[:, :num_cond_frames]
+        clip = torch.cat([clip, clip[:, -1:].expand(-1, num_frames - num_cond_frames, -1, -1)], dim=1)
+        return build_condition_video(clip, task, num_cond_frames=num_cond_frames)
+    if task == "interpolation":
+        if available < 2:
+            raise UsageError(f"interpolation needs a first and a last frame, the condition has {available} frame")
+        ends = video[:, [0, min(available, num_frames) - 1]]
+        clip = ends[:, [0] * (num_frames - 1) + [1]]
+        return build_condition_video(clip, task)
+    if available < num_frames:
+        what = "the sketch" if task == "sketch" else task
+        raise UsageError(f"{what} needs a clip of {num_frames} frames, the condition has {available}")
+    if task == "sketch":  # the sketch video is the condition as it is
+        return video[:, :num_frames]
+    return build_condition_video(video[:, :num_frames], task)
+
+
+# --- sampling ------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def generate_codes(
+    transformer,
+    task: str,
+    prefix_codes: torch.Tensor | None,
+    *,
+    class_id: int = NO_LABEL,
+    num_samples: int = 1,
+    steps: int = 12,
+    temperature: float = 1.0,
+    choice_temperature: float = 4.5,
+    top_k: int | None = None,
+    guidance_scale: float = 0.0,
+    schedule: str = "cosine",
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Sample ``num_samples`` code grids ``(N, t, h, w)`` for ``task`` given prefix codes ``(1, t, h, w)`` (or
+    ``None`` for class / unconditional) and a class id (``NO_LABEL``: unconditional class token).
+
+    ``generator`` (a CPU ``torch.Generator``) or ``seed`` (shorthand for a fresh one seeded with it) makes the
+    samples reproducible on every device.
+    """
+    from .sampling import iterative_decode
+
+    if generator is not None and seed is not None:
+        raise ValueError("give a generator or a seed, not both")
+    config = transformer.config
+    vocab, layout = config.vocab, config.layout
+    device = next(transformer.parameters()).device
+    if task in PREFIX_TASKS and prefix_codes is None:
+        raise UsageError(f"task '{task}' needs a condition")
+    prefix = prefix_codes.to(device).expand(num_samples, *layout.token_grid) if task in PREFIX_TASKS else None
+    task_tokens = torch.full((num_samples,), vocab.task_token(task), dtype=torch.long, device=device)
+    try:
+        class_token = vocab.class_token(class_id)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    class_tokens = torch.full((num_samples,), class_token, dtype=torch.long, device=device)
+    tokens = build_sequence(vocab, layout, task_tokens, class_tokens, prefix, None)
+    # The dropped condition of classifier-free guidance: pad prefix and the unconditional class token.
+    uncond = build_sequence(vocab, layout, task_tokens, torch.full_like(class_tokens, vocab.unconditional_token),
+                            None, None)
+    if seed is not None:
+        generator = torch.Generator().manual_seed(seed)
+    out = iterative_decode(transformer, tokens, mask_token=vocab.mask_token, codebook_size=config.codebook_size,
+                           steps=steps, temperature=temperature, choice_temperature=choice_temperature, top_k=top_k,
+                           schedule=schedule, guidance_scale=guidance_scale,
+                           uncond_tokens=uncond if guidance_scale else None, generator=generator, progress=progress)
+    return out[:, layout.video].reshape(num_samples, *layout.token_grid)
+
+
+@torch.no_grad()
+def generate(tokenizer, transformer, task: str, condition: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    """Generate videos ``(N, 3, T, H, W)`` in [-1, 1].
+
+    ``condition``: the pixel-space condition video ``(3, T, H, W)`` of a COMMIT task or the sketch video
+    (:func:`condition_video`); ``None`` for class / unconditional. ``kwargs`` go to :func:`generate_codes`.
+    """
+    device = next(transformer.parameters()).device
+    prefix_codes = None
+    if condition is not None and task in PREFIX_TASKS:
+        prefix_codes = tokenizer.encode(condition.unsqueeze(0).to(device))  # (1, t, h, w)
+    codes = generate_codes(transformer, task, prefix_codes, **kwargs)
+    return tokenizer.decode(codes).clamp(-1, 1)
+
+
+# --- the pipeline --------------------------------------------------------------------------------------------------
+
+
+class VideoPipeline:
+    """A ``VideoTokenizer`` and the ``MaskedVideoTransformer`` trained on its codes, checked to belong together."""
+
+    def __init__(self, tokenizer, transformer):
+        self.token_grid = check_pair(tokenizer.config, transformer.config)  # (t, h, w)
+        self.tokenizer, self.transformer = tokenizer, transformer
+
+    @classmethod
+    def from_pretrained(cls, tokenizer: str | os.PathLike, transformer: str | os.PathLike,
+                        device: str | torch.device = "cpu") -> VideoPipeline:
+        """Both models from their export folders or Hub ids (``org/name``), in eval mode on ``device``."""
+        return cls(load_pretrained("tokenizer", tokenizer, device), load_pretrained("transformer", transformer, device))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    @property
+    def num_frames(self) -> int:
+        return self.tokenizer.config.num_frames
+
+    @property
+    def image_size(self) -> int:
+        return self.tokenizer.config.image_size
+
+    @property
+    def class_names(self) -> Sequence[str]:
+        """The transformer export's class names (class id = index); empty for exports without them."""
+        return self.transformer.class_names
+
+    def load_video(self, path: str | os.PathLike) -> tuple[torch.Tensor, float]:
+        """Read a video or an image (``UsageError`` if unreadable) and fit it to the tokenizer: ``((3, T, S, S),
+        fps)`` with at most ``num_frames`` frames (fps 0 for an image)."""
+        from .video_io import VideoReadError, read_video, to_float
+
+        try:
+            frames, fps = read_video(path, max_frames=self.num_frames)
+        except VideoReadError as err:
+            raise UsageError(str(err)) from None
+        return fit_video(to_float(frames), self.image_size), float(fps)
+
+    def prepare_condition(self, task: str, video: torch.Tensor | None, num_cond_frames: int = 1) -> torch.Tensor | None:
+        """The pixel-space condition ``(3, T, S, S)`` of ``task`` from a float video ``(3, T', H, W)`` or
+        ``(1, 3, T', H, W)`` of any size in [-1, 1]; ``None`` for the tasks without one (class, unconditional)."""
+        if task not in TASKS:
+            raise UsageError(f"unknown task '{task}'; expected one of {', '.join(TASKS)}")
+        if task not in PREFIX_TASKS:
+            if video is not None:
+                raise UsageError(f"task '{task}' takes no condition video")
+            return None
+        if video is None:
+            raise UsageError(f"task '{task}' needs a condition video")
+        if video.dim() == 5 and video.shape[0] == 1:
+            video = video[0]
+        if video.dim() != 4 or video.shape[0] != 3 or not video.is_floating_point():
+            raise UsageError(f"the condition must be a float video (3, T, H, W) in [-1, 1], got "
+                             f"{video.dtype} {tuple(video.shape)}")
+        return condition_video(task, fit_video(video, self.image_size), self.num_frames, num_cond_frames)
+
+    @torch.no_grad()
+    def __call__(self, task: str, condition: torch.Tensor | None = None, *, num_cond_frames: int = 1,
+                 **sampling) -> torch.Tensor:
+        """Generate videos ``(num_samples, 3, T, S, S)`` in [-1, 1] on the pipeline's device.
+
+        ``task``: one of ``magvit.masking.TASKS``; ``condition``: the user's video (:meth:`prepare_condition`) or,
+        for ``"sketch"``, the sketch video; ``sampling``: the keywords of :func:`generate_codes` (``num_samples``,
+        ``steps``, ``temperature``, ``choice_temperature``, ``top_k``, ``guidance_scale``, ``schedule``,
+        ``class_id``, ``generator``, ``seed``, ``progress``).
+        """
+        prepared = self.prepare_condition(task, condition, num_cond_frames)
+        return generate(self.tokenizer, self.transformer, task, prepared, **sampling)
