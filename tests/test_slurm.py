@@ -17,16 +17,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # launch/ (python -m launch.submit)
 from slurm_cluster import SlurmCluster, SlurmUnavailable  # noqa: E402
 
+from magvit.launch import submit  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 
 
 def _submit(capsys, *args: str) -> subprocess.CompletedProcess:
     """``python -m launch.submit ARGS`` in this process (imports once): status, stdout and stderr."""
-    from magvit.launch.submit import cli
-
     capsys.readouterr()
-    status = cli(list(args))
+    status = submit.cli(list(args))
     out, err = capsys.readouterr()
     return subprocess.CompletedProcess(args, status, out, err)
 
@@ -81,7 +81,7 @@ def test_dry_run_prints_script_and_writes_nothing(capsys, tmp_path, tiny_config)
     assert opts["output"] == f"{run_dir}/logs/%x-%j.out" and opts["error"] == f"{run_dir}/logs/%x-%j.err"
     assert opts["qos"] == "high"
     assert f"--config {run_dir}/slurm/config.yaml --run-dir {run_dir}" in proc.stdout
-    assert "launch/train_tokenizer.py" in proc.stdout and "train_job.sh" in proc.stdout
+    assert "TRAIN_MODULE=magvit.launch.train_tokenizer" in proc.stdout and "train_job.sh" in proc.stdout
     assert not run_dir.exists()
 
 
@@ -95,7 +95,47 @@ def test_dry_run_cpu_nodes_request_no_gpus(capsys, tmp_path):
                    "--run-dir", str(tmp_path / "r"), "--dry-run")
     assert proc.returncode == 0, proc.stderr
     assert "--gpus-per-node" not in proc.stdout and "#SBATCH --ntasks-per-node=2" in proc.stdout
-    assert "launch/train_transformer.py" in proc.stdout
+    assert "TRAIN_MODULE=magvit.launch.train_transformer" in proc.stdout
+
+
+def test_submit_from_any_directory_uses_packaged_templates_and_configs(capsys, monkeypatch, tmp_path):
+    """Outside a checkout (as an installed ``magvit-submit`` runs): the default config and its DeepSpeed config are
+    the packaged ones, the templates come from ``magvit.resources.SLURM_DIR``, and the job works in the directory
+    submitted from (or ``--workdir``), where the default run dir lies too."""
+    from magvit.resources import CONFIG_DIR, SLURM_DIR
+
+    monkeypatch.chdir(tmp_path)
+    proc = _submit(capsys, "tokenizer", "--gpus-per-node", "0", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert f"export MAGVIT_WORKDIR={tmp_path}\n" in proc.stdout
+    assert f"export MAGVIT_SLURM_DIR={SLURM_DIR}\n" in proc.stdout
+    assert f"from {SLURM_DIR / 'tokenizer.sbatch'}" in proc.stdout
+    assert f"--run-dir {tmp_path}/runs/tokenizer/tiny " in proc.stdout
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    proc = _submit(capsys, "tokenizer", "--gpus-per-node", "0", "--workdir", str(workdir), "--dry-run")
+    assert f"export MAGVIT_WORKDIR={workdir}\n" in proc.stdout
+    assert f"--run-dir {workdir}/runs/tokenizer/tiny " in proc.stdout
+    config = submit.resolve_config("tokenizer", submit.find_config("configs/tokenizer/tiny.yaml"), [], workdir)
+    assert config["train"]["deepspeed_config"] == str(CONFIG_DIR / "deepspeed" / "zero2.json")
+    # A working directory with its own configs/ keeps its relative path (a checkout: the job reads its own copy).
+    (workdir / "configs" / "deepspeed").mkdir(parents=True)
+    (workdir / "configs" / "deepspeed" / "zero2.json").write_text("{}")
+    config = submit.resolve_config("tokenizer", submit.find_config("configs/tokenizer/tiny.yaml"), [], workdir)
+    assert config["train"]["deepspeed_config"] == "configs/deepspeed/zero2.json"
+
+
+def test_batch_script_master_port_matches_python(tmp_path):
+    """The batch script exports MASTER_PORT (shell arithmetic) before any Python runs; each rank's
+    ``magvit.distributed.slurm_master_port`` must give the same port for the same job id."""
+    from magvit.distributed import slurm_master_port
+
+    line = re.search(r"^export MASTER_PORT=.*$", (ROOT / "launch" / "slurm" / "train_job.sh").read_text(), re.M)
+    assert line is not None
+    for job_id in ("1", "4242", "19999", "20000", "35001", "123456789", "1234_5"):
+        proc = subprocess.run(["bash", "-c", f'SLURM_JOB_ID={job_id}; {line.group(0)}; echo "$MASTER_PORT"'],
+                              capture_output=True, text=True, check=True)
+        assert int(proc.stdout) == slurm_master_port(job_id), job_id
 
 
 @pytest.mark.parametrize("args, message", [
@@ -105,6 +145,7 @@ def test_dry_run_cpu_nodes_request_no_gpus(capsys, tmp_path):
     (["train.max_stepz=3"], "train.max_stepz"),
     (["train.max_steps"], "key.path=value"),
     (["--config", "/nonexistent.yaml"], "not found"),
+    (["--workdir", "/nonexistent"], "--workdir"),
 ])
 def test_user_errors_are_one_line_and_status_2(capsys, tmp_path, tiny_config, args, message):
     base = ["tokenizer", "--config", str(tiny_config), "--run-dir", str(tmp_path / "run"), "--dry-run"]
@@ -222,15 +263,16 @@ def _train_steps(run_dir: Path) -> list[int]:
 @pytest.mark.slow
 @pytest.mark.slurm
 def test_tokenizer_job_on_two_tasks_trains_and_exports(cluster, tmp_path, sample_manifest):
-    """`python -m launch.submit tokenizer` on the local cluster: a 2-task DeepSpeed job that finishes with a
+    """`magvit-submit tokenizer` on the local cluster, from a directory outside the checkout (as an installed
+    package runs: packaged config, templates and DeepSpeed config): a 2-task DeepSpeed job that finishes with a
     complete checkpoint and exported EMA weights."""
     run_dir = tmp_path / "run"
     proc = subprocess.run(
-        [PYTHON, "-m", "launch.submit", "tokenizer", "--config", "configs/tokenizer/tiny.yaml", "--nodes", "1",
-         "--gpus-per-node", "0", "--ntasks-per-node", "2", "--cpus-per-task", "1", "--time", "10",
+        [PYTHON, "-m", "magvit.launch.submit", "tokenizer", "--config", "configs/tokenizer/tiny.yaml",
+         "--nodes", "1", "--gpus-per-node", "0", "--ntasks-per-node", "2", "--cpus-per-task", "1", "--time", "10",
          "--partition", "debug", "--run-dir", str(run_dir), f"data.manifest={sample_manifest}",
          "train.max_steps=4", "checkpoint.every=2", *TINY_TRAINING],
-        cwd=ROOT, env=cluster.env, capture_output=True, text=True, timeout=120)
+        cwd=tmp_path, env=cluster.env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     job = int(re.search(r"submitted job (\d+)", proc.stdout).group(1))
     info = _wait_finished(cluster, job, 150, run_dir)

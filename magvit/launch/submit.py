@@ -1,19 +1,24 @@
-"""Submit a training run to SLURM in one line.
+"""Submit a training run to SLURM in one line (installed: ``magvit-submit``; in a checkout also
+``python -m launch.submit``).
 
-    python -m launch.submit tokenizer --config configs/tokenizer/tiny.yaml --nodes 4 --gpus-per-node 8
-    python -m launch.submit transformer --config configs/transformer/tiny.yaml --nodes 2 --time 2-00:00:00 \\
+    magvit-submit tokenizer --config configs/tokenizer/tiny.yaml --nodes 4 --gpus-per-node 8
+    magvit-submit transformer --config configs/transformer/tiny.yaml --nodes 2 --time 2-00:00:00 \\
         --partition gpu train.max_steps=200000
 
 Resolves the config (YAML + ``key.path=value`` overrides, validated exactly as the training script does), then
 writes into ``RUN_DIR/slurm/``:
 
 - ``config.yaml``: the resolved config, the only config the job reads (every requeue trains the same thing);
-- ``job.sbatch``: ``launch/slurm/<kind>.sbatch`` with its ``#SBATCH`` defaults replaced by the requested nodes,
-  GPUs, CPUs, time and partition, logs under ``RUN_DIR/logs/``; ``sbatch RUN_DIR/slurm/job.sbatch`` resubmits it;
-- ``submissions.jsonl``: one line per submission (time, job id, command);
+- ``job.sbatch``: the packaged ``<kind>.sbatch`` template (``magvit.resources.SLURM_DIR``) with its ``#SBATCH``
+  defaults replaced by the requested nodes, GPUs, CPUs, time and partition, logs under ``RUN_DIR/logs/``;
+  ``sbatch RUN_DIR/slurm/job.sbatch`` resubmits it;
+- ``submissions.jsonl``: one line per submission (time, job id, working directory, command);
 
-and calls ``sbatch``. ``--dry-run`` prints the batch script and does nothing else. Submitting again to the same
-run directory continues the run (``--resume auto``) and is refused if the config differs.
+and calls ``sbatch``. The job runs ``python -m magvit.launch.train_<kind>`` with the interpreter that ran this
+command, in the working directory (``--workdir``, default: where this command runs), against which relative paths
+in the config are read; a ``configs/...`` path found there is used, else the packaged config of that name.
+``--dry-run`` prints the batch script and does nothing else. Submitting again to the same run directory continues
+the run (``--resume auto``) and is refused if the config differs.
 """
 
 from __future__ import annotations
@@ -35,36 +40,39 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from magvit.cli import ArgumentParser, UsageError, run_main
+from magvit.cli import ArgumentParser, UsageError, command_name, run_main
+from magvit.resources import SLURM_DIR, find_config
 
-PROG = "python -m launch.submit"
-ROOT = Path(__file__).resolve().parents[2]
+PROG = command_name("python -m launch.submit")
 _TIME_RE = re.compile(r"^(\d+-\d{1,2}(:\d{1,2}){0,2}|\d+(:\d{1,2}){0,2}|unlimited|infinite)$", re.IGNORECASE)
 _SBATCH_LINE_RE = re.compile(r"^#SBATCH\s+--([\w-]+)(?:[= ](.*))?$")
 
 
 @dataclasses.dataclass(frozen=True)
 class Kind:
-    """What ``python -m launch.submit KIND`` trains."""
+    """What ``magvit-submit KIND`` trains."""
 
-    train_script: str  # relative to the repository root
-    batch_template: str  # relative to the repository root
-    default_config: str
+    train_module: str  # run as ``python -m``: the same from a checkout and from an installed package
+    batch_template: str  # file name in magvit.resources.SLURM_DIR
+    default_config: str  # through magvit.resources.find_config
 
 
 KINDS: dict[str, Kind] = {
-    "tokenizer": Kind("launch/train_tokenizer.py", "launch/slurm/tokenizer.sbatch", "configs/tokenizer/tiny.yaml"),
-    "transformer": Kind("launch/train_transformer.py", "launch/slurm/transformer.sbatch",
-                        "configs/transformer/tiny.yaml"),
+    "tokenizer": Kind("magvit.launch.train_tokenizer", "tokenizer.sbatch", "configs/tokenizer/tiny.yaml"),
+    "transformer": Kind("magvit.launch.train_transformer", "transformer.sbatch", "configs/transformer/tiny.yaml"),
 }
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Config
 # --------------------------------------------------------------------------------------------------------------
-def resolve_config(kind: str, config_path: str | os.PathLike, overrides: Sequence[str]) -> dict[str, Any]:
-    """The resolved training config of ``kind`` as a plain dict: exactly what ``launch/train_<kind>.py`` runs
-    with ``--config config_path overrides...`` (its own ``load_config``). ``UsageError`` on any config mistake."""
+def resolve_config(kind: str, config_path: str | os.PathLike, overrides: Sequence[str],
+                   workdir: Path | None = None) -> dict[str, Any]:
+    """The resolved training config of ``kind`` as a plain dict: exactly what ``magvit.launch.train_<kind>`` runs
+    with ``--config config_path overrides...`` (its own ``load_config``) in ``workdir`` (default: the current
+    directory). A relative ``train.deepspeed_config`` that ``workdir`` lacks becomes the packaged file of that name
+    (``find_config``), so the job finds it wherever the package is installed. ``UsageError`` on any config
+    mistake."""
     from magvit.config import ConfigError
 
     if kind not in KINDS:
@@ -72,23 +80,28 @@ def resolve_config(kind: str, config_path: str | os.PathLike, overrides: Sequenc
     for word in overrides:
         if "=" not in word or word.startswith("-"):
             raise UsageError(f"expected key.path=value, got '{word}'")
-    module_name = f"magvit.launch.{Path(KINDS[kind].train_script).stem}"
+    module_name = KINDS[kind].train_module
     try:
         load_config = importlib.import_module(module_name).load_config
     except (ImportError, AttributeError) as err:
         raise UsageError(f"cannot read the {kind} config: {module_name}.load_config is unavailable ({err})") from None
-    # Relative paths in configs (data, DeepSpeed config) are read from the repository root, the job's working
-    # directory; the config file itself is found from where the command runs.
+    # Relative paths in configs (data, DeepSpeed config) are read from the job's working directory; the config file
+    # itself is found from where the command runs.
+    config_path = Path(config_path).resolve()
     try:
-        with contextlib.chdir(ROOT):
-            return load_config(str(Path(config_path).resolve()), list(overrides)).to_dict()
+        with contextlib.chdir(workdir or Path.cwd()):
+            config = load_config(str(config_path), list(overrides)).to_dict()
+            ds_config = config.get("train", {}).get("deepspeed_config")
+            if ds_config:
+                config["train"]["deepspeed_config"] = str(find_config(ds_config))
     except (ConfigError, UsageError) as err:
         raise UsageError(str(err)) from None
+    return config
 
 
-def check_paths(config: Mapping[str, Any], kind: str, root: Path = ROOT) -> list[str]:
-    """Warnings for data the job will not find (paths in configs are relative to the repository root, the job's
-    working directory). A missing DeepSpeed config is an error."""
+def check_paths(config: Mapping[str, Any], kind: str, root: Path) -> list[str]:
+    """Warnings for data the job will not find (paths in configs are relative to ``root``, the job's working
+    directory). A missing DeepSpeed config is an error."""
     def resolve(path: str) -> Path:
         return Path(path) if Path(path).is_absolute() else root / path
 
@@ -166,11 +179,12 @@ def _template_options(text: str) -> list[tuple[str, str | None]]:
     return options
 
 
-def render_batch_script(kind: str, run_dir: Path, resources: Resources, python: str = sys.executable,
-                        root: Path = ROOT) -> str:
-    """The job script: ``launch/slurm/<kind>.sbatch`` with the ``#SBATCH`` defaults replaced by ``resources``,
-    the logs in ``run_dir/logs``, and the run's config and run dir as default arguments."""
-    template_path = root / KINDS[kind].batch_template
+def render_batch_script(kind: str, run_dir: Path, resources: Resources, workdir: Path,
+                        python: str = sys.executable) -> str:
+    """The job script: the packaged ``<kind>.sbatch`` with the ``#SBATCH`` defaults replaced by ``resources``,
+    the logs in ``run_dir/logs``, the job's working directory, interpreter and templates folder, and the run's
+    config and run dir as default arguments."""
+    template_path = SLURM_DIR / KINDS[kind].batch_template
     template = template_path.read_text()
     options: dict[str, str | None] = {
         "job-name": resources.job_name or f"{kind}-{run_dir.name}",
@@ -202,12 +216,13 @@ def render_batch_script(kind: str, run_dir: Path, resources: Resources, python: 
     q = shlex.quote
     return "\n".join([
         "#!/bin/bash",
-        f"# {kind} training, written by `python -m launch.submit` from {KINDS[kind].batch_template}.",
+        f"# {kind} training, written by `{PROG}` from {template_path}.",
         f"# Resubmit (continues the run): sbatch {q(str(run_dir / 'slurm' / 'job.sbatch'))} [key.path=value ...]",
         *header,
         "",
-        f"export MAGVIT_ROOT={q(str(root))}",
+        f"export MAGVIT_WORKDIR={q(str(workdir))}",
         f"export MAGVIT_PYTHON={q(python)}",
+        f"export MAGVIT_SLURM_DIR={q(str(SLURM_DIR))}",
         f"set -- --config {q(str(config))} --run-dir {q(str(run_dir))} \"$@\"",
         "",
         body,
@@ -222,7 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog=PROG, description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("kind", choices=sorted(KINDS), help="what to train")
-    parser.add_argument("--config", default=None, help="training YAML (default: configs/<kind>/tiny.yaml)")
+    parser.add_argument("--config", default=None,
+                        help="training YAML; a configs/<kind>/NAME.yaml missing here is the packaged one "
+                             "(default: configs/<kind>/tiny.yaml)")
     parser.add_argument("--nodes", type=int, default=1, help="number of nodes (default: 1)")
     parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node; 0: CPU-only nodes (default: 8)")
     parser.add_argument("--ntasks-per-node", type=int, default=None,
@@ -232,7 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="time limit of one start of the job; requeued starts get it again (default: 24:00:00)")
     parser.add_argument("--partition", default=None, help="SLURM partition (default: the cluster's default)")
     parser.add_argument("--job-name", default=None, help="job name (default: <kind>-<run dir name>)")
-    parser.add_argument("--run-dir", default=None, help="run directory (default: runs/<kind>/<config name> in the repository)")
+    parser.add_argument("--workdir", default=None,
+                        help="the job's working directory, against which relative paths in the config are read "
+                             "(default: the current directory)")
+    parser.add_argument("--run-dir", default=None,
+                        help="run directory (default: runs/<kind>/<config name> in the working directory)")
     parser.add_argument("--sbatch-option", action="append", default=[], metavar="--NAME=VALUE",
                         help="another sbatch option written into the script, e.g. --sbatch-option=--qos=high; "
                              "replaces the script's option of the same name (repeatable)")
@@ -241,11 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _sbatch(script: Path) -> int:
+def _sbatch(script: Path, workdir: Path) -> int:
     exe = shutil.which("sbatch")
     if exe is None:
         raise UsageError("sbatch not found on PATH: run this on a SLURM login node (--dry-run shows the script)")
-    proc = subprocess.run([exe, "--parsable", str(script)], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run([exe, "--parsable", str(script)], cwd=workdir, capture_output=True, text=True)
     if proc.returncode != 0:
         lines = (proc.stderr or proc.stdout).strip().splitlines() or [f"status {proc.returncode}"]
         raise UsageError(f"sbatch rejected {script}: {lines[-1]}")
@@ -258,17 +279,20 @@ def _sbatch(script: Path) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
     kind = KINDS[args.kind]
-    config_path = Path(args.config or ROOT / kind.default_config)
+    config_path = find_config(args.config or kind.default_config)
+    workdir = Path(args.workdir or Path.cwd()).resolve()
+    if not workdir.is_dir():
+        raise UsageError(f"--workdir {workdir} is not a directory")
     resources = Resources(nodes=args.nodes, gpus_per_node=args.gpus_per_node, ntasks_per_node=args.ntasks_per_node,
                           cpus_per_task=args.cpus_per_task, time=args.time, partition=args.partition,
                           job_name=args.job_name, extra=tuple(args.sbatch_option))
     resources.validate()
-    config = resolve_config(args.kind, config_path, args.overrides)
-    warnings = check_paths(config, args.kind)
-    run_dir = Path(args.run_dir).resolve() if args.run_dir else ROOT / "runs" / args.kind / config_path.stem
+    config = resolve_config(args.kind, config_path, args.overrides, workdir)
+    warnings = check_paths(config, args.kind, workdir)
+    run_dir = Path(args.run_dir).resolve() if args.run_dir else workdir / "runs" / args.kind / config_path.stem
     if re.search(r"[\s%]", str(run_dir)):
         raise UsageError(f"run dir {run_dir} contains whitespace or '%', which SLURM log paths cannot hold")
-    script = render_batch_script(args.kind, run_dir, resources)
+    script = render_batch_script(args.kind, run_dir, resources, workdir)
     if args.dry_run:
         print(script, end="")
         return 0
@@ -291,9 +315,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     job_script = slurm_dir / "job.sbatch"
     job_script.write_text(script)
     job_script.chmod(0o755)
-    job_id = _sbatch(job_script)
+    job_id = _sbatch(job_script, workdir)
+    words = sys.argv[1:] if argv is None else argv
     record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "job_id": job_id, "kind": args.kind,
-              "command": shlex.join([sys.executable, "-m", "launch.submit", *(sys.argv[1:] if argv is None else argv)])}
+              "workdir": str(workdir), "command": shlex.join([sys.executable, "-m", "magvit.launch.submit", *words])}
     with open(slurm_dir / "submissions.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     tasks = resources.nodes * resources.tasks_per_node

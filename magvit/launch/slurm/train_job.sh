@@ -1,8 +1,10 @@
-# Body shared by launch/slurm/tokenizer.sbatch and launch/slurm/transformer.sbatch (sourced, not run).
+# Body shared by tokenizer.sbatch and transformer.sbatch, which lie beside it (magvit.resources.SLURM_DIR; in a
+# checkout also launch/slurm/). Sourced, not run.
 #
 # Inputs (set by the sourcing batch script or the environment):
-#   TRAIN_SCRIPT     training entry point relative to the repository (launch/train_tokenizer.py, ...)
-#   MAGVIT_ROOT      repository root (default: the directory sbatch was called from)
+#   TRAIN_MODULE     training module, run as `python -m` (magvit.launch.train_tokenizer, ...)
+#   MAGVIT_WORKDIR   the job's working directory: relative paths in arguments and configs are read from here
+#                    (default: the directory sbatch was called from)
 #   MAGVIT_PYTHON    interpreter (default: python on PATH, i.e. the environment sbatch was called from)
 #   "$@"             arguments of the training script: --config FILE [--run-dir DIR] [key.path=value ...]
 #
@@ -19,17 +21,17 @@ EXIT_CODE_PREEMPTED=3  # magvit.distributed.EXIT_CODE_PREEMPTED
 log() { echo "[$(date '+%Y-%m-%dT%H:%M:%S')] magvit-slurm: $*"; }
 
 if [ -z "${SLURM_JOB_ID:-}" ]; then
-    echo "error: this is a SLURM batch script: submit it with sbatch (or python -m launch.submit)" >&2
+    echo "error: this is a SLURM batch script: submit it with sbatch (or magvit-submit)" >&2
     exit 2
 fi
-if [ -z "${TRAIN_SCRIPT:-}" ]; then
-    echo "error: TRAIN_SCRIPT is not set (source this file from launch/slurm/*.sbatch)" >&2
+if [ -z "${TRAIN_MODULE:-}" ]; then
+    echo "error: TRAIN_MODULE is not set (source this file from tokenizer.sbatch or transformer.sbatch)" >&2
     exit 2
 fi
 
-ROOT=${MAGVIT_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}
+WORKDIR=${MAGVIT_WORKDIR:-${SLURM_SUBMIT_DIR:-$PWD}}
 PYTHON=${MAGVIT_PYTHON:-python}
-cd "$ROOT" || { echo "error: repository root $ROOT not found (set MAGVIT_ROOT)" >&2; exit 2; }
+cd "$WORKDIR" || { echo "error: working directory $WORKDIR not found (set MAGVIT_WORKDIR)" >&2; exit 2; }
 
 # The run directory: --run-dir from the arguments, else runs/<job name> (matches the default #SBATCH --output).
 ARGS=("$@")
@@ -76,7 +78,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$CPUS_PER_TASK}
 
 log "job ${SLURM_JOB_ID} start $((${SLURM_RESTART_COUNT:-0} + 1)): ${SLURM_NTASKS} tasks on ${SLURM_JOB_NUM_NODES} node(s)" \
     "(${SLURM_JOB_NODELIST}), master ${MASTER_ADDR}:${MASTER_PORT}, run dir ${RUN_DIR}"
-log "command: ${PYTHON} ${TRAIN_SCRIPT} ${ARGS[*]}"
+log "command: ${PYTHON} -m ${TRAIN_MODULE} ${ARGS[*]} (in ${WORKDIR})"
 
 # One process per task. srun of Slurm 22.05 does not inherit --cpus-per-task from the allocation: pass it.
 # Per-rank logs: RUN_DIR/logs/<job name>-<job id>-rank<N>.log, appended across requeues.
@@ -84,7 +86,7 @@ log "command: ${PYTHON} ${TRAIN_SCRIPT} ${ARGS[*]}"
 srun --kill-on-bad-exit=0 --cpus-per-task="$CPUS_PER_TASK" --open-mode=append \
     --output="$RUN_DIR/logs/%x-%j-rank%t.log" \
     bash -c 'export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID; exec "$@"' magvit-rank \
-    "$PYTHON" "$TRAIN_SCRIPT" "${ARGS[@]}"
+    "$PYTHON" -m "$TRAIN_MODULE" "${ARGS[@]}"
 STATUS=$?
 
 # 3: checkpoint saved after the signal. 128 + SIGUSR1: the signal came while Python was still starting, before
