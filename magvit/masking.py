@@ -49,8 +49,6 @@ CONDITION_TASKS: tuple[str, ...] = _tasks.CONDITION_TASKS
 #: Names of every task of the table (the rows: ``magvit.tasks.TASKS``).
 TASKS: tuple[str, ...] = _tasks.TASK_NAMES
 
-SCHEDULES: tuple[str, ...] = ("cosine", "linear", "square", "exponential")
-
 #: Label value meaning "no class" (as in ``ClipDataset`` / token shards).
 NO_LABEL = -1
 #: ``labels`` value at positions that carry no target (cross_entropy's ``ignore_index``).
@@ -60,6 +58,26 @@ _EXPONENTIAL_RATE = 5.0  # steepness of the "exponential" schedule
 
 
 # --- the mask schedule ---------------------------------------------------------------------------------------------
+
+#: gamma(r) of each schedule, unclamped (see :func:`mask_schedule`).
+_GAMMAS = {
+    "cosine": lambda r: torch.cos(math.pi / 2 * r),
+    "linear": lambda r: 1 - r,
+    "square": lambda r: 1 - r**2,
+    "exponential": lambda r: (torch.exp(-_EXPONENTIAL_RATE * r) - math.exp(-_EXPONENTIAL_RATE))
+    / (1 - math.exp(-_EXPONENTIAL_RATE)),
+}
+SCHEDULES: tuple[str, ...] = tuple(_GAMMAS)
+
+
+def check_schedule(name: str) -> None:
+    if name not in _GAMMAS:
+        raise ValueError(f"unknown mask schedule '{name}'; expected one of {', '.join(SCHEDULES)}")
+
+
+def _gamma(ratio: torch.Tensor, name: str) -> torch.Tensor:
+    """:func:`mask_schedule` of a tensor already known to lie in [0, 1], with a known schedule: no checks."""
+    return _GAMMAS[name](ratio).clamp(0.0, 1.0)
 
 
 def mask_schedule(ratio: float | torch.Tensor, name: str = "cosine") -> float | torch.Tensor:
@@ -74,22 +92,12 @@ def mask_schedule(ratio: float | torch.Tensor, name: str = "cosine") -> float | 
     - ``square``: ``1 - r**2``
     - ``exponential``: ``(exp(-k r) - exp(-k)) / (1 - exp(-k))`` with ``k = 5`` (reveals most tokens early)
     """
-    if name not in SCHEDULES:
-        raise ValueError(f"unknown mask schedule '{name}'; expected one of {', '.join(SCHEDULES)}")
+    check_schedule(name)
     is_tensor = isinstance(ratio, torch.Tensor)
     r = ratio if is_tensor else torch.tensor(float(ratio), dtype=torch.float64)
     if bool(((r < 0) | (r > 1)).any()):
         raise ValueError(f"mask_schedule expects a ratio in [0, 1], got {ratio}")
-    if name == "cosine":
-        out = torch.cos(math.pi / 2 * r)
-    elif name == "linear":
-        out = 1 - r
-    elif name == "square":
-        out = 1 - r**2
-    else:
-        k = _EXPONENTIAL_RATE
-        out = (torch.exp(-k * r) - math.exp(-k)) / (1 - math.exp(-k))
-    out = out.clamp(0.0, 1.0)
+    out = _gamma(r, name)
     return out if is_tensor else float(out)
 
 
@@ -98,17 +106,25 @@ def mask_schedule(ratio: float | torch.Tensor, name: str = "cosine") -> float | 
 
 @dataclasses.dataclass(frozen=True)
 class TokenVocabulary:
-    """Named special tokens placed after the codebook: ``[codes][mask][pad][uncond][tasks...][classes...]``."""
+    """Named special tokens placed after the codebook: ``[codes][mask][pad][uncond][tasks...][classes...]``.
+
+    ``tasks`` is the model's own task list (``TransformerConfig.tasks``): its order fixes the task-token ids, and
+    the class tokens follow it, so rows added to the task table later change no id of this vocabulary.
+    """
 
     codebook_size: int
     num_classes: int = 0
-    tasks: tuple[str, ...] = TASKS
+    tasks: tuple[str, ...] = _tasks.DEFAULT_TASKS
 
     def __post_init__(self) -> None:
         if self.codebook_size < 2:
             raise ValueError(f"codebook_size must be >= 2, got {self.codebook_size}")
         if self.num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
+        if not self.tasks or len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"tasks must be a non-empty list of distinct task names, got {list(self.tasks)}")
+        for name in self.tasks:
+            _tasks.task(name)  # raises for a name the task table does not know
 
     @property
     def mask_token(self) -> int:
@@ -139,9 +155,8 @@ class TokenVocabulary:
         return self.codebook_size + 3 + len(self.tasks) + label
 
     def class_tokens(self, labels: torch.Tensor) -> torch.Tensor:
-        """Vectorised :meth:`class_token` for a (B,) long tensor of labels (``NO_LABEL`` -> unconditional)."""
-        if bool(((labels < NO_LABEL) | (labels >= self.num_classes)).any()):
-            raise ValueError(f"class ids must be in [-1, {self.num_classes}), got {labels.tolist()}")
+        """Vectorised :meth:`class_token` for a (B,) long tensor of labels (``NO_LABEL`` -> unconditional), on their
+        device and unchecked (no host sync): labels are checked where they are read (``check_training_batch``)."""
         first = self.codebook_size + 3 + len(self.tasks)
         return torch.where(labels >= 0, first + labels, torch.full_like(labels, self.unconditional_token))
 
@@ -254,58 +269,86 @@ def build_sequence(
 
 
 # --- COMMIT condition construction in pixel space ------------------------------------------------------------------
+# The kinds of region and fill that the rows of magvit/tasks.py name.
+
+
+def _first_frames(task: str, num_frames: int, num_cond_frames: int) -> torch.Tensor:
+    if not 1 <= num_cond_frames < num_frames:
+        raise ValueError(f"{task} needs 1 <= num_cond_frames < {num_frames}, got {num_cond_frames}")
+    return torch.arange(num_frames) < num_cond_frames
+
+
+def _end_frames(task: str, num_frames: int, num_cond_frames: int) -> torch.Tensor:
+    if num_frames < 3:
+        raise ValueError(f"{task} needs at least 3 frames, got {num_frames}")
+    t = torch.arange(num_frames)
+    return (t == 0) | (t == num_frames - 1)
+
+
+def _middle_half(size: int) -> torch.Tensor:
+    """Bool ``(size,)``: the central band of one axis (MAGVIT's OPC/OPV/OPH/IPC regions)."""
+    i = torch.arange(size)
+    return (i >= size // 4) & (i < size - size // 4)
+
+
+def _every(size: int) -> torch.Tensor:
+    return torch.ones(size, dtype=torch.bool)
+
+
+#: Task.frames -> known frames ``(T,)`` bool, given (task name, T, num_cond_frames).
+_KNOWN_FRAMES = {"first": _first_frames, "ends": _end_frames, "all": lambda task, t, n: _every(t)}
+#: Task.area -> known pixels of a frame ``(H, W)`` bool.
+_KNOWN_AREAS = {
+    "all": lambda h, w: _every(h)[:, None] & _every(w),
+    "central": lambda h, w: _middle_half(h)[:, None] & _middle_half(w),
+    "vertical": lambda h, w: _every(h)[:, None] & _middle_half(w),
+    "horizontal": lambda h, w: _middle_half(h)[:, None] & _every(w),
+    "outside_central": lambda h, w: ~(_middle_half(h)[:, None] & _middle_half(w)),
+}
+
+
+def _condition_task(task: str) -> _tasks.Task:
+    row = next((t for t in _tasks.TASKS if t.name == task and t.condition == "video"), None)
+    if row is None:
+        known = ", ".join(t.name for t in _tasks.TASKS if t.condition == "video")
+        raise ValueError(f"'{task}' is not a pixel-space condition task; expected one of {known}")
+    return row
 
 
 def condition_region(task: str, num_frames: int, height: int, width: int, num_cond_frames: int = 1) -> torch.Tensor:
-    """Bool ``(T, H, W)``: True where the condition video shows real pixels for ``task``."""
-    if task not in CONDITION_TASKS:
-        raise ValueError(f"'{task}' is not a pixel-space condition task; expected one of {', '.join(CONDITION_TASKS)}")
-    known = torch.zeros(num_frames, height, width, dtype=torch.bool)
-    # Central band: the middle half of each axis (MAGVIT's OPC/OPV/OPH/IPC regions).
-    h0, h1 = height // 4, height - height // 4
-    w0, w1 = width // 4, width - width // 4
-    if task == "frame_prediction":
-        if not 1 <= num_cond_frames < num_frames:
-            raise ValueError(f"frame_prediction needs 1 <= num_cond_frames < {num_frames}, got {num_cond_frames}")
-        known[:num_cond_frames] = True
-    elif task == "interpolation":
-        if num_frames < 3:
-            raise ValueError(f"interpolation needs at least 3 frames, got {num_frames}")
-        known[0] = True
-        known[-1] = True
-    elif task == "outpaint_central":
-        known[:, h0:h1, w0:w1] = True
-    elif task == "outpaint_vertical":
-        known[:, :, w0:w1] = True
-    elif task == "outpaint_horizontal":
-        known[:, h0:h1, :] = True
-    elif task == "inpaint_central":
-        known[:] = True
-        known[:, h0:h1, w0:w1] = False
-    return known
+    """Bool ``(T, H, W)``: True where the condition video shows real pixels for ``task`` (its row's ``frames``
+    and ``area``)."""
+    row = _condition_task(task)
+    frames = _KNOWN_FRAMES[row.frames](task, num_frames, num_cond_frames)  # (T,)
+    return frames[:, None, None] & _KNOWN_AREAS[row.area](height, width)  # (T, H, W)
+
+
+def _nearest_known_frame(known: torch.Tensor) -> torch.Tensor:
+    """``(T,)`` long: for every frame the index of the nearest known frame of ``known`` ``(T,)`` (ties: the later)."""
+    frames = known.nonzero().squeeze(1)  # (K,)
+    distance = (torch.arange(known.shape[0])[:, None] - frames[None, :]).abs()  # (T, K)
+    return frames.flip(0)[distance.flip(1).argmin(dim=1)]  # argmin takes the first of equals: here the later frame
 
 
 def build_condition_video(video: torch.Tensor, task: str, num_cond_frames: int = 1,
                           fill_value: float = 0.0) -> torch.Tensor:
     """The COMMIT condition video of ``task`` built in pixel space, ready to be tokenized.
 
-    ``video``: ``(3, T, H, W)`` or ``(B, 3, T, H, W)`` in [-1, 1]; the result has the same shape.
-    Temporal tasks fill unknown frames by replicating the nearest known frame (frame prediction: the last given
-    frame; interpolation: the first frame for the first half, the last for the second half) so the tokenizer sees
-    a natural video; spatial tasks fill unknown pixels with ``fill_value`` (0 = mid grey).
+    ``video``: ``(3, T, H, W)`` or ``(B, 3, T, H, W)`` in [-1, 1]; the result has the same shape. The task's row
+    says how the unknown pixels are filled: ``nearest_frame`` replicates the nearest known frame (frame prediction:
+    the last given frame; interpolation: the first frame for the first half, the last for the second half) so the
+    tokenizer sees a natural video; ``constant`` fills them with ``fill_value`` (0 = mid grey).
     """
     if not isinstance(video, torch.Tensor) or video.dim() not in (4, 5) or video.shape[-4] != 3:
         raise ValueError(f"video must be a (3, T, H, W) or (B, 3, T, H, W) tensor, got "
                          f"{tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__}")
     num_frames, height, width = video.shape[-3:]
-    known = condition_region(task, num_frames, height, width, num_cond_frames).to(video.device)  # (T, H, W)
-    if task == "frame_prediction":
-        index = torch.arange(num_frames, device=video.device).clamp(max=num_cond_frames - 1)
-        return video.index_select(-3, index)
-    if task == "interpolation":
-        index = torch.where(torch.arange(num_frames, device=video.device) < num_frames // 2, 0, num_frames - 1)
-        return video.index_select(-3, index)
-    return torch.where(known, video, torch.full_like(video, fill_value))
+    row = _condition_task(task)
+    known = condition_region(task, num_frames, height, width, num_cond_frames)  # (T, H, W)
+    if row.fill == "nearest_frame":
+        index = _nearest_known_frame(known.flatten(1).any(dim=1))  # (T,)
+        return video.index_select(-3, index.to(video.device))
+    return torch.where(known.to(video.device), video, torch.full_like(video, fill_value))
 
 
 # --- training batches ----------------------------------------------------------------------------------------------
@@ -334,6 +377,128 @@ def _rand(shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Te
     return torch.rand(shape, generator=generator)  # CPU: a CPU generator gives the same draws on every device
 
 
+def _on(device: torch.device, tensor: torch.Tensor) -> torch.Tensor:
+    # Host-to-device without waiting for the device's queue (a blocking copy synchronises the stream).
+    return tensor.to(device, non_blocking=True)
+
+
+def _video_codes(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    if "codes" not in batch:
+        raise ValueError(f"batch needs 'codes' (B, t, h, w); got keys {sorted(batch)}")
+    codes = batch["codes"].long()
+    if codes.dim() != 4:
+        raise ValueError(f"batch['codes'] must be (B, t, h, w), got {tuple(codes.shape)}")
+    return codes
+
+
+def _batch_labels(batch: Mapping[str, torch.Tensor], batch_size: int) -> torch.Tensor:
+    labels = batch.get("label")
+    if labels is None:
+        return torch.full((batch_size,), NO_LABEL, dtype=torch.long)
+    return torch.as_tensor(labels).long().reshape(batch_size)
+
+
+def training_tasks(batch: Mapping[str, torch.Tensor], vocab: TokenVocabulary,
+                   tasks: Sequence[str] | None = None) -> list[_tasks.Task]:
+    """The task rows a batch trains on: ``tasks``, or every task of the model whose condition the batch carries
+    (``cond.<task>``, ``sketch_codes``; class and unconditional need none). Host-side checks only."""
+    carried = [name for name in vocab.tasks if _tasks.task(name).shard_key in (None, *batch)]
+    names = carried if tasks is None else list(tasks)
+    rows = []
+    for name in names:
+        if name not in vocab.tasks:
+            raise ValueError(f"unknown task '{name}'; expected one of {', '.join(vocab.tasks)}")
+        row = _tasks.task(name)
+        if row.shard_key is not None and row.shard_key not in batch:
+            raise ValueError(f"task '{name}' needs '{row.shard_key}' in the batch; got keys {sorted(batch)}")
+        rows.append(row)
+    if not rows:
+        raise ValueError("tasks must name at least one task")
+    return rows
+
+
+def check_training_batch(batch: Mapping[str, torch.Tensor], vocab: TokenVocabulary,
+                         tasks: Sequence[str] | None = None) -> None:
+    """The value checks :func:`make_training_batch` leaves out (each reads tensors, a host sync on a device), for a
+    batch that did not come through ``TokenShardDataset`` (which checks its codes when it opens): codes in
+    ``[0, codebook_size)``, labels in ``[-1, num_classes)``, a task for every example."""
+    codes = _video_codes(batch)
+    for key in ("codes", "sketch_codes", *(k for k in batch if k.startswith("cond."))):
+        if key in batch and bool(((batch[key] < 0) | (batch[key] >= vocab.codebook_size)).any()):
+            raise ValueError(f"batch['{key}']: codes must be in [0, {vocab.codebook_size})")
+    labels = _batch_labels(batch, codes.shape[0])
+    if bool(((labels < NO_LABEL) | (labels >= vocab.num_classes)).any()):
+        raise ValueError(f"class ids must be in [-1, {vocab.num_classes}), got {labels.tolist()}")
+    if all(row.needs_label for row in training_tasks(batch, vocab, tasks)) and bool((labels < 0).any()):
+        raise ValueError("some examples have no label and 'class' is the only task allowed")
+
+
+class _Draws(NamedTuple):
+    """Every random number of a training batch, on the CPU."""
+
+    task_scores: torch.Tensor  # (B, num_tasks) U(0, 1): the task is the allowed one of highest score
+    drop_prefix: torch.Tensor  # (B,) bool: classifier-free guidance drops the prefix
+    drop_class: torch.Tensor  # (B,) bool: ... and, independently, the class
+    masked: torch.Tensor  # (B, N) bool: the masked video tokens
+
+
+def _draw(batch_size: int, num_tasks: int, num_tokens: int, schedule: str, cond_dropout_prob: float,
+          mask_ratio: float | None, generator: torch.Generator | None) -> _Draws:
+    # The order of the draws is part of the training RNG's stream (exact resume replays it): keep it.
+    task_scores = _rand((batch_size, num_tasks), generator)
+    drop_prefix = _rand((batch_size,), generator) < cond_dropout_prob
+    drop_class = _rand((batch_size,), generator) < cond_dropout_prob
+    if mask_ratio is None:
+        ratio = _gamma(_rand((batch_size,), generator), schedule)  # U(0, 1) through the schedule
+    else:
+        ratio = torch.full((batch_size,), float(mask_ratio), dtype=torch.float64)
+    return _Draws(task_scores, drop_prefix, drop_class, random_mask(num_tokens, ratio, generator))
+
+
+def _choose_tasks(scores: torch.Tensor, rows: Sequence[_tasks.Task], labels: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` index into ``rows``, uniform among the tasks each example can train on (a class-only task needs a
+    label), on the labels' device. An example with none (unlabelled, only ``class`` asked) gets row 0."""
+    needs_label = _on(labels.device, torch.tensor([row.needs_label for row in rows]))  # (num_tasks,)
+    scores = _on(labels.device, scores).masked_fill(needs_label & (labels < 0)[:, None], -1.0)
+    return scores.argmax(dim=1)
+
+
+def _condition_prefix(batch: Mapping[str, torch.Tensor], rows: Sequence[_tasks.Task], task_index: torch.Tensor,
+                      drop: torch.Tensor, vocab: TokenVocabulary, num_tokens: int) -> torch.Tensor:
+    """``(B, N)``: the condition codes of each example's task; pad for a task without one or a dropped one."""
+    b, device = task_index.shape[0], task_index.device
+    prefix = torch.full((b, num_tokens), vocab.pad_token, dtype=torch.long, device=device)
+    for i, row in enumerate(rows):
+        if row.shard_key is not None:
+            condition = _on(device, batch[row.shard_key]).long().reshape(b, num_tokens)
+            prefix = torch.where((task_index == i)[:, None], condition, prefix)
+    return prefix.masked_fill(_on(device, drop)[:, None], vocab.pad_token)
+
+
+def _class_slot(labels: torch.Tensor, rows: Sequence[_tasks.Task], task_index: torch.Tensor, drop: torch.Tensor,
+                vocab: TokenVocabulary) -> torch.Tensor:
+    """``(B,)`` class tokens: the label, unconditional where the task ignores it, it was dropped or there is none."""
+    uses_label = _on(labels.device, torch.tensor([row.uses_label for row in rows]))[task_index]  # (B,)
+    keep = uses_label & ~_on(labels.device, drop)
+    return vocab.class_tokens(torch.where(keep, labels, torch.full_like(labels, NO_LABEL)))
+
+
+def _assemble(vocab: TokenVocabulary, layout: SequenceLayout, codes: torch.Tensor, task_tokens: torch.Tensor,
+              class_tokens: torch.Tensor, prefix: torch.Tensor, masked: torch.Tensor,
+              unmasked_weight: float) -> TrainingBatch:
+    """The sequence, its targets (every video position) and loss weights (masked 1, visible ``unmasked_weight``)."""
+    b = codes.shape[0]
+    video = codes.reshape(b, layout.num_video_tokens)  # (B, N) the targets
+    video_in = torch.where(masked, torch.full_like(video, vocab.mask_token), video)
+    input_ids = build_sequence(vocab, layout, task_tokens, class_tokens, prefix.reshape(codes.shape),
+                               video_in.reshape(codes.shape))
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[:, layout.video] = video
+    loss_mask = torch.zeros(b, layout.length, dtype=torch.float32, device=codes.device)
+    loss_mask[:, layout.video] = torch.where(masked, 1.0, float(unmasked_weight))
+    return TrainingBatch(input_ids, labels, loss_mask)
+
+
 def make_training_batch(
     batch: Mapping[str, torch.Tensor],
     vocab: TokenVocabulary,
@@ -349,92 +514,36 @@ def make_training_batch(
 
     ``batch``: collated items ``{"codes": (B, t, h, w), "cond.<task>": (B, t, h, w)..., "sketch_codes": (B, t, h, w)
     (optional), "label": (B,)}``. For every example a task is drawn uniformly among ``tasks`` (default: every task
-    the batch supports: each ``cond.<task>`` present, ``sketch`` if ``sketch_codes`` is present, ``class`` for
-    labelled examples, ``unconditional``). The task's condition tokens go into the prefix and the label (if any)
-    into the class slot. For classifier-free guidance the prefix and the class are each dropped (replaced by the
-    pad / unconditional token) with probability ``cond_dropout_prob``.
+    of the model the batch supports, :func:`training_tasks`; ``class`` for labelled examples only). The task's
+    condition tokens go into the prefix and the label (if any) into the class slot. For classifier-free guidance
+    the prefix and the class are each dropped (replaced by the pad / unconditional token) with probability
+    ``cond_dropout_prob``.
 
     The video tokens are masked with ratio ``mask_schedule(r, schedule)``, ``r ~ U(0, 1)`` per example (or the fixed
     ``mask_ratio``). As in MAGVIT the loss covers all video positions: masked ones with weight 1, unmasked ones with
     ``unmasked_weight``.
 
-    All randomness comes from ``generator`` (CPU); the outputs live on the device of ``batch["codes"]``.
+    All randomness comes from ``generator`` (CPU); the outputs live on the device of ``batch["codes"]``, and nothing
+    waits for that device: the tensors' values are not checked here (:func:`check_training_batch` does).
     """
-    if "codes" not in batch:
-        raise ValueError(f"batch needs 'codes' (B, t, h, w); got keys {sorted(batch)}")
-    codes = batch["codes"].long()
-    if codes.dim() != 4:
-        raise ValueError(f"batch['codes'] must be (B, t, h, w), got {tuple(codes.shape)}")
-    if bool(((codes < 0) | (codes >= vocab.codebook_size)).any()):
-        raise ValueError(f"codes must be in [0, {vocab.codebook_size})")
+    codes = _video_codes(batch)  # (B, t, h, w)
+    rows = training_tasks(batch, vocab, tasks)
+    check_schedule(schedule)
     if not 0.0 <= cond_dropout_prob <= 1.0:
         raise ValueError(f"cond_dropout_prob must be in [0, 1], got {cond_dropout_prob}")
     if mask_ratio is not None and not 0.0 <= mask_ratio <= 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1], got {mask_ratio}")
-    device = codes.device
-    b = codes.shape[0]
+    b, device = codes.shape[0], codes.device
     layout = SequenceLayout(tuple(codes.shape[1:]))  # type: ignore[arg-type]
-    n = layout.num_video_tokens
-    labels_in = batch.get("label")
-    labels_in = (torch.full((b,), NO_LABEL, dtype=torch.long) if labels_in is None
-                 else torch.as_tensor(labels_in).long().reshape(b).cpu())
+    draws = _draw(b, len(rows), layout.num_video_tokens, schedule, cond_dropout_prob, mask_ratio, generator)
 
-    # Which tasks each example can train on.
-    supported = [t for t in CONDITION_TASKS if f"cond.{t}" in batch]
-    if "sketch_codes" in batch:
-        supported.append("sketch")
-    supported += ["class", "unconditional"]
-    chosen = list(supported if tasks is None else tasks)
-    for t in chosen:
-        if t not in vocab.tasks:
-            raise ValueError(f"unknown task '{t}'; expected one of {', '.join(vocab.tasks)}")
-        if t not in supported:
-            need = "sketch_codes" if t == "sketch" else f"cond.{t}"
-            raise ValueError(f"task '{t}' needs '{need}' in the batch; got keys {sorted(batch)}")
-    if not chosen:
-        raise ValueError("tasks must name at least one task")
-    allowed = torch.ones(b, len(chosen), dtype=torch.bool)  # (B, num_tasks)
-    if "class" in chosen:
-        allowed[:, chosen.index("class")] = labels_in >= 0
-    no_choice = ~allowed.any(dim=1)
-    if bool(no_choice.any()):
-        raise ValueError("some examples have no label and 'class' is the only task allowed")
-    scores = _rand((b, len(chosen)), generator).masked_fill(~allowed, -1.0)
-    task_index = scores.argmax(dim=1)  # (B,) uniform among the allowed tasks
-
-    # Prefix: the chosen task's condition tokens (pad for class / unconditional).
-    prefix = torch.full((b, n), vocab.pad_token, dtype=torch.long, device=device)
-    for i, t in enumerate(chosen):
-        rows = (task_index == i).to(device)
-        key = "sketch_codes" if t == "sketch" else f"cond.{t}"
-        if key in batch and bool(rows.any()):
-            prefix[rows] = batch[key].long().reshape(b, n).to(device)[rows]
-    class_labels = torch.where(torch.tensor([t == "unconditional" for t in chosen])[task_index],
-                               torch.full_like(labels_in, NO_LABEL), labels_in)
-
-    # Classifier-free guidance: drop prefix and class independently.
-    drop_prefix = _rand((b,), generator) < cond_dropout_prob
-    drop_class = _rand((b,), generator) < cond_dropout_prob
-    prefix[drop_prefix.to(device)] = vocab.pad_token
-    class_labels = torch.where(drop_class, torch.full_like(class_labels, NO_LABEL), class_labels)
-
-    # Mask the video tokens per the schedule.
-    if mask_ratio is None:
-        ratio = mask_schedule(_rand((b,), generator), schedule)
-    else:
-        ratio = torch.full((b,), float(mask_ratio), dtype=torch.float64)
-    masked = random_mask(n, ratio, generator).to(device)  # (B, N)
-    video = codes.reshape(b, n)
-    video_in = torch.where(masked, torch.full_like(video, vocab.mask_token), video)
-
-    task_tokens = torch.tensor([vocab.task_token(t) for t in chosen], dtype=torch.long)[task_index]
-    input_ids = build_sequence(vocab, layout, task_tokens.to(device), vocab.class_tokens(class_labels).to(device),
-                               prefix.reshape(codes.shape), video_in.reshape(codes.shape))
-    labels = torch.full_like(input_ids, IGNORE_INDEX)
-    labels[:, layout.video] = video
-    loss_mask = torch.zeros(b, layout.length, dtype=torch.float32, device=device)
-    loss_mask[:, layout.video] = torch.where(masked, 1.0, float(unmasked_weight))
-    return TrainingBatch(input_ids, labels, loss_mask)
+    labels = _on(device, _batch_labels(batch, b))  # (B,)
+    task_index = _choose_tasks(draws.task_scores, rows, labels)  # (B,)
+    task_tokens = _on(device, torch.tensor([vocab.task_token(row.name) for row in rows]))[task_index]
+    prefix = _condition_prefix(batch, rows, task_index, draws.drop_prefix, vocab, layout.num_video_tokens)
+    class_tokens = _class_slot(labels, rows, task_index, draws.drop_class, vocab)
+    return _assemble(vocab, layout, codes, task_tokens, class_tokens, prefix, _on(device, draws.masked),
+                     unmasked_weight)
 
 
 def factor_logits(logits: torch.Tensor, codebook_size: int) -> torch.Tensor:

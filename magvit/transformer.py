@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from .config import Config
-from .masking import TASKS, CodeFactorization, SequenceLayout, TokenVocabulary
+from .masking import CodeFactorization, SequenceLayout, TokenVocabulary
 from .pretrained import PretrainedMixin
+from .tasks import DEFAULT_TASKS
 
 
 @dataclasses.dataclass
@@ -30,16 +31,22 @@ class TransformerConfig(Config):
     """Size and vocabulary of :class:`MaskedVideoTransformer`.
 
     The vocabulary (codebook + named special tokens, :class:`magvit.masking.TokenVocabulary`) and the sequence
-    length (:class:`magvit.masking.SequenceLayout`) follow from ``codebook_size``, ``num_classes`` and
-    ``token_grid``. ``token_factorization`` > 1 splits each code into that many sub-tokens (the codebook must be a
-    power of two whose bits divide evenly, e.g. 2^18 -> 2 x 2^9); ``factor_embedding`` says how the sub-token
-    embeddings form the code's input embedding: ``"sum"`` (each ``hidden_size`` wide) or ``"concat"`` (each
-    ``hidden_size / F`` wide).
+    length (:class:`magvit.masking.SequenceLayout`) follow from ``codebook_size``, ``tasks``, ``num_classes`` and
+    ``token_grid``. ``tasks`` is the model's task list (names of rows of ``magvit.tasks.TASKS``): its order fixes the
+    task-token ids and the class tokens come after them, so rows added to the table later change no id of a saved
+    model; a config.json without it (every export written before it was saved) gets ``DEFAULT_TASKS``, the list
+    those exports were trained with.
+
+    ``token_factorization`` > 1 splits each code into that many sub-tokens (the codebook must be a power of two
+    whose bits divide evenly, e.g. 2^18 -> 2 x 2^9); ``factor_embedding`` says how the sub-token embeddings form
+    the code's input embedding: ``"sum"`` (each ``hidden_size`` wide) or ``"concat"`` (each ``hidden_size / F``
+    wide).
     """
 
     codebook_size: int = 1024
     token_grid: tuple[int, int, int] = (4, 16, 16)  # (t, h, w) of the tokenizer's code grid
     num_classes: int = 0
+    tasks: tuple[str, ...] = DEFAULT_TASKS
     hidden_size: int = 768
     num_layers: int = 12
     num_heads: int = 12
@@ -70,6 +77,8 @@ class TransformerConfig(Config):
             raise ValueError(f"codebook_size must be >= 2, got {self.codebook_size}")
         if self.num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
+        self.tasks = tuple(self.tasks)
+        TokenVocabulary(self.codebook_size, self.num_classes, self.tasks)  # raises for a repeated or unknown task
         if self.factor_embedding not in ("sum", "concat"):
             raise ValueError(f"factor_embedding must be 'sum' or 'concat', got {self.factor_embedding!r}")
         CodeFactorization(self.codebook_size, self.token_factorization)  # raises if the codebook cannot be split
@@ -83,7 +92,7 @@ class TransformerConfig(Config):
 
     @property
     def vocab(self) -> TokenVocabulary:
-        return TokenVocabulary(self.codebook_size, self.num_classes, TASKS)
+        return TokenVocabulary(self.codebook_size, self.num_classes, self.tasks)
 
     @property
     def layout(self) -> SequenceLayout:

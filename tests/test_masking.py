@@ -19,6 +19,7 @@ from magvit.masking import (
     SequenceLayout,
     TokenVocabulary,
     build_condition_video,
+    check_training_batch,
     code_nll,
     condition_region,
     factor_logits,
@@ -205,10 +206,21 @@ def test_training_batch_errors():
     batch = {"codes": torch.randint(0, 16, (2, *GRID)), "label": torch.tensor([-1, -1])}
     with pytest.raises(ValueError, match="cond.interpolation"):
         make_training_batch(batch, vocab, tasks=["interpolation"])
+    with pytest.raises(ValueError, match="unknown task"):
+        make_training_batch(batch, vocab, tasks=["deblur"])
+    # Checks of the tensors' values are check_training_batch's: make_training_batch never waits for the device.
     with pytest.raises(ValueError, match="no label"):
-        make_training_batch(batch, vocab, tasks=["class"])
+        check_training_batch(batch, vocab, tasks=["class"])
     with pytest.raises(ValueError, match=r"\[0, 16\)"):
-        make_training_batch({"codes": torch.full((1, *GRID), 16)}, vocab)
+        check_training_batch({"codes": torch.full((1, *GRID), 16)}, vocab)
+    with pytest.raises(ValueError, match="cond.outpaint_central.*\\[0, 16\\)"):
+        check_training_batch({**_batch(), "cond.outpaint_central": torch.full((6, *GRID), -1)}, vocab)
+    with pytest.raises(ValueError, match=r"class ids must be in \[-1, 3\)"):
+        check_training_batch({**batch, "label": torch.tensor([3, -1])}, vocab)
+    check_training_batch(_batch(), vocab)  # a valid batch passes
+    # unchecked, an unlabelled example of a class-only batch trains with the unconditional class token
+    ids = make_training_batch(batch, vocab, tasks=["class"]).input_ids
+    assert bool((ids[:, 0] == vocab.task_token("class")).all() and (ids[:, 1] == vocab.unconditional_token).all())
 
 
 def test_masked_token_loss_matches_reference_and_ignores_special_logits():
@@ -362,3 +374,13 @@ def test_training_batch_is_pinned_for_a_fixed_seed(case):
     assert torch.equal(labels, expected[f"{case}.labels"].long())
     assert torch.equal(weights, expected[f"{case}.loss_mask"])
     assert torch.equal(torch.rand(4, generator=g), expected[f"{case}.next_draw"])
+
+
+def test_training_batch_reads_no_tensor_value_on_the_host():
+    """On the ``meta`` device tensors have no values: every host sync (``.item()``, ``bool(t)``, boolean indexing,
+    a device-to-host copy) raises there, so a batch built from meta tensors proves the per-batch path has none."""
+    vocab = TokenVocabulary(16, num_classes=3)
+    for options in (dict(), dict(tasks=["class", "sketch"], mask_ratio=0.3), dict(tasks=["unconditional"])):
+        batch = {k: v.to("meta") for k, v in _batch().items()}
+        out = make_training_batch(batch, vocab, generator=torch.Generator().manual_seed(0), **options)
+        assert all(t.device.type == "meta" and t.shape == (6, SequenceLayout(GRID).length) for t in out)

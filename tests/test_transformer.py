@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
-from magvit import MaskedVideoTransformer, TransformerConfig
+from magvit import MaskedVideoTransformer, TransformerConfig, tasks
 from magvit.config import ConfigError
+from magvit.tasks import DEFAULT_TASKS, Task
 
 
 @pytest.mark.parametrize(("preset", "reference"), [("B", 87e6), ("L", 306e6)])
@@ -229,3 +231,64 @@ def test_evaluate_reports_the_summed_sub_token_nll():
     assert summary["masked_token_nll"] == pytest.approx(by_hand.mean().item(), rel=1e-5)
     assert by_hand.mean().item() == pytest.approx(code_nll(model(tb.input_ids)[scored], target, 256).mean().item(),
                                                   rel=1e-5)
+
+
+# --- the model's task list (config.json) ---------------------------------------------------------------------------
+
+OLD_EXPORT = Path(__file__).parent / "fixtures" / "transformer_without_tasks"
+NEW_TASK = Task("outpaint_wide", "outpaint", "video", region="wide", frames="all", area="horizontal",
+                fill="constant")
+
+
+def _expected_logits_match(model) -> bool:
+    from safetensors.torch import load_file
+
+    expected = load_file(str(OLD_EXPORT / "expected_logits.safetensors"))  # recorded when the export was written
+    with torch.no_grad():
+        return torch.allclose(model(expected["input_ids"]), expected["logits"], atol=1e-6, rtol=1e-5)
+
+
+def test_export_without_a_task_list_loads_with_its_ids():
+    """``fixtures/transformer_without_tasks`` was written before config.json held the task list: it loads with the
+    default list and the ids it was saved with (its logits for every task / class token are the recorded ones)."""
+    assert "tasks" not in json.loads((OLD_EXPORT / "config.json").read_text())["config"]
+    model = MaskedVideoTransformer.from_pretrained(OLD_EXPORT)
+    vocab = model.vocab
+    assert model.config.tasks == DEFAULT_TASKS and model.class_names == ["cat", "dog"]
+    # [16 codes][mask][pad][uncond][9 tasks][2 classes]
+    assert [vocab.task_token(t) for t in DEFAULT_TASKS] == list(range(19, 28))
+    assert (vocab.class_token(0), vocab.class_token(1), vocab.size) == (28, 29, 30)
+    assert _expected_logits_match(model)
+
+
+def test_new_task_rows_change_no_id_of_a_saved_model(tmp_path, monkeypatch):
+    saved = MaskedVideoTransformer(TransformerConfig.preset("tiny", num_classes=2))
+    saved.save_pretrained(tmp_path / "model")
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["config"]["tasks"] == list(DEFAULT_TASKS)
+    before = saved.vocab
+    ids = torch.randint(0, before.size, (2, saved.config.max_length))
+    # A row added to the table, first and last: neither the saved model nor an export without a list moves.
+    for table in ((NEW_TASK, *tasks.TASKS), (*tasks.TASKS, NEW_TASK)):
+        monkeypatch.setattr(tasks, "TASKS", table)
+        loaded = MaskedVideoTransformer.from_pretrained(tmp_path / "model")
+        after = loaded.vocab
+        assert after == before and after.size == before.size
+        assert [after.task_token(t) for t in DEFAULT_TASKS] == [before.task_token(t) for t in DEFAULT_TASKS]
+        assert after.class_token(1) == before.class_token(1)
+        assert torch.equal(loaded(ids), saved.eval()(ids))
+        assert _expected_logits_match(MaskedVideoTransformer.from_pretrained(OLD_EXPORT))
+        # a new model that lists the new task gets its token after the others, and the classes after it
+        grown = TransformerConfig.preset("tiny", num_classes=2, tasks=[*DEFAULT_TASKS, "outpaint_wide"]).vocab
+        assert grown.task_token("outpaint_wide") == before.class_token(0)
+        assert grown.class_token(0) == before.class_token(0) + 1 and grown.size == before.size + 1
+
+
+def test_task_list_is_checked():
+    with pytest.raises(ConfigError, match="unknown task 'deblur'"):
+        TransformerConfig.preset("tiny", tasks=["frame_prediction", "deblur"])
+    with pytest.raises(ConfigError, match="distinct"):
+        TransformerConfig.preset("tiny", tasks=["class", "class"])
+    with pytest.raises(ConfigError, match="distinct"):
+        TransformerConfig.preset("tiny", tasks=[])
+    small = TransformerConfig.preset("tiny", tasks=["unconditional", "frame_prediction"], num_classes=1)
+    assert small.vocab.task_token("frame_prediction") == 64 + 3 + 1 and small.vocab.size == 64 + 3 + 2 + 1
