@@ -4,15 +4,22 @@
 #   split -> tiny masked transformer (DeepSpeed, NPROC ranks) -> a video generated from a held-out clip's first frame
 #   -> evaluation report on the held-out videos (never seen by either model).
 # Every step is resumable: rerunning skips finished data and continues training from the last checkpoint.
-# Environment knobs: NPROC (ranks, default 2), RANK_THREADS (threads per rank, default cores / NPROC),
-# RUN (default runs/demo), DATA (default data/sample).
+# Environment knobs: NPROC (ranks, default one per GPU torch sees, else 2 CPU ranks), RANK_THREADS (threads per
+# rank, default cores / NPROC), RUN (default runs/demo), DATA (default data/sample).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-NPROC=${NPROC:-2}
+# One rank per GPU (each on its own cuda:LOCAL_RANK); without one (or with a CPU build of torch) 2 CPU ranks.
+GPUS=$(python -c 'import torch; print(torch.cuda.device_count())')
+if [ "$GPUS" -gt 0 ]; then
+  NPROC=${NPROC:-$GPUS}
+  export DS_ACCELERATOR=${DS_ACCELERATOR:-cuda}
+else
+  NPROC=${NPROC:-2}
+  export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
+fi
 RUN=${RUN:-runs/demo}
 DATA=${DATA:-data/sample}
-export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
 # Threads per training rank: the cores shared out, so NPROC ranks do not oversubscribe the CPU.
 RANK_THREADS=${RANK_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
 export PYTHONUNBUFFERED=1
@@ -34,7 +41,7 @@ python -m data_prep.sample_data --out "$DATA"
 step "sketch videos (edge maps) for sketch conditioning"
 python -m data_prep.sketch --manifest "$DATA/manifest.jsonl" --out "$DATA/sketches"
 
-step "train the demo tokenizer ($NPROC ranks) -> $RUN/tokenizer"
+step "train the demo tokenizer ($NPROC $DS_ACCELERATOR ranks) -> $RUN/tokenizer"
 OMP_NUM_THREADS=$RANK_THREADS deepspeed --num_accelerators "$NPROC" --master_port "$(free_port)" launch/train_tokenizer.py --config configs/tokenizer/demo.yaml \
   --run-dir "$RUN/tokenizer" --resume auto data.manifest="$DATA/manifest.jsonl"
 
@@ -43,7 +50,7 @@ step "tokenize the train split -> $DATA/tokens/train"
 python -m data_prep.tokenize --tokenizer "$RUN/tokenizer/export" --manifest "$DATA/manifest.jsonl" \
   --out "$DATA/tokens/train" --split train --overwrite
 
-step "train the demo masked transformer ($NPROC ranks) -> $RUN/transformer"
+step "train the demo masked transformer ($NPROC $DS_ACCELERATOR ranks) -> $RUN/transformer"
 OMP_NUM_THREADS=$RANK_THREADS deepspeed --num_accelerators "$NPROC" --master_port "$(free_port)" launch/train_transformer.py --config configs/transformer/demo.yaml \
   --run-dir "$RUN/transformer" --resume auto data.tokens="$DATA/tokens/train"
 
