@@ -1,13 +1,15 @@
 """Read and write videos and images at the I/O boundary.
 
 Inside the library a video is a float tensor ``(3, T, H, W)`` (or ``(B, 3, T, H, W)``) in ``[-1, 1]``; on disk and
-at this boundary it is uint8 ``(T, H, W, 3)`` RGB. Reading uses decord (fast, frame-accurate random access) and falls
-back to PyAV; a still image (png/jpg/...) reads as a 1-frame video. Writing uses PyAV (mp4: libx264, yuv420p) and
-Pillow (gif, png). Every read failure is a :class:`VideoReadError` whose message names the file and the reason.
+at this boundary it is uint8 ``(T, H, W, 3)`` RGB. Reading uses decord (fast, frame-accurate random access) where it
+is installed (its wheels are for Linux x86-64) and PyAV elsewhere or when decord fails; a still image (png/jpg/...)
+reads as a 1-frame video. Writing uses PyAV (mp4: libx264, yuv420p) and Pillow (gif, png). Every read failure is a
+:class:`VideoReadError` whose message names the file and the reason.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -91,6 +93,16 @@ def _read_image(path: Path, indices: Sequence[int] | None) -> VideoFrames:
     else:
         rgb = rgb[None]
     return VideoFrames(torch.from_numpy(np.ascontiguousarray(rgb)), 0.0)
+
+
+@functools.cache
+def decord_available() -> bool:
+    """Whether decord imports here; without it ``backend="auto"`` reads and probes with PyAV alone."""
+    try:
+        import decord  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _decord_reader(path: Path, threads: int):
@@ -247,7 +259,7 @@ def read_video(
         path: video file (any container/codec FFmpeg reads) or image (png, jpg, bmp, webp).
         indices: frame numbers to return, in the given order (repeats allowed); all frames when ``None``.
         max_frames: with ``indices=None``, stop after this many frames.
-        backend: ``"auto"`` (decord, then PyAV if decord fails), ``"decord"`` or ``"pyav"``.
+        backend: ``"auto"`` (decord where installed, then PyAV if decord fails), ``"decord"`` or ``"pyav"``.
         threads: decoder threads for decord (1 suits DataLoader workers; 0 lets decord choose).
 
     Returns:
@@ -267,7 +279,7 @@ def read_video(
         frames = _read_image(path, indices)
         return frames if max_frames is None else VideoFrames(frames.frames[:max_frames], frames.fps)
     errors = []
-    if backend in ("auto", "decord"):
+    if backend == "decord" or (backend == "auto" and decord_available()):
         try:
             return _read_decord(path, indices, max_frames, threads)
         except VideoReadError as err:
@@ -297,7 +309,8 @@ def probe_video(path: str | os.PathLike, check: str = "first", backend: str = "a
     Args:
         check: how much to decode to prove the file is usable: ``"none"`` (headers only), ``"first"`` (first frame),
             ``"ends"`` (first and last frame, catches truncated files whose index promises frames that are gone).
-        backend: ``"auto"`` (decord for frame count and decoding, PyAV if decord fails), ``"decord"``, ``"pyav"``.
+        backend: ``"auto"`` (decord where installed for frame count and decoding, PyAV if decord fails or is not
+            installed), ``"decord"``, ``"pyav"``.
 
     Raises:
         VideoReadError: the file cannot be used, with the reason.
@@ -312,7 +325,7 @@ def probe_video(path: str | os.PathLike, check: str = "first", backend: str = "a
         return _probe_image(path, check)._asdict()
     header = _probe_header(path)
     decord_failure = ""
-    if backend in ("auto", "decord"):
+    if backend == "decord" or (backend == "auto" and decord_available()):
         try:
             return _probe_decord(path, header, check)._asdict()
         except VideoReadError as err:
