@@ -21,12 +21,13 @@ from typing import Sequence
 
 import torch
 
+from . import tasks
 from .cli import ArgumentParser, UsageError, run_main
-from .masking import CONDITION_TASKS, NO_LABEL
+from .masking import NO_LABEL
 from .pipeline import VideoPipeline, generate, generate_codes  # noqa: F401  generate_codes: public, re-exported
 
-CLI_TASKS = ("frame_prediction", "interpolation", "outpaint", "inpaint", "sketch", "class", "unconditional")
-OUTPAINT_REGIONS = ("central", "vertical", "horizontal")
+CLI_TASKS = tasks.cli_names()  # --task: one name per row, or per group of rows told apart by --region
+REGIONS = tuple(dict.fromkeys(region for name in CLI_TASKS for region in tasks.cli_regions(name)))
 DEFAULT_FPS = 8.0  # output frame rate when the condition has none (an image, or no condition at all)
 DEFAULT_BATCH = 8  # videos per forward pass: the activations of a batch, not --num-samples, bound the memory
 PROG = "python -m magvit.generate"
@@ -34,15 +35,12 @@ MAX_SAMPLES = 10_000  # one output file each; more is a typo, not a request
 STRIP_ROWS = 9  # a --strip shows the condition and the first samples only
 
 
-def task_name(task: str, region: str = "central") -> str:
-    """CLI task (``outpaint``, ``inpaint``, ...) -> the model's task name (``outpaint_central``, ...)."""
-    if task == "outpaint":
-        if region not in OUTPAINT_REGIONS:
-            raise UsageError(f"--region must be one of {', '.join(OUTPAINT_REGIONS)}, got '{region}'")
-        return f"outpaint_{region}"
-    if task == "inpaint":
-        return "inpaint_central"
-    return task
+def task_from_args(args: argparse.Namespace) -> tasks.Task:
+    """The task table's row of ``--task`` / ``--region`` (``outpaint`` + ``vertical`` -> ``outpaint_vertical``)."""
+    try:
+        return tasks.from_cli(args.task, args.region)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="generated.mp4", help="output video; with "
                                                           "--num-samples N > 1, NAME_0.mp4 ... NAME_{N-1}.mp4")
     p.add_argument("--task", default="frame_prediction", choices=CLI_TASKS)
-    p.add_argument("--region", default="central", choices=OUTPAINT_REGIONS, help="outpainting: known region")
+    p.add_argument("--region", default="central", choices=REGIONS,
+                   help=f"known region, for --task {' / '.join(n for n in CLI_TASKS if tasks.cli_regions(n))}")
     p.add_argument("--cond-frames", type=int, default=1, help="frame prediction: number of given frames")
     p.add_argument("--sketch", help="sketch video (edge maps) for --task sketch")
     p.add_argument("--class-id", type=int, default=None, help="class label (class task, or with any other task)")
@@ -87,7 +86,8 @@ def _output_paths(out: Path, num_samples: int) -> list[Path]:
     return [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(num_samples)]
 
 
-def _check_args(args: argparse.Namespace) -> None:
+def _check_args(args: argparse.Namespace) -> tasks.Task:
+    """Check the flags that need no model; returns the task's row."""
     if args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
     if not 1 <= args.num_samples <= MAX_SAMPLES:
@@ -112,14 +112,15 @@ def _check_args(args: argparse.Namespace) -> None:
             raise UsageError(f"--{err}") from None
     if Path(args.out).suffix.lower() not in (".mp4", ".mkv", ".mov", ".gif"):
         raise UsageError(f"--out must end in .mp4, .mkv, .mov or .gif, got {args.out}")
-    if args.task in ("frame_prediction", "interpolation", "outpaint", "inpaint") and not args.cond:
+    task = task_from_args(args)
+    if task.condition == "video" and not args.cond:
         raise UsageError(f"--task {args.task} needs --cond (a video or an image)")
-    if args.task == "sketch" and not (args.sketch or args.cond):
-        raise UsageError("--task sketch needs --sketch (edge-map video) or --cond (a video to sketch)")
+    if task.condition == "sketch" and not (args.sketch or args.cond):
+        raise UsageError(f"--task {args.task} needs --sketch (edge-map video) or --cond (a video to sketch)")
     if args.class_id is not None and args.class_name is not None:
         raise UsageError("give --class NAME or --class-id N, not both")
-    if args.task == "class" and args.class_id is None and args.class_name is None:
-        raise UsageError("--task class needs --class-id N or --class NAME")
+    if task.needs_label and args.class_id is None and args.class_name is None:
+        raise UsageError(f"--task {args.task} needs --class-id N or --class NAME")
     for flag in ("cond", "sketch"):
         path = getattr(args, flag)
         if path and not Path(path).is_file():
@@ -128,11 +129,12 @@ def _check_args(args: argparse.Namespace) -> None:
         for path in _output_paths(Path(args.out), args.num_samples) + ([Path(args.strip)] if args.strip else []):
             if path.exists():
                 raise UsageError(f"{path} exists; pass --overwrite to replace it")
+    return task
 
 
-def _check_model_args(args: argparse.Namespace, task: str, num_frames: int, num_tokens: int) -> None:
+def _check_model_args(args: argparse.Namespace, task: tasks.Task, num_frames: int, num_tokens: int) -> None:
     """The limits that depend on the loaded models: clip length and tokens per video."""
-    if task == "frame_prediction" and not args.cond_frames < num_frames:
+    if task.frames == "first" and not args.cond_frames < num_frames:
         raise UsageError(f"--cond-frames must be < {num_frames} (the model's clip length: at least one frame "
                             f"must be predicted), got {args.cond_frames}")
     if args.steps > num_tokens:  # each step reveals at least one token: more steps than tokens do nothing
@@ -153,30 +155,26 @@ def class_from_args(args: argparse.Namespace, class_names: Sequence[str]) -> int
     return list(class_names).index(args.class_name)
 
 
-def read_condition(args: argparse.Namespace, pipe: VideoPipeline, task: str) -> tuple[torch.Tensor | None, float]:
-    """The pixel-space condition ``(3, T, S, S)`` of ``task`` from ``--cond`` / ``--sketch`` (``None`` for class
-    and unconditional generation) and the input's frame rate (0 when it has none)."""
-    if task == "sketch" and args.sketch:
-        video, fps = pipe.load_video(args.sketch)
-    elif task == "sketch":  # the sketch of --cond, at the model's resolution
+def read_condition(args: argparse.Namespace, pipe: VideoPipeline,
+                   task: tasks.Task) -> tuple[torch.Tensor | None, float]:
+    """The prefix video ``(3, T, S, S)`` of ``task`` from ``--cond`` / ``--sketch`` (``None`` for the tasks
+    without one: class, unconditional) and the input's frame rate (0 when it has none)."""
+    if not task.needs_prefix:
+        return None, 0.0
+    video, fps = pipe.load_video(args.sketch if task.condition == "sketch" and args.sketch else args.cond)
+    if task.condition == "sketch" and not args.sketch:  # the sketch of --cond, at the model's resolution
         from .sketch import sketch_video
 
-        video, fps = pipe.load_video(args.cond)
         video = sketch_video(video)
-    elif task in CONDITION_TASKS:
-        video, fps = pipe.load_video(args.cond)
-    else:
-        return None, 0.0
-    return pipe.prepare_condition(task, video, args.cond_frames), fps
+    return pipe.prepare_condition(task.name, video, args.cond_frames), fps
 
 
 def run(args: argparse.Namespace) -> list[Path]:
     """Generate and write the outputs of a parsed command line; returns the written video paths."""
-    _check_args(args)
+    task = _check_args(args)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device}: no CUDA device available")
     pipe = VideoPipeline.from_pretrained(args.tokenizer, args.transformer, device=args.device)
-    task = task_name(args.task, args.region)
     _check_model_args(args, task, pipe.num_frames, math.prod(pipe.token_grid))
     class_id = class_from_args(args, pipe.class_names)
     condition, fps = read_condition(args, pipe, task)
@@ -190,7 +188,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     for first in range(0, args.num_samples, args.batch_size):
         # batch k is seeded with seed + k: the samples do not depend on how many are asked for after them
         batch = paths[first:first + args.batch_size]
-        videos = generate(pipe.tokenizer, pipe.transformer, task, condition, class_id=class_id,
+        videos = generate(pipe.tokenizer, pipe.transformer, task.name, condition, class_id=class_id,
                           num_samples=len(batch), steps=args.steps, temperature=args.temperature,
                           choice_temperature=args.choice_temperature, top_k=args.top_k,
                           guidance_scale=args.guidance_scale, seed=args.seed + first // args.batch_size,
@@ -203,7 +201,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     if args.strip:
         save_frame_grid(args.strip, strip_rows)
     print(f"generated {len(paths)} video(s) of {videos.shape[2]} frames at {videos.shape[3]}x{videos.shape[4]} "
-          f"({task}, {args.steps} steps, {math.prod(pipe.token_grid)} tokens each) in {elapsed:.1f} s -> "
+          f"({task.name}, {args.steps} steps, {math.prod(pipe.token_grid)} tokens each) in {elapsed:.1f} s -> "
           f"{', '.join(map(str, paths))}" + (f"; strip {args.strip}" if args.strip else ""))
     return paths
 

@@ -24,11 +24,9 @@ from typing import Sequence
 
 import torch
 
+from . import tasks
 from .cli import UsageError
-from .masking import CONDITION_TASKS, NO_LABEL, TASKS, build_condition_video, build_sequence
-
-#: Tasks whose prefix holds the tokens of a pixel-space video: the COMMIT condition tasks and the sketch.
-PREFIX_TASKS: tuple[str, ...] = CONDITION_TASKS + ("sketch",)
+from .masking import NO_LABEL, build_condition_video, build_sequence
 
 
 # --- the model pair ------------------------------------------------------------------------------------------------
@@ -64,6 +62,14 @@ def load_pretrained(kind: str, name_or_path: str | os.PathLike, device: str | to
 # --- conditions ----------------------------------------------------------------------------------------------------
 
 
+def task_row(name: str) -> tasks.Task:
+    """The row of task ``name`` in the task table (``UsageError`` naming the known tasks)."""
+    try:
+        return tasks.task(name)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
 def fit_video(video: torch.Tensor, image_size: int) -> torch.Tensor:
     """Float ``(3, T, H, W)`` -> ``(3, T, S, S)`` in [-1, 1]: short side resized to ``S``, centre crop (as the
     clip datasets do)."""
@@ -76,29 +82,31 @@ def fit_video(video: torch.Tensor, image_size: int) -> torch.Tensor:
 
 
 def condition_video(task: str, video: torch.Tensor, num_frames: int, num_cond_frames: int = 1) -> torch.Tensor:
-    """The pixel-space condition ``(3, num_frames, S, S)`` of ``task`` from a fitted video ``(3, T, S, S)``.
+    """The prefix video ``(3, num_frames, S, S)`` of ``task`` (a row with a prefix) from a fitted video
+    ``(3, T, S, S)``, by the frames its row knows.
 
-    Frame prediction uses the first ``num_cond_frames`` frames, interpolation the first and the last of the first
-    ``num_frames`` frames; outpainting, inpainting and the sketch need a whole clip of ``num_frames`` frames.
+    ``frames="first"`` (frame prediction) uses the first ``num_cond_frames`` frames, ``"ends"`` (interpolation)
+    the first and the last of the first ``num_frames`` frames; ``"all"`` (outpainting, inpainting) and the sketch
+    need a whole clip of ``num_frames`` frames.
     """
-    available = video.shape[1]
-    if task == "frame_prediction":
+    row, available = task_row(task), video.shape[1]
+    if row.frames == "first":
         if available < num_cond_frames:
-            raise UsageError(f"frame_prediction with {num_cond_frames} condition frame(s) needs at least "
+            raise UsageError(f"{task} with {num_cond_frames} condition frame(s) needs at least "
                              f"{num_cond_frames} frame(s), the condition has {available}")
         clip = video[:, :num_cond_frames]
         clip = torch.cat([clip, clip[:, -1:].expand(-1, num_frames - num_cond_frames, -1, -1)], dim=1)
         return build_condition_video(clip, task, num_cond_frames=num_cond_frames)
-    if task == "interpolation":
+    if row.frames == "ends":
         if available < 2:
-            raise UsageError(f"interpolation needs a first and a last frame, the condition has {available} frame")
+            raise UsageError(f"{task} needs a first and a last frame, the condition has {available} frame")
         ends = video[:, [0, min(available, num_frames) - 1]]
         clip = ends[:, [0] * (num_frames - 1) + [1]]
         return build_condition_video(clip, task)
     if available < num_frames:
-        what = "the sketch" if task == "sketch" else task
+        what = "the sketch" if row.condition == "sketch" else task
         raise UsageError(f"{what} needs a clip of {num_frames} frames, the condition has {available}")
-    if task == "sketch":  # the sketch video is the condition as it is
+    if row.condition == "sketch":  # the sketch video is the prefix as it is
         return video[:, :num_frames]
     return build_condition_video(video[:, :num_frames], task)
 
@@ -137,14 +145,15 @@ def generate_codes(
     config = transformer.config
     vocab, layout = config.vocab, config.layout
     device = next(transformer.parameters()).device
-    if task in PREFIX_TASKS and prefix_codes is None:
+    needs_prefix = task_row(task).needs_prefix
+    if needs_prefix and prefix_codes is None:
         raise UsageError(f"task '{task}' needs a condition")
-    prefix = prefix_codes.to(device).expand(num_samples, *layout.token_grid) if task in PREFIX_TASKS else None
-    task_tokens = torch.full((num_samples,), vocab.task_token(task), dtype=torch.long, device=device)
-    try:
-        class_token = vocab.class_token(class_id)
+    prefix = prefix_codes.to(device).expand(num_samples, *layout.token_grid) if needs_prefix else None
+    try:  # a task this model was not trained with, a class id out of its range
+        task_token, class_token = vocab.task_token(task), vocab.class_token(class_id)
     except ValueError as err:
         raise UsageError(str(err)) from None
+    task_tokens = torch.full((num_samples,), task_token, dtype=torch.long, device=device)
     class_tokens = torch.full((num_samples,), class_token, dtype=torch.long, device=device)
     tokens = build_sequence(vocab, layout, task_tokens, class_tokens, prefix, None)
     # The dropped condition of classifier-free guidance: pad prefix and the unconditional class token.
@@ -168,7 +177,7 @@ def generate(tokenizer, transformer, task: str, condition: torch.Tensor | None =
     """
     device = next(transformer.parameters()).device
     prefix_codes = None
-    if condition is not None and task in PREFIX_TASKS:
+    if condition is not None and task_row(task).needs_prefix:
         prefix_codes = tokenizer.encode(condition.unsqueeze(0).to(device))  # (1, t, h, w)
     codes = generate_codes(transformer, task, prefix_codes, **kwargs)
     return tokenizer.decode(codes).clamp(-1, 1)
@@ -221,9 +230,7 @@ class VideoPipeline:
     def prepare_condition(self, task: str, video: torch.Tensor | None, num_cond_frames: int = 1) -> torch.Tensor | None:
         """The pixel-space condition ``(3, T, S, S)`` of ``task`` from a float video ``(3, T', H, W)`` or
         ``(1, 3, T', H, W)`` of any size in [-1, 1]; ``None`` for the tasks without one (class, unconditional)."""
-        if task not in TASKS:
-            raise UsageError(f"unknown task '{task}'; expected one of {', '.join(TASKS)}")
-        if task not in PREFIX_TASKS:
+        if not task_row(task).needs_prefix:
             if video is not None:
                 raise UsageError(f"task '{task}' takes no condition video")
             return None
@@ -241,7 +248,7 @@ class VideoPipeline:
                  **sampling) -> torch.Tensor:
         """Generate videos ``(num_samples, 3, T, S, S)`` in [-1, 1] on the pipeline's device.
 
-        ``task``: one of ``magvit.masking.TASKS``; ``condition``: the user's video (:meth:`prepare_condition`) or,
+        ``task``: a task name of ``magvit.tasks.TASKS``; ``condition``: the user's video (:meth:`prepare_condition`) or,
         for ``"sketch"``, the sketch video; ``sampling``: the keywords of :func:`generate_codes` (``num_samples``,
         ``steps``, ``temperature``, ``choice_temperature``, ``top_k``, ``guidance_scale``, ``schedule``,
         ``class_id``, ``generator``, ``seed``, ``progress``).
