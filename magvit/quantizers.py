@@ -196,6 +196,17 @@ class VectorQuantizer(nn.Module):
             self.codebook = nn.Parameter(codebook)
         self.register_buffer("ema_cluster_size", torch.ones(codebook_size))
         self.register_buffer("initialized", torch.tensor(0 if self.config.kmeans_init else 1, dtype=torch.uint8))
+        self._known_initialized = False  # host copy of a True `initialized`: reading the buffer is a host sync
+
+    def _load_from_state_dict(self, *args, **kwargs):  # noqa: ANN002, ANN003 - torch's signature
+        self._known_initialized = False  # a loaded `initialized` may differ: read it again
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _needs_kmeans_init(self) -> bool:
+        """Whether k-means has yet to run; reads the buffer (a host sync) only until it says done."""
+        if self.config.kmeans_init and not self._known_initialized:
+            self._known_initialized = bool(self.initialized)
+        return self.config.kmeans_init and not self._known_initialized
 
     @property
     def _mutates(self) -> bool:
@@ -237,7 +248,7 @@ class VectorQuantizer(nn.Module):
         cfg = self.config
         with torch.autocast(device_type=z.device.type, enabled=False):
             flat = _flatten(z.float())  # (N, D) fp32
-            if self.training and cfg.kmeans_init and not bool(self.initialized):
+            if self.training and self._needs_kmeans_init():
                 self._kmeans_init(flat.detach())
             codebook = self.codebook.float()
             if self.training and self._mutates:
@@ -359,6 +370,7 @@ class VectorQuantizer(nn.Module):
         if self.config.use_ema:
             self.ema_embed_sum.copy_(centroids * size[:, None])
         self.initialized.fill_(1)
+        self._known_initialized = True
 
 
 def _sample_vectors(flat: Tensor, num: int) -> Tensor:

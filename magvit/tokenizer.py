@@ -191,13 +191,32 @@ class TokenizerConfig(Config):
 # ------------------------------------------------------------------------------------------------------------------
 
 
+# PyTorch's CPU rule (ATen's ``use_mkldnn``, made for 2D) runs an fp32 convolution whose input has N * C * T * H <=
+# 20480 on its native im2col kernel ("slow_conv3d"), forward and backward; the same input in a batch of 2 goes to
+# oneDNN. For a batch-1 input and a 3x3x3 kernel, adding a zero second sample is 2.6-3.4x faster even with the extra
+# work (one thread, 64 channels at 9x32x32: 480 -> 146 ms forward + backward; the tiny preset's batch-1 training step
+# 314 -> 110 ms); a 1x1x1 kernel stays native at one thread, so there the extra sample only costs (2-3x slower).
+_NATIVE_CONV_MAX_ELEMENTS = 20480
+
+
+def cpu_batch_one_route_pays(x: torch.Tensor, kernel_size: tuple[int, ...]) -> bool:
+    """Whether a convolution of ``x`` (1, C, T, H, W) with ``kernel_size`` is faster as sample 0 of a batch of 2."""
+    return (x.shape[0] == 1 and x.device.type == "cpu" and x.dtype == torch.float32 and math.prod(kernel_size) > 1
+            and x.shape[1:4].numel() <= _NATIVE_CONV_MAX_ELEMENTS)
+
+
 class Conv3d(nn.Conv3d):
     """3D convolution with 'same' spatial padding; in time either centred ('same') or causal (past only).
 
     Causal padding puts ``k_t - 1`` zero frames before the clip, so output frame ``i`` sees input frames ``<= i``.
     With a temporal stride of 2 (MAGVIT-v2's strided downsampling) a causal conv maps ``1 + 2k`` frames to
     ``1 + k``: output ``j`` sees input frames ``<= 2j`` (output 0 sees frame 0 alone).
+
+    A batch-1 CPU input where it pays (:func:`cpu_batch_one_route_pays`) runs as sample 0 of a batch of 2; set
+    ``Conv3d.cpu_batch_one_route = False`` to measure without.
     """
+
+    cpu_batch_one_route: ClassVar[bool] = True
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int, int], *, causal: bool,
                  bias: bool = True, stride: tuple[int, int, int] = (1, 1, 1)) -> None:
@@ -210,10 +229,8 @@ class Conv3d(nn.Conv3d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T, H, W) -> (B, C', T / s_t, H / s_h, W / s_w)
         if self.time_pad:
             x = F.pad(x, (0, 0, 0, 0, self.time_pad, 0))
-        if x.shape[0] == 1 and x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[1:4].numel() <= 20480:
-            # PyTorch's CPU heuristic (made for 2D) sends a small batch-1 fp32 input to the slow im2col kernel,
-            # forward and backward; a zero second sample moves it to oneDNN, ~2.8x faster even with the extra work.
-            return super().forward(torch.cat([x, torch.zeros_like(x)]))[:1]
+        if self.cpu_batch_one_route and cpu_batch_one_route_pays(x, self.kernel_size):
+            return super().forward(torch.cat([x, torch.zeros_like(x)]))[:1]  # sample 0 of a batch of 2
         return super().forward(x)
 
 
@@ -483,7 +500,19 @@ class VideoTokenizer(nn.Module, PretrainedMixin):
 
     # --- validation ---------------------------------------------------------------------------------------------
     def check_video(self, video: torch.Tensor) -> None:
-        """Raise ``ValueError`` unless ``video`` is a float ``(B, C, T, H, W)`` tensor in [-1, 1] that fits."""
+        """Raise ``ValueError`` unless ``video`` is a float ``(B, C, T, H, W)`` tensor in [-1, 1] that fits.
+
+        Reading the value range waits for the device (a host sync): ``encode`` checks it, ``forward`` (the training
+        step) only checks the layout, whose inputs the data loaders have already checked."""
+        self.check_video_layout(video)
+        if video.device.type != "meta" and video.numel():
+            lo, hi = (float(v) for v in torch.aminmax(video.detach()))
+            if lo < -1 - _RANGE_TOLERANCE or hi > 1 + _RANGE_TOLERANCE:
+                raise ValueError(f"expected video values in [-1, 1], got range [{lo:.4g}, {hi:.4g}]")
+
+    def check_video_layout(self, video: torch.Tensor) -> None:
+        """Raise ``ValueError`` unless ``video`` is a float ``(B, C, T, H, W)`` tensor whose shape fits (no host sync:
+        only its dtype and shape are read)."""
         cfg = self.config
         if not isinstance(video, torch.Tensor):
             raise ValueError(f"expected a torch.Tensor video, got {type(video).__name__}")
@@ -494,10 +523,6 @@ class VideoTokenizer(nn.Module, PretrainedMixin):
         if video.shape[1] != cfg.in_channels:
             raise ValueError(f"expected {cfg.in_channels} channels in dim 1 of (B, C, T, H, W), got shape {tuple(video.shape)}")
         cfg.token_grid(*video.shape[2:])  # raises with the expected T / H / W
-        if video.device.type != "meta" and video.numel():
-            lo, hi = torch.aminmax(video.detach())
-            if lo.item() < -1 - _RANGE_TOLERANCE or hi.item() > 1 + _RANGE_TOLERANCE:
-                raise ValueError(f"expected video values in [-1, 1], got range [{lo.item():.4g}, {hi.item():.4g}]")
 
     def check_codes(self, codes: torch.Tensor) -> None:
         """Raise ``ValueError`` unless ``codes`` is an integer ``(B, t, h, w)`` tensor with values in the codebook."""
@@ -530,8 +555,11 @@ class VideoTokenizer(nn.Module, PretrainedMixin):
 
     def forward(self, video: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Reconstruct ``video``; returns ``(reconstruction, stats)`` with ``stats["quantizer_loss"]`` (to add to the
-        generator loss) and the quantizer's statistics (codebook usage, perplexity, ...) for logging."""
-        self.check_video(video)
+        generator loss) and the quantizer's statistics (codebook usage, perplexity, ...) for logging.
+
+        The training step: no host sync, so the value range is not checked here (``encode`` and the data loaders do).
+        """
+        self.check_video_layout(video)
         q = self.quantizer(self.encoder(video))
         reconstruction = self.decoder(q.quantized)
         stats = {"quantizer_loss": q.loss, **q.stats}

@@ -227,6 +227,28 @@ def test_kmeans_init_finds_cluster_centres_and_survives_save_load(tmp_path):
     assert torch.equal(fresh.codebook, vq.codebook)
 
 
+def test_kmeans_flag_is_read_on_the_host_only_until_done(monkeypatch):
+    """After k-means has run (or a loaded state says so), training steps no longer read ``initialized``."""
+    cfg = QuantizerConfig(use_ema=True, kmeans_init=True, kmeans_iters=2)
+    vq = VectorQuantizer(4, 2, cfg).train()
+    z = torch.randn(1, 2, 2, 4, 4)
+    vq(z)
+
+    def sync(*args, **kwargs):
+        raise AssertionError("host sync in VectorQuantizer.forward")
+
+    with monkeypatch.context() as patch:
+        for name in ("item", "__bool__", "__int__", "__float__"):
+            patch.setattr(torch.Tensor, name, sync)
+        vq(z)
+    fresh = VectorQuantizer(4, 2, cfg).train()
+    fresh(z)
+    fresh.load_state_dict(VectorQuantizer(4, 2, cfg).state_dict())  # not initialised: k-means runs again
+    before = fresh.codebook.clone()
+    fresh(z * 3)
+    assert fresh.initialized.item() == 1 and not torch.equal(fresh.codebook, before)
+
+
 def test_vq_stays_fp32_under_bf16_autocast():
     torch.manual_seed(1)
     vq = VectorQuantizer(64, 16, QuantizerConfig()).eval()

@@ -172,8 +172,9 @@ def test_bad_inputs_raise_value_error():
     for bad, message in cases:
         with pytest.raises(ValueError, match=message):
             tok.encode(bad)
-        with pytest.raises(ValueError, match=message):
-            tok(bad)
+        if "values" not in message:  # forward (the training step) checks the layout only: no host sync
+            with pytest.raises(ValueError, match=message):
+                tok(bad)
     tok.encode(good.clamp(-1, 1) * (1 + 5e-4))  # within the range tolerance
     with pytest.raises(ValueError, match="T = 1 \\+ k \\* 2"):
         VideoTokenizer(TokenizerConfig.preset("tiny", causal=True)).encode(good)  # 8 frames
@@ -277,9 +278,44 @@ def test_bf16_weights_run_on_cpu():
         assert logits.shape == (1,) and torch.isfinite(logits.float()).all()
 
 
-def test_batch_one_conv_fast_path_matches_plain_conv():
-    """The batch-1 CPU route through oneDNN (zero second sample) gives the plain convolution's values and grads."""
-    from magvit.tokenizer import Conv3d
+@pytest.mark.parametrize("quantizer", ["vq", "lfq", "fsq"])
+def test_forward_does_no_host_sync(monkeypatch, quantizer):
+    """The training step reads no tensor value on the host (each would wait for the GPU): ``.item()``, ``bool()``,
+    ``int()``, ``float()``, ``.tolist()`` and ``.numpy()`` all raise while it runs."""
+    codebook_size = {"vq": 64, "lfq": 64, "fsq": 240}[quantizer]
+    cfg = TokenizerConfig.preset("tiny", quantizer=quantizer, codebook_size=codebook_size)
+    tok = VideoTokenizer(cfg).train()
+    video = _video(cfg, batch=1)
+
+    def sync(*args, **kwargs):
+        raise AssertionError("host sync in VideoTokenizer.forward")
+
+    with monkeypatch.context() as patch:
+        for name in ("item", "__bool__", "__int__", "__float__", "__index__", "tolist", "numpy"):
+            patch.setattr(torch.Tensor, name, sync)
+        reconstruction, stats = tok(video)
+        (reconstruction.mean() + stats["quantizer_loss"]).backward()
+    assert reconstruction.shape == video.shape
+
+
+def test_batch_one_conv_fast_path_matches_plain_conv(monkeypatch):
+    """The batch-1 CPU route through oneDNN (zero second sample) gives the plain convolution's values and grads;
+    it is taken for 3x3x3 kernels only, and ``Conv3d.cpu_batch_one_route`` turns it off."""
+    from magvit.tokenizer import Conv3d, cpu_batch_one_route_pays
+
+    x = torch.randn(1, 4, 5, 8, 8)
+    assert cpu_batch_one_route_pays(x, (3, 3, 3)) and not cpu_batch_one_route_pays(x, (1, 1, 1))
+    assert not cpu_batch_one_route_pays(x.repeat(2, 1, 1, 1, 1), (3, 3, 3))
+    assert not cpu_batch_one_route_pays(x.bfloat16(), (3, 3, 3))
+    batches, conv_forward = [], torch.nn.Conv3d._conv_forward
+    monkeypatch.setattr(torch.nn.Conv3d, "_conv_forward",
+                        lambda self, x, *args: batches.append(x.shape[0]) or conv_forward(self, x, *args))
+    conv = Conv3d(4, 6, (3, 3, 3), causal=False)
+    conv(x)
+    monkeypatch.setattr(Conv3d, "cpu_batch_one_route", False)
+    conv(x)
+    assert batches == [2, 1]
+    monkeypatch.undo()
 
     for causal in (False, True):
         conv = Conv3d(4, 6, (3, 3, 3), causal=causal)
