@@ -8,8 +8,9 @@ EMA statistics are unreliable in bf16 (near ties flip, EMA sums lose their low b
 
 Distributed training: the vector quantizer's mutable state (EMA counts and sums, k-means initialisation, dead-code
 restarts) is all-reduced / broadcast over the default ``torch.distributed`` group whenever one is initialised
-(``magvit.distributed``'s tensor collectives, no-ops in one process), so every rank keeps a bit-identical codebook. Every rank makes the same collective calls in the same order: the calls
-depend only on the config, ``self.training`` and state that is itself synchronised (never on local data).
+(``magvit.distributed``'s tensor collectives, no-ops in one process), so every rank keeps a bit-identical codebook.
+Every rank makes the same collective calls in the same order: the calls depend only on the config, ``self.training``
+and state that is itself synchronised (never on local data).
 """
 
 from __future__ import annotations
@@ -141,6 +142,14 @@ def _unflatten(flat: Tensor, shape: torch.Size) -> Tensor:
     return flat.view(b, t, h, w, d).permute(0, 4, 1, 2, 3).contiguous()
 
 
+def _code_counts(codes: Tensor, codebook_size: int) -> Tensor:
+    """Assignments per code (K,) fp32 of integer ``codes`` (any shape): ``bincount`` without its host sync (on CUDA
+    it reads the largest code to size its output), as an exact integer scatter-add."""
+    flat = codes.reshape(-1).long()
+    counts = torch.zeros(codebook_size, dtype=torch.long, device=codes.device)
+    return counts.index_add_(0, flat, torch.ones_like(flat)).float()
+
+
 def _usage_stats(counts: Tensor) -> tuple[Tensor, Tensor]:
     """Fraction of codes used and perplexity exp(H(usage)) from per-code counts (K,)."""
     usage = (counts > 0).float().mean()
@@ -263,7 +272,7 @@ class VectorQuantizer(nn.Module):
             entropy_loss = self._entropy_loss(distances) if cfg.entropy_loss_weight > 0 else zero
             loss = codebook_loss + cfg.commitment_beta * commitment_loss + cfg.entropy_loss_weight * entropy_loss
 
-            counts = torch.bincount(codes, minlength=self.codebook_size).float()  # (K,)
+            counts = _code_counts(codes, self.codebook_size)  # (K,)
             restarted = zero
             if self.training and self._mutates:
                 counts, restarted = self._update(flat.detach(), codes, counts)  # counts become global
@@ -357,7 +366,7 @@ class VectorQuantizer(nn.Module):
         for _ in range(self.config.kmeans_iters):
             codes = self._distances(flat, centroids).argmin(dim=1)
             local = torch.cat(
-                [torch.bincount(codes, minlength=k).float()[:, None], flat.new_zeros(k, self.dim).index_add_(0, codes, flat)],
+                [_code_counts(codes, k)[:, None], flat.new_zeros(k, self.dim).index_add_(0, codes, flat)],
                 dim=1,
             )
             packed = all_reduce_tensor_(local)  # (K, 1 + D): counts and sums of all ranks
@@ -459,7 +468,7 @@ class LookupFreeQuantizer(nn.Module):
                 sample_entropy, codebook_entropy = self._entropies(flat)
                 entropy_loss = sample_entropy - cfg.entropy_diversity_gamma * codebook_entropy
             loss = cfg.lfq_commitment_weight * commitment_loss + cfg.entropy_loss_weight * entropy_loss
-            counts = torch.bincount(codes, minlength=self.codebook_size).float()
+            counts = _code_counts(codes, self.codebook_size)
             usage, perplexity = _usage_stats(counts)
             quantized = flat + (quantized - flat).detach()  # straight-through estimator
         b, _, t, h, w = z.shape
@@ -586,7 +595,7 @@ class FiniteScalarQuantizer(nn.Module):
             half_width = torch.div(self._levels, 2, rounding_mode="floor")
             codes = self.levels_to_codes(rounded.long() + half_width)  # (N,)
             quantized = (bounded + (rounded - bounded).detach()) / half_width.float()  # straight-through rounding
-            usage, perplexity = _usage_stats(torch.bincount(codes, minlength=self.codebook_size).float())
+            usage, perplexity = _usage_stats(_code_counts(codes, self.codebook_size))
             zero = bounded.new_zeros(())
         b, _, t, h, w = z.shape
         stats = {
