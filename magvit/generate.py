@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 
 from . import tasks
-from .cli import ArgumentParser, UsageError, run_main
+from .cli import ArgumentParser, UsageError, command_name, run_main
 from .masking import NO_LABEL
 from .pipeline import VideoPipeline, generate, generate_codes  # noqa: F401  generate_codes: public, re-exported
 
@@ -30,7 +30,7 @@ CLI_TASKS = tasks.cli_names()  # --task: one name per row, or per group of rows 
 REGIONS = tuple(dict.fromkeys(region for name in CLI_TASKS for region in tasks.cli_regions(name)))
 DEFAULT_FPS = 8.0  # output frame rate when the condition has none (an image, or no condition at all)
 DEFAULT_BATCH = 8  # videos per forward pass: the activations of a batch, not --num-samples, bound the memory
-PROG = "python -m magvit.generate"
+PROG = command_name("python -m magvit.generate")
 MAX_SAMPLES = 10_000  # one output file each; more is a typo, not a request
 STRIP_ROWS = 9  # a --strip shows the condition and the first samples only
 
