@@ -10,6 +10,9 @@ import pytest
 import torch
 
 from magvit import evaluate, metrics
+from magvit.evaluation.evaluators import MaskedTokenEvaluation
+from magvit.evaluation.report import plot_training_curves
+from magvit.runlog import read_metrics
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +158,7 @@ def test_masked_token_evaluation_known_values():
             return logits
 
     codes = torch.tensor([[[[1, 2], [3, 4]]], [[[5, 6], [7, 0]]]])
-    ev = evaluate.MaskedTokenEvaluation(Oracle(codes), ["unconditional"], seed=0)
+    ev = MaskedTokenEvaluation(Oracle(codes), ["unconditional"], seed=0)
     ev.update({"codes": codes, "label": torch.tensor([-1, -1])})
     summary = ev.summary()
     assert summary["masked_token_accuracy"] == 1.0
@@ -222,13 +225,13 @@ def test_training_curves_skip_torn_lines_and_text(tmp_path):
         json.dumps({"step": 1, "loss": 2.0, "event": "nonfinite_loss"}) + "\n"
         + json.dumps({"step": 2, "loss": 1.0}) + "\n{\"step\": 3,"
     )
-    assert [r["step"] for r in evaluate.read_metrics_jsonl(run / "metrics.jsonl")] == [1, 2]
-    path = evaluate.plot_training_curves([run], tmp_path / "curves.png")
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2]
+    path = plot_training_curves([run], tmp_path / "curves.png")
     assert path is not None and path.stat().st_size > 0
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "metrics.jsonl").write_text("")
-    assert evaluate.plot_training_curves([empty], tmp_path / "none.png") is None
+    assert plot_training_curves([empty], tmp_path / "none.png") is None
 
 
 def test_folder_of_videos_is_indexed(setup, real_video_paths, tmp_path, capsys):

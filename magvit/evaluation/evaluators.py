@@ -1,0 +1,288 @@
+"""The evaluations of ``python -m magvit.evaluate``, each accumulating over batches and summarised once.
+
+- :class:`TokenizerEvaluation`: reconstruction PSNR / SSIM, codebook usage and perplexity, bits per pixel;
+- :class:`MaskedTokenEvaluation`: masked-token NLL (nats per code) and accuracy per task on a seeded masking;
+- :class:`FramePredictionEvaluation`: generated future frames against the real ones, next to copying the last given
+  frame (the baseline) and the tokenizer's reconstruction (an upper bound);
+- :func:`evaluate_clips` runs the three over held-out clips in one pass, :func:`evaluate_token_shards` the masked
+  tokens over token shards, :func:`fvd_report` the Frechet video distances.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from .. import metrics, tasks
+from ..cli import UsageError
+from .inputs import check_token_meta, shard_tasks, supported_tasks, token_batches_from_shards
+
+
+class TokenizerEvaluation:
+    """Accumulates reconstruction quality and code statistics over batches of clips."""
+
+    def __init__(self, tokenizer, device: torch.device, num_samples: int = 1):
+        self.tokenizer = tokenizer
+        self.device = device
+        self.usage = metrics.CodebookUsage(tokenizer.config.codebook_size)
+        self.psnr: list[float] = []
+        self.ssim: list[float] = []
+        self.grid: tuple[int, int, int] | None = None
+        self.video_size: tuple[int, int, int] | None = None
+        self.num_samples = num_samples
+        self.samples: list[tuple[torch.Tensor, torch.Tensor]] = []  # (real, reconstruction), each (3, T, H, W)
+
+    @torch.no_grad()
+    def update(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reconstruct a batch ``(B, 3, T, H, W)``; returns ``(codes (B, t, h, w), reconstruction)``."""
+        video = video.to(self.device)
+        codes = self.tokenizer.encode(video)  # (B, t, h, w)
+        recon = self.tokenizer.decode(codes).clamp(-1, 1).float()  # (B, 3, T, H, W)
+        self.usage.update(codes)
+        self.psnr += metrics.video_psnr(recon.cpu(), video.cpu()).tolist()
+        self.ssim += metrics.video_ssim(recon.cpu(), video.cpu()).tolist()
+        self.grid = tuple(codes.shape[1:])
+        self.video_size = tuple(video.shape[2:])
+        for i in range(min(video.shape[0], self.num_samples - len(self.samples))):
+            self.samples.append((video[i].cpu(), recon[i].cpu()))
+        return codes, recon
+
+    def summary(self) -> dict[str, Any]:
+        if not self.psnr:
+            raise UsageError("no clip could be read: nothing to evaluate")
+        tokens, pixels = math.prod(self.grid), math.prod(self.video_size)
+        return {
+            "num_clips": len(self.psnr),
+            "psnr": mean_finite(self.psnr),
+            "ssim": sum(self.ssim) / len(self.ssim),
+            "token_grid": list(self.grid),
+            "clip_size": list(self.video_size),
+            **{f"codebook_{k}" if not k.startswith("codebook") else k: v for k, v in self.usage.summary().items()},
+            "bits_per_pixel": metrics.bits_per_pixel(self.usage.codebook_size, self.grid, self.video_size),
+            "bits_per_pixel_entropy_coded": self.usage.bits_per_pixel(tokens, pixels),
+            "per_clip": {"psnr": self.psnr, "ssim": self.ssim},
+        }
+
+
+def mean_finite(values: Sequence[float]) -> float:
+    # A perfect reconstruction has infinite PSNR; JSON cannot hold inf, and one such clip would hide the rest.
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else float("inf")
+
+
+class MaskedTokenEvaluation:
+    """Masked-token NLL (nats) and accuracy per task, on a fixed random masking (seeded) of held-out token grids."""
+
+    def __init__(self, transformer, tasks: Sequence[str], seed: int = 0):
+        self.transformer = transformer
+        self.tasks = list(tasks)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.nll = {t: 0.0 for t in self.tasks}
+        self.correct = {t: 0 for t in self.tasks}
+        self.count = {t: 0 for t in self.tasks}
+
+    @torch.no_grad()
+    def update(self, batch: dict[str, torch.Tensor]) -> None:
+        """``batch``: collated token items ``{"codes": (B, t, h, w), "cond.<task>": ..., "label": (B,)}``."""
+        from ..masking import NO_LABEL, code_nll, make_training_batch, predicted_codes
+
+        config = self.transformer.config
+        device = next(self.transformer.parameters()).device
+        labels = torch.as_tensor(batch.get("label", NO_LABEL)).long().reshape(-1).expand(batch["codes"].shape[0])
+        # Labels the model has no class token for are evaluated as unlabelled.
+        labels = torch.where((labels >= 0) & (labels < config.num_classes), labels, torch.full_like(labels, NO_LABEL))
+        batch = {**batch, "label": labels}
+        for task in self.tasks:
+            rows = batch
+            if tasks.task(task).needs_label:  # only the examples with a class the model knows
+                keep = labels >= 0
+                if not bool(keep.any()):
+                    continue
+                rows = {k: (v[keep] if isinstance(v, torch.Tensor) and v.dim() > 0 else v) for k, v in batch.items()}
+            tb = make_training_batch(rows, config.vocab, tasks=[task], cond_dropout_prob=0.0, unmasked_weight=0.0,
+                                     schedule="cosine", generator=self.generator)
+            logits = self.transformer(tb.input_ids.to(device)).float().cpu()  # (B, L, V) or factorised (B, L, F, S)
+            scored = tb.loss_mask > 0  # (B, L): the masked video positions
+            target = tb.labels[scored]  # (M,)
+            picked = logits[scored]  # (M, V) or (M, F, S)
+            # per whole code: a factorised model's sub-token NLLs summed, comparable with a flat model's
+            self.nll[task] += float(code_nll(picked, target, config.codebook_size).sum())
+            self.correct[task] += int((predicted_codes(picked, config.codebook_size) == target).sum())
+            self.count[task] += int(target.numel())
+
+    def summary(self) -> dict[str, Any]:
+        per_task = {}
+        for t in self.tasks:
+            if self.count[t] == 0:  # e.g. "class" without labelled examples
+                continue
+            n = self.count[t]
+            per_task[t] = {"nll": self.nll[t] / n, "accuracy": self.correct[t] / n, "masked_tokens": self.count[t]}
+        total = max(sum(self.count.values()), 1)
+        nll = sum(self.nll.values()) / total
+        return {
+            "masked_token_nll": nll,
+            "masked_token_perplexity": math.exp(min(nll, 700.0)),
+            "masked_token_accuracy": sum(self.correct.values()) / total,
+            "masked_tokens": sum(self.count.values()),
+            "per_task": per_task,
+        }
+
+
+class FramePredictionEvaluation:
+    """Frame prediction from the first ``num_cond_frames`` frames: generated vs real future frames, next to copying
+    the last conditioning frame (the baseline) and the tokenizer's own reconstruction (an upper bound)."""
+
+    def __init__(self, tokenizer, transformer, num_cond_frames: int = 1, steps: int = 12, temperature: float = 1.0,
+                 guidance_scale: float = 0.0, seed: int = 0, num_samples: int = 1):
+        self.tokenizer, self.transformer = tokenizer, transformer
+        self.num_cond_frames = num_cond_frames
+        self.steps, self.temperature, self.guidance_scale, self.seed = steps, temperature, guidance_scale, seed
+        self.scores: dict[str, dict[str, list[float]]] = {
+            name: {"psnr": [], "ssim": []} for name in ("generated", "copy_baseline", "reconstruction")
+        }
+        self.num_samples = num_samples
+        self.samples: list[torch.Tensor] = []  # generated (3, T, H, W)
+        self.generated: list[torch.Tensor] = []  # for FVD, (3, T, H, W) each
+
+    @torch.no_grad()
+    def update(self, video: torch.Tensor, reconstruction: torch.Tensor, keep_for_fvd: bool = False) -> None:
+        from ..masking import build_condition_video
+        from ..pipeline import condition_video, generate_codes
+
+        device = next(self.transformer.parameters()).device
+        n = self.num_cond_frames
+        future = slice(n, None)  # frames to predict
+        for i in range(video.shape[0]):
+            clip = video[i].to(device)  # (3, T, H, W)
+            cond = condition_video("frame_prediction", clip, clip.shape[1], num_cond_frames=n)
+            prefix = self.tokenizer.encode(cond.unsqueeze(0))  # (1, t, h, w)
+            codes = generate_codes(self.transformer, "frame_prediction", prefix, steps=self.steps,
+                                   temperature=self.temperature, guidance_scale=self.guidance_scale,
+                                   seed=self.seed + len(self.scores["generated"]["psnr"]))
+            generated = self.tokenizer.decode(codes).clamp(-1, 1).float().cpu()  # (1, 3, T, H, W)
+            real = clip.unsqueeze(0).cpu()
+            baseline = build_condition_video(real, "frame_prediction", num_cond_frames=n)
+            for name, pred in (("generated", generated), ("copy_baseline", baseline),
+                               ("reconstruction", reconstruction[i : i + 1].cpu())):
+                self.scores[name]["psnr"].append(float(metrics.video_psnr(pred[:, :, future], real[:, :, future])))
+                self.scores[name]["ssim"].append(float(metrics.video_ssim(pred[:, :, future], real[:, :, future])))
+            if len(self.samples) < self.num_samples:
+                self.samples.append(generated[0])
+            if keep_for_fvd:
+                self.generated.append(generated[0])
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"num_cond_frames": self.num_cond_frames, "steps": self.steps,
+                               "num_clips": len(self.scores["generated"]["psnr"])}
+        for name, s in self.scores.items():
+            out[name] = {"psnr": mean_finite(s["psnr"]), "ssim": sum(s["ssim"]) / max(len(s["ssim"]), 1),
+                         "per_clip": s}
+        return out
+
+
+def compute_fvd(extractor, real: list[torch.Tensor], fake: list[torch.Tensor], batch_size: int) -> float:
+    batches = lambda videos: (torch.stack(videos[i : i + batch_size]) for i in range(0, len(videos), batch_size))
+    return metrics.frechet_video_distance(extractor, batches(real), batches(fake))
+
+
+@dataclasses.dataclass
+class ClipResults:
+    """What one pass over the held-out clips accumulated."""
+
+    tokenizer: TokenizerEvaluation
+    frame_prediction: FramePredictionEvaluation | None = None
+    masked_tokens: MaskedTokenEvaluation | None = None  # on the clips' own codes, tokenized on the fly
+    real: list[torch.Tensor] = dataclasses.field(default_factory=list)  # (3, T, H, W) each, kept for FVD
+    reconstructed: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    lost: dict[str, list] = dataclasses.field(default_factory=dict)  # iterate_clips' unreadable / skipped
+
+    def report(self) -> dict[str, Any]:
+        """The report's ``tokenizer``, ``data_problems`` and (with a transformer) ``frame_prediction`` sections."""
+        unreadable, skipped = self.lost.get("unreadable", []), self.lost.get("skipped", [])
+        if not self.tokenizer.psnr:
+            raise UsageError(f"no clip could be read: {len(unreadable)} unreadable"
+                             + (f", e.g. {unreadable[0]['path']}: {unreadable[0]['reason']}" if unreadable else ""))
+        report = {"tokenizer": {**self.tokenizer.summary(), "unreadable_clips": sum(u["clips"] for u in unreadable),
+                                "skipped_videos": len(skipped)},
+                  "data_problems": {"unreadable": unreadable, "skipped": skipped}}
+        if self.frame_prediction is not None:
+            report["frame_prediction"] = self.frame_prediction.summary()
+        return report
+
+    def sample_rows(self) -> list[tuple[str, torch.Tensor]]:
+        """Labelled rows of the sample strip: real | reconstructed | generated, for each kept clip."""
+        rows: list[tuple[str, torch.Tensor]] = []
+        generated = self.frame_prediction.samples if self.frame_prediction is not None else []
+        for i, (real, recon) in enumerate(self.tokenizer.samples):
+            rows += [(f"real {i}", real), (f"reconstructed {i}", recon)]
+            if i < len(generated):
+                rows.append((f"generated {i}", generated[i]))
+        return rows
+
+
+@torch.no_grad()
+def evaluate_clips(clips: Iterable[torch.Tensor], results: ClipResults, num_cond_frames: int = 1,
+                   keep_videos: bool = False) -> ClipResults:
+    """Run ``results``' evaluations over batches of clips ``(B, 3, T, H, W)``; ``keep_videos``: keep the real and
+    reconstructed clips (and the generated ones) for FVD."""
+    from ..masking import build_condition_video
+
+    tokenizer = results.tokenizer.tokenizer
+    for video in clips:
+        codes, recon = results.tokenizer.update(video)
+        if keep_videos:
+            results.real += list(video.cpu())
+            results.reconstructed += list(recon.cpu())
+        if results.masked_tokens is not None:  # the codes and the frame-prediction condition of the same clips
+            condition = build_condition_video(video.to(results.tokenizer.device), "frame_prediction",
+                                              num_cond_frames=num_cond_frames)
+            results.masked_tokens.update({"codes": codes.cpu(), "cond.frame_prediction":
+                                          tokenizer.encode(condition).cpu(),
+                                          "label": torch.full((codes.shape[0],), -1)})
+        if results.frame_prediction is not None:
+            results.frame_prediction.update(video, recon, keep_for_fvd=keep_videos)
+    return results
+
+
+def evaluate_token_shards(directory: Path, tokenizer, transformer, requested: Sequence[str], batch_size: int,
+                          max_examples: int | None, seed: int = 0, progress: bool = False) -> MaskedTokenEvaluation:
+    """Masked-token NLL over held-out token shards (checked to hold this model pair's codes), on the requested
+    tasks whose condition codes the shards hold."""
+    from tqdm.auto import tqdm
+
+    check_token_meta(directory, tokenizer, transformer)
+    batches = token_batches_from_shards(directory, batch_size, max_examples)
+    first = next(batches, None)
+    if first is None:
+        raise UsageError(f"--tokens: no token grid in {directory}")
+    grid = tuple(first["codes"].shape[1:])
+    if grid != tuple(transformer.config.token_grid):
+        raise UsageError(f"--tokens: token grid {grid} does not match the transformer's "
+                         f"{tuple(transformer.config.token_grid)}")
+    evaluation = MaskedTokenEvaluation(transformer, supported_tasks(requested, shard_tasks(first)), seed)
+    for batch in tqdm(itertools.chain([first], batches), desc="token grids", unit="batch", disable=not progress,
+                      file=sys.stderr, dynamic_ncols=True):
+        evaluation.update(batch)
+    return evaluation
+
+
+def fvd_report(extractor, results: ClipResults | None, batch_size: int) -> dict[str, Any]:
+    """The report's ``fvd`` section: FVD of the reconstructions (and of the frame predictions) against the real
+    clips, or why it was skipped."""
+    if extractor is None:
+        return {"skipped": "no --i3d file given: FVD needs a local I3D TorchScript (i3d_torchscript.pt)"}
+    real = results.real if results is not None else []
+    if len(real) < 2:
+        return {"skipped": f"FVD needs at least 2 clips, got {len(real)}"}
+    report = {"num_clips": len(real), "reconstruction": compute_fvd(extractor, real, results.reconstructed,
+                                                                    batch_size)}
+    generated = results.frame_prediction.generated if results.frame_prediction is not None else []
+    if len(generated) >= 2:
+        report["frame_prediction"] = compute_fvd(extractor, real, generated, batch_size)
+    return report

@@ -1,0 +1,148 @@
+"""What ``python -m magvit.evaluate`` reads: ``--data`` resolved to a manifest or token shards, held-out clips in
+batches (unreadable ones counted, never fatal), token shards checked against the models, and the tasks the data can
+score."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from .. import tasks
+from ..cli import UsageError
+
+MANIFEST_NAME = "manifest.jsonl"
+
+
+def resolve_data(path: str | os.PathLike, scratch: Path) -> tuple[str, Path]:
+    """Classify ``--data``: ``("manifest", file)`` or ``("tokens", folder)``.
+
+    Accepts a manifest file, a folder holding ``manifest.jsonl``, a folder of token shards (``meta.json``), or a
+    folder of videos (indexed into ``scratch/clips_manifest.jsonl`` with every video in the ``val`` split).
+    """
+    path = Path(path)
+    if path.is_file():
+        return "manifest", path
+    if not path.is_dir():
+        raise UsageError(f"--data: no such file or folder: {path}")
+    if (path / MANIFEST_NAME).is_file():
+        return "manifest", path / MANIFEST_NAME
+    meta = path / "meta.json"
+    if meta.is_file():
+        try:
+            is_tokens = "token_grid" in json.loads(meta.read_text())
+        except json.JSONDecodeError as err:
+            raise UsageError(f"--data: {meta} is not valid JSON ({err})") from None
+        if is_tokens:
+            return "tokens", path
+        raise UsageError(f"--data: {path} holds clip shards; give the manifest they were extracted from")
+    # A plain folder of videos: index it (all clips held out, since nothing here was trained on them).
+    from ..prep.index import build_manifest
+
+    out = scratch / "clips_manifest.jsonl"  # beside the report, never over a manifest of the user's
+    try:
+        summary = build_manifest([path], out, val_fraction=0.0, labels=False, show_progress=False)
+    except UsageError as err:
+        raise UsageError(f"--data: {err}") from None
+    if not summary["videos"]:
+        raise UsageError(f"--data: no readable video in {path}")
+    records = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    out.write_text("".join(json.dumps({**r, "split": "val"}) + "\n" for r in records))
+    return "manifest", out
+
+
+def iterate_clips(manifest: Path, split: str, num_frames: int, image_size: int, max_clips: int | None,
+                  batch_size: int, progress: bool, lost: dict[str, list] | None = None) -> Iterator[torch.Tensor]:
+    """Held-out clips ``(B, 3, T, H, W)`` in [-1, 1] (centred crops, evenly spaced starts).
+
+    Unreadable files are skipped and listed in ``lost``: ``"unreadable"`` gets ``(path, reason)`` of each clip that
+    failed to decode (a damaged file, or one shorter than the manifest says), ``"skipped"`` each video left out
+    before decoding (missing, too short).
+    """
+    from torch.utils.data import DataLoader, Subset
+
+    from ..data import ClipDataset, collate_skip_none
+
+    lost = {} if lost is None else lost
+    try:
+        dataset = ClipDataset(manifest, split=split, num_frames=num_frames, image_size=image_size, on_error="skip")
+    except (FileNotFoundError, ValueError) as err:
+        raise UsageError(f"--data: {err}") from None
+    lost.setdefault("skipped", []).extend({"path": path, "reason": reason} for path, reason in dataset.skipped)
+    if len(dataset) == 0:
+        raise UsageError(f"--data: no usable '{split}' clip of {num_frames} frames in {manifest}"
+                            + (" (try --split all)" if split != "all" else ""))
+    clips = dataset
+    if max_clips is not None:
+        dataset = Subset(dataset, range(min(max_clips, len(dataset))))
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_skip_none)  # in-process
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(dataset), desc="clips", unit="clip", disable=not progress, file=sys.stderr,
+              dynamic_ncols=True) as bar:
+        for batch in loader:
+            if batch is not None:
+                bar.update(batch["video"].shape[0])
+                yield batch["video"]
+    lost.setdefault("unreadable", []).extend(
+        {"path": path, "clips": count, "reason": clips.failure_reasons.get(path, "")}
+        for path, count in sorted(clips.failures.items()))
+
+
+def check_token_meta(directory: Path, tokenizer, transformer) -> None:
+    """``UsageError`` unless the shards' ``meta.json`` says they hold codes of this tokenizer / transformer's
+    codebook and grid: codes of another codebook score a meaningless NLL without any other sign."""
+    try:
+        meta = json.loads((directory / "meta.json").read_text())
+        codebook, grid = int(meta["codebook_size"]), tuple(int(n) for n in meta["token_grid"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UsageError(f"--tokens: {directory}/meta.json is missing or lacks codebook_size / token_grid "
+                            f"({type(err).__name__})") from None
+    expected = [("transformer", transformer.config.codebook_size, tuple(transformer.config.token_grid))]
+    if tokenizer is not None:
+        tc = tokenizer.config
+        expected.append(("tokenizer", tc.codebook_size, tuple(tc.token_grid(tc.num_frames, tc.image_size,
+                                                                             tc.image_size))))
+        made_by, current = meta.get("tokenizer"), tc.to_dict()
+        differ = [k for k in made_by if k in current and made_by[k] != current[k]] if isinstance(made_by, dict) else []
+        if differ:  # keys only one side has: options added in another version, not a different tokenizer
+            raise UsageError(f"--tokens: {directory} was made by another tokenizer than --tokenizer ({differ[0]} "
+                                f"{made_by[differ[0]]!r} in meta.json, {current[differ[0]]!r} in the tokenizer)")
+    for name, model_codebook, model_grid in expected:
+        if (codebook, grid) != (model_codebook, model_grid):
+            raise UsageError(f"--tokens: {directory} holds codes of a {codebook}-code book on a {grid} grid "
+                                f"(meta.json), the {name} has {model_codebook} codes on {model_grid}")
+
+
+def token_batches_from_shards(directory: Path, batch_size: int, max_examples: int | None) -> Iterator[dict]:
+    from torch.utils.data import DataLoader, Subset
+
+    from ..data import TokenShardDataset
+
+    try:
+        dataset = TokenShardDataset(directory)
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        raise UsageError(f"token shards at {directory}: {err}") from None
+    if max_examples is not None:
+        dataset = Subset(dataset, range(min(max_examples, len(dataset))))
+    yield from DataLoader(dataset, batch_size=batch_size, shuffle=False)
+
+
+def supported_tasks(requested: Sequence[str], available: Sequence[str]) -> list[str]:
+    """The requested tasks the data can score: a task with a prefix needs its condition codes in the data
+    (``available``: the names of the tasks whose shard key the data holds); ``class`` is scored on the labelled
+    examples only."""
+    keep = [name for name in requested if not tasks.task(name).needs_prefix or name in available]
+    if not keep:
+        raise UsageError(f"--nll-tasks: none of {', '.join(requested)} can be evaluated on this data "
+                         f"(condition tasks available: {', '.join(available) or 'none'})")
+    return keep
+
+
+def shard_tasks(batch: dict) -> list[str]:
+    """The tasks whose condition codes a batch of token shards holds (``cond.<task>``, ``sketch_codes``)."""
+    return [row.name for row in tasks.TASKS if row.shard_key in batch]
