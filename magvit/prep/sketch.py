@@ -80,6 +80,60 @@ def _find_user_sketch(sketch_dir: Path, rel: str) -> Path | None:
     return None
 
 
+def _match_user_sketches(records: list[dict[str, Any]], names: list[str], sketch_dir: Path,
+                         failures: list[tuple[str, str]]) -> dict[int, str]:
+    """``{record index: sketch path}`` of the user's sketches in ``sketch_dir`` that are named like the videos and
+    at least as long; the others go to ``failures`` with the reason."""
+    from magvit.video_io import VideoReadError, probe_video
+
+    if not sketch_dir.is_dir():
+        raise UsageError(f"--sketch-dir not found: {sketch_dir}")
+    results: dict[int, str] = {}
+    for i, (record, rel) in enumerate(progress(list(zip(records, names)), desc="matching", unit="video")):
+        found = _find_user_sketch(sketch_dir, rel)
+        if found is None:
+            failures.append((record["_abs"], f"no sketch named like {rel} in {sketch_dir}"))
+            continue
+        try:
+            frames = probe_video(found, check="first")["frames"]
+        except VideoReadError as err:
+            failures.append((record["_abs"], f"sketch {found}: {err.reason}"))
+            continue
+        if frames < int(record["frames"]):
+            failures.append((record["_abs"], f"sketch {found} has {frames} frames, the video {record['frames']}"))
+            continue
+        results[i] = str(found.resolve())
+    return results
+
+
+def _compute_sketches(records: list[dict[str, Any]], names: list[str], out: Path, workers: int, overwrite: bool,
+                      failures: list[tuple[str, str]]) -> tuple[dict[int, str], int]:
+    """Write the sketch of every video under ``out`` in ``workers`` processes; returns ``({record index: sketch
+    path}, how many were already there)``; the videos that failed go to ``failures`` with the reason."""
+    from magvit.prep.index import SKETCH_MARKER
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SKETCH_MARKER).write_text("sketch videos of data_prep.sketch: data_prep.index does not index them\n")
+    targets = [str((out / rel).with_suffix(".mp4").resolve()) for rel in names]
+    jobs = [(r["_abs"], t, overwrite) for r, t in zip(records, targets)]
+    results: dict[int, str] = {}
+    already = 0
+    bar = progress(total=len(jobs), desc="sketching", unit="video")
+    with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        futures = {pool.submit(_make_sketch, *job): i for i, job in enumerate(jobs)}
+        for future in cf.as_completed(futures):
+            i = futures[future]
+            target, error, was_there = future.result()
+            bar.update()
+            if error:
+                failures.append((records[i]["_abs"], error))
+            else:
+                results[i] = target
+                already += was_there
+    bar.close()
+    return results, already
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--manifest", required=True, help="manifest from data_prep.index")
@@ -99,54 +153,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     out_manifest = Path(args.out_manifest) if args.out_manifest else manifest
     quiet_decoders()
     from magvit.data import write_manifest
-    from magvit.video_io import VideoReadError, probe_video
 
     names = relative_names([r["_abs"] for r in records])
     failures: list[tuple[str, str]] = []
-    results: dict[int, str] = {}
-    made = skipped = 0
     if args.sketch_dir:
-        sketch_dir = Path(args.sketch_dir)
-        if not sketch_dir.is_dir():
-            raise UsageError(f"--sketch-dir not found: {sketch_dir}")
-        for i, (record, rel) in enumerate(progress(list(zip(records, names)), desc="matching", unit="video")):
-            found = _find_user_sketch(sketch_dir, rel)
-            if found is None:
-                failures.append((record["_abs"], f"no sketch named like {rel} in {sketch_dir}"))
-                continue
-            try:
-                frames = probe_video(found, check="first")["frames"]
-            except VideoReadError as err:
-                failures.append((record["_abs"], f"sketch {found}: {err.reason}"))
-                continue
-            if frames < int(record["frames"]):
-                failures.append((record["_abs"], f"sketch {found} has {frames} frames, the video {record['frames']}"))
-                continue
-            results[i] = str(found.resolve())
-            skipped += 1
+        results = _match_user_sketches(records, names, Path(args.sketch_dir), failures)
+        made, skipped = 0, len(results)
     else:
-        out = Path(args.out)
-        from magvit.prep.index import SKETCH_MARKER
-
-        out.mkdir(parents=True, exist_ok=True)
-        (out / SKETCH_MARKER).write_text("sketch videos of data_prep.sketch: data_prep.index does not index them\n")
-        targets = [str((out / rel).with_suffix(".mp4").resolve()) for rel in names]
         workers = args.workers or os.cpu_count() or 1
-        jobs = [(r["_abs"], t, args.overwrite) for r, t in zip(records, targets)]
-        bar = progress(total=len(jobs), desc="sketching", unit="video")
-        with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-            futures = {pool.submit(_make_sketch, *job): i for i, job in enumerate(jobs)}
-            for future in cf.as_completed(futures):
-                i = futures[future]
-                target, error, was_there = future.result()
-                bar.update()
-                if error:
-                    failures.append((records[i]["_abs"], error))
-                else:
-                    results[i] = target
-                    skipped += was_there
-                    made += not was_there
-        bar.close()
+        results, skipped = _compute_sketches(records, names, Path(args.out), workers, args.overwrite, failures)
+        made = len(results) - skipped
 
     relative = not os.path.isabs(records[0]["path"])
     updated = []
