@@ -13,7 +13,6 @@ is the peak resident set size (CPU) or CUDA allocator peak (GPU) of each rank. R
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -26,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
+from magvit.runlog import read_metrics  # noqa: E402
 
 # Overrides of configs/tokenizer/tiny.yaml. Mid-size: the tiny layout made wider and deeper (between tiny and B).
 MODELS = {
@@ -67,7 +67,7 @@ def launch(script: str, ranks: int, args: list[str], env: dict[str, str], timeou
 
 def summarize(run_dir: Path, warmup: int, per_step_key: str, batch_per_step: int, error: str) -> Result:
     path = run_dir / "metrics.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    records = read_metrics(path) if path.is_file() else []
     steps = [r for r in records if "perf/step_s" in r and r["step"] > warmup]
     if not steps:
         return Result(None, None, None, None, error or "no timed steps")

@@ -43,7 +43,7 @@ from safetensors.torch import load_file, save_file
 
 from . import distributed as dist
 from .fileio import atomic_path, replace_folder, write_text_atomic
-from .training import EMA
+from .ema import EMA
 
 LATEST = "latest"
 COMPLETE = "COMPLETE"

@@ -77,11 +77,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return dict(value)
     if isinstance(tp, type) and issubclass(tp, Config):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {value!r}")
-        return tp.from_dict(value, _prefix=f"{key}.")
+        return _coerce_section(value, tp, key)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -113,12 +109,30 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+def _coerce_section(value: Any, tp: type["Config"], key: str) -> "Config":
+    """A nested config section: an instance, or a mapping of its fields, optionally ``{preset: NAME, field: value,
+    ...}`` (the preset, then the section's fields)."""
+    if isinstance(value, tp):
+        return value
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {value!r}")
+    if "preset" in value:
+        rest = {k: v for k, v in value.items() if k != "preset"}
+        try:
+            value = tp._preset_dict(value["preset"], rest)
+        except ConfigError as err:
+            raise ConfigError(f"{key}: {err}") from None
+    return tp.from_dict(value, _prefix=f"{key}.")
+
+
 @dataclasses.dataclass
 class Config:
     """Base class of every config dataclass.
 
     Subclasses may define ``PRESETS: ClassVar[dict[str, dict]]`` mapping a preset name to field overrides of the
-    defaults; :meth:`preset` builds one.
+    defaults; :meth:`preset` builds one. A section typed as such a config may be given in a mapping or YAML file as
+    ``{preset: NAME, field: value, ...}``: the preset with the section's fields applied. :meth:`to_dict` always
+    writes every field (no ``preset`` key), so a saved config reads back as exactly the values in force.
     """
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
@@ -129,6 +143,7 @@ class Config:
         """Build from a (nested) mapping. Unknown keys raise ``ConfigError`` naming the dotted key."""
         if not isinstance(data, Mapping):
             raise ConfigError(f"{_prefix or cls.__name__}: expected a mapping, got {type(data).__name__}")
+        data = cls._prepare(data, _prefix)
         hints = typing.get_type_hints(cls)
         fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(set(data) - set(fields))
@@ -145,10 +160,16 @@ class Config:
             raise ConfigError(text) from err
 
     @classmethod
+    def _prepare(cls, data: Mapping[str, Any], prefix: str) -> Mapping[str, Any]:
+        """Hook: rewrite the raw mapping before its keys are checked (e.g. a key accepted in two places moved to
+        its one field). ``prefix`` is the dotted path of this section, for errors. The default changes nothing."""
+        return data
+
+    @classmethod
     def _preset_dict(cls, name: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
         """The field dict of preset ``name`` with ``overrides`` merged in (nested mappings merge key by key).
         Subclasses override this hook when a preset's fields depend on the overrides."""
-        if name not in cls.PRESETS:
+        if not isinstance(name, str) or name not in cls.PRESETS:
             raise ConfigError(f"unknown {cls.__name__} preset '{name}'; available: {', '.join(cls.PRESETS)}")
         return _deep_merge(dict(cls.PRESETS[name]), overrides)
 
@@ -160,22 +181,30 @@ class Config:
     @classmethod
     def from_yaml(cls: type[C], path: str | Path) -> C:
         """Load a YAML file (safe loader). A top-level ``preset: NAME`` key starts from that preset."""
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except (OSError, UnicodeDecodeError) as err:
-            raise ConfigError(f"cannot read config file {path}: {err}") from None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: invalid YAML: {_one_line(err)}") from None
-        if data is None:  # an empty (or comments-only) file is a truncated copy or a wrong path far more often
-            raise ConfigError(f"{path}: the config file is empty (write `{{}}` to use every default of "
-                              f"{cls.__name__})")
-        if not isinstance(data, Mapping):
-            got = "a list" if isinstance(data, list) else f"the scalar {str(data)[:40]!r}"
-            raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {got}")
-        return cls.from_mapping(data, source=str(path))
+        return cls.from_mapping(_read_yaml_mapping(path, cls.__name__), source=str(path))
+
+    @classmethod
+    def load(cls: type[C], path: str | Path, overrides: Sequence[str] = ()) -> C:
+        """A YAML file, then ``key.path=value`` overrides (:meth:`with_overrides`). ``section.preset=NAME``
+        switches the preset of a section typed as a config with presets (``model.preset=B``) before the section is
+        expanded, so the file's other fields of that section still apply. Raises ``ConfigError``."""
+        data = dict(_read_yaml_mapping(path, cls.__name__))
+        rest = []
+        for word in overrides:
+            key, _, value = word.partition("=")
+            parts = key.split(".")
+            if parts[-1] == "preset" and _has_presets(cls, parts[:-1]):
+                node = data
+                for part in parts[:-1]:
+                    if not isinstance(node.get(part) or {}, Mapping):
+                        raise ConfigError(f"{path}: '{part}' is not a section, cannot apply override '{word}'")
+                    child = dict(node.get(part) or {})
+                    node[part] = child
+                    node = child
+                node["preset"] = value
+            else:
+                rest.append(word)
+        return cls.from_mapping(data, source=str(path)).with_overrides(rest)
 
     @classmethod
     def from_mapping(cls: type[C], data: Mapping[str, Any], source: str = "") -> C:
@@ -224,6 +253,36 @@ class Config:
                 raise ConfigError(f"unknown config key '{key}' in override '{word}'")
             node[parts[-1]] = value
         return type(self).from_dict(data)
+
+
+def _read_yaml_mapping(path: str | Path, name: str) -> Mapping[str, Any]:
+    """The top-level mapping of a YAML file; ``ConfigError`` (one line) for anything else."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read config file {path}: {err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML: {_one_line(err)}") from None
+    if data is None:  # an empty (or comments-only) file is a truncated copy or a wrong path far more often
+        raise ConfigError(f"{path}: the config file is empty (write `{{}}` to use every default of {name})")
+    if not isinstance(data, Mapping):
+        got = "a list" if isinstance(data, list) else f"the scalar {str(data)[:40]!r}"
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {got}")
+    return data
+
+
+def _has_presets(cls: type[Config], path: Sequence[str]) -> bool:
+    """Whether the section at ``path`` (field names from ``cls``; empty: ``cls`` itself) is a config with presets."""
+    for part in path:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        tp = typing.get_type_hints(cls).get(part) if part in fields else None
+        if not (isinstance(tp, type) and issubclass(tp, Config)):
+            return False
+        cls = tp
+    return bool(cls.PRESETS)
 
 
 def _one_line(err: Exception) -> str:

@@ -41,6 +41,8 @@ class TokenizerLossConfig(Config):
         require_finite(self, (*weights, "lecam_decay"))
         if any(getattr(self, name) < 0 for name in weights) or not 0 <= self.lecam_decay < 1 or self.disc_start < 0:
             raise ValueError("loss: need weights >= 0, 0 <= lecam_decay < 1 and disc_start >= 0")
+        if self.perceptual_weight > 0 and not self.perceptual_model:
+            raise ValueError("perceptual_weight > 0 needs perceptual_model (a local ResNet-50 folder)")
 
 
 # ImageNet statistics the torchvision / transformers ResNet-50 was trained with.

@@ -15,7 +15,7 @@ import torch
 from magvit import checkpoint as C
 from magvit.config import Config
 from magvit.pretrained import PretrainedMixin
-from magvit.training import EMA
+from magvit.ema import EMA
 
 
 class FakeEngine:
@@ -153,7 +153,7 @@ import glob, json, os, pickle, sys
 import torch
 from magvit import distributed as dist
 from magvit.checkpoint import CheckpointError, CheckpointManager
-from magvit.training import OptimConfig, WarmupCosineSchedule, build_adam
+from magvit.optim import OptimConfig, WarmupCosineSchedule, build_adam
 
 def engine(stage, precision, seed):
     torch.manual_seed(seed)

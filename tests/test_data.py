@@ -215,3 +215,30 @@ def test_token_shards_resident_memory_does_not_grow_with_the_shards(tmp_path):
         assert int(out[0]) == shards * 1024
         grown[shards] = int(out[1])  # KiB
     assert grown[20] - grown[2] < 16 * 1024, grown
+
+
+def test_clip_batches_train_on_the_extracted_clip_shards(small_manifest, tmp_path):
+    """``data.format: safetensors`` reads the clip shards of ``data_prep.extract`` (no decoding on the hot path):
+    random crops of the stored size, and one-line errors for shards that do not fit the config."""
+    import json
+
+    from magvit.batches import DataConfig, clip_batches
+    from magvit.cli import UsageError
+    from magvit.prep import extract
+
+    out = tmp_path / "clips"
+    assert extract.main(["--manifest", str(small_manifest), "--out", str(out), "--num-frames", "8",
+                         "--image-size", "40", "--workers", "0"]) == 0
+    data = DataConfig(format="safetensors", shards=str(out), num_frames=8, image_size=32, batch_size=2,
+                      num_workers=0)
+    train = clip_batches(data, rank=0, world_size=1, seed=0, device=torch.device("cpu"))
+    batch = next(train.stream)
+    assert batch["video"].shape == (2, 3, 8, 32, 32) and batch["video"].abs().max() <= 1
+    assert train.num_examples == json.loads((out / "meta.json").read_text())["num_examples"] > 2
+    assert train.source == str(out) and train.stream.state_dict() == {"epoch": 0, "batch": 1}
+    with pytest.raises(UsageError, match="clips of 8 frames, data.num_frames is 4"):
+        clip_batches(data.replace(num_frames=4), 0, 1, 0, torch.device("cpu"))
+    with pytest.raises(UsageError, match="larger than the stored clips"):
+        clip_batches(data.replace(image_size=48), 0, 1, 0, torch.device("cpu"))
+    with pytest.raises(ValueError, match="data.format 'safetensors' needs data.shards"):
+        DataConfig(format="safetensors")

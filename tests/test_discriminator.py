@@ -95,7 +95,8 @@ def test_trainer_r1_term_is_weight_times_squared_gradient_norm(r1_weight):
 
     from magvit.launch.train_tokenizer import discriminator_step
     from magvit.losses import discriminator_loss
-    from magvit.training import NonFiniteGuard, TokenizerTrainConfig
+    from magvit.run_config import TokenizerTrainConfig
+    from magvit.trainloop import NonFiniteGuard
 
     torch.manual_seed(0)
     cfg = TokenizerTrainConfig().with_overrides([f"loss.r1_weight={r1_weight}", "loss.lecam_weight=0"])
@@ -133,7 +134,8 @@ import contextlib, json, sys
 import torch
 from magvit.launch.train_tokenizer import discriminator_step
 from magvit import distributed as dist
-from magvit.training import NonFiniteGuard, TokenizerTrainConfig
+from magvit.run_config import TokenizerTrainConfig
+from magvit.trainloop import NonFiniteGuard
 
 class Linear(torch.nn.Module):
     def __init__(self):

@@ -92,7 +92,7 @@ def test_every_writer_honours_a_002_umask(tmp_path, umask_002):
 def test_ema_file_of_a_checkpoint_honours_the_umask(tmp_path, umask_002):
     """The checkpoint's EMA weights go through the same atomic writer (plain-python engine stand-in)."""
     from magvit.checkpoint import EMA_FILE, CheckpointManager
-    from magvit.training import EMA
+    from magvit.ema import EMA
 
     class Engine:  # the DeepSpeed engine's save_checkpoint contract: files under save_dir/tag
         def save_checkpoint(self, save_dir, tag, client_state, save_latest):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from magvit.training import read_metrics
+from magvit.runlog import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -168,7 +168,7 @@ def test_resume_applies_and_logs_allowed_overrides(base_run, manifest, tmp_path)
     schedule ends at the new max_steps (not at the checkpoint's)."""
     import yaml
 
-    from magvit.training import warmup_cosine
+    from magvit.optim import warmup_cosine
 
     run_dir = _copy_run(base_run, tmp_path / "run")
     result = _tokenizer(run_dir, manifest, "train.max_steps=4", "checkpoint.every=1", "logging.log_every=2",

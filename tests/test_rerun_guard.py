@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from magvit import training as T
+from magvit import runlog
+from magvit.run_config import build_arg_parser, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,30 +33,30 @@ def _previous_run(run_dir: Path) -> None:
 
 def test_what_counts_as_a_previous_run(tmp_path):
     run = tmp_path / "run"
-    assert T.previous_run(run) is None  # not there yet
+    assert runlog.previous_run(run) is None  # not there yet
     (run / "checkpoints").mkdir(parents=True)
     (run / "metrics.jsonl").write_text("")
-    assert T.previous_run(run) is None  # an empty layout (e.g. a run refused before its first step)
+    assert runlog.previous_run(run) is None  # an empty layout (e.g. a run refused before its first step)
     (run / "metrics.jsonl").write_text('{"step": 1}\n')
-    assert T.previous_run(run) == "metrics.jsonl"
+    assert runlog.previous_run(run) == "metrics.jsonl"
     (run / "checkpoints" / "step_00000001").mkdir()
-    assert T.previous_run(run) == "checkpoints/"
+    assert runlog.previous_run(run) == "checkpoints/"
     (run / "config.yaml").write_text("x: 1\n")
-    assert T.previous_run(run) == "config.yaml"
-    line = T.rerun_problem(run, resume=False, overwrite=False)
+    assert runlog.previous_run(run) == "config.yaml"
+    line = runlog.rerun_problem(run, resume=False, overwrite=False)
     assert line == (f"{run} already holds a run (config.yaml): pass --resume auto to continue it, --overwrite to "
                     "delete it and start over, or another --run-dir")
-    assert T.rerun_problem(run, resume=True, overwrite=False) is None
-    assert T.rerun_problem(run, resume=False, overwrite=True) is None
+    assert runlog.rerun_problem(run, resume=True, overwrite=False) is None
+    assert runlog.rerun_problem(run, resume=False, overwrite=True) is None
 
 
 def test_clear_run_dir_deletes_the_previous_run_only(tmp_path):
     run = tmp_path / "run"
     _previous_run(run)
     (run / ".export.old").mkdir()  # left by an interrupted export swap
-    T.clear_run_dir(run)
+    runlog.clear_run_dir(run)
     assert sorted(os.listdir(run)) == ["logs", "notes.txt"] and os.listdir(run / "logs") == []  # emptied
-    assert T.previous_run(run) is None
+    assert runlog.previous_run(run) is None
 
 
 def test_clear_run_dir_keeps_the_running_slurm_jobs_logs(tmp_path, monkeypatch):
@@ -65,16 +66,16 @@ def test_clear_run_dir_keeps_the_running_slurm_jobs_logs(tmp_path, monkeypatch):
     (run / "logs" / "tok-42.out").write_text("this job, open for its output\n")
     (run / "logs" / "tok-42-rank0.log").write_text("this job's rank 0\n")
     monkeypatch.setenv("SLURM_JOB_ID", "42")
-    T.clear_run_dir(run)
+    runlog.clear_run_dir(run)
     assert sorted(os.listdir(run)) == ["logs", "notes.txt"]
     assert sorted(os.listdir(run / "logs")) == ["tok-42-rank0.log", "tok-42.out"]
 
 
 def test_resume_auto_is_the_default_and_overwrite_is_explicit():
-    parser = T.build_arg_parser("x", "c.yaml")
-    args = T.parse_args(parser, [])
+    parser = build_arg_parser("x", "c.yaml")
+    args = parse_args(parser, [])
     assert args.resume == "auto" and args.overwrite is False
-    args = T.parse_args(parser, ["--resume", "never", "--overwrite"])
+    args = parse_args(parser, ["--resume", "never", "--overwrite"])
     assert args.resume == "never" and args.overwrite is True
     text = " ".join(parser.format_help().split())
     assert "DELETE its previous run (checkpoints/, export/, samples/, tb/, logs/, metrics.jsonl," in text

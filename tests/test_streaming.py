@@ -113,7 +113,7 @@ def test_resume_mid_epoch_gives_exactly_the_remaining_batches(tmp_path, workers)
 def test_batch_stream_resumes_a_streaming_run_exactly(tmp_path):
     """The trainer's BatchStream over a ShardStream: a stream restored from ``state_dict()`` mid-epoch (and across
     an epoch boundary) continues with the batches an uninterrupted stream yields."""
-    from magvit.training import DataConfig, make_batch_stream
+    from magvit.batches import DataConfig, make_batch_stream
 
     _token_tars(tmp_path / "wds", shards=4, rows=5)
     data = DataConfig(format="webdataset", shards=str(tmp_path / "wds"), batch_size=2, num_workers=2,
@@ -257,17 +257,18 @@ def test_tokenizer_trains_on_streamed_clips(small_manifest, tmp_path):
 
 def test_a_streaming_run_refuses_to_resume_with_other_loader_workers(tmp_path):
     """data.num_workers may change on resume of a random-access run, not of a streaming one (it sets the order)."""
-    from magvit import training as T
     from magvit.checkpoint import COMPLETE, TRAINER_STATE
+    from magvit.resume import resume_changes
+    from magvit.run_config import TransformerTrainConfig
 
     root = tmp_path / "checkpoints"
     (root / "step_00000004").mkdir(parents=True)
     (root / "step_00000004" / COMPLETE).write_text("")
     for fmt, refused in (("files", False), ("webdataset", True)):
-        cfg = T.TransformerTrainConfig().with_overrides([f"data.format={fmt}", "data.shards=s3://b/x"])
+        cfg = TransformerTrainConfig().with_overrides([f"data.format={fmt}", "data.shards=s3://b/x"])
         (root / "step_00000004" / TRAINER_STATE).write_text(json.dumps(
             {"step": 4, "world_size": 1, "zero_stage": 2, "config": cfg.to_dict()}))
-        problem, changes = T.resume_changes(cfg.with_overrides(["data.num_workers=4"]), root, 1, 2)
+        problem, changes = resume_changes(cfg.with_overrides(["data.num_workers=4"]), root, 1, 2)
         if refused:
             assert "streaming run" in problem and "data.num_workers (2 -> 4)" in problem and changes == []
         else:

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from magvit.distributed import EXIT_CODE_PREEMPTED, free_port
-from magvit.training import read_metrics
+from magvit.runlog import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"
@@ -366,3 +366,20 @@ def test_pickle_planted_in_one_ranks_shard_stops_both_ranks(tokenizer_reference,
     assert f"{target.parents[1]}: rank 1 found a damaged or unsafe file (its own error line names it)" in output
     assert output.count("error: ") <= 2, output[-3000:]
     assert not marker.exists()
+
+
+def test_tokenizer_trains_on_extracted_clip_shards(manifest, tmp_path):
+    """One plain process on the clip shards of `data_prep.extract` (data.format=safetensors): no video decoding
+    in the loop; the manifest still gives the validation clips."""
+    extracted = subprocess.run([sys.executable, "-m", "data_prep.extract", "--manifest", str(manifest), "--out",
+                                str(tmp_path / "clips"), "--num-frames", "4", "--image-size", "20", "--workers", "0"],
+                               cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=180)
+    assert extracted.returncode == 0, extracted.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    result = _run("train_tokenizer.py", ["--config", "configs/tokenizer/tiny.yaml", "--run-dir", str(run_dir),
+                                         "data.format=safetensors", f"data.shards={tmp_path / 'clips'}",
+                                         f"data.manifest={manifest}", "train.max_steps=2", "checkpoint.every=2",
+                                         *TOKENIZER_OVERRIDES], ranks=1)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert sorted(_losses(run_dir, "g/loss")) == [1, 2] and "val/psnr" in read_metrics(run_dir / "metrics.jsonl")[-1]
+    assert str(tmp_path / "clips") in (run_dir / "export" / "README.md").read_text()  # the card names the shards

@@ -16,7 +16,6 @@ the step, checkpoint and exit with status 3 (send them to the training processes
 
 from __future__ import annotations
 
-import json
 import sys
 import warnings
 from pathlib import Path
@@ -28,26 +27,28 @@ if __package__ in (None, ""):  # `python launch/train_transformer.py` / the deep
 import torch
 
 from magvit import distributed as dist
+from magvit.batches import token_batches, token_sizes
+from magvit.checkpoint import seed_everything
 from magvit.cli import run_main
-from magvit.checkpoint import CheckpointManager, export_ema, seed_everything
-from magvit.training import (EMA, MetricsLogger, MetricsWindow, NonFiniteGuard, NonFiniteLossError,
-                             TransformerTrainConfig, UsageError, WarmupCosineSchedule, build_adam, load_train_config,
-                             make_batch_stream, parse_train_command, precision_context, progress_bar,
-                             resume_latest, start_run)
+from magvit.config import ConfigError
+from magvit.ema import EMA
+from magvit.masking import SCHEDULES, TASKS, make_training_batch, masked_token_loss, predicted_codes
+from magvit.optim import WarmupCosineSchedule, build_adam
+from magvit.resume import start_run
+from magvit.run_config import TransformerTrainConfig, load_train_config, parse_train_command
+from magvit.trainloop import NonFiniteGuard, Reporting, TrainLoop, precision_context
+from magvit.transformer import MaskedVideoTransformer
 
 DEFAULT_CONFIG = "configs/transformer/tiny.yaml"
+REPORTING = Reporting("MaskedVideoTransformer", loss_key="loss", rate_key="perf/examples_per_s", rate_label="ex_s",
+                      lr_keys={"transformer": "lr"}, card_keys=("loss", "masked_accuracy"))
 
 
 def load_config(config_path: str, overrides: Sequence[str], deepspeed_config: str | None = None
                 ) -> TransformerTrainConfig:
     """The training config (YAML + overrides), strictly checked; the model's data-dependent sizes are filled in
     later by :func:`with_token_sizes`."""
-    from magvit.config import ConfigError
-    from magvit.masking import SCHEDULES, TASKS
-    from magvit.transformer import TransformerConfig
-
-    cfg = load_train_config(TransformerTrainConfig, config_path, overrides, {"model": TransformerConfig},
-                            deepspeed_config)
+    cfg = load_train_config(TransformerTrainConfig, config_path, overrides, deepspeed_config)
     m = cfg.masking
     if m.schedule not in SCHEDULES:
         raise ConfigError(f"masking.schedule: {m.schedule!r} is not one of {list(SCHEDULES)}")
@@ -59,42 +60,16 @@ def load_config(config_path: str, overrides: Sequence[str], deepspeed_config: st
 
 def with_token_sizes(cfg: TransformerTrainConfig) -> TransformerTrainConfig:
     """Set ``model.codebook_size``/``token_grid``/``num_classes`` from the token shards' ``meta.json``."""
-    from magvit.config import ConfigError
-    from magvit.transformer import TransformerConfig
-
-    meta_path = Path(cfg.data.tokens) / "meta.json"
-    if cfg.data.format == "webdataset":  # meta.json beside the tar shards, wherever they are
-        from magvit.streaming import resolve_shards
-
-        meta_path = cfg.data.shards
-        try:
-            meta = resolve_shards(cfg.data.shards)[0]
-        except (OSError, ValueError) as err:
-            raise UsageError(f"data.shards: {err}") from None
-    elif not meta_path.is_file():
-        raise UsageError(f"token shards not found: {meta_path} (make them with `python -m data_prep.tokenize`, "
-                         "or set data.tokens=DIR)")
     try:
-        if cfg.data.format == "files":
-            meta = json.loads(meta_path.read_text())
-        from_data = {"codebook_size": int(meta["codebook_size"]), "token_grid": list(meta["token_grid"]),
-                     "num_classes": len(meta.get("classes") or [])}
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise UsageError(f"{meta_path}: not a token shard meta.json ({err})") from None
-    cfg = cfg.replace(model={**cfg.model, **from_data})
-    try:
-        TransformerConfig.from_dict(cfg.model)
+        return cfg.replace(model=cfg.model.replace(**token_sizes(cfg.data)))
     except ConfigError as err:
         raise ConfigError(f"model (with the token shards' sizes): {err}") from None
-    return cfg
 
 
 def transformer_step(engine, batch: dict[str, Any], step: int, cfg: TransformerTrainConfig, vocab,
                      guard: NonFiniteGuard, autocast) -> dict[str, float] | None:
     """One micro-step: mask the batch's video tokens, predict them, back-propagate the masked-token loss.
     Returns metrics, or None when a non-finite loss on any rank made every rank skip it."""
-    from magvit.masking import make_training_batch, masked_token_loss, predicted_codes
-
     m = cfg.masking
     tb = make_training_batch(batch, vocab, tasks=m.tasks, schedule=m.schedule, cond_dropout_prob=m.cond_dropout_prob,
                              unmasked_weight=m.unmasked_weight)  # randomness from the (checkpointed) global RNG
@@ -123,106 +98,33 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def train(cfg: TransformerTrainConfig, ds_base: dict[str, Any], run_dir: Path, resume: bool,
           argv: Sequence[str], overwrite: bool = False) -> int:
-    from magvit.data import TokenShardDataset
-    from magvit.streaming import ShardStream
-    from magvit.model_card import TrainingRecord
-    from magvit.transformer import MaskedVideoTransformer, TransformerConfig
-
     # from here on SIGTERM/SIGUSR1 mean "checkpoint and exit 3"
-    run = start_run(cfg, ds_base, run_dir, argv, "magvit.train_transformer", resume=resume,
-                    overwrite=overwrite)
-    rank, world, device, stage, log = run.rank, run.world_size, run.device, run.zero_stage, run.log
-    tc = cfg.train
+    run = start_run(cfg, ds_base, run_dir, argv, "magvit.train_transformer", resume=resume, overwrite=overwrite)
+    tc, device = cfg.train, run.device
 
     seed_everything(tc.seed)  # identical initial weights on every rank
-    model_cfg = TransformerConfig.from_dict(cfg.model)
-    model = MaskedVideoTransformer(model_cfg)
+    model = MaskedVideoTransformer(cfg.model)
     ema = EMA(model, tc.ema_decay, warmup=tc.ema_warmup)
-    seed_everything(tc.seed + rank)
+    seed_everything(tc.seed + run.rank)
     optimizer = build_adam(model, cfg.optim)
     schedule = WarmupCosineSchedule(optimizer, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
     engine = dist.build_engine(model, optimizer, run.ds_config, schedule)
     autocast = precision_context(tc.precision, device)
-    vocab = model_cfg.vocab
+    vocab = cfg.model.vocab
+    data = token_batches(cfg.data, run.rank, run.world_size, tc.seed, device)
 
-    d = cfg.data
-    source = d.tokens if d.format == "files" else d.shards
-    try:
-        if d.format == "webdataset":  # streamed: split by shard across ranks and loader workers
-            dataset = ShardStream(d.shards, "tokens", d.batch_size, rank, world, d.num_workers, tc.seed,
-                                  d.shuffle_buffer)
-        else:
-            dataset = TokenShardDataset(d.tokens)
-        stream = make_batch_stream(dataset, d, rank, world, tc.seed, device)
-    except (ValueError, OSError) as err:  # a damaged shard, codes outside the codebook, too few examples
-        raise UsageError(f"{source}: {' '.join(str(err).split())}") from None
-    num_examples = dataset.num_examples if d.format == "webdataset" else len(dataset)
+    def export_model() -> MaskedVideoTransformer:  # (the loop keeps the training RNG where it was)
+        plain = MaskedVideoTransformer(cfg.model)
+        plain.class_names = list(data.classes)  # class id -> name, from the shards' meta.json
+        return plain
 
-    ckpt = CheckpointManager(run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last)
-    ckpt.clean_stale()
-    guard = NonFiniteGuard(tc.max_nonfinite_steps)
-    resumed = resume_latest(ckpt, {"transformer": engine}, ema, stream, guard, run) if resume else None
-    step = int(resumed["step"]) if resumed is not None else 0
-    last_eval: dict[str, float] = {}  # the last logged loss / accuracy, for the export's model card
+    loop = TrainLoop(run, cfg, run_dir, {"transformer": engine}, ema, data, export_model, REPORTING)
 
-    def save(at_step: int) -> None:
-        ckpt.save(at_step, {"transformer": engine},
-                  {"data": stream.state_dict(), **guard.state_dict(), "config": cfg.to_dict()},
-                  ema)
-        if rank == 0:
-            with torch.random.fork_rng(devices=[]):  # must not move the training RNG (exact resume)
-                plain = MaskedVideoTransformer(model_cfg)
-            plain.class_names = list(dataset.classes)  # class id -> name, from the shards' meta.json
-            export_ema(plain, ema, run_dir / "export", TrainingRecord(str(source), num_examples, at_step,
-                                                                      dict(last_eval)))
-        dist.barrier()
+    def micro_step(batch: dict[str, Any], step: int) -> dict[str, float] | None:
+        batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return transformer_step(engine, batch, step, cfg, vocab, loop.guard, autocast)
 
-    metrics_log = MetricsLogger(run_dir, enabled=rank == 0, tensorboard=cfg.logging.tensorboard)
-    bar = progress_bar(tc.max_steps, step, enabled=rank == 0 and cfg.logging.progress)
-    window = MetricsWindow(metrics_log, bar, d.batch_size * world * tc.grad_accum_steps, "perf/examples_per_s",
-                           loss_key="loss", rate_label="ex_s")
-    exit_code, micro = 0, 0
-    last_saved = step if resumed is not None else -1
-    log.info("training MaskedVideoTransformer (%.1fM parameters) for %d steps on %d rank(s), ZeRO-%d, %s, run dir %s",
-             sum(p.numel() for p in ema.shadow.values()) / 1e6, tc.max_steps, world, stage, tc.precision, run_dir)
-    try:
-        while step < tc.max_steps:
-            if micro == 0 and run.checkpoint_if_preempted(step, last_saved, save):  # only between optimizer steps
-                exit_code = dist.EXIT_CODE_PREEMPTED
-                break
-            batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-                     for k, v in next(stream).items()}
-            boundary = engine.is_gradient_accumulation_boundary()
-            lr = engine.get_lr()[0]
-            out = transformer_step(engine, batch, step, cfg, vocab, guard, autocast)
-            if out is None:
-                metrics_log.log(step, {"nonfinite_skipped": guard.total_skipped}, event="nonfinite_loss")
-                log.warning("non-finite loss at step %d: micro-batch skipped (%d in a row)", step, guard.consecutive)
-                continue
-            window.add(out)
-            micro = 0 if boundary else micro + 1
-            if not boundary:
-                continue
-
-            with dist.gathered_parameters(engine.module, stage):
-                ema.update(engine.module)
-            step += 1
-            run.count_skipped_step(engine, step, guard, metrics_log)  # overflowing gradients: no update
-            window.end_step()
-            if step % cfg.logging.log_every == 0 or step == tc.max_steps:
-                logged = window.log(step, {"lr": lr}, stream.epoch)
-                last_eval.update({k: logged[k] for k in ("loss", "masked_accuracy") if k in logged})
-            if step % cfg.checkpoint.every == 0 or step == tc.max_steps:
-                save(step)
-                last_saved = step
-    except NonFiniteLossError as err:
-        exit_code = run.stop_for_nonfinite(err, step, guard, metrics_log)
-    finally:
-        run.close(bar, metrics_log)
-    if exit_code == 0:
-        log.info("done: %d steps, EMA weights exported to %s", step, run_dir / "export")
-    dist.shutdown(engine)
-    return exit_code
+    return loop.run(micro_step, resume)
 
 
 def cli() -> int:
