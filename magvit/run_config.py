@@ -28,7 +28,6 @@ from .trainloop import CheckpointConfig, LoggingConfig, Precision
 from .transformer import TransformerConfig
 
 
-
 @dataclasses.dataclass
 class TrainConfig(Config):
     """Length, schedule, precision and parallelism of a run."""

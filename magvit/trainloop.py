@@ -140,7 +140,7 @@ class TrainLoop:
 
     ``engines`` are the run's DeepSpeed engines (checkpointed together); the first one is the network whose EMA
     ``ema`` is updated each optimizer step and exported (``export_model()``: a plain copy holding its current
-    buffers, rank 0) with every checkpoint. A micro-step does its forward, backward and ``engine.step()`` and
+    buffers, built on rank 0 with the training RNG set aside) with every checkpoint. A micro-step does its forward, backward and ``engine.step()`` and
     returns its metrics, or None when :attr:`guard` made it skip the whole micro-batch (it then does not count
     towards the accumulation). ``extra_state()`` adds entries to each checkpoint's trainer state and
     ``restore_extra(state)`` reads them back on resume. ``cfg`` is the whole run config (``train``, ``logging``,

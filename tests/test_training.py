@@ -350,6 +350,18 @@ def test_parse_train_command_defaults_and_user_errors(monkeypatch):
                               ["--deepspeed_config", "configs/deepspeed/zero9.json"])
 
 
+def test_trainer_default_config_paths_are_found_from_any_directory(tmp_path, monkeypatch):
+    """The default --config and train.deepspeed_config are packaged files (resources.find_config): a run started
+    outside the checkout, or from an installed package, finds them."""
+    from magvit.launch import train_transformer
+
+    monkeypatch.chdir(tmp_path)
+    args, cfg, ds_base = run_config.parse_train_command("x", train_transformer.DEFAULT_CONFIG, "transformer",
+                                                        train_transformer.load_config, [])
+    assert cfg.model.hidden_size == 64 and cfg.train.deepspeed_config == "configs/deepspeed/zero2.json"
+    assert ds_base["zero_optimization"]["stage"] == 2 and str(args.run_dir) == "runs/transformer/tiny"
+
+
 def test_resume_latest_loads_the_checkpoint_and_reports_its_position(tmp_path):
     from magvit import distributed as dist
     from magvit.checkpoint import COMPLETE

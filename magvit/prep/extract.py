@@ -5,10 +5,11 @@
 
 Each video gives ``--clips-per-video`` evenly spaced clips, short-side resized to ``--image-size`` and center
 cropped, stored as ``frames`` uint8 ``(N, T, H, W, 3)`` plus ``labels`` ``(N,)`` in ``shard-XXXXX.safetensors``,
-with ``meta.json`` written last (read by ``magvit.data.ClipShardDataset``, which can crop smaller and flip). Store a
-larger ``--image-size`` than the training size to keep random-crop augmentation. Rerunning resumes: finished
-shards are kept. Videos that fail to decode are left out and reported. ``--format webdataset`` writes
-``shard-XXXXX.tar`` streaming shards instead (``magvit.streaming.ShardStream``; the same ``meta.json``).
+with ``meta.json`` written last (read by ``magvit.data.ClipShardDataset``, which can crop smaller and flip; a
+tokenizer run trains on them with ``data.format=safetensors data.shards=DIR``). Store a larger ``--image-size`` than
+the training size to keep random-crop augmentation. Rerunning resumes: finished shards are kept. Videos that fail to
+decode are left out and reported. ``--format webdataset`` writes ``shard-XXXXX.tar`` streaming shards instead
+(``magvit.streaming.ShardStream``, ``data.format=webdataset``; the same ``meta.json``).
 """
 
 from __future__ import annotations
