@@ -10,6 +10,11 @@ Sequence layout (length ``2 + 2 * t*h*w``)::
 
 The prefix holds the tokens of the pixel-space condition video (COMMIT tasks) or of a sketch video; tasks without
 a pixel condition (class, unconditional) and dropped conditions fill it with the no-condition pad token.
+
+What varies by task (condition region and fill, the token-shard key of the prefix, the use of the label) is read
+from the task's row in ``magvit/tasks.py``; the token ids of a model's tasks follow its own task list
+(``TokenVocabulary.tasks``). The per-batch path (:func:`make_training_batch`) never waits for the device: checks of
+tensor values live in :func:`check_training_batch` and in the token-shard dataset.
 """
 
 from __future__ import annotations
@@ -24,11 +29,12 @@ import torch.nn.functional as F
 from . import tasks as _tasks
 from .config import Config, require_finite
 
+
 @dataclasses.dataclass
 class MaskingConfig(Config):
     """Options of ``masking.make_training_batch`` and ``masking.masked_token_loss``."""
 
-    tasks: list[str] | None = None  # None: every task the token shards support
+    tasks: list[str] | None = None  # None: every task of the model that the token shards support
     schedule: str = "cosine"
     cond_dropout_prob: float = 0.1  # classifier-free guidance: drop the condition / class
     unmasked_weight: float = 1.0  # loss weight of the visible video tokens (masked ones weigh 1)

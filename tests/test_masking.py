@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from magvit import tasks
 from magvit.masking import (
     CONDITION_TASKS,
     IGNORE_INDEX,
@@ -28,6 +29,7 @@ from magvit.masking import (
     masked_token_loss,
     predicted_codes,
     random_mask,
+    training_tasks,
 )
 
 GRID = (2, 4, 4)
@@ -384,3 +386,52 @@ def test_training_batch_reads_no_tensor_value_on_the_host():
         batch = {k: v.to("meta") for k, v in _batch().items()}
         out = make_training_batch(batch, vocab, generator=torch.Generator().manual_seed(0), **options)
         assert all(t.device.type == "meta" and t.shape == (6, SequenceLayout(GRID).length) for t in out)
+
+
+# --- the task table ------------------------------------------------------------------------------------------------
+
+
+def test_task_table_rows_and_cli_lookup():
+    assert tasks.TASK_NAMES == tasks.DEFAULT_TASKS == TASKS  # today's table is the default list, in its order
+    assert CONDITION_TASKS == tuple(t.name for t in tasks.TASKS if t.shard_key == f"cond.{t.name}")
+    assert tasks.cli_names() == ("frame_prediction", "interpolation", "outpaint", "inpaint", "sketch", "class",
+                                 "unconditional")
+    assert tasks.cli_regions("outpaint") == ("central", "vertical", "horizontal") and tasks.cli_regions("inpaint") == ()
+    assert tasks.from_cli("outpaint", "vertical").name == "outpaint_vertical"
+    assert tasks.from_cli("inpaint", "vertical").name == "inpaint_central"  # one row: no region to choose
+    with pytest.raises(ValueError, match="--region of outpaint must be one of central, vertical, horizontal"):
+        tasks.from_cli("outpaint", "diagonal")
+    with pytest.raises(ValueError, match="unknown task 'deblur'"):
+        tasks.from_cli("deblur")
+    sketch, label, uncond = tasks.task("sketch"), tasks.task("class"), tasks.task("unconditional")
+    assert (sketch.shard_key, label.shard_key, uncond.shard_key) == ("sketch_codes", None, None)
+    assert label.needs_label and not sketch.needs_label and sketch.uses_label and not uncond.uses_label
+    with pytest.raises(ValueError, match="expected one of"):
+        tasks.Task("blur", "blur", "video", frames="all", area="all", fill="blur")
+    with pytest.raises(ValueError, match="'video' tasks only"):
+        tasks.Task("blur", "blur", "sketch", fill="constant")
+
+
+def test_a_new_task_is_one_table_row(monkeypatch):
+    """A row with known kinds of region and fill is all a task needs: condition video, training batches, CLI."""
+    wide = tasks.Task("outpaint_wide", "outpaint", "video", region="wide", frames="all", area="horizontal",
+                      fill="constant")
+    monkeypatch.setattr(tasks, "TASKS", (*tasks.TASKS, wide))
+    assert torch.equal(condition_region("outpaint_wide", 2, 8, 8), condition_region("outpaint_horizontal", 2, 8, 8))
+    video = torch.rand(3, 2, 8, 8) * 2 - 1
+    assert torch.equal(build_condition_video(video, "outpaint_wide"),
+                       build_condition_video(video, "outpaint_horizontal"))
+    assert tasks.from_cli("outpaint", "wide") is wide and "wide" in tasks.cli_regions("outpaint")
+    vocab = TokenVocabulary(16, num_classes=3, tasks=(*tasks.DEFAULT_TASKS, "outpaint_wide"))
+    batch = {**_batch(), "cond.outpaint_wide": torch.randint(0, 16, (6, *GRID))}
+    ids = make_training_batch(batch, vocab, tasks=["outpaint_wide"], cond_dropout_prob=0.0).input_ids
+    assert bool((ids[:, 0] == vocab.task_token("outpaint_wide")).all())
+    assert torch.equal(ids[:, SequenceLayout(GRID).prefix], batch["cond.outpaint_wide"].reshape(6, N))
+    # by default a model trains on every task of its list whose condition the batch carries
+    chosen = make_training_batch({k: v.repeat(20, *[1] * (v.dim() - 1)) for k, v in batch.items()}, vocab,
+                                 generator=torch.Generator().manual_seed(0)).input_ids[:, 0]
+    assert {int(t) for t in chosen} == {vocab.task_token(t) for t in vocab.tasks}
+    old = TokenVocabulary(16, num_classes=3)  # a model of the old list does not train on it
+    assert "outpaint_wide" not in {t.name for t in training_tasks(batch, old)}
+    with pytest.raises(ValueError, match="unknown task 'outpaint_wide'"):
+        make_training_batch(batch, old, tasks=["outpaint_wide"])
