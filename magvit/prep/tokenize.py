@@ -60,7 +60,7 @@ def encode_batch(tokenizer, video: torch.Tensor, tasks: Sequence[str], sketch: t
     return {name: part.to(torch.int32) for name, part in zip(names, codes.split(len(video)))}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokenizer", required=True, help="save_pretrained folder of a VideoTokenizer, or its Hub id")
     parser.add_argument("--manifest", required=True, help="manifest from data_prep.index")
@@ -82,7 +82,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--world-size", type=int, default=None,
                         help="processes sharing the work (default: $WORLD_SIZE, else 1)")
     parser.add_argument("--overwrite", action="store_true", help="start over: remove the shards already in --out (also damaged ones or those of other settings)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def check_args(args) -> None:
+    """Refuse bad numbers, a missing manifest or an unusable ``--out`` before anything is loaded or encoded."""
     for name in ("batch_size", "shard_size", "frame_stride"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -90,30 +94,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UsageError(f"--workers must be >= 0, got {args.workers}")
     if not Path(args.manifest).is_file():
         raise UsageError(f"manifest not found: {args.manifest}")
-    check_out_dir(Path(args.out))  # before loading and encoding anything
-    rank, world = rank_from_env(args.rank, args.world_size)
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device.startswith("cuda") and ":" not in args.device and world > 1 and torch.cuda.device_count() > 1:
-        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
-    quiet_decoders()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from magvit.pretrained import resolve_pretrained
+    check_out_dir(Path(args.out))
 
-    try:  # a Hub id (org/name) becomes its snapshot folder in the Hub cache; the digest below reads its weights
-        args.tokenizer = str(resolve_pretrained(args.tokenizer))
-    except (FileNotFoundError, ValueError) as err:
-        raise UsageError(str(err)) from None
-    tokenizer = load_tokenizer(args.tokenizer, args.device)
-    config = tokenizer.config
-    num_frames, size = config.num_frames, config.image_size
-    grid = config.token_grid(num_frames, size, size)
 
+def pick_device(device: str | None, rank: int, world: int) -> str:
+    """``--device``, by default the GPU when there is one; with several ranks on a node, this rank's GPU."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and ":" not in device and world > 1 and torch.cuda.device_count() > 1:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
+    return device
+
+
+def open_clips(args, config) -> tuple:
+    """The manifest's clips of ``--split`` at the tokenizer's size and the sketch source they use:
+    ``(ClipDataset, sketch_mode)`` with ``sketch_mode`` ``"manifest"``, ``"compute"`` or ``"none"``."""
     from magvit.data import ClipDataset, read_manifest
-    from magvit.masking import CONDITION_TASKS
 
-    tasks = [] if args.no_conditions else list(CONDITION_TASKS)
     try:
         records = read_manifest(args.manifest)
     except (OSError, ValueError) as err:
@@ -125,25 +122,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     if sketch_mode == "manifest" and not all(r.get("sketch") for r in in_split):
         raise UsageError("--sketch manifest: some videos have no 'sketch' (run python -m data_prep.sketch first)")
     try:
-        dataset = ClipDataset(records, args.split, num_frames=num_frames, image_size=size,
+        dataset = ClipDataset(records, args.split, num_frames=config.num_frames, image_size=config.image_size,
                               frame_stride=args.frame_stride, random_start=False, random_crop=False, on_error="skip",
                               with_sketch=sketch_mode == "manifest")
     except ValueError as err:  # e.g. no file of the manifest exists, or labels of mixed kinds
         raise UsageError(f"{args.manifest}: {err}") from None
     if len(dataset) == 0:
-        raise UsageError(f"no {args.split} videos with enough frames ({num_frames} x stride {args.frame_stride}) "
-                         f"in {args.manifest}")
+        raise UsageError(f"no {args.split} videos with enough frames ({config.num_frames} x stride "
+                         f"{args.frame_stride}) in {args.manifest}")
+    return dataset, sketch_mode
 
-    out = Path(args.out)
+
+def shard_plan(args, config, dataset, sketch_mode: str, tasks: Sequence[str]) -> dict:
+    """Settings and fingerprint of this run: a rerun with the same ones resumes, others need ``--overwrite``."""
     settings = {"split": args.split, "shard_size": args.shard_size, "sketch": sketch_mode, "tasks": tasks,
                 **({"format": args.format} if args.format != "safetensors" else {}),
                 "frame_stride": args.frame_stride, "tokenizer_config": config.to_dict(),
                 "tokenizer_weights": file_digest(Path(args.tokenizer) / "model.safetensors")}
     videos = [(r["path"], r["frames"], r.get("label"), r.get("sketch")) for r in dataset.records]
-    plan = {"settings": settings, "fingerprint": fingerprint({"s": settings, "v": videos})}
-    open_out_dir_ranked(out, plan, args.overwrite, rank, world)
-    workers = 2 if args.workers is None else args.workers
+    return {"settings": settings, "fingerprint": fingerprint({"s": settings, "v": videos})}
 
+
+def make_encoder(tokenizer, tasks: Sequence[str], sketch_mode: str, device: str):
+    """``batch -> tensors of the shard``: codes, condition codes, sketch codes, labels and clip indices."""
     from magvit.sketch import sketch_video
 
     def encode(batch: dict) -> dict[str, torch.Tensor]:
@@ -153,13 +154,44 @@ def main(argv: Sequence[str] | None = None) -> int:
             sketch = batch["sketch"]
         elif sketch_mode == "compute":
             sketch = sketch_video(video)
-        return {**encode_batch(tokenizer, video, tasks, sketch, args.device), "labels": batch["label"].long(),
+        return {**encode_batch(tokenizer, video, tasks, sketch, device), "labels": batch["label"].long(),
                 "clip_index": batch["index"].long()}
+
+    return encode
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    rank, world = rank_from_env(args.rank, args.world_size)
+    args.device = pick_device(args.device, rank, world)
+    quiet_decoders()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from magvit.masking import CONDITION_TASKS
+    from magvit.pretrained import resolve_pretrained
+
+    try:  # a Hub id (org/name) becomes its snapshot folder in the Hub cache; the digest below reads its weights
+        args.tokenizer = str(resolve_pretrained(args.tokenizer))
+    except (FileNotFoundError, ValueError) as err:
+        raise UsageError(str(err)) from None
+    tokenizer = load_tokenizer(args.tokenizer, args.device)
+    config = tokenizer.config
+    num_frames, size = config.num_frames, config.image_size
+    grid = config.token_grid(num_frames, size, size)
+    tasks = [] if args.no_conditions else list(CONDITION_TASKS)
+    dataset, sketch_mode = open_clips(args, config)
+
+    out = Path(args.out)
+    plan = shard_plan(args, config, dataset, sketch_mode, tasks)
+    open_out_dir_ranked(out, plan, args.overwrite, rank, world)
+    workers = 2 if args.workers is None else args.workers
 
     numbers = range(rank, num_shards(len(dataset), args.shard_size), world)
     mine, made, kept, dropped = write_shards(dataset, out, args.shard_size, args.batch_size, workers,
                                              "tokenizing" if world == 1 else f"tokenizing (rank {rank}/{world})",
-                                             encode, format=args.format, numbers=numbers)
+                                             make_encoder(tokenizer, tasks, sketch_mode, args.device),
+                                             format=args.format, numbers=numbers)
     shards = finish_rank(out, plan["fingerprint"], rank, world, mine)
     meta = {"format": "magvit-tokens", "tokenizer": config.to_dict(),
             "tokenizer_dir": str(Path(args.tokenizer).resolve()), "token_grid": list(grid),
