@@ -116,13 +116,13 @@ def test_submit_from_any_directory_uses_packaged_templates_and_configs(capsys, m
     proc = _submit(capsys, "tokenizer", "--gpus-per-node", "0", "--workdir", str(workdir), "--dry-run")
     assert f"export MAGVIT_WORKDIR={workdir}\n" in proc.stdout
     assert f"--run-dir {workdir}/runs/tokenizer/tiny " in proc.stdout
-    config = submit.resolve_config("tokenizer", submit.find_config("configs/tokenizer/tiny.yaml"), [], workdir)
-    assert config["train"]["deepspeed_config"] == str(CONFIG_DIR / "deepspeed" / "zero2.json")
-    # A working directory with its own configs/ keeps its relative path (a checkout: the job reads its own copy).
-    (workdir / "configs" / "deepspeed").mkdir(parents=True)
-    (workdir / "configs" / "deepspeed" / "zero2.json").write_text("{}")
-    config = submit.resolve_config("tokenizer", submit.find_config("configs/tokenizer/tiny.yaml"), [], workdir)
+    # The DeepSpeed config is the packaged one too (the trainer finds it as submit does); a missing one is refused.
+    config = submit.resolve_config("tokenizer", CONFIG_DIR / "tokenizer" / "tiny.yaml", [], workdir)
     assert config["train"]["deepspeed_config"] == "configs/deepspeed/zero2.json"
+    assert submit.check_paths(config, "tokenizer", workdir)[0].startswith("warning: data.manifest")
+    config["train"]["deepspeed_config"] = "configs/deepspeed/zero9.json"
+    with pytest.raises(submit.UsageError, match="zero9.json"):
+        submit.check_paths(config, "tokenizer", workdir)
 
 
 def test_batch_script_master_port_matches_python(tmp_path):

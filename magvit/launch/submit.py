@@ -70,9 +70,7 @@ def resolve_config(kind: str, config_path: str | os.PathLike, overrides: Sequenc
                    workdir: Path | None = None) -> dict[str, Any]:
     """The resolved training config of ``kind`` as a plain dict: exactly what ``magvit.launch.train_<kind>`` runs
     with ``--config config_path overrides...`` (its own ``load_config``) in ``workdir`` (default: the current
-    directory). A relative ``train.deepspeed_config`` that ``workdir`` lacks becomes the packaged file of that name
-    (``find_config``), so the job finds it wherever the package is installed. ``UsageError`` on any config
-    mistake."""
+    directory). ``UsageError`` on any config mistake."""
     from magvit.config import ConfigError
 
     if kind not in KINDS:
@@ -90,24 +88,25 @@ def resolve_config(kind: str, config_path: str | os.PathLike, overrides: Sequenc
     config_path = Path(config_path).resolve()
     try:
         with contextlib.chdir(workdir or Path.cwd()):
-            config = load_config(str(config_path), list(overrides)).to_dict()
-            ds_config = config.get("train", {}).get("deepspeed_config")
-            if ds_config:
-                config["train"]["deepspeed_config"] = str(find_config(ds_config))
+            return load_config(str(config_path), list(overrides)).to_dict()
     except (ConfigError, UsageError) as err:
         raise UsageError(str(err)) from None
-    return config
 
 
 def check_paths(config: Mapping[str, Any], kind: str, root: Path) -> list[str]:
     """Warnings for data the job will not find (paths in configs are relative to ``root``, the job's working
-    directory). A missing DeepSpeed config is an error."""
+    directory). A DeepSpeed config the trainer will not find there (nor among the packaged configs, as the trainer
+    looks it up with ``find_config``) is an error."""
     def resolve(path: str) -> Path:
         return Path(path) if Path(path).is_absolute() else root / path
 
     ds_config = config.get("train", {}).get("deepspeed_config")
-    if ds_config and not resolve(ds_config).is_file():
-        raise UsageError(f"DeepSpeed config not found: {ds_config} (train.deepspeed_config, relative to {root})")
+    if ds_config:
+        with contextlib.chdir(root):
+            found = find_config(ds_config).resolve()
+        if not found.is_file():
+            raise UsageError(f"DeepSpeed config not found: {ds_config} (train.deepspeed_config, relative to {root} "
+                             "or packaged)")
     data_key = "manifest" if kind == "tokenizer" else "tokens"
     data_path = config.get("data", {}).get(data_key)
     if data_path and not resolve(data_path).exists():
