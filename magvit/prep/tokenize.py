@@ -81,7 +81,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--rank", type=int, default=None, help="this process's rank (default: $RANK, else 0)")
     parser.add_argument("--world-size", type=int, default=None,
                         help="processes sharing the work (default: $WORLD_SIZE, else 1)")
-    parser.add_argument("--overwrite", action="store_true", help="start over: remove the shards already in --out (also damaged ones or those of other settings)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over: remove the shards already in --out (also damaged ones or those of other "
+                             "settings)")
     return parser
 
 
