@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Sequence
 
 from magvit.cli import ArgumentParser, UsageError, command_name, progress, quiet_decoders, run_main
+from magvit.fileio import write_text_atomic
 from magvit.prep.index import build_manifest
 
 PROG = command_name("python -m data_prep.sample_data")
@@ -236,10 +237,7 @@ def _write_licences(out: Path, sources: Sequence[Source], found: dict[str, dict[
     for name, info in found.items():
         if info.get("text"):
             lines += ["", f"## {name} {info['version']} LICENSE", "", "```", info["text"].strip(), "```"]
-    path = out / "LICENSES.md"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+    return write_text_atomic(out / "LICENSES.md", "\n".join(lines) + "\n")
 
 
 def build_sample_data(out: str | Path = "data/sample", cache: str | Path | None = None, offline: bool = False,
