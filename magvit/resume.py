@@ -133,8 +133,8 @@ def resume_latest(ckpt: CheckpointManager, engines: Mapping[str, Any], ema: EMA 
     """Load the latest complete checkpoint of ``ckpt`` into the engines (model, optimizer, LR schedule), the EMA
     and this rank's RNG, with every ``WarmupCosineSchedule`` set to the config in force (a new
     ``train.max_steps`` moves its end). Returns its trainer state (``state["step"]``, the data position
-    ``state["data"]``, ...) for the caller to restore the rest from, or None when there is none. :func:`start_run` has already refused a
-    checkpoint of another world size."""
+    ``state["data"]``, ...) for the caller to restore the rest from, or None when there is none.
+    :func:`start_run` has already refused a checkpoint of another world size."""
     latest = latest_checkpoint(ckpt.root)
     if latest is None:
         log.info("no checkpoint in %s: starting fresh", ckpt.root)

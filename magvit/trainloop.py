@@ -139,12 +139,12 @@ class TrainLoop:
     """Runs ``micro_step(batch, step)`` until ``train.max_steps`` optimizer steps are done.
 
     ``engines`` are the run's DeepSpeed engines (checkpointed together); the first one is the network whose EMA
-    ``ema`` is updated each optimizer step and exported (``export_model()``: a plain copy holding its current
-    buffers, built on rank 0 with the training RNG set aside) with every checkpoint. A micro-step does its forward, backward and ``engine.step()`` and
-    returns its metrics, or None when :attr:`guard` made it skip the whole micro-batch (it then does not count
-    towards the accumulation). ``extra_state()`` adds entries to each checkpoint's trainer state and
-    ``restore_extra(state)`` reads them back on resume. ``cfg`` is the whole run config (``train``, ``logging``,
-    ``checkpoint``, ``data`` sections), recorded in each checkpoint.
+    ``ema`` is updated each optimizer step and exported with every checkpoint (``export_model()``: a plain copy
+    holding its current buffers, built on rank 0 with the training RNG set aside). A micro-step does its forward,
+    backward and ``engine.step()`` and returns its metrics, or None when :attr:`guard` made it skip the whole
+    micro-batch (it then does not count towards the accumulation). ``extra_state()`` adds entries to each
+    checkpoint's trainer state and ``restore_extra(state)`` reads them back on resume. ``cfg`` is the whole run
+    config (``train``, ``logging``, ``checkpoint``, ``data`` sections), recorded in each checkpoint.
     """
 
     def __init__(self, run: RunContext, cfg: Config, run_dir: Path, engines: Mapping[str, Any], ema: EMA,
@@ -165,10 +165,11 @@ class TrainLoop:
     # --- the run ---------------------------------------------------------------------------------------------------
     def run(self, micro_step: MicroStep, resume: bool, sample: Callable[[int], dict[str, float]] | None = None
             ) -> int:
-        """Continue from the latest checkpoint (``resume``) or start at step 0, train, and shut down. ``sample(step)``
-        (rank 0; None: never) evaluates / writes samples at the ``logging.sample_every`` cadence and at the end; its
-        metrics are logged and go into the model card. Returns the exit status: 0 done, 1 stopped for non-finite
-        losses, ``distributed.EXIT_CODE_PREEMPTED`` after a preemption signal (checkpoint written)."""
+        """Continue from the latest checkpoint (``resume``) or start at step 0, train, and shut down.
+        ``sample(step)`` (rank 0; None: never) evaluates / writes samples at the ``logging.sample_every`` cadence
+        and at the end; its metrics are logged and go into the model card. Returns the exit status: 0 done, 1
+        stopped for non-finite losses, ``distributed.EXIT_CODE_PREEMPTED`` after a preemption signal (checkpoint
+        written)."""
         tc, lc, r = self.cfg.train, self.cfg.logging, self.reporting
         self.ckpt.clean_stale()
         if resume:
@@ -264,7 +265,7 @@ class TrainLoop:
         if not self.context.preempt.should_stop():
             return False
         self.context.log.warning("signal received: checkpointing at step %d and exiting with status %d", self.step,
-                             dist.EXIT_CODE_PREEMPTED)
+                                 dist.EXIT_CODE_PREEMPTED)
         if self.last_saved != self.step:
             self.save(self.step)
         return True
@@ -273,8 +274,9 @@ class TrainLoop:
         """A micro-step skipped its backward pass for a non-finite loss: the whole micro-batch (``whole``) or one
         of its parts (e.g. the discriminator's, whose optimizer step then takes one more micro-batch)."""
         self.metrics_log.log(self.step, {"nonfinite_skipped": self.guard.total_skipped}, event="nonfinite_loss")
-        self.context.log.warning("non-finite %s at step %d: %s skipped (%d in a row)", self.guard.last_skipped, self.step,
-                             "micro-batch" if whole else "its part of the micro-step", self.guard.consecutive)
+        self.context.log.warning("non-finite %s at step %d: %s skipped (%d in a row)", self.guard.last_skipped,
+                                 self.step, "micro-batch" if whole else "its part of the micro-step",
+                                 self.guard.consecutive)
 
     def _count_skipped_step(self) -> None:
         """Log (``event: step_skipped``) when DeepSpeed skipped the update for non-finite gradients; the guard
@@ -282,5 +284,5 @@ class TrainLoop:
         if self.guard.check_step(self.engine.was_step_applied(), self.step, dist.all_reduce_max):
             return
         self.metrics_log.log(self.step, self.guard.state_dict(), event="step_skipped")
-        self.context.log.warning("optimizer step %d skipped by DeepSpeed: non-finite gradients (%d in a row)", self.step,
-                             self.guard.consecutive_skipped_steps)
+        self.context.log.warning("optimizer step %d skipped by DeepSpeed: non-finite gradients (%d in a row)",
+                                 self.step, self.guard.consecutive_skipped_steps)

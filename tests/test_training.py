@@ -288,8 +288,8 @@ def test_metrics_window_means_rate_and_reset(tmp_path):
     times = iter([10.0, 14.0, 14.5, 15.5, 16.0])  # start; each log: its end, the next start
     metrics_log = runlog.MetricsLogger(tmp_path, tensorboard=False)
     bar = _FakeBar()
-    window = runlog.MetricsWindow(metrics_log, bar, items_per_step=8, rate_key="perf/clips_per_s", loss_key="g/loss",
-                             rate_label="clips_s", clock=lambda: next(times))
+    window = runlog.MetricsWindow(metrics_log, bar, items_per_step=8, rate_key="perf/clips_per_s",
+                                  loss_key="g/loss", rate_label="clips_s", clock=lambda: next(times))
     window.add({"g/loss": 1.0, "g/recon": 3.0})
     window.add({"g/loss": 2.0})
     window.end_step()
@@ -338,8 +338,8 @@ def test_parse_train_command_defaults_and_user_errors(monkeypatch):
         return run_config.TransformerTrainConfig().with_overrides([f"train.deepspeed_config={deepspeed_config}"]
                                                          if deepspeed_config else [])
 
-    args, cfg, ds_base = run_config.parse_train_command("x", "configs/transformer/tiny.yaml", "transformer", load_config,
-                                               ["train.seed=1"])
+    args, cfg, ds_base = run_config.parse_train_command("x", "configs/transformer/tiny.yaml", "transformer",
+                                                        load_config, ["train.seed=1"])
     assert calls == [("configs/transformer/tiny.yaml", ["train.seed=1"], None)]
     assert args.run_dir == Path("runs/transformer/tiny") and args.resume == "auto"
     assert isinstance(ds_base, dict) and "zero_optimization" in ds_base
@@ -347,7 +347,7 @@ def test_parse_train_command_defaults_and_user_errors(monkeypatch):
     assert args.run_dir == Path("/tmp/r")
     with pytest.raises(UsageError, match="zero9"):
         run_config.parse_train_command("x", "c.yaml", "tokenizer", load_config,
-                              ["--deepspeed_config", "configs/deepspeed/zero9.json"])
+                                       ["--deepspeed_config", "configs/deepspeed/zero9.json"])
 
 
 def test_trainer_default_config_paths_are_found_from_any_directory(tmp_path, monkeypatch):
