@@ -96,7 +96,7 @@ def _check_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if not math.isfinite(value) or (name == "temperature" and value < 0):
             raise UsageError(f"--{name.replace('_', '-')} must be a finite number"
-                                f"{' >= 0' if name == 'temperature' else ''}, got {value}")
+                             f"{' >= 0' if name == 'temperature' else ''}, got {value}")
     try:
         check_writable_dir(args.out)  # now, not after every clip has been evaluated
     except ValueError as err:

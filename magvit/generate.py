@@ -136,7 +136,7 @@ def _check_model_args(args: argparse.Namespace, task: tasks.Task, num_frames: in
     """The limits that depend on the loaded models: clip length and tokens per video."""
     if task.frames == "first" and not args.cond_frames < num_frames:
         raise UsageError(f"--cond-frames must be < {num_frames} (the model's clip length: at least one frame "
-                            f"must be predicted), got {args.cond_frames}")
+                         f"must be predicted), got {args.cond_frames}")
     if args.steps > num_tokens:  # each step reveals at least one token: more steps than tokens do nothing
         raise UsageError(f"--steps must be in [1, {num_tokens}] (the tokens of one video), got {args.steps}")
 
@@ -148,10 +148,10 @@ def class_from_args(args: argparse.Namespace, class_names: Sequence[str]) -> int
         return NO_LABEL if args.class_id is None else args.class_id
     if not class_names:
         raise UsageError(f"--class {args.class_name}: the transformer export has no class names (an export "
-                            "trained without classes, or older than class names): use --class-id")
+                         "trained without classes, or older than class names): use --class-id")
     if args.class_name not in class_names:
         raise UsageError(f"--class {args.class_name}: not a class of this transformer; known: "
-                            f"{', '.join(class_names)}")
+                         f"{', '.join(class_names)}")
     return list(class_names).index(args.class_name)
 
 

@@ -75,7 +75,7 @@ def iterate_clips(manifest: Path, split: str, num_frames: int, image_size: int, 
     lost.setdefault("skipped", []).extend({"path": path, "reason": reason} for path, reason in dataset.skipped)
     if len(dataset) == 0:
         raise UsageError(f"--data: no usable '{split}' clip of {num_frames} frames in {manifest}"
-                            + (" (try --split all)" if split != "all" else ""))
+                         + (" (try --split all)" if split != "all" else ""))
     clips = dataset
     if max_clips is not None:
         dataset = Subset(dataset, range(min(max_clips, len(dataset))))
@@ -101,7 +101,7 @@ def check_token_meta(directory: Path, tokenizer, transformer) -> None:
         codebook, grid = int(meta["codebook_size"]), tuple(int(n) for n in meta["token_grid"])
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise UsageError(f"--tokens: {directory}/meta.json is missing or lacks codebook_size / token_grid "
-                            f"({type(err).__name__})") from None
+                         f"({type(err).__name__})") from None
     expected = [("transformer", transformer.config.codebook_size, tuple(transformer.config.token_grid))]
     if tokenizer is not None:
         tc = tokenizer.config
@@ -111,11 +111,11 @@ def check_token_meta(directory: Path, tokenizer, transformer) -> None:
         differ = [k for k in made_by if k in current and made_by[k] != current[k]] if isinstance(made_by, dict) else []
         if differ:  # keys only one side has: options added in another version, not a different tokenizer
             raise UsageError(f"--tokens: {directory} was made by another tokenizer than --tokenizer ({differ[0]} "
-                                f"{made_by[differ[0]]!r} in meta.json, {current[differ[0]]!r} in the tokenizer)")
+                             f"{made_by[differ[0]]!r} in meta.json, {current[differ[0]]!r} in the tokenizer)")
     for name, model_codebook, model_grid in expected:
         if (codebook, grid) != (model_codebook, model_grid):
             raise UsageError(f"--tokens: {directory} holds codes of a {codebook}-code book on a {grid} grid "
-                                f"(meta.json), the {name} has {model_codebook} codes on {model_grid}")
+                             f"(meta.json), the {name} has {model_codebook} codes on {model_grid}")
 
 
 def token_batches_from_shards(directory: Path, batch_size: int, max_examples: int | None) -> Iterator[dict]:
