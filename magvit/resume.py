@@ -19,6 +19,7 @@ from .config import Config
 from .ema import EMA
 from .optim import WarmupCosineSchedule
 from .runlog import clear_run_dir, rerun_problem, setup_run_dir
+from .tracking import check_backends
 
 
 @dataclasses.dataclass
@@ -54,6 +55,7 @@ def start_run(cfg: Config, ds_base: Mapping[str, Any], run_dir: Path, argv: Sequ
     except ValueError as err:  # the same on every rank
         raise UsageError(f"{tc.deepspeed_config}: {err}") from None
     stage = ds_config["zero_optimization"]["stage"]
+    check_backends(cfg.logging)  # a missing wandb package stops every rank alike, before anything is written
     problem = rerun_problem(run_dir, resume, overwrite)  # every rank looks before rank 0 writes anything
     if dist.all_reduce_max(1.0 if problem else 0.0) > 0:
         raise UsageError(problem or f"{run_dir} already holds a run (seen by another rank)")

@@ -23,7 +23,9 @@ from . import distributed as dist
 from .config import Config
 
 RUN_SUBDIRS = ("checkpoints", "export", "samples", "tb", "logs")
-RUN_FILES = ("metrics.jsonl", "config.yaml", "deepspeed_config.json", "command.txt", "version.txt")
+# wandb/ and wandb_run_id: Weights & Biases' offline runs and the id a resume continues (magvit.tracking)
+RUN_FILES = ("metrics.jsonl", "config.yaml", "deepspeed_config.json", "command.txt", "version.txt", "wandb_run_id",
+             "wandb")
 
 
 def previous_run(run_dir: str | os.PathLike) -> str | None:
@@ -101,21 +103,17 @@ def setup_run_dir(run_dir: str | os.PathLike, config: Config, deepspeed_config: 
 
 
 class MetricsLogger:
-    """Scalars to ``RUN_DIR/metrics.jsonl`` (one JSON object per line, flushed) and TensorBoard ``RUN_DIR/tb``.
-    Disabled (no-op) on ranks other than 0."""
+    """Scalars to ``RUN_DIR/metrics.jsonl`` (one JSON object per line, flushed) and to ``tracker``
+    (``magvit.tracking.Tracker``: TensorBoard, Weights & Biases), which the caller closes. Disabled (no-op) on ranks
+    other than 0."""
 
-    def __init__(self, run_dir: str | os.PathLike, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, run_dir: str | os.PathLike, enabled: bool = True, tracker: Any = None):
         self.enabled = enabled
         self._file = None
-        self._tb = None
+        self._tracker = tracker
         if not enabled:
             return
-        run_dir = Path(run_dir)
-        self._file = open(run_dir / "metrics.jsonl", "a")
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(str(run_dir / "tb"))
+        self._file = open(Path(run_dir) / "metrics.jsonl", "a")
 
     def log(self, step: int, metrics: Mapping[str, float], **extra: Any) -> None:
         if not self.enabled:
@@ -124,18 +122,13 @@ class MetricsLogger:
         record = {"step": int(step), "time": round(time.time(), 3), **extra, **clean}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        if self._tb is not None:
-            for key, value in clean.items():
-                if math.isfinite(value):
-                    self._tb.add_scalar(key, value, step)
+        if self._tracker is not None:
+            self._tracker.log_scalars(step, clean)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:

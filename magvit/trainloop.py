@@ -26,19 +26,22 @@ from .ema import EMA
 from .model_card import TrainingRecord
 from .resume import RunContext, resume_latest
 from .runlog import MetricsLogger, MetricsWindow, progress_bar
+from .tracking import Tracker, TrackingConfig
 
 Precision = Literal["fp32", "bf16", "autocast-bf16"]
 MicroStep = Callable[[Any, int], "dict[str, float] | None"]
 
 
 @dataclasses.dataclass
-class LoggingConfig(Config):
+class LoggingConfig(TrackingConfig):
+    """How often a run reports, and where to (``TrackingConfig``: TensorBoard, Weights & Biases)."""
+
     log_every: int = 10  # steps between metric lines
     sample_every: int = 500  # steps between validation reconstructions/metrics (0: only at the end)
-    tensorboard: bool = True
     progress: bool = True  # tqdm bar on rank 0
 
     def __post_init__(self):
+        super().__post_init__()
         if self.log_every < 1 or self.sample_every < 0:  # `step % 0` would stop the run at its first step
             raise ValueError("logging: need log_every >= 1 and sample_every >= 0")
 
@@ -161,6 +164,7 @@ class TrainLoop:
         self.step, self.last_saved = 0, -1
         self.last_eval: dict[str, float] = {}  # the latest card metrics, for the export's model card
         self.metrics_log = MetricsLogger(self.run_dir, enabled=False)  # opened by `run`
+        self.tracker = Tracker(cfg.logging, self.run_dir, is_main=False)  # opened by `run`; a sample() logs media to it
 
     # --- the run ---------------------------------------------------------------------------------------------------
     def run(self, micro_step: MicroStep, resume: bool, sample: Callable[[int], dict[str, float]] | None = None
@@ -175,7 +179,8 @@ class TrainLoop:
         if resume:
             self._resume()
         log, rank = self.context.log, self.context.rank
-        self.metrics_log = MetricsLogger(self.run_dir, enabled=rank == 0, tensorboard=lc.tensorboard)
+        self.tracker = Tracker(lc, self.run_dir, is_main=rank == 0, run_config=self.cfg.to_dict(), job_type=r.name)
+        self.metrics_log = MetricsLogger(self.run_dir, enabled=rank == 0, tracker=self.tracker)
         bar = progress_bar(tc.max_steps, self.step, enabled=rank == 0 and lc.progress)
         items_per_step = self.cfg.data.batch_size * self.context.world_size * tc.grad_accum_steps
         self.window = MetricsWindow(self.metrics_log, bar, items_per_step, r.rate_key, loss_key=r.loss_key,
@@ -183,6 +188,7 @@ class TrainLoop:
         log.info("training %s (%.1fM parameters) for %d steps on %d rank(s), ZeRO-%d, %s, run dir %s", r.name,
                  sum(p.numel() for p in self.ema.shadow.values()) / 1e6, tc.max_steps, self.context.world_size,
                  self.context.zero_stage, tc.precision, self.run_dir)
+        exit_code = 1  # until the loop returns: an exception marks the tracked run failed
         try:
             exit_code = self._loop(micro_step, sample)
         except NonFiniteLossError as err:
@@ -193,6 +199,7 @@ class TrainLoop:
             bar.close()
             self.context.preempt.uninstall()
             self.metrics_log.close()
+            self.tracker.close(exit_code)
         if exit_code == 0:
             log.info("done: %d steps, EMA weights exported to %s", self.step, self.run_dir / "export")
         dist.shutdown(*self.engines.values())

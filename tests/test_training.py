@@ -13,6 +13,7 @@ import yaml
 
 from magvit.cli import UsageError, run_main
 from magvit.config import Config, ConfigError
+from magvit.tracking import Tracker, TrackingConfig
 from magvit import batches, optim, resume, run_config, runlog, trainloop
 from magvit.ema import EMA
 
@@ -233,10 +234,12 @@ def test_run_dir_and_metrics(tmp_path):
     assert json.loads((run / "deepspeed_config.json").read_text())["zero_optimization"]["stage"] == 2
     assert len((run / "command.txt").read_text().splitlines()) == 2  # one line per launch
     assert "magvit 0.1.0" in (run / "version.txt").read_text()
-    log = runlog.MetricsLogger(run, tensorboard=True)
+    tracker = Tracker(TrackingConfig(), run, is_main=True)
+    log = runlog.MetricsLogger(run, tracker=tracker)
     log.log(1, {"loss": torch.tensor(0.5).item(), "lr": 1e-3})
     log.log(2, {"loss": math.nan})
     log.close()
+    tracker.close()
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 3, "lo')  # torn line of a killed run
     records = runlog.read_metrics(run / "metrics.jsonl")
@@ -286,7 +289,7 @@ class _FakeBar:
 
 def test_metrics_window_means_rate_and_reset(tmp_path):
     times = iter([10.0, 14.0, 14.5, 15.5, 16.0])  # start; each log: its end, the next start
-    metrics_log = runlog.MetricsLogger(tmp_path, tensorboard=False)
+    metrics_log = runlog.MetricsLogger(tmp_path)
     bar = _FakeBar()
     window = runlog.MetricsWindow(metrics_log, bar, items_per_step=8, rate_key="perf/clips_per_s",
                                   loss_key="g/loss", rate_label="clips_s", clock=lambda: next(times))

@@ -39,6 +39,7 @@ from magvit.optim import WarmupCosineSchedule, build_adam
 from magvit.resume import start_run
 from magvit.run_config import TokenizerTrainConfig, load_train_config, parse_train_command
 from magvit.tokenizer import TokenizerConfig, VideoTokenizer, check_init_from, init_tokenizer
+from magvit.tracking import Tracker
 from magvit.trainloop import NonFiniteGuard, Reporting, TrainLoop, precision_context
 
 DEFAULT_CONFIG = "configs/tokenizer/tiny.yaml"
@@ -181,9 +182,10 @@ def ema_copy(model_cfg: TokenizerConfig, ema: EMA, live: torch.nn.Module) -> tor
 
 @torch.no_grad()
 def validate(model: torch.nn.Module, val_videos: torch.Tensor, samples_dir: Path, step: int,
-             fps: float) -> dict[str, float]:
+             fps: float, tracker: Tracker) -> dict[str, float]:
     """Reconstruct the validation clips (V, 3, T, H, W); write ``step_XXXXXXXX.mp4`` (real | reconstruction side
-    by side, clips one after another) and a PNG grid (rows: real, reconstruction, ...). Returns PSNR."""
+    by side, clips one after another) and a PNG grid (rows: real, reconstruction, ...), and give the same video and
+    the middle frames to the run's tracker (TensorBoard / W&B). Returns PSNR."""
     from magvit.metrics import video_psnr
     from magvit.video_io import save_frame_grid, write_video
 
@@ -194,6 +196,8 @@ def validate(model: torch.nn.Module, val_videos: torch.Tensor, samples_dir: Path
     write_video(samples_dir / f"step_{step:08d}.mp4", movie, fps=fps)
     rows = [v for pair in zip(val_videos, recon) for v in pair]
     save_frame_grid(samples_dir / f"step_{step:08d}.png", rows)
+    tracker.log_video(step, "val/real_vs_reconstruction", pairs, fps)
+    tracker.log_images(step, "val/frames", torch.stack([v[:, v.shape[1] // 2] for v in rows]))  # (2V, 3, H, W)
     return {"val/psnr": psnr}
 
 
@@ -279,7 +283,7 @@ def train(cfg: TokenizerTrainConfig, ds_base: dict[str, Any], run_dir: Path, res
 
     def sample(step: int) -> dict[str, float]:
         model = ema_copy(cfg.model, ema, g_engine.module).to(device)
-        return validate(model, val_videos.to(device), run_dir / "samples", step, fps=8.0)
+        return validate(model, val_videos.to(device), run_dir / "samples", step, fps=8.0, tracker=loop.tracker)
 
     return loop.run(micro_step, resume, sample=sample if val_videos is not None else None)
 
