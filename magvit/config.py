@@ -44,14 +44,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(value, arg, key)
-            except ConfigError as err:
-                errors.append(str(err))
+            except ConfigError:
+                pass  # try the next member of the union
         raise ConfigError(f"{key}: {value!r} does not fit {_type_name(tp)}")
     if origin is Literal:
         allowed = get_args(tp)
@@ -222,7 +221,9 @@ class Config:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
     def to_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        from .fileio import write_text_atomic
+
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def from_json(cls: type[C], path: str | Path) -> C:

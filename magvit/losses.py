@@ -16,6 +16,7 @@ from einops import rearrange
 from torch import nn
 
 from .config import Config, require_finite
+from .distributed import all_reduce_tensor_
 
 GanLossType = Literal["hinge", "non_saturating"]
 
@@ -125,9 +126,7 @@ class LeCamRegularizer(nn.Module):
     def update(self, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> None:
         """``ema <- decay * ema + (1 - decay) * mean(batch)`` for real and fake logits."""
         means = torch.stack([real_logits.detach().float().mean(), fake_logits.detach().float().mean()])
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(means)
-            means /= torch.distributed.get_world_size()
+        all_reduce_tensor_(means, op="mean")  # every rank holds the same anchors
         self.ema_real.mul_(self.decay).add_((1 - self.decay) * means[0])
         self.ema_fake.mul_(self.decay).add_((1 - self.decay) * means[1])
 
