@@ -21,6 +21,7 @@ import yaml
 
 from . import distributed as dist
 from .config import Config
+from .fileio import write_text_atomic
 
 RUN_SUBDIRS = ("checkpoints", "export", "samples", "tb", "logs")
 # wandb/ and wandb_run_id: Weights & Biases' offline runs and the id a resume continues (magvit.tracking)
@@ -91,14 +92,15 @@ def setup_run_dir(run_dir: str | os.PathLike, config: Config, deepspeed_config: 
         probe = run_dir / sub / f".write-test-{os.getpid()}"  # a read-only checkpoints/ fails now, not at step N
         probe.write_text("")
         probe.unlink()
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    # a crash mid-write must not leave a torn config.yaml: resume compares against it
+    write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
     if deepspeed_config is not None:
-        (run_dir / "deepspeed_config.json").write_text(json.dumps(deepspeed_config, indent=2) + "\n")
+        write_text_atomic(run_dir / "deepspeed_config.json", json.dumps(deepspeed_config, indent=2) + "\n")
     launcher = {k: os.environ[k] for k in ("WORLD_SIZE", "SLURM_JOB_ID") if k in os.environ}
     line = f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {json.dumps(launcher)} {shlex.join([sys.executable, *argv])}\n"
     with open(run_dir / "command.txt", "a") as f:
         f.write(line)
-    (run_dir / "version.txt").write_text("".join(f"{k} {v}\n" for k, v in version_info().items()))
+    write_text_atomic(run_dir / "version.txt", "".join(f"{k} {v}\n" for k, v in version_info().items()))
     return run_dir
 
 
