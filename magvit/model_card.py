@@ -39,7 +39,8 @@ def _tokenizer_summary(config: Any) -> tuple[list[str], list[str]]:
         grid = "?"
     lines = [f"- Clips: {config.num_frames} frames of {config.image_size}x{config.image_size}, "
              f"{config.in_channels} channels",
-             f"- Quantizer: {config.quantizer}, codebook of {config.codebook_size} codes",
+             f"- Quantizer: {config.quantizer}, " + (f"codebook of {config.codebook_size} codes" if config.codebook_size
+                                                     else "continuous latents (no codebook)"),
              f"- Token grid (t x h x w): {grid}",
              f"- Causal in time: {'yes' if config.causal else 'no'}"]
     return lines, ["video-tokenizer", "vq-vae"]

@@ -1,10 +1,14 @@
 """Quantizers of the video tokenizer: MAGVIT's vector quantizer, MAGVIT-v2's lookup-free quantizer (LFQ) and finite
-scalar quantization (FSQ, Mentzer et al. 2023).
+scalar quantization (FSQ, Mentzer et al. 2023), and the two continuous bottlenecks beside them: none (a plain
+autoencoder) and kl (the KL-regularised diagonal-Gaussian posterior of Stable Diffusion's autoencoder, LDM).
 
-All three map encoder latents ``z`` of shape ``(B, D, t, h, w)`` to a :class:`QuantizerOutput` (straight-through
-``quantized`` latents, integer ``codes`` ``(B, t, h, w)``, a scalar ``loss`` and detached ``stats``) and map codes
-back with ``codes_to_latents``. They always compute in fp32 with autocast disabled, because nearest-code search and
-EMA statistics are unreliable in bf16 (near ties flip, EMA sums lose their low bits).
+The three quantizers map encoder latents ``z`` of shape ``(B, D, t, h, w)`` to a :class:`QuantizerOutput`
+(straight-through ``quantized`` latents, integer ``codes`` ``(B, t, h, w)``, a scalar ``loss`` and detached
+``stats``) and map codes back with ``codes_to_latents``. The continuous bottlenecks return the same output with
+``codes=None`` and no code statistics (``codebook_usage`` / ``perplexity`` are absent, not NaN: there is no codebook
+to count), and give the decoder's latents at inference with ``latents(z)``. All compute in fp32 with autocast
+disabled, because nearest-code search and EMA statistics are unreliable in bf16 (near ties flip, EMA sums lose their
+low bits).
 
 Distributed training: the vector quantizer's mutable state (EMA counts and sums, k-means initialisation, dead-code
 restarts) is all-reduced / broadcast over the default ``torch.distributed`` group whenever one is initialised
@@ -39,7 +43,8 @@ FSQ_LEVELS: dict[int, tuple[int, ...]] = {
 
 @dataclass
 class QuantizerConfig(Config):
-    """Options of both quantizers (the tokenizer nests it as ``quantization``). Defaults follow MAGVIT / MAGVIT-v2."""
+    """Options of every quantizer (the tokenizer nests it as ``quantization``). Defaults follow MAGVIT / MAGVIT-v2
+    (and LDM for the KL bottleneck)."""
 
     # Vector quantizer (MAGVIT): loss = codebook + commitment_beta * commitment + entropy_loss_weight * entropy.
     commitment_beta: float = 0.25
@@ -62,6 +67,10 @@ class QuantizerConfig(Config):
     # Finite scalar quantization (Mentzer et al. 2023): levels per latent channel; K = prod(levels) codes, latent dim
     # = len(levels), no loss. Empty = the paper's levels for the tokenizer's codebook_size (see FSQ_LEVELS).
     fsq_levels: tuple[int, ...] = ()
+    # KL bottleneck (LDM's AutoencoderKL): loss = kl_weight * KL(q(z|x) || N(0, I)), the KL in nats per clip (summed
+    # over the latent, averaged over the batch) as LDM's. LDM weighs it against a per-clip *sum* of the pixel error;
+    # this project's reconstruction loss is a per-pixel mean, so the same weight regularises relatively more.
+    kl_weight: float = 1e-6
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ema_decay < 1.0:
@@ -74,7 +83,7 @@ class QuantizerConfig(Config):
             raise ValueError(f"dead_code_threshold must be >= 0 (0 disables restarts), got {self.dead_code_threshold}")
         if self.entropy_temperature <= 0:
             raise ValueError(f"entropy_temperature must be > 0, got {self.entropy_temperature}")
-        for name in ("commitment_beta", "entropy_loss_weight", "lfq_commitment_weight"):
+        for name in ("commitment_beta", "entropy_loss_weight", "lfq_commitment_weight", "kl_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         self.fsq_levels = tuple(self.fsq_levels)
@@ -102,11 +111,11 @@ class QuantizerConfig(Config):
 class QuantizerOutput(NamedTuple):
     """Result of a quantizer's forward pass."""
 
-    quantized: Tensor  # (B, D, t, h, w), input dtype, straight-through gradient to z
-    codes: Tensor  # (B, t, h, w) long
+    quantized: Tensor  # (B, D, t, h, w), input dtype, straight-through gradient to z (continuous: the latents)
+    codes: Tensor | None  # (B, t, h, w) long; None for the continuous bottlenecks (none, kl)
     loss: Tensor  # scalar fp32: total quantizer loss to add to the generator loss
     # Detached fp32 scalars for logging. codebook_usage / perplexity count the vector quantizer's global batch (all
-    # ranks) when it updates state in training; otherwise this rank's batch.
+    # ranks) when it updates state in training; otherwise this rank's batch. Continuous bottlenecks have neither.
     stats: dict[str, Tensor]
 
 
@@ -608,12 +617,103 @@ class FiniteScalarQuantizer(nn.Module):
         return QuantizerOutput(_unflatten(quantized, z.shape).to(z.dtype), codes.view(b, t, h, w), zero, stats)
 
 
+# --- continuous bottlenecks ----------------------------------------------------------------------------------------
+class GaussianPosterior(NamedTuple):
+    """The KL bottleneck's diagonal Gaussian q(z | x) = N(mean, exp(logvar)), each (B, D, t, h, w) fp32."""
+
+    mean: Tensor
+    logvar: Tensor  # clamped to [-30, 20] as in LDM
+
+
+def gaussian_kl(posterior: GaussianPosterior) -> Tensor:
+    """KL(q || N(0, I)) in nats per clip: 0.5 * sum(mean^2 + var - 1 - logvar) over (D, t, h, w), mean over B."""
+    mean, logvar = posterior
+    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)  # (B, D, t, h, w)
+    return kl.flatten(1).sum(dim=1).mean()
+
+
+def _continuous_stats(zero: Tensor, **terms: Tensor) -> dict[str, Tensor]:
+    """The logged loss terms of a continuous bottleneck: the quantizers' loss keys at zero (no codebook, commitment
+    or entropy) plus its own ``terms``; no ``codebook_usage`` / ``perplexity`` (no codes to count)."""
+    return {"commitment_loss": zero, "codebook_loss": zero, "entropy_loss": zero,
+            **{k: v.detach() for k, v in terms.items()}}
+
+
+class IdentityBottleneck(nn.Module):
+    """``quantizer="none"``: a plain autoencoder, the latents ``(B, D, t, h, w)`` pass through unchanged; loss 0."""
+
+    def __init__(self, dim: int, config: QuantizerConfig | None = None) -> None:
+        super().__init__()
+        if dim < 1:
+            raise ValueError(f"dim must be >= 1, got {dim}")
+        self.config = config if config is not None else QuantizerConfig()
+        self.dim = dim  # encoder output = decoder input channels
+
+    def latents(self, z: Tensor) -> Tensor:
+        """The decoder's latents of encoder output ``z`` (B, D, t, h, w): ``z`` itself."""
+        _check_latents(z, self.dim, type(self).__name__)
+        return z
+
+    def forward(self, z: Tensor) -> QuantizerOutput:
+        _check_latents(z, self.dim, type(self).__name__)
+        zero = z.new_zeros((), dtype=torch.float32)
+        return QuantizerOutput(z, None, zero, _continuous_stats(zero))
+
+
+class GaussianBottleneck(nn.Module):
+    """``quantizer="kl"``: the KL-regularised autoencoder of LDM / Stable Diffusion (Kingma & Welling's VAE posterior).
+
+    The encoder predicts ``2 * dim`` channels, the mean and log-variance of q(z | x) (channels ``[:dim]`` and
+    ``[dim:]``). Training samples ``z = mean + exp(logvar / 2) * eps`` (reparameterisation, so the gradient reaches
+    the encoder); evaluation and :meth:`latents` take the mean. Loss: ``kl_weight * KL(q || N(0, I))``, the KL in
+    nats per clip (:func:`gaussian_kl`), logged as ``stats["kl_loss"]`` unweighted. No parameters or buffers.
+    """
+
+    def __init__(self, dim: int, config: QuantizerConfig | None = None) -> None:
+        super().__init__()
+        if dim < 1:
+            raise ValueError(f"dim must be >= 1, got {dim}")
+        self.config = config if config is not None else QuantizerConfig()
+        self.dim = dim  # decoder input channels; the encoder gives 2 * dim (mean, logvar)
+
+    def posterior(self, z: Tensor) -> GaussianPosterior:
+        """q(z | x) of encoder output ``z`` (B, 2 * dim, t, h, w), fp32."""
+        _check_latents(z, 2 * self.dim, type(self).__name__)
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            mean, logvar = z.float().chunk(2, dim=1)
+            return GaussianPosterior(mean, logvar.clamp(-30.0, 20.0))
+
+    def latents(self, z: Tensor) -> Tensor:
+        """The decoder's latents at inference: the posterior mean (B, dim, t, h, w) in ``z``'s dtype."""
+        return self.posterior(z).mean.to(z.dtype)
+
+    def forward(self, z: Tensor) -> QuantizerOutput:
+        """Sample (training) or take the mean (eval) of q(z | x) for encoder output ``z`` (B, 2 * dim, t, h, w)."""
+        posterior = self.posterior(z)
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            latents = posterior.mean
+            if self.training:
+                latents = latents + torch.exp(0.5 * posterior.logvar) * torch.randn_like(latents)
+            kl = gaussian_kl(posterior)
+        stats = _continuous_stats(kl.new_zeros(()), kl_loss=kl)
+        return QuantizerOutput(latents.to(z.dtype), None, self.config.kl_weight * kl, stats)
+
+
+QUANTIZER_KINDS = ("vq", "lfq", "fsq", "none", "kl")
+CONTINUOUS_KINDS = frozenset({"none", "kl"})  # no codes: encode gives latents, codebook_size does not apply
+
+
 def build_quantizer(
-    kind: Literal["vq", "lfq", "fsq"], codebook_size: int, dim: int, config: QuantizerConfig | None = None
+    kind: Literal["vq", "lfq", "fsq", "none", "kl"], codebook_size: int, dim: int, config: QuantizerConfig | None = None
 ) -> nn.Module:
     """The quantizer named by ``kind``. ``"lfq"``: ``dim`` must equal log2(codebook_size). ``"fsq"``: the levels are
-    ``config.fsq_levels_for(codebook_size)`` and ``dim`` must equal their number."""
+    ``config.fsq_levels_for(codebook_size)`` and ``dim`` must equal their number. ``"none"`` / ``"kl"``: continuous
+    latents of ``dim`` channels (``codebook_size`` is ignored; kl reads ``2 * dim`` encoder channels)."""
     config = config if config is not None else QuantizerConfig()
+    if kind == "none":
+        return IdentityBottleneck(dim, config)
+    if kind == "kl":
+        return GaussianBottleneck(dim, config)
     if kind == "vq":
         return VectorQuantizer(codebook_size, dim, config)
     if kind == "lfq":
@@ -626,4 +726,4 @@ def build_quantizer(
         if dim != quantizer.dim:
             raise ValueError(f"fsq with levels {quantizer.levels} needs latent dim len(levels) = {quantizer.dim}, got {dim}")
         return quantizer
-    raise ValueError(f"unknown quantizer kind {kind!r}; expected 'vq', 'lfq' or 'fsq'")
+    raise ValueError(f"unknown quantizer kind {kind!r}; expected one of {', '.join(map(repr, QUANTIZER_KINDS))}")

@@ -1,8 +1,10 @@
 """3D-convolutional VQ video tokenizer (MAGVIT), with MAGVIT-v2's causal convolution and lookup-free quantization.
 
-``VideoTokenizer`` = ``Encoder`` (3D conv, average-pool downsampling) -> quantizer (VQ or LFQ, ``magvit.quantizers``)
--> ``Decoder`` (3D conv, nearest upsampling + conv). Videos are float ``(B, 3, T, H, W)`` in ``[-1, 1]``; codes are
-long ``(B, t, h, w)``.
+``VideoTokenizer`` = ``Encoder`` (3D conv, average-pool downsampling) -> quantizer (VQ, LFQ or FSQ,
+``magvit.quantizers``) -> ``Decoder`` (3D conv, nearest upsampling + conv). Videos are float ``(B, 3, T, H, W)`` in
+``[-1, 1]``; codes are long ``(B, t, h, w)``. With a continuous bottleneck (``quantizer="none"``: a plain
+autoencoder; ``"kl"``: LDM's KL-regularised VAE) the same networks make an autoencoder whose ``encode`` gives float
+latents ``(B, D, t, h, w)`` instead of codes and whose ``decode`` takes them.
 
 Architecture (MAGVIT v1, paper and released code): stem conv3x3x3, per level ``num_res_blocks`` residual blocks
 (GroupNorm eps 1e-6 -> swish -> conv3x3x3, twice; 1x1x1 shortcut conv when the width changes), average pooling
@@ -33,7 +35,7 @@ from torch import nn
 
 from .config import Config
 from .pretrained import PretrainedMixin
-from .quantizers import QuantizerConfig, build_quantizer
+from .quantizers import CONTINUOUS_KINDS, GaussianPosterior, QuantizerConfig, build_quantizer
 
 # Tolerance on the [-1, 1] range check: resizing / colour conversion overshoot by a few 1e-4.
 _RANGE_TOLERANCE = 1e-3
@@ -82,10 +84,13 @@ class TokenizerConfig(Config):
     channel_multipliers: tuple[int, ...] = (1, 2, 2, 4)
     num_res_blocks: int = 2
     temporal_downsample: tuple[bool, ...] = (True, True, False)  # one flag per downsample (len(multipliers) - 1)
-    embedding_dim: int = 256  # VQ code dimension (LFQ: log2(codebook_size), FSQ: len(levels); see `latent_dim`)
-    codebook_size: int = 1024  # FSQ: the product of quantization.fsq_levels (empty levels: the paper's for this size)
+    # VQ code dimension, the latent channels of none / kl (LFQ: log2(codebook_size), FSQ: len(levels); `latent_dim`)
+    embedding_dim: int = 256
+    # FSQ: the product of quantization.fsq_levels (empty levels: the paper's for this size). Continuous latents
+    # (none / kl) have no codebook: whatever is given is ignored and stored as 0, so an export says so.
+    codebook_size: int = 1024
     causal: bool = False
-    quantizer: Literal["vq", "lfq", "fsq"] = "vq"
+    quantizer: Literal["vq", "lfq", "fsq", "none", "kl"] = "vq"
     quantization: QuantizerConfig = field(default_factory=QuantizerConfig)
     temporal_kernel_size: int = 3  # 1 gives a 2D (per-frame) image tokenizer, the source of 2D->3D inflation
     norm_groups: int = 32
@@ -98,6 +103,8 @@ class TokenizerConfig(Config):
     decoder_res_blocks: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.continuous:
+            self.codebook_size = 0  # no codebook (see the field's comment)
         if not self.channel_multipliers:
             raise ValueError("channel_multipliers must not be empty")
         if len(self.temporal_downsample) != len(self.channel_multipliers) - 1:
@@ -106,7 +113,7 @@ class TokenizerConfig(Config):
                 f"channel_multipliers={tuple(self.channel_multipliers)}), got {tuple(self.temporal_downsample)}"
             )
         for name in ("num_frames", "image_size", "in_channels", "base_channels", "num_res_blocks", "embedding_dim",
-                     "codebook_size", "norm_groups"):
+                     "norm_groups"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         levels = len(self.channel_multipliers)
@@ -118,7 +125,7 @@ class TokenizerConfig(Config):
             raise ValueError("decoder_channel_multipliers must be >= 1 and decoder_res_blocks >= 0")
         if self.temporal_kernel_size < 1 or self.temporal_kernel_size % 2 == 0:
             raise ValueError(f"temporal_kernel_size must be odd and >= 1, got {self.temporal_kernel_size}")
-        if self.codebook_size < 2:
+        if not self.continuous and self.codebook_size < 2:
             raise ValueError(f"codebook_size must be >= 2, got {self.codebook_size}")
         if self.quantizer == "lfq" and self.codebook_size & (self.codebook_size - 1):
             raise ValueError(f"LFQ needs a power-of-two codebook_size (2**bits), got {self.codebook_size}")
@@ -157,12 +164,22 @@ class TokenizerConfig(Config):
         return tuple(self.decoder_res_blocks or (self.num_res_blocks,) * len(self.channel_multipliers))
 
     @property
+    def continuous(self) -> bool:
+        """Whether the latents stay continuous (``quantizer`` none / kl): no codes, ``encode`` gives latents."""
+        return self.quantizer in CONTINUOUS_KINDS
+
+    @property
     def latent_dim(self) -> int:
-        """Channels of the encoder output: ``embedding_dim`` for VQ, ``log2(codebook_size)`` bits for LFQ, one channel
-        per FSQ level entry (``len(quantization.fsq_levels_for(codebook_size))``)."""
+        """Channels of the decoder's input (the quantized latents): ``embedding_dim`` for VQ, none and kl,
+        ``log2(codebook_size)`` bits for LFQ, one channel per FSQ level entry."""
         if self.quantizer == "fsq":
             return len(self.quantization.fsq_levels_for(self.codebook_size))
         return int(math.log2(self.codebook_size)) if self.quantizer == "lfq" else self.embedding_dim
+
+    @property
+    def encoder_dim(self) -> int:
+        """Channels of the encoder output: ``latent_dim``, doubled for kl (the posterior's mean and log-variance)."""
+        return 2 * self.latent_dim if self.quantizer == "kl" else self.latent_dim
 
     def check_frames(self, num_frames: int) -> None:
         """Raise ``ValueError`` unless ``num_frames`` fits the temporal downsampling (and causality)."""
@@ -379,7 +396,7 @@ class DepthToSpaceUpsample(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Video ``(B, C_in, T, H, W)`` -> latent ``(B, latent_dim, t, h, w)``."""
+    """Video ``(B, C_in, T, H, W)`` -> latent ``(B, encoder_dim, t, h, w)`` (kl: the posterior's mean and logvar)."""
 
     def __init__(self, config: TokenizerConfig) -> None:
         super().__init__()
@@ -401,7 +418,7 @@ class Encoder(nn.Module):
                 self.downsample_convs.append(Conv3d(width, width, k, causal=config.causal, stride=stride))
         self.mid = nn.Sequential(*[ResBlock(width, width, config) for _ in range(config.num_res_blocks)])
         self.norm_out = GroupNorm(config.norm_groups, width, per_frame=config.causal)
-        self.conv_out = Conv3d(width, config.latent_dim, (1, 1, 1), causal=config.causal)
+        self.conv_out = Conv3d(width, config.encoder_dim, (1, 1, 1), causal=config.causal)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -483,7 +500,12 @@ class Decoder(nn.Module):
 
 
 class VideoTokenizer(nn.Module, PretrainedMixin):
-    """MAGVIT 3D-conv tokenizer: ``encode`` video -> codes, ``decode`` codes -> video, ``forward`` for training."""
+    """MAGVIT 3D-conv tokenizer: ``encode`` video -> codes, ``decode`` codes -> video, ``forward`` for training.
+
+    With a continuous bottleneck (``config.continuous``: quantizer none / kl) ``encode`` gives float latents
+    ``(B, D, t, h, w)`` (kl: the posterior mean; :meth:`encode_posterior` gives mean and log-variance) and ``decode``
+    takes them.
+    """
 
     config_class = TokenizerConfig
     model_type = "video_tokenizer"
@@ -537,6 +559,20 @@ class VideoTokenizer(nn.Module, PretrainedMixin):
         if lo < 0 or hi >= self.config.codebook_size:
             raise ValueError(f"expected codes in [0, {self.config.codebook_size}), got range [{lo}, {hi}]")
 
+    def check_latents(self, latents: torch.Tensor) -> None:
+        """Raise ``ValueError`` unless ``latents`` is a finite float ``(B, latent_dim, t, h, w)`` tensor (the input of
+        ``decode`` for continuous latents)."""
+        dim = self.config.latent_dim
+        if not isinstance(latents, torch.Tensor) or latents.dim() != 5 or latents.shape[1] != dim:
+            shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise ValueError(f"expected latents of shape (B, {dim}, t, h, w), got {shape}")
+        if not latents.is_floating_point():
+            raise ValueError(f"expected float latents, got dtype {latents.dtype}")
+        if min(latents.shape) < 1:
+            raise ValueError(f"expected a non-empty latent grid, got shape {tuple(latents.shape)}")
+        if latents.device.type != "meta" and not bool(torch.isfinite(latents).all()):
+            raise ValueError("expected finite latents, got NaN or infinite values")
+
     # --- public API -----------------------------------------------------------------------------------------------
     @property
     def decoder_last_layer(self) -> torch.Tensor:
@@ -544,18 +580,33 @@ class VideoTokenizer(nn.Module, PretrainedMixin):
         return self.decoder.conv_out.weight
 
     def encode(self, video: torch.Tensor) -> torch.Tensor:
-        """Video ``(B, C, T, H, W)`` float in [-1, 1] -> codes ``(B, t, h, w)`` long."""
+        """Video ``(B, C, T, H, W)`` float in [-1, 1] -> codes ``(B, t, h, w)`` long; continuous latents (none / kl):
+        the latents ``(B, latent_dim, t, h, w)`` float (kl: the posterior mean, no sampling)."""
         self.check_video(video)
+        if self.config.continuous:
+            return self.quantizer.latents(self.encoder(video))
         return self.quantizer.latents_to_codes(self.encoder(video))  # no losses or codebook updates
 
+    def encode_posterior(self, video: torch.Tensor) -> GaussianPosterior:
+        """kl only: the posterior q(z | x) of ``video`` ``(B, C, T, H, W)`` as ``(mean, logvar)``, each
+        ``(B, latent_dim, t, h, w)`` fp32 (sample ``mean + exp(logvar / 2) * eps`` for a draw)."""
+        if self.config.quantizer != "kl":
+            raise ValueError(f"encode_posterior needs a kl tokenizer, this one's quantizer is {self.config.quantizer!r}")
+        self.check_video(video)
+        return self.quantizer.posterior(self.encoder(video))
+
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """Codes ``(B, t, h, w)`` -> video ``(B, C, T, H, W)`` (unclamped decoder output)."""
+        """Codes ``(B, t, h, w)`` (continuous: latents ``(B, latent_dim, t, h, w)``) -> video ``(B, C, T, H, W)``
+        (unclamped decoder output)."""
+        if self.config.continuous:
+            self.check_latents(codes)
+            return self.decoder(codes)
         self.check_codes(codes)
         return self.decoder(self.quantizer.codes_to_latents(codes.long()))
 
     def forward(self, video: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Reconstruct ``video``; returns ``(reconstruction, stats)`` with ``stats["quantizer_loss"]`` (to add to the
-        generator loss) and the quantizer's statistics (codebook usage, perplexity, ...) for logging.
+        generator loss) and the quantizer's statistics (codebook usage, perplexity, ...; kl: ``kl_loss``) for logging.
 
         The training step: no host sync, so the value range is not checked here (``encode`` and the data loaders do).
         """

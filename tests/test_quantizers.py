@@ -68,7 +68,7 @@ def test_bad_inputs_raise_value_error():
             LookupFreeQuantizer(bad, QuantizerConfig())
     with pytest.raises(ValueError, match="log2"):
         build_quantizer("lfq", 16, 5, QuantizerConfig())
-    with pytest.raises(ValueError, match="'vq', 'lfq' or 'fsq'"):
+    with pytest.raises(ValueError, match="expected one of 'vq', 'lfq', 'fsq', 'none', 'kl'"):
         build_quantizer("rvq", 16, 4, QuantizerConfig())  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="len\\(levels\\) = 4"):
         build_quantizer("fsq", 1000, 5, QuantizerConfig())

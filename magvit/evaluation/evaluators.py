@@ -25,12 +25,14 @@ from .inputs import check_token_meta, shard_tasks, supported_tasks, token_batche
 
 
 class TokenizerEvaluation:
-    """Accumulates reconstruction quality and code statistics over batches of clips."""
+    """Accumulates reconstruction quality and code statistics over batches of clips. A continuous tokenizer (none /
+    kl) has no codes: its summary has no codebook or bits-per-pixel keys."""
 
     def __init__(self, tokenizer, device: torch.device, num_samples: int = 1):
         self.tokenizer = tokenizer
         self.device = device
-        self.usage = metrics.CodebookUsage(tokenizer.config.codebook_size)
+        continuous = tokenizer.config.continuous
+        self.usage = None if continuous else metrics.CodebookUsage(tokenizer.config.codebook_size)
         self.psnr: list[float] = []
         self.ssim: list[float] = []
         self.grid: tuple[int, int, int] | None = None
@@ -40,14 +42,16 @@ class TokenizerEvaluation:
 
     @torch.no_grad()
     def update(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reconstruct a batch ``(B, 3, T, H, W)``; returns ``(codes (B, t, h, w), reconstruction)``."""
+        """Reconstruct a batch ``(B, 3, T, H, W)``; returns ``(codes (B, t, h, w), reconstruction)`` (continuous:
+        the latents (B, D, t, h, w) in place of the codes)."""
         video = video.to(self.device)
-        codes = self.tokenizer.encode(video)  # (B, t, h, w)
+        codes = self.tokenizer.encode(video)  # (B, t, h, w), continuous (B, D, t, h, w)
         recon = self.tokenizer.decode(codes).clamp(-1, 1).float()  # (B, 3, T, H, W)
-        self.usage.update(codes)
+        if self.usage is not None:
+            self.usage.update(codes)
         self.psnr += metrics.video_psnr(recon.cpu(), video.cpu()).tolist()
         self.ssim += metrics.video_ssim(recon.cpu(), video.cpu()).tolist()
-        self.grid = tuple(codes.shape[1:])
+        self.grid = tuple(codes.shape[-3:])
         self.video_size = tuple(video.shape[2:])
         for i in range(min(video.shape[0], self.num_samples - len(self.samples))):
             self.samples.append((video[i].cpu(), recon[i].cpu()))
@@ -57,17 +61,20 @@ class TokenizerEvaluation:
         if not self.psnr:
             raise UsageError("no clip could be read: nothing to evaluate")
         tokens, pixels = math.prod(self.grid), math.prod(self.video_size)
-        return {
+        summary = {
             "num_clips": len(self.psnr),
             "psnr": mean_finite(self.psnr),
             "ssim": sum(self.ssim) / len(self.ssim),
             "token_grid": list(self.grid),
             "clip_size": list(self.video_size),
-            **{f"codebook_{k}" if not k.startswith("codebook") else k: v for k, v in self.usage.summary().items()},
-            "bits_per_pixel": metrics.bits_per_pixel(self.usage.codebook_size, self.grid, self.video_size),
-            "bits_per_pixel_entropy_coded": self.usage.bits_per_pixel(tokens, pixels),
-            "per_clip": {"psnr": self.psnr, "ssim": self.ssim},
         }
+        if self.usage is not None:  # code statistics: a continuous tokenizer has none
+            summary.update({
+                **{f"codebook_{k}" if not k.startswith("codebook") else k: v for k, v in self.usage.summary().items()},
+                "bits_per_pixel": metrics.bits_per_pixel(self.usage.codebook_size, self.grid, self.video_size),
+                "bits_per_pixel_entropy_coded": self.usage.bits_per_pixel(tokens, pixels),
+            })
+        return {**summary, "per_clip": {"psnr": self.psnr, "ssim": self.ssim}}
 
 
 def mean_finite(values: Sequence[float]) -> float:

@@ -154,9 +154,10 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     lines = []
     tok = report.get("tokenizer")
     if tok:
-        lines.append(f"tokenizer   {tok['num_clips']} clips  PSNR {tok['psnr']:.2f} dB  SSIM {tok['ssim']:.4f}  "
-                     f"codebook usage {tok['codebook_usage']:.1%}  perplexity {tok['codebook_perplexity']:.1f}  "
-                     f"bpp {tok['bits_per_pixel']:.4f} (entropy-coded {tok['bits_per_pixel_entropy_coded']:.4f})")
+        codes = (f"codebook usage {tok['codebook_usage']:.1%}  perplexity {tok['codebook_perplexity']:.1f}  "
+                 f"bpp {tok['bits_per_pixel']:.4f} (entropy-coded {tok['bits_per_pixel_entropy_coded']:.4f})"
+                 if "codebook_usage" in tok else "codes n/a (continuous latents)")
+        lines.append(f"tokenizer   {tok['num_clips']} clips  PSNR {tok['psnr']:.2f} dB  SSIM {tok['ssim']:.4f}  {codes}")
     lost = report.get("data_problems", {})
     if lost.get("unreadable") or lost.get("skipped"):
         first = (lost.get("unreadable") or lost.get("skipped"))[0]

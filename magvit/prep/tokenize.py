@@ -38,9 +38,13 @@ def load_tokenizer(directory: str, device: str):
     from magvit.tokenizer import VideoTokenizer
 
     try:
-        return VideoTokenizer.from_pretrained(directory, device=device)
+        tokenizer = VideoTokenizer.from_pretrained(directory, device=device)
     except (FileNotFoundError, ValueError) as err:
         raise UsageError(str(err)) from None
+    if tokenizer.config.continuous:  # token shards hold integer codes
+        raise UsageError(f"{directory}: a {tokenizer.config.quantizer!r} tokenizer has continuous latents, not codes: "
+                         f"token shards need a vq, lfq or fsq tokenizer")
+    return tokenizer
 
 
 @torch.inference_mode()
@@ -201,6 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "has_sketch": sketch_mode != "none", "sketch_source": sketch_mode, "num_frames": num_frames,
             "image_size": size, "frame_stride": args.frame_stride, "split": args.split,
             "manifest": str(Path(args.manifest).resolve()), "storage": args.format,
+            "videos": [str(Path(r["path"]).resolve()) for r in dataset.records],  # clip_index -> its video
             "num_examples": sum(s["num_examples"] for s in shards or mine), "shards": shards or mine}
     if shards:
         write_json(out / "meta.json", meta)
