@@ -4,12 +4,17 @@ and the masked-token loss.
 Everything here is shared by training (``launch/train_transformer.py``) and sampling (``magvit/sampling.py``), so
 the schedule, the special tokens and the sequence layout are defined exactly once.
 
-Sequence layout (length ``2 + 2 * t*h*w``)::
+Sequence layout of a model's ``conditioning`` (``TransformerConfig.conditioning``)::
 
-    [task token][class or unconditional token][prefix: t*h*w condition tokens][video: t*h*w tokens]
+    prefix   (length 2 + 2N): [task token][class or unconditional token][prefix: N condition tokens][video: N tokens]
+    interior (length 2 + N):  [task token][class or unconditional token][video: N tokens]
 
-The prefix holds the tokens of the pixel-space condition video (COMMIT tasks) or of a sketch video; tasks without
-a pixel condition (class, unconditional) and dropped conditions fill it with the no-condition pad token.
+with ``N = t*h*w``. Prefix: the prefix holds the tokens of the pixel-space condition video (COMMIT tasks) or of a
+sketch video; tasks without one (class, unconditional) and dropped conditions fill it with the pad token.
+Interior (MAGVIT's COMMIT as its official code does it): each condition token sits in the slot of the video token it
+conditions; a masked video slot inside the task's condition region (:func:`latent_condition_region`) holds the
+condition token instead of the mask token, in training and at every decoding step. Sketch conditioning has no
+region, so interior models have no sketch task (``TransformerConfig`` refuses it).
 
 What varies by task (condition region and fill, the token-shard key of the prefix, the use of the label) is read
 from the task's row in ``magvit/tasks.py``; the token ids of a model's tasks follow its own task list
@@ -36,15 +41,17 @@ class MaskingConfig(Config):
 
     tasks: list[str] | None = None  # None: every task of the model that the token shards support
     schedule: str = "cosine"
-    cond_dropout_prob: float = 0.1  # classifier-free guidance: drop the condition / class
+    cond_dropout_prob: float = 0.1  # classifier-free guidance: drop the condition / class, each independently
+    uncond_prob: float = 0.0  # ... and drop both together (the unconditional branch of guidance), on top of that
     unmasked_weight: float = 1.0  # loss weight of the visible video tokens (masked ones weigh 1)
     label_smoothing: float = 0.0
 
     def __post_init__(self):
-        require_finite(self, ("cond_dropout_prob", "unmasked_weight", "label_smoothing"))
-        if not 0 <= self.cond_dropout_prob <= 1 or self.unmasked_weight < 0 or not 0 <= self.label_smoothing < 1:
-            raise ValueError("masking: need 0 <= cond_dropout_prob <= 1, unmasked_weight >= 0 and "
-                             "0 <= label_smoothing < 1")
+        require_finite(self, ("cond_dropout_prob", "uncond_prob", "unmasked_weight", "label_smoothing"))
+        if not (0 <= self.cond_dropout_prob <= 1 and 0 <= self.uncond_prob <= 1) or self.unmasked_weight < 0 \
+                or not 0 <= self.label_smoothing < 1:
+            raise ValueError("masking: need 0 <= cond_dropout_prob <= 1, 0 <= uncond_prob <= 1, unmasked_weight >= 0 "
+                             "and 0 <= label_smoothing < 1")
 
 
 # --- tasks: the table is magvit/tasks.py; names kept here for the modules that import them -----------------------
@@ -54,6 +61,9 @@ class MaskingConfig(Config):
 CONDITION_TASKS: tuple[str, ...] = _tasks.CONDITION_TASKS
 #: Names of every task of the table (the rows: ``magvit.tasks.TASKS``).
 TASKS: tuple[str, ...] = _tasks.TASK_NAMES
+
+#: Where a model's condition tokens go (``TransformerConfig.conditioning``, see the module docstring).
+CONDITIONINGS: tuple[str, ...] = ("prefix", "interior")
 
 #: Label value meaning "no class" (as in ``ClipDataset`` / token shards).
 NO_LABEL = -1
@@ -218,9 +228,19 @@ class CodeFactorization:
 
 @dataclasses.dataclass(frozen=True)
 class SequenceLayout:
-    """Positions of the parts of a sequence for a token grid ``(t, h, w)``."""
+    """Positions of the parts of a sequence for a token grid ``(t, h, w)`` and a ``conditioning`` of
+    :data:`CONDITIONINGS` (``"interior"``: no prefix, the prefix slice is empty)."""
 
     token_grid: tuple[int, int, int]
+    conditioning: str = "prefix"
+
+    def __post_init__(self) -> None:
+        if self.conditioning not in CONDITIONINGS:
+            raise ValueError(f"conditioning must be one of {CONDITIONINGS}, got {self.conditioning!r}")
+
+    @property
+    def interior(self) -> bool:
+        return self.conditioning == "interior"
 
     @property
     def num_video_tokens(self) -> int:
@@ -237,16 +257,16 @@ class SequenceLayout:
 
     @property
     def prefix(self) -> slice:
-        return slice(2, 2 + self.num_video_tokens)
+        return slice(2, 2 if self.interior else 2 + self.num_video_tokens)
 
     @property
     def video(self) -> slice:
-        n = self.num_video_tokens
-        return slice(2 + n, 2 + 2 * n)
+        start = self.prefix.stop
+        return slice(start, start + self.num_video_tokens)
 
     @property
     def length(self) -> int:
-        return 2 + 2 * self.num_video_tokens
+        return self.video.stop
 
 
 def build_sequence(
@@ -258,9 +278,11 @@ def build_sequence(
     video: torch.Tensor | None,
 ) -> torch.Tensor:
     """Assemble ``(B, L)`` input ids from per-example task / class tokens (B,), prefix tokens ``(B, t, h, w)``
-    (``None``: all pad) and video tokens ``(B, t, h, w)`` (``None``: all mask)."""
+    (``None``: all pad; an interior layout has no prefix) and video tokens ``(B, t, h, w)`` (``None``: all mask)."""
     batch = task_tokens.shape[0]
     n = layout.num_video_tokens
+    if layout.interior and prefix is not None:
+        raise ValueError("an interior layout has no prefix: its condition tokens go into the video slots")
     for name, grid in (("prefix", prefix), ("video", video)):
         if grid is not None and (grid.dim() != 4 or tuple(grid.shape[1:]) != tuple(layout.token_grid)):
             raise ValueError(f"{name} tokens must be (B, {', '.join(map(str, layout.token_grid))}), "
@@ -269,9 +291,22 @@ def build_sequence(
     ids = torch.empty(batch, layout.length, dtype=torch.long, device=device)
     ids[:, layout.task_position] = task_tokens
     ids[:, layout.class_position] = class_tokens
-    ids[:, layout.prefix] = vocab.pad_token if prefix is None else prefix.reshape(batch, n)
+    ids[:, layout.prefix] = vocab.pad_token if prefix is None else prefix.reshape(batch, n)  # interior: empty
     ids[:, layout.video] = vocab.mask_token if video is None else video.reshape(batch, n)
     return ids
+
+
+def interior_condition_tokens(vocab: TokenVocabulary, layout: SequenceLayout, tokens: torch.Tensor,
+                              condition_codes: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """``(B, L)``: what each still-masked slot of ``tokens`` ``(B, L)`` shows an interior model while decoding:
+    the condition code ``condition_codes (B, t, h, w)`` inside ``region`` ``(t, h, w)`` bool, the mask token
+    elsewhere (``iterative_decode``'s ``condition_tokens``)."""
+    batch, n = tokens.shape[0], layout.num_video_tokens
+    codes = condition_codes.to(tokens.device).reshape(batch, n)
+    shown = tokens.clone()
+    shown[:, layout.video] = torch.where(region.to(tokens.device).reshape(1, n), codes,
+                                         torch.full_like(codes, vocab.mask_token))
+    return shown
 
 
 # --- COMMIT condition construction in pixel space ------------------------------------------------------------------
@@ -336,14 +371,62 @@ def _nearest_known_frame(known: torch.Tensor) -> torch.Tensor:
     return frames.flip(0)[distance.flip(1).argmin(dim=1)]  # argmin takes the first of equals: here the later frame
 
 
+def _known_neighbours(known: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(T,)`` long each: the last known frame at or before every frame and the first at or after it (before the
+    first / after the last known frame: that frame)."""
+    t = torch.arange(known.shape[0])
+    before = torch.where(known, t, -1).cummax(dim=0).values
+    after = torch.where(known, t, known.shape[0]).flip(0).cummin(dim=0).values.flip(0)
+    first, last = t[known][0], t[known][-1]
+    return torch.where(before < 0, first, before), torch.where(after >= known.shape[0], last, after)
+
+
+def _fill_nearest_frame(video: torch.Tensor, known: torch.Tensor, fill_value: float) -> torch.Tensor:
+    index = _nearest_known_frame(known.flatten(1).any(dim=1))  # (T,)
+    return video.index_select(-3, index.to(video.device))
+
+
+def _fill_linear_blend(video: torch.Tensor, known: torch.Tensor, fill_value: float) -> torch.Tensor:
+    # frame i between known frames a <= i <= b: (1 - w) * frame a + w * frame b, w = (i - a) / (b - a)
+    before, after = _known_neighbours(known.flatten(1).any(dim=1))  # (T,) each
+    t = torch.arange(known.shape[0])
+    weight = torch.where(after > before, (t - before) / (after - before).clamp_min(1), 0.0)  # (T,) float
+    start, end = video.index_select(-3, before.to(video.device)), video.index_select(-3, after.to(video.device))
+    return torch.lerp(start, end, weight.to(video).view(-1, 1, 1))  # known frames: start == end, copied exactly
+
+
+def _edge_index(known: torch.Tensor) -> torch.Tensor:
+    """``(S,)`` long: every position of one axis clamped into the known span of ``known`` ``(S,)``."""
+    i = torch.arange(known.shape[0])
+    return i.clamp(int(i[known][0]), int(i[known][-1]))
+
+
+def _fill_edge(video: torch.Tensor, known: torch.Tensor, fill_value: float) -> torch.Tensor:
+    # the known box of every frame (tasks.Task allows "edge" on box areas only), padded by its edge pixels
+    rows, cols = known.any(dim=2).any(dim=0), known.any(dim=1).any(dim=0)  # (H,), (W,)
+    video = video.index_select(-2, _edge_index(rows).to(video.device))
+    return video.index_select(-1, _edge_index(cols).to(video.device))
+
+
+def _fill_constant(video: torch.Tensor, known: torch.Tensor, fill_value: float) -> torch.Tensor:
+    return torch.where(known.to(video.device), video, torch.full_like(video, fill_value))
+
+
+#: Task.fill -> the condition video from the video ``(..., 3, T, H, W)`` and its known pixels ``(T, H, W)`` bool.
+_FILLS = {"nearest_frame": _fill_nearest_frame, "linear_blend": _fill_linear_blend, "edge": _fill_edge,
+          "constant": _fill_constant}
+
+
 def build_condition_video(video: torch.Tensor, task: str, num_cond_frames: int = 1,
                           fill_value: float = 0.0) -> torch.Tensor:
     """The COMMIT condition video of ``task`` built in pixel space, ready to be tokenized.
 
-    ``video``: ``(3, T, H, W)`` or ``(B, 3, T, H, W)`` in [-1, 1]; the result has the same shape. The task's row
-    says how the unknown pixels are filled: ``nearest_frame`` replicates the nearest known frame (frame prediction:
-    the last given frame; interpolation: the first frame for the first half, the last for the second half) so the
-    tokenizer sees a natural video; ``constant`` fills them with ``fill_value`` (0 = mid grey).
+    ``video``: ``(3, T, H, W)`` or ``(B, 3, T, H, W)`` in [-1, 1]; the result has the same shape. Known pixels are
+    copied exactly; the task's row says how the unknown ones are filled (as MAGVIT's official code does):
+    ``nearest_frame`` replicates the nearest known frame (frame prediction: the last given frame),
+    ``linear_blend`` blends the known frames before and after linearly by distance (interpolation: frame ``i`` of
+    ``T`` is ``(1 - i/(T-1)) * first + i/(T-1) * last``), ``edge`` replicates the edge pixels of the known box
+    (outpainting), ``constant`` fills them with ``fill_value`` (0 = mid grey; inpainting).
     """
     if not isinstance(video, torch.Tensor) or video.dim() not in (4, 5) or video.shape[-4] != 3:
         raise ValueError(f"video must be a (3, T, H, W) or (B, 3, T, H, W) tensor, got "
@@ -351,10 +434,52 @@ def build_condition_video(video: torch.Tensor, task: str, num_cond_frames: int =
     num_frames, height, width = video.shape[-3:]
     row = _condition_task(task)
     known = condition_region(task, num_frames, height, width, num_cond_frames)  # (T, H, W)
-    if row.fill == "nearest_frame":
-        index = _nearest_known_frame(known.flatten(1).any(dim=1))  # (T,)
-        return video.index_select(-3, index.to(video.device))
-    return torch.where(known.to(video.device), video, torch.full_like(video, fill_value))
+    return _FILLS[row.fill](video, known, fill_value)
+
+
+def _temporal_factor(num_frames: int, latent_frames: int, causal: bool) -> int:
+    """Frames per latent frame of a tokenizer mapping ``num_frames`` to ``latent_frames`` (``ValueError`` if none)."""
+    if causal:  # 1 + k * f frames -> 1 + k latent frames
+        f = (num_frames - 1) // (latent_frames - 1) if latent_frames > 1 else 1
+        fits = num_frames == 1 + (latent_frames - 1) * f
+    else:
+        f = num_frames // latent_frames
+        fits = num_frames == latent_frames * f
+    if not fits:
+        raise ValueError(f"{num_frames} frames do not map to {latent_frames} latent frames "
+                         f"({'causal' if causal else 'non-causal'} tokenizer)")
+    return f
+
+
+def latent_condition_region(task: str, token_grid: Sequence[int], clip_size: Sequence[int], causal: bool,
+                            num_cond_frames: int = 1) -> torch.Tensor:
+    """Bool ``(t, h, w)``: the latent slots of ``task``'s condition region (:func:`condition_region` at pixel
+    level) for a tokenizer that maps ``clip_size`` ``(T, H, W)`` clips to ``token_grid`` ``(t, h, w)``.
+
+    A slot is in the region when its ``H/h x W/w`` pixel block is wholly known in at least one of its frames. A
+    latent frame of frames partly given counts (the condition video fills the rest from them; MAGVIT's own code
+    conditions on one latent frame for one given frame of four); a pixel block partly padded does not. Frames map
+    to latent frames as the tokenizer does: ``i // f``, or causally (``TokenizerConfig.causal``) frame 0 alone to
+    latent frame 0 and frames ``(j - 1) f + 1 .. j f`` to latent frame ``j``.
+    """
+    (t, h, w), (frames, height, width) = (tuple(int(x) for x in token_grid), tuple(int(x) for x in clip_size))
+    if height % h or width % w:
+        raise ValueError(f"a {height}x{width} frame does not map to a {h}x{w} latent grid")
+    f = _temporal_factor(frames, t, causal)
+    known = condition_region(task, frames, height, width, num_cond_frames)  # (T, H, W)
+    blocks = known.view(frames, h, height // h, w, width // w).all(dim=4).all(dim=2)  # (T, h, w)
+    i = torch.arange(frames)
+    latent = torch.div(i + f - 1, f, rounding_mode="floor") if causal else torch.div(i, f, rounding_mode="floor")
+    hits = torch.zeros(t, h * w).index_add_(0, latent, blocks.flatten(1).float())  # (t, h*w) known frames per slot
+    return (hits > 0).view(t, h, w)
+
+
+def latent_condition_regions(tasks: Sequence[str], token_grid: Sequence[int], clip_size: Sequence[int],
+                             causal: bool) -> dict[str, torch.Tensor]:
+    """:func:`latent_condition_region` of each pixel-condition task of ``tasks`` (the others have none), by name:
+    the ``condition_regions`` of :func:`make_training_batch` for an interior model."""
+    return {name: latent_condition_region(name, token_grid, clip_size, causal)
+            for name in tasks if _tasks.task(name).condition == "video"}
 
 
 # --- training batches ----------------------------------------------------------------------------------------------
@@ -443,14 +568,15 @@ class _Draws(NamedTuple):
     """Every random number of a training batch, on the CPU."""
 
     task_scores: torch.Tensor  # (B, num_tasks) U(0, 1): the task is the allowed one of highest score
-    drop_prefix: torch.Tensor  # (B,) bool: classifier-free guidance drops the prefix
-    drop_class: torch.Tensor  # (B,) bool: ... and, independently, the class
+    drop_prefix: torch.Tensor  # (B,) bool: classifier-free guidance drops the condition tokens
+    drop_class: torch.Tensor  # (B,) bool: ... and, independently, the class (both: also the joint drop)
     masked: torch.Tensor  # (B, N) bool: the masked video tokens
 
 
 def _draw(batch_size: int, num_tasks: int, num_tokens: int, schedule: str, cond_dropout_prob: float,
-          mask_ratio: float | None, generator: torch.Generator | None) -> _Draws:
-    # The order of the draws is part of the training RNG's stream (exact resume replays it): keep it.
+          uncond_prob: float, mask_ratio: float | None, generator: torch.Generator | None) -> _Draws:
+    # The order of the draws is part of the training RNG's stream (exact resume replays it): keep it. The joint drop
+    # draws last and only when asked, so a run without it draws what it always drew.
     task_scores = _rand((batch_size, num_tasks), generator)
     drop_prefix = _rand((batch_size,), generator) < cond_dropout_prob
     drop_class = _rand((batch_size,), generator) < cond_dropout_prob
@@ -458,7 +584,11 @@ def _draw(batch_size: int, num_tasks: int, num_tokens: int, schedule: str, cond_
         ratio = _gamma(_rand((batch_size,), generator), schedule)  # U(0, 1) through the schedule
     else:
         ratio = torch.full((batch_size,), float(mask_ratio), dtype=torch.float64)
-    return _Draws(task_scores, drop_prefix, drop_class, random_mask(num_tokens, ratio, generator))
+    masked = random_mask(num_tokens, ratio, generator)
+    if uncond_prob > 0:
+        both = _rand((batch_size,), generator) < uncond_prob
+        drop_prefix, drop_class = drop_prefix | both, drop_class | both
+    return _Draws(task_scores, drop_prefix, drop_class, masked)
 
 
 def _choose_tasks(scores: torch.Tensor, rows: Sequence[_tasks.Task], labels: torch.Tensor) -> torch.Tensor:
@@ -489,15 +619,37 @@ def _class_slot(labels: torch.Tensor, rows: Sequence[_tasks.Task], task_index: t
     return vocab.class_tokens(torch.where(keep, labels, torch.full_like(labels, NO_LABEL)))
 
 
+def _region_table(rows: Sequence[_tasks.Task], regions: Mapping[str, torch.Tensor] | None,
+                  layout: SequenceLayout) -> torch.Tensor:
+    """``(num_tasks, N)`` bool on the CPU: the latent condition region of each row (none for a row without a pixel
+    condition). Host-side checks only: an interior model has no sketch task, every pixel task needs its region."""
+    table = torch.zeros(len(rows), layout.num_video_tokens, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        if row.condition == "sketch":
+            raise ValueError(f"task '{row.name}': interior conditioning has no sketch condition (no region)")
+        if row.condition == "video":
+            region = (regions or {}).get(row.name)
+            if region is None or tuple(region.shape) != tuple(layout.token_grid):
+                raise ValueError(f"interior conditioning needs condition_regions['{row.name}'] of shape "
+                                 f"{tuple(layout.token_grid)}, got {None if region is None else tuple(region.shape)}")
+            table[i] = region.reshape(-1).cpu()
+    return table
+
+
 def _assemble(vocab: TokenVocabulary, layout: SequenceLayout, codes: torch.Tensor, task_tokens: torch.Tensor,
-              class_tokens: torch.Tensor, prefix: torch.Tensor, masked: torch.Tensor,
-              unmasked_weight: float) -> TrainingBatch:
-    """The sequence, its targets (every video position) and loss weights (masked 1, visible ``unmasked_weight``)."""
+              class_tokens: torch.Tensor, condition: torch.Tensor, region: torch.Tensor | None,
+              masked: torch.Tensor, unmasked_weight: float) -> TrainingBatch:
+    """The sequence, its targets (every video position) and loss weights (masked 1, visible ``unmasked_weight``).
+
+    ``condition`` ``(B, N)``: the prefix, or (interior, ``region`` ``(B, N)`` bool given) the tokens that the masked
+    slots inside the region show instead of the mask token."""
     b = codes.shape[0]
     video = codes.reshape(b, layout.num_video_tokens)  # (B, N) the targets
     video_in = torch.where(masked, torch.full_like(video, vocab.mask_token), video)
-    input_ids = build_sequence(vocab, layout, task_tokens, class_tokens, prefix.reshape(codes.shape),
-                               video_in.reshape(codes.shape))
+    if region is not None:
+        video_in = torch.where(masked & region, condition, video_in)
+    prefix = None if layout.interior else condition.reshape(codes.shape)
+    input_ids = build_sequence(vocab, layout, task_tokens, class_tokens, prefix, video_in.reshape(codes.shape))
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     labels[:, layout.video] = video
     loss_mask = torch.zeros(b, layout.length, dtype=torch.float32, device=codes.device)
@@ -512,9 +664,12 @@ def make_training_batch(
     tasks: Sequence[str] | None = None,
     schedule: str = "cosine",
     cond_dropout_prob: float = 0.1,
+    uncond_prob: float = 0.0,
     unmasked_weight: float = 1.0,
     mask_ratio: float | None = None,
     generator: torch.Generator | None = None,
+    conditioning: str = "prefix",
+    condition_regions: Mapping[str, torch.Tensor] | None = None,
 ) -> TrainingBatch:
     """Turn token-shard items into a masked-token training batch.
 
@@ -522,8 +677,14 @@ def make_training_batch(
     (optional), "label": (B,)}``. For every example a task is drawn uniformly among ``tasks`` (default: every task
     of the model the batch supports, :func:`training_tasks`; ``class`` for labelled examples only). The task's
     condition tokens go into the prefix and the label (if any) into the class slot. For classifier-free guidance
-    the prefix and the class are each dropped (replaced by the pad / unconditional token) with probability
-    ``cond_dropout_prob``.
+    the condition and the class are each dropped (replaced by the pad / unconditional token) with probability
+    ``cond_dropout_prob``, and both together with probability ``uncond_prob`` on top (so the unconditional branch
+    trains ``uncond_prob + (1 - uncond_prob) * cond_dropout_prob**2`` of the time).
+
+    ``conditioning="interior"`` (MAGVIT's COMMIT; sequence ``2 + N``): no prefix; a masked video slot inside the
+    task's latent condition region (``condition_regions[task]`` ``(t, h, w)`` bool, e.g. from
+    :func:`latent_condition_regions`) holds the condition token instead of the mask token (a dropped condition:
+    the mask token). No sketch task.
 
     The video tokens are masked with ratio ``mask_schedule(r, schedule)``, ``r ~ U(0, 1)`` per example (or the fixed
     ``mask_ratio``). As in MAGVIT the loss covers all video positions: masked ones with weight 1, unmasked ones with
@@ -535,20 +696,24 @@ def make_training_batch(
     codes = _video_codes(batch)  # (B, t, h, w)
     rows = training_tasks(batch, vocab, tasks)
     check_schedule(schedule)
-    if not 0.0 <= cond_dropout_prob <= 1.0:
-        raise ValueError(f"cond_dropout_prob must be in [0, 1], got {cond_dropout_prob}")
+    for name, p in (("cond_dropout_prob", cond_dropout_prob), ("uncond_prob", uncond_prob)):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {p}")
     if mask_ratio is not None and not 0.0 <= mask_ratio <= 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1], got {mask_ratio}")
     b, device = codes.shape[0], codes.device
-    layout = SequenceLayout(tuple(codes.shape[1:]))  # type: ignore[arg-type]
-    draws = _draw(b, len(rows), layout.num_video_tokens, schedule, cond_dropout_prob, mask_ratio, generator)
+    layout = SequenceLayout(tuple(codes.shape[1:]), conditioning)  # type: ignore[arg-type]
+    table = _region_table(rows, condition_regions, layout) if layout.interior else None  # (num_tasks, N)
+    draws = _draw(b, len(rows), layout.num_video_tokens, schedule, cond_dropout_prob, uncond_prob, mask_ratio,
+                  generator)
 
     labels = _on(device, _batch_labels(batch, b))  # (B,)
     task_index = _choose_tasks(draws.task_scores, rows, labels)  # (B,)
     task_tokens = _on(device, torch.tensor([vocab.task_token(row.name) for row in rows]))[task_index]
-    prefix = _condition_prefix(batch, rows, task_index, draws.drop_prefix, vocab, layout.num_video_tokens)
+    condition = _condition_prefix(batch, rows, task_index, draws.drop_prefix, vocab, layout.num_video_tokens)
     class_tokens = _class_slot(labels, rows, task_index, draws.drop_class, vocab)
-    return _assemble(vocab, layout, codes, task_tokens, class_tokens, prefix, _on(device, draws.masked),
+    region = None if table is None else _on(device, table)[task_index] & ~_on(device, draws.drop_prefix)[:, None]
+    return _assemble(vocab, layout, codes, task_tokens, class_tokens, condition, region, _on(device, draws.masked),
                      unmasked_weight)
 
 

@@ -6,6 +6,10 @@ most confident predictions and re-masks the rest, so that after step ``s`` exact
 ``floor(N * mask_schedule((s + 1) / K))`` of the ``N`` initially masked tokens remain masked (at least one token is
 revealed per step, and none remain after the last step).
 
+With MAGVIT's interior COMMIT conditioning (``condition_tokens``) a masked position inside the condition region
+shows the model its condition token instead of the mask token, re-filled before every step as the official sampler
+does; it is still generated (the model refines the condition, it is not pinned).
+
 The callable returns flat logits ``(B, L, V)`` (codes first, then special tokens) or, for a factorised model
 (MAGVIT-v2's token factorization, :class:`magvit.masking.CodeFactorization`), ``(B, L, F, S)``: one head per
 sub-token. Internally both are code logits in factor form ``(B, L, F, S)`` (flat: ``F = 1``); every sub-token is
@@ -40,24 +44,26 @@ def _top_k_filter(logits: torch.Tensor, top_k: int | None) -> torch.Tensor:
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
-def _guided_logits(logits_fn: LogitsFn, tokens: torch.Tensor, uncond_tokens: torch.Tensor | None,
+def _guided_logits(logits_fn: LogitsFn, shown: torch.Tensor, tokens: torch.Tensor, uncond_tokens: torch.Tensor | None,
                    generate: torch.Tensor, guidance_scale: float, codebook_size: int) -> torch.Tensor:
-    """Code logits in factor form ``(B, L, F, S)``, with classifier-free guidance (per sub-token head) when
-    ``uncond_tokens`` is given."""
+    """Code logits in factor form ``(B, L, F, S)`` of the sequence ``shown`` to the model, with classifier-free
+    guidance (per sub-token head) when ``uncond_tokens`` is given."""
     if uncond_tokens is None or guidance_scale == 0.0:
-        return factor_logits(logits_fn(tokens), codebook_size).float()
-    # The unconditional sequence shares the partially generated video, but not the condition.
+        return factor_logits(logits_fn(shown), codebook_size).float()
+    # The unconditional sequence shares the partially generated video, but not the condition (nor its refill).
     uncond = torch.where(generate, tokens, uncond_tokens)
-    both = factor_logits(logits_fn(torch.cat([tokens, uncond])), codebook_size).float()
+    both = factor_logits(logits_fn(torch.cat([shown, uncond])), codebook_size).float()
     cond_logits, uncond_logits = both.chunk(2)
     return cond_logits + guidance_scale * (cond_logits - uncond_logits)
 
 
-def _check_inputs(tokens: torch.Tensor, uncond_tokens: torch.Tensor | None, mask_token: int) -> torch.Tensor:
+def _check_inputs(tokens: torch.Tensor, uncond_tokens: torch.Tensor | None, mask_token: int,
+                  condition_tokens: torch.Tensor | None = None) -> torch.Tensor:
     if tokens.dim() != 2:
         raise ValueError(f"tokens must be (B, L), got {tuple(tokens.shape)}")
-    if uncond_tokens is not None and uncond_tokens.shape != tokens.shape:
-        raise ValueError(f"uncond_tokens {tuple(uncond_tokens.shape)} must match tokens {tuple(tokens.shape)}")
+    for name, other in (("uncond_tokens", uncond_tokens), ("condition_tokens", condition_tokens)):
+        if other is not None and other.shape != tokens.shape:
+            raise ValueError(f"{name} {tuple(other.shape)} must match tokens {tuple(tokens.shape)}")
     generate = tokens == mask_token
     counts = generate.sum(dim=1)
     if bool((counts != counts[0]).any()):
@@ -106,6 +112,7 @@ def iterative_decode(
     schedule: str = "cosine",
     guidance_scale: float = 0.0,
     uncond_tokens: torch.Tensor | None = None,
+    condition_tokens: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     progress: bool = False,
     on_step: StepCallback | None = None,
@@ -121,13 +128,18 @@ def iterative_decode(
     - The least confident predictions are re-masked so the count follows ``mask_schedule`` (see module doc).
     - Classifier-free guidance: with ``uncond_tokens`` (the same sequences with the condition replaced by its
       dropped form) the logits are ``cond + guidance_scale * (cond - uncond)``.
-    - Non-mask positions are fixed and returned unchanged. Deterministic given ``generator``.
+    - Interior conditioning: ``condition_tokens`` ``(B, L)`` is what each still-masked position shows the model (the
+      condition token inside the condition region, ``mask_token`` elsewhere;
+      ``masking.interior_condition_tokens``), re-filled before every step; the unconditional branch sees the mask
+      token there. Those positions are generated like every masked one.
+    - Non-mask positions are fixed and returned unchanged; neither ``tokens`` nor ``condition_tokens`` is written
+      to. Deterministic given ``generator``.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
-    generate = _check_inputs(tokens, uncond_tokens, mask_token)  # (B, L) bool: positions to fill
+    generate = _check_inputs(tokens, uncond_tokens, mask_token, condition_tokens)  # (B, L) bool: positions to fill
     num_unknown = int(generate[0].sum())
     tokens = tokens.clone()
     if num_unknown == 0:
@@ -137,7 +149,8 @@ def iterative_decode(
     counts = masked_counts(num_unknown, steps, schedule)  # once, not per step
     for step in tqdm(range(steps), desc="decoding", unit="step", disable=not progress, leave=False):
         masked = tokens == mask_token  # (B, L) still unknown
-        logits = _guided_logits(logits_fn, tokens, uncond_tokens, generate, guidance_scale, codebook_size)
+        shown = tokens if condition_tokens is None else torch.where(masked, condition_tokens, tokens)  # the refill
+        logits = _guided_logits(logits_fn, shown, tokens, uncond_tokens, generate, guidance_scale, codebook_size)
         factorization = CodeFactorization(codebook_size, logits.shape[-2])
         sub_tokens = _sample(logits, temperature, top_k, generator)  # (B, L, F) sub-token ids everywhere
         proposal = factorization.merge(sub_tokens)  # (B, L) codebook ids
@@ -179,7 +192,7 @@ def sequential_decode(
     from tqdm.auto import tqdm
 
     for i in tqdm(range(positions.shape[1]), desc="decoding", unit="token", disable=not progress, leave=False):
-        logits = _guided_logits(logits_fn, tokens, uncond_tokens, generate, guidance_scale, codebook_size)
+        logits = _guided_logits(logits_fn, tokens, tokens, uncond_tokens, generate, guidance_scale, codebook_size)
         pos = positions[:, i : i + 1]  # (B, 1)
         picked = logits.gather(1, pos[..., None, None].expand(-1, -1, *logits.shape[2:]))  # (B, 1, F, S)
         code = CodeFactorization(codebook_size, logits.shape[-2]).merge(_sample(picked, temperature, top_k, generator))

@@ -14,11 +14,15 @@ API:
   show real pixels: ``"first"`` the first ``num_cond_frames``, ``"ends"`` the first and the last, ``"all"``),
   ``area`` (where in those frames: ``"all"``, ``"central"`` the middle half of both axes, ``"vertical"`` the middle
   half of the width, ``"horizontal"`` the middle half of the height, ``"outside_central"`` all but the central
-  box) and ``fill`` (the unknown pixels: ``"nearest_frame"`` a copy of the nearest known frame, ``"constant"`` a
-  constant value).
-  Derived: ``shard_key`` (the token-shard key whose codes fill the prefix: ``"cond.<name>"``, ``"sketch_codes"``
-  or ``None``), ``needs_prefix``, ``needs_label`` (trains / generates only with a class label), ``uses_label``
-  (``False``: the class slot always holds the unconditional token).
+  box) and ``fill`` (the unknown pixels, as MAGVIT's official code builds its condition videos:
+  ``"nearest_frame"`` a copy of the nearest known frame (frame prediction: the last given one), ``"linear_blend"``
+  the linear blend of the known frames before and after (interpolation), ``"edge"`` the nearest pixel of the known
+  box, numpy's ``edge`` padding (outpainting), ``"constant"`` a constant value (inpainting: 0). The frame fills
+  need ``area="all"``; ``"edge"`` needs ``frames="all"`` and a box-shaped area (not ``"outside_central"``).
+  Derived: ``shard_key`` (the token-shard key of the condition codes, which fill the prefix, or with interior
+  conditioning the condition region's masked slots: ``"cond.<name>"``, ``"sketch_codes"`` or ``None``),
+  ``needs_prefix`` (the task has condition codes), ``needs_label`` (trains / generates only with a class label),
+  ``uses_label`` (``False``: the class slot always holds the unconditional token).
 - :data:`TASKS`: ``tuple[Task, ...]``, the table; :func:`task` ``(name) -> Task`` (``ValueError`` naming the
   known tasks).
 - :data:`TASK_NAMES`, :data:`CONDITION_TASKS` (the ``"video"`` tasks): names, in table order.
@@ -38,7 +42,8 @@ import dataclasses
 CONDITIONS = ("video", "sketch", "class", "none")
 FRAMES = ("first", "ends", "all")
 AREAS = ("all", "central", "vertical", "horizontal", "outside_central")
-FILLS = ("nearest_frame", "constant")
+FILLS = ("nearest_frame", "linear_blend", "edge", "constant")
+_FRAME_FILLS = ("nearest_frame", "linear_blend")  # whole frames from the known frames: need area "all"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,12 +66,17 @@ class Task:
             for value, kinds in zip(pixel, (FRAMES, AREAS, FILLS)):
                 if value not in kinds:
                     raise ValueError(f"task {self.name}: expected one of {kinds}, got {value!r}")
+            if self.fill in _FRAME_FILLS and self.area != "all":
+                raise ValueError(f"task {self.name}: fill {self.fill!r} builds whole frames, it needs area 'all'")
+            if self.fill == "edge" and (self.frames != "all" or self.area == "outside_central"):
+                raise ValueError(f"task {self.name}: fill 'edge' pads a known box of every frame, it needs frames "
+                                 "'all' and an area other than 'outside_central'")
         elif pixel != (None, None, None):
             raise ValueError(f"task {self.name}: frames / area / fill belong to 'video' tasks only")
 
     @property
     def shard_key(self) -> str | None:
-        """The token-shard key whose codes fill the prefix (``None``: the prefix is all pad)."""
+        """The token-shard key of the task's condition codes (``None``: it has none, the prefix is all pad)."""
         return {"video": f"cond.{self.name}", "sketch": "sketch_codes"}.get(self.condition)
 
     @property
@@ -85,12 +95,11 @@ class Task:
 #: Every task, in the order of the models' default task list.
 TASKS: tuple[Task, ...] = (
     Task("frame_prediction", "frame_prediction", "video", frames="first", area="all", fill="nearest_frame"),
-    Task("interpolation", "interpolation", "video", frames="ends", area="all", fill="nearest_frame"),
-    Task("outpaint_central", "outpaint", "video", region="central", frames="all", area="central", fill="constant"),
-    Task("outpaint_vertical", "outpaint", "video", region="vertical", frames="all", area="vertical",
-         fill="constant"),
+    Task("interpolation", "interpolation", "video", frames="ends", area="all", fill="linear_blend"),
+    Task("outpaint_central", "outpaint", "video", region="central", frames="all", area="central", fill="edge"),
+    Task("outpaint_vertical", "outpaint", "video", region="vertical", frames="all", area="vertical", fill="edge"),
     Task("outpaint_horizontal", "outpaint", "video", region="horizontal", frames="all", area="horizontal",
-         fill="constant"),
+         fill="edge"),
     Task("inpaint_central", "inpaint", "video", region="central", frames="all", area="outside_central",
          fill="constant"),
     Task("sketch", "sketch", "sketch"),

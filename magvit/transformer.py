@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from .config import Config
-from .masking import CodeFactorization, SequenceLayout, TokenVocabulary
+from .masking import CONDITIONINGS, CodeFactorization, SequenceLayout, TokenVocabulary
 from .pretrained import PretrainedMixin
-from .tasks import DEFAULT_TASKS
+from .tasks import DEFAULT_TASKS, task
 
 
 @dataclasses.dataclass
@@ -31,11 +31,17 @@ class TransformerConfig(Config):
     """Size and vocabulary of :class:`MaskedVideoTransformer`.
 
     The vocabulary (codebook + named special tokens, :class:`magvit.masking.TokenVocabulary`) and the sequence
-    length (:class:`magvit.masking.SequenceLayout`) follow from ``codebook_size``, ``tasks``, ``num_classes`` and
-    ``token_grid``. ``tasks`` is the model's task list (names of rows of ``magvit.tasks.TASKS``): its order fixes the
-    task-token ids and the class tokens come after them, so rows added to the table later change no id of a saved
-    model; a config.json without it (every export written before it was saved) gets ``DEFAULT_TASKS``, the list
-    those exports were trained with.
+    length (:class:`magvit.masking.SequenceLayout`) follow from ``codebook_size``, ``tasks``, ``num_classes``,
+    ``token_grid`` and ``conditioning``. ``tasks`` is the model's task list (names of rows of
+    ``magvit.tasks.TASKS``): its order fixes the task-token ids and the class tokens come after them, so rows added
+    to the table later change no id of a saved model; a config.json without it (every export written before it
+    was saved) gets ``DEFAULT_TASKS``, the list those exports were trained with.
+
+    ``conditioning`` says where the condition tokens go (``magvit.masking``'s module docstring): ``"prefix"`` (a
+    prefix of ``N`` condition tokens, sequence ``2 + 2N``; what every export without the key has) or ``"interior"``
+    (MAGVIT's COMMIT: in the masked video slots of the task's condition region, sequence ``2 + N``). Interior
+    conditioning is for pixel-condition tasks, class and unconditional; a sketch has no region, so an interior
+    model's task list must not hold ``sketch`` (train it with a prefix model).
 
     ``token_factorization`` > 1 splits each code into that many sub-tokens (the codebook must be a power of two
     whose bits divide evenly, e.g. 2^18 -> 2 x 2^9); ``factor_embedding`` says how the sub-token embeddings form
@@ -47,6 +53,7 @@ class TransformerConfig(Config):
     token_grid: tuple[int, int, int] = (4, 16, 16)  # (t, h, w) of the tokenizer's code grid
     num_classes: int = 0
     tasks: tuple[str, ...] = DEFAULT_TASKS
+    conditioning: str = "prefix"  # "prefix" | "interior" (MAGVIT's COMMIT), see above
     hidden_size: int = 768
     num_layers: int = 12
     num_heads: int = 12
@@ -79,6 +86,12 @@ class TransformerConfig(Config):
             raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
         self.tasks = tuple(self.tasks)
         TokenVocabulary(self.codebook_size, self.num_classes, self.tasks)  # raises for a repeated or unknown task
+        if self.conditioning not in CONDITIONINGS:
+            raise ValueError(f"conditioning must be one of {CONDITIONINGS}, got {self.conditioning!r}")
+        sketches = [name for name in self.tasks if task(name).condition == "sketch"]
+        if self.conditioning == "interior" and sketches:
+            raise ValueError(f"conditioning 'interior' has no slot for a sketch condition: drop {sketches} from "
+                             f"tasks (e.g. tasks={[n for n in self.tasks if n not in sketches]})")
         if self.factor_embedding not in ("sum", "concat"):
             raise ValueError(f"factor_embedding must be 'sum' or 'concat', got {self.factor_embedding!r}")
         CodeFactorization(self.codebook_size, self.token_factorization)  # raises if the codebook cannot be split
@@ -96,7 +109,7 @@ class TransformerConfig(Config):
 
     @property
     def layout(self) -> SequenceLayout:
-        return SequenceLayout(self.token_grid)
+        return SequenceLayout(self.token_grid, self.conditioning)
 
     @property
     def vocab_size(self) -> int:

@@ -24,6 +24,8 @@ from magvit.masking import (
     code_nll,
     condition_region,
     factor_logits,
+    latent_condition_region,
+    latent_condition_regions,
     make_training_batch,
     mask_schedule,
     masked_token_loss,
@@ -79,7 +81,7 @@ def test_condition_video_for_every_task(task):
     cond = build_condition_video(video, task)
     assert cond.shape == video.shape
     known = condition_region(task, 8, 16, 16)
-    # Known pixels are copied exactly; unknown ones hold no information about the video there.
+    # Known pixels are copied exactly; unknown ones are built from the known ones only.
     assert torch.equal(cond[..., known], video[..., known])
     assert 0 < int(known.sum()) < known.numel()
     unknown = ~known
@@ -88,9 +90,14 @@ def test_condition_video_for_every_task(task):
     assert known.float().mean().item() == pytest.approx(expected_fraction)
     if task == "frame_prediction":
         assert torch.equal(cond[:, :, 1:], video[:, :, :1].expand(-1, -1, 7, -1, -1))
-    elif task == "interpolation":
-        assert torch.equal(cond[:, :, 1:4], video[:, :, :1].expand(-1, -1, 3, -1, -1))
-        assert torch.equal(cond[:, :, 4:7], video[:, :, 7:].expand(-1, -1, 3, -1, -1))
+    elif task == "interpolation":  # a linear blend of the first and the last frame
+        blend = torch.arange(8.0).div(7).view(1, 1, 8, 1, 1)
+        assert torch.allclose(cond, video[:, :, :1] + blend * (video[:, :, 7:] - video[:, :, :1]), atol=1e-6)
+    elif task.startswith("outpaint"):  # the known box's edge pixels, replicated
+        assert torch.equal(build_condition_video(cond, task), cond)  # padding a padded video changes nothing
+        rows, cols = known[0].any(dim=1).nonzero()[:, 0], known[0].any(dim=0).nonzero()[:, 0]
+        assert torch.equal(cond[..., 0, 0], video[..., rows[0], cols[0]])  # corner <- corner of the box
+        assert torch.equal(cond[..., -1, :], cond[..., rows[-1], :])  # last rows <- the box's last row
     else:
         assert bool((cond[..., unknown] == 0).all())
     # an unbatched (3, T, H, W) video gives the same result
@@ -108,6 +115,36 @@ def test_condition_regions_geometry():
     assert torch.equal(inpaint, ~central)
     multi = condition_region("frame_prediction", 8, 4, 4, num_cond_frames=3)
     assert multi[:3].all() and not multi[3:].any()
+
+
+def test_linear_blend_and_edge_fills_on_tiny_videos():
+    """Interpolation blends linearly between the given frames, outpainting replicates the known box's edge pixels
+    (MAGVIT's official condition videos), to the exact value."""
+    video = torch.rand(3, 5, 2, 2) * 2 - 1
+    video[:, 0], video[:, 4] = -1.0, 1.0
+    cond = build_condition_video(video, "interpolation")
+    assert torch.equal(cond, torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0]).view(1, 5, 1, 1).expand(3, 5, 2, 2))
+    grid = torch.arange(16.0).view(4, 4).expand(3, 2, 4, 4)  # (3, T=2, 4, 4): the middle half is rows/cols 1-2
+    expected = {
+        "outpaint_central": [[5, 5, 6, 6], [5, 5, 6, 6], [9, 9, 10, 10], [9, 9, 10, 10]],
+        "outpaint_vertical": [[1, 1, 2, 2], [5, 5, 6, 6], [9, 9, 10, 10], [13, 13, 14, 14]],
+        "outpaint_horizontal": [[4, 5, 6, 7], [4, 5, 6, 7], [8, 9, 10, 11], [8, 9, 10, 11]],
+    }
+    for task, values in expected.items():
+        assert torch.equal(build_condition_video(grid, task), torch.tensor(values, dtype=torch.float32).expand_as(grid))
+    inpaint = build_condition_video(grid, "inpaint_central")  # unchanged: the hole is 0
+    assert torch.equal(inpaint[0, 0], torch.where(condition_region("inpaint_central", 1, 4, 4)[0], grid[0, 0], 0.0))
+    assert [tasks.task(t).fill for t in CONDITION_TASKS] == ["nearest_frame", "linear_blend", "edge", "edge", "edge",
+                                                             "constant"]
+
+
+def test_fills_need_a_region_they_can_fill():
+    with pytest.raises(ValueError, match="needs area 'all'"):
+        tasks.Task("blend", "blend", "video", frames="ends", area="central", fill="linear_blend")
+    with pytest.raises(ValueError, match="fill 'edge'"):
+        tasks.Task("pad", "pad", "video", frames="all", area="outside_central", fill="edge")
+    with pytest.raises(ValueError, match="fill 'edge'"):
+        tasks.Task("pad", "pad", "video", frames="first", area="central", fill="edge")
 
 
 def test_condition_errors():
@@ -415,7 +452,7 @@ def test_task_table_rows_and_cli_lookup():
 def test_a_new_task_is_one_table_row(monkeypatch):
     """A row with known kinds of region and fill is all a task needs: condition video, training batches, CLI."""
     wide = tasks.Task("outpaint_wide", "outpaint", "video", region="wide", frames="all", area="horizontal",
-                      fill="constant")
+                      fill="edge")
     monkeypatch.setattr(tasks, "TASKS", (*tasks.TASKS, wide))
     assert torch.equal(condition_region("outpaint_wide", 2, 8, 8), condition_region("outpaint_horizontal", 2, 8, 8))
     video = torch.rand(3, 2, 8, 8) * 2 - 1
@@ -435,3 +472,115 @@ def test_a_new_task_is_one_table_row(monkeypatch):
     assert "outpaint_wide" not in {t.name for t in training_tasks(batch, old)}
     with pytest.raises(ValueError, match="unknown task 'outpaint_wide'"):
         make_training_batch(batch, old, tasks=["outpaint_wide"])
+
+
+# --- interior COMMIT conditioning (MAGVIT's official layout: no prefix) -------------------------------------------
+
+
+def test_latent_condition_region_from_the_pixel_region():
+    # non-causal, 4 frames and 4x4 pixels per slot: one given frame of four makes latent frame 0 a condition
+    fp = latent_condition_region("frame_prediction", (4, 4, 4), (16, 16, 16), causal=False)
+    assert fp[0].all() and not fp[1:].any()
+    interp = latent_condition_region("interpolation", (4, 4, 4), (16, 16, 16), causal=False)
+    assert interp[[0, 3]].all() and not interp[1:3].any()
+    # causal: frame 0 alone is latent frame 0, frames 1-4 are latent frame 1, ..., frame 16 is in latent frame 4
+    causal = latent_condition_region("frame_prediction", (5, 4, 4), (17, 16, 16), causal=True)
+    assert causal[0].all() and not causal[1:].any()
+    five = latent_condition_region("frame_prediction", (5, 4, 4), (17, 16, 16), causal=True, num_cond_frames=5)
+    assert five[:2].all() and not five[2:].any()
+    ends = latent_condition_region("interpolation", (5, 4, 4), (17, 16, 16), causal=True)
+    assert ends[[0, 4]].all() and not ends[1:4].any()
+    # spatially the pixel box at latent resolution: the middle half of a 4x4 grid
+    central = latent_condition_region("outpaint_central", (2, 4, 4), (8, 16, 16), causal=False)
+    assert torch.equal(central, condition_region("outpaint_central", 2, 4, 4))
+    inpaint = latent_condition_region("inpaint_central", (2, 4, 4), (8, 16, 16), causal=False)
+    assert torch.equal(inpaint, ~central)
+    # a slot whose pixel block is only partly known is no condition: 10 pixels, 5 per slot, known 2..7
+    assert not latent_condition_region("outpaint_central", (1, 2, 2), (1, 10, 10), causal=False).any()
+    regions = latent_condition_regions(tasks.DEFAULT_TASKS, (2, 4, 4), (8, 16, 16), causal=False)
+    assert sorted(regions) == sorted(CONDITION_TASKS)
+    with pytest.raises(ValueError, match="do not map"):
+        latent_condition_region("frame_prediction", (4, 4, 4), (17, 16, 16), causal=False)  # 17 = 4 x 4 + 1
+    with pytest.raises(ValueError, match="latent grid"):
+        latent_condition_region("frame_prediction", (4, 3, 4), (16, 16, 16), causal=False)
+
+
+INTERIOR_TASKS = tuple(t for t in tasks.DEFAULT_TASKS if t != "sketch")
+
+
+def _interior(batch, vocab, **options):
+    regions = latent_condition_regions(vocab.tasks, GRID, (8, 16, 16), causal=False)
+    return make_training_batch(batch, vocab, conditioning="interior", condition_regions=regions, **options), regions
+
+
+def test_interior_training_batch_puts_condition_tokens_in_the_masked_region_slots():
+    vocab = TokenVocabulary(16, num_classes=3, tasks=INTERIOR_TASKS)
+    batch = {k: v.repeat(10, *[1] * (v.dim() - 1)) for k, v in _batch().items() if k != "sketch_codes"}  # 60
+    layout = SequenceLayout(GRID, "interior")
+    assert layout.length == 2 + N and layout.video == slice(2, 2 + N) and layout.prefix == slice(2, 2)
+    (ids, labels, weights), regions = _interior(batch, vocab, cond_dropout_prob=0.0, unmasked_weight=0.5,
+                                                generator=torch.Generator().manual_seed(0))
+    assert ids.shape == labels.shape == weights.shape == (60, 2 + N)
+    codes = batch["codes"].reshape(60, N)
+    assert torch.equal(labels[:, 2:], codes) and bool((labels[:, :2] == IGNORE_INDEX).all())  # every video slot
+    task_of = {vocab.task_token(t): t for t in vocab.tasks}
+    seen = set()
+    for i in range(60):
+        task, video = task_of[int(ids[i, 0])], ids[i, 2:]
+        visible = weights[i, 2:] == 0.5
+        assert torch.equal(video[visible], codes[i][visible])  # unmasked: the truth
+        region = regions[task].reshape(N) if task in regions else torch.zeros(N, dtype=torch.bool)
+        masked = ~visible
+        expected = batch[f"cond.{task}"][i].reshape(N) if task in regions else None
+        if expected is not None:
+            assert torch.equal(video[masked & region], expected[masked & region])  # the condition tokens
+        assert bool((video[masked & ~region] == vocab.mask_token).all())
+        seen.add(task)
+    assert seen == set(vocab.tasks)
+    # a dropped condition leaves the mask token in every masked slot
+    (dropped, _, w), _ = _interior(batch, vocab, tasks=["frame_prediction"], cond_dropout_prob=1.0,
+                                   unmasked_weight=0.5)
+    assert torch.equal(dropped[:, 2:] == vocab.mask_token, w[:, 2:] == 1.0)
+
+
+def test_interior_training_batch_errors_and_no_host_sync():
+    vocab = TokenVocabulary(16, num_classes=3)  # with the sketch task
+    with pytest.raises(ValueError, match="no sketch condition"):
+        _interior(_batch(), vocab, tasks=["sketch"])
+    with pytest.raises(ValueError, match=r"condition_regions\['interpolation'\]"):
+        make_training_batch(_batch(), vocab, tasks=["interpolation"], conditioning="interior")
+    with pytest.raises(ValueError, match="conditioning must be one of"):
+        make_training_batch(_batch(), vocab, conditioning="suffix")
+    interior = TokenVocabulary(16, num_classes=3, tasks=INTERIOR_TASKS)
+    regions = latent_condition_regions(INTERIOR_TASKS, GRID, (8, 16, 16), causal=False)
+    batch = {k: v.to("meta") for k, v in _batch().items()}
+    out = make_training_batch(batch, interior, conditioning="interior", condition_regions=regions, uncond_prob=0.2,
+                              generator=torch.Generator().manual_seed(0))
+    assert all(t.device.type == "meta" and t.shape == (6, 2 + N) for t in out)
+
+
+def test_uncond_prob_drops_condition_and_class_together():
+    vocab = TokenVocabulary(16, num_classes=3)
+    g = torch.Generator().manual_seed(0)
+    b = 4000
+    batch = {"codes": torch.randint(0, 16, (b, *GRID), generator=g), "label": torch.randint(0, 3, (b,), generator=g),
+             "cond.frame_prediction": torch.randint(0, 16, (b, *GRID), generator=g)}
+    layout = SequenceLayout(GRID)
+
+    def drops(**options):
+        ids = make_training_batch(batch, vocab, tasks=["frame_prediction"], generator=torch.Generator().manual_seed(1),
+                                  **options).input_ids
+        return (ids[:, layout.prefix] == vocab.pad_token).all(dim=1), ids[:, 1] == vocab.unconditional_token
+
+    prefix, label = drops(cond_dropout_prob=0.0, uncond_prob=0.3)
+    assert torch.equal(prefix, label)  # only ever together
+    assert prefix.float().mean().item() == pytest.approx(0.3, abs=0.03)
+    prefix, label = drops(cond_dropout_prob=0.2, uncond_prob=0.1)
+    assert (prefix & label).float().mean().item() == pytest.approx(0.1 + 0.9 * 0.04, abs=0.02)
+    assert prefix.float().mean().item() == pytest.approx(0.1 + 0.9 * 0.2, abs=0.03)
+    # uncond_prob = 0 is today's batch, draw for draw (the pinned fixture holds it too)
+    a = make_training_batch(batch, vocab, generator=torch.Generator().manual_seed(2), uncond_prob=0.0)
+    c = make_training_batch(batch, vocab, generator=torch.Generator().manual_seed(2))
+    assert all(torch.equal(x, y) for x, y in zip(a, c))
+    with pytest.raises(ValueError, match="uncond_prob"):
+        make_training_batch(batch, vocab, uncond_prob=1.5)

@@ -300,3 +300,66 @@ def test_flat_and_one_factor_logits_decode_alike():
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match="neither a flat"):
         iterative_decode(lambda t: torch.zeros(*t.shape, 2, 3), start, mask_token=MASK, codebook_size=V)
+
+
+# --- interior COMMIT conditioning: the condition region re-filled at every step ----------------------------------
+
+
+def _interior_problem(batch=2, length=60, seed=3):
+    """Sequences of ``[2 fixed tokens][video, all masked]`` and what still-masked slots show: the condition token
+    in the region (the first 20 video slots), the mask token elsewhere."""
+    g = torch.Generator().manual_seed(seed)
+    start = torch.full((batch, length), MASK)
+    start[:, :2] = torch.tensor([V + 2, V + 3])  # task and class tokens: fixed
+    condition = start.clone()
+    condition[:, 2:22] = torch.randint(0, V, (batch, 20), generator=g)
+    return start, condition
+
+
+@pytest.mark.parametrize("guidance_scale", [0.0, 2.0])
+def test_interior_condition_refilled_at_every_step(guidance_scale):
+    start, condition = _interior_problem()
+    before = condition.clone()
+    uncond = start.clone()
+    uncond[:, 1] = V + 1  # the dropped class
+    seen, states = [], [start]
+
+    def model(tokens):
+        seen.append(tokens.clone())
+        return random_logits(tokens)
+
+    out = iterative_decode(model, start, mask_token=MASK, codebook_size=V, steps=6, guidance_scale=guidance_scale,
+                           uncond_tokens=uncond if guidance_scale else None, condition_tokens=condition,
+                           on_step=lambda step, tokens: states.append(tokens.clone()),
+                           generator=torch.Generator().manual_seed(0))
+    assert len(seen) == 6 and torch.equal(condition, before) and bool((start[:, 2:] == MASK).all())  # not written to
+    assert torch.equal(out[:, :2], start[:, :2])  # the fixed tokens come back exactly
+    assert bool(((out[:, 2:] >= 0) & (out[:, 2:] < V)).all())  # every slot generated, the region too
+    b = start.shape[0]
+    for shown, state in zip(seen, states):  # state: the tokens before that step
+        # a still-masked slot shows exactly its condition token in the region, the mask token outside
+        assert torch.equal(shown[:b], torch.where(state == MASK, condition, state))
+        if guidance_scale:  # the unconditional half sees no condition
+            assert torch.equal(shown[b:], torch.where(start == MASK, state, uncond))
+    assert not torch.equal(out[:, 2:22], condition[:, 2:22])  # refined, not pinned (random logits)
+
+
+def test_interior_condition_with_an_oracle_and_pinned_tokens():
+    start, condition = _interior_problem(batch=1)
+    truth = condition.clone()
+    truth[:, 22:] = torch.randint(0, V, (1, 38), generator=torch.Generator().manual_seed(5))
+    # a model that copies what it is shown and predicts the truth at mask tokens returns the condition exactly
+    def echo(tokens):
+        return F.one_hot(torch.where(tokens == MASK, truth, tokens).clamp(max=VOCAB - 1), VOCAB).float() * 50.0
+
+    out = iterative_decode(echo, start, mask_token=MASK, codebook_size=V, steps=4, condition_tokens=condition,
+                           generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out[:, 2:22], condition[:, 2:22]) and torch.equal(out, truth)
+    # condition tokens given as fixed inputs are never altered, whatever the model says
+    pinned = start.clone()
+    pinned[:, 2:22] = condition[:, 2:22]
+    out = iterative_decode(random_logits, pinned, mask_token=MASK, codebook_size=V, steps=4,
+                           condition_tokens=condition, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out[:, :22], pinned[:, :22])
+    with pytest.raises(ValueError, match="condition_tokens"):
+        iterative_decode(random_logits, start, mask_token=MASK, codebook_size=V, condition_tokens=condition[:, :10])

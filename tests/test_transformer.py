@@ -292,3 +292,77 @@ def test_task_list_is_checked():
         TransformerConfig.preset("tiny", tasks=[])
     small = TransformerConfig.preset("tiny", tasks=["unconditional", "frame_prediction"], num_classes=1)
     assert small.vocab.task_token("frame_prediction") == 64 + 3 + 1 and small.vocab.size == 64 + 3 + 2 + 1
+
+
+# --- interior COMMIT conditioning (config.json's "conditioning") --------------------------------------------------
+
+INTERIOR_TASKS = [t for t in DEFAULT_TASKS if t != "sketch"]
+
+
+def test_interior_conditioning_sequence_and_config(tmp_path):
+    config = TransformerConfig.preset("tiny", conditioning="interior", tasks=INTERIOR_TASKS)
+    assert config.max_length == 2 + 256 and config.layout.video == slice(2, 258)
+    model = MaskedVideoTransformer(config).eval()
+    assert model.bert.bert.embeddings.position_embeddings.num_embeddings == 2 + 256
+    assert model(torch.randint(0, 64, (1, 2 + 256))).shape == (1, 258, config.vocab_size)
+    model.save_pretrained(tmp_path / "model")
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["config"]["conditioning"] == "interior"
+    assert MaskedVideoTransformer.from_pretrained(tmp_path / "model").config.conditioning == "interior"
+    assert TransformerConfig.preset("tiny").max_length == 2 + 2 * 256  # prefix: the default
+    with pytest.raises(ConfigError, match="no slot for a sketch"):
+        TransformerConfig.preset("tiny", conditioning="interior")  # the default list holds the sketch task
+    with pytest.raises(ConfigError, match="conditioning must be one of"):
+        TransformerConfig.preset("tiny", conditioning="suffix")
+
+
+def test_export_without_conditioning_loads_as_prefix():
+    assert "conditioning" not in json.loads((OLD_EXPORT / "config.json").read_text())["config"]
+    model = MaskedVideoTransformer.from_pretrained(OLD_EXPORT)
+    assert model.config.conditioning == "prefix" and model.config.max_length == 2 + 2 * 4
+    assert _expected_logits_match(model)
+
+
+def test_interior_model_generates_with_its_condition_refilled():
+    from magvit.generate import generate_codes
+    from magvit.masking import latent_condition_region
+    from magvit.cli import UsageError
+
+    torch.manual_seed(0)
+    model = MaskedVideoTransformer(TransformerConfig.preset("tiny", token_grid=(2, 4, 4), conditioning="interior",
+                                                            tasks=INTERIOR_TASKS)).eval()
+    region = latent_condition_region("frame_prediction", (2, 4, 4), (8, 16, 16), causal=False)  # latent frame 0
+    condition = torch.randint(0, 64, (1, 2, 4, 4))
+    seen = []
+    hook = model.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    codes = generate_codes(model, "frame_prediction", condition, num_samples=2, steps=3, seed=0,
+                           condition_region=region)
+    hook.remove()
+    assert codes.shape == (2, 2, 4, 4) and bool(((codes >= 0) & (codes < 64)).all())
+    assert seen[0].shape == (2, 2 + 32)
+    first = seen[0][:, 2:].reshape(2, 2, 4, 4)  # step 1: every slot masked, the region shows the condition
+    assert torch.equal(first[:, 0], condition[:, 0].expand(2, -1, -1))
+    assert bool((first[:, 1] == model.vocab.mask_token).all())
+    with pytest.raises(UsageError, match="condition region"):
+        generate_codes(model, "frame_prediction", condition, steps=2, seed=0)
+    with pytest.raises(UsageError, match="unknown task 'sketch'"):
+        generate_codes(model, "sketch", condition, steps=2, seed=0)
+    assert generate_codes(model, "unconditional", None, steps=2, seed=0, guidance_scale=1.0).shape == (1, 2, 4, 4)
+
+
+def test_interior_model_in_the_pipeline_sees_the_condition_video_codes():
+    from magvit import TokenizerConfig, VideoPipeline, VideoTokenizer
+
+    torch.manual_seed(0)
+    tokenizer = VideoTokenizer(TokenizerConfig.preset("tiny")).eval()  # 8x32x32 -> 4x8x8, 2 frames per latent frame
+    model = MaskedVideoTransformer(TransformerConfig.preset("tiny", conditioning="interior",
+                                                            tasks=INTERIOR_TASKS)).eval()
+    pipe = VideoPipeline(tokenizer, model)
+    video = torch.rand(3, 8, 32, 32) * 2 - 1
+    seen = []
+    hook = model.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+    out = pipe("frame_prediction", video, num_cond_frames=3, num_samples=1, steps=2, seed=0)
+    hook.remove()
+    assert out.shape == (1, 3, 8, 32, 32)
+    codes = tokenizer.encode(pipe.prepare_condition("frame_prediction", video, 3)[None])  # (1, 4, 8, 8)
+    first = seen[0][0, 2:].reshape(4, 8, 8)  # 3 given frames: latent frame 0 wholly, frame 1 partly -> both
+    assert torch.equal(first[:2], codes[0, :2]) and bool((first[2:] == model.vocab.mask_token).all())
