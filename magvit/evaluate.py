@@ -3,8 +3,11 @@
 Tokenizer: PSNR and SSIM of the reconstructions (per frame, averaged), codebook usage and perplexity over the
 dataset, bits per pixel of the codes (fixed-length and entropy-coded). Transformer (``--transformer``): masked-token
 negative log-likelihood and accuracy on held-out tokens (``--tokens`` shards, or the clips tokenized on the fly), and
-frame prediction: PSNR / SSIM of the generated future frames against the real ones, next to copying the last
-conditioning frame. FVD with a local I3D TorchScript file (``--i3d``). Writes ``report.json`` and PNG plots.
+frame prediction: PSNR / SSIM / per-frame MSE of the generated future frames against the real ones, per clip and per
+predicted frame, next to baselines that need no model (the last given frame copied, in pixels and through the
+tokenizer; all black; the mean given frame). FVD with a local I3D TorchScript file (``--i3d``). Token shards that
+hold the evaluated clips (or come from a training split) are warned about on stderr and in the report's
+``warnings``. Writes ``report.json`` and PNG plots.
 
     python -m magvit.evaluate --tokenizer runs/demo/tokenizer/export --transformer runs/demo/transformer/export \\
         --data data/sample/manifest.jsonl --out runs/demo/eval --run-dir runs/demo/tokenizer
@@ -28,7 +31,8 @@ from . import metrics
 from .cli import ArgumentParser, UsageError, command_name, run_main
 from .evaluation.evaluators import (ClipResults, FramePredictionEvaluation, MaskedTokenEvaluation,
                                     TokenizerEvaluation, evaluate_clips, evaluate_token_shards, fvd_report)
-from .evaluation.inputs import iterate_clips, resolve_data, supported_tasks
+from .evaluation.inputs import (evaluated_videos, held_out_warnings, iterate_clips, open_clips, resolve_data,
+                                supported_tasks)
 from .evaluation.report import summary_lines, write_plots, write_report
 from .fileio import check_writable_dir
 from .pretrained import is_hub_id
@@ -163,6 +167,15 @@ def _clip_evaluations(args: argparse.Namespace, tokenizer, transformer, on_the_f
     return results
 
 
+def _warn_held_out(tokens_dir: Path | None, evaluated: list[str] | None) -> list[str]:
+    """The report's ``warnings`` (each also one line on stderr, now): token shards that hold the evaluated clips,
+    or that come from a training split (see ``held_out_warnings``)."""
+    warnings = held_out_warnings(tokens_dir, evaluated) if tokens_dir is not None else []
+    for warning in warnings:
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
+    return warnings
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Evaluate as the command line says; returns the report (also written to ``OUT/report.json``)."""
     _check_args(args)
@@ -182,12 +195,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise UsageError(f"--i3d: {err}") from None
     nll_tasks = _nll_tasks(args, transformer)
 
-    clips = masked = None
+    clips = masked = dataset = None
     if manifest is not None:
-        cfg = tokenizer.config
+        dataset = open_clips(manifest, args.split, tokenizer.config.num_frames, tokenizer.config.image_size)
+    report["warnings"] = _warn_held_out(tokens_dir if transformer is not None else None,
+                                        None if dataset is None else evaluated_videos(dataset, args.max_clips))
+    if dataset is not None:
         clips = _clip_evaluations(args, tokenizer, transformer, tokens_dir is None, nll_tasks)
-        batches = iterate_clips(manifest, args.split, cfg.num_frames, cfg.image_size, args.max_clips,
-                                args.batch_size, progress, clips.lost)
+        batches = iterate_clips(dataset, args.max_clips, args.batch_size, progress, clips.lost)
         report.update(evaluate_clips(batches, clips, args.cond_frames, keep_videos=extractor is not None).report())
         masked = clips.masked_tokens
     if transformer is not None and tokens_dir is not None:

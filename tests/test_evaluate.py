@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from magvit import evaluate, metrics
-from magvit.evaluation.evaluators import MaskedTokenEvaluation
-from magvit.evaluation.report import plot_training_curves
+from magvit.evaluation.evaluators import (FRAME_PREDICTION_ENTRIES, FramePredictionEvaluation, MaskedTokenEvaluation,
+                                         frame_scores)
+from magvit.evaluation.report import plot_frame_prediction, plot_training_curves
 from magvit.runlog import read_metrics
 
 
@@ -88,6 +89,16 @@ def test_tokenizer_and_transformer_report(setup, tmp_path, capsys):
     expected_recon = metrics.video_psnr(recon[:, :, 1:], videos[:, :, 1:])
     assert fp["reconstruction"]["per_clip"]["psnr"] == pytest.approx(expected_recon.tolist(), abs=1e-4)
     assert len(fp["generated"]["per_clip"]["psnr"]) == 2 and fp["steps"] == 3
+    # Every entry has the three metrics, per clip and per predicted frame (frames 1..7 of 8).
+    assert fp["predicted_frames"] == list(range(1, cfg.num_frames))
+    for name in FRAME_PREDICTION_ENTRIES:
+        for metric in ("psnr", "ssim", "mse_per_frame"):
+            assert metric in fp[name] and len(fp[name]["per_clip"][metric]) == 2
+            assert len(fp[name]["per_frame"][metric]) == cfg.num_frames - 1
+    gray = lambda v: (v.mean(1) + 1) / 2  # (B, T, H, W) in [0, 1]
+    expected_mse = (gray(baseline[:, :, 1:]) - gray(videos[:, :, 1:])).pow(2).sum((2, 3)).mean(1)
+    assert fp["copy_baseline"]["per_clip"]["mse_per_frame"] == pytest.approx(expected_mse.tolist(), rel=1e-5)
+    assert report["warnings"] == []
 
     # Masked tokens, tokenized on the fly: a random 64-way model is near log(64) nats.
     mt = report["masked_tokens"]
@@ -96,7 +107,7 @@ def test_tokenizer_and_transformer_report(setup, tmp_path, capsys):
     assert 0.0 <= mt["masked_token_accuracy"] <= 1.0 and mt["masked_tokens"] > 0
 
     assert "skipped" in report["fvd"]
-    for name in ("curves", "per_clip", "samples"):
+    for name in ("curves", "per_clip", "frame_prediction", "samples"):
         path = Path(report["plots"][name])
         assert path.is_file() and path.read_bytes()[:4] == b"\x89PNG"
 
@@ -250,3 +261,100 @@ def test_folder_of_videos_is_indexed(setup, real_video_paths, tmp_path, capsys):
     assert evaluate.main(["--tokenizer", str(setup["root"] / "tokenizer"), "--data", str(empty), "--out",
                           str(tmp_path / "o2"), "--no-progress"]) == 2
     assert "no readable video" in capsys.readouterr().err
+
+
+def test_frame_scores_known_values():
+    """PSNR / SSIM on RGB; MSE per frame = sum over a gray frame in [0, 1] of the squared error."""
+    black = torch.full((1, 3, 2, 16, 16), -1.0)
+    exact = frame_scores(black, black)
+    assert torch.isinf(exact["psnr"]).all() and torch.allclose(exact["ssim"], torch.ones(1, 2, dtype=torch.float64))
+    assert (exact["mse_per_frame"] == 0).all()
+    assert frame_scores(torch.ones_like(black), black)["mse_per_frame"].tolist() == [[256.0, 256.0]]
+    red = black.clone()
+    red[:, 0] = 1.0  # one channel of three off by the whole range: gray off by 1/3
+    assert frame_scores(red, black)["mse_per_frame"] == pytest.approx(torch.full((1, 2), 256 / 9))
+    assert frame_scores(red, black)["psnr"] == pytest.approx(torch.full((1, 2), 10 * math.log10(3)))
+
+
+def _frame_prediction(setup, video: torch.Tensor, num_cond_frames: int) -> dict:
+    from magvit.tokenizer import VideoTokenizer
+    from magvit.transformer import MaskedVideoTransformer
+
+    tokenizer = VideoTokenizer.from_pretrained(setup["root"] / "tokenizer")
+    transformer = MaskedVideoTransformer.from_pretrained(setup["root"] / "transformer")
+    evaluation = FramePredictionEvaluation(tokenizer, transformer, num_cond_frames=num_cond_frames, steps=2)
+    evaluation.update(video, video)  # a perfect reconstruction
+    return evaluation.summary(), tokenizer
+
+
+def test_frame_prediction_baselines_known_values(setup):
+    cfg = setup["tok_cfg"]
+    shape = (1, 3, cfg.num_frames, cfg.image_size, cfg.image_size)
+    pixels = cfg.image_size**2
+    black, _ = _frame_prediction(setup, torch.full(shape, -1.0), 1)
+    for name in ("black_baseline", "copy_baseline", "mean_baseline", "reconstruction"):  # all exact on black
+        assert black[name]["psnr"] == math.inf and black[name]["ssim"] == pytest.approx(1.0)
+        assert black[name]["mse_per_frame"] == 0.0 and black[name]["per_frame"]["psnr"] == [math.inf] * 7
+
+    # Frames in [0, 1]: 0 (black), 0.75, then 1 (white); 2 given frames, 6 predicted.
+    video = torch.ones(shape)
+    video[:, :, 0], video[:, :, 1] = -1.0, 0.5
+    fp, tokenizer = _frame_prediction(setup, video, 2)
+    assert fp["predicted_frames"] == list(range(2, cfg.num_frames))
+    assert fp["copy_baseline"]["mse_per_frame"] == pytest.approx(0.25**2 * pixels)  # copies 0.75
+    assert fp["black_baseline"]["mse_per_frame"] == pytest.approx(1.0 * pixels)
+    assert fp["mean_baseline"]["mse_per_frame"] == pytest.approx(0.625**2 * pixels)  # the mean given frame, 0.375
+    assert fp["mean_baseline"]["per_frame"]["mse_per_frame"] == pytest.approx([0.625**2 * pixels] * 6)
+    assert fp["black_baseline"]["psnr"] == pytest.approx(0.0)
+    with torch.no_grad():  # the copied video through the tokenizer, scored on the predicted frames
+        copy = video[:, :, [0, 1, 1, 1, 1, 1, 1, 1]]
+        through = tokenizer.decode(tokenizer.encode(copy)).clamp(-1, 1)
+    expected = metrics.video_psnr(through[:, :, 2:], video[:, :, 2:])
+    assert fp["copy_through_tokenizer"]["psnr"] == pytest.approx(float(expected), abs=1e-4)
+
+    path = plot_frame_prediction({"frame_prediction": fp}, Path(setup["root"]) / "frame_prediction.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    assert plot_frame_prediction({}, Path(setup["root"]) / "none.png") is None
+
+
+def _warnings(capsys) -> list[str]:
+    lines = capsys.readouterr().err.splitlines()
+    return [line for line in lines if line.startswith(f"{evaluate.PROG}: warning:")]
+
+
+def test_warns_when_the_token_shards_hold_the_evaluated_clips(setup, tmp_path, capsys):
+    from magvit.prep import tokenize
+
+    root = setup["root"]
+    shards = tmp_path / "tokens"
+    assert tokenize.main(["--tokenizer", str(root / "tokenizer"), "--manifest", str(root / "manifest.jsonl"),
+                          "--out", str(shards), "--split", "val", "--workers", "0", "--no-conditions", "--sketch", "none"]) == 0
+    assert len(json.loads((shards / "meta.json").read_text())["videos"]) == 2
+    capsys.readouterr()
+    out = tmp_path / "out"
+    assert evaluate.main(_args(setup, out, "--transformer", str(root / "transformer"), "--tokens", str(shards),
+                               "--steps", "2", "--nll-tasks", "unconditional", "--max-clips", "1")) == 0
+    report = json.loads((out / "report.json").read_text())
+    printed = _warnings(capsys)
+    assert len(printed) == 1 and "hold 1 of the 1 evaluated clips" in printed[0]
+    assert report["warnings"] == [printed[0].split("warning: ", 1)[1]]
+
+    # Shards of other videos: no warning; older shards without `videos`: their manifest and split tell.
+    meta = json.loads((shards / "meta.json").read_text())
+    (shards / "meta.json").write_text(json.dumps({**meta, "videos": [str(tmp_path / "other.mp4")]}))
+    assert evaluate.main(_args(setup, tmp_path / "o2", "--transformer", str(root / "transformer"), "--tokens",
+                               str(shards), "--steps", "2", "--nll-tasks", "unconditional", "--max-clips", "1")) == 0
+    assert _warnings(capsys) == []
+    del meta["videos"]
+    (shards / "meta.json").write_text(json.dumps({**meta, "split": "all"}))
+    assert evaluate.main(_args(setup, tmp_path / "o3", "--transformer", str(root / "transformer"), "--tokens",
+                               str(shards), "--steps", "2", "--nll-tasks", "unconditional", "--max-clips", "1")) == 0
+    printed = _warnings(capsys)
+    assert len(printed) == 2 and "hold 1 of the 1 evaluated clips" in printed[0] and "'all' split" in printed[1]
+
+    # The shards alone, tokenized from a training split: their NLL is not held-out.
+    (shards / "meta.json").write_text(json.dumps({**meta, "split": "train"}))
+    assert evaluate.main(["--transformer", str(root / "transformer"), "--data", str(shards), "--out",
+                          str(tmp_path / "o4"), "--no-progress", "--nll-tasks", "unconditional"]) == 0
+    printed = _warnings(capsys)
+    assert len(printed) == 1 and "'train' split" in printed[0]

@@ -2,8 +2,9 @@
 
 - :class:`TokenizerEvaluation`: reconstruction PSNR / SSIM, codebook usage and perplexity, bits per pixel;
 - :class:`MaskedTokenEvaluation`: masked-token NLL (nats per code) and accuracy per task on a seeded masking;
-- :class:`FramePredictionEvaluation`: generated future frames against the real ones, next to copying the last given
-  frame (the baseline) and the tokenizer's reconstruction (an upper bound);
+- :class:`FramePredictionEvaluation`: generated future frames against the real ones, next to the baselines (the last
+  given frame copied, in pixels and through the tokenizer; all black; the mean given frame) and the tokenizer's
+  reconstruction (an upper bound), in PSNR, SSIM and Moving MNIST's per-frame MSE, per clip and per predicted frame;
 - :func:`evaluate_clips` runs the three over held-out clips in one pass, :func:`evaluate_token_shards` the masked
   tokens over token shards, :func:`fvd_report` the Frechet video distances.
 """
@@ -141,55 +142,106 @@ class MaskedTokenEvaluation:
         }
 
 
+#: the report's frame-prediction entries: the model's prediction, the baselines it has to beat (on Moving MNIST an
+#: all-black prediction beats copying the last frame) and the tokenizer's reconstruction of the truth (an upper bound)
+FRAME_PREDICTION_ENTRIES = ("generated", "copy_baseline", "copy_through_tokenizer", "black_baseline", "mean_baseline",
+                            "reconstruction")
+FRAME_METRICS = ("psnr", "ssim", "mse_per_frame")
+FRAME_METRIC_UNITS = {
+    "psnr": "dB, RGB in [0, 1], mean over predicted frames",
+    "ssim": "RGB, Gaussian window, mean over predicted frames",
+    "mse_per_frame": "sum of squared errors over a frame's pixels in [0, 1] on gray (the mean over RGB), mean over "
+                     "predicted frames",
+}
+
+
+def frame_scores(prediction: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-frame scores ``(B, T)`` of predicted frames ``(B, 3, T, H, W)`` in [-1, 1] against the real ones.
+
+    ``psnr`` and ``ssim`` on RGB like the rest of the report (``metrics.video_psnr`` is their mean over frames);
+    ``mse_per_frame`` is the Moving MNIST literature's per-frame MSE: the sum over the frame's pixels, with values in
+    [0, 1], of the squared error, computed on gray (the mean over the channels, so a gray digit replicated to RGB
+    counts once).
+    """
+    b, c, t, h, w = prediction.shape
+    frames = lambda v: v.transpose(1, 2).reshape(b * t, c, h, w)  # (B*T, 3, H, W)
+    gray = lambda v: (v.double().mean(1) + 1) / 2  # (B, T, H, W) in [0, 1]
+    return {"psnr": metrics.psnr(frames(prediction), frames(target)).view(b, t),
+            "ssim": metrics.ssim(frames(prediction), frames(target)).view(b, t),
+            "mse_per_frame": (gray(prediction) - gray(target)).pow(2).sum((2, 3))}
+
+
+def frame_prediction_baselines(real: torch.Tensor, num_cond_frames: int) -> dict[str, torch.Tensor]:
+    """Predictions that need no model, ``(B, 3, T, H, W)`` like ``real``: the last given frame repeated
+    (``copy_baseline``), all black (-1, ``black_baseline``) and the mean of the given frames (``mean_baseline``)."""
+    from ..masking import build_condition_video
+
+    mean = real[:, :, :num_cond_frames].mean(2, keepdim=True).expand_as(real)
+    return {"copy_baseline": build_condition_video(real, "frame_prediction", num_cond_frames=num_cond_frames),
+            "black_baseline": torch.full_like(real, -1.0), "mean_baseline": mean}
+
+
 class FramePredictionEvaluation:
-    """Frame prediction from the first ``num_cond_frames`` frames: generated vs real future frames, next to copying
-    the last conditioning frame (the baseline) and the tokenizer's own reconstruction (an upper bound)."""
+    """Frame prediction from the first ``num_cond_frames`` frames: the generated future frames against the real
+    ones, next to the baselines of ``FRAME_PREDICTION_ENTRIES``, scored by ``frame_scores`` per clip and per
+    predicted frame (the curves of a PSNR / SSIM / MSE-per-frame plot)."""
 
     def __init__(self, tokenizer, transformer, num_cond_frames: int = 1, steps: int = 12, temperature: float = 1.0,
                  guidance_scale: float = 0.0, seed: int = 0, num_samples: int = 1):
         self.tokenizer, self.transformer = tokenizer, transformer
         self.num_cond_frames = num_cond_frames
         self.steps, self.temperature, self.guidance_scale, self.seed = steps, temperature, guidance_scale, seed
-        self.scores: dict[str, dict[str, list[float]]] = {
-            name: {"psnr": [], "ssim": []} for name in ("generated", "copy_baseline", "reconstruction")
+        # entry -> metric -> one list of per-predicted-frame values per clip
+        self.scores: dict[str, dict[str, list[list[float]]]] = {
+            name: {metric: [] for metric in FRAME_METRICS} for name in FRAME_PREDICTION_ENTRIES
         }
+        self.num_frames: int | None = None
         self.num_samples = num_samples
         self.samples: list[torch.Tensor] = []  # generated (3, T, H, W)
         self.generated: list[torch.Tensor] = []  # for FVD, (3, T, H, W) each
 
     @torch.no_grad()
     def update(self, video: torch.Tensor, reconstruction: torch.Tensor, keep_for_fvd: bool = False) -> None:
-        from ..masking import build_condition_video
+        """Score the clips ``video`` ``(B, 3, T, H, W)`` whose tokenizer reconstructions are ``reconstruction``."""
         from ..pipeline import condition_video, generate_codes
 
         device = next(self.transformer.parameters()).device
         n = self.num_cond_frames
-        future = slice(n, None)  # frames to predict
+        self.num_frames = video.shape[2]
         for i in range(video.shape[0]):
             clip = video[i].to(device)  # (3, T, H, W)
-            cond = condition_video("frame_prediction", clip, clip.shape[1], num_cond_frames=n)
+            cond = condition_video("frame_prediction", clip, clip.shape[1], num_cond_frames=n)  # last frame repeated
             prefix = self.tokenizer.encode(cond.unsqueeze(0))  # (1, t, h, w)
             codes = generate_codes(self.transformer, "frame_prediction", prefix, steps=self.steps,
                                    temperature=self.temperature, guidance_scale=self.guidance_scale,
                                    seed=self.seed + len(self.scores["generated"]["psnr"]))
             generated = self.tokenizer.decode(codes).clamp(-1, 1).float().cpu()  # (1, 3, T, H, W)
             real = clip.unsqueeze(0).cpu()
-            baseline = build_condition_video(real, "frame_prediction", num_cond_frames=n)
-            for name, pred in (("generated", generated), ("copy_baseline", baseline),
-                               ("reconstruction", reconstruction[i : i + 1].cpu())):
-                self.scores[name]["psnr"].append(float(metrics.video_psnr(pred[:, :, future], real[:, :, future])))
-                self.scores[name]["ssim"].append(float(metrics.video_ssim(pred[:, :, future], real[:, :, future])))
+            predictions = {"generated": generated, **frame_prediction_baselines(real, n),
+                           "copy_through_tokenizer": self.tokenizer.decode(prefix).clamp(-1, 1).float().cpu(),
+                           "reconstruction": reconstruction[i : i + 1].cpu()}
+            for name in FRAME_PREDICTION_ENTRIES:  # scored on the future frames only
+                for metric, values in frame_scores(predictions[name][:, :, n:], real[:, :, n:]).items():
+                    self.scores[name][metric].append(values[0].tolist())
             if len(self.samples) < self.num_samples:
                 self.samples.append(generated[0])
             if keep_for_fvd:
                 self.generated.append(generated[0])
 
     def summary(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"num_cond_frames": self.num_cond_frames, "steps": self.steps,
-                               "num_clips": len(self.scores["generated"]["psnr"])}
-        for name, s in self.scores.items():
-            out[name] = {"psnr": mean_finite(s["psnr"]), "ssim": sum(s["ssim"]) / max(len(s["ssim"]), 1),
-                         "per_clip": s}
+        """Per entry: the means over clips and predicted frames, ``per_clip`` (means over a clip's predicted frames)
+        and ``per_frame`` (means over clips of each predicted frame; an infinite PSNR, an exact frame, is left out
+        of the mean unless every clip has it)."""
+        n = self.num_cond_frames
+        out: dict[str, Any] = {"num_cond_frames": n, "steps": self.steps,
+                               "num_clips": len(self.scores["generated"]["psnr"]),
+                               "predicted_frames": list(range(n, self.num_frames or n)), "units": FRAME_METRIC_UNITS}
+        for name, scores in self.scores.items():
+            per_clip = {m: [sum(v) / len(v) for v in clips] for m, clips in scores.items()}
+            per_frame = {m: [mean_finite(frame) for frame in zip(*clips)] for m, clips in scores.items()}
+            out[name] = {"psnr": mean_finite(per_clip["psnr"]),
+                         **{m: sum(per_clip[m]) / max(len(per_clip[m]), 1) for m in ("ssim", "mse_per_frame")},
+                         "per_clip": per_clip, "per_frame": per_frame}
         return out
 
 

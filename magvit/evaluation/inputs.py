@@ -1,6 +1,6 @@
 """What ``python -m magvit.evaluate`` reads: ``--data`` resolved to a manifest or token shards, held-out clips in
-batches (unreadable ones counted, never fatal), token shards checked against the models, and the tasks the data can
-score."""
+batches (unreadable ones counted, never fatal), token shards checked against the models (and against the evaluated
+clips: are the scores held-out?), and the tasks the data can score."""
 
 from __future__ import annotations
 
@@ -55,9 +55,29 @@ def resolve_data(path: str | os.PathLike, scratch: Path) -> tuple[str, Path]:
     return "manifest", out
 
 
-def iterate_clips(manifest: Path, split: str, num_frames: int, image_size: int, max_clips: int | None,
-                  batch_size: int, progress: bool, lost: dict[str, list] | None = None) -> Iterator[torch.Tensor]:
-    """Held-out clips ``(B, 3, T, H, W)`` in [-1, 1] (centred crops, evenly spaced starts).
+def open_clips(manifest: Path, split: str, num_frames: int, image_size: int):
+    """The ``split`` clips of the manifest as a ``ClipDataset`` (centred crops, evenly spaced starts, unreadable
+    files skipped); ``UsageError`` when there is none."""
+    from ..data import ClipDataset
+
+    try:
+        dataset = ClipDataset(manifest, split=split, num_frames=num_frames, image_size=image_size, on_error="skip")
+    except (FileNotFoundError, ValueError) as err:
+        raise UsageError(f"--data: {err}") from None
+    if len(dataset) == 0:
+        raise UsageError(f"--data: no usable '{split}' clip of {num_frames} frames in {manifest}"
+                         + (" (try --split all)" if split != "all" else ""))
+    return dataset
+
+
+def evaluated_videos(clips, max_clips: int | None) -> list[str]:
+    """Resolved paths of the videos whose clips :func:`iterate_clips` evaluates (one clip per video)."""
+    return [str(Path(r["path"]).resolve()) for r in clips.records[:max_clips]]
+
+
+def iterate_clips(clips, max_clips: int | None, batch_size: int, progress: bool,
+                  lost: dict[str, list] | None = None) -> Iterator[torch.Tensor]:
+    """The clips of :func:`open_clips` in batches ``(B, 3, T, H, W)`` in [-1, 1], at most ``max_clips``.
 
     Unreadable files are skipped and listed in ``lost``: ``"unreadable"`` gets ``(path, reason)`` of each clip that
     failed to decode (a damaged file, or one shorter than the manifest says), ``"skipped"`` each video left out
@@ -65,20 +85,11 @@ def iterate_clips(manifest: Path, split: str, num_frames: int, image_size: int, 
     """
     from torch.utils.data import DataLoader, Subset
 
-    from ..data import ClipDataset, collate_skip_none
+    from ..data import collate_skip_none
 
     lost = {} if lost is None else lost
-    try:
-        dataset = ClipDataset(manifest, split=split, num_frames=num_frames, image_size=image_size, on_error="skip")
-    except (FileNotFoundError, ValueError) as err:
-        raise UsageError(f"--data: {err}") from None
-    lost.setdefault("skipped", []).extend({"path": path, "reason": reason} for path, reason in dataset.skipped)
-    if len(dataset) == 0:
-        raise UsageError(f"--data: no usable '{split}' clip of {num_frames} frames in {manifest}"
-                         + (" (try --split all)" if split != "all" else ""))
-    clips = dataset
-    if max_clips is not None:
-        dataset = Subset(dataset, range(min(max_clips, len(dataset))))
+    lost.setdefault("skipped", []).extend({"path": path, "reason": reason} for path, reason in clips.skipped)
+    dataset = clips if max_clips is None else Subset(clips, range(min(max_clips, len(clips))))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_skip_none)  # in-process
     from tqdm.auto import tqdm
 
@@ -91,6 +102,45 @@ def iterate_clips(manifest: Path, split: str, num_frames: int, image_size: int, 
     lost.setdefault("unreadable", []).extend(
         {"path": path, "clips": count, "reason": clips.failure_reasons.get(path, "")}
         for path, count in sorted(clips.failures.items()))
+
+
+def tokenized_videos(meta: dict) -> set[str] | None:
+    """Resolved paths of the videos whose clips token shards hold: their ``meta.json``'s ``videos`` (written by
+    ``data_prep.tokenize``), else the ``split`` of the ``manifest`` it names (older shards); ``None`` when neither
+    tells."""
+    if isinstance(meta.get("videos"), list):
+        return {str(Path(p).resolve()) for p in meta["videos"]}
+    if not meta.get("manifest") or meta.get("split") not in ("train", "val", "all"):
+        return None
+    from ..data import read_manifest
+
+    try:
+        return {str(Path(r["path"]).resolve()) for r in read_manifest(meta["manifest"], meta["split"])}
+    except (OSError, ValueError):  # the manifest moved or changed since: no way to tell
+        return None
+
+
+def held_out_warnings(directory: Path, evaluated: Sequence[str] | None) -> list[str]:
+    """Why scores may not be held-out, one line each: the token shards in ``directory`` hold clips of the
+    ``evaluated`` videos (resolved paths; ``None``: no clips are evaluated), or come from a manifest's ``train``
+    (or ``all``) split, which a transformer trained on these shards has seen."""
+    try:
+        meta = json.loads((directory / "meta.json").read_text())
+    except (OSError, ValueError):
+        return []  # check_token_meta reports a missing or broken meta.json
+    warnings = []
+    tokenized = tokenized_videos(meta)
+    if evaluated and tokenized:
+        shared = [v for v in evaluated if v in tokenized]
+        if shared:
+            warnings.append(f"the token shards {directory} hold {len(shared)} of the {len(evaluated)} evaluated clips "
+                            f"(e.g. {shared[0]}): a transformer trained on them has seen these clips, so its scores "
+                            f"on them are not held-out")
+    if meta.get("split") in ("train", "all"):
+        warnings.append(f"the token shards {directory} were tokenized from the '{meta['split']}' split of "
+                        f"{meta.get('manifest', 'their manifest')}: their masked-token NLL is not held-out for a "
+                        f"transformer trained on that split")
+    return warnings
 
 
 def check_token_meta(directory: Path, tokenizer, transformer) -> None:

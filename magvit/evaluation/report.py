@@ -1,5 +1,5 @@
-"""What ``python -m magvit.evaluate`` writes: PNG plots (training curves, per-clip PSNR, a strip of sample frames),
-``report.json`` and the summary printed on the terminal."""
+"""What ``python -m magvit.evaluate`` writes: PNG plots (training curves, per-clip PSNR, frame prediction's PSNR /
+SSIM / MSE per predicted frame, a strip of sample frames), ``report.json`` and the summary printed on the terminal."""
 
 from __future__ import annotations
 
@@ -91,6 +91,38 @@ def plot_per_clip(report: dict[str, Any], path: Path) -> Path | None:
     return path
 
 
+#: how frame_prediction.png draws each entry: the model bold, the baselines thin, the tokenizer's bound dashed
+_FRAME_CURVE_STYLE = {"generated": {"linewidth": 2.2}, "reconstruction": {"linestyle": "--"}}
+
+
+def plot_frame_prediction(report: dict[str, Any], path: Path) -> Path | None:
+    """PSNR, SSIM and MSE per frame against the predicted frame's number, one line per entry of the report's
+    ``frame_prediction`` (generated, the baselines, the reconstruction); ``None`` without frame prediction."""
+    fp = report.get("frame_prediction")
+    if not fp or not fp.get("predicted_frames"):
+        return None
+    plt = _pyplot()
+    frames = fp["predicted_frames"]
+    titles = {"psnr": "PSNR (dB)", "ssim": "SSIM", "mse_per_frame": "MSE per frame (gray, [0, 1], sum)"}
+    entries = [name for name, value in fp.items() if isinstance(value, dict) and "per_frame" in value]
+    fig, axes = plt.subplots(1, len(titles), figsize=(4.6 * len(titles), 3.6), squeeze=False)
+    for ax, (metric, title) in zip(axes[0], titles.items()):
+        for name in entries:
+            values = [v if math.isfinite(v) else 100.0 for v in fp[name]["per_frame"][metric]]  # inf drawn as 100
+            ax.plot(frames, values, marker="." if len(frames) < 30 else None, label=name.replace("_", " "),
+                    **_FRAME_CURVE_STYLE.get(name, {"linewidth": 1.0}))
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(f"predicted frame ({fp['num_cond_frames']} given)", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=len(entries), frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))  # room for the legend below the panels
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_sample_strip(rows: Sequence[tuple[str, torch.Tensor]], path: Path, max_frames: int = 8) -> Path:
     """A strip of frames, one labelled row per video (e.g. real | reconstructed | generated), ``(3, T, H, W)`` each."""
     from ..video_io import frame_grid
@@ -119,8 +151,8 @@ def plot_sample_strip(rows: Sequence[tuple[str, torch.Tensor]], path: Path, max_
 
 def write_plots(out: Path, report: dict[str, Any], run_dirs: Sequence[Path],
                 samples: Sequence[tuple[str, torch.Tensor]]) -> dict[str, str]:
-    """The report's plots in ``out``: ``curves`` (with ``run_dirs``), ``per_clip``, ``samples`` (with sample rows);
-    returns ``{name: path}`` of those written."""
+    """The report's plots in ``out``: ``curves`` (with ``run_dirs``), ``per_clip``, ``frame_prediction`` (with frame
+    prediction), ``samples`` (with sample rows); returns ``{name: path}`` of those written."""
     plots = {}
     if run_dirs:
         curves = plot_training_curves(list(run_dirs), out / "curves.png")
@@ -129,6 +161,9 @@ def write_plots(out: Path, report: dict[str, Any], run_dirs: Sequence[Path],
     bars = plot_per_clip(report, out / "per_clip.png")
     if bars is not None:
         plots["per_clip"] = str(bars)
+    frame_curves = plot_frame_prediction(report, out / "frame_prediction.png")
+    if frame_curves is not None:
+        plots["frame_prediction"] = str(frame_curves)
     if samples:
         plots["samples"] = str(plot_sample_strip(samples, out / "samples.png"))
     return plots
@@ -169,9 +204,11 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
                      f"accuracy {mt['masked_token_accuracy']:.1%}  ({mt['masked_tokens']} tokens)")
     fp = report.get("frame_prediction")
     if fp:
-        lines.append(f"frame prediction ({fp['num_cond_frames']} given, {fp['steps']} steps): "
-                     f"generated PSNR {fp['generated']['psnr']:.2f} / SSIM {fp['generated']['ssim']:.4f}  vs  "
-                     f"copy-last-frame PSNR {fp['copy_baseline']['psnr']:.2f} / SSIM {fp['copy_baseline']['ssim']:.4f}")
+        lines.append(f"frame prediction ({fp['num_cond_frames']} given, {fp['steps']} steps, {fp['num_clips']} "
+                     f"clips; future frames)   PSNR   SSIM    MSE/frame")
+        for name, entry in fp.items():
+            if isinstance(entry, dict) and "per_frame" in entry:
+                lines.append(f"  {name:<24} {entry['psnr']:>7.2f} {entry['ssim']:>7.4f} {entry['mse_per_frame']:>9.2f}")
     fvd = report.get("fvd", {})
     if "skipped" in fvd:
         lines.append(f"FVD skipped: {fvd['skipped']}")
