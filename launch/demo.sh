@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # End-to-end demo with built-in defaults (run by `make demo`):
 #   real sample clips -> sketches -> demo tokenizer at 64x64 (DeepSpeed, NPROC ranks) -> token shards of the train
-#   split -> tiny masked transformer (DeepSpeed, NPROC ranks) -> a video generated from a held-out clip's first frame
-#   -> evaluation report on the held-out videos (never seen by either model).
+#   and val splits -> tiny masked transformer (DeepSpeed, NPROC ranks; held-out NLL and samples while it trains) -> a
+#   video generated from a held-out clip's first frame -> evaluation report on the held-out videos (never seen by
+#   either model).
 # Every step is resumable: rerunning skips finished data and continues training from the last checkpoint.
 # Environment knobs: NPROC (ranks, default one per GPU torch sees, else 2 CPU ranks), RANK_THREADS (threads per
 # rank, default cores / NPROC), RUN (default runs/demo), DATA (default data/sample).
@@ -45,14 +46,17 @@ step "train the demo tokenizer ($NPROC $DS_ACCELERATOR ranks) -> $RUN/tokenizer"
 OMP_NUM_THREADS=$RANK_THREADS deepspeed --num_accelerators "$NPROC" --master_port "$(free_port)" launch/train_tokenizer.py --config configs/tokenizer/demo.yaml \
   --run-dir "$RUN/tokenizer" --resume auto data.manifest="$DATA/manifest.jsonl"
 
-# Only the train split: the transformer is evaluated on the held-out videos, which it must never train on.
-step "tokenize the train split -> $DATA/tokens/train"
-python -m data_prep.tokenize --tokenizer "$RUN/tokenizer/export" --manifest "$DATA/manifest.jsonl" \
-  --out "$DATA/tokens/train" --split train --overwrite
+# The transformer trains on the train split only; the held-out val split (a few clips), which it must never train
+# on, is what it is scored on while it trains (data.val_tokens: val/nll, samples/) and evaluated on below.
+step "tokenize the train and val splits -> $DATA/tokens/train, $DATA/tokens/val"
+for split in train val; do
+  python -m data_prep.tokenize --tokenizer "$RUN/tokenizer/export" --manifest "$DATA/manifest.jsonl" \
+    --out "$DATA/tokens/$split" --split "$split" --overwrite
+done
 
 step "train the demo masked transformer ($NPROC $DS_ACCELERATOR ranks) -> $RUN/transformer"
 OMP_NUM_THREADS=$RANK_THREADS deepspeed --num_accelerators "$NPROC" --master_port "$(free_port)" launch/train_transformer.py --config configs/transformer/demo.yaml \
-  --run-dir "$RUN/transformer" --resume auto data.tokens="$DATA/tokens/train"
+  --run-dir "$RUN/transformer" --resume auto data.tokens="$DATA/tokens/train" data.val_tokens="$DATA/tokens/val"
 
 # The first held-out clip of the manifest; its first frame conditions the generation.
 held_out=$(python - "$DATA/manifest.jsonl" <<'EOF'
@@ -73,7 +77,8 @@ step "done in $(( $(date +%s) - start )) s"
 cat <<EOF
   sample data        $DATA/manifest.jsonl
   tokenizer          $RUN/tokenizer/export   (samples: $RUN/tokenizer/samples, logs: $RUN/tokenizer/metrics.jsonl)
-  transformer        $RUN/transformer/export (logs: $RUN/transformer/metrics.jsonl)
+  transformer        $RUN/transformer/export (samples: $RUN/transformer/samples, logs with the held-out val/nll:
+                     $RUN/transformer/metrics.jsonl)
   generated video    $RUN/generated.mp4  (strip: $RUN/generated.png)
   evaluation report  $RUN/report/report.json  (plots: $RUN/report/*.png)
   TensorBoard        tensorboard --logdir $RUN

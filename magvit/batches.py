@@ -5,7 +5,8 @@
 written by ``data_prep.extract`` / ``data_prep.tokenize``, random access) or ``webdataset`` (tar shards at
 ``shards``, streamed by :class:`magvit.streaming.ShardStream`). :func:`clip_batches` and :func:`token_batches` open
 it as a :class:`BatchStream`, whose position ``(epoch, batch)`` travels with every checkpoint so a resumed run
-sees exactly the batches an uninterrupted one would.
+sees exactly the batches an uninterrupted one would. :func:`held_out_tokens` reads the few held-out token grids
+(``val_tokens``) the transformer is scored on while it trains.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -31,6 +32,7 @@ class DataConfig(Config):
 
     manifest: str = "data/sample/manifest.jsonl"  # tokenizer: clip manifest (JSON lines); also its validation clips
     tokens: str = "data/sample/tokens"  # transformer: token shard directory
+    val_tokens: str = ""  # transformer: token shards of held-out clips, scored at each sample step (empty: none)
     num_frames: int = 16
     image_size: int = 64
     frame_stride: int = 1
@@ -38,7 +40,7 @@ class DataConfig(Config):
     hflip: bool = True
     batch_size: int = 2
     num_workers: int = 2
-    val_clips: int = 4  # validation clips reconstructed / evaluated at each sample step
+    val_clips: int = 4  # validation clips (tokenizer) / held-out token grids (transformer) of each sample step
     # "files": the manifest (tokenizer) / token shard folder `tokens` (transformer), random access; "safetensors":
     # the shard folder `shards` of data_prep.extract (clips) / data_prep.tokenize (tokens), random access;
     # "webdataset": stream the tar shards of `shards` (magvit.streaming.ShardStream)
@@ -255,3 +257,30 @@ def token_sizes(data: DataConfig) -> dict[str, Any]:
                 "num_classes": len(meta.get("classes") or [])}
     except (json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError) as err:
         raise UsageError(f"{where}: not a token shard meta.json ({err})") from None
+
+
+def held_out_tokens(data: DataConfig, classes: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The first ``data.val_clips`` token grids of ``data.val_tokens``, collated (``{"codes": (V, t, h, w),
+    "cond.<task>"..., "label": (V,), "index": (V,)}``), and their ``meta.json``; None when there are none to read.
+    Labels are mapped by name to the training shards' class ids ``classes`` (-1 for a class they lack). Read
+    without a DataLoader: its worker seed would be drawn from the (checkpointed) global RNG. ``UsageError`` when
+    the folder holds no token shards or codes of another codebook or grid than the training shards'."""
+    if not data.val_tokens or data.val_clips == 0:
+        return None
+    try:
+        dataset = TokenShardDataset(data.val_tokens)
+    except (OSError, ValueError, KeyError) as err:
+        raise UsageError(f"data.val_tokens: {' '.join(str(err).split())}") from None
+    train = token_sizes(data)
+    held = {"codebook_size": dataset.codebook_size, "token_grid": list(dataset.token_grid)}
+    if any(held[key] != train[key] for key in held):
+        raise UsageError(f"data.val_tokens: {data.val_tokens} holds codes of a {held['codebook_size']}-code book on "
+                         f"a {tuple(held['token_grid'])} grid, the training shards a {train['codebook_size']}-code "
+                         f"book on {tuple(train['token_grid'])}: tokenize both with the same tokenizer")
+    if len(dataset) == 0:
+        raise UsageError(f"data.val_tokens: no token grid in {data.val_tokens}")
+    batch = torch.utils.data.default_collate([dataset[i] for i in range(min(data.val_clips, len(dataset)))])
+    # held-out class id -> training class id; the extra last entry maps the unlabelled -1 to -1
+    to_train = torch.tensor([list(classes).index(n) if n in classes else -1 for n in dataset.classes] + [-1])
+    batch["label"] = to_train[batch["label"]]
+    return batch, dataset.meta

@@ -12,10 +12,16 @@ mask ratio from the mask schedule per example (``masking.make_training_batch``) 
 cross-entropy. The exported weights (``RUN_DIR/export``) are the EMA of the transformer. SIGTERM/SIGUSR1 finish
 the step, checkpoint and exit with status 3 (send them to the training processes, as srun does; see
 ``train_tokenizer.py``).
+
+With ``data.val_tokens`` (token shards of held-out clips, e.g. ``python -m data_prep.tokenize --split val``), every
+``logging.sample_every`` steps and at the end rank 0 scores the EMA weights on a fixed masking of the first
+``data.val_clips`` held-out grids (``val/nll`` in nats per code, ``val/accuracy``) and, with the tokenizer named in
+their ``meta.json``, writes a few decoded samples to ``RUN_DIR/samples/step_XXXXXXXX.mp4`` and the tracker.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import warnings
 from pathlib import Path
@@ -27,15 +33,18 @@ if __package__ in (None, ""):  # `python launch/train_transformer.py` / the deep
 import torch
 
 from magvit import distributed as dist
-from magvit.batches import token_batches, token_sizes
+from magvit.batches import held_out_tokens, token_batches, token_sizes
 from magvit.checkpoint import seed_everything
-from magvit.cli import run_main
+from magvit.cli import UsageError, run_main
 from magvit.config import ConfigError
 from magvit.ema import EMA
-from magvit.masking import SCHEDULES, TASKS, make_training_batch, masked_token_loss, predicted_codes
+from magvit.evaluation.evaluators import MaskedTokenEvaluation
+from magvit.masking import (SCHEDULES, TASKS, make_training_batch, masked_token_loss, predicted_codes,
+                            training_tasks)
 from magvit.optim import WarmupCosineSchedule, build_adam
 from magvit.resume import start_run
 from magvit.run_config import TransformerTrainConfig, load_train_config, parse_train_command
+from magvit.tracking import Tracker
 from magvit.trainloop import NonFiniteGuard, Reporting, TrainLoop, precision_context
 from magvit.transformer import MaskedVideoTransformer
 
@@ -88,6 +97,109 @@ def transformer_step(engine, batch: dict[str, Any], step: int, cfg: TransformerT
     return metrics
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Validation on held-out token grids (rank 0, EMA weights in a plain copy: no collectives)
+# --------------------------------------------------------------------------------------------------------------
+SAMPLE_VIDEOS = 2  # decoded samples per sample step
+SAMPLE_STEPS = 12  # their iterative decoding steps
+SAMPLE_FPS = 8.0
+
+
+@dataclasses.dataclass
+class HeldOut:
+    """What each sample step scores: the collated held-out grids (``{"codes": (V, t, h, w), "cond.<task>"...,
+    "label": (V,)}``, CPU), the trained tasks they carry, and the tokenizer that decodes the sample videos (None:
+    no videos)."""
+
+    batch: dict[str, Any]
+    tasks: list[str]
+    tokenizer: torch.nn.Module | None
+
+
+def open_held_out(cfg: TransformerTrainConfig, classes: list[str], rank: int, device: torch.device, log
+                  ) -> HeldOut | None:
+    """The held-out grids of ``data.val_tokens`` (None without them). Every rank reads and checks them, so a bad
+    folder stops all ranks alike (``UsageError``); rank 0 also loads the tokenizer of their ``meta.json``."""
+    held = held_out_tokens(cfg.data, classes)
+    if held is None:
+        return None
+    batch, meta = held
+    carried = {row.name for row in training_tasks(batch, cfg.model.vocab)}
+    trained = cfg.masking.tasks or cfg.model.tasks
+    tasks = [name for name in trained if name in carried]
+    if not tasks:
+        raise UsageError(f"data.val_tokens: {cfg.data.val_tokens} holds the condition codes of none of the trained "
+                         f"tasks ({', '.join(trained)}); tokenize it like the training shards")
+    return HeldOut(batch, tasks, sample_tokenizer(meta, cfg, device, log) if rank == 0 else None)
+
+
+def sample_tokenizer(meta: dict[str, Any], cfg: TransformerTrainConfig, device: torch.device, log):
+    """The tokenizer the held-out shards name (``meta.json``'s ``tokenizer_dir``), checked to fit the transformer;
+    None, with one warning, when it cannot be loaded: the run then writes no sample videos."""
+    from magvit.pipeline import check_pair
+    from magvit.tokenizer import VideoTokenizer
+
+    directory = meta.get("tokenizer_dir")
+    try:
+        if not directory or not Path(directory).is_dir():  # never a Hub lookup for a folder that has gone
+            raise FileNotFoundError(f"no tokenizer folder {directory!r}")
+        with torch.random.fork_rng(devices=[]):  # building it must not move the training RNG (exact resume)
+            tokenizer = VideoTokenizer.from_pretrained(directory, device=device)
+        check_pair(tokenizer.config, cfg.model)
+    except (OSError, ValueError, KeyError, TypeError, UsageError) as err:
+        log.warning("no sample videos: the tokenizer of %s cannot be used (%s)", cfg.data.val_tokens,
+                    " ".join(str(err).split()))
+        return None
+    return tokenizer
+
+
+def ema_transformer(cfg: TransformerTrainConfig, ema: EMA, device: torch.device) -> MaskedVideoTransformer:
+    """A plain eval-mode transformer holding the EMA weights (the caller keeps the training RNG aside)."""
+    model = MaskedVideoTransformer(cfg.model)
+    with torch.no_grad():
+        ema.copy_to(model)
+    return model.to(device).eval()
+
+
+@torch.no_grad()
+def sample_videos(model: MaskedVideoTransformer, tokenizer, batch: dict[str, Any], seed: int
+                  ) -> torch.Tensor | None:
+    """Up to ``SAMPLE_VIDEOS`` seeded samples ``(N, 3, T, H, W')``: frame prediction from the held-out grids'
+    first-frame condition codes, generated | truth (the tokenizer's decoding of the held-out codes) side by side
+    (``W' = 2W``); unconditional samples (``W' = W``) when the model has no frame prediction. None: neither task."""
+    from magvit.pipeline import generate_codes
+
+    tasks, device = model.config.tasks, next(model.parameters()).device
+    n = min(SAMPLE_VIDEOS, batch["codes"].shape[0])
+    if "frame_prediction" in tasks and "cond.frame_prediction" in batch:
+        pairs = [torch.cat([generate_codes(model, "frame_prediction", batch["cond.frame_prediction"][i:i + 1],
+                                           steps=SAMPLE_STEPS, seed=seed + i), batch["codes"][i:i + 1].to(device)])
+                 for i in range(n)]  # (2, t, h, w) each: generated, truth
+        decoded = tokenizer.decode(torch.cat(pairs)).clamp(-1, 1).float()  # (2N, 3, T, H, W)
+        return torch.cat([decoded[0::2], decoded[1::2]], dim=-1)
+    if "unconditional" in tasks:
+        codes = generate_codes(model, "unconditional", None, num_samples=n, steps=SAMPLE_STEPS, seed=seed)
+        return tokenizer.decode(codes).clamp(-1, 1).float()
+    return None
+
+
+def validate(model: MaskedVideoTransformer, held_out: HeldOut, samples_dir: Path, step: int, tracker: Tracker,
+             seed: int) -> dict[str, float]:
+    """Masked-token NLL (nats per code) and accuracy of the held-out grids on a masking seeded by ``seed`` (the
+    same at every step), and the sample videos: ``samples_dir/step_XXXXXXXX.mp4`` (the samples one after another)
+    and the tracker's ``samples/generated``."""
+    from magvit.video_io import write_video
+
+    evaluation = MaskedTokenEvaluation(model, held_out.tasks, seed)
+    evaluation.update(held_out.batch)
+    summary = evaluation.summary()
+    videos = sample_videos(model, held_out.tokenizer, held_out.batch, seed) if held_out.tokenizer else None
+    if videos is not None:
+        write_video(samples_dir / f"step_{step:08d}.mp4", torch.cat(list(videos), dim=1), fps=SAMPLE_FPS)
+        tracker.log_video(step, "samples/generated", videos, SAMPLE_FPS)
+    return {"val/nll": summary["masked_token_nll"], "val/accuracy": summary["masked_token_accuracy"]}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args, cfg, ds_base = parse_train_command(__doc__.split("\n")[0], DEFAULT_CONFIG, "transformer", load_config,
                                              argv)
@@ -112,6 +224,7 @@ def train(cfg: TransformerTrainConfig, ds_base: dict[str, Any], run_dir: Path, r
     autocast = precision_context(tc.precision, device)
     vocab = cfg.model.vocab
     data = token_batches(cfg.data, run.rank, run.world_size, tc.seed, device)
+    held_out = open_held_out(cfg, data.classes, run.rank, device, run.log)
 
     def export_model() -> MaskedVideoTransformer:  # (the loop keeps the training RNG where it was)
         plain = MaskedVideoTransformer(cfg.model)
@@ -124,7 +237,12 @@ def train(cfg: TransformerTrainConfig, ds_base: dict[str, Any], run_dir: Path, r
         batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         return transformer_step(engine, batch, step, cfg, vocab, loop.guard, autocast)
 
-    return loop.run(micro_step, resume)
+    def sample(step: int) -> dict[str, float]:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # exact resume: RNG untouched
+            model = ema_transformer(cfg, ema, device)
+            return validate(model, held_out, run_dir / "samples", step, loop.tracker, tc.seed)
+
+    return loop.run(micro_step, resume, sample=sample if run.rank == 0 and held_out is not None else None)
 
 
 def cli() -> int:
