@@ -4,7 +4,8 @@
 ``magvit.quantizers``) -> ``Decoder`` (3D conv, nearest upsampling + conv). Videos are float ``(B, 3, T, H, W)`` in
 ``[-1, 1]``; codes are long ``(B, t, h, w)``. With a continuous bottleneck (``quantizer="none"``: a plain
 autoencoder; ``"kl"``: LDM's KL-regularised VAE) the same networks make an autoencoder whose ``encode`` gives float
-latents ``(B, D, t, h, w)`` instead of codes and whose ``decode`` takes them.
+latents ``(B, D, t, h, w)`` instead of codes and whose ``decode`` takes them. ``hierarchy=2`` adds VQ-VAE-2's top
+level (Razavi et al. 2019): a second code grid at half the bottom grid's height and width (:class:`TopLevel`).
 
 Architecture (MAGVIT v1, paper and released code): stem conv3x3x3, per level ``num_res_blocks`` residual blocks
 (GroupNorm eps 1e-6 -> swish -> conv3x3x3, twice; 1x1x1 shortcut conv when the width changes), average pooling
@@ -26,7 +27,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Mapping
+from typing import Any, ClassVar, Literal, Mapping, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -101,6 +102,9 @@ class TokenizerConfig(Config):
     # Decoder width / depth per level (index i = channel_multipliers[i]'s level; empty = mirror the encoder).
     decoder_channel_multipliers: tuple[int, ...] = ()
     decoder_res_blocks: tuple[int, ...] = ()
+    # Code grids: 1 = one grid (MAGVIT); 2 = VQ-VAE-2's top grid at half the bottom grid's H and W (same t) with its
+    # own quantizer of the same kind and size, the bottom quantized given the decoded top (discrete quantizers only).
+    hierarchy: int = 1
 
     def __post_init__(self) -> None:
         if self.continuous:
@@ -131,6 +135,10 @@ class TokenizerConfig(Config):
             raise ValueError(f"LFQ needs a power-of-two codebook_size (2**bits), got {self.codebook_size}")
         if self.quantizer == "fsq":
             self.quantization.fsq_levels_for(self.codebook_size)  # raises unless the levels give codebook_size codes
+        if self.hierarchy not in (1, 2):
+            raise ValueError(f"hierarchy must be 1 (one code grid) or 2 (VQ-VAE-2's top and bottom), got {self.hierarchy}")
+        if self.hierarchy == 2 and self.continuous:
+            raise ValueError(f"hierarchy 2 needs a discrete quantizer (vq, lfq or fsq), got {self.quantizer!r}")
         try:
             self.token_grid(self.num_frames, self.image_size, self.image_size)
         except ValueError as err:
@@ -196,11 +204,18 @@ class TokenizerConfig(Config):
         """The ``(t, h, w)`` token grid of a ``num_frames x height x width`` video (``ValueError`` if it does not fit)."""
         self.check_frames(num_frames)
         s = self.spatial_factor
-        if height < 1 or width < 1 or height % s or width % s:
-            raise ValueError(f"expected H and W divisible by the spatial factor {s}, got H={height}, W={width}")
+        fit = s * self.hierarchy  # hierarchy 2: the top grid halves the bottom grid's H and W
+        if height < 1 or width < 1 or height % fit or width % fit:
+            what = "the spatial factor" if self.hierarchy == 1 else "the spatial factor times 2 (the top grid)"
+            raise ValueError(f"expected H and W divisible by {what} {fit}, got H={height}, W={width}")
         f = self.temporal_factor
         t = 1 + (num_frames - 1) // f if self.causal else num_frames // f
         return t, height // s, width // s
+
+    def top_grid(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
+        """hierarchy 2: the ``(t, h / 2, w / 2)`` top code grid of a video whose bottom grid is ``(t, h, w)``."""
+        t, h, w = self.token_grid(num_frames, height, width)
+        return t, h // 2, w // 2
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -494,6 +509,54 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(_normalize(self.norm_out, x, latents)))
 
 
+class HierarchicalCodes(NamedTuple):
+    """The two code grids of a ``hierarchy=2`` tokenizer: ``top`` (B, t, h / 2, w / 2), ``bottom`` (B, t, h, w)."""
+
+    top: torch.Tensor
+    bottom: torch.Tensor
+
+
+class TopLevel(nn.Module):
+    """VQ-VAE-2's top level (Razavi et al. 2019) over the bottom encoder's latents ``z`` (B, D, t, h, w).
+
+    ``encoder``: conv, spatial average pooling by 2 (time kept, so causal clips stay causal), a residual block, conv
+    to D: the top latents (B, D, t, h / 2, w / 2), quantized by ``quantizer`` (the bottom's kind and size). ``decoder``
+    maps the quantized top back to (B, D, t, h, w); the bottom quantizer reads ``condition(cat(z, decoded top))``, and
+    the tokenizer's decoder reads ``merge(cat(bottom quantized, nearest-upsampled top quantized))``.
+    """
+
+    def __init__(self, config: TokenizerConfig) -> None:
+        super().__init__()
+        d, width, causal = config.latent_dim, config.base_channels * config.channel_multipliers[-1], config.causal
+        k = (config.temporal_kernel_size, 3, 3)
+        self.causal = causal
+        self.encoder_in = Conv3d(d, width, k, causal=causal)
+        self.encoder_block = ResBlock(width, width, config)
+        self.encoder_out = nn.Sequential(GroupNorm(config.norm_groups, width, per_frame=causal), nn.SiLU(),
+                                         Conv3d(width, d, (1, 1, 1), causal=causal))
+        self.quantizer = build_quantizer(config.quantizer, config.codebook_size, d, config.quantization)
+        self.decoder_in = Conv3d(d, width, k, causal=causal)
+        self.decoder_block = ResBlock(width, width, config)
+        self.decoder_out = nn.Sequential(GroupNorm(config.norm_groups, width, per_frame=causal), nn.SiLU(),
+                                         Conv3d(width, d, k, causal=causal))
+        self.condition = Conv3d(2 * d, d, (1, 1, 1), causal=causal)
+        self.merge = Conv3d(2 * d, d, (1, 1, 1), causal=causal)
+
+    def encode(self, z: torch.Tensor) -> torch.Tensor:  # (B, D, t, h, w) -> top latents (B, D, t, h/2, w/2)
+        x = downsample(self.encoder_in(z), temporal=False, causal=self.causal)
+        return self.encoder_out(self.encoder_block(x))
+
+    def bottom_input(self, z: torch.Tensor, top_quantized: torch.Tensor) -> torch.Tensor:
+        """The bottom quantizer's input (B, D, t, h, w): ``z`` with the decoded top."""
+        x = upsample(self.decoder_block(self.decoder_in(top_quantized)), temporal=False, causal=self.causal)
+        return self.condition(torch.cat([z, self.decoder_out(x).to(z.dtype)], dim=1))
+
+    def decoder_latents(self, top_quantized: torch.Tensor, bottom_quantized: torch.Tensor) -> torch.Tensor:
+        """The tokenizer decoder's input (B, D, t, h, w) from both quantized grids."""
+        top = upsample(top_quantized.to(bottom_quantized.dtype), temporal=False, causal=self.causal)
+        return self.merge(torch.cat([bottom_quantized, top], dim=1))
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Tokenizer
 # ------------------------------------------------------------------------------------------------------------------
@@ -517,7 +580,8 @@ class VideoTokenizer(nn.Module, PretrainedMixin):
         self.config = config
         self.encoder = Encoder(config)
         self.quantizer = build_quantizer(config.quantizer, config.codebook_size, config.latent_dim,
-                                         config.quantization)
+                                         config.quantization)  # hierarchy 2: the bottom grid's
+        self.top = TopLevel(config) if config.hierarchy == 2 else None
         self.decoder = Decoder(config)
 
     # --- validation ---------------------------------------------------------------------------------------------
@@ -559,6 +623,18 @@ class VideoTokenizer(nn.Module, PretrainedMixin):
         if lo < 0 or hi >= self.config.codebook_size:
             raise ValueError(f"expected codes in [0, {self.config.codebook_size}), got range [{lo}, {hi}]")
 
+    def check_hierarchical_codes(self, codes: HierarchicalCodes) -> None:
+        """Raise ``ValueError`` unless ``codes`` is a ``(top, bottom)`` pair of code grids that fit each other."""
+        if not isinstance(codes, tuple) or len(codes) != 2:
+            raise ValueError(f"a hierarchy 2 tokenizer expects (top, bottom) codes, got {type(codes).__name__}")
+        top, bottom = codes
+        self.check_codes(top)
+        self.check_codes(bottom)
+        b, t, h, w = bottom.shape
+        if tuple(top.shape) != (b, t, h // 2, w // 2) or h % 2 or w % 2:
+            raise ValueError(f"expected a top grid of half the bottom's H and W, got top {tuple(top.shape)} and "
+                             f"bottom {tuple(bottom.shape)}")
+
     def check_latents(self, latents: torch.Tensor) -> None:
         """Raise ``ValueError`` unless ``latents`` is a finite float ``(B, latent_dim, t, h, w)`` tensor (the input of
         ``decode`` for continuous latents)."""
@@ -581,11 +657,20 @@ class VideoTokenizer(nn.Module, PretrainedMixin):
 
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         """Video ``(B, C, T, H, W)`` float in [-1, 1] -> codes ``(B, t, h, w)`` long; continuous latents (none / kl):
-        the latents ``(B, latent_dim, t, h, w)`` float (kl: the posterior mean, no sampling)."""
+        the latents ``(B, latent_dim, t, h, w)`` float (kl: the posterior mean, no sampling); hierarchy 2:
+        :class:`HierarchicalCodes` ``(top (B, t, h / 2, w / 2), bottom (B, t, h, w))``."""
         self.check_video(video)
         if self.config.continuous:
             return self.quantizer.latents(self.encoder(video))
+        if self.top is not None:
+            return self._encode_hierarchical(self.encoder(video))
         return self.quantizer.latents_to_codes(self.encoder(video))  # no losses or codebook updates
+
+    def _encode_hierarchical(self, z: torch.Tensor) -> HierarchicalCodes:
+        """hierarchy 2: the top codes of ``z`` (B, D, t, h, w), then the bottom codes given the decoded top."""
+        top = self.top.quantizer.latents_to_codes(self.top.encode(z))
+        top_quantized = self.top.quantizer.codes_to_latents(top).to(z.dtype)
+        return HierarchicalCodes(top, self.quantizer.latents_to_codes(self.top.bottom_input(z, top_quantized)))
 
     def encode_posterior(self, video: torch.Tensor) -> GaussianPosterior:
         """kl only: the posterior q(z | x) of ``video`` ``(B, C, T, H, W)`` as ``(mean, logvar)``, each
@@ -596,24 +681,36 @@ class VideoTokenizer(nn.Module, PretrainedMixin):
         return self.quantizer.posterior(self.encoder(video))
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """Codes ``(B, t, h, w)`` (continuous: latents ``(B, latent_dim, t, h, w)``) -> video ``(B, C, T, H, W)``
-        (unclamped decoder output)."""
+        """Codes ``(B, t, h, w)`` (continuous: latents ``(B, latent_dim, t, h, w)``; hierarchy 2: ``(top, bottom)``
+        codes) -> video ``(B, C, T, H, W)`` (unclamped decoder output)."""
         if self.config.continuous:
             self.check_latents(codes)
             return self.decoder(codes)
+        if self.top is not None:
+            self.check_hierarchical_codes(codes)
+            top, bottom = (self.top.quantizer.codes_to_latents(codes[0].long()),
+                           self.quantizer.codes_to_latents(codes[1].long()))
+            return self.decoder(self.top.decoder_latents(top, bottom))
         self.check_codes(codes)
         return self.decoder(self.quantizer.codes_to_latents(codes.long()))
 
     def forward(self, video: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Reconstruct ``video``; returns ``(reconstruction, stats)`` with ``stats["quantizer_loss"]`` (to add to the
-        generator loss) and the quantizer's statistics (codebook usage, perplexity, ...; kl: ``kl_loss``) for logging.
+        generator loss) and the quantizer's statistics (codebook usage, perplexity, ...; kl: ``kl_loss``; hierarchy 2:
+        the top grid's as ``top_...``) for logging.
 
         The training step: no host sync, so the value range is not checked here (``encode`` and the data loaders do).
         """
         self.check_video_layout(video)
-        q = self.quantizer(self.encoder(video))
-        reconstruction = self.decoder(q.quantized)
-        stats = {"quantizer_loss": q.loss, **q.stats}
+        z = self.encoder(video)
+        if self.top is None:
+            q = self.quantizer(z)
+            return self.decoder(q.quantized), {"quantizer_loss": q.loss, **q.stats}
+        top = self.top.quantizer(self.top.encode(z))
+        bottom = self.quantizer(self.top.bottom_input(z, top.quantized))
+        reconstruction = self.decoder(self.top.decoder_latents(top.quantized, bottom.quantized))
+        # the bottom grid's statistics under the usual keys, the top grid's with a top_ prefix
+        stats = {"quantizer_loss": top.loss + bottom.loss, **bottom.stats, **{f"top_{k}": v for k, v in top.stats.items()}}
         return reconstruction, stats
 
 
@@ -665,7 +762,7 @@ def _check_inflation_configs(src_cfg: TokenizerConfig, video_config: TokenizerCo
         raise ValueError(f"expected a 2D tokenizer (temporal_kernel_size=1), got {src_cfg.temporal_kernel_size}")
     same = ("in_channels", "base_channels", "channel_multipliers", "num_res_blocks", "embedding_dim",
             "codebook_size", "quantizer", "norm_groups", "downsample", "upsample", "decoder_norm",
-            "decoder_multipliers", "decoder_blocks")
+            "decoder_multipliers", "decoder_blocks", "hierarchy")
     diff = [n for n in same if getattr(src_cfg, n) != getattr(video_config, n)]
     if diff:
         raise ValueError(f"2D and 3D configs must agree on {', '.join(diff)} to inflate")
@@ -730,5 +827,5 @@ def init_tokenizer(config: TokenizerConfig, init_from: str | Path = "", inflate:
     return model
 
 
-__all__ = ["TokenizerConfig", "VideoTokenizer", "Encoder", "Decoder", "inflate_tokenizer", "check_init_from",
-           "init_tokenizer", "V2"]
+__all__ = ["TokenizerConfig", "VideoTokenizer", "Encoder", "Decoder", "TopLevel", "HierarchicalCodes",
+           "inflate_tokenizer", "check_init_from", "init_tokenizer", "V2"]

@@ -278,12 +278,13 @@ def test_bf16_weights_run_on_cpu():
         assert logits.shape == (1,) and torch.isfinite(logits.float()).all()
 
 
+@pytest.mark.parametrize("hierarchy", [1, 2])
 @pytest.mark.parametrize("quantizer", ["vq", "lfq", "fsq"])
-def test_forward_does_no_host_sync(monkeypatch, quantizer):
+def test_forward_does_no_host_sync(monkeypatch, quantizer, hierarchy):
     """The training step reads no tensor value on the host (each would wait for the GPU): ``.item()``, ``bool()``,
     ``int()``, ``float()``, ``.tolist()`` and ``.numpy()`` all raise while it runs."""
     codebook_size = {"vq": 64, "lfq": 64, "fsq": 240}[quantizer]
-    cfg = TokenizerConfig.preset("tiny", quantizer=quantizer, codebook_size=codebook_size)
+    cfg = TokenizerConfig.preset("tiny", quantizer=quantizer, codebook_size=codebook_size, hierarchy=hierarchy)
     tok = VideoTokenizer(cfg).train()
     video = _video(cfg, batch=1)
 
@@ -511,3 +512,84 @@ def test_v2_decoder_moves_flops_off_full_resolution():
         flops[name] = (counter.get_total_flops(), sum(sum(counts.get(k, {}).values()) for k in full))
     assert flops["v2"][0] < flops["v1"][0] / 3, flops
     assert flops["v2"][1] < flops["v2"][0] / 2, flops
+
+
+# --- VQ-VAE-2's two code grids (hierarchy=2) ---------------------------------------------------------------------------
+HIERARCHY_KINDS = {"vq": 64, "lfq": 64, "fsq": 240}
+
+
+@pytest.mark.parametrize("quantizer", sorted(HIERARCHY_KINDS))
+@pytest.mark.parametrize("causal", [False, True], ids=["non-causal", "causal"])
+def test_two_level_codes_round_trip(quantizer, causal):
+    """encode gives a top grid at half the bottom's H and W (same t) and the bottom grid; decode takes both and
+    equals the eval forward; the codes in each grid are those of its own codebook."""
+    from magvit.tokenizer import HierarchicalCodes
+
+    cfg = TokenizerConfig.preset("tiny", quantizer=quantizer, codebook_size=HIERARCHY_KINDS[quantizer], causal=causal,
+                                 hierarchy=2)
+    torch.manual_seed(0)
+    tok = VideoTokenizer(cfg).eval()
+    video = _video(cfg, batch=2)
+    codes = tok.encode(video)
+    t, h, w = cfg.token_grid(*video.shape[2:])
+    assert isinstance(codes, HierarchicalCodes) and cfg.top_grid(*video.shape[2:]) == (t, h // 2, w // 2)
+    assert codes.top.shape == (2, t, h // 2, w // 2) and codes.bottom.shape == (2, t, h, w)
+    assert codes.top.dtype == codes.bottom.dtype == torch.long
+    assert int(codes.top.max()) < cfg.codebook_size and int(codes.bottom.max()) < cfg.codebook_size
+    with torch.no_grad():
+        decoded = tok.decode(codes)
+        assert decoded.shape == video.shape
+        torch.testing.assert_close(decoded, tok(video)[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(tok.decode((codes.top, codes.bottom)), decoded)  # a plain tuple too
+    assert torch.equal(tok.encode(video).bottom, codes.bottom)  # inference changes no state
+
+
+def test_two_level_training_step_logs_both_grids_and_reaches_both_encoders():
+    cfg = TokenizerConfig.preset("tiny", hierarchy=2, quantization=QuantizerConfig(entropy_loss_weight=0.0))
+    tok = VideoTokenizer(cfg).train()
+    reconstruction, stats = tok(_video(cfg, batch=2))
+    assert {"codebook_usage", "top_codebook_usage", "perplexity", "top_perplexity"} <= set(stats)
+    (reconstruction.pow(2).mean() + stats["quantizer_loss"]).backward()
+    for name in ("encoder.conv_in.weight", "top.encoder_in.weight", "top.decoder_in.weight", "top.merge.weight",
+                 "top.quantizer.codebook", "quantizer.codebook"):
+        assert tok.get_parameter(name).grad.abs().sum() > 0, name
+
+
+def test_hierarchy_config_validation_and_state(tmp_path):
+    one = VideoTokenizer(TokenizerConfig.preset("tiny"))
+    assert not any(name.startswith("top.") for name in one.state_dict())  # hierarchy 1: the exports of before
+    with pytest.raises(ConfigError, match="hierarchy must be 1"):
+        TokenizerConfig.from_dict({"hierarchy": 3})
+    with pytest.raises(ValueError, match="hierarchy 2 needs a discrete quantizer"):
+        TokenizerConfig.preset("tiny", quantizer="kl", hierarchy=2)
+    with pytest.raises(ValueError, match="spatial factor times 2"):
+        TokenizerConfig.preset("tiny", hierarchy=2, image_size=20)  # bottom grid 5x5: no half
+    cfg = TokenizerConfig.preset("tiny", hierarchy=2)
+    tok = VideoTokenizer(cfg).eval()
+    with pytest.raises(ValueError, match="spatial factor times 2"):
+        tok.encode(torch.zeros(1, 3, 8, 36, 36))
+    codes = tok.encode(_video(cfg))
+    with pytest.raises(ValueError, match=r"\(top, bottom\) codes"):
+        tok.decode(codes.bottom)
+    with pytest.raises(ValueError, match="half the bottom's H and W"):
+        tok.decode((codes.bottom, codes.bottom))
+    with pytest.raises(ValueError, match=r"codes in \[0, 64\)"):
+        tok.decode((codes.top + 64, codes.bottom))
+    tok.save_pretrained(tmp_path / "export")
+    loaded = VideoTokenizer.from_pretrained(tmp_path / "export").eval()
+    assert loaded.config == cfg
+    video = _video(cfg)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.encode(video), tok.encode(video)))
+
+
+def test_two_level_tokenizer_is_refused_where_one_grid_is_needed(tmp_path):
+    from magvit.cli import UsageError
+    from magvit.evaluation.evaluators import TokenizerEvaluation
+    from magvit.prep.tokenize import load_tokenizer
+
+    tok = VideoTokenizer(TokenizerConfig.preset("tiny", hierarchy=2))
+    tok.save_pretrained(tmp_path / "export")
+    with pytest.raises(UsageError, match="token shards hold one"):
+        load_tokenizer(str(tmp_path / "export"), "cpu")
+    with pytest.raises(UsageError, match="hierarchy 2 tokenizer"):
+        TokenizerEvaluation(tok, torch.device("cpu"))

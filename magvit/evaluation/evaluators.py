@@ -32,6 +32,8 @@ class TokenizerEvaluation:
     def __init__(self, tokenizer, device: torch.device, num_samples: int = 1):
         self.tokenizer = tokenizer
         self.device = device
+        if tokenizer.config.hierarchy != 1:
+            raise UsageError("evaluating a hierarchy 2 tokenizer (two code grids) is not supported yet")
         continuous = tokenizer.config.continuous
         self.usage = None if continuous else metrics.CodebookUsage(tokenizer.config.codebook_size)
         self.psnr: list[float] = []

@@ -44,6 +44,9 @@ def load_tokenizer(directory: str, device: str):
     if tokenizer.config.continuous:  # token shards hold integer codes
         raise UsageError(f"{directory}: a {tokenizer.config.quantizer!r} tokenizer has continuous latents, not codes: "
                          f"token shards need a vq, lfq or fsq tokenizer")
+    if tokenizer.config.hierarchy != 1:  # token shards hold one code grid per clip
+        raise UsageError(f"{directory}: a hierarchy {tokenizer.config.hierarchy} tokenizer has two code grids; token "
+                         f"shards hold one (hierarchy 1)")
     return tokenizer
 
 
