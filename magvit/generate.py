@@ -1,4 +1,5 @@
-"""``python -m magvit.generate``: generate videos from a condition with a trained tokenizer + masked transformer.
+"""``python -m magvit.generate``: generate videos from a condition with a trained tokenizer + prior (the masked
+transformer, or the autoregressive one).
 
 Example::
 
@@ -7,7 +8,11 @@ Example::
 The command reads the condition file, checks the flags, and writes the videos; the generation itself is
 ``magvit.pipeline`` (``VideoPipeline``): the condition (video or image, any size / fps) is resized (short side) and
 centre-cropped to the tokenizer's resolution, turned into the task's COMMIT condition video in pixel space,
-tokenized into the prefix, and the video tokens are decoded in ``--steps`` parallel steps.
+tokenized into the prefix, and the video tokens are decoded in ``--steps`` parallel steps. When ``--transformer`` is an
+autoregressive export (``magvit.autoregressive``), the video tokens are drawn one at a time in raster order instead,
+with ``--temperature``, ``--top-k`` and ``--top-p``::
+
+    python -m magvit.generate --transformer runs/autoregressive/tiny/export --cond first_frame.mp4 --top-k 32
 """
 
 from __future__ import annotations
@@ -17,14 +22,14 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
 from . import tasks
 from .cli import ArgumentParser, UsageError, command_name, run_main
 from .masking import NO_LABEL
-from .pipeline import VideoPipeline, generate, generate_codes  # noqa: F401  generate_codes: public, re-exported
+from .pipeline import Prior, VideoPipeline, generate, generate_codes  # noqa: F401  generate_codes: re-exported
 
 CLI_TASKS = tasks.cli_names()  # --task: one name per row, or per group of rows told apart by --region
 REGIONS = tuple(dict.fromkeys(region for name in CLI_TASKS for region in tasks.cli_regions(name)))
@@ -33,6 +38,8 @@ DEFAULT_BATCH = 8  # videos per forward pass: the activations of a batch, not --
 PROG = command_name("python -m magvit.generate")
 MAX_SAMPLES = 10_000  # one output file each; more is a typo, not a request
 STRIP_ROWS = 9  # a --strip shows the condition and the first samples only
+# the sampling flags, each passed to a prior whose sampler takes it (pipeline.Prior.options)
+SAMPLING_FLAGS = ("steps", "temperature", "choice_temperature", "top_k", "top_p", "guidance_scale")
 
 
 def task_from_args(args: argparse.Namespace) -> tasks.Task:
@@ -46,7 +53,7 @@ def task_from_args(args: argparse.Namespace) -> tasks.Task:
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog=PROG,
-        description="Generate a video with a trained tokenizer and masked video transformer.",
+        description="Generate a video with a trained tokenizer and prior (masked or autoregressive transformer).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--cond", help="condition video or image (first frame(s), clip to in/outpaint, "
@@ -61,10 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-id", type=int, default=None, help="class label (class task, or with any other task)")
     p.add_argument("--class", dest="class_name", metavar="NAME", default=None,
                    help="class by name, from the transformer export's class_names (instead of --class-id)")
-    p.add_argument("--steps", type=int, default=12, help="parallel decoding steps")
+    p.add_argument("--steps", type=int, default=12, help="parallel decoding steps (masked transformer)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = argmax)")
-    p.add_argument("--choice-temperature", type=float, default=4.5, help="confidence noise, annealed to 0")
+    p.add_argument("--choice-temperature", type=float, default=4.5,
+                   help="confidence noise, annealed to 0 (masked transformer)")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely codes")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="autoregressive transformer: sample within the smallest set of codes whose probability "
+                        "reaches p (nucleus)")
     p.add_argument("--guidance-scale", type=float, default=0.0, help="classifier-free guidance scale (0 = off)")
     p.add_argument("--num-samples", type=int, default=1, help=f"videos to generate (at most {MAX_SAMPLES})")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH,
@@ -101,6 +112,8 @@ def _check_args(args: argparse.Namespace) -> tasks.Task:
             raise UsageError(f"--{flag.replace('_', '-')} must be {bound}, got {value}")
     if args.top_k is not None and args.top_k < 1:
         raise UsageError(f"--top-k must be >= 1, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:  # also NaN
+        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.cond_frames < 1:
         raise UsageError(f"--cond-frames must be >= 1, got {args.cond_frames}")
     if args.fps is not None:
@@ -132,13 +145,22 @@ def _check_args(args: argparse.Namespace) -> tasks.Task:
     return task
 
 
-def _check_model_args(args: argparse.Namespace, task: tasks.Task, num_frames: int, num_tokens: int) -> None:
-    """The limits that depend on the loaded models: clip length and tokens per video."""
+def _check_model_args(args: argparse.Namespace, task: tasks.Task, num_frames: int, num_tokens: int,
+                      prior: Prior) -> None:
+    """The limits that depend on the loaded models: clip length, tokens per video, the prior's own flags."""
     if task.frames == "first" and not args.cond_frames < num_frames:
         raise UsageError(f"--cond-frames must be < {num_frames} (the model's clip length: at least one frame "
                          f"must be predicted), got {args.cond_frames}")
-    if args.steps > num_tokens:  # each step reveals at least one token: more steps than tokens do nothing
+    if "steps" in prior.options and args.steps > num_tokens:  # each step reveals at least one token
         raise UsageError(f"--steps must be in [1, {num_tokens}] (the tokens of one video), got {args.steps}")
+    if args.top_p is not None and "top_p" not in prior.options:
+        raise UsageError("--top-p applies to an autoregressive transformer; this transformer export is a "
+                         f"{prior.model_class.__name__} (use --top-k)")
+
+
+def sampling_options(args: argparse.Namespace, prior: Prior) -> dict[str, Any]:
+    """The sampling flags that the loaded prior's sampler takes, as its keywords."""
+    return {flag: getattr(args, flag) for flag in SAMPLING_FLAGS if flag in prior.options}
 
 
 def class_from_args(args: argparse.Namespace, class_names: Sequence[str]) -> int:
@@ -175,7 +197,8 @@ def run(args: argparse.Namespace) -> list[Path]:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device}: no CUDA device available")
     pipe = VideoPipeline.from_pretrained(args.tokenizer, args.transformer, device=args.device)
-    _check_model_args(args, task, pipe.num_frames, math.prod(pipe.token_grid))
+    _check_model_args(args, task, pipe.num_frames, math.prod(pipe.token_grid), pipe.prior)
+    options = sampling_options(args, pipe.prior)
     class_id = class_from_args(args, pipe.class_names)
     condition, fps = read_condition(args, pipe, task)
     fps = args.fps or fps or DEFAULT_FPS
@@ -189,19 +212,18 @@ def run(args: argparse.Namespace) -> list[Path]:
         # batch k is seeded with seed + k: the samples do not depend on how many are asked for after them
         batch = paths[first:first + args.batch_size]
         videos = generate(pipe.tokenizer, pipe.transformer, task.name, condition, class_id=class_id,
-                          num_samples=len(batch), steps=args.steps, temperature=args.temperature,
-                          choice_temperature=args.choice_temperature, top_k=args.top_k,
-                          guidance_scale=args.guidance_scale, seed=args.seed + first // args.batch_size,
-                          progress=True).cpu()  # (b, 3, T, H, W)
+                          num_samples=len(batch), seed=args.seed + first // args.batch_size, progress=True,
+                          **options).cpu()  # (b, 3, T, H, W)
         for path, video in zip(batch, videos):
             write_video(path, video, fps=fps)
         if args.strip and len(strip_rows) < STRIP_ROWS:
             strip_rows += list(videos[:STRIP_ROWS - len(strip_rows)])
     elapsed = time.perf_counter() - start
+    decoding = f"{args.steps} steps" if "steps" in options else "autoregressive"
     if args.strip:
         save_frame_grid(args.strip, strip_rows)
     print(f"generated {len(paths)} video(s) of {videos.shape[2]} frames at {videos.shape[3]}x{videos.shape[4]} "
-          f"({task.name}, {args.steps} steps, {math.prod(pipe.token_grid)} tokens each) in {elapsed:.1f} s -> "
+          f"({task.name}, {decoding}, {math.prod(pipe.token_grid)} tokens each) in {elapsed:.1f} s -> "
           f"{', '.join(map(str, paths))}" + (f"; strip {args.strip}" if args.strip else ""))
     return paths
 

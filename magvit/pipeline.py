@@ -1,4 +1,5 @@
-"""Generation with a trained tokenizer + masked transformer: the pair, checked once, and every COMMIT task.
+"""Generation with a trained tokenizer + prior (the masked transformer, or the autoregressive one): the pair, checked
+once, and every COMMIT task.
 
 Example::
 
@@ -15,12 +16,20 @@ turned into the task's COMMIT condition video in pixel space (:func:`condition_v
 and the video tokens are decoded in ``steps`` parallel steps (``magvit.sampling.iterative_decode``), then decoded
 to pixels. The sketch task takes a sketch video (``magvit.sketch.sketch_video``); class and unconditional
 generation take no condition.
+
+The prior is the export's (:data:`priors`, by its config.json's ``model_type``): the masked transformer decodes in
+parallel steps (:func:`generate_codes`), the autoregressive transformer (VQGAN's prior) one code at a time with a
+key/value cache and temperature / top-k / top-p (:func:`generate_codes_autoregressive`), from the same condition
+sequence.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
-from typing import Sequence
+from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 
@@ -46,15 +55,60 @@ def check_pair(tokenizer_config, transformer_config) -> tuple[int, int, int]:
     return grid  # type: ignore[return-value]
 
 
-def load_pretrained(kind: str, name_or_path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """``VideoTokenizer`` (``kind="tokenizer"``) or ``MaskedVideoTransformer`` (``"transformer"``) from an export
-    folder or a Hub id; any failure (missing folder, foreign or damaged export) is one ``UsageError``."""
-    from .tokenizer import VideoTokenizer
+@dataclasses.dataclass(frozen=True)
+class Prior:
+    """One kind of prior over the tokenizer's codes: the class of its exports and its code sampler."""
+
+    model_class: type  # a PretrainedMixin network; its model_type (in config.json) names the row
+    generate_codes: Callable[..., torch.Tensor]  # (prior, task, prefix codes (1, t, h, w) | None, **kw) -> (N, t, h, w)
+    options: tuple[str, ...]  # its sampling keywords besides class_id, num_samples, generator, seed, progress
+
+
+def priors() -> dict[str, Prior]:
+    """``model_type`` -> :class:`Prior`: the masked transformer (MAGVIT) and the autoregressive one (VQGAN)."""
+    from .autoregressive import AutoregressiveTransformer
     from .transformer import MaskedVideoTransformer
 
-    cls = {"tokenizer": VideoTokenizer, "transformer": MaskedVideoTransformer}[kind]
+    return {
+        MaskedVideoTransformer.model_type: Prior(MaskedVideoTransformer, generate_codes, (
+            "steps", "temperature", "choice_temperature", "top_k", "guidance_scale", "schedule")),
+        AutoregressiveTransformer.model_type: Prior(AutoregressiveTransformer, generate_codes_autoregressive, (
+            "temperature", "top_k", "top_p", "guidance_scale")),
+    }
+
+
+def prior_of(model) -> Prior:
+    """The row of a loaded prior (by its class's ``model_type``)."""
+    return priors()[model.model_type]
+
+
+def _prior_class(directory: Path) -> type:
+    """The class of the prior exported in ``directory`` (by config.json's ``model_type``); for any other folder
+    the masked transformer's, whose ``from_pretrained`` then says what is wrong with it."""
+    from .pretrained import CONFIG_NAME
+    from .transformer import MaskedVideoTransformer
+
     try:
-        return cls.from_pretrained(name_or_path, device=device)
+        model_type = json.loads((directory / CONFIG_NAME).read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):  # no config.json, not JSON, not an object
+        model_type = None
+    rows = priors()
+    return rows.get(model_type, rows[MaskedVideoTransformer.model_type]).model_class
+
+
+def load_pretrained(kind: str, name_or_path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """``VideoTokenizer`` (``kind="tokenizer"``) or the prior (``"transformer"``: the class its export names, see
+    :func:`priors`) from an export folder or a Hub id; any failure (missing folder, foreign or damaged export) is one
+    ``UsageError``."""
+    from .pretrained import resolve_pretrained
+    from .tokenizer import VideoTokenizer
+
+    if kind not in ("tokenizer", "transformer"):
+        raise ValueError(f"kind must be 'tokenizer' or 'transformer', got {kind!r}")
+    try:
+        directory = resolve_pretrained(name_or_path)
+        cls = VideoTokenizer if kind == "tokenizer" else _prior_class(directory)
+        return cls.from_pretrained(directory, device=device)
     except Exception as err:  # missing folder, foreign or corrupt checkpoint: all user-facing
         raise UsageError(f"cannot load the {kind} from {name_or_path}: {err}") from None
 
@@ -168,18 +222,79 @@ def generate_codes(
     return out[:, layout.video].reshape(num_samples, *layout.token_grid)
 
 
+def condition_sequences(prior, task: str, prefix_codes: torch.Tensor | None, class_id: int,
+                        num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(N, L)`` sequences of ``task`` with prefix codes ``(1, t, h, w)`` (``None``: all pad) and the class
+    token of ``class_id``, video positions masked; and their dropped form for classifier-free guidance (pad prefix,
+    unconditional class token). ``UsageError`` for a task or class id the prior does not know."""
+    vocab, layout = prior.config.vocab, prior.config.layout
+    device = next(prior.parameters()).device
+    needs_prefix = task_row(task).needs_prefix
+    if needs_prefix and prefix_codes is None:
+        raise UsageError(f"task '{task}' needs a condition")
+    prefix = prefix_codes.to(device).expand(num_samples, *layout.token_grid) if needs_prefix else None
+    try:  # a task this model was not trained with, a class id out of its range
+        task_token, class_token = vocab.task_token(task), vocab.class_token(class_id)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    task_tokens = torch.full((num_samples,), task_token, dtype=torch.long, device=device)
+    class_tokens = torch.full((num_samples,), class_token, dtype=torch.long, device=device)
+    tokens = build_sequence(vocab, layout, task_tokens, class_tokens, prefix, None)
+    uncond = build_sequence(vocab, layout, task_tokens, torch.full_like(class_tokens, vocab.unconditional_token),
+                            None, None)
+    return tokens, uncond
+
+
+@torch.no_grad()
+def generate_codes_autoregressive(
+    prior,
+    task: str,
+    prefix_codes: torch.Tensor | None,
+    *,
+    class_id: int = NO_LABEL,
+    num_samples: int = 1,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    guidance_scale: float = 0.0,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    use_cache: bool = True,
+    progress: bool = False,
+) -> torch.Tensor:
+    """:func:`generate_codes` for an autoregressive prior (``magvit.autoregressive.AutoregressiveTransformer``):
+    the same condition sequence, then the video codes one at a time in raster order
+    (``magvit.autoregressive_sampling.autoregressive_decode``, with a key/value cache unless ``use_cache=False``)
+    with ``temperature``, ``top_k`` and ``top_p``. Returns ``(N, t, h, w)``."""
+    from .autoregressive_sampling import autoregressive_decode
+
+    if generator is not None and seed is not None:
+        raise ValueError("give a generator or a seed, not both")
+    layout = prior.config.layout
+    tokens, uncond = condition_sequences(prior, task, prefix_codes, class_id, num_samples)
+    if seed is not None:
+        generator = torch.Generator().manual_seed(seed)
+    out = autoregressive_decode(prior, tokens, start=layout.video.start, codebook_size=prior.config.codebook_size,
+                                temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale,
+                                uncond_tokens=uncond if guidance_scale else None, generator=generator,
+                                use_cache=use_cache, progress=progress)
+    return out[:, layout.video].reshape(num_samples, *layout.token_grid)
+
+
 @torch.no_grad()
 def generate(tokenizer, transformer, task: str, condition: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
     """Generate videos ``(N, 3, T, H, W)`` in [-1, 1].
 
     ``condition``: the pixel-space condition video ``(3, T, H, W)`` of a COMMIT task or the sketch video
-    (:func:`condition_video`); ``None`` for class / unconditional. ``kwargs`` go to :func:`generate_codes`.
+    (:func:`condition_video`); ``None`` for class / unconditional. ``kwargs`` go to the prior's code sampler
+    (:func:`generate_codes` for the masked transformer, :func:`generate_codes_autoregressive` for the
+    autoregressive one).
     """
     device = next(transformer.parameters()).device
     prefix_codes = None
     if condition is not None and task_row(task).needs_prefix:
         prefix_codes = tokenizer.encode(condition.unsqueeze(0).to(device))  # (1, t, h, w)
-    codes = generate_codes(transformer, task, prefix_codes, **kwargs)
+    codes = prior_of(transformer).generate_codes(transformer, task, prefix_codes, **kwargs)
     return tokenizer.decode(codes).clamp(-1, 1)
 
 
@@ -187,7 +302,8 @@ def generate(tokenizer, transformer, task: str, condition: torch.Tensor | None =
 
 
 class VideoPipeline:
-    """A ``VideoTokenizer`` and the ``MaskedVideoTransformer`` trained on its codes, checked to belong together."""
+    """A ``VideoTokenizer`` and the prior trained on its codes (``MaskedVideoTransformer`` or
+    ``AutoregressiveTransformer``, :func:`priors`), checked to belong together."""
 
     def __init__(self, tokenizer, transformer):
         self.token_grid = check_pair(tokenizer.config, transformer.config)  # (t, h, w)
@@ -202,6 +318,11 @@ class VideoPipeline:
     @property
     def device(self) -> torch.device:
         return next(self.transformer.parameters()).device
+
+    @property
+    def prior(self) -> Prior:
+        """The prior's row of :func:`priors`: its code sampler and the sampling keywords it takes."""
+        return prior_of(self.transformer)
 
     @property
     def num_frames(self) -> int:
@@ -249,9 +370,10 @@ class VideoPipeline:
         """Generate videos ``(num_samples, 3, T, S, S)`` in [-1, 1] on the pipeline's device.
 
         ``task``: a task name of ``magvit.tasks.TASKS``; ``condition``: the user's video (:meth:`prepare_condition`) or,
-        for ``"sketch"``, the sketch video; ``sampling``: the keywords of :func:`generate_codes` (``num_samples``,
-        ``steps``, ``temperature``, ``choice_temperature``, ``top_k``, ``guidance_scale``, ``schedule``,
-        ``class_id``, ``generator``, ``seed``, ``progress``).
+        for ``"sketch"``, the sketch video; ``sampling``: ``num_samples``, ``class_id``, ``generator``, ``seed``,
+        ``progress`` and the prior's own keywords (:attr:`prior`: the masked transformer's ``steps``,
+        ``temperature``, ``choice_temperature``, ``top_k``, ``guidance_scale``, ``schedule``; the autoregressive
+        one's ``temperature``, ``top_k``, ``top_p``, ``guidance_scale``).
         """
         prepared = self.prepare_condition(task, condition, num_cond_frames)
         return generate(self.tokenizer, self.transformer, task, prepared, **sampling)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from . import distributed as dist
+from .autoregressive import AutoregressiveConfig, AutoregressiveObjectiveConfig
 from .batches import DataConfig
 from .cli import ArgumentParser, UsageError
 from .config import Config, ConfigError, require_finite
@@ -117,6 +118,22 @@ class TransformerTrainConfig(Config):
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(lr=1e-4, beta1=0.9, beta2=0.96,
                                                                              weight_decay=0.045))
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+
+
+@dataclasses.dataclass
+class AutoregressiveTrainConfig(Config):
+    """``configs/autoregressive/*.yaml``: VQGAN's autoregressive prior on the masked transformer's token shards. The
+    model's ``codebook_size``, ``token_grid`` and ``num_classes`` follow the token shards (set from their
+    ``meta.json``). AdamW with betas (0.9, 0.95), as VQGAN's transformer (minGPT)."""
+
+    model: AutoregressiveConfig = dataclasses.field(default_factory=lambda: AutoregressiveConfig.preset("tiny"))
+    objective: AutoregressiveObjectiveConfig = dataclasses.field(default_factory=AutoregressiveObjectiveConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(lr=1e-4, beta1=0.9, beta2=0.95,
+                                                                             weight_decay=0.01))
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)

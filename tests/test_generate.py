@@ -118,6 +118,10 @@ def test_cli_same_seed_same_video(models, tmp_path):
         (["--cond", "{m}/clip.mp4", "--batch-size", "0"], "--batch-size must be >= 1"),
         (["--cond", "{m}/clip.mp4", "--transformer", "{m}/pickled"], "not a readable safetensors file"),
         (["--cond", "{m}/clip.mp4", "--transformer", "{m}/codebook_weights"], "does not fit the model"),
+        # --top-p: the autoregressive prior's nucleus, in (0, 1]
+        (["--cond", "{m}/clip.mp4", "--top-p", "0.9"], "--top-p applies to an autoregressive transformer"),
+        (["--cond", "{m}/clip.mp4", "--top-p", "0"], "--top-p must be in (0, 1]"),
+        (["--cond", "{m}/clip.mp4", "--top-p", "nan"], "--top-p must be in (0, 1]"),
     ],
 )
 def test_cli_user_errors_one_line_exit_2(models, capsys, args, message):
