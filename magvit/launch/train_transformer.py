@@ -123,6 +123,9 @@ def open_held_out(cfg: TransformerTrainConfig, classes: list[str], rank: int, de
     held = held_out_tokens(cfg.data, classes)
     if held is None:
         return None
+    if cfg.model.layout.interior:  # MaskedTokenEvaluation builds prefix sequences only
+        raise UsageError("data.val_tokens: held-out scoring of a model with interior conditioning is not supported "
+                         "yet; leave data.val_tokens empty")
     batch, meta = held
     carried = {row.name for row in training_tasks(batch, cfg.model.vocab)}
     trained = cfg.masking.tasks or cfg.model.tasks
