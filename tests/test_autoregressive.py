@@ -176,6 +176,19 @@ def test_pipeline_samples_an_autoregressive_prior(real_video_path):
                                         guidance_scale=1.0))
 
 
+def test_trainer_config_errors_are_one_line_exit_2(capsys, monkeypatch):
+    from magvit.launch import train_autoregressive
+
+    monkeypatch.chdir(ROOT)
+    cases = [(["objective.tasks=[nope]"], "unknown task 'nope'"), (["objective.label_smoothing=1"], "objective"),
+             (["model.num_heads=3"], "not divisible"), (["data.tokens=/nonexistent"], "not found")]
+    for overrides, expected in cases:
+        argv = ["--config=configs/autoregressive/tiny.yaml", *overrides]
+        assert train_autoregressive.run_main(None, train_autoregressive.main, argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and expected in err, (argv, err)
+
+
 # --- end to end: 2 ranks with the deepspeed launcher, SIGKILL, exact resume, generation ---------------------------
 # (the launch helpers and the sample-data fixture `manifest` are the masked transformer's, from test_train_e2e)
 
