@@ -22,6 +22,7 @@ their ``meta.json``, writes a few decoded samples to ``RUN_DIR/samples/step_XXXX
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -33,17 +34,18 @@ if __package__ in (None, ""):  # `python launch/train_transformer.py` / the deep
 import torch
 
 from magvit import distributed as dist
-from magvit.batches import held_out_tokens, token_batches, token_sizes
+from magvit.batches import held_out_tokens, token_batches, token_folder, token_sizes
 from magvit.checkpoint import seed_everything
 from magvit.cli import UsageError, run_main
 from magvit.config import ConfigError
 from magvit.ema import EMA
 from magvit.evaluation.evaluators import MaskedTokenEvaluation
-from magvit.masking import (SCHEDULES, TASKS, make_training_batch, masked_token_loss, predicted_codes,
-                            training_tasks)
+from magvit.masking import (SCHEDULES, TASKS, latent_condition_regions, make_training_batch, masked_token_loss,
+                            predicted_codes, training_tasks)
 from magvit.optim import WarmupCosineSchedule, build_adam
 from magvit.resume import start_run
 from magvit.run_config import TransformerTrainConfig, load_train_config, parse_train_command
+from magvit.streaming import resolve_shards
 from magvit.tracking import Tracker
 from magvit.trainloop import NonFiniteGuard, Reporting, TrainLoop, precision_context
 from magvit.transformer import MaskedVideoTransformer
@@ -75,13 +77,29 @@ def with_token_sizes(cfg: TransformerTrainConfig) -> TransformerTrainConfig:
         raise ConfigError(f"model (with the token shards' sizes): {err}") from None
 
 
+def condition_regions(cfg: TransformerTrainConfig) -> dict[str, torch.Tensor] | None:
+    """The latent condition regions of an interior model's pixel-condition tasks (``None``: prefix conditioning),
+    for the clips and the tokenizer of the token shards (their ``meta.json``)."""
+    if cfg.model.conditioning != "interior":
+        return None
+    data = cfg.data
+    meta = resolve_shards(data.shards)[0] if data.format == "webdataset" else \
+        json.loads((Path(token_folder(data)) / "meta.json").read_text())
+    clip = (meta["num_frames"], meta["image_size"], meta["image_size"])
+    causal = bool(meta["tokenizer"].get("causal", False))
+    return latent_condition_regions(cfg.model.tasks, cfg.model.token_grid, clip, causal)
+
+
 def transformer_step(engine, batch: dict[str, Any], step: int, cfg: TransformerTrainConfig, vocab,
-                     guard: NonFiniteGuard, autocast) -> dict[str, float] | None:
+                     guard: NonFiniteGuard, autocast, regions: dict[str, torch.Tensor] | None = None
+                     ) -> dict[str, float] | None:
     """One micro-step: mask the batch's video tokens, predict them, back-propagate the masked-token loss.
-    Returns metrics, or None when a non-finite loss on any rank made every rank skip it."""
+    Returns metrics, or None when a non-finite loss on any rank made every rank skip it. ``regions``: the latent
+    condition regions of an interior model (:func:`condition_regions`)."""
     m = cfg.masking
     tb = make_training_batch(batch, vocab, tasks=m.tasks, schedule=m.schedule, cond_dropout_prob=m.cond_dropout_prob,
-                             unmasked_weight=m.unmasked_weight)  # randomness from the (checkpointed) global RNG
+                             uncond_prob=m.uncond_prob, unmasked_weight=m.unmasked_weight,
+                             conditioning=cfg.model.conditioning, condition_regions=regions)  # global RNG's draws
     with autocast:
         logits = engine(tb.input_ids)  # (B, L, vocab), or (B, L, F, S) with token_factorization F
     loss = masked_token_loss(logits, tb.labels, tb.loss_mask, vocab.codebook_size, m.label_smoothing)
@@ -225,7 +243,7 @@ def train(cfg: TransformerTrainConfig, ds_base: dict[str, Any], run_dir: Path, r
     schedule = WarmupCosineSchedule(optimizer, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
     engine = dist.build_engine(model, optimizer, run.ds_config, schedule)
     autocast = precision_context(tc.precision, device)
-    vocab = cfg.model.vocab
+    vocab, regions = cfg.model.vocab, condition_regions(cfg)
     data = token_batches(cfg.data, run.rank, run.world_size, tc.seed, device)
     held_out = open_held_out(cfg, data.classes, run.rank, device, run.log)
 
@@ -238,7 +256,7 @@ def train(cfg: TransformerTrainConfig, ds_base: dict[str, Any], run_dir: Path, r
 
     def micro_step(batch: dict[str, Any], step: int) -> dict[str, float] | None:
         batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        return transformer_step(engine, batch, step, cfg, vocab, loop.guard, autocast)
+        return transformer_step(engine, batch, step, cfg, vocab, loop.guard, autocast, regions)
 
     def sample(step: int) -> dict[str, float]:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # exact resume: RNG untouched
