@@ -99,7 +99,10 @@ def test_only_magvit_is_installed_with_configs_and_slurm_templates(installed, el
 
 
 def test_every_console_command_answers_help_under_its_own_name(installed, elsewhere):
-    assert len(COMMANDS) == 10
+    # every command of the package, the data steps and trainers included, is declared (and so tested below)
+    assert {"magvit-generate", "magvit-evaluate", "magvit-submit", "magvit-train-tokenizer",
+            "magvit-train-transformer", "magvit-train-autoregressive", "magvit-index", "magvit-sample-data",
+            "magvit-moving-mnist", "magvit-sketch", "magvit-extract", "magvit-tokenize"} == set(COMMANDS)
     with ThreadPoolExecutor(max_workers=4) as pool:
         procs = dict(zip(COMMANDS, pool.map(lambda c: _run([installed / c, "--help"], cwd=elsewhere), COMMANDS)))
     for command, proc in procs.items():
