@@ -97,20 +97,22 @@ def _prior_class(directory: Path) -> type:
 
 
 def load_pretrained(kind: str, name_or_path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """``VideoTokenizer`` (``kind="tokenizer"``) or the prior (``"transformer"``: the class its export names, see
-    :func:`priors`) from an export folder or a Hub id; any failure (missing folder, foreign or damaged export) is one
-    ``UsageError``."""
+    """``VideoTokenizer`` (``kind="tokenizer"``), ``MaskedVideoTransformer`` (``"transformer"``) or either prior
+    (``"prior"``: the class its export's ``model_type`` names, :func:`priors`) from an export folder or a Hub id; any
+    failure (missing folder, foreign or damaged export) is one ``UsageError``."""
     from .pretrained import resolve_pretrained
     from .tokenizer import VideoTokenizer
+    from .transformer import MaskedVideoTransformer
 
-    if kind not in ("tokenizer", "transformer"):
-        raise ValueError(f"kind must be 'tokenizer' or 'transformer', got {kind!r}")
+    classes = {"tokenizer": VideoTokenizer, "transformer": MaskedVideoTransformer, "prior": None}
+    if kind not in classes:
+        raise ValueError(f"kind must be one of {', '.join(classes)}, got {kind!r}")
     try:
         directory = resolve_pretrained(name_or_path)
-        cls = VideoTokenizer if kind == "tokenizer" else _prior_class(directory)
-        return cls.from_pretrained(directory, device=device)
+        return (classes[kind] or _prior_class(directory)).from_pretrained(directory, device=device)
     except Exception as err:  # missing folder, foreign or corrupt checkpoint: all user-facing
-        raise UsageError(f"cannot load the {kind} from {name_or_path}: {err}") from None
+        what = "transformer" if kind == "prior" else kind  # a prior is what --transformer names
+        raise UsageError(f"cannot load the {what} from {name_or_path}: {err}") from None
 
 
 # --- conditions ----------------------------------------------------------------------------------------------------
@@ -312,8 +314,9 @@ class VideoPipeline:
     @classmethod
     def from_pretrained(cls, tokenizer: str | os.PathLike, transformer: str | os.PathLike,
                         device: str | torch.device = "cpu") -> VideoPipeline:
-        """Both models from their export folders or Hub ids (``org/name``), in eval mode on ``device``."""
-        return cls(load_pretrained("tokenizer", tokenizer, device), load_pretrained("transformer", transformer, device))
+        """Both models from their export folders or Hub ids (``org/name``), in eval mode on ``device``; the
+        ``transformer`` export may be either prior (:func:`priors`)."""
+        return cls(load_pretrained("tokenizer", tokenizer, device), load_pretrained("prior", transformer, device))
 
     @property
     def device(self) -> torch.device:

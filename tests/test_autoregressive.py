@@ -147,19 +147,24 @@ def test_the_loss_reads_the_positions_before_each_video_code():
 
 
 def test_export_round_trip_and_the_pipeline_loads_either_prior(tmp_path):
+    from magvit.cli import UsageError
     from magvit.transformer import MaskedVideoTransformer
 
     prior = _prior(num_classes=2)
     prior.class_names = ["a", "b"]
     prior.save_pretrained(tmp_path / "ar")
-    loaded = load_pretrained("transformer", tmp_path / "ar")
+    loaded = load_pretrained("prior", tmp_path / "ar")
     assert isinstance(loaded, AutoregressiveTransformer) and loaded.class_names == ["a", "b"]
     ids = _sequences(prior)
     assert torch.equal(loaded(ids), prior(ids))
-    with pytest.raises(ValueError, match="'autoregressive_transformer' checkpoint, expected 'masked_video"):
-        MaskedVideoTransformer.from_pretrained(tmp_path / "ar")
+    # what needs the masked transformer (evaluate's masked-token NLL) still refuses another prior
+    with pytest.raises(UsageError, match="'autoregressive_transformer' checkpoint, expected 'masked_video"):
+        load_pretrained("transformer", tmp_path / "ar")
     MaskedVideoTransformer(TransformerConfig.preset("tiny")).save_pretrained(tmp_path / "masked")
-    assert isinstance(load_pretrained("transformer", tmp_path / "masked"), MaskedVideoTransformer)
+    assert isinstance(load_pretrained("prior", tmp_path / "masked"), MaskedVideoTransformer)
+    VideoTokenizer(TokenizerConfig.preset("tiny")).save_pretrained(tmp_path / "tok")
+    with pytest.raises(UsageError, match="cannot load the transformer from .*'video_tokenizer' checkpoint"):
+        load_pretrained("prior", tmp_path / "tok")
 
 
 def test_pipeline_samples_an_autoregressive_prior(real_video_path):
