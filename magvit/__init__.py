@@ -11,6 +11,8 @@ _EXPORTS = {
     "VideoTokenizer": "tokenizer",
     "TransformerConfig": "transformer",
     "MaskedVideoTransformer": "transformer",
+    "AutoregressiveConfig": "autoregressive",
+    "AutoregressiveTransformer": "autoregressive",
     "VideoPipeline": "pipeline",
 }
 

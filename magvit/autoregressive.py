@@ -34,6 +34,9 @@ from .tasks import DEFAULT_TASKS
 from .transformer import TransformerConfig
 
 
+_PRESET_KEYS = ("codebook_size", "token_grid", "hidden_size", "num_layers", "num_heads", "intermediate_size")
+
+
 @dataclasses.dataclass
 class AutoregressiveConfig(Config):
     """Size and vocabulary of :class:`AutoregressiveTransformer`.
@@ -59,8 +62,10 @@ class AutoregressiveConfig(Config):
     initializer_range: float = 0.02
     attn_implementation: str = "sdpa"
 
-    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {name: dict(sizes)
-                                                    for name, sizes in TransformerConfig.PRESETS.items()}
+    # the masked transformer's presets, their sizes only (any option of the BERT prior stays there)
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        name: {key: value for key, value in preset.items() if key in _PRESET_KEYS}
+        for name, preset in TransformerConfig.PRESETS.items()}
 
     def __post_init__(self) -> None:
         if len(self.token_grid) != 3 or min(self.token_grid) < 1:

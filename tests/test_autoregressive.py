@@ -153,6 +153,10 @@ def test_export_round_trip_and_the_pipeline_loads_either_prior(tmp_path):
     prior = _prior(num_classes=2)
     prior.class_names = ["a", "b"]
     prior.save_pretrained(tmp_path / "ar")
+    import magvit
+
+    assert magvit.AutoregressiveTransformer is AutoregressiveTransformer  # the model card's usage line
+    assert "from magvit import AutoregressiveTransformer" in (tmp_path / "ar" / "README.md").read_text()
     loaded = load_pretrained("prior", tmp_path / "ar")
     assert isinstance(loaded, AutoregressiveTransformer) and loaded.class_names == ["a", "b"]
     ids = _sequences(prior)
