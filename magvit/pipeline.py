@@ -35,7 +35,8 @@ import torch
 
 from . import tasks
 from .cli import UsageError
-from .masking import NO_LABEL, build_condition_video, build_sequence
+from .masking import (NO_LABEL, build_condition_video, build_sequence, interior_condition_tokens,
+                      latent_condition_region)
 
 
 # --- the model pair ------------------------------------------------------------------------------------------------
@@ -187,9 +188,12 @@ def generate_codes(
     generator: torch.Generator | None = None,
     seed: int | None = None,
     progress: bool = False,
+    condition_region: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sample ``num_samples`` code grids ``(N, t, h, w)`` for ``task`` given prefix codes ``(1, t, h, w)`` (or
-    ``None`` for class / unconditional) and a class id (``NO_LABEL``: unconditional class token).
+    ``None`` for class / unconditional) and a class id (``NO_LABEL``: unconditional class token). A model with
+    interior conditioning takes them as the condition codes of ``condition_region`` ``(t, h, w)`` bool
+    (``masking.latent_condition_region``), re-filled into its masked slots at every step.
 
     ``generator`` (a CPU ``torch.Generator``) or ``seed`` (shorthand for a fresh one seeded with it) makes the
     samples reproducible on every device.
@@ -211,7 +215,12 @@ def generate_codes(
         raise UsageError(str(err)) from None
     task_tokens = torch.full((num_samples,), task_token, dtype=torch.long, device=device)
     class_tokens = torch.full((num_samples,), class_token, dtype=torch.long, device=device)
-    tokens = build_sequence(vocab, layout, task_tokens, class_tokens, prefix, None)
+    tokens = build_sequence(vocab, layout, task_tokens, class_tokens, None if layout.interior else prefix, None)
+    condition = None
+    if layout.interior and prefix is not None:
+        if condition_region is None:
+            raise UsageError(f"task '{task}': a model with interior conditioning needs the condition region")
+        condition = interior_condition_tokens(vocab, layout, tokens, prefix, condition_region)
     # The dropped condition of classifier-free guidance: pad prefix and the unconditional class token.
     uncond = build_sequence(vocab, layout, task_tokens, torch.full_like(class_tokens, vocab.unconditional_token),
                             None, None)
@@ -220,7 +229,8 @@ def generate_codes(
     out = iterative_decode(transformer, tokens, mask_token=vocab.mask_token, codebook_size=config.codebook_size,
                            steps=steps, temperature=temperature, choice_temperature=choice_temperature, top_k=top_k,
                            schedule=schedule, guidance_scale=guidance_scale,
-                           uncond_tokens=uncond if guidance_scale else None, generator=generator, progress=progress)
+                           uncond_tokens=uncond if guidance_scale else None, condition_tokens=condition,
+                           generator=generator, progress=progress)
     return out[:, layout.video].reshape(num_samples, *layout.token_grid)
 
 
@@ -284,11 +294,13 @@ def generate_codes_autoregressive(
 
 
 @torch.no_grad()
-def generate(tokenizer, transformer, task: str, condition: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+def generate(tokenizer, transformer, task: str, condition: torch.Tensor | None = None, *, num_cond_frames: int = 1,
+             **kwargs) -> torch.Tensor:
     """Generate videos ``(N, 3, T, H, W)`` in [-1, 1].
 
     ``condition``: the pixel-space condition video ``(3, T, H, W)`` of a COMMIT task or the sketch video
-    (:func:`condition_video`); ``None`` for class / unconditional. ``kwargs`` go to the prior's code sampler
+    (:func:`condition_video`); ``None`` for class / unconditional; ``num_cond_frames``: the frames it gives (frame
+    prediction), which fix an interior model's condition region. ``kwargs`` go to the prior's code sampler
     (:func:`generate_codes` for the masked transformer, :func:`generate_codes_autoregressive` for the
     autoregressive one).
     """
@@ -296,6 +308,9 @@ def generate(tokenizer, transformer, task: str, condition: torch.Tensor | None =
     prefix_codes = None
     if condition is not None and task_row(task).needs_prefix:
         prefix_codes = tokenizer.encode(condition.unsqueeze(0).to(device))  # (1, t, h, w)
+        if transformer.config.layout.interior and task_row(task).condition == "video":
+            kwargs["condition_region"] = latent_condition_region(task, prefix_codes.shape[1:], condition.shape[1:],
+                                                                 tokenizer.config.causal, num_cond_frames)
     codes = prior_of(transformer).generate_codes(transformer, task, prefix_codes, **kwargs)
     return tokenizer.decode(codes).clamp(-1, 1)
 
@@ -379,4 +394,5 @@ class VideoPipeline:
         one's ``temperature``, ``top_k``, ``top_p``, ``guidance_scale``).
         """
         prepared = self.prepare_condition(task, condition, num_cond_frames)
-        return generate(self.tokenizer, self.transformer, task, prepared, **sampling)
+        return generate(self.tokenizer, self.transformer, task, prepared, num_cond_frames=num_cond_frames,
+                        **sampling)
