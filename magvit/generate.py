@@ -212,7 +212,7 @@ def run(args: argparse.Namespace) -> list[Path]:
         # batch k is seeded with seed + k: the samples do not depend on how many are asked for after them
         batch = paths[first:first + args.batch_size]
         videos = generate(pipe.tokenizer, pipe.transformer, task.name, condition, class_id=class_id,
-                          num_samples=len(batch), seed=args.seed + first // args.batch_size, progress=True,
+                          num_cond_frames=args.cond_frames, num_samples=len(batch), seed=args.seed + first // args.batch_size, progress=True,
                           **options).cpu()  # (b, 3, T, H, W)
         for path, video in zip(batch, videos):
             write_video(path, video, fps=fps)
