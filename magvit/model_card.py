@@ -55,10 +55,18 @@ def _transformer_summary(config: Any) -> tuple[list[str], list[str]]:
     return lines, ["masked-transformer", "video-generation"]
 
 
+def _autoregressive_summary(config: Any) -> tuple[list[str], list[str]]:
+    lines, _ = _transformer_summary(config)
+    lines[1] = (f"- Vocabulary: {config.vocab_size} tokens (codes, task and class tokens); next-token prediction "
+                "in raster (t, h, w) order")
+    return lines, ["autoregressive-transformer", "video-generation"]
+
+
 # model_type -> (config -> (summary lines, Hub tags))
 SUMMARIES: dict[str, Callable[[Any], tuple[list[str], list[str]]]] = {
     "video_tokenizer": _tokenizer_summary,
     "masked_video_transformer": _transformer_summary,
+    "autoregressive_transformer": _autoregressive_summary,
 }
 
 

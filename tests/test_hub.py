@@ -152,6 +152,16 @@ def test_model_card_without_a_run_and_of_a_transformer(tmp_path):
     assert "Not recorded with this export." in card and "No evaluation numbers were recorded" in card
 
 
+def test_model_card_of_an_autoregressive_prior(tmp_path):
+    from magvit.autoregressive import AutoregressiveConfig, AutoregressiveTransformer
+
+    model = AutoregressiveTransformer(AutoregressiveConfig.preset("tiny"))
+    model.save_pretrained(tmp_path / "ar")
+    card = (tmp_path / "ar" / "README.md").read_text()
+    assert "autoregressive-transformer" in _front_matter(card)["tags"]
+    assert f"Vocabulary: {model.config.vocab_size} tokens" in card and "raster (t, h, w) order" in card
+
+
 def test_class_names_round_trip_and_old_exports(tmp_path):
     model = MaskedVideoTransformer(TransformerConfig.preset("tiny", num_classes=3))
     model.class_names = ["a", "b", "c"]

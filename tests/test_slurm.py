@@ -98,6 +98,18 @@ def test_dry_run_cpu_nodes_request_no_gpus(capsys, tmp_path):
     assert "TRAIN_MODULE=magvit.launch.train_transformer" in proc.stdout
 
 
+def test_dry_run_of_the_autoregressive_prior(capsys, tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.mkdir()
+    (tokens / "meta.json").write_text(json.dumps({"codebook_size": 64, "token_grid": [2, 4, 4], "classes": []}))
+    cfg = tmp_path / "ar.yaml"
+    cfg.write_text(f"model:\n  preset: tiny\ndata:\n  tokens: {tokens}\n")
+    proc = _submit(capsys, "autoregressive", "--config", str(cfg), "--gpus-per-node", "0", "--ntasks-per-node", "2",
+                   "--run-dir", str(tmp_path / "r"), "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "TRAIN_MODULE=magvit.launch.train_autoregressive" in proc.stdout
+
+
 def test_submit_from_any_directory_uses_packaged_templates_and_configs(capsys, monkeypatch, tmp_path):
     """Outside a checkout (as an installed ``magvit-submit`` runs): the default config and its DeepSpeed config are
     the packaged ones, the templates come from ``magvit.resources.SLURM_DIR``, and the job works in the directory

@@ -60,6 +60,8 @@ class Kind:
 KINDS: dict[str, Kind] = {
     "tokenizer": Kind("magvit.launch.train_tokenizer", "tokenizer.sbatch", "configs/tokenizer/tiny.yaml"),
     "transformer": Kind("magvit.launch.train_transformer", "transformer.sbatch", "configs/transformer/tiny.yaml"),
+    "autoregressive": Kind("magvit.launch.train_autoregressive", "autoregressive.sbatch",
+                           "configs/autoregressive/tiny.yaml"),
 }
 
 
