@@ -204,18 +204,23 @@ def evaluate(side, clips: torch.Tensor, bf16: bool) -> dict:
     from magvit import metrics
 
     side.model.eval()
-    usage = metrics.CodebookUsage(side.codebook_size)
+    usage = metrics.CodebookUsage(max(side.codebook_size, 1))
     psnr, ssim = [], []
     for i in range(clips.shape[0]):
         video = clips[i : i + 1]
         with precision(bf16):
             codes = side.encode(video)
             recon = side.decode(codes)
-        usage.update(codes)
+        grid = codes[-1] if isinstance(codes, tuple) else codes  # two grids (VQ-VAE-2): the bottom one's usage
+        if not grid.is_floating_point():  # continuous latents have no codebook
+            usage.update(grid)
         recon = recon.float().clamp(-1, 1)
         psnr.append(float(metrics.video_psnr(recon, video)))
         ssim.append(float(metrics.video_ssim(recon, video)))
     side.model.train()
+    if not usage.counts.any():  # continuous latents
+        return {"psnr": sum(psnr) / len(psnr), "ssim": sum(ssim) / len(ssim), "used": 0, "usage": math.nan,
+                "perplexity": math.nan}
     return {"psnr": sum(psnr) / len(psnr), "ssim": sum(ssim) / len(ssim), "used": usage.used_codes,
             "usage": usage.usage, "perplexity": usage.perplexity}
 
@@ -287,8 +292,15 @@ def results_table(runs: list[Run], report_at: list[float], title: str) -> common
             steps = max(p["steps"], 1)
             table.add(run.side.name, size, budget, p["steps"], f"{p['wall'] / steps:.2f}",
                       f"{p['cpu'] / steps:.2f}", f"{p['psnr']:.2f}", f"{p['ssim']:.4f}",
-                      f"{p['used']} / {run.side.codebook_size} ({p['usage']:.1%})", f"{p['perplexity']:.0f}")
+                      *_usage_cells(run.side, p))
     return table
+
+
+def _usage_cells(side, point: dict) -> tuple[str, str]:
+    """Codebook usage and perplexity cells (continuous latents: none)."""
+    if not side.codebook_size:
+        return "continuous latents", ""
+    return f"{point['used']} / {side.codebook_size} ({point['usage']:.1%})", f"{point['perplexity']:.0f}"
 
 
 def curve_table(runs: list[Run]) -> common.Table:
@@ -298,7 +310,7 @@ def curve_table(runs: list[Run]) -> common.Table:
     for run in runs:
         for p in run.curve:
             table.add(run.side.name, f"{p['seconds']:.0f}", f"{p['cpu']:.0f}", p["steps"], f"{p['psnr']:.2f}",
-                      f"{p['ssim']:.4f}", f"{p['usage']:.1%}", f"{p['train_loss']:.4f}" if p["steps"] else "",
+                      f"{p['ssim']:.4f}", "n/a" if math.isnan(p["usage"]) else f"{p['usage']:.1%}", f"{p['train_loss']:.4f}" if p["steps"] else "",
                       p["load"])
     return table
 

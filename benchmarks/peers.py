@@ -92,6 +92,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "v2-vq": {"v2": True, **_VQ},
     "v2-lfq": {"v2": True, **_LFQ},
     "v2-fsq": {"v2": True, **_FSQ},
+    # continuous latents at the same grid and width as the LFQ side's 10 channels: a plain autoencoder and LDM's
+    # KL-VAE (kl_weight 1e-6)
+    "v2-ae": {"v2": True, "quantizer": "none", "embedding_dim": 10},
+    "v2-kl": {"v2": True, "quantizer": "kl", "embedding_dim": 10},
+    # VQ-VAE-2's two grids at the code bits of one 2^10 grid: bottom 8 bits x N + top 8 bits x N/4 = 10 bits x N
+    "v2-vq-h2": {"v2": True, **_VQ, "codebook_size": 256, "hierarchy": 2},
+    "v2-lfq-h2": {"v2": True, **_LFQ, "codebook_size": 256, "hierarchy": 2},
 }
 
 #: the configuration the design-choice run chose (benchmarks/results/reconstruction_design.md: v2 blocks beat v1 by
