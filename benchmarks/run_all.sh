@@ -35,4 +35,5 @@ if [ -f "$ROOT/benchmarks/bench_decoding.py" ]; then
   stamp decoding
   "$PY" "$ROOT/benchmarks/bench_decoding.py" --markdown "$OUT/decoding.md" "$@" || echo "bench_decoding.py failed" >&2
 fi
+[ -f "$ROOT/runs/demo/tokenizer/export/config.json" ] && { stamp priors; "$PY" "$ROOT/benchmarks/bench_priors.py" --budget 180 --report-at 60 --markdown "$OUT/priors.md" "$@"; }
 echo "tables in $OUT" >&2
