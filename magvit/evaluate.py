@@ -31,8 +31,8 @@ from . import metrics
 from .cli import ArgumentParser, UsageError, command_name, run_main
 from .evaluation.evaluators import (ClipResults, FramePredictionEvaluation, MaskedTokenEvaluation,
                                     TokenizerEvaluation, evaluate_clips, evaluate_token_shards, fvd_report)
-from .evaluation.inputs import (evaluated_videos, held_out_warnings, iterate_clips, open_clips, resolve_data,
-                                supported_tasks)
+from .evaluation.inputs import (check_token_meta, evaluated_videos, held_out_warnings, iterate_clips, open_clips,
+                                resolve_data, supported_tasks)
 from .evaluation.report import summary_lines, write_plots, write_report
 from .fileio import check_writable_dir
 from .pretrained import is_hub_id
@@ -198,6 +198,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     clips = masked = dataset = None
     if manifest is not None:
         dataset = open_clips(manifest, args.split, tokenizer.config.num_frames, tokenizer.config.image_size)
+    if transformer is not None and tokens_dir is not None:  # shards of other models: one error, before any warning
+        check_token_meta(Path(tokens_dir), tokenizer, transformer)
     report["warnings"] = _warn_held_out(tokens_dir if transformer is not None else None,
                                         None if dataset is None else evaluated_videos(dataset, args.max_clips))
     if dataset is not None:

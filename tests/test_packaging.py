@@ -93,7 +93,7 @@ def test_only_magvit_is_installed_with_configs_and_slurm_templates(installed, el
     configs = ROOT / "magvit" / "configs"
     checkout = sorted(str(p.relative_to(configs)) for p in configs.rglob("*") if p.suffix in (".yaml", ".json"))
     assert info["configs"] == checkout and len(checkout) >= 10
-    assert info["slurm"] == ["tokenizer.sbatch", "train_job.sh", "transformer.sbatch"]
+    assert info["slurm"] == ["autoregressive.sbatch", "tokenizer.sbatch", "train_job.sh", "transformer.sbatch"]
     assert Path(info["found"]).is_relative_to(venv) and Path(info["found"]).is_file()
     assert info["license"]
 
