@@ -84,7 +84,7 @@ def token_data(args, tokenizer) -> dict:
     path = Path(args.cache) / f"tokens-{cache_key(args, tokenizer_dir, manifest)}.pt"
     if path.is_file():
         print(f"token grids from {path}", file=sys.stderr)
-        data = torch.load(path)
+        data = torch.load(path, weights_only=True)  # tensors, lists and numbers only
     else:
         c = tokenizer.config
         t0 = time.perf_counter()

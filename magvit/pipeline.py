@@ -204,26 +204,12 @@ def generate_codes(
         raise ValueError("give a generator or a seed, not both")
     config = transformer.config
     vocab, layout = config.vocab, config.layout
-    device = next(transformer.parameters()).device
-    needs_prefix = task_row(task).needs_prefix
-    if needs_prefix and prefix_codes is None:
-        raise UsageError(f"task '{task}' needs a condition")
-    prefix = prefix_codes.to(device).expand(num_samples, *layout.token_grid) if needs_prefix else None
-    try:  # a task this model was not trained with, a class id out of its range
-        task_token, class_token = vocab.task_token(task), vocab.class_token(class_id)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
-    task_tokens = torch.full((num_samples,), task_token, dtype=torch.long, device=device)
-    class_tokens = torch.full((num_samples,), class_token, dtype=torch.long, device=device)
-    tokens = build_sequence(vocab, layout, task_tokens, class_tokens, None if layout.interior else prefix, None)
+    tokens, uncond, prefix = condition_sequences(transformer, task, prefix_codes, class_id, num_samples)
     condition = None
     if layout.interior and prefix is not None:
         if condition_region is None:
             raise UsageError(f"task '{task}': a model with interior conditioning needs the condition region")
         condition = interior_condition_tokens(vocab, layout, tokens, prefix, condition_region)
-    # The dropped condition of classifier-free guidance: pad prefix and the unconditional class token.
-    uncond = build_sequence(vocab, layout, task_tokens, torch.full_like(class_tokens, vocab.unconditional_token),
-                            None, None)
     if seed is not None:
         generator = torch.Generator().manual_seed(seed)
     out = iterative_decode(transformer, tokens, mask_token=vocab.mask_token, codebook_size=config.codebook_size,
@@ -235,10 +221,11 @@ def generate_codes(
 
 
 def condition_sequences(prior, task: str, prefix_codes: torch.Tensor | None, class_id: int,
-                        num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``(N, L)`` sequences of ``task`` with prefix codes ``(1, t, h, w)`` (``None``: all pad) and the class
-    token of ``class_id``, video positions masked; and their dropped form for classifier-free guidance (pad prefix,
-    unconditional class token). ``UsageError`` for a task or class id the prior does not know."""
+                        num_samples: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The ``(N, L)`` sequences of ``task`` with prefix codes ``(1, t, h, w)`` (``None``: all pad; an interior
+    model has no prefix slots) and the class token of ``class_id``, video positions masked; their dropped form for
+    classifier-free guidance (pad prefix, unconditional class token); and the condition codes ``(N, t, h, w)``
+    (``None`` for a task without one). ``UsageError`` for a task or class id the prior does not know."""
     vocab, layout = prior.config.vocab, prior.config.layout
     device = next(prior.parameters()).device
     needs_prefix = task_row(task).needs_prefix
@@ -251,10 +238,10 @@ def condition_sequences(prior, task: str, prefix_codes: torch.Tensor | None, cla
         raise UsageError(str(err)) from None
     task_tokens = torch.full((num_samples,), task_token, dtype=torch.long, device=device)
     class_tokens = torch.full((num_samples,), class_token, dtype=torch.long, device=device)
-    tokens = build_sequence(vocab, layout, task_tokens, class_tokens, prefix, None)
+    tokens = build_sequence(vocab, layout, task_tokens, class_tokens, None if layout.interior else prefix, None)
     uncond = build_sequence(vocab, layout, task_tokens, torch.full_like(class_tokens, vocab.unconditional_token),
                             None, None)
-    return tokens, uncond
+    return tokens, uncond, prefix
 
 
 @torch.no_grad()
@@ -283,7 +270,7 @@ def generate_codes_autoregressive(
     if generator is not None and seed is not None:
         raise ValueError("give a generator or a seed, not both")
     layout = prior.config.layout
-    tokens, uncond = condition_sequences(prior, task, prefix_codes, class_id, num_samples)
+    tokens, uncond, _ = condition_sequences(prior, task, prefix_codes, class_id, num_samples)
     if seed is not None:
         generator = torch.Generator().manual_seed(seed)
     out = autoregressive_decode(prior, tokens, start=layout.video.start, codebook_size=prior.config.codebook_size,

@@ -5,8 +5,6 @@ through ``python -m magvit.generate``."""
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +19,7 @@ from magvit.autoregressive import (AutoregressiveConfig, AutoregressiveObjective
 from magvit.autoregressive_sampling import autoregressive_decode, filter_logits, sample_codes
 from magvit.masking import make_training_batch
 from magvit.pipeline import load_pretrained
-from test_train_e2e import ROOT, _env, _latest_step, _losses, _run, _start, _wait_for, manifest  # noqa: F401
+from test_train_e2e import ROOT, _env, _kill_after_checkpoint_and_resume, _losses, _run, manifest  # noqa: F401
 
 GRID = (2, 4, 4)  # the tiny tokenizer's codes of 4x16x16 clips
 
@@ -245,17 +243,8 @@ def test_autoregressive_run_resumes_exactly_after_sigkill_and_its_export_generat
     run_dir = tmp_path / "run"
     args = ["--config", "configs/autoregressive/tiny.yaml", "--run-dir", str(run_dir),
             f"data.tokens={tiny_tokens / 'tokens'}", *AR_OVERRIDES]
-    proc = _start("train_autoregressive.py", args)
-    try:
-        _wait_for(lambda: _latest_step(run_dir) >= 2, proc)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    killed_at = _latest_step(run_dir)
+    killed_at = _kill_after_checkpoint_and_resume("train_autoregressive.py", args, run_dir)
     assert 2 <= killed_at < 6
-    result = _run("train_autoregressive.py", [*args, "--resume", "auto"])
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert f"resumed from {run_dir / 'checkpoints' / f'step_{killed_at:08d}'}" in result.stderr + result.stdout
     for key in ("loss", "next_token_accuracy"):
         reference, resumed = _losses(ar_reference, key), _losses(run_dir, key)
         assert all(resumed[s] == reference[s] for s in reference if s > killed_at), key

@@ -79,6 +79,24 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 180) -> None:
         time.sleep(0.05)
 
 
+def _kill_after_checkpoint_and_resume(script: str, args: list[str], run_dir: Path,
+                                      resume_args: list[str] | None = None) -> int:
+    """Start ``script`` with ``args``, SIGKILL its whole process group once ``run_dir`` holds a checkpoint at step
+    >= 2, then run it again with ``resume_args`` (default ``args``) and ``--resume auto``; checks that the second
+    run succeeded and resumed from the checkpoint the first one left. Returns that checkpoint's step."""
+    proc = _start(script, args)
+    try:
+        _wait_for(lambda: _latest_step(run_dir) >= 2, proc)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed_at = _latest_step(run_dir)
+    result = _run(script, [*(args if resume_args is None else resume_args), "--resume", "auto"])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"resumed from {run_dir / 'checkpoints' / f'step_{killed_at:08d}'}" in result.stderr + result.stdout
+    return killed_at
+
+
 def _rank_processes(proc: subprocess.Popen, script: str):
     import psutil
 
@@ -153,17 +171,8 @@ def test_tokenizer_exact_resume_after_sigkill(tokenizer_reference, manifest, tmp
     run_dir = tmp_path / "run"
     args = ["--config", "configs/tokenizer/tiny.yaml", "--run-dir", str(run_dir), f"data.manifest={manifest}",
             "train.max_steps=6", "checkpoint.every=2", *TOKENIZER_OVERRIDES]
-    proc = _start("train_tokenizer.py", args)
-    try:
-        _wait_for(lambda: _latest_step(run_dir) >= 2, proc)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    killed_at = _latest_step(run_dir)
+    killed_at = _kill_after_checkpoint_and_resume("train_tokenizer.py", args, run_dir)
     assert 2 <= killed_at < 6
-    result = _run("train_tokenizer.py", [*args, "--resume", "auto"])
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert f"resumed from {run_dir / 'checkpoints' / f'step_{killed_at:08d}'}" in result.stderr + result.stdout
     for key in ("g/loss", "g/recon", "d/loss"):
         reference, resumed = _losses(tokenizer_reference, key), _losses(run_dir, key)
         steps = [s for s in reference if s > killed_at]

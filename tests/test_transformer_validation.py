@@ -10,9 +10,7 @@ token shards are the sample data's train and val splits at 4x16x16 (tokens 2x4x4
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +19,7 @@ import pytest
 import torch
 
 from magvit.data import TokenShardDataset
-from test_train_e2e import ROOT, _env, _latest_step, _losses, _run, _start, _wait_for
+from test_train_e2e import ROOT, _env, _kill_after_checkpoint_and_resume, _losses, _run
 
 pytestmark = pytest.mark.slow
 
@@ -106,17 +104,8 @@ def test_exact_resume_with_validation(reference, shards, tmp_path):
     and the final weights equal the uninterrupted run's."""
     run_dir = tmp_path / "run"
     args = _args(shards, run_dir)
-    proc = _start("train_transformer.py", args)
-    try:
-        _wait_for(lambda: _latest_step(run_dir) >= 2, proc)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    killed_at = _latest_step(run_dir)
+    killed_at = _kill_after_checkpoint_and_resume("train_transformer.py", args, run_dir)
     assert 2 <= killed_at < 6
-    result = _run("train_transformer.py", [*args, "--resume", "auto"])
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert f"resumed from {run_dir / 'checkpoints' / f'step_{killed_at:08d}'}" in result.stderr + result.stdout
     for key in ("loss", "val/nll", "val/accuracy"):
         reference_values, resumed = _losses(reference, key), _losses(run_dir, key)
         steps = [s for s in reference_values if s > killed_at]

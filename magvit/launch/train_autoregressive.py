@@ -28,11 +28,8 @@ import torch
 from magvit import distributed as dist
 from magvit.autoregressive import AutoregressiveTransformer, next_token_loss, training_sequence, video_logits
 from magvit.batches import token_batches
-from magvit.checkpoint import seed_everything
 from magvit.cli import run_main
-from magvit.ema import EMA
-from magvit.launch.train_transformer import with_token_sizes
-from magvit.optim import WarmupCosineSchedule, build_adam
+from magvit.launch.train_transformer import build_prior, with_token_sizes
 from magvit.resume import start_run
 from magvit.run_config import AutoregressiveTrainConfig, load_train_config, parse_train_command
 from magvit.trainloop import NonFiniteGuard, Reporting, TrainLoop, precision_context
@@ -82,14 +79,7 @@ def train(cfg: AutoregressiveTrainConfig, ds_base: dict[str, Any], run_dir: Path
     # from here on SIGTERM/SIGUSR1 mean "checkpoint and exit 3"
     run = start_run(cfg, ds_base, run_dir, argv, "magvit.train_autoregressive", resume=resume, overwrite=overwrite)
     tc, device = cfg.train, run.device
-
-    seed_everything(tc.seed)  # identical initial weights on every rank
-    model = AutoregressiveTransformer(cfg.model)
-    ema = EMA(model, tc.ema_decay, warmup=tc.ema_warmup)
-    seed_everything(tc.seed + run.rank)
-    optimizer = build_adam(model, cfg.optim)
-    schedule = WarmupCosineSchedule(optimizer, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
-    engine = dist.build_engine(model, optimizer, run.ds_config, schedule)
+    ema, engine = build_prior(AutoregressiveTransformer, cfg, run)
     autocast = precision_context(tc.precision, device)
     data = token_batches(cfg.data, run.rank, run.world_size, tc.seed, device)
 

@@ -26,7 +26,7 @@ import json
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 if __package__ in (None, ""):  # `python launch/train_transformer.py` / the deepspeed launcher
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -43,7 +43,7 @@ from magvit.evaluation.evaluators import MaskedTokenEvaluation
 from magvit.masking import (SCHEDULES, TASKS, latent_condition_regions, make_training_batch, masked_token_loss,
                             predicted_codes, training_tasks)
 from magvit.optim import WarmupCosineSchedule, build_adam
-from magvit.resume import start_run
+from magvit.resume import RunContext, start_run
 from magvit.run_config import TransformerTrainConfig, load_train_config, parse_train_command
 from magvit.streaming import resolve_shards
 from magvit.tracking import Tracker
@@ -221,6 +221,19 @@ def validate(model: MaskedVideoTransformer, held_out: HeldOut, samples_dir: Path
     return {"val/nll": summary["masked_token_nll"], "val/accuracy": summary["masked_token_accuracy"]}
 
 
+def build_prior(network: Callable[[Any], torch.nn.Module], cfg: Any, run: RunContext) -> tuple[EMA, Any]:
+    """A prior's network from ``cfg.model`` (the same initial weights on every rank), the EMA of its weights and its
+    DeepSpeed engine (Adam(W) of ``cfg.optim``, warmup + cosine of ``cfg.train``); shared by the priors' trainers."""
+    tc = cfg.train
+    seed_everything(tc.seed)  # identical initial weights on every rank
+    model = network(cfg.model)
+    ema = EMA(model, tc.ema_decay, warmup=tc.ema_warmup)
+    seed_everything(tc.seed + run.rank)
+    optimizer = build_adam(model, cfg.optim)
+    schedule = WarmupCosineSchedule(optimizer, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
+    return ema, dist.build_engine(model, optimizer, run.ds_config, schedule)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args, cfg, ds_base = parse_train_command(__doc__.split("\n")[0], DEFAULT_CONFIG, "transformer", load_config,
                                              argv)
@@ -234,14 +247,7 @@ def train(cfg: TransformerTrainConfig, ds_base: dict[str, Any], run_dir: Path, r
     # from here on SIGTERM/SIGUSR1 mean "checkpoint and exit 3"
     run = start_run(cfg, ds_base, run_dir, argv, "magvit.train_transformer", resume=resume, overwrite=overwrite)
     tc, device = cfg.train, run.device
-
-    seed_everything(tc.seed)  # identical initial weights on every rank
-    model = MaskedVideoTransformer(cfg.model)
-    ema = EMA(model, tc.ema_decay, warmup=tc.ema_warmup)
-    seed_everything(tc.seed + run.rank)
-    optimizer = build_adam(model, cfg.optim)
-    schedule = WarmupCosineSchedule(optimizer, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
-    engine = dist.build_engine(model, optimizer, run.ds_config, schedule)
+    ema, engine = build_prior(MaskedVideoTransformer, cfg, run)
     autocast = precision_context(tc.precision, device)
     vocab, regions = cfg.model.vocab, condition_regions(cfg)
     data = token_batches(cfg.data, run.rank, run.world_size, tc.seed, device)
