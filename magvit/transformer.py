@@ -1,7 +1,8 @@
 """Bidirectional masked video transformer: token ids -> logits, nothing more.
 
-MAGVIT's transformer is a post-LN BERT (tanh GELU, learned absolute positions, dropout 0.1) whose output layer is
-tied to the token embedding and has its own bias; it is built here from ``transformers``' ``BertForMaskedLM``
+MAGVIT's transformer is a post-LN BERT (tanh GELU, learned absolute positions, dropout 0.1 on the hidden states;
+none on the attention probabilities, so that SDPA runs its fused kernel) whose output layer is tied to the token
+embedding and has its own bias; it is built here from ``transformers``' ``BertForMaskedLM``
 (its prediction head is exactly dense -> GELU -> LayerNorm -> tied decoder + bias). Masking, conditioning and
 decoding live in ``magvit/masking.py`` and ``magvit/sampling.py``.
 
@@ -59,8 +60,13 @@ class TransformerConfig(Config):
     num_heads: int = 12
     intermediate_size: int = 3072
     dropout: float = 0.1
-    attention_dropout: float = 0.1
-    hidden_act: str = "gelu_new"  # tanh approximation of GELU, as in BERT / MAGVIT
+    # Dropout on the attention probabilities forces SDPA off its fused CPU kernel onto the math path, which
+    # materialises (B, heads, L, L) scores and draws a mask over them: a B training step at L = 1026 took 1.9x as
+    # long with 0.1 (BENCHMARKS.md, "Achieved FLOP/s"). 0 keeps the fused kernel; hidden dropout stays at 0.1.
+    attention_dropout: float = 0.0
+    # The tanh approximation of GELU, as in BERT / MAGVIT: "gelu_pytorch_tanh" is torch's one fused kernel,
+    # "gelu_new" (what exports before it say) the same function in 8 elementwise ops, 2x its forward + backward.
+    hidden_act: str = "gelu_pytorch_tanh"
     layer_norm_eps: float = 1e-12
     initializer_range: float = 0.02
     attn_implementation: str = "sdpa"
