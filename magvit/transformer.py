@@ -61,8 +61,9 @@ class TransformerConfig(Config):
     intermediate_size: int = 3072
     dropout: float = 0.1
     # Dropout on the attention probabilities forces SDPA off its fused CPU kernel onto the math path, which
-    # materialises (B, heads, L, L) scores and draws a mask over them: a B training step at L = 1026 took 1.9x as
-    # long with 0.1 (BENCHMARKS.md, "Achieved FLOP/s"). 0 keeps the fused kernel; hidden dropout stays at 0.1.
+    # materialises the (B, heads, L, L) probabilities and draws a mask over them: 4.8x the fused kernel's time for
+    # the attention of a B layer at L = 1026, forward + backward (BENCHMARKS.md, "Achieved FLOP/s"). 0 keeps the
+    # fused kernel; the hidden states keep MAGVIT's dropout 0.1.
     attention_dropout: float = 0.0
     # The tanh approximation of GELU, as in BERT / MAGVIT: "gelu_pytorch_tanh" is torch's one fused kernel,
     # "gelu_new" (what exports before it say) the same function in 8 elementwise ops, 2x its forward + backward.
