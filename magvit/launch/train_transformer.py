@@ -7,9 +7,11 @@
 Also runs under ``torchrun``, ``srun`` (one process per task) and as plain ``python`` (one process).
 
 The token shards come from ``python -m data_prep.tokenize``; their ``meta.json`` fixes the model's codebook size,
-token grid and number of classes. Each step draws a task (COMMIT condition, sketch, class, unconditional) and a
-mask ratio from the mask schedule per example (``masking.make_training_batch``) and minimises the masked-token
-cross-entropy. The exported weights (``RUN_DIR/export``) are the EMA of the transformer. SIGTERM/SIGUSR1 finish
+token grid and number of classes (and the frame-prediction given-frame counts it records, ``model.cond_frames``).
+Each step draws a task (COMMIT condition, sketch, class, unconditional; for frame prediction one of the shards'
+given-frame counts) and a mask ratio from the mask schedule per example (``masking.make_training_batch``) and
+minimises the masked-token cross-entropy; an interior model (``model.conditioning``) takes the condition regions of
+the shards' clips and tokenizer. The exported weights (``RUN_DIR/export``) are the EMA of the transformer. SIGTERM/SIGUSR1 finish
 the step, checkpoint and exit with status 3 (send them to the training processes, as srun does; see
 ``train_tokenizer.py``).
 
