@@ -237,8 +237,8 @@ def token_folder(data: DataConfig) -> str:
 
 def token_sizes(data: DataConfig) -> dict[str, Any]:
     """``codebook_size``, ``token_grid``, ``num_classes`` and ``cond_frames`` (frame prediction's given-frame
-    counts) of the token shards (from their ``meta.json``): what they fix for a model trained on them. Read before any process group exists; ``UsageError`` when the
-    meta.json is missing or is not one of token shards."""
+    counts) of the token shards (from their ``meta.json``): what they fix for a model trained on them. Read before
+    any process group exists; ``UsageError`` when the meta.json is missing or is not one of token shards."""
     if data.format == "webdataset":  # meta.json beside the tar shards, wherever they are
         where = data.shards
         try:

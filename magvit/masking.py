@@ -482,7 +482,9 @@ def latent_condition_regions(tasks: Sequence[str], token_grid: Sequence[int], cl
     regions = {}
     for name in tasks:
         row = _tasks.task(name)
-        for n in (cond_frames if row.frames == "first" else (1,)) if row.condition == "video" else ():
+        if row.condition != "video":
+            continue
+        for n in cond_frames if row.frames == "first" else (1,):
             regions[_tasks.condition_name(name, n)] = latent_condition_region(name, token_grid, clip_size, causal, n)
     return regions
 
@@ -553,7 +555,8 @@ def _batch_labels(batch: Mapping[str, torch.Tensor], batch_size: int) -> torch.T
 def training_tasks(batch: Mapping[str, torch.Tensor], vocab: TokenVocabulary,
                    tasks: Sequence[str] | None = None) -> list[_tasks.Task]:
     """The task rows a batch trains on: ``tasks``, or every task of the model whose condition the batch carries
-    (``cond.<task>``, ``sketch_codes``; class and unconditional need none). Host-side checks only."""
+    (``cond.<task>``, frame prediction's of any given-frame count, ``sketch_codes``; class and unconditional need
+    none). Host-side checks only."""
     carried = [name for name in vocab.tasks if _tasks.carries(batch, _tasks.task(name))]
     names = carried if tasks is None else list(tasks)
     rows = []

@@ -224,7 +224,7 @@ class FramePredictionEvaluation:
         n = self.num_cond_frames
         self.num_frames = video.shape[2]
         region = None  # an interior model's condition slots: the n given frames'
-        if self.transformer.config.conditioning == "interior":
+        if getattr(self.transformer.config, "conditioning", "prefix") == "interior":
             region = latent_condition_region("frame_prediction", self.transformer.config.token_grid, video.shape[2:],
                                              self.tokenizer.config.causal, n)
         for i in range(video.shape[0]):

@@ -11,9 +11,9 @@ token grid and number of classes (and the frame-prediction given-frame counts it
 Each step draws a task (COMMIT condition, sketch, class, unconditional; for frame prediction one of the shards'
 given-frame counts) and a mask ratio from the mask schedule per example (``masking.make_training_batch``) and
 minimises the masked-token cross-entropy; an interior model (``model.conditioning``) takes the condition regions of
-the shards' clips and tokenizer. The exported weights (``RUN_DIR/export``) are the EMA of the transformer. SIGTERM/SIGUSR1 finish
-the step, checkpoint and exit with status 3 (send them to the training processes, as srun does; see
-``train_tokenizer.py``).
+the shards' clips and tokenizer. The exported weights (``RUN_DIR/export``) are the EMA of the transformer.
+SIGTERM/SIGUSR1 finish the step, checkpoint and exit with status 3 (send them to the training processes, as srun
+does; see ``train_tokenizer.py``).
 
 With ``data.val_tokens`` (token shards of held-out clips, e.g. ``python -m data_prep.tokenize --split val``), every
 ``logging.sample_every`` steps and at the end rank 0 scores the EMA weights on a fixed masking of the first
@@ -89,7 +89,18 @@ def condition_regions(cfg: TransformerTrainConfig) -> dict[str, torch.Tensor] | 
     data = cfg.data
     meta = resolve_shards(data.shards)[0] if data.format == "webdataset" else \
         json.loads((Path(token_folder(data)) / "meta.json").read_text())
-    return shard_condition_regions(meta, cfg.model.tasks)
+    return shards_regions(meta, cfg.model.tasks, data.shards if data.format == "webdataset" else token_folder(data))
+
+
+def shards_regions(meta: dict[str, Any], tasks: Sequence[str], where: str) -> dict[str, torch.Tensor]:
+    """``masking.shard_condition_regions`` of the token shards at ``where``; ``UsageError`` when their meta.json
+    lacks what they need."""
+    try:
+        return shard_condition_regions(meta, tasks)
+    except (KeyError, TypeError, ValueError) as err:
+        raise UsageError(f"{where}: its meta.json does not tell the clips' size and tokenizer that the condition "
+                         f"regions of an interior model need ({type(err).__name__}: {err}); tokenize with "
+                         "data_prep.tokenize, or train model.conditioning=prefix") from None
 
 
 def transformer_step(engine, batch: dict[str, Any], step: int, cfg: TransformerTrainConfig, vocab,
@@ -151,7 +162,7 @@ def open_held_out(cfg: TransformerTrainConfig, classes: list[str], rank: int, de
     if not tasks:
         raise UsageError(f"data.val_tokens: {cfg.data.val_tokens} holds the condition codes of none of the trained "
                          f"tasks ({', '.join(trained)}); tokenize it like the training shards")
-    regions = shard_condition_regions(meta, cfg.model.tasks) if cfg.model.layout.interior else None
+    regions = shards_regions(meta, cfg.model.tasks, cfg.data.val_tokens) if cfg.model.layout.interior else None
     return HeldOut(batch, tasks, sample_tokenizer(meta, cfg, device, log) if rank == 0 else None, regions)
 
 

@@ -8,15 +8,16 @@ Clips of the tokenizer's ``num_frames`` x ``image_size`` (center start and crop,
 ``VideoTokenizer.from_pretrained(DIR)``. Each ``shard-XXXXX.safetensors`` holds, per clip: ``codes`` (N, t, h, w),
 ``cond.<task>`` (N, t, h, w) for every pixel-space COMMIT task (``magvit.masking.CONDITION_TASKS``, condition video
 from ``build_condition_video``; frame prediction once per given-frame count of ``--cond-frames``:
-``cond.frame_prediction`` for one frame, ``cond.frame_prediction.<n>`` for ``n``), ``sketch_codes`` (N, t, h, w) from the sketch video (the manifest's ``sketch`` when
-every clip has one, else ``data_prep.sketch.sketch_video`` of the clip), ``labels`` (N,) and ``clip_index`` (N,).
-``meta.json`` (written last) holds the tokenizer config, ``token_grid``, ``codebook_size``, ``classes``,
-``condition_tasks``, ``num_examples`` and (``--cond-frames`` other than 1) ``cond_frames``. Codes are stored as int32. Rerunning resumes: finished shards are kept
-(each is written to a temp file and renamed). Decoding runs in DataLoader workers, encoding on all torch threads
-of ``--device`` (default: the GPU when there is one). ``--format webdataset`` writes ``shard-XXXXX.tar`` streaming
-shards instead (``magvit.streaming``; the same ``meta.json``). Several processes (``--rank R --world-size W``, or
-torchrun's / SLURM's environment) split the work: rank ``r`` writes shards ``r, r + W, ...``, and the last rank to
-finish writes ``meta.json``; the shards are the ones a single process writes.
+``cond.frame_prediction`` for one frame, ``cond.frame_prediction.<n>`` for ``n``), ``sketch_codes`` (N, t, h, w)
+from the sketch video (the manifest's ``sketch`` when every clip has one, else ``data_prep.sketch.sketch_video`` of
+the clip), ``labels`` (N,) and ``clip_index`` (N,). ``meta.json`` (written last) holds the tokenizer config,
+``token_grid``, ``codebook_size``, ``classes``, ``condition_tasks``, ``num_examples`` and (``--cond-frames`` other
+than 1) ``cond_frames``. Codes are stored as int32. Rerunning resumes: finished shards are kept (each is written to
+a temp file and renamed). Decoding runs in DataLoader workers, encoding on all torch threads of ``--device``
+(default: the GPU when there is one). ``--format webdataset`` writes ``shard-XXXXX.tar`` streaming shards instead
+(``magvit.streaming``; the same ``meta.json``). Several processes (``--rank R --world-size W``, or torchrun's /
+SLURM's environment) split the work: rank ``r`` writes shards ``r, r + W, ...``, and the last rank to finish writes
+``meta.json``; the shards are the ones a single process writes.
 """
 
 from __future__ import annotations
