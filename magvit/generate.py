@@ -29,7 +29,8 @@ import torch
 from . import tasks
 from .cli import ArgumentParser, UsageError, command_name, run_main
 from .masking import NO_LABEL
-from .pipeline import Prior, VideoPipeline, generate, generate_codes  # noqa: F401  generate_codes: re-exported
+from .pipeline import (Prior, VideoPipeline, generate, generate_codes,  # noqa: F401  generate_codes: re-exported
+                       warn_untrained_cond_frames)
 
 CLI_TASKS = tasks.cli_names()  # --task: one name per row, or per group of rows told apart by --region
 REGIONS = tuple(dict.fromkeys(region for name in CLI_TASKS for region in tasks.cli_regions(name)))
@@ -198,6 +199,8 @@ def run(args: argparse.Namespace) -> list[Path]:
         raise UsageError(f"--device {args.device}: no CUDA device available")
     pipe = VideoPipeline.from_pretrained(args.tokenizer, args.transformer, device=args.device)
     _check_model_args(args, task, pipe.num_frames, math.prod(pipe.token_grid), pipe.prior)
+    if task.frames == "first":
+        warn_untrained_cond_frames(pipe.transformer, args.cond_frames)
     options = sampling_options(args, pipe.prior)
     class_id = class_from_args(args, pipe.class_names)
     condition, fps = read_condition(args, pipe, task)

@@ -44,6 +44,10 @@ class TransformerConfig(Config):
     conditioning is for pixel-condition tasks, class and unconditional; a sketch has no region, so an interior
     model's task list must not hold ``sketch`` (train it with a prefix model).
 
+    ``cond_frames`` records the frame-prediction given-frame counts of the token shards the model was trained on
+    (the trainer fills it in from their ``meta.json``; empty: not recorded, as in older exports): generate and
+    evaluate warn when asked for another count. It changes no weight and no sequence.
+
     ``token_factorization`` > 1 splits each code into that many sub-tokens (the codebook must be a power of two
     whose bits divide evenly, e.g. 2^18 -> 2 x 2^9); ``factor_embedding`` says how the sub-token embeddings form
     the code's input embedding: ``"sum"`` (each ``hidden_size`` wide) or ``"concat"`` (each ``hidden_size / F``
@@ -55,6 +59,7 @@ class TransformerConfig(Config):
     num_classes: int = 0
     tasks: tuple[str, ...] = DEFAULT_TASKS
     conditioning: str = "prefix"  # "prefix" | "interior" (MAGVIT's COMMIT), see above
+    cond_frames: tuple[int, ...] = ()  # frame prediction's given-frame counts it was trained on (empty: unknown)
     hidden_size: int = 768
     num_layers: int = 12
     num_heads: int = 12
@@ -92,6 +97,9 @@ class TransformerConfig(Config):
         if self.num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
         self.tasks = tuple(self.tasks)
+        self.cond_frames = tuple(int(n) for n in self.cond_frames)
+        if any(n < 1 for n in self.cond_frames):
+            raise ValueError(f"cond_frames must be given-frame counts >= 1, got {list(self.cond_frames)}")
         TokenVocabulary(self.codebook_size, self.num_classes, self.tasks)  # raises for a repeated or unknown task
         if self.conditioning not in CONDITIONINGS:
             raise ValueError(f"conditioning must be one of {CONDITIONINGS}, got {self.conditioning!r}")

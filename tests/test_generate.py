@@ -253,3 +253,40 @@ def test_sketch_conditioning_end_to_end(real_video_path, trained_tokenizer):
     assert accuracy[0, 1] < accuracy[0, 0] - 0.3 and accuracy[1, 0] < accuracy[1, 1] - 0.3
     videos_out = generate(trained_tokenizer, transformer, "sketch", sketches[0], temperature=0.0, seed=0)
     assert videos_out.shape == (1, 3, 8, 32, 32)
+
+
+def test_interior_generation_keeps_the_given_frames_condition_codes(models, tmp_path, monkeypatch, capsys):
+    """``--cond-frames 3`` with an interior export: the 3 given frames' region (latent frames 0 and 1 of the tiny
+    tokenizer's 4) is what the model is shown. A model that echoes what it sees (the mask token as code 0) returns
+    exactly the condition codes there and 0 elsewhere, so the output codes show the region used."""
+    import torch.nn.functional as F
+
+    from magvit.masking import latent_condition_region
+    from magvit.pipeline import VideoPipeline
+
+    config = TransformerConfig.preset("tiny", conditioning="interior", tasks=["frame_prediction", "unconditional"],
+                                      cond_frames=[1, 3])
+    MaskedVideoTransformer(config).save_pretrained(tmp_path / "interior")
+
+    def echo(self, input_ids):
+        shown = torch.where(input_ids == self.config.vocab.mask_token, 0, input_ids)
+        return F.one_hot(shown, self.config.vocab_size).float() * 50.0
+
+    decoded = []
+    real_decode = VideoTokenizer.decode
+    monkeypatch.setattr(MaskedVideoTransformer, "forward", echo)
+    monkeypatch.setattr(VideoTokenizer, "decode", lambda self, codes: decoded.append(codes) or real_decode(self,
+                                                                                                            codes))
+    root = models
+    assert main(["--tokenizer", str(root / "tokenizer"), "--transformer", str(tmp_path / "interior"), "--cond",
+                 str(root / "clip.mp4"), "--cond-frames", "3", "--steps", "4", "--out",
+                 str(tmp_path / "out.mp4"), "--device", "cpu"]) == 0
+    assert "trained on frame prediction" not in capsys.readouterr().err  # 3 is a trained count
+    pipe = VideoPipeline.from_pretrained(root / "tokenizer", tmp_path / "interior")
+    video, _ = pipe.load_video(root / "clip.mp4")
+    with torch.no_grad():
+        condition = pipe.tokenizer.encode(pipe.prepare_condition("frame_prediction", video, 3)[None])[0]
+    region = latent_condition_region("frame_prediction", (4, 8, 8), (8, 32, 32), causal=False, num_cond_frames=3)
+    assert region[:2].all() and not region[2:].any()
+    (codes,) = decoded
+    assert torch.equal(codes[0][region], condition[region]) and bool((codes[0][~region] == 0).all())

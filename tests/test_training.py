@@ -259,7 +259,8 @@ def test_repository_configs_load_strictly(kind, monkeypatch):
     monkeypatch.chdir(root)
     module = importlib.import_module(f"magvit.launch.train_{kind}")
     names = sorted(p.stem for p in (root / "configs" / kind).glob("*.yaml"))
-    assert names == (["B", "B2", "L", "L2", "demo", "tiny"] if kind == "tokenizer" else ["B", "L", "demo", "tiny"])
+    assert names == (["B", "B2", "L", "L2", "demo", "tiny"] if kind == "tokenizer"
+                     else ["B", "L", "demo", "sketch", "tiny"])
     for name in names:
         cfg = module.load_config(f"configs/{kind}/{name}.yaml", [])
         assert cfg.train.deepspeed_config == "configs/deepspeed/zero2.json"
@@ -271,6 +272,10 @@ def test_repository_configs_load_strictly(kind, monkeypatch):
                 v2 = name.endswith("2")  # MAGVIT-v2's causal 1 + 16 frames
                 assert (cfg.data.num_frames, cfg.data.image_size) == (17 if v2 else 16, 128)
                 assert (cfg.optim.beta1, cfg.optim.beta2) == (0.0, 0.99)
+        else:  # interior (COMMIT) on the COMMIT tasks; the sketch model is the prefix one
+            sketch = name == "sketch"
+            assert cfg.model.conditioning == ("prefix" if sketch else "interior")
+            assert ("sketch" in cfg.model.tasks) is sketch
 
 
 class _FakeBar:

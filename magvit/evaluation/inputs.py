@@ -143,8 +143,8 @@ def held_out_warnings(directory: Path, evaluated: Sequence[str] | None) -> list[
     return warnings
 
 
-def check_token_meta(directory: Path, tokenizer, transformer) -> None:
-    """``UsageError`` unless the shards' ``meta.json`` says they hold codes of this tokenizer / transformer's
+def check_token_meta(directory: Path, tokenizer, transformer) -> dict:
+    """The shards' ``meta.json``; ``UsageError`` unless it says they hold codes of this tokenizer / transformer's
     codebook and grid: codes of another codebook score a meaningless NLL without any other sign."""
     try:
         meta = json.loads((directory / "meta.json").read_text())
@@ -166,6 +166,7 @@ def check_token_meta(directory: Path, tokenizer, transformer) -> None:
         if (codebook, grid) != (model_codebook, model_grid):
             raise UsageError(f"--tokens: {directory} holds codes of a {codebook}-code book on a {grid} grid "
                              f"(meta.json), the {name} has {model_codebook} codes on {model_grid}")
+    return meta
 
 
 def token_batches_from_shards(directory: Path, batch_size: int, max_examples: int | None) -> Iterator[dict]:
@@ -194,5 +195,6 @@ def supported_tasks(requested: Sequence[str], available: Sequence[str]) -> list[
 
 
 def shard_tasks(batch: dict) -> list[str]:
-    """The tasks whose condition codes a batch of token shards holds (``cond.<task>``, ``sketch_codes``)."""
-    return [row.name for row in tasks.TASKS if row.shard_key in batch]
+    """The tasks whose condition codes a batch of token shards holds (``cond.<task>`` of any given-frame count,
+    ``sketch_codes``)."""
+    return [row.name for row in tasks.TASKS if row.shard_key is not None and tasks.carries(batch, row)]
