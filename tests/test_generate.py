@@ -15,8 +15,8 @@ from conftest import load_real_clip
 from magvit import MaskedVideoTransformer, TokenizerConfig, TransformerConfig, VideoTokenizer
 from magvit.generate import main
 from magvit.masking import build_condition_video, make_training_batch, masked_token_loss
-from magvit.pipeline import generate, generate_codes
-from magvit.video_io import read_video, write_image, write_video
+from magvit.pipeline import fit_video, generate, generate_codes
+from magvit.video_io import read_video, to_float, write_image, write_video
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,6 +61,20 @@ def test_cli_frame_prediction_from_an_image(models, tmp_path, capsys):
     strip, _ = read_video(tmp_path / "strip.png")
     assert strip.shape[1] == 2 + 2 * (32 + 2)  # two rows: condition | generated
     assert "generated 1 video(s)" in capsys.readouterr().out
+
+
+def test_cli_strip_of_a_whole_clip_ends_with_the_truth(models, tmp_path):
+    """Frame prediction from a clip of the model's length: the strip is given | predicted | truth."""
+    strip_path = tmp_path / "strip.png"
+    assert main(_cli(models, "--cond", str(models / "clip.mp4"), "--cond-frames", "2", "--out",
+                     str(tmp_path / "gen.mp4"), "--steps", "3", "--strip", str(strip_path))) == 0
+    strip, _ = read_video(strip_path)  # (1, H, W, 3)
+    assert strip.shape[1] == 2 + 3 * (32 + 2)  # three rows: condition | generated | truth
+    clip, _ = read_video(models / "clip.mp4")  # (10, 48, 48, 3): the CLI fits it to 32x32
+    truth = (fit_video(to_float(clip), 32)[:, 0].permute(1, 2, 0) + 1) * 127.5  # (32, 32, 3), first frame
+    rows = [strip[0, 2 + r * 34: 2 + r * 34 + 32, 2:2 + 32].float() for r in range(3)]  # first frame of each row
+    assert (rows[2] - truth).abs().mean() < 3  # the last row is the real clip (PNG rounding only)
+    assert (rows[2] - rows[1]).abs().mean() > 3  # not a copy of the generated row
 
 
 @pytest.mark.parametrize("task", ["interpolation", "outpaint", "inpaint", "sketch", "class", "unconditional"])
