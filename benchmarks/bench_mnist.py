@@ -43,6 +43,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+import peers  # noqa: E402
 from bench_reconstruction import BatchOrder, BenchError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,9 +52,6 @@ COND_KEY = f"cond.{TASK}"
 NUM_FRAMES, NUM_GIVEN, FRAME_SIZE = 17, 5, 64
 SIDES = ("ours-interior", "ours-prefix", "phenaki")
 METRICS = ("psnr", "ssim", "mse_per_frame")
-#: phenaki's text encoder name, registered with a locally built T5 config: the model is unconditional on text, so
-#: only the config's width is read (``phenaki_pytorch.t5.get_encoded_dim``), never its weights
-NO_TEXT = "no-text (unconditional)"
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -123,16 +121,6 @@ def ours_tokenizer(config_path: str):
     return VideoTokenizer(cfg.model), cfg.optim
 
 
-def phenaki_tokenizer(ours_grid: tuple[int, int, int], codebook_size: int):
-    """phenaki-pytorch's C-ViViT on our grid and codebook: 8x8 patches, 4-frame tubelets after the first frame."""
-    from phenaki_pytorch import CViViT
-
-    t, h, _ = ours_grid
-    return CViViT(dim=128, codebook_size=codebook_size, image_size=FRAME_SIZE, patch_size=FRAME_SIZE // h,
-                  temporal_patch_size=(NUM_FRAMES - 1) // (t - 1), spatial_depth=2, temporal_depth=2, dim_head=32,
-                  heads=4, use_vgg_and_gan=False)  # no VGG weights here, no GAN on any side
-
-
 def tokenizer_trainees(frames: torch.Tensor, args) -> tuple[Trainee, Trainee]:
     """Our tokenizer (MSE + its quantizer loss) and C-ViViT (its own training loss with GAN and VGG off: MSE) on
     the train sequences ``frames`` uint8 ``(N, T, H, W)``."""
@@ -140,7 +128,7 @@ def tokenizer_trainees(frames: torch.Tensor, args) -> tuple[Trainee, Trainee]:
     ours, optim = ours_tokenizer(args.tokenizer_config)
     grid = ours.config.token_grid(NUM_FRAMES, FRAME_SIZE, FRAME_SIZE)
     torch.manual_seed(args.seed)
-    cvivit = phenaki_tokenizer(grid, ours.config.codebook_size)
+    cvivit = peers.build_cvivit(grid, NUM_FRAMES, FRAME_SIZE, ours.config.codebook_size)
     fetch = lambda indices: to_video(frames[indices])  # (B, 3, T, H, W)
 
     def ours_loss(video: torch.Tensor, step: int) -> torch.Tensor:
@@ -193,15 +181,9 @@ def phenaki_prior(cvivit, codes: torch.Tensor, lr: float, seed: int):
     """phenaki-pytorch's MaskGIT (the size of ours: 4 layers of 128, 4 heads) on C-ViViT's codes ``(N, t, h, w)``,
     no text; its own loss (cosine schedule over its 12 steps, cross-entropy on the masked tokens). Returns the
     trainee (the MaskGIT, what trains) and the ``Phenaki`` wrapper that samples."""
-    from phenaki_pytorch import MaskGit, Phenaki
-    from phenaki_pytorch import t5
-    from transformers import T5Config
-
-    t5.T5_CONFIGS.setdefault(NO_TEXT, {"config": T5Config()})
     torch.manual_seed(seed)
-    maskgit = MaskGit(dim=128, num_tokens=cvivit.vq.codebook_size, max_seq_len=codes[0].numel(), depth=4, heads=4,
-                      dim_head=32, unconditional=True)
-    phenaki = Phenaki(maskgit=maskgit, cvivit=cvivit, steps=12, t5_name=NO_TEXT)
+    phenaki = peers.build_phenaki(cvivit, codes[0].numel())
+    maskgit = phenaki.maskgit
 
     def loss(indices: torch.Tensor, step: int) -> torch.Tensor:
         torch.manual_seed(seed * 1_000_003 + step)  # its mask draws use the global RNG
@@ -561,8 +543,8 @@ def arguments():
 
 def check(args) -> list[str]:
     if args.quick:
-        args.budget, args.train_sequences, args.test_sequences, args.select_sequences = 16.0, 32, 8, 4
-        args.temperatures, args.warmup_steps, args.steps = "0,1", 2, 4
+        args.budget, args.train_sequences, args.test_sequences, args.select_sequences = 8.0, 16, 4, 2
+        args.temperatures, args.warmup_steps, args.steps = "0,1", 2, 2
     names = [s for s in args.sides.split(",") if s]
     unknown = [s for s in names if s not in SIDES]
     if unknown or not names:
