@@ -276,19 +276,20 @@ def encode_cvivit(cvivit, frames: torch.Tensor, bf16: bool) -> torch.Tensor:
 @torch.inference_mode()
 def predict_ours(tokenizer, model, frames: torch.Tensor, region: torch.Tensor, temperature: float, args
                  ) -> torch.Tensor:
-    """Predicted videos ``(N, 3, T, H, W)`` from the first 5 frames: one sample per clip (clip i: seed + i)."""
+    """Predicted videos ``(N, 3, T, H, W)`` from the first 5 frames: one sample per clip, 16 clips at a time (batch
+    k: seed + k; ``generate_codes`` with ``num_samples`` = the batch takes one condition grid per sample)."""
     from magvit.pipeline import generate_codes
 
-    cond = encode_ours(tokenizer, frames, args.bf16)[COND_KEY]
-    interior = model.config.layout.interior
-    codes = []
-    for i in range(cond.shape[0]):
+    cond = encode_ours(tokenizer, frames, args.bf16)[COND_KEY].long()
+    region = region if model.config.layout.interior else None
+    out = []
+    for k, start in enumerate(range(0, cond.shape[0], 16)):
+        batch = cond[start:start + 16]
         with precision(args.bf16):
-            codes.append(generate_codes(model, TASK, cond[i:i + 1].long(), steps=args.steps, temperature=temperature,
-                                        seed=args.seed + i, condition_region=region if interior else None))
-    codes = torch.cat(codes)
-    with precision(args.bf16):
-        return torch.cat([tokenizer.decode(codes[i:i + 16]).float().clamp(-1, 1) for i in range(0, len(codes), 16)])
+            codes = generate_codes(model, TASK, batch, num_samples=batch.shape[0], steps=args.steps,
+                                   temperature=temperature, seed=args.seed + k, condition_region=region)
+            out.append(tokenizer.decode(codes).float().clamp(-1, 1))
+    return torch.cat(out)
 
 
 @torch.inference_mode()
