@@ -250,17 +250,20 @@ def batches(frames: torch.Tensor, size: int):
 
 
 @torch.inference_mode()
-def encode_ours(tokenizer, frames: torch.Tensor, bf16: bool) -> dict[str, torch.Tensor]:
-    """``{"codes", "cond.frame_prediction"}`` int32 ``(N, t, h, w)``: the clips' codes and those of their condition
-    video (the 5 given frames, the last one repeated after them), as ``data_prep.tokenize --cond-frames 5``."""
+def encode_ours(tokenizer, frames: torch.Tensor, bf16: bool, keys: tuple[str, ...] = ("codes", COND_KEY)
+                ) -> dict[str, torch.Tensor]:
+    """``{"codes", "cond.frame_prediction"}`` (or those of ``keys``) int32 ``(N, t, h, w)``: the clips' codes and
+    those of their condition video (the 5 given frames, the last one repeated after them), as
+    ``data_prep.tokenize --cond-frames 5``."""
     from magvit.masking import build_condition_video
 
-    parts = []
+    parts = {key: [] for key in keys}
     for video in batches(frames, 16):
-        cond = build_condition_video(video, TASK, num_cond_frames=NUM_GIVEN)
+        inputs = {"codes": video, COND_KEY: build_condition_video(video, TASK, num_cond_frames=NUM_GIVEN)}
         with precision(bf16):
-            parts.append((tokenizer.encode(video).int(), tokenizer.encode(cond).int()))
-    return {"codes": torch.cat([p[0] for p in parts]), COND_KEY: torch.cat([p[1] for p in parts])}
+            for key in keys:
+                parts[key].append(tokenizer.encode(inputs[key]).int())
+    return {key: torch.cat(value) for key, value in parts.items()}
 
 
 @torch.inference_mode()
@@ -280,7 +283,7 @@ def predict_ours(tokenizer, model, frames: torch.Tensor, region: torch.Tensor, t
     k: seed + k; ``generate_codes`` with ``num_samples`` = the batch takes one condition grid per sample)."""
     from magvit.pipeline import generate_codes
 
-    cond = encode_ours(tokenizer, frames, args.bf16)[COND_KEY].long()
+    cond = encode_ours(tokenizer, frames, args.bf16, keys=(COND_KEY,))[COND_KEY].long()
     region = region if model.config.layout.interior else None
     out = []
     for k, start in enumerate(range(0, cond.shape[0], 16)):
@@ -366,7 +369,7 @@ def reference_rows(test: torch.Tensor, ours, cvivit, bf16: bool) -> dict[str, di
             "mean of the given frames": scores(base["mean_baseline"], real)}
     with precision(bf16):
         if ours is not None:
-            codes = encode_ours(ours, test, bf16)["codes"].long()
+            codes = encode_ours(ours, test, bf16, keys=("codes",))["codes"].long()
             rows["ours tokenizer reconstruction (upper bound)"] = scores(ours.decode(codes).float().clamp(-1, 1), real)
         if cvivit is not None:
             codes = encode_cvivit(cvivit, test, bf16).long()
@@ -492,7 +495,7 @@ def write_plot(path: Path, systems: list[System], references: dict) -> None:
 
     curves = {s.name: s.per_frame for s in systems} | references
     frames = list(range(NUM_GIVEN + 1, NUM_FRAMES + 1))
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(19, 4.5))
     for ax, metric, label in zip(axes, METRICS, ("PSNR (dB)", "SSIM", "MSE per frame (sum, [0, 1])")):
         for name, per_frame in curves.items():
             values = per_frame[metric]
@@ -505,9 +508,9 @@ def write_plot(path: Path, systems: list[System], references: dict) -> None:
         ax.set_xlabel("frame")
         ax.set_title(label)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="center right", fontsize=8)
     fig.suptitle(f"Moving MNIST: frames {NUM_GIVEN + 1}-{NUM_FRAMES} predicted from frames 1-{NUM_GIVEN}")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.78, 1))  # the legend to the right of the curves
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -568,15 +571,23 @@ def planned_seconds(names: list[str], args) -> float:
     return args.budget * (args.tokenizer_share * tokenizers + (1 - args.tokenizer_share) * len(names))
 
 
+def overhead_seconds(names: list[str], args) -> float:
+    """Rough seconds outside the budget: about 0.04 s per clip encoded for the priors' training data and 0.5 s per
+    clip predicted (condition encoding, 12 decoding steps, pixel decoding), on one idle thread."""
+    encodes = args.train_sequences * (2 * any(n.startswith("ours") for n in names) + ("phenaki" in names))
+    predictions = len(names) * (args.select_sequences * len(args.candidates) + args.test_sequences)
+    return 0.04 * encodes + 0.5 * predictions + 0.1 * args.test_sequences * 3  # + the reference rows
+
+
 def run(args) -> None:
     names = check(args)
     common.setup_threads(args.threads)
     header, load_start = common.machine_description(args.threads), common.load_average()
-    training = planned_seconds(names, args)
-    print(f"bench_mnist: {training:.0f} s of training in all ({args.budget:g} s per system), then tokenizing "
-          f"{args.train_sequences} sequences, choosing among {len(args.candidates)} temperatures on "
-          f"{args.select_sequences} and scoring {args.test_sequences}: about {training / 60 + 1.5:.0f} minutes on 2 idle "
-          "cores", file=sys.stderr, flush=True)
+    training, rest = planned_seconds(names, args), overhead_seconds(names, args)
+    print(f"bench_mnist: {training:.0f} s of training in all ({args.budget:g} s per system), then about {rest:.0f} s "
+          f"of tokenizing {args.train_sequences} sequences, choosing among {len(args.candidates)} temperatures on "
+          f"{args.select_sequences} and scoring {args.test_sequences} (on 2 idle cores; ~2.5x that at load 5): about "
+          f"{(training + rest) / 60:.0f} minutes", file=sys.stderr, flush=True)
     train = moving_mnist("train", 0, args.train_sequences, args.seed, args.offline)
     select = moving_mnist("train", args.train_sequences, args.select_sequences, args.seed, args.offline)
     test = moving_mnist("test", 0, args.test_sequences, args.seed, args.offline)
