@@ -166,6 +166,10 @@ def check_token_meta(directory: Path, tokenizer, transformer) -> None:
         if (codebook, grid) != (model_codebook, model_grid):
             raise UsageError(f"--tokens: {directory} holds codes of a {codebook}-code book on a {grid} grid "
                              f"(meta.json), the {name} has {model_codebook} codes on {model_grid}")
+    top = tuple(meta["top_grid"]) if meta.get("top_grid") else None  # two code grids (VQ-VAE-2)
+    if top != transformer.config.top_grid:
+        raise UsageError(f"--tokens: {directory} holds a top code grid {top} (meta.json), the transformer models "
+                         f"{transformer.config.top_grid} (None: one grid)")
 
 
 def token_batches_from_shards(directory: Path, batch_size: int, max_examples: int | None) -> Iterator[dict]:

@@ -87,7 +87,7 @@ def condition_regions(cfg: TransformerTrainConfig) -> dict[str, torch.Tensor] | 
         json.loads((Path(token_folder(data)) / "meta.json").read_text())
     clip = (meta["num_frames"], meta["image_size"], meta["image_size"])
     causal = bool(meta["tokenizer"].get("causal", False))
-    return latent_condition_regions(cfg.model.tasks, cfg.model.token_grid, clip, causal)
+    return latent_condition_regions(cfg.model.tasks, cfg.model.token_grid, clip, causal, cfg.model.top_grid)
 
 
 def transformer_step(engine, batch: dict[str, Any], step: int, cfg: TransformerTrainConfig, vocab,
@@ -104,7 +104,7 @@ def transformer_step(engine, batch: dict[str, Any], step: int, cfg: TransformerT
         logits = engine(tb.input_ids)  # (B, L, vocab), or (B, L, F, S) with token_factorization F
     loss = masked_token_loss(logits, tb.labels, tb.loss_mask, vocab.codebook_size, m.label_smoothing)
     with torch.no_grad():
-        masked = tb.input_ids == vocab.mask_token  # (B, L): the positions to predict
+        masked = (tb.input_ids == vocab.mask_token) & (tb.loss_mask > 0)  # (B, L): the positions to predict
         hits = (predicted_codes(logits, vocab.codebook_size) == tb.labels) & masked
         accuracy = hits.sum().item() / max(1, masked.sum().item())
     metrics = {"loss": loss.item(), "masked_accuracy": accuracy}
@@ -188,15 +188,20 @@ def sample_videos(model: MaskedVideoTransformer, tokenizer, batch: dict[str, Any
     """Up to ``SAMPLE_VIDEOS`` seeded samples ``(N, 3, T, H, W')``: frame prediction from the held-out grids'
     first-frame condition codes, generated | truth (the tokenizer's decoding of the held-out codes) side by side
     (``W' = 2W``); unconditional samples (``W' = W``) when the model has no frame prediction. None: neither task."""
+    from magvit import code_grids
     from magvit.pipeline import generate_codes
 
-    tasks, device = model.config.tasks, next(model.parameters()).device
+    tasks, device, layout = model.config.tasks, next(model.parameters()).device, model.config.layout
+    batch, _ = code_grids.pack_batch(batch)  # two grids: packed, as the prior's sequences hold them
     n = min(SAMPLE_VIDEOS, batch["codes"].shape[0])
     if "frame_prediction" in tasks and "cond.frame_prediction" in batch:
-        pairs = [torch.cat([generate_codes(model, "frame_prediction", batch["cond.frame_prediction"][i:i + 1],
-                                           steps=SAMPLE_STEPS, seed=seed + i), batch["codes"][i:i + 1].to(device)])
-                 for i in range(n)]  # (2, t, h, w) each: generated, truth
-        decoded = tokenizer.decode(torch.cat(pairs)).clamp(-1, 1).float()  # (2N, 3, T, H, W)
+        pairs = [torch.cat([code_grids.pack_codes(generate_codes(model, "frame_prediction",
+                                                                 batch["cond.frame_prediction"][i:i + 1],
+                                                                 steps=SAMPLE_STEPS, seed=seed + i)),
+                            batch["codes"][i:i + 1].to(device)])
+                 for i in range(n)]  # (2, t, h, w) each (two grids: (2, N_top + N)): generated, truth
+        codes = code_grids.video_codes(torch.cat(pairs), layout.token_grid, layout.top_grid)
+        decoded = tokenizer.decode(codes).clamp(-1, 1).float()  # (2N, 3, T, H, W)
         return torch.cat([decoded[0::2], decoded[1::2]], dim=-1)
     if "unconditional" in tasks:
         codes = generate_codes(model, "unconditional", None, num_samples=n, steps=SAMPLE_STEPS, seed=seed)
