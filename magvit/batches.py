@@ -235,9 +235,9 @@ def token_folder(data: DataConfig) -> str:
 
 
 def token_sizes(data: DataConfig) -> dict[str, Any]:
-    """``codebook_size``, ``token_grid`` and ``num_classes`` of the token shards (from their ``meta.json``; two code
-    grids: also ``top_grid``): the sizes they fix for a model trained on them. Read before any process group exists; ``UsageError`` when the
-    meta.json is missing or is not one of token shards."""
+    """``codebook_size``, ``token_grid``, ``num_classes`` and ``top_grid`` (two code grids; else None) of the token
+    shards (from their ``meta.json``): the sizes they fix for a model trained on them. Read before any process group
+    exists; ``UsageError`` when the meta.json is missing or is not one of token shards."""
     if data.format == "webdataset":  # meta.json beside the tar shards, wherever they are
         where = data.shards
         try:

@@ -3,11 +3,11 @@
 Tokenizer: PSNR and SSIM of the reconstructions (per frame, averaged), codebook usage and perplexity over the
 dataset, bits per pixel of the codes (fixed-length and entropy-coded). Transformer (``--transformer``, the masked or
 the autoregressive prior): masked-token negative log-likelihood and accuracy on held-out tokens (masked prior;
-``--tokens`` shards, or the clips tokenized on the fly), and frame prediction: PSNR / SSIM / per-frame MSE of the generated future frames against the real ones, per clip and per
-predicted frame, next to baselines that need no model (the last given frame copied, in pixels and through the
-tokenizer; all black; the mean given frame). FVD with a local I3D TorchScript file (``--i3d``). Token shards that
-hold the evaluated clips (or come from a training split) are warned about on stderr and in the report's
-``warnings``. Writes ``report.json`` and PNG plots.
+``--tokens`` shards, or the clips tokenized on the fly), and frame prediction: PSNR / SSIM / per-frame MSE of the
+generated future frames against the real ones, per clip and per predicted frame, next to baselines that need no model
+(the last given frame copied, in pixels and through the tokenizer; all black; the mean given frame). FVD with a
+local I3D TorchScript file (``--i3d``). Token shards that hold the evaluated clips (or come from a training split) are
+warned about on stderr and in the report's ``warnings``. Writes ``report.json`` and PNG plots.
 
     python -m magvit.evaluate --tokenizer runs/demo/tokenizer/export --transformer runs/demo/transformer/export \\
         --data data/sample/manifest.jsonl --out runs/demo/eval --run-dir runs/demo/tokenizer

@@ -46,7 +46,8 @@ def test_pack_unpack_round_trip_and_shapes():
     top, bottom = code_grids.video_codes(packed, GRID, TOP_GRID)
     assert torch.equal(top, codes.top) and torch.equal(bottom, codes.bottom)
     one = codes.bottom
-    assert code_grids.pack_codes(one) is one and torch.equal(code_grids.video_codes(one.reshape(3, -1), GRID, None), one)
+    assert code_grids.pack_codes(one) is one
+    assert torch.equal(code_grids.video_codes(one.reshape(3, -1), GRID, None), one)
     with pytest.raises(ValueError, match="packed tokens must be"):
         code_grids.unpack(packed[:, 1:], TOP_GRID, GRID)
     parts = code_grids.split_codes(codes, 2)
@@ -244,8 +245,8 @@ def test_two_grid_shards_train_both_priors_which_generate_and_evaluate(two_grid_
                          "--steps", "2"]) == 0
         for name in (f"{prior.name}.mp4", f"{prior.name}_u.mp4"):
             assert read_video(tmp_path / name).frames.shape == (4, 16, 16, 3), name
-        assert evaluate([*models, "--data", meta["manifest"], "--split", "all", "--max-clips", "2", "--steps", "2", "--out", str(tmp_path / prior.name),
-                         "--no-progress"]) == 0
+        assert evaluate([*models, "--data", meta["manifest"], "--split", "all", "--max-clips", "2", "--steps", "2",
+                         "--out", str(tmp_path / prior.name), "--no-progress"]) == 0
         report = json.loads((tmp_path / prior.name / "report.json").read_text())
         assert report["tokenizer"]["top_token_grid"] == list(TOP_GRID)
         assert report["frame_prediction"]["num_clips"] == 2
