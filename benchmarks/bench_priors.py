@@ -492,7 +492,8 @@ def notes(runs: list[Run], data: dict, tokenizer, region: torch.Tensor, args, lo
         "videos; "
         f"{data['val']['codes'].shape[0]} held-out clips from {len(data['val_sources'])} other source videos (checked "
         f"by the script). Tokenizer {args.tokenizer}: {c.num_frames}x{c.image_size}x{c.image_size} clips -> "
-        f"{'x'.join(map(str, grid))} = {n_video} codes of {c.codebook_size}.",
+        f"{'x'.join(map(str, grid))}{' + ' + 'x'.join(map(str, top)) if top else ''} = {n_video} codes of "
+        f"{c.codebook_size}.",
         f"Training: every side has the tasks {', '.join(TASKS)} (drawn uniformly per example, condition dropout 0.1; "
         "the same draws for every side), preset "
         f"'{args.preset}', the same initial seed, AdamW (lr {args.lr:g}, betas (0.9, 0.96), weight decay 0.045, "

@@ -104,7 +104,9 @@ def mean_finite(values: Sequence[float]) -> float:
 
 
 class MaskedTokenEvaluation:
-    """Masked-token NLL (nats) and accuracy per task, on a fixed random masking (seeded) of held-out token grids."""
+    """Masked-token NLL (nats) and accuracy per task, on a fixed random masking (seeded) of held-out token grids (two
+    code grids: the two training stages' maskings, ``masking.two_stage_mask``: top tokens with the bottom unknown,
+    bottom tokens given the top)."""
 
     def __init__(self, transformer, tasks: Sequence[str], seed: int = 0):
         self.transformer = transformer
