@@ -58,6 +58,7 @@ TASKS = ("frame_prediction", "unconditional")  # every side's task list and trai
 TASK = "frame_prediction"  # the evaluated task, one given frame
 COND_KEY = f"cond.{TASK}"
 SIDES = ("masked-prefix", "masked-interior", "autoregressive", "masked-joint")  # masked-joint: two grids only
+DEFAULT_SIDES = SIDES[:3]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -528,7 +529,8 @@ def notes(runs: list[Run], data: dict, tokenizer, region: torch.Tensor, args, lo
 # ------------------------------------------------------------------------------------------------------------------
 def arguments():
     p = common.parser(__doc__.splitlines()[0])
-    p.add_argument("--sides", default=",".join(SIDES), help="comma-separated sides (default: %(default)s)")
+    p.add_argument("--sides", default=",".join(DEFAULT_SIDES),
+                   help=f"comma-separated sides of {', '.join(SIDES)} (default: %(default)s)")
     p.add_argument("--tokenizer", default=str(ROOT / "runs/demo/tokenizer/export"), help="tokenizer export folder")
     p.add_argument("--manifest", default=str(ROOT / "data/sample/manifest.jsonl"))
     p.add_argument("--cache", default=str(ROOT / "runs/bench/priors"), help="where the token grids are cached")
