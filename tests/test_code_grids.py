@@ -68,6 +68,21 @@ def test_pack_unpack_round_trip_and_shapes():
     assert TransformerConfig.preset("tiny", codebook_size=K, token_grid=GRID).top_grid is None  # old exports
 
 
+def test_a_two_grid_tokenizer_pairs_only_with_a_prior_over_both_grids():
+    from magvit import TokenizerConfig
+    from magvit.cli import UsageError
+    from magvit.pipeline import check_pair
+
+    two = TokenizerConfig.preset("tiny", num_frames=4, image_size=16, hierarchy=2, codebook_size=K)
+    one = TokenizerConfig.preset("tiny", num_frames=4, image_size=16, codebook_size=K)
+    both = TransformerConfig.preset("tiny", codebook_size=K, token_grid=GRID, top_grid=TOP_GRID)
+    bottom_only = TransformerConfig.preset("tiny", codebook_size=K, token_grid=GRID)
+    assert check_pair(two, both) == GRID and check_pair(one, bottom_only) == GRID
+    for tokenizer, prior in ((two, bottom_only), (one, both)):
+        with pytest.raises(UsageError, match="top code grid"):
+            check_pair(tokenizer, prior)
+
+
 def test_masked_training_batch_has_a_top_stage_and_a_bottom_stage():
     vocab = TokenVocabulary(K)
     layout = SequenceLayout(GRID, "prefix", TOP_GRID)
