@@ -239,9 +239,9 @@ def build_sides(names: list[str], preset: str, tokenizer, region: torch.Tensor, 
 def masked_nll(model, val: dict, region: torch.Tensor, seed: int, passes: int, layout=None) -> dict[str, float]:
     """Masked-token NLL of the held-out grids as ``MaskedTokenEvaluation`` computes it (frame prediction, no
     condition dropout, the cosine schedule's ratios from a generator seeded ``seed``, ``passes`` maskings of the
-    whole set), for either conditioning: that class builds prefix sequences only. Also over the masked tokens
-    outside ``region`` (the predicted frames' tokens). ``layout``: the sequence the maskings are drawn for, when it
-    is not the model's (the ``masked-joint`` side: the two-stage sequence, positions alike)."""
+    whole set), for either conditioning, also over the masked tokens outside ``region`` (the predicted frames'
+    tokens), which that class does not report. ``layout``: the sequence the maskings are drawn for, when it is not
+    the model's (the ``masked-joint`` side: the two-stage sequence, positions alike)."""
     from magvit.masking import code_nll, make_training_batch
 
     config, layout = model.config, layout or model.config.layout
@@ -262,11 +262,13 @@ def masked_nll(model, val: dict, region: torch.Tensor, seed: int, passes: int, l
     return {"nll": nll / count, "nll_future": future / max(future_count, 1)}
 
 
-def check_against_library(model, val: dict, seed: int, passes: int, ours: float) -> None:
-    """The prefix model's NLL from ``MaskedTokenEvaluation`` itself: :func:`masked_nll` must repeat it."""
+def check_against_library(model, val: dict, region: torch.Tensor, seed: int, passes: int, ours: float) -> None:
+    """The model's NLL from ``MaskedTokenEvaluation`` itself (an interior model's in ``region``): :func:`masked_nll`
+    must repeat it."""
     from magvit.evaluation.evaluators import MaskedTokenEvaluation
 
-    evaluation = MaskedTokenEvaluation(model, [TASK], seed)
+    regions = {TASK: region} if model.config.layout.interior else None
+    evaluation = MaskedTokenEvaluation(model, [TASK], seed, regions)
     for _ in range(passes):
         evaluation.update(val)
     theirs = evaluation.summary()["masked_token_nll"]
@@ -346,8 +348,8 @@ def evaluate(side: Side, tokenizer, val: dict, region: torch.Tensor, args) -> di
     batch = grids(val, slice(None))
     if side.nll_kind == "masked":
         nll = masked_nll(side.model, batch, region, args.seed, args.nll_passes, side.layout)
-        if not side.model.config.layout.interior and side.layout is None:
-            check_against_library(side.model, batch, args.seed, args.nll_passes, nll["nll"])
+        if side.layout is None:  # the model's own sequences: the library scores them too
+            check_against_library(side.model, batch, region, args.seed, args.nll_passes, nll["nll"])
     else:
         nll = autoregressive_nll(side.model, batch, region)
     with torch.random.fork_rng(devices=[]):  # sampling leaves the global RNG alone

@@ -101,7 +101,7 @@ def machine_description(threads: int) -> str:
     import importlib.metadata as md
 
     versions = []
-    for package in ("magvit2-pytorch", "vector-quantize-pytorch", "transformers"):
+    for package in ("magvit2-pytorch", "vector-quantize-pytorch", "phenaki-pytorch", "transformers"):
         try:
             versions.append(f"{package} {md.version(package)}")
         except md.PackageNotFoundError:

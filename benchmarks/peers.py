@@ -279,3 +279,37 @@ def with_recipe(side, **changes):
     """``side`` with some recipe fields changed (e.g. ``lr=3e-4``), for LR checks."""
     side.recipe = dataclasses.replace(side.recipe, **changes)
     return side
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# phenaki-pytorch (generation peer of bench_mnist.py)
+# ------------------------------------------------------------------------------------------------------------------
+#: phenaki's text encoder name, registered with a locally built T5 config: the models here are unconditional on text
+#: (its T5 weights cannot be downloaded), so only the config's width is read (``phenaki_pytorch.t5.get_encoded_dim``,
+#: which ``Phenaki.__init__`` calls even for an unconditional MaskGit), never any weights
+PHENAKI_NO_TEXT = "no-text (unconditional)"
+
+
+def build_cvivit(token_grid: tuple[int, int, int], num_frames: int, image_size: int, codebook_size: int,
+                 dim: int = 128):
+    """phenaki-pytorch's C-ViViT mapping causal ``num_frames`` x ``image_size`` clips to ``token_grid`` (first frame
+    alone, then tubelets of ``(num_frames - 1) / (t - 1)`` frames of ``image_size / h`` patches), LFQ (its default)
+    with ``codebook_size`` codes, 2 spatial + 2 temporal layers; no VGG (its weights download) and no GAN."""
+    from phenaki_pytorch import CViViT
+
+    t, h, _ = token_grid
+    return CViViT(dim=dim, codebook_size=codebook_size, image_size=image_size, patch_size=image_size // h,
+                  temporal_patch_size=(num_frames - 1) // (t - 1), spatial_depth=2, temporal_depth=2, dim_head=32,
+                  heads=4, use_vgg_and_gan=False)
+
+
+def build_phenaki(cvivit, num_tokens: int, dim: int = 128, depth: int = 4, steps: int = 12):
+    """``Phenaki`` around an unconditional (no text) ``MaskGit`` of ``depth`` layers of ``dim`` over ``num_tokens``
+    video tokens of ``cvivit`` (which ``Phenaki`` copies: build it after training the C-ViViT)."""
+    from phenaki_pytorch import MaskGit, Phenaki, t5
+    from transformers import T5Config
+
+    t5.T5_CONFIGS.setdefault(PHENAKI_NO_TEXT, {"config": T5Config()})
+    maskgit = MaskGit(dim=dim, num_tokens=cvivit.vq.codebook_size, max_seq_len=num_tokens, depth=depth, heads=4,
+                      dim_head=32, unconditional=True)
+    return Phenaki(maskgit=maskgit, cvivit=cvivit, steps=steps, t5_name=PHENAKI_NO_TEXT)

@@ -36,4 +36,7 @@ if [ -f "$ROOT/benchmarks/bench_decoding.py" ]; then
   "$PY" "$ROOT/benchmarks/bench_decoding.py" --markdown "$OUT/decoding.md" "$@" || echo "bench_decoding.py failed" >&2
 fi
 [ -f "$ROOT/runs/demo/tokenizer/export/config.json" ] && { stamp priors; "$PY" "$ROOT/benchmarks/bench_priors.py" --budget 180 --report-at 60 --markdown "$OUT/priors.md" "$@"; }
+# Moving MNIST frame prediction: our tokenizer + masked transformer against phenaki-pytorch, 300 s per system (~15 min)
+stamp mnist
+"$PY" "$ROOT/benchmarks/bench_mnist.py" --markdown "$OUT/mnist.md" "$@"
 echo "tables in $OUT" >&2

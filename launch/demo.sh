@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # End-to-end demo with built-in defaults (run by `make demo`):
 #   real sample clips -> sketches -> demo tokenizer at 64x64 (DeepSpeed, NPROC ranks) -> token shards of the train
-#   and val splits -> tiny masked transformer (DeepSpeed, NPROC ranks; held-out NLL and samples while it trains) -> a
-#   video generated from a held-out clip's first frame -> evaluation report on the held-out videos (never seen by
-#   either model).
+#   and val splits -> tiny masked transformer (interior COMMIT conditioning; DeepSpeed, NPROC ranks; held-out NLL and
+#   samples while it trains) -> a video generated from a held-out clip's first frame -> evaluation report on the
+#   held-out videos (never seen by either model).
 # Every step is resumable: rerunning skips finished data and continues training from the last checkpoint.
 # Environment knobs: NPROC (ranks, default one per GPU torch sees, else 2 CPU ranks), RANK_THREADS (threads per
 # rank, default cores / NPROC), RUN (default runs/demo), DATA (default data/sample).

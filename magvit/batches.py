@@ -21,6 +21,7 @@ import torch
 from .cli import UsageError
 from .config import Config
 from .data import ClipDataset, ClipShardDataset, TokenShardDataset
+from .masking import shard_cond_frames
 from .streaming import ShardStream, resolve_shards
 
 FORMATS = ("files", "safetensors", "webdataset")
@@ -235,9 +236,10 @@ def token_folder(data: DataConfig) -> str:
 
 
 def token_sizes(data: DataConfig) -> dict[str, Any]:
-    """``codebook_size``, ``token_grid``, ``num_classes`` and ``top_grid`` (two code grids; else None) of the token
-    shards (from their ``meta.json``): the sizes they fix for a model trained on them. Read before any process group
-    exists; ``UsageError`` when the meta.json is missing or is not one of token shards."""
+    """``codebook_size``, ``token_grid``, ``num_classes``, ``cond_frames`` (frame prediction's given-frame counts)
+    and ``top_grid`` (two code grids; else None) of the token shards (from their ``meta.json``): what they fix for a
+    model trained on them. Read before any process group exists; ``UsageError`` when the meta.json is missing or is
+    not one of token shards."""
     if data.format == "webdataset":  # meta.json beside the tar shards, wherever they are
         where = data.shards
         try:
@@ -254,7 +256,7 @@ def token_sizes(data: DataConfig) -> dict[str, Any]:
         if data.format != "webdataset":
             meta = json.loads(path.read_text())
         return {"codebook_size": int(meta["codebook_size"]), "token_grid": list(meta["token_grid"]),
-                "num_classes": len(meta.get("classes") or []),
+                "num_classes": len(meta.get("classes") or []), "cond_frames": list(shard_cond_frames(meta)),
                 "top_grid": list(meta["top_grid"]) if meta.get("top_grid") else None}
     except (json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError) as err:
         raise UsageError(f"{where}: not a token shard meta.json ({err})") from None

@@ -30,11 +30,13 @@ import torch
 from . import metrics
 from .cli import ArgumentParser, UsageError, command_name, run_main
 from .evaluation.evaluators import (ClipResults, FramePredictionEvaluation, MaskedTokenEvaluation,
-                                    TokenizerEvaluation, evaluate_clips, evaluate_token_shards, fvd_report)
+                                    TokenizerEvaluation, clip_condition_regions, evaluate_clips,
+                                    evaluate_token_shards, fvd_report)
 from .evaluation.inputs import (check_token_meta, evaluated_videos, held_out_warnings, iterate_clips, open_clips,
                                 resolve_data, supported_tasks)
 from .evaluation.report import summary_lines, write_plots, write_report
 from .fileio import check_writable_dir
+from .pipeline import warn_untrained_cond_frames
 from .pretrained import is_hub_id
 
 PROG = command_name("python -m magvit.evaluate")
@@ -161,9 +163,12 @@ def _clip_evaluations(args: argparse.Namespace, tokenizer, transformer, on_the_f
     results.frame_prediction = FramePredictionEvaluation(tokenizer, transformer, args.cond_frames, args.steps,
                                                          args.temperature, args.guidance_scale, args.seed,
                                                          num_samples=args.num_samples)
+    warn_untrained_cond_frames(transformer, args.cond_frames)
     if on_the_fly and _is_masked(transformer):  # the clips' codes + their frame-prediction condition
+        regions = clip_condition_regions(tokenizer, transformer, args.cond_frames) \
+            if transformer.config.conditioning == "interior" else None
         results.masked_tokens = MaskedTokenEvaluation(transformer, supported_tasks(nll_tasks, ["frame_prediction"]),
-                                                      args.seed)
+                                                      args.seed, regions)
     return results
 
 

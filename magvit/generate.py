@@ -29,7 +29,8 @@ import torch
 from . import tasks
 from .cli import ArgumentParser, UsageError, command_name, run_main
 from .masking import NO_LABEL
-from .pipeline import Prior, VideoPipeline, generate, generate_codes  # noqa: F401  generate_codes: re-exported
+from .pipeline import (Prior, VideoPipeline, generate, generate_codes,  # noqa: F401  generate_codes: re-exported
+                       warn_untrained_cond_frames)
 
 CLI_TASKS = tasks.cli_names()  # --task: one name per row, or per group of rows told apart by --region
 REGIONS = tuple(dict.fromkeys(region for name in CLI_TASKS for region in tasks.cli_regions(name)))
@@ -82,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="videos generated at once (memory grows with it; samples are written batch by batch)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fps", type=float, default=None, help="output frame rate (default: the input's)")
-    p.add_argument("--strip", default=None, help="also write a PNG strip: condition row | generated rows")
+    p.add_argument("--strip", default=None, help="also write a PNG strip: condition row | generated rows | the "
+                   "real clip (frame prediction from a clip of the model's length)")
     p.add_argument("--tokenizer", default="runs/demo/tokenizer/export", help="tokenizer export folder or Hub id")
     p.add_argument("--transformer", default="runs/demo/transformer/export",
                    help="transformer export folder or Hub id (org/name; HF_HUB_OFFLINE=1 reads the Hub cache only)")
@@ -178,17 +180,20 @@ def class_from_args(args: argparse.Namespace, class_names: Sequence[str]) -> int
 
 
 def read_condition(args: argparse.Namespace, pipe: VideoPipeline,
-                   task: tasks.Task) -> tuple[torch.Tensor | None, float]:
+                   task: tasks.Task) -> tuple[torch.Tensor | None, float, torch.Tensor | None]:
     """The prefix video ``(3, T, S, S)`` of ``task`` from ``--cond`` / ``--sketch`` (``None`` for the tasks
-    without one: class, unconditional) and the input's frame rate (0 when it has none)."""
+    without one: class, unconditional), the input's frame rate (0 when it has none) and, for frame prediction
+    from a whole clip of the model's length, that clip ``(3, T, S, S)`` (the truth the prediction is shown
+    against; ``None`` otherwise)."""
     if not task.needs_prefix:
-        return None, 0.0
+        return None, 0.0, None
     video, fps = pipe.load_video(args.sketch if task.condition == "sketch" and args.sketch else args.cond)
+    truth = video if task.frames == "first" and video.shape[1] == pipe.num_frames else None
     if task.condition == "sketch" and not args.sketch:  # the sketch of --cond, at the model's resolution
         from .sketch import sketch_video
 
         video = sketch_video(video)
-    return pipe.prepare_condition(task.name, video, args.cond_frames), fps
+    return pipe.prepare_condition(task.name, video, args.cond_frames), fps, truth
 
 
 def run(args: argparse.Namespace) -> list[Path]:
@@ -198,9 +203,11 @@ def run(args: argparse.Namespace) -> list[Path]:
         raise UsageError(f"--device {args.device}: no CUDA device available")
     pipe = VideoPipeline.from_pretrained(args.tokenizer, args.transformer, device=args.device)
     _check_model_args(args, task, pipe.num_frames, math.prod(pipe.token_grid), pipe.prior)
+    if task.frames == "first":
+        warn_untrained_cond_frames(pipe.transformer, args.cond_frames)
     options = sampling_options(args, pipe.prior)
     class_id = class_from_args(args, pipe.class_names)
-    condition, fps = read_condition(args, pipe, task)
+    condition, fps, truth = read_condition(args, pipe, task)
     fps = args.fps or fps or DEFAULT_FPS
 
     from .video_io import save_frame_grid, write_video
@@ -220,8 +227,8 @@ def run(args: argparse.Namespace) -> list[Path]:
             strip_rows += list(videos[:STRIP_ROWS - len(strip_rows)])
     elapsed = time.perf_counter() - start
     decoding = f"{args.steps} steps" if "steps" in options else "autoregressive"
-    if args.strip:
-        save_frame_grid(args.strip, strip_rows)
+    if args.strip:  # given | predicted | truth (frame prediction from a whole clip)
+        save_frame_grid(args.strip, strip_rows + ([truth.cpu()] if truth is not None else []))
     print(f"generated {len(paths)} video(s) of {videos.shape[2]} frames at {videos.shape[3]}x{videos.shape[4]} "
           f"({task.name}, {decoding}, {math.prod(pipe.token_grid)} tokens each) in {elapsed:.1f} s -> "
           f"{', '.join(map(str, paths))}" + (f"; strip {args.strip}" if args.strip else ""))

@@ -492,12 +492,39 @@ def latent_condition_region(task: str, token_grid: Sequence[int], clip_size: Seq
 
 
 def latent_condition_regions(tasks: Sequence[str], token_grid: Sequence[int], clip_size: Sequence[int],
-                             causal: bool, top_grid: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
-    """:func:`latent_condition_region` of each pixel-condition task of ``tasks`` (the others have none), by name:
-    the ``condition_regions`` of :func:`make_training_batch` for an interior model. With a ``top_grid`` (two code
-    grids) each is :func:`two_grid_condition_region`."""
-    return {name: two_grid_condition_region(name, token_grid, top_grid, clip_size, causal)
-            for name in tasks if _tasks.task(name).condition == "video"}
+                             causal: bool, cond_frames: Sequence[int] = (1,),
+                             top_grid: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+    """:func:`latent_condition_region` of each pixel-condition task of ``tasks`` (the others have none), by its
+    condition's name (``magvit.tasks.condition_name``; frame prediction: one region per given-frame count of
+    ``cond_frames``): the ``condition_regions`` of :func:`make_training_batch` for an interior model. With a
+    ``top_grid`` (two code grids) each is :func:`two_grid_condition_region`."""
+    regions = {}
+    for name in tasks:
+        row = _tasks.task(name)
+        if row.condition != "video":
+            continue
+        for n in cond_frames if row.frames == "first" else (1,):
+            regions[_tasks.condition_name(name, n)] = two_grid_condition_region(name, token_grid, top_grid,
+                                                                                clip_size, causal, n)
+    return regions
+
+
+def shard_cond_frames(meta: Mapping) -> tuple[int, ...]:
+    """The frame-prediction given-frame counts whose condition codes token shards hold, from their ``meta.json``
+    (``cond_frames``; shards without the key hold the one-frame condition when they hold frame prediction's)."""
+    if "cond_frames" in meta:
+        return tuple(int(n) for n in meta["cond_frames"])
+    return (1,) if "frame_prediction" in (meta.get("condition_tasks") or ()) else ()
+
+
+def shard_condition_regions(meta: Mapping, tasks: Sequence[str]) -> dict[str, torch.Tensor]:
+    """:func:`latent_condition_regions` of ``tasks`` for the clips, tokenizer, given-frame counts and code grids of
+    token shards (their ``meta.json``: ``num_frames``, ``image_size``, ``tokenizer.causal``, ``token_grid``,
+    ``cond_frames``, ``top_grid`` when they hold two grids)."""
+    clip = (int(meta["num_frames"]), int(meta["image_size"]), int(meta["image_size"]))
+    causal = bool((meta.get("tokenizer") or {}).get("causal", False))
+    return latent_condition_regions(tasks, meta["token_grid"], clip, causal, shard_cond_frames(meta) or (1,),
+                                    meta.get("top_grid"))
 
 
 def two_grid_condition_region(task: str, token_grid: Sequence[int], top_grid: Sequence[int] | None,
@@ -562,15 +589,16 @@ def _batch_labels(batch: Mapping[str, torch.Tensor], batch_size: int) -> torch.T
 def training_tasks(batch: Mapping[str, torch.Tensor], vocab: TokenVocabulary,
                    tasks: Sequence[str] | None = None) -> list[_tasks.Task]:
     """The task rows a batch trains on: ``tasks``, or every task of the model whose condition the batch carries
-    (``cond.<task>``, ``sketch_codes``; class and unconditional need none). Host-side checks only."""
-    carried = [name for name in vocab.tasks if _tasks.task(name).shard_key in (None, *batch)]
+    (``cond.<task>``, frame prediction's of any given-frame count, ``sketch_codes``; class and unconditional need
+    none). Host-side checks only."""
+    carried = [name for name in vocab.tasks if _tasks.carries(batch, _tasks.task(name))]
     names = carried if tasks is None else list(tasks)
     rows = []
     for name in names:
         if name not in vocab.tasks:
             raise ValueError(f"unknown task '{name}'; expected one of {', '.join(vocab.tasks)}")
         row = _tasks.task(name)
-        if row.shard_key is not None and row.shard_key not in batch:
+        if not _tasks.carries(batch, row):
             raise ValueError(f"task '{name}' needs '{row.shard_key}' in the batch; got keys {sorted(batch)}")
         rows.append(row)
     if not rows:
@@ -601,14 +629,15 @@ class _Draws(NamedTuple):
     drop_prefix: torch.Tensor  # (B,) bool: classifier-free guidance drops the condition tokens
     drop_class: torch.Tensor  # (B,) bool: ... and, independently, the class (both: also the joint drop)
     masked: torch.Tensor  # (B, N) bool: the masked video tokens
-    scored: torch.Tensor | None = None  # (B, N) bool: the video tokens the loss covers (None: all; two grids' stages)
+    scored: torch.Tensor | None  # (B, N) bool: the video tokens the loss covers (None: all; two grids' stages)
+    count_scores: torch.Tensor | None  # (B,) U(0, 1): the given-frame count of frame prediction (None: one carried)
 
 
 def _draw(batch_size: int, num_tasks: int, num_tokens: int, schedule: str, cond_dropout_prob: float,
           uncond_prob: float, mask_ratio: float | None, generator: torch.Generator | None,
-          top_tokens: int = 0) -> _Draws:
+          top_tokens: int = 0, draw_counts: bool = False) -> _Draws:
     # The order of the draws is part of the training RNG's stream (exact resume replays it): keep it. The joint drop
-    # draws last and only when asked, so a run without it draws what it always drew.
+    # and the given-frame count draw last and only when asked, so a run without them draws what it always drew.
     task_scores = _rand((batch_size, num_tasks), generator)
     drop_prefix = _rand((batch_size,), generator) < cond_dropout_prob
     drop_class = _rand((batch_size,), generator) < cond_dropout_prob
@@ -623,7 +652,8 @@ def _draw(batch_size: int, num_tasks: int, num_tokens: int, schedule: str, cond_
     if uncond_prob > 0:
         both = _rand((batch_size,), generator) < uncond_prob
         drop_prefix, drop_class = drop_prefix | both, drop_class | both
-    return _Draws(task_scores, drop_prefix, drop_class, masked, scored)
+    count_scores = _rand((batch_size,), generator) if draw_counts else None
+    return _Draws(task_scores, drop_prefix, drop_class, masked, scored, count_scores)
 
 
 def two_stage_mask(top_tokens: int, bottom_tokens: int, ratio: torch.Tensor,
@@ -652,15 +682,47 @@ def _choose_tasks(scores: torch.Tensor, rows: Sequence[_tasks.Task], labels: tor
     return scores.argmax(dim=1)
 
 
-def _condition_prefix(batch: Mapping[str, torch.Tensor], rows: Sequence[_tasks.Task], task_index: torch.Tensor,
+class _Variant(NamedTuple):
+    """One condition a training batch can give: a task row and, for frame prediction, one given-frame count."""
+
+    row: _tasks.Task
+    name: str  # the condition's name (magvit.tasks.condition_name): the key of its region
+    shard_key: str | None  # the batch key of its codes (None: the task has none)
+
+
+def _variants(batch: Mapping[str, torch.Tensor], rows: Sequence[_tasks.Task]) -> tuple[list[_Variant], torch.Tensor]:
+    """Every row's conditions (frame prediction: one per given-frame count the batch carries, in increasing order;
+    every other row: one) and ``(num_tasks,)`` long: how many each row has."""
+    variants, sizes = [], []
+    for row in rows:
+        counts = _tasks.carried_cond_frames(batch, row.name) if row.frames == "first" else (1,)
+        names = [_tasks.condition_name(row.name, n) for n in counts]
+        variants += [_Variant(row, name, f"cond.{name}" if row.condition == "video" else row.shard_key)
+                     for name in names]
+        sizes.append(len(names))
+    return variants, torch.tensor(sizes)
+
+
+def _choose_variants(task_index: torch.Tensor, sizes: torch.Tensor, scores: torch.Tensor | None) -> torch.Tensor:
+    """``(B,)`` index into the variants: the first of each example's task, plus, where the task has several, the
+    one ``scores`` ``(B,)`` U(0, 1) picks uniformly (``None``: every task has one)."""
+    sizes = _on(task_index.device, sizes)
+    first = (sizes.cumsum(0) - sizes)[task_index]
+    if scores is None:
+        return first
+    count = sizes[task_index]
+    return first + (_on(task_index.device, scores) * count).long().clamp_max(count - 1)
+
+
+def _condition_prefix(batch: Mapping[str, torch.Tensor], variants: Sequence[_Variant], variant_index: torch.Tensor,
                       drop: torch.Tensor, vocab: TokenVocabulary, num_tokens: int) -> torch.Tensor:
-    """``(B, N)``: the condition codes of each example's task; pad for a task without one or a dropped one."""
-    b, device = task_index.shape[0], task_index.device
+    """``(B, N)``: the condition codes of each example's variant; pad for a task without one or a dropped one."""
+    b, device = variant_index.shape[0], variant_index.device
     prefix = torch.full((b, num_tokens), vocab.pad_token, dtype=torch.long, device=device)
-    for i, row in enumerate(rows):
-        if row.shard_key is not None:
-            condition = _on(device, batch[row.shard_key]).long().reshape(b, num_tokens)
-            prefix = torch.where((task_index == i)[:, None], condition, prefix)
+    for i, variant in enumerate(variants):
+        if variant.shard_key is not None:
+            condition = _on(device, batch[variant.shard_key]).long().reshape(b, num_tokens)
+            prefix = torch.where((variant_index == i)[:, None], condition, prefix)
     return prefix.masked_fill(_on(device, drop)[:, None], vocab.pad_token)
 
 
@@ -672,18 +734,19 @@ def _class_slot(labels: torch.Tensor, rows: Sequence[_tasks.Task], task_index: t
     return vocab.class_tokens(torch.where(keep, labels, torch.full_like(labels, NO_LABEL)))
 
 
-def _region_table(rows: Sequence[_tasks.Task], regions: Mapping[str, torch.Tensor] | None,
+def _region_table(variants: Sequence[_Variant], regions: Mapping[str, torch.Tensor] | None,
                   layout: SequenceLayout) -> torch.Tensor:
-    """``(num_tasks, N)`` bool on the CPU: the latent condition region of each row (none for a row without a pixel
-    condition). Host-side checks only: an interior model has no sketch task, every pixel task needs its region."""
-    table = torch.zeros(len(rows), layout.num_video_tokens, dtype=torch.bool)
-    for i, row in enumerate(rows):
+    """``(num_variants, N)`` bool on the CPU: the latent condition region of each variant (none for a task without
+    a pixel condition). Host-side checks only: an interior model has no sketch task, every pixel condition needs
+    its region."""
+    table = torch.zeros(len(variants), layout.num_video_tokens, dtype=torch.bool)
+    for i, (row, name, _) in enumerate(variants):
         if row.condition == "sketch":
             raise ValueError(f"task '{row.name}': interior conditioning has no sketch condition (no region)")
         if row.condition == "video":
-            region = (regions or {}).get(row.name)
+            region = (regions or {}).get(name)
             if region is None or tuple(region.shape) != layout.video_shape:
-                raise ValueError(f"interior conditioning needs condition_regions['{row.name}'] of shape "
+                raise ValueError(f"interior conditioning needs condition_regions['{name}'] of shape "
                                  f"{layout.video_shape}, got {None if region is None else tuple(region.shape)}")
             table[i] = region.reshape(-1).cpu()
     return table
@@ -741,10 +804,16 @@ def make_training_batch(
     :func:`latent_condition_regions`) holds the condition token instead of the mask token (a dropped condition:
     the mask token). No sketch task.
 
-    Two code grids (VQ-VAE-2; the batch also holds ``top.codes``, ``top.cond.<task>``... ``(B, t, h', w')``,
-    ``magvit.code_grids``): every grid is packed top first, the region of ``condition_regions[task]`` is the packed
-    ``(N_top + N,)`` one (:func:`two_grid_condition_region`), and each example trains the top or the bottom stage
-    (:func:`two_stage_mask`).
+    Frame prediction given several frame counts (the batch carries ``cond.frame_prediction`` for one given frame and
+    ``cond.frame_prediction.<n>`` for ``n``, ``magvit.tasks.condition_name``): each frame-prediction example takes
+    one of the carried counts, uniformly, its codes and (interior) its region ``condition_regions["frame_prediction"
+    ".<n>"]``. That draw comes last from ``generator``, and only when a task has several, so a batch of one count
+    draws what it always drew.
+
+    Two code grids (VQ-VAE-2; the batch also holds ``top.codes``, ``top.cond.<condition>``... ``(B, t, h', w')``,
+    ``magvit.code_grids``): every grid is packed top first, the region of ``condition_regions[<condition>]`` is the
+    packed ``(N_top + N,)`` one (:func:`two_grid_condition_region`), and each example trains the top or the bottom
+    stage (:func:`two_stage_mask`; its draws replace the one-grid mask's, so one-grid batches draw as before).
 
     The video tokens are masked with ratio ``mask_schedule(r, schedule)``, ``r ~ U(0, 1)`` per example (or the fixed
     ``mask_ratio``). As in MAGVIT the loss covers all video positions: masked ones with weight 1, unmasked ones with
@@ -765,16 +834,18 @@ def make_training_batch(
         raise ValueError(f"mask_ratio must be in [0, 1], got {mask_ratio}")
     b, device = codes.shape[0], codes.device
     layout = SequenceLayout(grid, conditioning, top_grid)  # type: ignore[arg-type]
-    table = _region_table(rows, condition_regions, layout) if layout.interior else None  # (num_tasks, N)
+    variants, sizes = _variants(batch, rows)
+    table = _region_table(variants, condition_regions, layout) if layout.interior else None  # (num_variants, N)
     draws = _draw(b, len(rows), layout.num_video_tokens, schedule, cond_dropout_prob, uncond_prob, mask_ratio,
-                  generator, layout.num_top_tokens)
+                  generator, layout.num_top_tokens, draw_counts=bool((sizes > 1).any()))
 
     labels = _on(device, _batch_labels(batch, b))  # (B,)
     task_index = _choose_tasks(draws.task_scores, rows, labels)  # (B,)
+    variant_index = _choose_variants(task_index, sizes, draws.count_scores)  # (B,)
     task_tokens = _on(device, torch.tensor([vocab.task_token(row.name) for row in rows]))[task_index]
-    condition = _condition_prefix(batch, rows, task_index, draws.drop_prefix, vocab, layout.num_video_tokens)
+    condition = _condition_prefix(batch, variants, variant_index, draws.drop_prefix, vocab, layout.num_video_tokens)
     class_tokens = _class_slot(labels, rows, task_index, draws.drop_class, vocab)
-    region = None if table is None else _on(device, table)[task_index] & ~_on(device, draws.drop_prefix)[:, None]
+    region = None if table is None else _on(device, table)[variant_index] & ~_on(device, draws.drop_prefix)[:, None]
     scored = None if draws.scored is None else _on(device, draws.scored)
     return _assemble(vocab, layout, codes, task_tokens, class_tokens, condition, region, _on(device, draws.masked),
                      unmasked_weight, scored)

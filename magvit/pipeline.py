@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -171,6 +172,17 @@ def condition_video(task: str, video: torch.Tensor, num_frames: int, num_cond_fr
     if row.condition == "sketch":  # the sketch video is the prefix as it is
         return video[:, :num_frames]
     return build_condition_video(video[:, :num_frames], task)
+
+
+def warn_untrained_cond_frames(prior, num_cond_frames: int) -> None:
+    """One line on stderr when ``prior`` records the frame-prediction given-frame counts of its training shards
+    (``TransformerConfig.cond_frames``) and ``num_cond_frames`` is not one of them: it was never trained on that
+    condition."""
+    trained = tuple(getattr(prior.config, "cond_frames", ()))
+    if trained and "frame_prediction" in prior.config.tasks and num_cond_frames not in trained:
+        print(f"warning: the transformer was trained on frame prediction given {', '.join(map(str, trained))} "
+              f"frame(s), not {num_cond_frames} (tokenize with --cond-frames {num_cond_frames} to train it)",
+              file=sys.stderr)
 
 
 # --- sampling ------------------------------------------------------------------------------------------------------

@@ -27,6 +27,12 @@ API:
   known tasks).
 - :data:`TASK_NAMES`, :data:`CONDITION_TASKS` (the ``"video"`` tasks): names, in table order.
 - :data:`DEFAULT_TASKS`: the task list of a model whose config.json has none.
+- :func:`condition_name` ``(name, num_cond_frames=1) -> str``: the name of a task's condition given that many
+  frames (``name`` for one; ``<name>.<n>`` for ``n > 1`` frames of a ``frames="first"`` row, frame prediction): the
+  token shards hold its codes under ``cond.<condition name>``, an interior model's ``condition_regions`` its region;
+  :func:`carried_cond_frames` ``(keys, name) -> tuple[int, ...]``: the given-frame counts whose condition codes of
+  ``name`` the keys (of a batch, a shard) hold; :func:`carries` ``(keys, row) -> bool``: whether they hold a
+  condition of ``row`` (always for rows without one).
 - :func:`cli_names` ``() -> tuple[str, ...]`` (generate's ``--task`` choices, in table order),
   :func:`cli_regions` ``(cli_name) -> tuple[str, ...]`` (its ``--region`` choices; empty when it has one row) and
   :func:`from_cli` ``(cli_name, region=None) -> Task``.
@@ -124,6 +130,33 @@ def task(name: str) -> Task:
         if row.name == name:
             return row
     raise ValueError(f"unknown task '{name}'; expected one of {', '.join(t.name for t in TASKS)}")
+
+
+def condition_name(name: str, num_cond_frames: int = 1) -> str:
+    """The name of task ``name``'s condition given ``num_cond_frames`` frames (module docstring): the task's own for
+    one, ``<name>.<n>`` for ``n > 1`` given frames of a ``frames="first"`` row."""
+    row = task(name)
+    if num_cond_frames == 1:
+        return name
+    if row.frames != "first" or num_cond_frames < 1:
+        raise ValueError(f"task '{name}' has no condition of {num_cond_frames} given frames")
+    return f"{name}.{num_cond_frames}"
+
+
+def carried_cond_frames(keys, name: str) -> tuple[int, ...]:
+    """The sorted given-frame counts whose condition codes of task ``name`` (``cond.<name>`` for one frame,
+    ``cond.<name>.<n>``) are among ``keys``."""
+    base = f"cond.{name}"
+    counts = {1 for key in keys if key == base}
+    counts |= {int(key[len(base) + 1:]) for key in keys
+               if key.startswith(base + ".") and key[len(base) + 1:].isdigit()}
+    return tuple(sorted(counts))
+
+
+def carries(keys, row: Task) -> bool:
+    """Whether ``keys`` hold a condition of ``row`` (of any given-frame count); rows without one need none."""
+    return row.shard_key is None or row.shard_key in keys or bool(row.frames == "first"
+                                                                 and carried_cond_frames(keys, row.name))
 
 
 def cli_names() -> tuple[str, ...]:

@@ -1,7 +1,8 @@
 """Bidirectional masked video transformer: token ids -> logits, nothing more.
 
-MAGVIT's transformer is a post-LN BERT (tanh GELU, learned absolute positions, dropout 0.1) whose output layer is
-tied to the token embedding and has its own bias; it is built here from ``transformers``' ``BertForMaskedLM``
+MAGVIT's transformer is a post-LN BERT (tanh GELU, learned absolute positions, dropout 0.1 on the hidden states;
+none on the attention probabilities, so that SDPA runs its fused kernel) whose output layer is tied to the token
+embedding and has its own bias; it is built here from ``transformers``' ``BertForMaskedLM``
 (its prediction head is exactly dense -> GELU -> LayerNorm -> tied decoder + bias). Masking, conditioning and
 decoding live in ``magvit/masking.py`` and ``magvit/sampling.py``.
 
@@ -44,6 +45,10 @@ class TransformerConfig(Config):
     conditioning is for pixel-condition tasks, class and unconditional; a sketch has no region, so an interior
     model's task list must not hold ``sketch`` (train it with a prefix model).
 
+    ``cond_frames`` records the frame-prediction given-frame counts of the token shards the model was trained on
+    (the trainer fills it in from their ``meta.json``; empty: not recorded, as in older exports): generate and
+    evaluate warn when asked for another count. It changes no weight and no sequence.
+
     ``token_factorization`` > 1 splits each code into that many sub-tokens (the codebook must be a power of two
     whose bits divide evenly, e.g. 2^18 -> 2 x 2^9); ``factor_embedding`` says how the sub-token embeddings form
     the code's input embedding: ``"sum"`` (each ``hidden_size`` wide) or ``"concat"`` (each ``hidden_size / F``
@@ -61,13 +66,20 @@ class TransformerConfig(Config):
     num_classes: int = 0
     tasks: tuple[str, ...] = DEFAULT_TASKS
     conditioning: str = "prefix"  # "prefix" | "interior" (MAGVIT's COMMIT), see above
+    cond_frames: tuple[int, ...] = ()  # frame prediction's given-frame counts it was trained on (empty: unknown)
     hidden_size: int = 768
     num_layers: int = 12
     num_heads: int = 12
     intermediate_size: int = 3072
     dropout: float = 0.1
-    attention_dropout: float = 0.1
-    hidden_act: str = "gelu_new"  # tanh approximation of GELU, as in BERT / MAGVIT
+    # Dropout on the attention probabilities forces SDPA off its fused CPU kernel onto the math path, which
+    # materialises the (B, heads, L, L) probabilities and draws a mask over them: 4.8x the fused kernel's time for
+    # the attention of a B layer at L = 1026, forward + backward (BENCHMARKS.md, "Achieved FLOP/s"). 0 keeps the
+    # fused kernel; the hidden states keep MAGVIT's dropout 0.1.
+    attention_dropout: float = 0.0
+    # The tanh approximation of GELU, as in BERT / MAGVIT: "gelu_pytorch_tanh" is torch's one fused kernel,
+    # "gelu_new" (what earlier exports say, kept when they load) the same function in 8 elementwise ops (2x slower).
+    hidden_act: str = "gelu_pytorch_tanh"
     layer_norm_eps: float = 1e-12
     initializer_range: float = 0.02
     attn_implementation: str = "sdpa"
@@ -93,6 +105,9 @@ class TransformerConfig(Config):
         if self.num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
         self.tasks = tuple(self.tasks)
+        self.cond_frames = tuple(int(n) for n in self.cond_frames)
+        if any(n < 1 for n in self.cond_frames):
+            raise ValueError(f"cond_frames must be given-frame counts >= 1, got {list(self.cond_frames)}")
         TokenVocabulary(self.codebook_size, self.num_classes, self.tasks)  # raises for a repeated or unknown task
         if self.conditioning not in CONDITIONINGS:
             raise ValueError(f"conditioning must be one of {CONDITIONINGS}, got {self.conditioning!r}")

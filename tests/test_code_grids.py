@@ -1,10 +1,12 @@
 """Priors over VQ-VAE-2's two code grids (``magvit.code_grids``): packing round trips; the masked prior's two
-training stages and two decoding phases; the autoregressive prior's causal order (top before bottom); and end to end
-(slow): a hierarchy-2 tokenizer's token shards, both trainers, and ``python -m magvit.generate`` / ``evaluate``."""
+training stages and two decoding phases; frame prediction given several frame counts at both grids; the
+autoregressive prior's causal order (top before bottom); and end to end (slow): a hierarchy-2 tokenizer's token
+shards, both trainers, and ``python -m magvit.generate`` / ``evaluate``."""
 
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 
@@ -112,7 +114,7 @@ def test_masked_training_batch_has_a_top_stage_and_a_bottom_stage():
 
 def test_interior_training_batch_shows_the_condition_at_both_grids():
     vocab = TokenVocabulary(K)
-    regions = latent_condition_regions(["frame_prediction"], GRID, (4, 16, 16), False, TOP_GRID)
+    regions = latent_condition_regions(["frame_prediction"], GRID, (4, 16, 16), False, top_grid=TOP_GRID)
     region = regions["frame_prediction"]
     assert region.shape == (N,) and bool(region[:4].all()) and not bool(region[4:8].any())  # latent frame 0 known
     batch = _shard_batch(32)
@@ -126,6 +128,44 @@ def test_interior_training_batch_shows_the_condition_at_both_grids():
     assert torch.equal(video[hidden], shown[hidden])
     top_stage = (tb.loss_mask[:, 2:2 + N_TOP] > 0).any(1)
     assert bool(top_stage.any()) and torch.equal(video[top_stage][:, N_TOP:], shown[top_stage][:, N_TOP:])
+
+
+def test_frame_prediction_given_several_frame_counts_at_both_grids():
+    from magvit.masking import build_condition_video
+    from magvit.prep.tokenize import encode_batch
+    from magvit.tokenizer import TokenizerConfig, VideoTokenizer
+
+    # tokenize --cond-frames: each count's condition codes at both grids
+    tokenizer = VideoTokenizer(TokenizerConfig.preset("tiny", num_frames=4, image_size=16, hierarchy=2,
+                                                      base_channels=8)).eval()
+    video = torch.rand(2, 3, 4, 16, 16) * 2 - 1
+    entries = encode_batch(tokenizer, video, ["frame_prediction"], None, "cpu", cond_frames=(1, 3))
+    keys = ["codes", "cond.frame_prediction", "cond.frame_prediction.3"]
+    assert sorted(entries) == sorted(keys + [f"top.{k}" for k in keys])
+    with torch.no_grad():
+        three = tokenizer.encode(build_condition_video(video, "frame_prediction", num_cond_frames=3))
+    assert torch.equal(entries["top.cond.frame_prediction.3"], three.top.int())
+    assert torch.equal(entries["cond.frame_prediction.3"], three.bottom.int())
+    # training: each example takes one count's codes and (interior) its region, packed over both grids
+    vocab = TokenVocabulary(K)
+    regions = latent_condition_regions(["frame_prediction"], GRID, (4, 16, 16), False, cond_frames=(1, 3),
+                                       top_grid=TOP_GRID)
+    one, all_frames = regions["frame_prediction"], regions["frame_prediction.3"]
+    assert torch.equal(one, latent_condition_regions(["frame_prediction"], GRID, (4, 16, 16), False,
+                                                     top_grid=TOP_GRID)["frame_prediction"])
+    assert bool(all_frames.all()) and not bool(one.all())  # 3 of 4 frames: both latent frames of both grids
+    batch = {**_shard_batch(64), **code_grids.shard_entries("cond.frame_prediction.3",
+                                                            _codes(64, torch.Generator().manual_seed(4)))}
+    tb = make_training_batch(batch, vocab, tasks=["frame_prediction"], cond_dropout_prob=0.0, conditioning="interior",
+                             condition_regions=regions, generator=torch.Generator().manual_seed(5))
+    video_ids, mask = tb.input_ids[:, 2:], vocab.mask_token
+    packed = {key: code_grids.pack(batch[f"top.{key}"], batch[key]) for key in keys}
+    hidden = video_ids != packed["codes"]
+    shows = {region_key: ((torch.where(region, packed[key], mask) == video_ids) | ~hidden).all(1)
+             for region_key, key, region in ((1, "cond.frame_prediction", one),
+                                             (3, "cond.frame_prediction.3", all_frames))}
+    assert bool((shows[1] | shows[3]).all())  # every example shows one count's condition in that count's region
+    assert bool((shows[1] & ~shows[3]).any()) and bool((shows[3] & ~shows[1]).any())  # both counts drawn
 
 
 def _masked_prior(conditioning: str = "prefix") -> MaskedVideoTransformer:
@@ -144,7 +184,8 @@ def test_two_phase_decoding_fixes_the_top_before_any_bottom_token(conditioning):
     seen: list[torch.Tensor] = []
     model.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
     condition = code_grids.pack_codes(_codes(1, torch.Generator().manual_seed(3)))  # (1, N)
-    region = latent_condition_regions(["frame_prediction"], GRID, (4, 16, 16), False, TOP_GRID)["frame_prediction"]
+    region = latent_condition_regions(["frame_prediction"], GRID, (4, 16, 16), False,
+                                      top_grid=TOP_GRID)["frame_prediction"]
     kept = condition.clone()
     top, bottom = generate_codes(model, "frame_prediction", condition, num_samples=2, steps=3, guidance_scale=1.0,
                                  seed=0, condition_region=region if conditioning == "interior" else None)
@@ -191,31 +232,53 @@ def test_autoregressive_prior_models_the_top_before_the_bottom():
 
 
 # --- end to end: token shards of a hierarchy-2 tokenizer, both trainers, generate and evaluate -------------------
-from test_train_e2e import ROOT, _env, _losses, _run, manifest  # noqa: E402, F401
+from test_train_e2e import ROOT, _env, _losses  # noqa: E402
 
-TRAIN = ["data.batch_size=2", "train.max_steps=3", "train.warmup_steps=1", "checkpoint.every=3",
+TRAIN = ["data.batch_size=2", "train.max_steps=2", "train.warmup_steps=1", "checkpoint.every=2",
          "logging.log_every=1", "logging.tensorboard=false", "logging.progress=false"]
 
 
-def _tokenize(root, manifest, out: str, *extra: str) -> None:
-    subprocess.run([sys.executable, "-m", "data_prep.tokenize", "--tokenizer", str(root / "tokenizer"),
-                    "--manifest", str(manifest), "--out", str(root / out), "--split", "all", "--workers", "0",
-                    "--threads", "1", "--sketch", "none", *extra], cwd=ROOT, env=_env(), check=True,
-                   capture_output=True, timeout=180)
-
-
 @pytest.fixture(scope="module")
-def two_grid_tokens(tmp_path_factory, manifest):
-    """A tiny hierarchy-2 tokenizer export (random weights) and its token shards in both formats."""
+def two_grid_tokens(tmp_path_factory, real_video_path):
+    """A tiny hierarchy-2 tokenizer export (random weights), a manifest of four 4x16x16 real clips and their token
+    shards in both formats, with frame prediction given 1 and 2 frames (``--cond-frames 1,2``)."""
+    from conftest import load_real_clip
     from magvit import TokenizerConfig, VideoTokenizer
+    from magvit.data import write_manifest
+    from magvit.prep import tokenize
+    from magvit.video_io import write_video
 
     root = tmp_path_factory.mktemp("two_grids")
+    records = []
+    for i in range(4):
+        write_video(root / f"clip_{i}.mp4", load_real_clip(real_video_path, num_frames=4, size=16, start=4 * i), 8)
+        records.append({"path": f"clip_{i}.mp4", "frames": 4, "split": "train"})
+    write_manifest(root / "manifest.jsonl", records)
     torch.manual_seed(0)
-    VideoTokenizer(TokenizerConfig.preset("tiny", num_frames=4, image_size=16, hierarchy=2)).save_pretrained(
-        root / "tokenizer")
-    _tokenize(root, manifest, "tokens")
-    _tokenize(root, manifest, "stream", "--format", "webdataset")
+    config = TokenizerConfig.preset("tiny", num_frames=4, image_size=16, hierarchy=2, base_channels=8)  # 0.16 M
+    VideoTokenizer(config).save_pretrained(root / "tokenizer")
+    for out, extra in (("tokens", []), ("stream", ["--format", "webdataset"])):
+        assert tokenize.main(["--tokenizer", str(root / "tokenizer"), "--manifest", str(root / "manifest.jsonl"),
+                              "--out", str(root / out), "--split", "all", "--workers", "0", "--sketch", "none",
+                              "--cond-frames", "1,2", *extra]) == 0
     return root
+
+
+def _train_side_by_side(runs: dict[str, list[str]], logs) -> None:
+    """One-process runs of the trainers at the same time (their start-up is most of their time), each on its own
+    port; fails with a run's output when it does."""
+    with socket.socket() as a, socket.socket() as b:  # two distinct free ports
+        a.bind(("127.0.0.1", 0))
+        b.bind(("127.0.0.1", 0))
+        ports = [a.getsockname()[1], b.getsockname()[1]]
+    procs = []
+    for (script, args), port in zip(runs.items(), ports):
+        with open(logs / f"{script}.log", "w") as log:
+            procs.append((script, subprocess.Popen([sys.executable, str(ROOT / "launch" / script), *args], cwd=ROOT,
+                                                   env={**_env(), "MASTER_PORT": str(port)}, stdout=log,
+                                                   stderr=subprocess.STDOUT)))
+    for script, proc in procs:
+        assert proc.wait(timeout=240) == 0, (logs / f"{script}.log").read_text()[-3000:]
 
 
 @pytest.mark.slow
@@ -229,26 +292,30 @@ def test_two_grid_shards_train_both_priors_which_generate_and_evaluate(two_grid_
 
     root = two_grid_tokens
     meta = json.loads((root / "tokens" / "meta.json").read_text())
-    assert meta["token_grid"] == list(GRID) and meta["top_grid"] == list(TOP_GRID)
+    assert meta["token_grid"] == list(GRID) and meta["top_grid"] == list(TOP_GRID) and meta["cond_frames"] == [1, 2]
     item = TokenShardDataset(root / "tokens")[0]
     assert item["codes"].shape == GRID and item["top.codes"].shape == TOP_GRID
-    assert item["top.cond.frame_prediction"].shape == TOP_GRID and item["cond.frame_prediction"].shape == GRID
+    for key in ("cond.frame_prediction", "cond.frame_prediction.2"):  # every given-frame count at both grids
+        assert item[key].shape == GRID and item[f"top.{key}"].shape == TOP_GRID
     streamed = next(iter(ShardStream(str(root / "stream"), "tokens", batch_size=2, shuffle_buffer=1)))
     assert streamed["top.codes"].shape == (2, *TOP_GRID) and streamed["codes"].shape == (2, *GRID)
+    assert streamed["top.cond.frame_prediction.2"].shape == (2, *TOP_GRID)
 
+    # the masked prior (tiny.yaml: interior, regions at both grids for each count) on the safetensors shards, with
+    # validation and samples; the autoregressive prior on the webdataset stream
     masked, ar = tmp_path / "masked", tmp_path / "ar"
-    result = _run("train_transformer.py", ["--config", "configs/transformer/tiny.yaml", "--run-dir", str(masked),
-                                           f"data.tokens={root / 'tokens'}", f"data.val_tokens={root / 'tokens'}",
-                                           "data.val_clips=2", "logging.sample_every=3", *TRAIN], ranks=1)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert sorted(_losses(masked, "loss")) == [1, 2, 3] and sorted(_losses(masked, "val/nll")) == [3]
-    assert (masked / "samples" / "step_00000003.mp4").is_file()
-    assert json.loads((masked / "export" / "config.json").read_text())["config"]["top_grid"] == list(TOP_GRID)
-    result = _run("train_autoregressive.py", ["--config", "configs/autoregressive/tiny.yaml", "--run-dir", str(ar),
-                                              "data.format=webdataset", f"data.shards={root / 'stream'}", *TRAIN],
-                  ranks=1)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert sorted(_losses(ar, "loss")) == [1, 2, 3]
+    _train_side_by_side({
+        "train_transformer.py": ["--config", "configs/transformer/tiny.yaml", "--run-dir", str(masked),
+                                 f"data.tokens={root / 'tokens'}", f"data.val_tokens={root / 'tokens'}",
+                                 "data.val_clips=2", "logging.sample_every=2", *TRAIN],
+        "train_autoregressive.py": ["--config", "configs/autoregressive/tiny.yaml", "--run-dir", str(ar),
+                                    "data.format=webdataset", f"data.shards={root / 'stream'}", *TRAIN]}, tmp_path)
+    assert sorted(_losses(masked, "loss")) == [1, 2] and sorted(_losses(masked, "val/nll")) == [2]
+    assert (masked / "samples" / "step_00000002.mp4").is_file()
+    exported = json.loads((masked / "export" / "config.json").read_text())["config"]
+    assert exported["top_grid"] == list(TOP_GRID) and exported["cond_frames"] == [1, 2]
+    assert exported["conditioning"] == "interior"
+    assert sorted(_losses(ar, "loss")) == [1, 2]
 
     clip = load_real_clip(real_video_path, num_frames=4, size=24)[0]
     write_image(tmp_path / "first_frame.png", clip[:, 0])
@@ -260,10 +327,12 @@ def test_two_grid_shards_train_both_priors_which_generate_and_evaluate(two_grid_
                          "--steps", "2"]) == 0
         for name in (f"{prior.name}.mp4", f"{prior.name}_u.mp4"):
             assert read_video(tmp_path / name).frames.shape == (4, 16, 16, 3), name
-        assert evaluate([*models, "--data", meta["manifest"], "--split", "all", "--max-clips", "2", "--steps", "2",
-                         "--out", str(tmp_path / prior.name), "--no-progress"]) == 0
+        given = "2" if prior is masked else "1"  # the masked prior: its interior regions of 2 given frames
+        assert evaluate([*models, "--data", meta["manifest"], "--split", "all", "--max-clips", "1", "--steps", "2",
+                         "--cond-frames", given, "--out", str(tmp_path / prior.name), "--no-progress"]) == 0
         report = json.loads((tmp_path / prior.name / "report.json").read_text())
         assert report["tokenizer"]["top_token_grid"] == list(TOP_GRID)
-        assert report["frame_prediction"]["num_clips"] == 2
-        if prior is masked:  # the masked-token NLL of the clips' own codes, both stages
+        assert report["frame_prediction"]["num_clips"] == 1
+        assert report["frame_prediction"]["num_cond_frames"] == int(given)
+        if prior is masked:  # the masked-token NLL of the clips' own codes, both stages, in the interior regions
             assert report["masked_tokens"]["masked_token_nll"] > 0

@@ -349,6 +349,41 @@ def test_tokenize_writes_shards_with_conditions_and_resumes(small_manifest, tiny
     assert "batch-size" in err and "nope" in err and "Traceback" not in err
 
 
+def test_tokenize_cond_frames_writes_each_count_in_both_formats(small_manifest, tiny_tokenizer, tmp_path, capsys):
+    """``--cond-frames 1,3``: frame prediction's 1-frame key as before and ``cond.frame_prediction.3``, the codes of
+    ``build_condition_video(..., num_cond_frames=3)``, in safetensors and webdataset shards; counts in meta.json."""
+    from magvit.masking import build_condition_video
+    from magvit.streaming import decode_sample, iter_tar_samples
+    from magvit.tokenizer import VideoTokenizer
+
+    args = ["--tokenizer", tiny_tokenizer, "--manifest", small_manifest, "--batch-size", "2", "--workers", "0",
+            "--sketch", "none", "--cond-frames", "3,1"]
+    assert cli(tokenize, *args, "--out", tmp_path / "st") == 0
+    assert cli(tokenize, *args, "--out", tmp_path / "wds", "--format", "webdataset") == 0
+    meta = json.loads((tmp_path / "st" / "meta.json").read_text())
+    assert meta["cond_frames"] == [1, 3] == json.loads((tmp_path / "wds" / "meta.json").read_text())["cond_frames"]
+    tokenizer = VideoTokenizer.from_pretrained(tiny_tokenizer)
+    clips = ClipDataset(small_manifest, "train", num_frames=8, image_size=32, random_start=False, random_crop=False)
+    item = TokenShardDataset(tmp_path / "st")[1]
+    streamed = {s["index"]: s for s in map(decode_sample, iter_tar_samples(str(tmp_path / "wds" /
+                                                                                "shard-00000.tar")))}[1]
+    video = clips[1]["video"][None]  # (1, 3, 8, 32, 32)
+    with torch.inference_mode():
+        for count, key in ((1, "cond.frame_prediction"), (3, "cond.frame_prediction.3")):
+            expected = tokenizer.encode(build_condition_video(video, "frame_prediction", num_cond_frames=count))[0]
+            assert torch.equal(item[key], expected) and torch.equal(streamed[key].long(), expected), key
+    assert not torch.equal(item["cond.frame_prediction"], item["cond.frame_prediction.3"])
+    # the default keeps today's shards: one frame-prediction key, no cond_frames in meta.json
+    assert cli(tokenize, *args[:-2], "--out", tmp_path / "default") == 0
+    assert "cond_frames" not in json.loads((tmp_path / "default" / "meta.json").read_text())
+    assert not any(k.startswith("cond.frame_prediction.") for k in TokenShardDataset(tmp_path / "default")[0])
+    capsys.readouterr()
+    assert cli(tokenize, *args[:-1], "8", "--out", tmp_path / "bad") == 2  # 8 frames: nothing left to predict
+    assert cli(tokenize, *args[:-1], "1,x", "--out", tmp_path / "bad") == 2
+    err = capsys.readouterr().err
+    assert "--cond-frames: every count must be in [1, 8)" in err and "comma-separated" in err
+
+
 def test_index_survives_a_decoder_crash(sample, monkeypatch):
     """A file that kills its probing process is reported; the other files are still indexed."""
     real = index.probe_video

@@ -358,3 +358,80 @@ def test_warns_when_the_token_shards_hold_the_evaluated_clips(setup, tmp_path, c
                           str(tmp_path / "o4"), "--no-progress", "--nll-tasks", "unconditional"]) == 0
     printed = _warnings(capsys)
     assert len(printed) == 1 and "'train' split" in printed[0]
+
+
+# --- interior (COMMIT) conditioning ------------------------------------------------------------------------------
+
+
+def test_interior_masked_token_evaluation_shows_the_condition_in_its_region():
+    """The sequences an interior model is scored on, rebuilt by hand: a masked slot shows the condition code inside
+    the frame-prediction region and the mask token outside; only masked slots are scored (a uniform model there, a
+    wrong confident one at the visible slots: the NLL is exactly log K)."""
+    from magvit.masking import TokenVocabulary, latent_condition_regions
+
+    vocab, grid = TokenVocabulary(8, tasks=("frame_prediction", "unconditional")), (2, 2, 2)
+    regions = latent_condition_regions(vocab.tasks, grid, (4, 4, 4), causal=False)  # latent frame 0
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.anchor = torch.nn.Parameter(torch.zeros(()))
+            self.config = type("C", (), {"vocab": vocab, "codebook_size": 8, "num_classes": 0,
+                                         "conditioning": "interior"})()
+
+        def forward(self, ids):
+            seen.append(ids.clone())
+            logits = torch.zeros(*ids.shape, vocab.size)
+            visible = ids < 4  # true codes are 0..3, condition codes 4..7, then the special tokens
+            logits[visible] = 50.0 * torch.nn.functional.one_hot((ids[visible] + 1) % 4, vocab.size).float()
+            return logits
+
+    g = torch.Generator().manual_seed(0)
+    codes, cond = torch.randint(0, 4, (6, *grid), generator=g), torch.randint(4, 8, (6, *grid), generator=g)
+    with pytest.raises(ValueError, match="condition regions"):
+        MaskedTokenEvaluation(Recorder(), ["frame_prediction"])
+    ev = MaskedTokenEvaluation(Recorder(), ["frame_prediction"], seed=0, condition_regions=regions)
+    ev.update({"codes": codes, "cond.frame_prediction": cond, "label": torch.full((6,), -1)})
+    (ids,) = seen
+    video, truth, shown = ids[:, 2:], codes.reshape(6, 8), cond.reshape(6, 8)
+    assert ids.shape == (6, 2 + 8)  # no prefix
+    masked = video != truth
+    region = regions["frame_prediction"].reshape(1, 8).expand(6, 8)
+    assert bool((masked & region).any()) and bool((masked & ~region).any())
+    assert torch.equal(video[masked & region], shown[masked & region])
+    assert bool((video[masked & ~region] == vocab.mask_token).all())
+    summary = ev.summary()
+    assert summary["masked_tokens"] == int(masked.sum())
+    assert summary["masked_token_nll"] == pytest.approx(math.log(8), abs=1e-5)
+
+
+def test_evaluate_an_interior_export_end_to_end(setup, tmp_path, capsys):
+    """An interior export (recording 1-frame training shards) evaluated given 3 frames, on the clips and on token
+    shards: frame-prediction entries and masked tokens in report.json, one warning about the untrained count."""
+    from magvit.transformer import MaskedVideoTransformer, TransformerConfig
+
+    root, cfg = setup["root"], setup["tok_cfg"]
+    config = TransformerConfig.preset("tiny", codebook_size=cfg.codebook_size, token_grid=setup["grid"],
+                                      conditioning="interior", tasks=["frame_prediction", "unconditional"],
+                                      cond_frames=[1])
+    MaskedVideoTransformer(config).save_pretrained(tmp_path / "interior")
+    out = tmp_path / "report"
+    assert evaluate.main(_args(setup, out, "--transformer", str(tmp_path / "interior"), "--steps", "2",
+                               "--cond-frames", "3")) == 0
+    report = json.loads((out / "report.json").read_text())
+    fp = report["frame_prediction"]
+    assert fp["num_cond_frames"] == 3 and fp["predicted_frames"] == list(range(3, cfg.num_frames))
+    assert all(len(fp[name]["per_clip"]["psnr"]) == 2 for name in FRAME_PREDICTION_ENTRIES)
+    assert set(report["masked_tokens"]["per_task"]) == {"frame_prediction", "unconditional"}
+    err = capsys.readouterr().err
+    assert err.count("trained on frame prediction given 1 frame(s), not 3") == 1
+    shards = tmp_path / "tokens"
+    _write_token_shards(shards, setup["grid"], cfg.codebook_size)
+    meta = json.loads((shards / "meta.json").read_text())
+    (shards / "meta.json").write_text(json.dumps({**meta, "num_frames": cfg.num_frames, "image_size": cfg.image_size,
+                                                  "tokenizer": {"causal": False}}))
+    assert evaluate.main(["--transformer", str(tmp_path / "interior"), "--data", str(shards), "--out",
+                          str(tmp_path / "shards"), "--no-progress"]) == 0
+    mt = json.loads((tmp_path / "shards" / "report.json").read_text())["masked_tokens"]
+    assert set(mt["per_task"]) == {"frame_prediction", "unconditional"} and mt["masked_tokens"] > 0

@@ -15,8 +15,8 @@ from conftest import load_real_clip
 from magvit import MaskedVideoTransformer, TokenizerConfig, TransformerConfig, VideoTokenizer
 from magvit.generate import main
 from magvit.masking import build_condition_video, make_training_batch, masked_token_loss
-from magvit.pipeline import generate, generate_codes
-from magvit.video_io import read_video, write_image, write_video
+from magvit.pipeline import fit_video, generate, generate_codes
+from magvit.video_io import read_video, to_float, write_image, write_video
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,6 +61,20 @@ def test_cli_frame_prediction_from_an_image(models, tmp_path, capsys):
     strip, _ = read_video(tmp_path / "strip.png")
     assert strip.shape[1] == 2 + 2 * (32 + 2)  # two rows: condition | generated
     assert "generated 1 video(s)" in capsys.readouterr().out
+
+
+def test_cli_strip_of_a_whole_clip_ends_with_the_truth(models, tmp_path):
+    """Frame prediction from a clip of the model's length: the strip is given | predicted | truth."""
+    strip_path = tmp_path / "strip.png"
+    assert main(_cli(models, "--cond", str(models / "clip.mp4"), "--cond-frames", "2", "--out",
+                     str(tmp_path / "gen.mp4"), "--steps", "3", "--strip", str(strip_path))) == 0
+    strip, _ = read_video(strip_path)  # (1, H, W, 3)
+    assert strip.shape[1] == 2 + 3 * (32 + 2)  # three rows: condition | generated | truth
+    clip, _ = read_video(models / "clip.mp4")  # (10, 48, 48, 3): the CLI fits it to 32x32
+    truth = (fit_video(to_float(clip), 32)[:, 0].permute(1, 2, 0) + 1) * 127.5  # (32, 32, 3), first frame
+    rows = [strip[0, 2 + r * 34: 2 + r * 34 + 32, 2:2 + 32].float() for r in range(3)]  # first frame of each row
+    assert (rows[2] - truth).abs().mean() < 3  # the last row is the real clip (PNG rounding only)
+    assert (rows[2] - rows[1]).abs().mean() > 3  # not a copy of the generated row
 
 
 @pytest.mark.parametrize("task", ["interpolation", "outpaint", "inpaint", "sketch", "class", "unconditional"])
@@ -253,3 +267,40 @@ def test_sketch_conditioning_end_to_end(real_video_path, trained_tokenizer):
     assert accuracy[0, 1] < accuracy[0, 0] - 0.3 and accuracy[1, 0] < accuracy[1, 1] - 0.3
     videos_out = generate(trained_tokenizer, transformer, "sketch", sketches[0], temperature=0.0, seed=0)
     assert videos_out.shape == (1, 3, 8, 32, 32)
+
+
+def test_interior_generation_keeps_the_given_frames_condition_codes(models, tmp_path, monkeypatch, capsys):
+    """``--cond-frames 3`` with an interior export: the 3 given frames' region (latent frames 0 and 1 of the tiny
+    tokenizer's 4) is what the model is shown. A model that echoes what it sees (the mask token as code 0) returns
+    exactly the condition codes there and 0 elsewhere, so the output codes show the region used."""
+    import torch.nn.functional as F
+
+    from magvit.masking import latent_condition_region
+    from magvit.pipeline import VideoPipeline
+
+    config = TransformerConfig.preset("tiny", conditioning="interior", tasks=["frame_prediction", "unconditional"],
+                                      cond_frames=[1, 3])
+    MaskedVideoTransformer(config).save_pretrained(tmp_path / "interior")
+
+    def echo(self, input_ids):
+        shown = torch.where(input_ids == self.config.vocab.mask_token, 0, input_ids)
+        return F.one_hot(shown, self.config.vocab_size).float() * 50.0
+
+    decoded = []
+    real_decode = VideoTokenizer.decode
+    monkeypatch.setattr(MaskedVideoTransformer, "forward", echo)
+    monkeypatch.setattr(VideoTokenizer, "decode", lambda self, codes: decoded.append(codes) or real_decode(self,
+                                                                                                            codes))
+    root = models
+    assert main(["--tokenizer", str(root / "tokenizer"), "--transformer", str(tmp_path / "interior"), "--cond",
+                 str(root / "clip.mp4"), "--cond-frames", "3", "--steps", "4", "--out",
+                 str(tmp_path / "out.mp4"), "--device", "cpu"]) == 0
+    assert "trained on frame prediction" not in capsys.readouterr().err  # 3 is a trained count
+    pipe = VideoPipeline.from_pretrained(root / "tokenizer", tmp_path / "interior")
+    video, _ = pipe.load_video(root / "clip.mp4")
+    with torch.no_grad():
+        condition = pipe.tokenizer.encode(pipe.prepare_condition("frame_prediction", video, 3)[None])[0]
+    region = latent_condition_region("frame_prediction", (4, 8, 8), (8, 32, 32), causal=False, num_cond_frames=3)
+    assert region[:2].all() and not region[2:].any()
+    (codes,) = decoded
+    assert torch.equal(codes[0][region], condition[region]) and bool((codes[0][~region] == 0).all())

@@ -584,3 +584,59 @@ def test_uncond_prob_drops_condition_and_class_together():
     assert all(torch.equal(x, y) for x, y in zip(a, c))
     with pytest.raises(ValueError, match="uncond_prob"):
         make_training_batch(batch, vocab, uncond_prob=1.5)
+
+
+# --- frame prediction given several frame counts (tokenize --cond-frames) ------------------------------------------
+
+
+def test_condition_names_and_carried_counts():
+    assert tasks.condition_name("frame_prediction") == "frame_prediction"
+    assert tasks.condition_name("frame_prediction", 5) == "frame_prediction.5"
+    with pytest.raises(ValueError, match="no condition of 3 given frames"):
+        tasks.condition_name("interpolation", 3)
+    keys = ["codes", "cond.frame_prediction.5", "cond.frame_prediction", "cond.frame_prediction.x", "cond.inpaint"]
+    assert tasks.carried_cond_frames(keys, "frame_prediction") == (1, 5)
+    assert tasks.carried_cond_frames(["cond.frame_prediction.2"], "frame_prediction") == (2,)
+    assert tasks.carries(["cond.frame_prediction.2"], tasks.task("frame_prediction"))
+    assert not tasks.carries(["cond.frame_prediction.2"], tasks.task("interpolation"))
+    # Moving MNIST's geometry: 17 frames, causal, 4 frames per latent frame: 5 given frames = 2 latent frames
+    regions = latent_condition_regions(["frame_prediction", "class"], (5, 2, 2), (17, 8, 8), causal=True,
+                                       cond_frames=(1, 5))
+    assert sorted(regions) == ["frame_prediction", "frame_prediction.5"]
+    assert regions["frame_prediction"].flatten(1).all(1).tolist() == [True, False, False, False, False]
+    assert regions["frame_prediction.5"].flatten(1).all(1).tolist() == [True, True, False, False, False]
+
+
+@pytest.mark.parametrize("conditioning", ["prefix", "interior"])
+def test_training_batch_draws_a_given_frame_count_per_frame_prediction_example(conditioning):
+    """Shards with 1- and 5-frame conditions: each example takes one, by the generator's last uniform draw
+    (``floor(2u)``), with its codes and (interior) its region; the same seed gives the same batch."""
+    grid, b = (5, 2, 2), 64
+    n = math.prod(grid)
+    vocab = TokenVocabulary(16, tasks=("frame_prediction", "unconditional"))
+    batch = {"codes": torch.zeros(b, *grid, dtype=torch.long),
+             "cond.frame_prediction": torch.full((b, *grid), 3), "cond.frame_prediction.5": torch.full((b, *grid), 7)}
+    regions = latent_condition_regions(vocab.tasks, grid, (17, 8, 8), causal=True, cond_frames=(1, 5))
+
+    def make(seed):
+        return make_training_batch(batch, vocab, tasks=["frame_prediction"], cond_dropout_prob=0.0, mask_ratio=1.0,
+                                   generator=torch.Generator().manual_seed(seed), conditioning=conditioning,
+                                   condition_regions=regions if conditioning == "interior" else None)
+
+    ids = make(0).input_ids
+    assert all(torch.equal(x, y) for x, y in zip(make(0), make(0)))
+    g = torch.Generator().manual_seed(0)  # the draws replayed: task scores, two drops, the mask, then the count
+    torch.rand((b, 1), generator=g), torch.rand(b, generator=g), torch.rand(b, generator=g)
+    torch.rand(b, n, generator=g)
+    five = (torch.rand(b, generator=g) * 2).long() == 1  # (B,) the 5-frame condition drawn
+    assert 10 < int(five.sum()) < b - 10  # both counts are trained
+    if conditioning == "prefix":
+        expected = torch.where(five[:, None], 7, 3).expand(b, n)
+        assert torch.equal(ids[:, 2:2 + n], expected)
+        return
+    video = ids[:, 2:].reshape(b, *grid)  # every slot masked: the region shows the drawn count's codes
+    assert bool((video[five][:, :2] == 7).all()) and bool((video[five][:, 2:] == vocab.mask_token).all())
+    assert bool((video[~five][:, :1] == 3).all()) and bool((video[~five][:, 1:] == vocab.mask_token).all())
+    with pytest.raises(ValueError, match=r"condition_regions\['frame_prediction.5'\]"):
+        make_training_batch(batch, vocab, conditioning="interior", condition_regions={
+            "frame_prediction": regions["frame_prediction"]})

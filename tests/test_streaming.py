@@ -30,8 +30,8 @@ def _token_tars(root, shards: int, rows: int, seed: int = 0) -> dict[int, dict[s
             source[n * rows + i] = {"codes": tensors["codes"][i], "cond.interpolation": tensors["cond.interpolation"][i],
                                     "label": int(tensors["labels"][i])}
     (root / "meta.json").write_text(json.dumps({"token_grid": list(GRID), "codebook_size": 64, "shards": listed,
-                                                "classes": ["a", "b", "c"],
-                                                "num_examples": shards * rows}))
+                                                "classes": ["a", "b", "c"], "num_frames": 4, "image_size": 16,
+                                                "tokenizer": {"causal": False}, "num_examples": shards * rows}))
     return source
 
 

@@ -310,9 +310,37 @@ def test_transformer_trains_and_exports_ema(launcher, stage, precision, accum, t
     model = MaskedVideoTransformer.from_pretrained(run_dir / "export")
     assert model.config.codebook_size == meta["codebook_size"]
     assert list(model.config.token_grid) == list(meta["token_grid"])
+    # tiny.yaml trains MAGVIT's COMMIT (interior) layout on the COMMIT tasks, recording the shards' given-frame counts
+    assert model.config.conditioning == "interior" and "sketch" not in model.config.tasks
+    assert model.config.cond_frames == (1,)
     ema = load_file(str(run_dir / "checkpoints" / "step_00000004" / "ema.safetensors"))
     for name, param in model.named_parameters():  # the export holds the EMA weights of the last checkpoint
         assert torch.equal(param.detach(), ema[name]), name
+
+
+def test_sketch_config_trains_a_prefix_model_that_generates_from_a_sketch(tokens, tokenizer_reference, manifest,
+                                                                         tmp_path):
+    """configs/transformer/sketch.yaml: a prefix model of the sketch and frame-prediction tasks, whose export
+    generates from the sketch of a clip through the command line."""
+    from magvit.data import read_manifest
+    from magvit.generate import main as generate
+    from magvit.transformer import MaskedVideoTransformer
+    from magvit.video_io import probe_video
+
+    run_dir = tmp_path / "run"
+    result = _run("train_transformer.py", ["--config", "configs/transformer/sketch.yaml", "--run-dir", str(run_dir),
+                                           f"data.tokens={tokens}", "data.batch_size=2", "train.max_steps=2",
+                                           "train.warmup_steps=1", "checkpoint.every=2", "logging.tensorboard=false"],
+                  ranks=1)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    config = MaskedVideoTransformer.from_pretrained(run_dir / "export").config
+    assert config.conditioning == "prefix" and config.tasks == ("sketch", "frame_prediction")
+    clip = read_manifest(manifest)[0]["path"]
+    assert generate(["--task", "sketch", "--cond", clip, "--tokenizer", str(tokenizer_reference / "export"),
+                     "--transformer", str(run_dir / "export"), "--steps", "2", "--out", str(tmp_path / "sketch.mp4"),
+                     "--device", "cpu"]) == 0
+    tokenizer_config = json.loads((tokenizer_reference / "export" / "config.json").read_text())["config"]
+    assert probe_video(tmp_path / "sketch.mp4")["frames"] == tokenizer_config["num_frames"]
 
 
 def test_plain_python_run_stops_on_repeated_nonfinite_loss(tokens, tmp_path):

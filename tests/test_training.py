@@ -259,7 +259,8 @@ def test_repository_configs_load_strictly(kind, monkeypatch):
     monkeypatch.chdir(root)
     module = importlib.import_module(f"magvit.launch.train_{kind}")
     names = sorted(p.stem for p in (root / "configs" / kind).glob("*.yaml"))
-    assert names == (["B", "B2", "L", "L2", "demo", "tiny"] if kind == "tokenizer" else ["B", "L", "demo", "tiny"])
+    assert names == (["B", "B2", "L", "L2", "demo", "mnist", "tiny"] if kind == "tokenizer"
+                     else ["B", "L", "demo", "mnist", "sketch", "tiny"])
     for name in names:
         cfg = module.load_config(f"configs/{kind}/{name}.yaml", [])
         assert cfg.train.deepspeed_config == "configs/deepspeed/zero2.json"
@@ -267,10 +268,20 @@ def test_repository_configs_load_strictly(kind, monkeypatch):
             assert (cfg.model.num_frames, cfg.model.image_size) == (cfg.data.num_frames, cfg.data.image_size)
             assert (cfg.discriminator.num_frames, cfg.discriminator.image_size) == (cfg.model.num_frames,
                                                                                     cfg.model.image_size)
-            if name not in ("tiny", "demo"):
+            if name == "mnist":  # Moving MNIST: 17 frames -> 5 latent frames; the 5 given ones are latent frames 0-1
+                from magvit.masking import latent_condition_region
+
+                grid = cfg.model.token_grid(17, 64, 64)
+                region = latent_condition_region("frame_prediction", grid, (17, 64, 64), True, num_cond_frames=5)
+                assert grid == (5, 8, 8) and region.flatten(1).all(1).tolist() == [True, True, False, False, False]
+            elif name not in ("tiny", "demo"):
                 v2 = name.endswith("2")  # MAGVIT-v2's causal 1 + 16 frames
                 assert (cfg.data.num_frames, cfg.data.image_size) == (17 if v2 else 16, 128)
                 assert (cfg.optim.beta1, cfg.optim.beta2) == (0.0, 0.99)
+        else:  # interior (COMMIT) on the COMMIT tasks; the sketch model is the prefix one
+            sketch = name == "sketch"
+            assert cfg.model.conditioning == ("prefix" if sketch else "interior")
+            assert ("sketch" in cfg.model.tasks) is sketch
 
 
 class _FakeBar:

@@ -26,7 +26,7 @@ def test_preset_parameter_counts_match_magvit(preset, reference):
 def test_presets_sizes():
     b, large = TransformerConfig.preset("B"), TransformerConfig.preset("L")
     assert (b.num_layers, b.hidden_size, large.num_layers, large.hidden_size) == (12, 768, 24, 1024)
-    assert b.dropout == 0.1 and b.hidden_act == "gelu_new"
+    assert b.dropout == 0.1 and b.attention_dropout == 0.0 and b.hidden_act == "gelu_pytorch_tanh"
 
 
 def test_forward_shapes_and_bert_structure():
@@ -43,11 +43,39 @@ def test_forward_shapes_and_bert_structure():
     assert bert.cls.predictions.decoder.weight is bert.bert.embeddings.word_embeddings.weight
     assert bert.cls.predictions.bias.shape == (vocab.size,)
     assert bert.bert.embeddings.position_embeddings.num_embeddings == config.max_length
-    assert bert.config.hidden_act == "gelu_new" and bert.config.hidden_dropout_prob == 0.1
+    assert bert.config.hidden_act == "gelu_pytorch_tanh" and bert.config.hidden_dropout_prob == 0.1
     # bidirectional: changing the last token changes the logits at the first position
     ids2 = ids.clone()
     ids2[:, -1] = (ids2[:, -1] + 1) % vocab.size
     assert not torch.allclose(model(ids2)[:, 0], logits[:, 0])
+
+
+def test_training_attention_runs_on_the_fused_kernel():
+    """With the default attention dropout (0) a training-mode forward runs on SDPA's fused kernel, equal to the
+    math path; attention-probability dropout has no fused CPU kernel."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    config = TransformerConfig.preset("tiny", dropout=0.0)
+    model = MaskedVideoTransformer(config).train()
+    ids = torch.randint(0, 64, (2, config.max_length))
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # raises where the fused kernel cannot run
+        fused = model(ids)
+    with sdpa_kernel(SDPBackend.MATH):
+        math_path = model(ids)
+    torch.testing.assert_close(fused, math_path, atol=1e-5, rtol=1e-5)
+    dropped = MaskedVideoTransformer(config.replace(attention_dropout=0.1)).train()
+    with pytest.raises(RuntimeError), pytest.warns(UserWarning, match="not support non-zero dropout"):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            dropped(ids)
+
+
+def test_gelu_kernel_is_the_tanh_gelu_of_old_exports():
+    """``gelu_pytorch_tanh`` (the default) and ``gelu_new`` (what older exports say, kept when they load) are the
+    same function."""
+    from transformers.activations import get_activation
+
+    x = torch.linspace(-8, 8, 10001)
+    torch.testing.assert_close(get_activation("gelu_pytorch_tanh")(x), get_activation("gelu_new")(x))
 
 
 def test_dropout_active_only_in_training():

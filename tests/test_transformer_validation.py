@@ -1,7 +1,7 @@
 """The masked transformer's validation while it trains (``data.val_tokens``): held-out masked-token NLL and accuracy
-at the sample steps, decoded sample videos (mp4 and TensorBoard), the warning instead of videos when the shards'
-tokenizer is gone, and bit-exact training with validation on: the same weights as without it, and after a SIGKILL
-and resume the same as uninterrupted.
+at the sample steps, decoded sample videos (mp4 and TensorBoard), for interior (tiny.yaml) and prefix models, the
+warning instead of videos when the shards' tokenizer is gone, and bit-exact training with validation on: the same
+weights as without it, and after a SIGKILL and resume the same as uninterrupted.
 
 The tokenizer is a freshly initialised tiny one (its codes need not be good, only those of one tokenizer); its
 token shards are the sample data's train and val splits at 4x16x16 (tokens 2x4x4).
@@ -68,9 +68,13 @@ def reference(shards, tmp_path_factory) -> Path:
 
 
 def test_held_out_nll_and_sample_videos_at_the_sample_steps(reference, shards):
+    """tiny.yaml's model is interior (MAGVIT's COMMIT layout): scored and sampled in its own sequences."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    from magvit.transformer import MaskedVideoTransformer
     from magvit.video_io import probe_video
+
+    assert MaskedVideoTransformer.from_pretrained(reference / "export").config.conditioning == "interior"
 
     nll, accuracy = _losses(reference, "val/nll"), _losses(reference, "val/accuracy")
     assert set(nll) == set(accuracy) == {3, 6}
@@ -86,6 +90,19 @@ def test_held_out_nll_and_sample_videos_at_the_sample_steps(reference, shards):
     assert [e.step for e in events.Scalars("val/nll")] == [3, 6]
     card = (reference / "export" / "README.md").read_text()
     assert "val/nll" in card
+
+
+def test_held_out_nll_and_sample_video_of_a_prefix_model(shards, tmp_path):
+    """The same validation for a prefix model (one process, two steps): val/nll and a sample video."""
+    from magvit.video_io import probe_video
+
+    run_dir = tmp_path / "run"
+    result = _run("train_transformer.py", _args(shards, run_dir, "model.conditioning=prefix", "train.max_steps=2",
+                                                "logging.sample_every=2", "logging.tensorboard=false"), ranks=1)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert set(_losses(run_dir, "val/nll")) == {2}
+    info = probe_video(run_dir / "samples" / "step_00000002.mp4")
+    assert (info["width"], info["height"], info["frames"]) == (32, 16, 8)
 
 
 def test_validation_leaves_training_bit_exact(reference, shards, tmp_path):

@@ -16,7 +16,7 @@ import itertools
 import math
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
@@ -106,10 +106,21 @@ def mean_finite(values: Sequence[float]) -> float:
 class MaskedTokenEvaluation:
     """Masked-token NLL (nats) and accuracy per task, on a fixed random masking (seeded) of held-out token grids (two
     code grids: the two training stages' maskings, ``masking.two_stage_mask``: top tokens with the bottom unknown,
-    bottom tokens given the top)."""
+    bottom tokens given the top).
 
-    def __init__(self, transformer, tasks: Sequence[str], seed: int = 0):
+    The sequences are the model's own (``config.conditioning``): an interior model's masked slots inside a task's
+    latent condition region show the condition codes, so it needs ``condition_regions`` (by condition name, as
+    ``masking.make_training_batch`` takes them: ``masking.latent_condition_regions`` of the clips' size, the
+    tokenizer's causality and the token grid, or ``masking.shard_condition_regions`` of token shards). Only the
+    masked positions are scored."""
+
+    def __init__(self, transformer, tasks: Sequence[str], seed: int = 0,
+                 condition_regions: Mapping[str, torch.Tensor] | None = None):
         self.transformer = transformer
+        self.condition_regions = condition_regions
+        self.conditioning = getattr(transformer.config, "conditioning", "prefix")  # a config without it: prefix
+        if self.conditioning == "interior" and condition_regions is None:
+            raise ValueError("a model with interior conditioning is scored with the condition regions of its clips")
         self.tasks = list(tasks)
         self.generator = torch.Generator().manual_seed(seed)
         self.nll = {t: 0.0 for t in self.tasks}
@@ -135,7 +146,8 @@ class MaskedTokenEvaluation:
                     continue
                 rows = {k: (v[keep] if isinstance(v, torch.Tensor) and v.dim() > 0 else v) for k, v in batch.items()}
             tb = make_training_batch(rows, config.vocab, tasks=[task], cond_dropout_prob=0.0, unmasked_weight=0.0,
-                                     schedule="cosine", generator=self.generator)
+                                     schedule="cosine", generator=self.generator, conditioning=self.conditioning,
+                                     condition_regions=self.condition_regions)
             logits = self.transformer(tb.input_ids.to(device)).float().cpu()  # (B, L, V) or factorised (B, L, F, S)
             scored = tb.loss_mask > 0  # (B, L): the masked video positions
             target = tb.labels[scored]  # (M,)
@@ -224,6 +236,7 @@ class FramePredictionEvaluation:
     @torch.no_grad()
     def update(self, video: torch.Tensor, reconstruction: torch.Tensor, keep_for_fvd: bool = False) -> None:
         """Score the clips ``video`` ``(B, 3, T, H, W)`` whose tokenizer reconstructions are ``reconstruction``."""
+        from ..masking import two_grid_condition_region
         from ..pipeline import condition_video, prior_of
 
         device = next(self.transformer.parameters()).device
@@ -232,6 +245,11 @@ class FramePredictionEvaluation:
                                      ("guidance_scale", self.guidance_scale)) if k in prior.options}
         n = self.num_cond_frames
         self.num_frames = video.shape[2]
+        config = self.transformer.config
+        if getattr(config, "conditioning", "prefix") == "interior":  # its condition slots: the n given frames'
+            options["condition_region"] = two_grid_condition_region("frame_prediction", config.token_grid,
+                                                                    config.top_grid, video.shape[2:],
+                                                                    self.tokenizer.config.causal, n)
         for i in range(video.shape[0]):
             clip = video[i].to(device)  # (3, T, H, W)
             cond = condition_video("frame_prediction", clip, clip.shape[1], num_cond_frames=n)  # last frame repeated
@@ -312,8 +330,11 @@ class ClipResults:
 def evaluate_clips(clips: Iterable[torch.Tensor], results: ClipResults, num_cond_frames: int = 1,
                    keep_videos: bool = False) -> ClipResults:
     """Run ``results``' evaluations over batches of clips ``(B, 3, T, H, W)``; ``keep_videos``: keep the real and
-    reconstructed clips (and the generated ones) for FVD."""
+    reconstructed clips (and the generated ones) for FVD. The masked tokens score frame prediction given
+    ``num_cond_frames`` frames (its condition ``cond.<magvit.tasks.condition_name>``; an interior model's
+    ``condition_regions`` must hold its region, :func:`clip_condition_regions`)."""
     from ..masking import build_condition_video
+    from ..tasks import condition_name
 
     tokenizer = results.tokenizer.tokenizer
     for video in clips:
@@ -324,8 +345,9 @@ def evaluate_clips(clips: Iterable[torch.Tensor], results: ClipResults, num_cond
         if results.masked_tokens is not None:  # the codes and the frame-prediction condition of the same clips
             condition = build_condition_video(video.to(results.tokenizer.device), "frame_prediction",
                                               num_cond_frames=num_cond_frames)
+            key = f"cond.{condition_name('frame_prediction', num_cond_frames)}"
             grids = {**code_grids.shard_entries("codes", codes),  # two grids: each also its top grid
-                     **code_grids.shard_entries("cond.frame_prediction", tokenizer.encode(condition))}
+                     **code_grids.shard_entries(key, tokenizer.encode(condition))}
             results.masked_tokens.update({**{k: v.cpu() for k, v in grids.items()},
                                           "label": torch.full((video.shape[0],), -1)})
         if results.frame_prediction is not None:
@@ -336,10 +358,11 @@ def evaluate_clips(clips: Iterable[torch.Tensor], results: ClipResults, num_cond
 def evaluate_token_shards(directory: Path, tokenizer, transformer, requested: Sequence[str], batch_size: int,
                           max_examples: int | None, seed: int = 0, progress: bool = False) -> MaskedTokenEvaluation:
     """Masked-token NLL over held-out token shards (checked to hold this model pair's codes), on the requested
-    tasks whose condition codes the shards hold."""
+    tasks whose condition codes the shards hold (an interior model: in the latent condition regions of the shards'
+    clips, tokenizer and given-frame counts, from their ``meta.json``)."""
     from tqdm.auto import tqdm
 
-    check_token_meta(directory, tokenizer, transformer)
+    meta = check_token_meta(directory, tokenizer, transformer)
     batches = token_batches_from_shards(directory, batch_size, max_examples)
     first = next(batches, None)
     if first is None:
@@ -348,11 +371,34 @@ def evaluate_token_shards(directory: Path, tokenizer, transformer, requested: Se
     if grid != tuple(transformer.config.token_grid):
         raise UsageError(f"--tokens: token grid {grid} does not match the transformer's "
                          f"{tuple(transformer.config.token_grid)}")
-    evaluation = MaskedTokenEvaluation(transformer, supported_tasks(requested, shard_tasks(first)), seed)
+    interior = transformer.config.conditioning == "interior"
+    regions = _shard_regions(directory, meta, transformer) if interior else None
+    evaluation = MaskedTokenEvaluation(transformer, supported_tasks(requested, shard_tasks(first)), seed, regions)
     for batch in tqdm(itertools.chain([first], batches), desc="token grids", unit="batch", disable=not progress,
                       file=sys.stderr, dynamic_ncols=True):
         evaluation.update(batch)
     return evaluation
+
+
+def clip_condition_regions(tokenizer, transformer, num_cond_frames: int = 1) -> dict[str, torch.Tensor]:
+    """The latent condition regions (``masking.latent_condition_regions``) of an interior transformer's tasks for the
+    tokenizer's clips, frame prediction given ``num_cond_frames`` frames (two code grids: both, packed)."""
+    from ..masking import latent_condition_regions
+
+    tc, xc = tokenizer.config, transformer.config
+    return latent_condition_regions(xc.tasks, xc.token_grid, (tc.num_frames, tc.image_size, tc.image_size), tc.causal,
+                                    (num_cond_frames,), xc.top_grid)
+
+
+def _shard_regions(directory: Path, meta: dict[str, Any], transformer) -> dict[str, torch.Tensor]:
+    """``masking.shard_condition_regions`` of the shards' ``meta.json``; ``UsageError`` when it lacks the clip size."""
+    from ..masking import shard_condition_regions
+
+    try:
+        return shard_condition_regions(meta, transformer.config.tasks)
+    except (KeyError, TypeError, ValueError) as err:
+        raise UsageError(f"--tokens: {directory}/meta.json does not tell the clips' size and tokenizer an interior "
+                         f"model's condition regions need ({type(err).__name__}: {err})") from None
 
 
 def fvd_report(extractor, results: ClipResults | None, batch_size: int) -> dict[str, Any]:

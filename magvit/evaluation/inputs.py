@@ -143,9 +143,10 @@ def held_out_warnings(directory: Path, evaluated: Sequence[str] | None) -> list[
     return warnings
 
 
-def check_token_meta(directory: Path, tokenizer, transformer) -> None:
-    """``UsageError`` unless the shards' ``meta.json`` says they hold codes of this tokenizer / transformer's
-    codebook and grid: codes of another codebook score a meaningless NLL without any other sign."""
+def check_token_meta(directory: Path, tokenizer, transformer) -> dict:
+    """The shards' ``meta.json``; ``UsageError`` unless it says they hold codes of this tokenizer / transformer's
+    codebook and grid (and top grid, two code grids): codes of another codebook score a meaningless NLL without any
+    other sign."""
     try:
         meta = json.loads((directory / "meta.json").read_text())
         codebook, grid = int(meta["codebook_size"]), tuple(int(n) for n in meta["token_grid"])
@@ -170,6 +171,7 @@ def check_token_meta(directory: Path, tokenizer, transformer) -> None:
     if top != transformer.config.top_grid:
         raise UsageError(f"--tokens: {directory} holds a top code grid {top} (meta.json), the transformer models "
                          f"{transformer.config.top_grid} (None: one grid)")
+    return meta
 
 
 def token_batches_from_shards(directory: Path, batch_size: int, max_examples: int | None) -> Iterator[dict]:
@@ -198,5 +200,6 @@ def supported_tasks(requested: Sequence[str], available: Sequence[str]) -> list[
 
 
 def shard_tasks(batch: dict) -> list[str]:
-    """The tasks whose condition codes a batch of token shards holds (``cond.<task>``, ``sketch_codes``)."""
-    return [row.name for row in tasks.TASKS if row.shard_key in batch]
+    """The tasks whose condition codes a batch of token shards holds (``cond.<task>`` of any given-frame count,
+    ``sketch_codes``)."""
+    return [row.name for row in tasks.TASKS if row.shard_key is not None and tasks.carries(batch, row)]

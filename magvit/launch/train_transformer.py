@@ -7,11 +7,13 @@
 Also runs under ``torchrun``, ``srun`` (one process per task) and as plain ``python`` (one process).
 
 The token shards come from ``python -m data_prep.tokenize``; their ``meta.json`` fixes the model's codebook size,
-token grid and number of classes. Each step draws a task (COMMIT condition, sketch, class, unconditional) and a
-mask ratio from the mask schedule per example (``masking.make_training_batch``) and minimises the masked-token
-cross-entropy. The exported weights (``RUN_DIR/export``) are the EMA of the transformer. SIGTERM/SIGUSR1 finish
-the step, checkpoint and exit with status 3 (send them to the training processes, as srun does; see
-``train_tokenizer.py``).
+token grid and number of classes (and the frame-prediction given-frame counts it records, ``model.cond_frames``).
+Each step draws a task (COMMIT condition, sketch, class, unconditional; for frame prediction one of the shards'
+given-frame counts) and a mask ratio from the mask schedule per example (``masking.make_training_batch``) and
+minimises the masked-token cross-entropy; an interior model (``model.conditioning``) takes the condition regions of
+the shards' clips and tokenizer. The exported weights (``RUN_DIR/export``) are the EMA of the transformer.
+SIGTERM/SIGUSR1 finish the step, checkpoint and exit with status 3 (send them to the training processes, as srun
+does; see ``train_tokenizer.py``).
 
 With ``data.val_tokens`` (token shards of held-out clips, e.g. ``python -m data_prep.tokenize --split val``), every
 ``logging.sample_every`` steps and at the end rank 0 scores the EMA weights on a fixed masking of the first
@@ -40,8 +42,8 @@ from magvit.cli import UsageError, run_main
 from magvit.config import ConfigError
 from magvit.ema import EMA
 from magvit.evaluation.evaluators import MaskedTokenEvaluation
-from magvit.masking import (SCHEDULES, TASKS, latent_condition_regions, make_training_batch, masked_token_loss,
-                            predicted_codes, training_tasks)
+from magvit.masking import (SCHEDULES, TASKS, make_training_batch, masked_token_loss, predicted_codes,
+                            shard_condition_regions, training_tasks)
 from magvit.optim import WarmupCosineSchedule, build_adam
 from magvit.resume import RunContext, start_run
 from magvit.run_config import TransformerTrainConfig, load_train_config, parse_train_command
@@ -70,24 +72,35 @@ def load_config(config_path: str, overrides: Sequence[str], deepspeed_config: st
 
 
 def with_token_sizes(cfg: TransformerTrainConfig) -> TransformerTrainConfig:
-    """Set ``model.codebook_size``/``token_grid``/``num_classes`` from the token shards' ``meta.json``."""
+    """Set ``model.codebook_size``/``token_grid``/``num_classes`` (and, for a model that records them,
+    ``cond_frames``) from the token shards' ``meta.json``."""
+    fields = {f.name for f in dataclasses.fields(cfg.model)}
     try:
-        return cfg.replace(model=cfg.model.replace(**token_sizes(cfg.data)))
+        return cfg.replace(model=cfg.model.replace(**{k: v for k, v in token_sizes(cfg.data).items() if k in fields}))
     except ConfigError as err:
         raise ConfigError(f"model (with the token shards' sizes): {err}") from None
 
 
 def condition_regions(cfg: TransformerTrainConfig) -> dict[str, torch.Tensor] | None:
     """The latent condition regions of an interior model's pixel-condition tasks (``None``: prefix conditioning),
-    for the clips and the tokenizer of the token shards (their ``meta.json``)."""
+    for the clips, the tokenizer and the given-frame counts of the token shards (their ``meta.json``)."""
     if cfg.model.conditioning != "interior":
         return None
     data = cfg.data
     meta = resolve_shards(data.shards)[0] if data.format == "webdataset" else \
         json.loads((Path(token_folder(data)) / "meta.json").read_text())
-    clip = (meta["num_frames"], meta["image_size"], meta["image_size"])
-    causal = bool(meta["tokenizer"].get("causal", False))
-    return latent_condition_regions(cfg.model.tasks, cfg.model.token_grid, clip, causal, cfg.model.top_grid)
+    return shards_regions(meta, cfg.model.tasks, data.shards if data.format == "webdataset" else token_folder(data))
+
+
+def shards_regions(meta: dict[str, Any], tasks: Sequence[str], where: str) -> dict[str, torch.Tensor]:
+    """``masking.shard_condition_regions`` of the token shards at ``where``; ``UsageError`` when their meta.json
+    lacks what they need."""
+    try:
+        return shard_condition_regions(meta, tasks)
+    except (KeyError, TypeError, ValueError) as err:
+        raise UsageError(f"{where}: its meta.json does not tell the clips' size and tokenizer that the condition "
+                         f"regions of an interior model need ({type(err).__name__}: {err}); tokenize with "
+                         "data_prep.tokenize, or train model.conditioning=prefix") from None
 
 
 def transformer_step(engine, batch: dict[str, Any], step: int, cfg: TransformerTrainConfig, vocab,
@@ -126,12 +139,13 @@ SAMPLE_FPS = 8.0
 @dataclasses.dataclass
 class HeldOut:
     """What each sample step scores: the collated held-out grids (``{"codes": (V, t, h, w), "cond.<task>"...,
-    "label": (V,)}``, CPU), the trained tasks they carry, and the tokenizer that decodes the sample videos (None:
-    no videos)."""
+    "label": (V,)}``, CPU), the trained tasks they carry, the tokenizer that decodes the sample videos (None:
+    no videos) and, for an interior model, the latent condition regions of their clips (None: prefix)."""
 
     batch: dict[str, Any]
     tasks: list[str]
     tokenizer: torch.nn.Module | None
+    regions: dict[str, torch.Tensor] | None = None
 
 
 def open_held_out(cfg: TransformerTrainConfig, classes: list[str], rank: int, device: torch.device, log
@@ -141,9 +155,6 @@ def open_held_out(cfg: TransformerTrainConfig, classes: list[str], rank: int, de
     held = held_out_tokens(cfg.data, classes)
     if held is None:
         return None
-    if cfg.model.layout.interior:  # MaskedTokenEvaluation builds prefix sequences only
-        raise UsageError("data.val_tokens: held-out scoring of a model with interior conditioning is not supported "
-                         "yet; leave data.val_tokens empty")
     batch, meta = held
     carried = {row.name for row in training_tasks(batch, cfg.model.vocab)}
     trained = cfg.masking.tasks or cfg.model.tasks
@@ -151,7 +162,8 @@ def open_held_out(cfg: TransformerTrainConfig, classes: list[str], rank: int, de
     if not tasks:
         raise UsageError(f"data.val_tokens: {cfg.data.val_tokens} holds the condition codes of none of the trained "
                          f"tasks ({', '.join(trained)}); tokenize it like the training shards")
-    return HeldOut(batch, tasks, sample_tokenizer(meta, cfg, device, log) if rank == 0 else None)
+    regions = shards_regions(meta, cfg.model.tasks, cfg.data.val_tokens) if cfg.model.layout.interior else None
+    return HeldOut(batch, tasks, sample_tokenizer(meta, cfg, device, log) if rank == 0 else None, regions)
 
 
 def sample_tokenizer(meta: dict[str, Any], cfg: TransformerTrainConfig, device: torch.device, log):
@@ -183,21 +195,26 @@ def ema_transformer(cfg: TransformerTrainConfig, ema: EMA, device: torch.device)
 
 
 @torch.no_grad()
-def sample_videos(model: MaskedVideoTransformer, tokenizer, batch: dict[str, Any], seed: int
-                  ) -> torch.Tensor | None:
+def sample_videos(model: MaskedVideoTransformer, tokenizer, batch: dict[str, Any], seed: int,
+                  regions: dict[str, torch.Tensor] | None = None) -> torch.Tensor | None:
     """Up to ``SAMPLE_VIDEOS`` seeded samples ``(N, 3, T, H, W')``: frame prediction from the held-out grids'
-    first-frame condition codes, generated | truth (the tokenizer's decoding of the held-out codes) side by side
-    (``W' = 2W``); unconditional samples (``W' = W``) when the model has no frame prediction. None: neither task."""
+    condition codes of the fewest given frames they carry (an interior model: in that count's region of
+    ``regions``), generated | truth (the tokenizer's decoding of the held-out codes) side by side (``W' = 2W``);
+    unconditional samples (``W' = W``) when the model has no frame prediction. None: neither task."""
     from magvit import code_grids
     from magvit.pipeline import generate_codes
+    from magvit.tasks import carried_cond_frames, condition_name
 
     tasks, device, layout = model.config.tasks, next(model.parameters()).device, model.config.layout
     batch, _ = code_grids.pack_batch(batch)  # two grids: packed, as the prior's sequences hold them
     n = min(SAMPLE_VIDEOS, batch["codes"].shape[0])
-    if "frame_prediction" in tasks and "cond.frame_prediction" in batch:
+    counts = carried_cond_frames(batch, "frame_prediction")
+    if "frame_prediction" in tasks and counts:
+        name = condition_name("frame_prediction", counts[0])
+        region = None if regions is None else regions[name]
         pairs = [torch.cat([code_grids.pack_codes(generate_codes(model, "frame_prediction",
-                                                                 batch["cond.frame_prediction"][i:i + 1],
-                                                                 steps=SAMPLE_STEPS, seed=seed + i)),
+                                                                 batch[f"cond.{name}"][i:i + 1], steps=SAMPLE_STEPS,
+                                                                 seed=seed + i, condition_region=region)),
                             batch["codes"][i:i + 1].to(device)])
                  for i in range(n)]  # (2, t, h, w) each (two grids: (2, N_top + N)): generated, truth
         codes = code_grids.video_codes(torch.cat(pairs), layout.token_grid, layout.top_grid)
@@ -216,10 +233,11 @@ def validate(model: MaskedVideoTransformer, held_out: HeldOut, samples_dir: Path
     and the tracker's ``samples/generated``."""
     from magvit.video_io import write_video
 
-    evaluation = MaskedTokenEvaluation(model, held_out.tasks, seed)
+    evaluation = MaskedTokenEvaluation(model, held_out.tasks, seed, held_out.regions)
     evaluation.update(held_out.batch)
     summary = evaluation.summary()
-    videos = sample_videos(model, held_out.tokenizer, held_out.batch, seed) if held_out.tokenizer else None
+    videos = sample_videos(model, held_out.tokenizer, held_out.batch, seed, held_out.regions) \
+        if held_out.tokenizer else None
     if videos is not None:
         write_video(samples_dir / f"step_{step:08d}.mp4", torch.cat(list(videos), dim=1), fps=SAMPLE_FPS)
         tracker.log_video(step, "samples/generated", videos, SAMPLE_FPS)

@@ -2,22 +2,24 @@
 
     python -m data_prep.tokenize --tokenizer DIR --manifest manifest.jsonl --out DIR [--split train|val|all]
                                  [--batch-size 8] [--shard-size 256] [--format safetensors|webdataset]
-                                 [--device cuda|cpu] [--rank R --world-size W]
+                                 [--device cuda|cpu] [--rank R --world-size W] [--cond-frames 1,2,5]
 
 Clips of the tokenizer's ``num_frames`` x ``image_size`` (center start and crop, deterministic) are encoded with
 ``VideoTokenizer.from_pretrained(DIR)``. Each ``shard-XXXXX.safetensors`` holds, per clip: ``codes`` (N, t, h, w),
 ``cond.<task>`` (N, t, h, w) for every pixel-space COMMIT task (``magvit.masking.CONDITION_TASKS``, condition video
-from ``build_condition_video``), ``sketch_codes`` (N, t, h, w) from the sketch video (the manifest's ``sketch`` when
-every clip has one, else ``data_prep.sketch.sketch_video`` of the clip), ``labels`` (N,) and ``clip_index`` (N,).
-``meta.json`` (written last) holds the tokenizer config, ``token_grid``, ``codebook_size``, ``classes``,
-``condition_tasks`` and ``num_examples``. A ``hierarchy=2`` tokenizer's top grid goes beside each of them as
-``top.codes``, ``top.cond.<task>``, ``top.sketch_codes`` (N, t, h/2, w/2), and ``meta.json`` records its ``top_grid``
-(``magvit.code_grids``). Codes are stored as int32. Rerunning resumes: finished shards are kept
-(each is written to a temp file and renamed). Decoding runs in DataLoader workers, encoding on all torch threads
-of ``--device`` (default: the GPU when there is one). ``--format webdataset`` writes ``shard-XXXXX.tar`` streaming
-shards instead (``magvit.streaming``; the same ``meta.json``). Several processes (``--rank R --world-size W``, or
-torchrun's / SLURM's environment) split the work: rank ``r`` writes shards ``r, r + W, ...``, and the last rank to
-finish writes ``meta.json``; the shards are the ones a single process writes.
+from ``build_condition_video``; frame prediction once per given-frame count of ``--cond-frames``:
+``cond.frame_prediction`` for one frame, ``cond.frame_prediction.<n>`` for ``n``), ``sketch_codes`` (N, t, h, w)
+from the sketch video (the manifest's ``sketch`` when every clip has one, else ``data_prep.sketch.sketch_video`` of
+the clip), ``labels`` (N,) and ``clip_index`` (N,). ``meta.json`` (written last) holds the tokenizer config,
+``token_grid``, ``codebook_size``, ``classes``, ``condition_tasks``, ``num_examples`` and (``--cond-frames`` other
+than 1) ``cond_frames``. A ``hierarchy=2`` tokenizer's top grid goes beside each of them as ``top.codes``,
+``top.cond.<condition>``, ``top.sketch_codes`` (N, t, h/2, w/2), and ``meta.json`` records its ``top_grid``
+(``magvit.code_grids``). Codes are stored as int32. Rerunning resumes: finished shards are kept (each is written to
+a temp file and renamed). Decoding runs in DataLoader workers, encoding on all torch threads of ``--device``
+(default: the GPU when there is one). ``--format webdataset`` writes ``shard-XXXXX.tar`` streaming shards instead
+(``magvit.streaming``; the same ``meta.json``). Several processes (``--rank R --world-size W``, or torchrun's /
+SLURM's environment) split the work: rank ``r`` writes shards ``r, r + W, ...``, and the last rank to finish writes
+``meta.json``; the shards are the ones a single process writes.
 """
 
 from __future__ import annotations
@@ -51,17 +53,21 @@ def load_tokenizer(directory: str, device: str):
 
 @torch.inference_mode()
 def encode_batch(tokenizer, video: torch.Tensor, tasks: Sequence[str], sketch: torch.Tensor | None,
-                 device: str) -> dict[str, torch.Tensor]:
-    """Codes of a clip batch ``(B, 3, T, H, W)``, of its condition videos and of its sketch, as int32 ``(B, t, h, w)``
-    (two grids: each also its ``top.`` entry, ``code_grids.shard_entries``).
+                 device: str, cond_frames: Sequence[int] = (1,)) -> dict[str, torch.Tensor]:
+    """Codes of a clip batch ``(B, 3, T, H, W)``, of its condition videos (frame prediction: one per given-frame
+    count of ``cond_frames``) and of its sketch, as int32 ``(B, t, h, w)`` (two grids: each also its ``top.`` entry,
+    ``code_grids.shard_entries``).
 
-    All variants go through the encoder as one batch (one call instead of ``2 + len(tasks)``).
+    All variants go through the encoder as one batch (one call instead of one per variant).
     """
     from magvit import code_grids
     from magvit.masking import build_condition_video
+    from magvit.tasks import condition_name, task as task_row
 
-    names = ["codes"] + [f"cond.{task}" for task in tasks] + (["sketch_codes"] if sketch is not None else [])
-    variants = [video] + [build_condition_video(video, task) for task in tasks]
+    conditions = [(task, n) for task in tasks for n in (cond_frames if task_row(task).frames == "first" else (1,))]
+    names = (["codes"] + [f"cond.{condition_name(task, n)}" for task, n in conditions]
+             + (["sketch_codes"] if sketch is not None else []))
+    variants = [video] + [build_condition_video(video, task, num_cond_frames=n) for task, n in conditions]
     if sketch is not None:
         variants.append(sketch)
     codes = tokenizer.encode(torch.cat(variants).to(device))  # (V * B, t, h, w); two grids: (top, bottom)
@@ -82,6 +88,9 @@ def build_parser() -> ArgumentParser:
                         help="sketch source: the manifest's 'sketch' videos, computed edge maps, or no sketch codes "
                              "(default auto: the manifest's when every clip has one, else computed)")
     parser.add_argument("--no-conditions", action="store_true", help="skip the cond.<task> codes")
+    parser.add_argument("--cond-frames", default="1", metavar="N[,N...]",
+                        help="frame prediction: the given-frame counts whose condition codes the shards carry "
+                             "(default 1; e.g. 1,2,5: training draws one of them per example)")
     parser.add_argument("--frame-stride", type=int, default=1)
     parser.add_argument("--workers", type=int, default=None, help="decoding DataLoader workers (default: 2)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, all cores)")
@@ -104,6 +113,13 @@ def check_args(args) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.workers is not None and args.workers < 0:
         raise UsageError(f"--workers must be >= 0, got {args.workers}")
+    try:
+        args.cond_frames = sorted({int(n) for n in args.cond_frames.split(",")})
+    except ValueError:
+        raise UsageError(f"--cond-frames must be comma-separated frame counts (e.g. 1,2,5), got "
+                         f"{args.cond_frames!r}") from None
+    if args.no_conditions and args.cond_frames != [1]:
+        raise UsageError("--cond-frames: --no-conditions writes no condition codes")
     if not Path(args.manifest).is_file():
         raise UsageError(f"manifest not found: {args.manifest}")
     check_out_dir(Path(args.out))
@@ -149,13 +165,14 @@ def shard_plan(args, config, dataset, sketch_mode: str, tasks: Sequence[str]) ->
     """Settings and fingerprint of this run: a rerun with the same ones resumes, others need ``--overwrite``."""
     settings = {"split": args.split, "shard_size": args.shard_size, "sketch": sketch_mode, "tasks": tasks,
                 **({"format": args.format} if args.format != "safetensors" else {}),
+                **({"cond_frames": args.cond_frames} if args.cond_frames != [1] else {}),
                 "frame_stride": args.frame_stride, "tokenizer_config": config.to_dict(),
                 "tokenizer_weights": file_digest(Path(args.tokenizer) / "model.safetensors")}
     videos = [(r["path"], r["frames"], r.get("label"), r.get("sketch")) for r in dataset.records]
     return {"settings": settings, "fingerprint": fingerprint({"s": settings, "v": videos})}
 
 
-def make_encoder(tokenizer, tasks: Sequence[str], sketch_mode: str, device: str):
+def make_encoder(tokenizer, tasks: Sequence[str], sketch_mode: str, device: str, cond_frames: Sequence[int] = (1,)):
     """``batch -> tensors of the shard``: codes, condition codes, sketch codes, labels and clip indices."""
     from magvit.sketch import sketch_video
 
@@ -166,7 +183,7 @@ def make_encoder(tokenizer, tasks: Sequence[str], sketch_mode: str, device: str)
             sketch = batch["sketch"]
         elif sketch_mode == "compute":
             sketch = sketch_video(video)
-        return {**encode_batch(tokenizer, video, tasks, sketch, device), "labels": batch["label"].long(),
+        return {**encode_batch(tokenizer, video, tasks, sketch, device, cond_frames), "labels": batch["label"].long(),
                 "clip_index": batch["index"].long()}
 
     return encode
@@ -192,6 +209,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     num_frames, size = config.num_frames, config.image_size
     grid = config.token_grid(num_frames, size, size)
     tasks = [] if args.no_conditions else list(CONDITION_TASKS)
+    if not all(1 <= n < num_frames for n in args.cond_frames):
+        raise UsageError(f"--cond-frames: every count must be in [1, {num_frames}) (the tokenizer's clips have "
+                         f"{num_frames} frames), got {','.join(map(str, args.cond_frames))}")
     dataset, sketch_mode = open_clips(args, config)
 
     out = Path(args.out)
@@ -202,13 +222,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     numbers = range(rank, num_shards(len(dataset), args.shard_size), world)
     mine, made, kept, dropped = write_shards(dataset, out, args.shard_size, args.batch_size, workers,
                                              "tokenizing" if world == 1 else f"tokenizing (rank {rank}/{world})",
-                                             make_encoder(tokenizer, tasks, sketch_mode, args.device),
+                                             make_encoder(tokenizer, tasks, sketch_mode, args.device,
+                                                          args.cond_frames),
                                              format=args.format, numbers=numbers)
     shards = finish_rank(out, plan["fingerprint"], rank, world, mine)
     meta = {"format": "magvit-tokens", "tokenizer": config.to_dict(),
             "tokenizer_dir": str(Path(args.tokenizer).resolve()), "token_grid": list(grid),
             **({"top_grid": list(config.top_grid(num_frames, size, size))} if config.hierarchy == 2 else {}),
             "codebook_size": config.codebook_size, "classes": dataset.classes, "condition_tasks": tasks,
+            **({"cond_frames": args.cond_frames} if args.cond_frames != [1] else {}),
             "has_sketch": sketch_mode != "none", "sketch_source": sketch_mode, "num_frames": num_frames,
             "image_size": size, "frame_stride": args.frame_stride, "split": args.split,
             "manifest": str(Path(args.manifest).resolve()), "storage": args.format,
