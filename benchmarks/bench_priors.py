@@ -9,6 +9,15 @@ time steps next), each stopping at ``--budget`` seconds of its own summed step t
   slots of the condition region (``TransformerConfig.conditioning="interior"``, sequence ``2 + N``);
 - ``autoregressive``: the causal prior of VQGAN (``AutoregressiveTransformer``, sequence ``2 + 2N``).
 
+With a ``hierarchy=2`` tokenizer (VQ-VAE-2's two code grids, ``magvit.code_grids``) every sequence holds the top
+grid's tokens, then the bottom grid's (``N = N_top + N_bottom``): ``masked-prefix`` / ``masked-interior`` train the
+top stage and the bottom stage given the top and decode in two phases, ``autoregressive`` generates the top first in
+raster order, and one more side is allowed:
+
+- ``masked-joint``: the same masked prefix transformer over the same packed sequence with plain joint masking over
+  both grids (one cosine-scheduled mask over all ``N`` tokens) and one decoding phase, the alternative to the two
+  stages. Its held-out NLL is taken on the two-stage maskings of the other masked sides (the same masks).
+
 Every side trains on frame prediction (first frame given) and unconditional generation (``TASKS``). The script
 tokenizes the manifest's ``train`` clips (what the priors train on) and its ``val`` clips (from other source videos,
 checked; what they are scored on) with the tokenizer export, caching the codes under ``--cache``. At each
@@ -20,6 +29,8 @@ reconstruction (the upper bound), and seconds per generated clip.
     .venv-bench/bin/python benchmarks/bench_priors.py --budget 180 --report-at 60 \\
         --markdown benchmarks/results/priors.md     # about 11 minutes on 2 idle cores
     .venv/bin/python benchmarks/bench_priors.py --quick        # checks that it runs (numbers meaningless)
+    .venv-bench/bin/python benchmarks/bench_priors.py --tokenizer TWO_GRID_EXPORT \
+        --sides masked-prefix,masked-joint --budget 120 --markdown benchmarks/results/priors_two_grids.md
 """
 
 from __future__ import annotations
@@ -46,7 +57,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TASKS = ("frame_prediction", "unconditional")  # every side's task list and training mix
 TASK = "frame_prediction"  # the evaluated task, one given frame
 COND_KEY = f"cond.{TASK}"
-SIDES = ("masked-prefix", "masked-interior", "autoregressive")
+SIDES = ("masked-prefix", "masked-interior", "autoregressive", "masked-joint")  # masked-joint: two grids only
+DEFAULT_SIDES = SIDES[:3]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -100,8 +112,26 @@ def token_data(args, tokenizer) -> dict:
 
 
 def grids(split: dict, index: torch.Tensor | slice) -> dict[str, torch.Tensor]:
-    """A batch of token-shard items: ``{"codes", "cond.frame_prediction"}`` long ``(B, t, h, w)``, no labels."""
-    return {"codes": split["codes"][index].long(), COND_KEY: split[COND_KEY][index].long()}
+    """A batch of token-shard items: ``{"codes", "cond.frame_prediction"}`` long ``(B, t, h, w)`` (two grids: and
+    their ``top.`` grids), no labels."""
+    keys = [k for k in split if k != "video"]
+    return {key: split[key][index].long() for key in keys}
+
+
+def packed_condition(val: dict, i: int) -> torch.Tensor:
+    """Clip ``i``'s condition codes as a prior's prefix: ``(1, t, h, w)``, two grids packed ``(1, N_top + N)``."""
+    from magvit.code_grids import pack_batch
+
+    return pack_batch(grids(val, slice(i, i + 1)))[0][COND_KEY]
+
+
+def as_one_grid(batch: dict) -> dict:
+    """The ``masked-joint`` side's view of a two-grid batch: every grid packed ``(B, 1, 1, N_top + N)``, one grid
+    whose plain masking covers both."""
+    from magvit.code_grids import pack_batch
+
+    packed, _ = pack_batch(batch)
+    return {key: value.reshape(value.shape[0], 1, 1, -1) for key, value in packed.items()}
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -115,6 +145,7 @@ class Side:
     nll_kind: str  # what the NLL columns are
     generate: Callable[[torch.Tensor, int], torch.Tensor]  # (condition codes (1, t, h, w), seed) -> (1, t, h, w)
     generate_uncached: Callable[[torch.Tensor, int], torch.Tensor] | None = None
+    layout: object = None  # the sequence its held-out NLL is scored on (None: its model's)
 
     @property
     def num_parameters(self) -> int:
@@ -123,6 +154,21 @@ class Side:
     @property
     def sequence_length(self) -> int:
         return self.model.config.layout.length
+
+
+def joint_side(sizes: dict, steps: int) -> Side:
+    """Two grids, one mask over both: the masked prefix transformer on the packed video as one ``(1, 1, N)`` grid."""
+    from magvit.code_grids import video_codes
+
+    grid, top = sizes.pop("token_grid"), sizes.pop("top_grid")
+    n = math.prod(grid) + math.prod(top)
+    side = masked_side("masked-joint", "prefix", {**sizes, "token_grid": (1, 1, n)}, None, steps)
+    train_loss, generate = side.train_loss, side.generate
+    side.train_loss = lambda batch, generator: train_loss(as_one_grid(batch), generator)
+    side.generate = lambda condition, seed: video_codes(generate(condition.reshape(1, 1, 1, n), seed).reshape(1, n),
+                                                        grid, top)
+    side.layout = type(side.model.config.layout)(tuple(grid), "prefix", tuple(top))
+    return side
 
 
 def masked_side(name: str, conditioning: str, sizes: dict, region: torch.Tensor, steps: int) -> Side:
@@ -171,10 +217,14 @@ def autoregressive_side(name: str, sizes: dict) -> Side:
 def build_sides(names: list[str], preset: str, tokenizer, region: torch.Tensor, steps: int, seed: int) -> list[Side]:
     c = tokenizer.config
     sizes = dict(preset=preset, codebook_size=c.codebook_size,
-                 token_grid=c.token_grid(c.num_frames, c.image_size, c.image_size), tasks=TASKS)
+                 token_grid=c.token_grid(c.num_frames, c.image_size, c.image_size), tasks=TASKS,
+                 top_grid=c.top_grid(c.num_frames, c.image_size, c.image_size) if c.hierarchy == 2 else None)
+    if "masked-joint" in names and c.hierarchy != 2:
+        raise BenchError("the masked-joint side needs a hierarchy 2 tokenizer (two code grids)")
     builders = {"masked-prefix": lambda: masked_side("masked-prefix", "prefix", dict(sizes), region, steps),
                 "masked-interior": lambda: masked_side("masked-interior", "interior", dict(sizes), region, steps),
-                "autoregressive": lambda: autoregressive_side("autoregressive", dict(sizes))}
+                "autoregressive": lambda: autoregressive_side("autoregressive", dict(sizes)),
+                "masked-joint": lambda: joint_side(dict(sizes), steps)}
     sides = []
     for name in names:
         torch.manual_seed(seed)  # the same initial draws for every side
@@ -186,26 +236,27 @@ def build_sides(names: list[str], preset: str, tokenizer, region: torch.Tensor, 
 # Held-out evaluation
 # ------------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def masked_nll(model, val: dict, region: torch.Tensor, seed: int, passes: int) -> dict[str, float]:
+def masked_nll(model, val: dict, region: torch.Tensor, seed: int, passes: int, layout=None) -> dict[str, float]:
     """Masked-token NLL of the held-out grids as ``MaskedTokenEvaluation`` computes it (frame prediction, no
     condition dropout, the cosine schedule's ratios from a generator seeded ``seed``, ``passes`` maskings of the
     whole set), for either conditioning, also over the masked tokens outside ``region`` (the predicted frames'
-    tokens), which that class does not report."""
+    tokens), which that class does not report. ``layout``: the sequence the maskings are drawn for, when it is not
+    the model's (the ``masked-joint`` side: the two-stage sequence, positions alike)."""
     from magvit.masking import code_nll, make_training_batch
 
-    config = model.config
+    config, layout = model.config, layout or model.config.layout
     generator = torch.Generator().manual_seed(seed)
-    regions = {TASK: region} if config.layout.interior else None
+    regions = {TASK: region} if layout.interior else None
     outside = ~region.reshape(-1)  # (N,)
     nll, count, future, future_count = 0.0, 0, 0.0, 0
     for _ in range(passes):
         tb = make_training_batch(val, config.vocab, tasks=[TASK], cond_dropout_prob=0.0, unmasked_weight=0.0,
-                                 schedule="cosine", generator=generator, conditioning=config.conditioning,
+                                 schedule="cosine", generator=generator, conditioning=layout.conditioning,
                                  condition_regions=regions)
         logits = model(tb.input_ids).float()  # (B, L, V)
         scored = tb.loss_mask > 0  # (B, L): the masked video positions
         per_token = code_nll(logits[scored], tb.labels[scored], config.codebook_size)  # (M,)
-        in_future = outside[None].expand(scored.shape[0], -1)[scored[:, config.layout.video]]  # (M,)
+        in_future = outside[None].expand(scored.shape[0], -1)[scored[:, layout.video]]  # (M,)
         nll, count = nll + float(per_token.sum()), count + per_token.numel()
         future, future_count = future + float(per_token[in_future].sum()), future_count + int(in_future.sum())
     return {"nll": nll / count, "nll_future": future / max(future_count, 1)}
@@ -229,8 +280,10 @@ def check_against_library(model, val: dict, region: torch.Tensor, seed: int, pas
 def autoregressive_nll(model, val: dict, region: torch.Tensor) -> dict[str, float]:
     """Exact NLL of every held-out video code given the frame-prediction condition and the codes before it."""
     from magvit.autoregressive import video_logits
+    from magvit.code_grids import pack_batch
     from magvit.masking import build_sequence, code_nll
 
+    val = pack_batch(val)[0]  # two grids: packed, top first
     config, codes = model.config, val["codes"]
     vocab, layout, b = config.vocab, config.layout, codes.shape[0]
     ids = build_sequence(vocab, layout, torch.full((b,), vocab.task_token(TASK)),
@@ -259,12 +312,14 @@ def summarise(psnr: list[float], ssim: list[float]) -> dict[str, float]:
 def baselines(tokenizer, val: dict) -> dict[str, dict[str, float]]:
     """Frame prediction that needs no prior: the first frame copied (in pixels, and its condition codes decoded) and
     the tokenizer's reconstruction of the truth (the upper bound of any prior over its codes)."""
+    from magvit.code_grids import TOP
     from magvit.evaluation.evaluators import frame_prediction_baselines
 
     real = val["video"]
+    codes = lambda key: (val[TOP + key].long(), val[key].long()) if TOP + key in val else val[key].long()
     entries = {"copy the first frame": frame_prediction_baselines(real, 1)["copy_baseline"],
-               "copy the first frame through the tokenizer": tokenizer.decode(val[COND_KEY].long()).clamp(-1, 1),
-               "tokenizer reconstruction (upper bound)": tokenizer.decode(val["codes"].long()).clamp(-1, 1)}
+               "copy the first frame through the tokenizer": tokenizer.decode(codes(COND_KEY)).clamp(-1, 1),
+               "tokenizer reconstruction (upper bound)": tokenizer.decode(codes("codes")).clamp(-1, 1)}
     return {name: summarise(*clip_scores(video, real, 1)) for name, video in entries.items()}
 
 
@@ -274,7 +329,7 @@ def frame_prediction(side: Side, tokenizer, val: dict, seed: int, uncached_clips
     decode and score them; seconds per clip of the code sampling (median), with and without the KV cache."""
     real, times, uncached, videos = val["video"], [], [], []
     for i in range(real.shape[0]):
-        condition = val[COND_KEY][i:i + 1].long()
+        condition = packed_condition(val, i)
         t0 = time.perf_counter()
         codes = side.generate(condition, seed + i)
         times.append(time.perf_counter() - t0)
@@ -292,8 +347,9 @@ def evaluate(side: Side, tokenizer, val: dict, region: torch.Tensor, args) -> di
     side.model.eval()
     batch = grids(val, slice(None))
     if side.nll_kind == "masked":
-        nll = masked_nll(side.model, batch, region, args.seed, args.nll_passes)
-        check_against_library(side.model, batch, region, args.seed, args.nll_passes, nll["nll"])
+        nll = masked_nll(side.model, batch, region, args.seed, args.nll_passes, side.layout)
+        if side.layout is None:  # the model's own sequences: the library scores them too
+            check_against_library(side.model, batch, region, args.seed, args.nll_passes, nll["nll"])
     else:
         nll = autoregressive_nll(side.model, batch, region)
     with torch.random.fork_rng(devices=[]):  # sampling leaves the global RNG alone
@@ -425,14 +481,22 @@ def results_table(runs: list[Run], report_at: list[float], base: dict, title: st
 def notes(runs: list[Run], data: dict, tokenizer, region: torch.Tensor, args, load_start: str) -> list[str]:
     c = tokenizer.config
     grid = c.token_grid(c.num_frames, c.image_size, c.image_size)
-    n_video = math.prod(grid)
-    return [
+    top = c.top_grid(c.num_frames, c.image_size, c.image_size) if c.hierarchy == 2 else None
+    n_video = math.prod(grid) + (math.prod(top) if top else 0)
+    two_grids = [] if top is None else [
+        f"Two code grids (hierarchy 2): a {'x'.join(map(str, top))} top grid and the {'x'.join(map(str, grid))} "
+        f"bottom grid, {n_video} video tokens packed top first (magvit.code_grids). masked-prefix: the top stage "
+        "(bottom all masked, unscored) or the bottom stage (top given, unscored) per example, decoded in two "
+        f"phases of {args.steps} steps; masked-joint: one mask over both grids, one phase of {args.steps} steps, "
+        "its NLL on masked-prefix's two-stage maskings (the same masks); autoregressive: raster order, top first."]
+    return two_grids + [
         f"Data: {data['train']['codes'].shape[0]} training clips ({args.train_clips_per_video} per video x "
         f"{args.train_epochs} epoch(s) of random starts / crops / flips) from {len(data['train_sources'])} source "
         "videos; "
         f"{data['val']['codes'].shape[0]} held-out clips from {len(data['val_sources'])} other source videos (checked "
         f"by the script). Tokenizer {args.tokenizer}: {c.num_frames}x{c.image_size}x{c.image_size} clips -> "
-        f"{'x'.join(map(str, grid))} = {n_video} codes of {c.codebook_size}.",
+        f"{'x'.join(map(str, grid))}{' + ' + 'x'.join(map(str, top)) if top else ''} = {n_video} codes of "
+        f"{c.codebook_size}.",
         f"Training: every side has the tasks {', '.join(TASKS)} (drawn uniformly per example, condition dropout 0.1; "
         "the same draws for every side), preset "
         f"'{args.preset}', the same initial seed, AdamW (lr {args.lr:g}, betas (0.9, 0.96), weight decay 0.045, "
@@ -467,7 +531,8 @@ def notes(runs: list[Run], data: dict, tokenizer, region: torch.Tensor, args, lo
 # ------------------------------------------------------------------------------------------------------------------
 def arguments():
     p = common.parser(__doc__.splitlines()[0])
-    p.add_argument("--sides", default=",".join(SIDES), help="comma-separated sides (default: %(default)s)")
+    p.add_argument("--sides", default=",".join(DEFAULT_SIDES),
+                   help=f"comma-separated sides of {', '.join(SIDES)} (default: %(default)s)")
     p.add_argument("--tokenizer", default=str(ROOT / "runs/demo/tokenizer/export"), help="tokenizer export folder")
     p.add_argument("--manifest", default=str(ROOT / "data/sample/manifest.jsonl"))
     p.add_argument("--cache", default=str(ROOT / "runs/bench/priors"), help="where the token grids are cached")
@@ -492,7 +557,7 @@ def arguments():
 
 
 def run(args) -> None:
-    from magvit.masking import latent_condition_region
+    from magvit.masking import two_grid_condition_region
     from magvit.prep.tokenize import load_tokenizer
 
     common.setup_threads(args.threads)
@@ -514,7 +579,9 @@ def run(args) -> None:
         data["val"] = {key: value[:3] for key, value in data["val"].items()}
     c = tokenizer.config
     grid = c.token_grid(c.num_frames, c.image_size, c.image_size)
-    region = latent_condition_region(TASK, grid, (c.num_frames, c.image_size, c.image_size), c.causal)  # (t, h, w)
+    top = c.top_grid(c.num_frames, c.image_size, c.image_size) if c.hierarchy == 2 else None
+    # (t, h, w); two grids: both packed (N_top + N,)
+    region = two_grid_condition_region(TASK, grid, top, (c.num_frames, c.image_size, c.image_size), c.causal)
     sides = build_sides(names, args.preset, tokenizer, region, args.steps, args.seed)
     report_at = sorted({float(x) for x in args.report_at.split(",") if x and float(x) < args.budget}
                        | {args.budget})

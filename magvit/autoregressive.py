@@ -27,8 +27,9 @@ import torch
 from torch import nn
 
 from . import tasks as _tasks
+from .code_grids import check_grids
 from .config import Config, require_finite
-from .masking import SequenceLayout, TokenVocabulary, code_nll, make_training_batch
+from .masking import IGNORE_INDEX, SequenceLayout, TokenVocabulary, code_nll, make_training_batch
 from .pretrained import PretrainedMixin
 from .tasks import DEFAULT_TASKS
 from .transformer import TransformerConfig
@@ -44,11 +45,14 @@ class AutoregressiveConfig(Config):
     ``codebook_size``, ``token_grid``, ``num_classes`` and ``tasks`` fix the vocabulary and the sequence exactly as
     for :class:`magvit.transformer.TransformerConfig` (``tasks``: the model's task list, whose order fixes the
     task-token ids; a config.json without it gets ``DEFAULT_TASKS``). The presets are the masked transformer's
-    sizes (hidden size, layers, heads, MLP width).
+    sizes (hidden size, layers, heads, MLP width). ``top_grid`` (two code grids, ``magvit.code_grids``; ``None`` in
+    every export without the key) puts the top grid's codes before the bottom grid's, so raster order models the
+    top first and the bottom given the top.
     """
 
     codebook_size: int = 1024
     token_grid: tuple[int, int, int] = (4, 16, 16)  # (t, h, w) of the tokenizer's code grid
+    top_grid: tuple[int, int, int] | None = None  # two code grids (VQ-VAE-2): the top grid, generated first
     num_classes: int = 0
     tasks: tuple[str, ...] = DEFAULT_TASKS
     hidden_size: int = 768
@@ -71,6 +75,7 @@ class AutoregressiveConfig(Config):
         if len(self.token_grid) != 3 or min(self.token_grid) < 1:
             raise ValueError(f"token_grid must be three positive ints (t, h, w), got {self.token_grid}")
         self.token_grid = tuple(int(x) for x in self.token_grid)  # type: ignore[assignment]
+        self.top_grid = check_grids(self.token_grid, self.top_grid)
         if min(self.hidden_size, self.num_layers, self.num_heads, self.intermediate_size) < 1:
             raise ValueError("hidden_size, num_layers, num_heads and intermediate_size must be >= 1")
         if self.hidden_size % self.num_heads:
@@ -87,7 +92,7 @@ class AutoregressiveConfig(Config):
 
     @property
     def layout(self) -> SequenceLayout:
-        return SequenceLayout(self.token_grid)
+        return SequenceLayout(self.token_grid, top_grid=self.top_grid)
 
     @property
     def vocab_size(self) -> int:
@@ -193,11 +198,9 @@ def training_sequence(batch: Mapping[str, torch.Tensor], vocab: TokenVocabulary,
     No host sync; the values are checked where the batch is read (``masking.check_training_batch``).
     """
     masked = make_training_batch(batch, vocab, tasks=tasks, cond_dropout_prob=cond_dropout_prob, mask_ratio=0.0,
-                                 generator=generator)  # ratio 0 still masks one video token per example:
-    layout = SequenceLayout(tuple(batch["codes"].shape[1:]))  # type: ignore[arg-type]
-    ids = masked.input_ids
-    ids[:, layout.video] = masked.labels[:, layout.video]  # ... the labels hold every video code
-    return ids
+                                 generator=generator)
+    # ratio 0 still masks one video token per example: the labels hold every video code (two grids: packed, top first)
+    return torch.where(masked.labels != IGNORE_INDEX, masked.labels, masked.input_ids)
 
 
 def video_logits(logits: torch.Tensor, layout: SequenceLayout, codebook_size: int) -> torch.Tensor:

@@ -236,9 +236,10 @@ def token_folder(data: DataConfig) -> str:
 
 
 def token_sizes(data: DataConfig) -> dict[str, Any]:
-    """``codebook_size``, ``token_grid``, ``num_classes`` and ``cond_frames`` (frame prediction's given-frame
-    counts) of the token shards (from their ``meta.json``): what they fix for a model trained on them. Read before
-    any process group exists; ``UsageError`` when the meta.json is missing or is not one of token shards."""
+    """``codebook_size``, ``token_grid``, ``num_classes``, ``cond_frames`` (frame prediction's given-frame counts)
+    and ``top_grid`` (two code grids; else None) of the token shards (from their ``meta.json``): what they fix for a
+    model trained on them. Read before any process group exists; ``UsageError`` when the meta.json is missing or is
+    not one of token shards."""
     if data.format == "webdataset":  # meta.json beside the tar shards, wherever they are
         where = data.shards
         try:
@@ -255,7 +256,8 @@ def token_sizes(data: DataConfig) -> dict[str, Any]:
         if data.format != "webdataset":
             meta = json.loads(path.read_text())
         return {"codebook_size": int(meta["codebook_size"]), "token_grid": list(meta["token_grid"]),
-                "num_classes": len(meta.get("classes") or []), "cond_frames": list(shard_cond_frames(meta))}
+                "num_classes": len(meta.get("classes") or []), "cond_frames": list(shard_cond_frames(meta)),
+                "top_grid": list(meta["top_grid"]) if meta.get("top_grid") else None}
     except (json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError) as err:
         raise UsageError(f"{where}: not a token shard meta.json ({err})") from None
 
@@ -274,7 +276,7 @@ def held_out_tokens(data: DataConfig, classes: Sequence[str]) -> tuple[dict[str,
         raise UsageError(f"data.val_tokens: {' '.join(str(err).split())}") from None
     train = token_sizes(data)
     held = {"codebook_size": dataset.codebook_size, "token_grid": list(dataset.token_grid)}
-    if any(held[key] != train[key] for key in held):
+    if any(held[key] != train[key] for key in held) or dataset.meta.get("top_grid") != train.get("top_grid"):
         raise UsageError(f"data.val_tokens: {data.val_tokens} holds codes of a {held['codebook_size']}-code book on "
                          f"a {tuple(held['token_grid'])} grid, the training shards a {train['codebook_size']}-code "
                          f"book on {tuple(train['token_grid'])}: tokenize both with the same tokenizer")

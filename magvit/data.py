@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from .code_grids import TOP
 from .fileio import atomic_path
 from .video_io import VideoReadError, read_video, to_float
 
@@ -457,7 +458,7 @@ def check_code_range(tensors: dict[str, torch.Tensor], codebook_size: int, where
     """``ValueError`` unless every token grid (``codes``, ``cond.<task>``, ``sketch_codes``) is an integer tensor with
     values in ``[0, codebook_size)``: a damaged shard or codes of another tokenizer fail here, not inside a step."""
     for key, tensor in tensors.items():
-        if not (key in ("codes", "sketch_codes") or key.startswith("cond.")):
+        if not (key in ("codes", "sketch_codes") or key.startswith(("cond.", TOP))):  # TOP: two grids' top grids
             continue
         if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
             raise ValueError(f"{where}: '{key}' holds {tensor.dtype} values, token codes are integers")
@@ -472,7 +473,8 @@ class TokenShardDataset(Dataset):
     """Token shards written by ``python -m data_prep.tokenize``, memory-mapped: nothing is held in RAM per rank.
 
     ``meta.json``: ``tokenizer`` (config), ``token_grid``, ``codebook_size``, ``classes``, ``condition_tasks``,
-    ``num_examples``, ``shards``. Items: ``{"codes": (t, h, w) long, "cond.<task>": (t, h, w) long ...,
+    ``num_examples``, ``shards`` (two code grids: ``top_grid``, and items also hold ``top.codes``, ``top.cond.<task>``
+    ... ``(t, h/2, w/2)``, ``magvit.code_grids``). Items: ``{"codes": (t, h, w) long, "cond.<task>": (t, h, w) long ...,
     "sketch_codes": (t, h, w) long (when present), "label": int, "index": int}``; item ``i`` is row ``i`` of the
     shards in ``meta.json`` order. Each item reads its own rows through ``safetensors.safe_open`` (one handle per
     shard and process), so the resident memory does not grow with the data set.
@@ -492,6 +494,7 @@ class TokenShardDataset(Dataset):
             self.codebook_size = int(self.meta["codebook_size"])
         except (KeyError, TypeError, ValueError):
             raise ValueError(f"{self.directory}/meta.json: needs 'token_grid' (3 numbers) and 'codebook_size'") from None
+        self.top_grid = tuple(int(n) for n in self.meta["top_grid"]) if self.meta.get("top_grid") else None
         self._files = [str(self.directory / shard["file"]) for shard in self.meta["shards"]]
         self._layout: dict[str, tuple[str, tuple[int, ...]]] | None = None  # key -> (dtype, row shape)
         counts = [self._check_shard(path) for path in self._files]
@@ -523,7 +526,11 @@ class TokenShardDataset(Dataset):
                 elif rows_layout != self._layout:
                     raise ValueError(f"{self.directory}: shards do not fit together ({path} holds "
                                      f"{sorted(rows_layout.items())}, the first shard {sorted(self._layout.items())})")
-                for key in [k for k in layout if k in ("codes", "sketch_codes") or k.startswith("cond.")]:
+                top_shape = tuple(layout.get(TOP + "codes", ("", (rows,)))[1][1:])  # two grids: the top grid's
+                if self.top_grid is not None and top_shape != self.top_grid:
+                    raise ValueError(f"{self.directory}: top.codes of shape {top_shape} in {path}, meta.json says "
+                                     f"top_grid {self.top_grid}")
+                for key in [k for k in layout if k in ("codes", "sketch_codes") or k.startswith(("cond.", TOP))]:
                     # one tensor at a time, dropped after the check: at most one grid of one shard is resident
                     check_code_range({key: f.get_tensor(key)}, self.codebook_size, str(self.directory))
         except SafetensorError as err:  # truncated, overwritten, not safetensors at all

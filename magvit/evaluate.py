@@ -1,13 +1,13 @@
 """``python -m magvit.evaluate``: tokenizer and transformer metrics on held-out clips, with a report and plots.
 
 Tokenizer: PSNR and SSIM of the reconstructions (per frame, averaged), codebook usage and perplexity over the
-dataset, bits per pixel of the codes (fixed-length and entropy-coded). Transformer (``--transformer``): masked-token
-negative log-likelihood and accuracy on held-out tokens (``--tokens`` shards, or the clips tokenized on the fly), and
-frame prediction: PSNR / SSIM / per-frame MSE of the generated future frames against the real ones, per clip and per
-predicted frame, next to baselines that need no model (the last given frame copied, in pixels and through the
-tokenizer; all black; the mean given frame). FVD with a local I3D TorchScript file (``--i3d``). Token shards that
-hold the evaluated clips (or come from a training split) are warned about on stderr and in the report's
-``warnings``. Writes ``report.json`` and PNG plots.
+dataset, bits per pixel of the codes (fixed-length and entropy-coded). Transformer (``--transformer``, the masked or
+the autoregressive prior): masked-token negative log-likelihood and accuracy on held-out tokens (masked prior;
+``--tokens`` shards, or the clips tokenized on the fly), and frame prediction: PSNR / SSIM / per-frame MSE of the
+generated future frames against the real ones, per clip and per predicted frame, next to baselines that need no model
+(the last given frame copied, in pixels and through the tokenizer; all black; the mean given frame). FVD with a
+local I3D TorchScript file (``--i3d``). Token shards that hold the evaluated clips (or come from a training split) are
+warned about on stderr and in the report's ``warnings``. Writes ``report.json`` and PNG plots.
 
     python -m magvit.evaluate --tokenizer runs/demo/tokenizer/export --transformer runs/demo/transformer/export \\
         --data data/sample/manifest.jsonl --out runs/demo/eval --run-dir runs/demo/tokenizer
@@ -50,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--tokenizer", metavar="DIR", help="save_pretrained folder of the VideoTokenizer (e.g. RUN/export) "
                    "or its Hub id (org/name)")
-    p.add_argument("--transformer", metavar="DIR", help="save_pretrained folder of the MaskedVideoTransformer or its "
-                   "Hub id")
+    p.add_argument("--transformer", metavar="DIR", help="save_pretrained folder of the prior (MaskedVideoTransformer "
+                   "or AutoregressiveTransformer) or its Hub id")
     p.add_argument("--data", metavar="MANIFEST_OR_FOLDER",
                    help="manifest.jsonl, a folder holding one, a folder of videos, or a folder of token shards")
     p.add_argument("--tokens", metavar="DIR", help="held-out token shards for the masked-token NLL "
@@ -118,7 +118,7 @@ def load_models(tokenizer_dir: str | None, transformer_dir: str | None, device: 
     from .pipeline import check_pair, load_pretrained
 
     tokenizer = load_pretrained("tokenizer", tokenizer_dir, device) if tokenizer_dir is not None else None
-    transformer = load_pretrained("transformer", transformer_dir, device) if transformer_dir is not None else None
+    transformer = load_pretrained("prior", transformer_dir, device) if transformer_dir is not None else None
     if tokenizer is not None and transformer is not None:
         check_pair(tokenizer.config, transformer.config)
     return tokenizer, transformer
@@ -164,12 +164,19 @@ def _clip_evaluations(args: argparse.Namespace, tokenizer, transformer, on_the_f
                                                          args.temperature, args.guidance_scale, args.seed,
                                                          num_samples=args.num_samples)
     warn_untrained_cond_frames(transformer, args.cond_frames)
-    if on_the_fly:  # the clips' codes + their frame-prediction condition
+    if on_the_fly and _is_masked(transformer):  # the clips' codes + their frame-prediction condition
         regions = clip_condition_regions(tokenizer, transformer, args.cond_frames) \
             if transformer.config.conditioning == "interior" else None
         results.masked_tokens = MaskedTokenEvaluation(transformer, supported_tasks(nll_tasks, ["frame_prediction"]),
                                                       args.seed, regions)
     return results
+
+
+def _is_masked(transformer) -> bool:
+    """A masked prior: the one with a masked-token NLL (an autoregressive prior is scored by frame prediction)."""
+    from .transformer import MaskedVideoTransformer
+
+    return isinstance(transformer, MaskedVideoTransformer)
 
 
 def _warn_held_out(tokens_dir: Path | None, evaluated: list[str] | None) -> list[str]:
@@ -212,7 +219,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         batches = iterate_clips(dataset, args.max_clips, args.batch_size, progress, clips.lost)
         report.update(evaluate_clips(batches, clips, args.cond_frames, keep_videos=extractor is not None).report())
         masked = clips.masked_tokens
-    if transformer is not None and tokens_dir is not None:
+    if _is_masked(transformer) and tokens_dir is not None:
         masked = evaluate_token_shards(tokens_dir, tokenizer, transformer, nll_tasks, args.batch_size,
                                        args.max_clips, args.seed, progress)
     if masked is not None:

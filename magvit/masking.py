@@ -31,6 +31,7 @@ from typing import Mapping, NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import code_grids
 from . import tasks as _tasks
 from .config import Config, require_finite
 
@@ -229,10 +230,14 @@ class CodeFactorization:
 @dataclasses.dataclass(frozen=True)
 class SequenceLayout:
     """Positions of the parts of a sequence for a token grid ``(t, h, w)`` and a ``conditioning`` of
-    :data:`CONDITIONINGS` (``"interior"``: no prefix, the prefix slice is empty)."""
+    :data:`CONDITIONINGS` (``"interior"``: no prefix, the prefix slice is empty).
+
+    Two code grids (``top_grid``, VQ-VAE-2; ``magvit.code_grids``): the prefix and the video each hold the top grid's
+    tokens, then the bottom grid's (``token_grid``), packed flat: ``N = N_top + t*h*w``."""
 
     token_grid: tuple[int, int, int]
     conditioning: str = "prefix"
+    top_grid: tuple[int, int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.conditioning not in CONDITIONINGS:
@@ -245,7 +250,18 @@ class SequenceLayout:
     @property
     def num_video_tokens(self) -> int:
         t, h, w = self.token_grid
-        return t * h * w
+        return t * h * w + self.num_top_tokens
+
+    @property
+    def num_top_tokens(self) -> int:
+        """Tokens of the top grid, the first of the video (and of the prefix); 0 with one grid."""
+        return code_grids.num_tokens(self.top_grid)
+
+    @property
+    def video_shape(self) -> tuple[int, ...]:
+        """One example's video (or prefix) tokens as tensors hold them: ``token_grid``, or with two grids packed
+        flat ``(N_top + t*h*w,)``."""
+        return tuple(self.token_grid) if self.top_grid is None else (self.num_video_tokens,)
 
     @property
     def task_position(self) -> int:
@@ -278,14 +294,15 @@ def build_sequence(
     video: torch.Tensor | None,
 ) -> torch.Tensor:
     """Assemble ``(B, L)`` input ids from per-example task / class tokens (B,), prefix tokens ``(B, t, h, w)``
-    (``None``: all pad; an interior layout has no prefix) and video tokens ``(B, t, h, w)`` (``None``: all mask)."""
+    (``None``: all pad; an interior layout has no prefix) and video tokens ``(B, t, h, w)`` (``None``: all mask);
+    with two grids both are packed ``(B, N_top + N)`` (``layout.video_shape``)."""
     batch = task_tokens.shape[0]
     n = layout.num_video_tokens
     if layout.interior and prefix is not None:
         raise ValueError("an interior layout has no prefix: its condition tokens go into the video slots")
     for name, grid in (("prefix", prefix), ("video", video)):
-        if grid is not None and (grid.dim() != 4 or tuple(grid.shape[1:]) != tuple(layout.token_grid)):
-            raise ValueError(f"{name} tokens must be (B, {', '.join(map(str, layout.token_grid))}), "
+        if grid is not None and tuple(grid.shape[1:]) != layout.video_shape:
+            raise ValueError(f"{name} tokens must be (B, {', '.join(map(str, layout.video_shape))}), "
                              f"got {tuple(grid.shape)}")
     device = task_tokens.device
     ids = torch.empty(batch, layout.length, dtype=torch.long, device=device)
@@ -300,7 +317,7 @@ def interior_condition_tokens(vocab: TokenVocabulary, layout: SequenceLayout, to
                               condition_codes: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
     """``(B, L)``: what each still-masked slot of ``tokens`` ``(B, L)`` shows an interior model while decoding:
     the condition code ``condition_codes (B, t, h, w)`` inside ``region`` ``(t, h, w)`` bool, the mask token
-    elsewhere (``iterative_decode``'s ``condition_tokens``)."""
+    elsewhere (``iterative_decode``'s ``condition_tokens``); two grids: both packed (``layout.video_shape``)."""
     batch, n = tokens.shape[0], layout.num_video_tokens
     codes = condition_codes.to(tokens.device).reshape(batch, n)
     shown = tokens.clone()
@@ -475,17 +492,20 @@ def latent_condition_region(task: str, token_grid: Sequence[int], clip_size: Seq
 
 
 def latent_condition_regions(tasks: Sequence[str], token_grid: Sequence[int], clip_size: Sequence[int],
-                             causal: bool, cond_frames: Sequence[int] = (1,)) -> dict[str, torch.Tensor]:
+                             causal: bool, cond_frames: Sequence[int] = (1,),
+                             top_grid: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
     """:func:`latent_condition_region` of each pixel-condition task of ``tasks`` (the others have none), by its
     condition's name (``magvit.tasks.condition_name``; frame prediction: one region per given-frame count of
-    ``cond_frames``): the ``condition_regions`` of :func:`make_training_batch` for an interior model."""
+    ``cond_frames``): the ``condition_regions`` of :func:`make_training_batch` for an interior model. With a
+    ``top_grid`` (two code grids) each is :func:`two_grid_condition_region`."""
     regions = {}
     for name in tasks:
         row = _tasks.task(name)
         if row.condition != "video":
             continue
         for n in cond_frames if row.frames == "first" else (1,):
-            regions[_tasks.condition_name(name, n)] = latent_condition_region(name, token_grid, clip_size, causal, n)
+            regions[_tasks.condition_name(name, n)] = two_grid_condition_region(name, token_grid, top_grid,
+                                                                                clip_size, causal, n)
     return regions
 
 
@@ -498,11 +518,25 @@ def shard_cond_frames(meta: Mapping) -> tuple[int, ...]:
 
 
 def shard_condition_regions(meta: Mapping, tasks: Sequence[str]) -> dict[str, torch.Tensor]:
-    """:func:`latent_condition_regions` of ``tasks`` for the clips, tokenizer and given-frame counts of token shards
-    (their ``meta.json``: ``num_frames``, ``image_size``, ``tokenizer.causal``, ``token_grid``, ``cond_frames``)."""
+    """:func:`latent_condition_regions` of ``tasks`` for the clips, tokenizer, given-frame counts and code grids of
+    token shards (their ``meta.json``: ``num_frames``, ``image_size``, ``tokenizer.causal``, ``token_grid``,
+    ``cond_frames``, ``top_grid`` when they hold two grids)."""
     clip = (int(meta["num_frames"]), int(meta["image_size"]), int(meta["image_size"]))
     causal = bool((meta.get("tokenizer") or {}).get("causal", False))
-    return latent_condition_regions(tasks, meta["token_grid"], clip, causal, shard_cond_frames(meta) or (1,))
+    return latent_condition_regions(tasks, meta["token_grid"], clip, causal, shard_cond_frames(meta) or (1,),
+                                    meta.get("top_grid"))
+
+
+def two_grid_condition_region(task: str, token_grid: Sequence[int], top_grid: Sequence[int] | None,
+                              clip_size: Sequence[int], causal: bool, num_cond_frames: int = 1) -> torch.Tensor:
+    """:func:`latent_condition_region` on ``token_grid`` ``(t, h, w)``; with a ``top_grid`` the regions of both grids,
+    each at its own resolution, packed as the sequence holds them: bool ``(N_top + t*h*w,)``
+    (``magvit.code_grids.pack``)."""
+    bottom = latent_condition_region(task, token_grid, clip_size, causal, num_cond_frames)
+    if top_grid is None:
+        return bottom
+    top = latent_condition_region(task, top_grid, clip_size, causal, num_cond_frames)
+    return code_grids.pack(top[None], bottom[None])[0]
 
 
 # --- training batches ----------------------------------------------------------------------------------------------
@@ -578,7 +612,7 @@ def check_training_batch(batch: Mapping[str, torch.Tensor], vocab: TokenVocabula
     batch that did not come through ``TokenShardDataset`` (which checks its codes when it opens): codes in
     ``[0, codebook_size)``, labels in ``[-1, num_classes)``, a task for every example."""
     codes = _video_codes(batch)
-    for key in ("codes", "sketch_codes", *(k for k in batch if k.startswith("cond."))):
+    for key in ("codes", "sketch_codes", *(k for k in batch if k.startswith(("cond.", code_grids.TOP)))):
         if key in batch and bool(((batch[key] < 0) | (batch[key] >= vocab.codebook_size)).any()):
             raise ValueError(f"batch['{key}']: codes must be in [0, {vocab.codebook_size})")
     labels = _batch_labels(batch, codes.shape[0])
@@ -595,12 +629,13 @@ class _Draws(NamedTuple):
     drop_prefix: torch.Tensor  # (B,) bool: classifier-free guidance drops the condition tokens
     drop_class: torch.Tensor  # (B,) bool: ... and, independently, the class (both: also the joint drop)
     masked: torch.Tensor  # (B, N) bool: the masked video tokens
+    scored: torch.Tensor | None  # (B, N) bool: the video tokens the loss covers (None: all; two grids' stages)
     count_scores: torch.Tensor | None  # (B,) U(0, 1): the given-frame count of frame prediction (None: one carried)
 
 
 def _draw(batch_size: int, num_tasks: int, num_tokens: int, schedule: str, cond_dropout_prob: float,
           uncond_prob: float, mask_ratio: float | None, generator: torch.Generator | None,
-          draw_counts: bool = False) -> _Draws:
+          top_tokens: int = 0, draw_counts: bool = False) -> _Draws:
     # The order of the draws is part of the training RNG's stream (exact resume replays it): keep it. The joint drop
     # and the given-frame count draw last and only when asked, so a run without them draws what it always drew.
     task_scores = _rand((batch_size, num_tasks), generator)
@@ -610,12 +645,33 @@ def _draw(batch_size: int, num_tasks: int, num_tokens: int, schedule: str, cond_
         ratio = _gamma(_rand((batch_size,), generator), schedule)  # U(0, 1) through the schedule
     else:
         ratio = torch.full((batch_size,), float(mask_ratio), dtype=torch.float64)
-    masked = random_mask(num_tokens, ratio, generator)
+    if top_tokens:  # two code grids: a top or a bottom stage per example
+        masked, scored = two_stage_mask(top_tokens, num_tokens - top_tokens, ratio, generator)
+    else:
+        masked, scored = random_mask(num_tokens, ratio, generator), None
     if uncond_prob > 0:
         both = _rand((batch_size,), generator) < uncond_prob
         drop_prefix, drop_class = drop_prefix | both, drop_class | both
     count_scores = _rand((batch_size,), generator) if draw_counts else None
-    return _Draws(task_scores, drop_prefix, drop_class, masked, count_scores)
+    return _Draws(task_scores, drop_prefix, drop_class, masked, scored, count_scores)
+
+
+def two_stage_mask(top_tokens: int, bottom_tokens: int, ratio: torch.Tensor,
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """VQ-VAE-2's two priors as two training stages of one masked prior over packed two-grid videos
+    ``[top][bottom]`` (``magvit.code_grids``): ``(masked, scored)``, each bool ``(B, N_top + N_bottom)``.
+
+    Each example is in the top stage or the bottom stage with probability 1/2. Top stage: ``ratio`` ``(B,)`` of the
+    top tokens masked (:func:`random_mask`), the whole bottom masked and not scored (decoding's first phase sees
+    the same). Bottom stage: the whole top given and not scored (a condition, as decoding's second phase has it),
+    ``ratio`` of the bottom tokens masked."""
+    batch = ratio.shape[0]
+    top_stage = (_rand((batch,), generator) < 0.5)[:, None]  # (B, 1)
+    top_mask, bottom_mask = random_mask(top_tokens, ratio, generator), random_mask(bottom_tokens, ratio, generator)
+    ones = lambda n: torch.ones(batch, n, dtype=torch.bool)
+    masked = torch.cat([top_mask & top_stage, torch.where(top_stage, ones(bottom_tokens), bottom_mask)], dim=1)
+    scored = torch.cat([top_stage.expand(-1, top_tokens), ~top_stage.expand(-1, bottom_tokens)], dim=1)
+    return masked.to(ratio.device), scored.to(ratio.device)
 
 
 def _choose_tasks(scores: torch.Tensor, rows: Sequence[_tasks.Task], labels: torch.Tensor) -> torch.Tensor:
@@ -689,17 +745,18 @@ def _region_table(variants: Sequence[_Variant], regions: Mapping[str, torch.Tens
             raise ValueError(f"task '{row.name}': interior conditioning has no sketch condition (no region)")
         if row.condition == "video":
             region = (regions or {}).get(name)
-            if region is None or tuple(region.shape) != tuple(layout.token_grid):
+            if region is None or tuple(region.shape) != layout.video_shape:
                 raise ValueError(f"interior conditioning needs condition_regions['{name}'] of shape "
-                                 f"{tuple(layout.token_grid)}, got {None if region is None else tuple(region.shape)}")
+                                 f"{layout.video_shape}, got {None if region is None else tuple(region.shape)}")
             table[i] = region.reshape(-1).cpu()
     return table
 
 
 def _assemble(vocab: TokenVocabulary, layout: SequenceLayout, codes: torch.Tensor, task_tokens: torch.Tensor,
               class_tokens: torch.Tensor, condition: torch.Tensor, region: torch.Tensor | None,
-              masked: torch.Tensor, unmasked_weight: float) -> TrainingBatch:
-    """The sequence, its targets (every video position) and loss weights (masked 1, visible ``unmasked_weight``).
+              masked: torch.Tensor, unmasked_weight: float, scored: torch.Tensor | None = None) -> TrainingBatch:
+    """The sequence, its targets (every video position) and loss weights (masked 1, visible ``unmasked_weight``;
+    0 outside ``scored`` ``(B, N)`` when given).
 
     ``condition`` ``(B, N)``: the prefix, or (interior, ``region`` ``(B, N)`` bool given) the tokens that the masked
     slots inside the region show instead of the mask token."""
@@ -713,7 +770,8 @@ def _assemble(vocab: TokenVocabulary, layout: SequenceLayout, codes: torch.Tenso
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     labels[:, layout.video] = video
     loss_mask = torch.zeros(b, layout.length, dtype=torch.float32, device=codes.device)
-    loss_mask[:, layout.video] = torch.where(masked, 1.0, float(unmasked_weight))
+    weights = torch.where(masked, 1.0, float(unmasked_weight))  # (B, N)
+    loss_mask[:, layout.video] = weights if scored is None else weights * scored
     return TrainingBatch(input_ids, labels, loss_mask)
 
 
@@ -752,6 +810,11 @@ def make_training_batch(
     ".<n>"]``. That draw comes last from ``generator``, and only when a task has several, so a batch of one count
     draws what it always drew.
 
+    Two code grids (VQ-VAE-2; the batch also holds ``top.codes``, ``top.cond.<condition>``... ``(B, t, h', w')``,
+    ``magvit.code_grids``): every grid is packed top first, the region of ``condition_regions[<condition>]`` is the
+    packed ``(N_top + N,)`` one (:func:`two_grid_condition_region`), and each example trains the top or the bottom
+    stage (:func:`two_stage_mask`; its draws replace the one-grid mask's, so one-grid batches draw as before).
+
     The video tokens are masked with ratio ``mask_schedule(r, schedule)``, ``r ~ U(0, 1)`` per example (or the fixed
     ``mask_ratio``). As in MAGVIT the loss covers all video positions: masked ones with weight 1, unmasked ones with
     ``unmasked_weight``.
@@ -759,7 +822,9 @@ def make_training_batch(
     All randomness comes from ``generator`` (CPU); the outputs live on the device of ``batch["codes"]``, and nothing
     waits for that device: the tensors' values are not checked here (:func:`check_training_batch` does).
     """
-    codes = _video_codes(batch)  # (B, t, h, w)
+    grid = tuple(_video_codes(batch).shape[1:])  # (t, h, w): the bottom grid when there are two
+    batch, top_grid = code_grids.pack_batch(batch)  # two grids: each of them (B, N_top + N), top first
+    codes = batch["codes"].long()  # (B, t, h, w), or packed (B, N_top + N)
     rows = training_tasks(batch, vocab, tasks)
     check_schedule(schedule)
     for name, p in (("cond_dropout_prob", cond_dropout_prob), ("uncond_prob", uncond_prob)):
@@ -768,11 +833,11 @@ def make_training_batch(
     if mask_ratio is not None and not 0.0 <= mask_ratio <= 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1], got {mask_ratio}")
     b, device = codes.shape[0], codes.device
-    layout = SequenceLayout(tuple(codes.shape[1:]), conditioning)  # type: ignore[arg-type]
+    layout = SequenceLayout(grid, conditioning, top_grid)  # type: ignore[arg-type]
     variants, sizes = _variants(batch, rows)
     table = _region_table(variants, condition_regions, layout) if layout.interior else None  # (num_variants, N)
     draws = _draw(b, len(rows), layout.num_video_tokens, schedule, cond_dropout_prob, uncond_prob, mask_ratio,
-                  generator, draw_counts=bool((sizes > 1).any()))
+                  generator, layout.num_top_tokens, draw_counts=bool((sizes > 1).any()))
 
     labels = _on(device, _batch_labels(batch, b))  # (B,)
     task_index = _choose_tasks(draws.task_scores, rows, labels)  # (B,)
@@ -781,8 +846,9 @@ def make_training_batch(
     condition = _condition_prefix(batch, variants, variant_index, draws.drop_prefix, vocab, layout.num_video_tokens)
     class_tokens = _class_slot(labels, rows, task_index, draws.drop_class, vocab)
     region = None if table is None else _on(device, table)[variant_index] & ~_on(device, draws.drop_prefix)[:, None]
+    scored = None if draws.scored is None else _on(device, draws.scored)
     return _assemble(vocab, layout, codes, task_tokens, class_tokens, condition, region, _on(device, draws.masked),
-                     unmasked_weight)
+                     unmasked_weight, scored)
 
 
 def factor_logits(logits: torch.Tensor, codebook_size: int) -> torch.Tensor:

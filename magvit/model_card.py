@@ -47,8 +47,10 @@ def _tokenizer_summary(config: Any) -> tuple[list[str], list[str]]:
 
 
 def _transformer_summary(config: Any) -> tuple[list[str], list[str]]:
-    lines = [f"- Token grid (t x h x w): {'x'.join(map(str, config.token_grid))}, codebook of "
-             f"{config.codebook_size} codes",
+    grids = "x".join(map(str, config.token_grid))
+    if getattr(config, "top_grid", None):  # two code grids (VQ-VAE-2)
+        grids += f" and a top grid {'x'.join(map(str, config.top_grid))}, modelled first"
+    lines = [f"- Token grid (t x h x w): {grids}, codebook of {config.codebook_size} codes",
              f"- Vocabulary: {config.vocab_size} tokens (codes, mask, task and class tokens)",
              f"- Layers x hidden x heads: {config.num_layers} x {config.hidden_size} x {config.num_heads}",
              f"- Classes: {config.num_classes}"]

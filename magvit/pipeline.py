@@ -34,10 +34,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import tasks
+from . import code_grids, tasks
 from .cli import UsageError
 from .masking import (NO_LABEL, build_condition_video, build_sequence, interior_condition_tokens,
-                      latent_condition_region)
+                      two_grid_condition_region)
 
 
 # --- the model pair ------------------------------------------------------------------------------------------------
@@ -45,7 +45,7 @@ from .masking import (NO_LABEL, build_condition_video, build_sequence, interior_
 
 def check_pair(tokenizer_config, transformer_config) -> tuple[int, int, int]:
     """Raise ``UsageError`` unless the transformer was trained on this tokenizer's codes (same codebook, same token
-    grid of the tokenizer's clips); returns the grid ``(t, h, w)``."""
+    grid of the tokenizer's clips, the same top grid or none); returns the (bottom) grid ``(t, h, w)``."""
     tc, xc = tokenizer_config, transformer_config
     if tc.codebook_size != xc.codebook_size:
         raise UsageError(f"tokenizer and transformer do not belong together: codebook size {tc.codebook_size} vs "
@@ -54,6 +54,10 @@ def check_pair(tokenizer_config, transformer_config) -> tuple[int, int, int]:
     if grid != tuple(xc.token_grid):
         raise UsageError(f"tokenizer and transformer do not belong together: token grid {grid} "
                          f"({tc.num_frames}x{tc.image_size}x{tc.image_size} clips) vs {tuple(xc.token_grid)}")
+    top = tc.top_grid(tc.num_frames, tc.image_size, tc.image_size) if tc.hierarchy == 2 else None
+    if top != xc.top_grid:  # two code grids (VQ-VAE-2): the prior must model both
+        raise UsageError(f"tokenizer and transformer do not belong together: top code grid {top} vs "
+                         f"{xc.top_grid} (None: one grid)")
     return grid  # type: ignore[return-value]
 
 
@@ -62,7 +66,8 @@ class Prior:
     """One kind of prior over the tokenizer's codes: the class of its exports and its code sampler."""
 
     model_class: type  # a PretrainedMixin network; its model_type (in config.json) names the row
-    generate_codes: Callable[..., torch.Tensor]  # (prior, task, prefix codes (1, t, h, w) | None, **kw) -> (N, t, h, w)
+    # (prior, task, prefix codes (1, t, h, w) | None, **kw) -> (N, t, h, w); two grids: packed (1, N') -> (top, bottom)
+    generate_codes: Callable[..., torch.Tensor]
     options: tuple[str, ...]  # its sampling keywords besides class_id, num_samples, generator, seed, progress
 
 
@@ -207,6 +212,10 @@ def generate_codes(
     interior conditioning takes them as the condition codes of ``condition_region`` ``(t, h, w)`` bool
     (``masking.latent_condition_region``), re-filled into its masked slots at every step.
 
+    Two code grids (``config.top_grid``): ``prefix_codes`` and ``condition_region`` are packed, top first
+    (``magvit.code_grids``); the top grid is decoded first in ``steps`` steps, then the bottom grid given it in
+    ``steps`` more; returns the ``(top (N, t, h', w'), bottom (N, t, h, w))`` pair.
+
     ``generator`` (a CPU ``torch.Generator``) or ``seed`` (shorthand for a fresh one seeded with it) makes the
     samples reproducible on every device.
     """
@@ -224,17 +233,21 @@ def generate_codes(
         condition = interior_condition_tokens(vocab, layout, tokens, prefix, condition_region)
     if seed is not None:
         generator = torch.Generator().manual_seed(seed)
-    out = iterative_decode(transformer, tokens, mask_token=vocab.mask_token, codebook_size=config.codebook_size,
-                           steps=steps, temperature=temperature, choice_temperature=choice_temperature, top_k=top_k,
-                           schedule=schedule, guidance_scale=guidance_scale,
-                           uncond_tokens=uncond if guidance_scale else None, condition_tokens=condition,
-                           generator=generator, progress=progress)
-    return out[:, layout.video].reshape(num_samples, *layout.token_grid)
+    for positions in code_grids.decoding_phases(layout):  # two grids: the top, then the bottom given the fixed top
+        tokens = iterative_decode(transformer, tokens, mask_token=vocab.mask_token,
+                                  codebook_size=config.codebook_size, steps=steps, temperature=temperature,
+                                  choice_temperature=choice_temperature, top_k=top_k, schedule=schedule,
+                                  guidance_scale=guidance_scale, uncond_tokens=uncond if guidance_scale else None,
+                                  condition_tokens=condition, positions=positions, generator=generator,
+                                  progress=progress)
+        uncond = torch.where(positions.to(tokens.device), tokens, uncond)  # the unconditional branch shares them
+    return code_grids.video_codes(tokens[:, layout.video], layout.token_grid, layout.top_grid)
 
 
 def condition_sequences(prior, task: str, prefix_codes: torch.Tensor | None, class_id: int,
                         num_samples: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The ``(N, L)`` sequences of ``task`` with prefix codes ``(1, t, h, w)`` (``None``: all pad; an interior
+    """The ``(N, L)`` sequences of ``task`` with prefix codes ``(1, t, h, w)`` (two grids: packed ``(1, N_top + N)``,
+    ``magvit.code_grids.pack_codes``; ``None``: all pad; an interior
     model has no prefix slots) and the class token of ``class_id``, video positions masked; their dropped form for
     classifier-free guidance (pad prefix, unconditional class token); and the condition codes ``(N, t, h, w)``
     (``None`` for a task without one). ``UsageError`` for a task or class id the prior does not know."""
@@ -243,7 +256,7 @@ def condition_sequences(prior, task: str, prefix_codes: torch.Tensor | None, cla
     needs_prefix = task_row(task).needs_prefix
     if needs_prefix and prefix_codes is None:
         raise UsageError(f"task '{task}' needs a condition")
-    prefix = prefix_codes.to(device).expand(num_samples, *layout.token_grid) if needs_prefix else None
+    prefix = prefix_codes.to(device).expand(num_samples, *layout.video_shape) if needs_prefix else None
     try:  # a task this model was not trained with, a class id out of its range
         task_token, class_token = vocab.task_token(task), vocab.class_token(class_id)
     except ValueError as err:
@@ -276,7 +289,8 @@ def generate_codes_autoregressive(
     """:func:`generate_codes` for an autoregressive prior (``magvit.autoregressive.AutoregressiveTransformer``):
     the same condition sequence, then the video codes one at a time in raster order
     (``magvit.autoregressive_sampling.autoregressive_decode``, with a key/value cache unless ``use_cache=False``)
-    with ``temperature``, ``top_k`` and ``top_p``. Returns ``(N, t, h, w)``."""
+    with ``temperature``, ``top_k`` and ``top_p``. Returns ``(N, t, h, w)``; two code grids (``config.top_grid``):
+    the ``(top, bottom)`` pair, the top grid's codes generated first (raster order of the packed video)."""
     from .autoregressive_sampling import autoregressive_decode
 
     if generator is not None and seed is not None:
@@ -289,7 +303,7 @@ def generate_codes_autoregressive(
                                 temperature=temperature, top_k=top_k, top_p=top_p, guidance_scale=guidance_scale,
                                 uncond_tokens=uncond if guidance_scale else None, generator=generator,
                                 use_cache=use_cache, progress=progress)
-    return out[:, layout.video].reshape(num_samples, *layout.token_grid)
+    return code_grids.video_codes(out[:, layout.video], layout.token_grid, layout.top_grid)
 
 
 @torch.no_grad()
@@ -303,13 +317,15 @@ def generate(tokenizer, transformer, task: str, condition: torch.Tensor | None =
     (:func:`generate_codes` for the masked transformer, :func:`generate_codes_autoregressive` for the
     autoregressive one).
     """
-    device = next(transformer.parameters()).device
+    device, layout = next(transformer.parameters()).device, transformer.config.layout
     prefix_codes = None
     if condition is not None and task_row(task).needs_prefix:
-        prefix_codes = tokenizer.encode(condition.unsqueeze(0).to(device))  # (1, t, h, w)
-        if transformer.config.layout.interior and task_row(task).condition == "video":
-            kwargs["condition_region"] = latent_condition_region(task, prefix_codes.shape[1:], condition.shape[1:],
-                                                                 tokenizer.config.causal, num_cond_frames)
+        # (1, t, h, w); two grids: (top, bottom) packed to (1, N_top + N)
+        prefix_codes = code_grids.pack_codes(tokenizer.encode(condition.unsqueeze(0).to(device)))
+        if layout.interior and task_row(task).condition == "video":
+            kwargs["condition_region"] = two_grid_condition_region(task, layout.token_grid, layout.top_grid,
+                                                                   condition.shape[1:], tokenizer.config.causal,
+                                                                   num_cond_frames)
     codes = prior_of(transformer).generate_codes(transformer, task, prefix_codes, **kwargs)
     return tokenizer.decode(codes).clamp(-1, 1)
 

@@ -58,13 +58,15 @@ def _guided_logits(logits_fn: LogitsFn, shown: torch.Tensor, tokens: torch.Tenso
 
 
 def _check_inputs(tokens: torch.Tensor, uncond_tokens: torch.Tensor | None, mask_token: int,
-                  condition_tokens: torch.Tensor | None = None) -> torch.Tensor:
+                  condition_tokens: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
     if tokens.dim() != 2:
         raise ValueError(f"tokens must be (B, L), got {tuple(tokens.shape)}")
     for name, other in (("uncond_tokens", uncond_tokens), ("condition_tokens", condition_tokens)):
         if other is not None and other.shape != tokens.shape:
             raise ValueError(f"{name} {tuple(other.shape)} must match tokens {tuple(tokens.shape)}")
     generate = tokens == mask_token
+    if positions is not None:
+        generate = generate & positions.to(tokens.device)
     counts = generate.sum(dim=1)
     if bool((counts != counts[0]).any()):
         raise ValueError("every sequence of the batch must have the same number of mask tokens")
@@ -113,6 +115,7 @@ def iterative_decode(
     guidance_scale: float = 0.0,
     uncond_tokens: torch.Tensor | None = None,
     condition_tokens: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     progress: bool = False,
     on_step: StepCallback | None = None,
@@ -132,6 +135,8 @@ def iterative_decode(
       condition token inside the condition region, ``mask_token`` elsewhere;
       ``masking.interior_condition_tokens``), re-filled before every step; the unconditional branch sees the mask
       token there. Those positions are generated like every masked one.
+    - ``positions`` ``(L,)`` or ``(B, L)`` bool: fill only the mask positions among them; the other mask positions
+      stay masked and are shown as such (two code grids decode the top grid first, ``magvit.code_grids``).
     - Non-mask positions are fixed and returned unchanged; neither ``tokens`` nor ``condition_tokens`` is written
       to. Deterministic given ``generator``.
     """
@@ -139,7 +144,7 @@ def iterative_decode(
         raise ValueError(f"steps must be >= 1, got {steps}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
-    generate = _check_inputs(tokens, uncond_tokens, mask_token, condition_tokens)  # (B, L) bool: positions to fill
+    generate = _check_inputs(tokens, uncond_tokens, mask_token, condition_tokens, positions)  # (B, L) bool: to fill
     num_unknown = int(generate[0].sum())
     tokens = tokens.clone()
     if num_unknown == 0:
@@ -148,8 +153,9 @@ def iterative_decode(
 
     counts = masked_counts(num_unknown, steps, schedule)  # once, not per step
     for step in tqdm(range(steps), desc="decoding", unit="step", disable=not progress, leave=False):
-        masked = tokens == mask_token  # (B, L) still unknown
-        shown = tokens if condition_tokens is None else torch.where(masked, condition_tokens, tokens)  # the refill
+        unknown = tokens == mask_token  # (B, L) still masked, here or in a later call (``positions``)
+        shown = tokens if condition_tokens is None else torch.where(unknown, condition_tokens, tokens)  # the refill
+        masked = unknown & generate  # (B, L) still to fill in this call
         logits = _guided_logits(logits_fn, shown, tokens, uncond_tokens, generate, guidance_scale, codebook_size)
         factorization = CodeFactorization(codebook_size, logits.shape[-2])
         sub_tokens = _sample(logits, temperature, top_k, generator)  # (B, L, F) sub-token ids everywhere

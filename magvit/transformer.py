@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from .code_grids import check_grids
 from .config import Config
 from .masking import CONDITIONINGS, CodeFactorization, SequenceLayout, TokenVocabulary
 from .pretrained import PretrainedMixin
@@ -52,10 +53,16 @@ class TransformerConfig(Config):
     whose bits divide evenly, e.g. 2^18 -> 2 x 2^9); ``factor_embedding`` says how the sub-token embeddings form
     the code's input embedding: ``"sum"`` (each ``hidden_size`` wide) or ``"concat"`` (each ``hidden_size / F``
     wide).
+
+    ``top_grid`` (a ``hierarchy=2`` tokenizer's top code grid ``(t, h/2, w/2)``; ``None``, what every export without
+    the key has: one grid) puts the top grid's tokens before the bottom grid's in the prefix and the video
+    (``magvit.code_grids``): the model trains the top stage and the bottom stage given the top, and decodes the top
+    first, then the bottom.
     """
 
     codebook_size: int = 1024
     token_grid: tuple[int, int, int] = (4, 16, 16)  # (t, h, w) of the tokenizer's code grid
+    top_grid: tuple[int, int, int] | None = None  # two code grids (VQ-VAE-2): the top grid, modelled first
     num_classes: int = 0
     tasks: tuple[str, ...] = DEFAULT_TASKS
     conditioning: str = "prefix"  # "prefix" | "interior" (MAGVIT's COMMIT), see above
@@ -90,6 +97,7 @@ class TransformerConfig(Config):
         if len(self.token_grid) != 3 or min(self.token_grid) < 1:
             raise ValueError(f"token_grid must be three positive ints (t, h, w), got {self.token_grid}")
         self.token_grid = tuple(int(x) for x in self.token_grid)  # type: ignore[assignment]
+        self.top_grid = check_grids(self.token_grid, self.top_grid)
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.codebook_size < 2:
@@ -124,7 +132,7 @@ class TransformerConfig(Config):
 
     @property
     def layout(self) -> SequenceLayout:
-        return SequenceLayout(self.token_grid, self.conditioning)
+        return SequenceLayout(self.token_grid, self.conditioning, self.top_grid)
 
     @property
     def vocab_size(self) -> int:

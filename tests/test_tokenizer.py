@@ -10,7 +10,7 @@ from conftest import load_real_clip
 from magvit import TokenizerConfig, VideoTokenizer
 from magvit.config import ConfigError
 from magvit.quantizers import QuantizerConfig
-from magvit.tokenizer import inflate_tokenizer
+from magvit.tokenizer import HierarchicalCodes, inflate_tokenizer
 
 OPTIONS = [
     dict(),
@@ -582,14 +582,20 @@ def test_hierarchy_config_validation_and_state(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(loaded.encode(video), tok.encode(video)))
 
 
-def test_two_level_tokenizer_is_refused_where_one_grid_is_needed(tmp_path):
-    from magvit.cli import UsageError
+def test_two_level_tokenizer_is_evaluated_on_both_grids(tmp_path):
     from magvit.evaluation.evaluators import TokenizerEvaluation
+    from magvit.metrics import bits_per_pixel
     from magvit.prep.tokenize import load_tokenizer
 
-    tok = VideoTokenizer(TokenizerConfig.preset("tiny", hierarchy=2))
+    tok = VideoTokenizer(TokenizerConfig.preset("tiny", hierarchy=2, num_frames=4, image_size=16)).eval()
     tok.save_pretrained(tmp_path / "export")
-    with pytest.raises(UsageError, match="token shards hold one"):
-        load_tokenizer(str(tmp_path / "export"), "cpu")
-    with pytest.raises(UsageError, match="hierarchy 2 tokenizer"):
-        TokenizerEvaluation(tok, torch.device("cpu"))
+    assert load_tokenizer(str(tmp_path / "export"), "cpu").config.hierarchy == 2  # token shards take both grids
+    evaluation = TokenizerEvaluation(tok, torch.device("cpu"))
+    codes, _ = evaluation.update(torch.rand(2, 3, 4, 16, 16) * 2 - 1)
+    assert isinstance(codes, HierarchicalCodes)
+    summary = evaluation.summary()
+    assert summary["token_grid"] == [2, 4, 4] and summary["top_token_grid"] == [2, 2, 2]
+    assert summary["top_codebook_size"] == summary["codebook_size"] and 0 < summary["top_codebook_usage"] <= 1
+    assert summary["bits_per_pixel"] == pytest.approx(bits_per_pixel(tok.config.codebook_size, (2, 4, 4), (4, 16, 16))
+                                                      + bits_per_pixel(tok.config.codebook_size, (2, 2, 2),
+                                                                       (4, 16, 16)))

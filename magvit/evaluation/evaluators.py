@@ -20,22 +20,23 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from .. import metrics, tasks
+from .. import code_grids, metrics, tasks
 from ..cli import UsageError
 from .inputs import check_token_meta, shard_tasks, supported_tasks, token_batches_from_shards
 
 
 class TokenizerEvaluation:
     """Accumulates reconstruction quality and code statistics over batches of clips. A continuous tokenizer (none /
-    kl) has no codes: its summary has no codebook or bits-per-pixel keys."""
+    kl) has no codes: its summary has no codebook or bits-per-pixel keys. Two code grids (hierarchy 2): the codebook
+    keys are the bottom grid's, ``top_codebook_*`` the top grid's, and the bits per pixel count both grids."""
 
     def __init__(self, tokenizer, device: torch.device, num_samples: int = 1):
         self.tokenizer = tokenizer
         self.device = device
-        if tokenizer.config.hierarchy != 1:
-            raise UsageError("evaluating a hierarchy 2 tokenizer (two code grids) is not supported yet")
-        continuous = tokenizer.config.continuous
-        self.usage = None if continuous else metrics.CodebookUsage(tokenizer.config.codebook_size)
+        continuous, size = tokenizer.config.continuous, tokenizer.config.codebook_size
+        self.usage = None if continuous else metrics.CodebookUsage(size)
+        self.top_usage = metrics.CodebookUsage(size) if tokenizer.config.hierarchy == 2 else None
+        self.top_grid: tuple[int, int, int] | None = None
         self.psnr: list[float] = []
         self.ssim: list[float] = []
         self.grid: tuple[int, int, int] | None = None
@@ -48,13 +49,17 @@ class TokenizerEvaluation:
         """Reconstruct a batch ``(B, 3, T, H, W)``; returns ``(codes (B, t, h, w), reconstruction)`` (continuous:
         the latents (B, D, t, h, w) in place of the codes)."""
         video = video.to(self.device)
-        codes = self.tokenizer.encode(video)  # (B, t, h, w), continuous (B, D, t, h, w)
+        codes = self.tokenizer.encode(video)  # (B, t, h, w), continuous (B, D, t, h, w); two grids (top, bottom)
         recon = self.tokenizer.decode(codes).clamp(-1, 1).float()  # (B, 3, T, H, W)
+        bottom = codes
+        if self.top_usage is not None:
+            self.top_usage.update(codes.top)
+            self.top_grid, bottom = tuple(codes.top.shape[-3:]), codes.bottom
         if self.usage is not None:
-            self.usage.update(codes)
+            self.usage.update(bottom)
         self.psnr += metrics.video_psnr(recon.cpu(), video.cpu()).tolist()
         self.ssim += metrics.video_ssim(recon.cpu(), video.cpu()).tolist()
-        self.grid = tuple(codes.shape[-3:])
+        self.grid = tuple(bottom.shape[-3:])
         self.video_size = tuple(video.shape[2:])
         for i in range(min(video.shape[0], self.num_samples - len(self.samples))):
             self.samples.append((video[i].cpu(), recon[i].cpu()))
@@ -64,6 +69,7 @@ class TokenizerEvaluation:
         if not self.psnr:
             raise UsageError("no clip could be read: nothing to evaluate")
         tokens, pixels = math.prod(self.grid), math.prod(self.video_size)
+        bits = metrics.bits_per_pixel(self.usage.codebook_size, self.grid, self.video_size) if self.usage else 0.0
         summary = {
             "num_clips": len(self.psnr),
             "psnr": mean_finite(self.psnr),
@@ -71,13 +77,24 @@ class TokenizerEvaluation:
             "token_grid": list(self.grid),
             "clip_size": list(self.video_size),
         }
+        entropy_bits = self.usage.bits_per_pixel(tokens, pixels) if self.usage else 0.0
+        if self.top_usage is not None:  # two grids: the top grid's statistics, and its bits on top of the bottom's
+            summary.update({"top_token_grid": list(self.top_grid),
+                            **{f"top_{_codebook_key(k)}": v for k, v in self.top_usage.summary().items()}})
+            bits += metrics.bits_per_pixel(self.top_usage.codebook_size, self.top_grid, self.video_size)
+            entropy_bits += self.top_usage.bits_per_pixel(math.prod(self.top_grid), pixels)
         if self.usage is not None:  # code statistics: a continuous tokenizer has none
             summary.update({
-                **{f"codebook_{k}" if not k.startswith("codebook") else k: v for k, v in self.usage.summary().items()},
-                "bits_per_pixel": metrics.bits_per_pixel(self.usage.codebook_size, self.grid, self.video_size),
-                "bits_per_pixel_entropy_coded": self.usage.bits_per_pixel(tokens, pixels),
+                **{_codebook_key(k): v for k, v in self.usage.summary().items()},
+                "bits_per_pixel": bits,
+                "bits_per_pixel_entropy_coded": entropy_bits,
             })
         return {**summary, "per_clip": {"psnr": self.psnr, "ssim": self.ssim}}
+
+
+def _codebook_key(key: str) -> str:
+    """The report's name of a ``metrics.CodebookUsage`` summary key (``usage`` -> ``codebook_usage``)."""
+    return key if key.startswith("codebook") else f"codebook_{key}"
 
 
 def mean_finite(values: Sequence[float]) -> float:
@@ -87,7 +104,9 @@ def mean_finite(values: Sequence[float]) -> float:
 
 
 class MaskedTokenEvaluation:
-    """Masked-token NLL (nats) and accuracy per task, on a fixed random masking (seeded) of held-out token grids.
+    """Masked-token NLL (nats) and accuracy per task, on a fixed random masking (seeded) of held-out token grids (two
+    code grids: the two training stages' maskings, ``masking.two_stage_mask``: top tokens with the bottom unknown,
+    bottom tokens given the top).
 
     The sequences are the model's own (``config.conditioning``): an interior model's masked slots inside a task's
     latent condition region show the condition codes, so it needs ``condition_regions`` (by condition name, as
@@ -217,27 +236,30 @@ class FramePredictionEvaluation:
     @torch.no_grad()
     def update(self, video: torch.Tensor, reconstruction: torch.Tensor, keep_for_fvd: bool = False) -> None:
         """Score the clips ``video`` ``(B, 3, T, H, W)`` whose tokenizer reconstructions are ``reconstruction``."""
-        from ..masking import latent_condition_region
-        from ..pipeline import condition_video, generate_codes
+        from ..masking import two_grid_condition_region
+        from ..pipeline import condition_video, prior_of
 
         device = next(self.transformer.parameters()).device
+        prior = prior_of(self.transformer)  # masked or autoregressive: the options its sampler takes
+        options = {k: v for k, v in (("steps", self.steps), ("temperature", self.temperature),
+                                     ("guidance_scale", self.guidance_scale)) if k in prior.options}
         n = self.num_cond_frames
         self.num_frames = video.shape[2]
-        region = None  # an interior model's condition slots: the n given frames'
-        if getattr(self.transformer.config, "conditioning", "prefix") == "interior":
-            region = latent_condition_region("frame_prediction", self.transformer.config.token_grid, video.shape[2:],
-                                             self.tokenizer.config.causal, n)
+        config = self.transformer.config
+        if getattr(config, "conditioning", "prefix") == "interior":  # its condition slots: the n given frames'
+            options["condition_region"] = two_grid_condition_region("frame_prediction", config.token_grid,
+                                                                    config.top_grid, video.shape[2:],
+                                                                    self.tokenizer.config.causal, n)
         for i in range(video.shape[0]):
             clip = video[i].to(device)  # (3, T, H, W)
             cond = condition_video("frame_prediction", clip, clip.shape[1], num_cond_frames=n)  # last frame repeated
-            prefix = self.tokenizer.encode(cond.unsqueeze(0))  # (1, t, h, w)
-            codes = generate_codes(self.transformer, "frame_prediction", prefix, steps=self.steps,
-                                   temperature=self.temperature, guidance_scale=self.guidance_scale,
-                                   seed=self.seed + len(self.scores["generated"]["psnr"]), condition_region=region)
+            encoded = self.tokenizer.encode(cond.unsqueeze(0))  # (1, t, h, w); two grids (top, bottom)
+            codes = prior.generate_codes(self.transformer, "frame_prediction", code_grids.pack_codes(encoded),
+                                         seed=self.seed + len(self.scores["generated"]["psnr"]), **options)
             generated = self.tokenizer.decode(codes).clamp(-1, 1).float().cpu()  # (1, 3, T, H, W)
             real = clip.unsqueeze(0).cpu()
             predictions = {"generated": generated, **frame_prediction_baselines(real, n),
-                           "copy_through_tokenizer": self.tokenizer.decode(prefix).clamp(-1, 1).float().cpu(),
+                           "copy_through_tokenizer": self.tokenizer.decode(encoded).clamp(-1, 1).float().cpu(),
                            "reconstruction": reconstruction[i : i + 1].cpu()}
             for name in FRAME_PREDICTION_ENTRIES:  # scored on the future frames only
                 for metric, values in frame_scores(predictions[name][:, :, n:], real[:, :, n:]).items():
@@ -324,8 +346,10 @@ def evaluate_clips(clips: Iterable[torch.Tensor], results: ClipResults, num_cond
             condition = build_condition_video(video.to(results.tokenizer.device), "frame_prediction",
                                               num_cond_frames=num_cond_frames)
             key = f"cond.{condition_name('frame_prediction', num_cond_frames)}"
-            results.masked_tokens.update({"codes": codes.cpu(), key: tokenizer.encode(condition).cpu(),
-                                          "label": torch.full((codes.shape[0],), -1)})
+            grids = {**code_grids.shard_entries("codes", codes),  # two grids: each also its top grid
+                     **code_grids.shard_entries(key, tokenizer.encode(condition))}
+            results.masked_tokens.update({**{k: v.cpu() for k, v in grids.items()},
+                                          "label": torch.full((video.shape[0],), -1)})
         if results.frame_prediction is not None:
             results.frame_prediction.update(video, recon, keep_for_fvd=keep_videos)
     return results
@@ -358,12 +382,12 @@ def evaluate_token_shards(directory: Path, tokenizer, transformer, requested: Se
 
 def clip_condition_regions(tokenizer, transformer, num_cond_frames: int = 1) -> dict[str, torch.Tensor]:
     """The latent condition regions (``masking.latent_condition_regions``) of an interior transformer's tasks for the
-    tokenizer's clips, frame prediction given ``num_cond_frames`` frames."""
+    tokenizer's clips, frame prediction given ``num_cond_frames`` frames (two code grids: both, packed)."""
     from ..masking import latent_condition_regions
 
-    tc = tokenizer.config
-    return latent_condition_regions(transformer.config.tasks, transformer.config.token_grid,
-                                    (tc.num_frames, tc.image_size, tc.image_size), tc.causal, (num_cond_frames,))
+    tc, xc = tokenizer.config, transformer.config
+    return latent_condition_regions(xc.tasks, xc.token_grid, (tc.num_frames, tc.image_size, tc.image_size), tc.causal,
+                                    (num_cond_frames,), xc.top_grid)
 
 
 def _shard_regions(directory: Path, meta: dict[str, Any], transformer) -> dict[str, torch.Tensor]:

@@ -145,7 +145,8 @@ def held_out_warnings(directory: Path, evaluated: Sequence[str] | None) -> list[
 
 def check_token_meta(directory: Path, tokenizer, transformer) -> dict:
     """The shards' ``meta.json``; ``UsageError`` unless it says they hold codes of this tokenizer / transformer's
-    codebook and grid: codes of another codebook score a meaningless NLL without any other sign."""
+    codebook and grid (and top grid, two code grids): codes of another codebook score a meaningless NLL without any
+    other sign."""
     try:
         meta = json.loads((directory / "meta.json").read_text())
         codebook, grid = int(meta["codebook_size"]), tuple(int(n) for n in meta["token_grid"])
@@ -166,6 +167,10 @@ def check_token_meta(directory: Path, tokenizer, transformer) -> dict:
         if (codebook, grid) != (model_codebook, model_grid):
             raise UsageError(f"--tokens: {directory} holds codes of a {codebook}-code book on a {grid} grid "
                              f"(meta.json), the {name} has {model_codebook} codes on {model_grid}")
+    top = tuple(meta["top_grid"]) if meta.get("top_grid") else None  # two code grids (VQ-VAE-2)
+    if top != transformer.config.top_grid:
+        raise UsageError(f"--tokens: {directory} holds a top code grid {top} (meta.json), the transformer models "
+                         f"{transformer.config.top_grid} (None: one grid)")
     return meta
 
 

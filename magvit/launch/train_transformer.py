@@ -117,7 +117,7 @@ def transformer_step(engine, batch: dict[str, Any], step: int, cfg: TransformerT
         logits = engine(tb.input_ids)  # (B, L, vocab), or (B, L, F, S) with token_factorization F
     loss = masked_token_loss(logits, tb.labels, tb.loss_mask, vocab.codebook_size, m.label_smoothing)
     with torch.no_grad():
-        masked = tb.input_ids == vocab.mask_token  # (B, L): the positions to predict
+        masked = (tb.input_ids == vocab.mask_token) & (tb.loss_mask > 0)  # (B, L): the positions to predict
         hits = (predicted_codes(logits, vocab.codebook_size) == tb.labels) & masked
         accuracy = hits.sum().item() / max(1, masked.sum().item())
     metrics = {"loss": loss.item(), "masked_accuracy": accuracy}
@@ -201,20 +201,24 @@ def sample_videos(model: MaskedVideoTransformer, tokenizer, batch: dict[str, Any
     condition codes of the fewest given frames they carry (an interior model: in that count's region of
     ``regions``), generated | truth (the tokenizer's decoding of the held-out codes) side by side (``W' = 2W``);
     unconditional samples (``W' = W``) when the model has no frame prediction. None: neither task."""
+    from magvit import code_grids
     from magvit.pipeline import generate_codes
     from magvit.tasks import carried_cond_frames, condition_name
 
-    tasks, device = model.config.tasks, next(model.parameters()).device
+    tasks, device, layout = model.config.tasks, next(model.parameters()).device, model.config.layout
+    batch, _ = code_grids.pack_batch(batch)  # two grids: packed, as the prior's sequences hold them
     n = min(SAMPLE_VIDEOS, batch["codes"].shape[0])
     counts = carried_cond_frames(batch, "frame_prediction")
     if "frame_prediction" in tasks and counts:
         name = condition_name("frame_prediction", counts[0])
         region = None if regions is None else regions[name]
-        pairs = [torch.cat([generate_codes(model, "frame_prediction", batch[f"cond.{name}"][i:i + 1],
-                                           steps=SAMPLE_STEPS, seed=seed + i, condition_region=region),
+        pairs = [torch.cat([code_grids.pack_codes(generate_codes(model, "frame_prediction",
+                                                                 batch[f"cond.{name}"][i:i + 1], steps=SAMPLE_STEPS,
+                                                                 seed=seed + i, condition_region=region)),
                             batch["codes"][i:i + 1].to(device)])
-                 for i in range(n)]  # (2, t, h, w) each: generated, truth
-        decoded = tokenizer.decode(torch.cat(pairs)).clamp(-1, 1).float()  # (2N, 3, T, H, W)
+                 for i in range(n)]  # (2, t, h, w) each (two grids: (2, N_top + N)): generated, truth
+        codes = code_grids.video_codes(torch.cat(pairs), layout.token_grid, layout.top_grid)
+        decoded = tokenizer.decode(codes).clamp(-1, 1).float()  # (2N, 3, T, H, W)
         return torch.cat([decoded[0::2], decoded[1::2]], dim=-1)
     if "unconditional" in tasks:
         codes = generate_codes(model, "unconditional", None, num_samples=n, steps=SAMPLE_STEPS, seed=seed)

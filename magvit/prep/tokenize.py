@@ -12,7 +12,9 @@ from ``build_condition_video``; frame prediction once per given-frame count of `
 from the sketch video (the manifest's ``sketch`` when every clip has one, else ``data_prep.sketch.sketch_video`` of
 the clip), ``labels`` (N,) and ``clip_index`` (N,). ``meta.json`` (written last) holds the tokenizer config,
 ``token_grid``, ``codebook_size``, ``classes``, ``condition_tasks``, ``num_examples`` and (``--cond-frames`` other
-than 1) ``cond_frames``. Codes are stored as int32. Rerunning resumes: finished shards are kept (each is written to
+than 1) ``cond_frames``. A ``hierarchy=2`` tokenizer's top grid goes beside each of them as ``top.codes``,
+``top.cond.<condition>``, ``top.sketch_codes`` (N, t, h/2, w/2), and ``meta.json`` records its ``top_grid``
+(``magvit.code_grids``). Codes are stored as int32. Rerunning resumes: finished shards are kept (each is written to
 a temp file and renamed). Decoding runs in DataLoader workers, encoding on all torch threads of ``--device``
 (default: the GPU when there is one). ``--format webdataset`` writes ``shard-XXXXX.tar`` streaming shards instead
 (``magvit.streaming``; the same ``meta.json``). Several processes (``--rank R --world-size W``, or torchrun's /
@@ -46,9 +48,6 @@ def load_tokenizer(directory: str, device: str):
     if tokenizer.config.continuous:  # token shards hold integer codes
         raise UsageError(f"{directory}: a {tokenizer.config.quantizer!r} tokenizer has continuous latents, not codes: "
                          f"token shards need a vq, lfq or fsq tokenizer")
-    if tokenizer.config.hierarchy != 1:  # token shards hold one code grid per clip
-        raise UsageError(f"{directory}: a hierarchy {tokenizer.config.hierarchy} tokenizer has two code grids; token "
-                         f"shards hold one (hierarchy 1)")
     return tokenizer
 
 
@@ -56,10 +55,12 @@ def load_tokenizer(directory: str, device: str):
 def encode_batch(tokenizer, video: torch.Tensor, tasks: Sequence[str], sketch: torch.Tensor | None,
                  device: str, cond_frames: Sequence[int] = (1,)) -> dict[str, torch.Tensor]:
     """Codes of a clip batch ``(B, 3, T, H, W)``, of its condition videos (frame prediction: one per given-frame
-    count of ``cond_frames``) and of its sketch, as int32 ``(B, t, h, w)``.
+    count of ``cond_frames``) and of its sketch, as int32 ``(B, t, h, w)`` (two grids: each also its ``top.`` entry,
+    ``code_grids.shard_entries``).
 
     All variants go through the encoder as one batch (one call instead of one per variant).
     """
+    from magvit import code_grids
     from magvit.masking import build_condition_video
     from magvit.tasks import condition_name, task as task_row
 
@@ -69,8 +70,10 @@ def encode_batch(tokenizer, video: torch.Tensor, tasks: Sequence[str], sketch: t
     variants = [video] + [build_condition_video(video, task, num_cond_frames=n) for task, n in conditions]
     if sketch is not None:
         variants.append(sketch)
-    codes = tokenizer.encode(torch.cat(variants).to(device)).cpu()  # (V * B, t, h, w)
-    return {name: part.to(torch.int32) for name, part in zip(names, codes.split(len(video)))}
+    codes = tokenizer.encode(torch.cat(variants).to(device))  # (V * B, t, h, w); two grids: (top, bottom)
+    parts = code_grids.split_codes(codes, len(video))
+    return {key: grid.cpu().to(torch.int32) for name, part in zip(names, parts)
+            for key, grid in code_grids.shard_entries(name, part).items()}
 
 
 def build_parser() -> ArgumentParser:
@@ -225,6 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     shards = finish_rank(out, plan["fingerprint"], rank, world, mine)
     meta = {"format": "magvit-tokens", "tokenizer": config.to_dict(),
             "tokenizer_dir": str(Path(args.tokenizer).resolve()), "token_grid": list(grid),
+            **({"top_grid": list(config.top_grid(num_frames, size, size))} if config.hierarchy == 2 else {}),
             "codebook_size": config.codebook_size, "classes": dataset.classes, "condition_tasks": tasks,
             **({"cond_frames": args.cond_frames} if args.cond_frames != [1] else {}),
             "has_sketch": sketch_mode != "none", "sketch_source": sketch_mode, "num_frames": num_frames,
