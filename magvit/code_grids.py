@@ -7,7 +7,8 @@ priors see ONE sequence whose video part is the two grids packed flat, each in r
     video: [top: t*(h/2)*(w/2) tokens][bottom: t*h*w tokens]
 
 so the autoregressive prior (raster order) models ``p(top) p(bottom | top)`` without any change of its own, and the
-masked prior trains on two stages and decodes in two phases (``masking.make_training_batch``,
+masked prior trains with one mask over the packed sequence (or, ``MaskingConfig.two_grid_masking="stages"``, on a
+top and a bottom stage) and decodes in two phases, top first (``masking.make_training_batch``,
 ``pipeline.generate_codes``). A prior config records the top grid (``top_grid`` beside ``token_grid``); without it
 (every single-grid model) nothing here is used.
 

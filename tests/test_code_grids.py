@@ -112,6 +112,27 @@ def test_masked_training_batch_has_a_top_stage_and_a_bottom_stage():
     assert torch.equal(tb.loss_mask[tb.labels == IGNORE_INDEX], torch.zeros(int((tb.labels == IGNORE_INDEX).sum())))
 
 
+def test_joint_masking_masks_both_grids_with_one_mask_and_scores_every_position():
+    """The trainer's default for two grids (MaskingConfig.two_grid_masking): one mask over the packed sequence."""
+    from magvit.masking import MaskingConfig
+
+    assert MaskingConfig().two_grid_masking == "joint"
+    with pytest.raises(ValueError, match="two_grid_masking"):
+        MaskingConfig(two_grid_masking="both")
+    vocab = TokenVocabulary(K)
+    layout = SequenceLayout(GRID, "prefix", TOP_GRID)
+    batch = _shard_batch(64)
+    tb = make_training_batch(batch, vocab, tasks=["frame_prediction"], cond_dropout_prob=0.0,
+                             two_grid_masking="joint", generator=torch.Generator().manual_seed(1))
+    video = slice(layout.video.start, layout.video.stop)
+    masked = tb.input_ids[:, video] == vocab.mask_token  # (B, N_TOP + N_BOTTOM)
+    in_top, in_bottom = masked[:, :N_TOP].any(1), masked[:, N_TOP:].any(1)
+    both = in_top & in_bottom & ~masked[:, N_TOP:].all(1)  # masks in both grids, the bottom not wholly masked
+    assert int(both.sum()) > 32  # no stages: most examples mask both grids at once
+    assert bool((tb.loss_mask[:, video] > 0).all())  # every video position is scored (unmasked_weight 1)
+    assert torch.equal(tb.labels[:, video], code_grids.pack(batch["top.codes"], batch["codes"]))
+
+
 def test_interior_training_batch_shows_the_condition_at_both_grids():
     vocab = TokenVocabulary(K)
     regions = latent_condition_regions(["frame_prediction"], GRID, (4, 16, 16), False, top_grid=TOP_GRID)

@@ -112,7 +112,8 @@ def transformer_step(engine, batch: dict[str, Any], step: int, cfg: TransformerT
     m = cfg.masking
     tb = make_training_batch(batch, vocab, tasks=m.tasks, schedule=m.schedule, cond_dropout_prob=m.cond_dropout_prob,
                              uncond_prob=m.uncond_prob, unmasked_weight=m.unmasked_weight,
-                             conditioning=cfg.model.conditioning, condition_regions=regions)  # global RNG's draws
+                             conditioning=cfg.model.conditioning, condition_regions=regions,
+                             two_grid_masking=m.two_grid_masking)  # global RNG's draws
     with autocast:
         logits = engine(tb.input_ids)  # (B, L, vocab), or (B, L, F, S) with token_factorization F
     loss = masked_token_loss(logits, tb.labels, tb.loss_mask, vocab.codebook_size, m.label_smoothing)
