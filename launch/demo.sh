@@ -101,7 +101,7 @@ OMP_NUM_THREADS=$RANK_THREADS deepspeed --num_accelerators "$NPROC" --master_por
 step "tokenize the Moving MNIST train and test sequences with the condition of 5 given frames -> $MNIST_DATA/tokens"
 for split in train val; do
   python -m data_prep.tokenize --tokenizer "$RUN/mnist/tokenizer/export" --manifest "$MNIST_DATA/manifest.jsonl" \
-    --out "$MNIST_DATA/tokens/$split" --split "$split" --cond-frames 5 --overwrite
+    --out "$MNIST_DATA/tokens/$split" --split "$split" --cond-frames 5 --tasks frame_prediction --sketch none --overwrite
 done
 
 step "train the Moving MNIST transformer ($NPROC $DS_ACCELERATOR ranks, $MNIST_TRANSFORMER_STEPS steps) -> $RUN/mnist/transformer"

@@ -382,6 +382,14 @@ def test_tokenize_cond_frames_writes_each_count_in_both_formats(small_manifest, 
     assert cli(tokenize, *args[:-1], "1,x", "--out", tmp_path / "bad") == 2
     err = capsys.readouterr().err
     assert "--cond-frames: every count must be in [1, 8)" in err and "comma-separated" in err
+    # --tasks: only the named tasks' condition codes (one encoding per clip each), the same codes as before
+    assert cli(tokenize, *args, "--tasks", "frame_prediction", "--out", tmp_path / "fp") == 0
+    only = TokenShardDataset(tmp_path / "fp")[1]
+    assert sorted(k for k in only if k.startswith("cond.")) == ["cond.frame_prediction", "cond.frame_prediction.3"]
+    assert torch.equal(only["cond.frame_prediction.3"], item["cond.frame_prediction.3"])
+    assert json.loads((tmp_path / "fp" / "meta.json").read_text())["condition_tasks"] == ["frame_prediction"]
+    assert cli(tokenize, *args, "--tasks", "sketch", "--out", tmp_path / "bad") == 2
+    assert "--tasks: sketch is not one of" in capsys.readouterr().err
 
 
 def test_index_survives_a_decoder_crash(sample, monkeypatch):

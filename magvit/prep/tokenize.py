@@ -32,6 +32,7 @@ from typing import Sequence
 import torch
 
 from magvit.cli import ArgumentParser, UsageError, command_name, quiet_decoders, run_main, write_json
+from magvit.tasks import CONDITION_TASKS
 from magvit.prep.shards import (FORMATS, check_out_dir, file_digest, finish_rank, fingerprint, num_shards,
                                open_out_dir_ranked, rank_from_env, write_shards)
 
@@ -88,6 +89,9 @@ def build_parser() -> ArgumentParser:
                         help="sketch source: the manifest's 'sketch' videos, computed edge maps, or no sketch codes "
                              "(default auto: the manifest's when every clip has one, else computed)")
     parser.add_argument("--no-conditions", action="store_true", help="skip the cond.<task> codes")
+    parser.add_argument("--tasks", default=None, metavar="TASK[,TASK...]",
+                        help="the pixel-condition tasks whose cond.<task> codes the shards carry (default: all of "
+                             f"{', '.join(CONDITION_TASKS)}); each costs one more encoding per clip")
     parser.add_argument("--cond-frames", default="1", metavar="N[,N...]",
                         help="frame prediction: the given-frame counts whose condition codes the shards carry "
                              "(default 1; e.g. 1,2,5: training draws one of them per example)")
@@ -120,6 +124,14 @@ def check_args(args) -> None:
                          f"{args.cond_frames!r}") from None
     if args.no_conditions and args.cond_frames != [1]:
         raise UsageError("--cond-frames: --no-conditions writes no condition codes")
+    if args.tasks is not None:
+        if args.no_conditions:
+            raise UsageError("--tasks: --no-conditions writes no condition codes")
+        args.tasks = [t for t in args.tasks.split(",") if t]
+        unknown = [t for t in args.tasks if t not in CONDITION_TASKS]
+        if unknown or not args.tasks:
+            raise UsageError(f"--tasks: {unknown[0] + ' is not' if unknown else 'name at least'} one of "
+                             f"{', '.join(CONDITION_TASKS)}")
     if not Path(args.manifest).is_file():
         raise UsageError(f"manifest not found: {args.manifest}")
     check_out_dir(Path(args.out))
@@ -197,7 +209,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet_decoders()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from magvit.masking import CONDITION_TASKS
     from magvit.pretrained import resolve_pretrained
 
     try:  # a Hub id (org/name) becomes its snapshot folder in the Hub cache; the digest below reads its weights
@@ -208,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = tokenizer.config
     num_frames, size = config.num_frames, config.image_size
     grid = config.token_grid(num_frames, size, size)
-    tasks = [] if args.no_conditions else list(CONDITION_TASKS)
+    tasks = [] if args.no_conditions else [t for t in CONDITION_TASKS if args.tasks is None or t in args.tasks]
     if not all(1 <= n < num_frames for n in args.cond_frames):
         raise UsageError(f"--cond-frames: every count must be in [1, {num_frames}) (the tokenizer's clips have "
                          f"{num_frames} frames), got {','.join(map(str, args.cond_frames))}")
