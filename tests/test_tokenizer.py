@@ -236,7 +236,8 @@ def test_inflation_matches_image_tokenizer_on_static_video(causal):
 
 @pytest.mark.slow
 def test_overfit_one_real_clip_raises_psnr(real_video_path):
-    """100 steps on one real 8x32x32 clip (bikes, every 2nd frame) raise reconstruction PSNR well over 5 dB."""
+    """40 steps on one real 8x32x32 clip (bikes, every 2nd frame) raise reconstruction PSNR well over 5 dB (by
+    ~12 dB for seeds 0, 1 and 2)."""
     torch.manual_seed(0)
     clip = load_real_clip(real_video_path, num_frames=8, size=32, stride=2)  # (1, 3, 8, 32, 32)
     cfg = TokenizerConfig.preset("tiny")
@@ -251,7 +252,7 @@ def test_overfit_one_real_clip_raises_psnr(real_video_path):
 
     before = psnr()
     optimizer = torch.optim.Adam(tok.parameters(), lr=2e-3, betas=(0.9, 0.99))
-    for _ in range(100):
+    for _ in range(40):
         # bf16 autocast: CPU 3D convolutions run ~8x faster than fp32 (quantization stays fp32 inside).
         with torch.autocast("cpu", dtype=torch.bfloat16):
             reconstruction, stats = tok(clip)

