@@ -210,7 +210,13 @@ def transformer_rows(preset: str, grid: tuple[int, int, int], batch: int, args) 
 def main() -> None:
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--max-seconds", type=float, default=20.0, help="timed seconds per step (at least 2 reps)")
+    p.add_argument("--emulated-bf16", action="store_true",
+                   help="run on a CPU without native bf16 too (bf16 is then emulated: ~47x slower, not a peak)")
     args = p.parse_args()
+    if not (args.emulated_bf16 or common.native_bf16()):
+        print(f"bench_flops measures bf16 training against the bf16 peak; {common.cpu_name()} has no native bf16 "
+              "(AMX / AVX512-BF16) and would emulate it: nothing to measure (--emulated-bf16 runs it anyway)")
+        return
     common.setup_threads(args.threads)
     header = common.machine_description(args.threads)
     n, reps = (512, 5) if args.quick else (2048, 20)

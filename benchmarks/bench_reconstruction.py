@@ -8,7 +8,8 @@ training) each side reconstructs the held-out clips, cut from source videos that
 run fails otherwise): PSNR / SSIM from ``magvit.metrics`` and codebook usage. Evaluation time is not counted.
 Each side trains with its own recommended optimiser settings (``peers.Recipe``: LR, betas, weight decay, clipping;
 its own quantizer loss weights), linear warm-up then a constant LR, so the model at 300 s of a 1200 s run is the
-model of a 300 s run. No GAN or perceptual loss on any side; bf16 autocast on all sides (``--fp32`` for neither).
+model of a 300 s run. No GAN or perceptual loss on any side; the same precision on all sides (``--precision``, default auto: bf16
+autocast where the CPU computes bf16 natively, else fp32).
 
     .venv-bench/bin/python benchmarks/bench_reconstruction.py --sides ours,magvit2 --budget 1200 \\
         --report-at 300,1200 --markdown benchmarks/results/reconstruction.md      # + reconstruction.png
@@ -350,7 +351,7 @@ def notes(runs: list[Run], data: dict, args, load_start: str) -> list[str]:
         "(checked by the script). Same clips, same batch order for every side.",
         f"Training: interleaved single steps (the side with the least summed step time steps next, so the sides' "
         f"clocks advance together), each side stopped when its own summed step time reached "
-        f"{args.budget:g} s on the {CLOCKS[args.clock]}; batch {args.batch_size}; {'fp32' if args.fp32 else 'bf16 autocast'} on every side "
+        f"{args.budget:g} s on the {CLOCKS[args.clock]}; batch {args.batch_size}; {'bf16 autocast' if args.bf16 else 'fp32'} on every side "
         "(training and evaluation); MSE + each side's own quantizer loss, no GAN, no perceptual loss. The LR is "
         "linear warm-up then constant, so the point at a smaller budget is the model a run of that length gives. "
         "Evaluation time is excluded from the budget.",
@@ -391,7 +392,7 @@ def arguments():
     p.add_argument("--train-clips-per-video", type=int, default=4)
     p.add_argument("--train-epochs", type=int, default=2, help="passes of random clips cut for the training pool")
     p.add_argument("--val-clips-per-video", type=int, default=1, help="clips per held-out manifest record")
-    p.add_argument("--fp32", action="store_true", help="train every side in fp32 instead of bf16 autocast")
+    common.add_precision_arguments(p)
     p.add_argument("--base-channels", type=int, default=32, help="width of the recommended tokenizer")
     p.add_argument("--peer-base-channels", type=int, default=32,
                    help="magvit2-pytorch's init_dim (its depth is then matched to our parameter count)")
@@ -402,7 +403,9 @@ def arguments():
     # descheduled (measured: a step 4x slower in wall time at load 8 than with one thread).
     p.set_defaults(threads=1)
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args()
+    args = p.parse_args()
+    args.bf16 = common.use_bf16(args.precision)
+    return args
 
 
 def run(args) -> None:
@@ -424,12 +427,12 @@ def run(args) -> None:
     if args.quick:
         train, val = train[:4], val[:2]
     sides = build_sides(args.sides.split(","), t, h, args.base_channels, args.peer_base_channels)
-    runs = train_interleaved(sides, train, val, args.budget, eval_at, args.batch_size, not args.fp32, args.seed,
+    runs = train_interleaved(sides, train, val, args.budget, eval_at, args.batch_size, args.bf16, args.seed,
                              args.clock)
     data = dict(train_clips=train.shape[0], val_clips=val.shape[0], train_sources=train_sources,
                 val_sources=val_sources)
     title = (f"Held-out reconstruction{' (' + args.title + ')' if args.title else ''}: {args.size}, batch "
-             f"{args.batch_size}, {'fp32' if args.fp32 else 'bf16 autocast'}, {len(runs)} sides interleaved")
+             f"{args.batch_size}, {'bf16 autocast' if args.bf16 else 'fp32'}, {len(runs)} sides interleaved")
     table = results_table(runs, [s for s in report_at if s <= args.budget], title)
     table.notes += notes(runs, data, args, load_start)
     common.emit([table, curve_table(runs)], header, args.markdown)

@@ -118,18 +118,19 @@ def _last_error(proc: subprocess.CompletedProcess) -> str:
 PRECISIONS = ("fp32", "bf16", "autocast-bf16")
 
 
-def cells(models: list[str], full: bool) -> list[Cell]:
+def cells(models: list[str], full: bool, bf16: bool = True) -> list[Cell]:
     """Default: ranks 1 vs 2 (ZeRO-2 fp32), ZeRO 0/1/2/3 (2 ranks fp32), fp32 vs bf16 vs autocast-bf16 (2 ranks
     ZeRO-2).
-    ``full``: every combination."""
+    ``full``: every combination. ``bf16`` False: no bf16 cells (a CPU without native bf16 would emulate them)."""
+    precisions = PRECISIONS if bf16 else ("fp32",)
     out: list[Cell] = []
     for m in models:
         if full:
-            out += [Cell(m, r, z, p) for r in (1, 2) for z in (0, 1, 2, 3) for p in PRECISIONS]
+            out += [Cell(m, r, z, p) for r in (1, 2) for z in (0, 1, 2, 3) for p in precisions]
             continue
         wanted = [Cell(m, 1, 2, "fp32"), Cell(m, 2, 2, "fp32"), Cell(m, 2, 0, "fp32"), Cell(m, 2, 1, "fp32"),
                   Cell(m, 2, 3, "fp32"), Cell(m, 2, 2, "bf16"), Cell(m, 2, 2, "autocast-bf16")]
-        out += wanted
+        out += [c for c in wanted if c.precision in precisions]
     return out
 
 
@@ -147,6 +148,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0,
                    help="OMP threads per rank (default: cores / ranks, so 1 and 2 ranks use the same cores)")
     p.add_argument("--full", action="store_true", help="every ranks x ZeRO x precision combination")
+    p.add_argument("--emulated-bf16", action="store_true",
+                   help="also the bf16 cells on a CPU without native bf16 (skipped by default: emulated, ~47x slower)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per launch")
     p.add_argument("--work-dir", default=None, help="where runs go (default: a temporary folder)")
     p.add_argument("--markdown", metavar="PATH", help="also write the tables as markdown to PATH")
@@ -162,7 +165,9 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "data_prep.sample_data", "--out", str(manifest.parent)], cwd=ROOT,
                        check=True, capture_output=True)
     header = common.machine_description(args.threads or max(1, cores // 2))
-    todo = cells(models, args.full)
+    # bf16 cells only where the CPU computes bf16 natively (or when asked): emulated, a step takes ~47x fp32's time
+    bf16 = args.emulated_bf16 or common.native_bf16()
+    todo = cells(models, args.full, bf16)
     if args.quick:
         todo = [Cell("tiny", 1, 2, "fp32"), Cell("tiny", 2, 3, "fp32")]
     columns = ["model", "ranks", "ZeRO", "precision", "step time", "clips/s", "peak MB/rank (max)",
@@ -171,6 +176,8 @@ def main() -> None:
              f"per rank, {steps} steps, median of steps > {warmup}; OMP threads per rank = cores / ranks unless "
              "--threads; memory = peak RSS of each rank (CPU) or CUDA peak allocation (GPU).",
              "mid = tiny layout with base 32 channels, multipliers (1, 2, 2, 4), 2 res blocks, codebook 1024."]
+    if not bf16:
+        notes.append("No bf16 cells: this CPU has no native bf16 (AMX / AVX512-BF16); --emulated-bf16 adds them.")
     table = common.Table("Tokenizer training (train_tokenizer.py)", columns, notes)
     export_for_tokens: Path | None = None
     for cell in todo:
@@ -189,7 +196,7 @@ def main() -> None:
                        cwd=ROOT, check=True, capture_output=True)
         tr = common.Table("Transformer training (train_transformer.py)", columns[:5] + ["examples/s"] + columns[6:],
                           ["Tokens of 16x64x64 clips from the tiny tokenizer; mid = 4 layers x 256 wide."])
-        for cell in cells(models, args.full):
+        for cell in cells(models, args.full, bf16):
             threads = args.threads or max(1, cores // cell.ranks)
             result = run_transformer(cell, tokens, work, steps, warmup, args.batch_size, threads, args.timeout)
             tr.add(cell.model, cell.ranks, cell.zero, cell.precision, fmt(result.step_s, ".3f") + " s",

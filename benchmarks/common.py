@@ -136,6 +136,35 @@ def setup_threads(threads: int) -> None:
         pass
 
 
+def add_precision_arguments(p: argparse.ArgumentParser) -> None:
+    """``--precision auto|fp32|bf16`` (default auto: bf16 autocast only where the CPU computes bf16 natively, so no
+    side ever runs emulated bf16 by default; ``magvit.precision``), with ``--fp32`` / ``--bf16`` as short forms."""
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="auto (default): bf16 autocast where the hardware does bf16 natively (AMX, AVX512-BF16, "
+                        "CUDA sm_80+), else fp32; bf16: bf16 autocast on every side")
+    p.add_argument("--fp32", dest="precision", action="store_const", const="fp32", help="--precision fp32")
+    p.add_argument("--bf16", dest="precision", action="store_const", const="bf16", help="--precision bf16")
+
+
+def use_bf16(choice: str, device: str = "cpu") -> bool:
+    """Resolve ``--precision`` for ``device``: True for bf16 autocast. Prints the choice and why on stderr, and
+    warns when bf16 was asked for on hardware that emulates it."""
+    from magvit.precision import describe, emulation_warning, resolve_precision, warn_once
+
+    requested = "autocast-bf16" if choice == "bf16" else choice
+    resolved, support = resolve_precision(requested, device)
+    print(f"precision: {describe(requested, resolved, support)}", file=sys.stderr)
+    warn_once(emulation_warning(resolved, support))
+    return resolved == "autocast-bf16"
+
+
+def native_bf16(device: str = "cpu") -> bool:
+    """Whether ``device`` computes bf16 natively (comparisons that time bf16 itself skip it where it is emulated)."""
+    from magvit.precision import bf16_support
+
+    return bf16_support(device).native
+
+
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--threads", type=int, default=2, help="torch threads for both sides (default: %(default)s)")

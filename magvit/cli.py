@@ -65,15 +65,6 @@ def run_main(prog: str | None, main: Callable[[Sequence[str] | None], Any], argv
         return EXIT_USAGE
 
 
-def progress(iterable=None, **kwargs):
-    """A tqdm bar on stderr."""
-    from tqdm import tqdm
-
-    kwargs.setdefault("dynamic_ncols", True)
-    kwargs.setdefault("file", sys.stderr)
-    return tqdm(iterable, **kwargs)
-
-
 def write_json(path: str | os.PathLike, data: Any) -> Path:
     """Write JSON atomically (temp file, then rename)."""
     from .fileio import write_text_atomic

@@ -167,6 +167,41 @@ def read_dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
                    source=source)
 
 
+def local_world_size(environ: Mapping[str, str] | None = None) -> int:
+    """Processes of this job on this machine: ``LOCAL_WORLD_SIZE`` (torchrun), ``LOCAL_SIZE`` (the deepspeed
+    launcher), SLURM's tasks on this node (``SLURM_STEP_TASKS_PER_NODE`` / ``SLURM_TASKS_PER_NODE``, e.g.
+    ``"2(x3)"``, or ``SLURM_NTASKS_PER_NODE``), else 1."""
+    env = os.environ if environ is None else environ
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE",
+                "SLURM_NTASKS_PER_NODE"):
+        match = re.match(r"\s*(\d+)", env.get(key, ""))  # this node's entry: the first of "2(x3),1"
+        if match and int(match.group(1)) >= 1:
+            return int(match.group(1))
+    return 1
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask: a SLURM or taskset binding, a container's cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def share_cores(environ: Mapping[str, str] | None = None) -> int:
+    """Give this process its share of the machine's cores as torch threads: ``usable_cores() //
+    local_world_size()`` (at least 1), so that N processes on one machine never run N x cores threads that wait on
+    each other (measured: a step 4x slower with 2 ranks x 2 threads on 2 cores). An explicit ``OMP_NUM_THREADS``
+    wins (torch has read it). Returns the thread count in force."""
+    env = os.environ if environ is None else environ
+    if env.get("OMP_NUM_THREADS", "").strip():
+        return torch.get_num_threads()
+    threads = max(1, usable_cores() // local_world_size(env))
+    if threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+    return threads
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Process group
 # --------------------------------------------------------------------------------------------------------------
@@ -178,9 +213,11 @@ def _disable_jit_ops() -> None:
 
 
 def init_distributed(env: DistEnv | None = None) -> DistEnv:
-    """Export the discovered rank variables, pick the device and start the process group (gloo on CPU, nccl on
-    CUDA) through DeepSpeed. Also for one process, so that engines and collectives work the same everywhere."""
+    """Export the discovered rank variables, share the cores out (:func:`share_cores`), pick the device and start
+    the process group (gloo on CPU, nccl on CUDA) through DeepSpeed. Also for one process, so that engines and
+    collectives work the same everywhere."""
     env = env or read_dist_env()
+    share_cores()
     port = env.master_port or free_port()
     env = dataclasses.replace(env, master_port=port)
     os.environ.update({"RANK": str(env.rank), "WORLD_SIZE": str(env.world_size), "LOCAL_RANK": str(env.local_rank),

@@ -30,6 +30,7 @@ class TrainingRecord:
     num_clips: int | None = None
     steps: int | None = None
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    precision: str | None = None  # what the run trained in, and why, e.g. "fp32 (auto: AMD EPYC (cpu), ...)"
 
 
 def _tokenizer_summary(config: Any) -> tuple[list[str], list[str]]:
@@ -102,7 +103,8 @@ def render_model_card(class_name: str, model_type: str, config: Any, num_paramet
 
 
 def _training_lines(training: TrainingRecord | None) -> list[str]:
-    if training is None or (training.data is None and training.num_clips is None and training.steps is None):
+    if training is None or (training.data is None and training.num_clips is None and training.steps is None
+                            and training.precision is None):
         return ["Not recorded with this export."]
     lines = []
     if training.data is not None:
@@ -111,4 +113,6 @@ def _training_lines(training: TrainingRecord | None) -> list[str]:
         lines.append(f"- Examples (clips): {training.num_clips}")
     if training.steps is not None:
         lines.append(f"- Optimizer steps: {training.steps}")
+    if training.precision is not None:
+        lines.append(f"- Precision: {training.precision}")
     return lines

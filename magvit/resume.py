@@ -18,6 +18,7 @@ from .cli import UsageError
 from .config import Config
 from .ema import EMA
 from .optim import WarmupCosineSchedule
+from .precision import describe, emulation_warning, resolve_precision, warn_once
 from .runlog import clear_run_dir, rerun_problem, setup_run_dir
 from .tracking import check_backends
 
@@ -33,6 +34,7 @@ class RunContext:
     zero_stage: int
     preempt: dist.PreemptionHandler
     log: logging.Logger
+    precision: str = ""  # the precision in force and why (``magvit.precision.describe``), for the model card
 
 
 def start_run(cfg: Config, ds_base: Mapping[str, Any], run_dir: Path, argv: Sequence[str],
@@ -43,10 +45,13 @@ def start_run(cfg: Config, ds_base: Mapping[str, Any], run_dir: Path, argv: Sequ
     (:func:`rerun_problem`; ``overwrite`` deletes it, :func:`clear_run_dir`), set up ``run_dir`` (rank 0) and open
     this rank's logger (``run_dir/logs/rank<r>.log``). A refused resume or rerun or an unwritable run dir raises
     ``UsageError`` on every rank before ``config.yaml`` is written, so the run dir never records a value that is
-    not in force."""
+    not in force. ``train.precision: auto`` is resolved here for this device (``magvit.precision``) and ``cfg``
+    records the result."""
     env = dist.init_distributed()
     preempt = dist.PreemptionHandler().install()
     tc = cfg.train
+    requested = tc.precision
+    tc.precision, support = resolve_precision(requested, dist.device())
     try:
         ds_config = dist.make_deepspeed_config(ds_base, micro_batch_size=cfg.data.batch_size,
                                                grad_accum_steps=tc.grad_accum_steps, grad_clip=cfg.optim.grad_clip,
@@ -72,9 +77,12 @@ def start_run(cfg: Config, ds_base: Mapping[str, Any], run_dir: Path, argv: Sequ
     if dist.all_reduce_max(1.0 if problem else 0.0) > 0:  # every rank stops with one line, none waits forever
         raise UsageError(problem or "rank 0 could not set up the run dir (see its error)")
     log = dist.rank_zero_logger(logger_name, env.rank, run_dir / "logs" / f"rank{env.rank}.log")
+    precision = describe(requested, tc.precision, support)
+    log.info("precision: %s", precision)
+    warn_once(emulation_warning(tc.precision, support), log)
     for line in changes:
         log.info("resume: %s", line)
-    return RunContext(env.rank, env.world_size, dist.device(), ds_config, stage, preempt, log)
+    return RunContext(env.rank, env.world_size, dist.device(), ds_config, stage, preempt, log, precision)
 
 
 # On resume these keys may differ from the checkpoint's config (they change how long the run goes and what it
@@ -91,6 +99,12 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+def _same_weights_precision(key: str, old: Any, new: Any) -> bool:
+    """fp32 and bf16 autocast keep the same fp32 weights and checkpoint, so a run may resume in the other (``auto``
+    resolving differently on another machine); DeepSpeed's ``bf16`` stores bf16 weights and may not."""
+    return key == "train.precision" and {old, new} <= {"fp32", "autocast-bf16"}
 
 
 def resume_changes(cfg: Config, checkpoints: Path, world_size: int, zero_stage: int) -> tuple[str | None, list[str]]:
@@ -113,7 +127,7 @@ def resume_changes(cfg: Config, checkpoints: Path, world_size: int, zero_stage: 
     saved, now = _flatten(state.get("config") or {}), _flatten(cfg.to_dict())
     diffs = [(k, saved[k], now[k]) for k in sorted(now) if k in saved and saved[k] != now[k]]
     fixed = [d for d in diffs if not any(d[0] == m or (m.endswith(".") and d[0].startswith(m))
-                                         for m in RESUME_MAY_CHANGE)]
+                                         for m in RESUME_MAY_CHANGE) and not _same_weights_precision(*d)]
     if fixed:
         listed = ", ".join(f"{k} ({old!r} -> {new!r})" for k, old, new in fixed[:4])
         more = f" and {len(fixed) - 4} more" if len(fixed) > 4 else ""

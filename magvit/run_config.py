@@ -25,7 +25,8 @@ from .optim import OptimConfig
 from .resources import find_config
 from .runlog import RUN_FILES, RUN_SUBDIRS
 from .tokenizer import TokenizerConfig
-from .trainloop import CheckpointConfig, LoggingConfig, Precision
+from .precision import PRECISIONS, Precision
+from .trainloop import CheckpointConfig, LoggingConfig
 from .transformer import TransformerConfig
 
 
@@ -38,7 +39,9 @@ class TrainConfig(Config):
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at max_steps
     grad_accum_steps: int = 1
     seed: int = 0  # rank r uses seed + r for its own randomness
-    precision: Precision = "fp32"
+    # auto: bf16 autocast where the device computes bf16 natively, fp32 elsewhere (magvit.precision); the run
+    # records the precision it resolved to
+    precision: Precision = "auto"
     deepspeed_config: str = "configs/deepspeed/zero2.json"
     zero_stage: int | None = None  # overrides the stage of the DeepSpeed config when set
     ema_decay: float = 0.999
@@ -53,6 +56,8 @@ class TrainConfig(Config):
                              "max_nonfinite_steps >= 1")
         if not 0.0 <= self.min_lr_ratio <= 1.0 or not 0.0 <= self.ema_decay < 1.0:
             raise ValueError("train: need 0 <= min_lr_ratio <= 1 and 0 <= ema_decay < 1")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"train: precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.zero_stage not in (None, 0, 1, 2, 3):
             raise ValueError(f"train: zero_stage must be 0, 1, 2 or 3 (or null: the DeepSpeed config's), "
                              f"got {self.zero_stage}")

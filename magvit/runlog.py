@@ -22,6 +22,7 @@ import yaml
 from . import distributed as dist
 from .config import Config
 from .fileio import write_text_atomic
+from .progress import progress
 
 RUN_SUBDIRS = ("checkpoints", "export", "samples", "tb", "logs")
 # wandb/ and wandb_run_id: Weights & Biases' offline runs and the id a resume continues (magvit.tracking)
@@ -148,10 +149,9 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def progress_bar(max_steps: int, step: int, enabled: bool) -> Any:
-    """The tqdm bar of optimizer steps (disabled: a no-op bar)."""
-    from tqdm import tqdm
-
-    return tqdm(total=max_steps, initial=step, disable=not enabled, unit="step", dynamic_ncols=True)
+    """The progress of optimizer steps on stderr: a tqdm bar on a terminal, a plain line every ~30 s in a log
+    (``magvit.progress``); disabled: nothing is written."""
+    return progress(total=max_steps, initial=step, disable=not enabled, unit="step")
 
 
 class MetricsWindow:

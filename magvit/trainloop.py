@@ -28,7 +28,6 @@ from .resume import RunContext, resume_latest
 from .runlog import MetricsLogger, MetricsWindow, progress_bar
 from .tracking import Tracker, TrackingConfig
 
-Precision = Literal["fp32", "bf16", "autocast-bf16"]
 MicroStep = Callable[[Any, int], "dict[str, float] | None"]
 
 
@@ -117,13 +116,6 @@ class NonFiniteGuard:
                 f"{self.consecutive} non-finite losses in a row (last at step {step}); stopping. "
                 "Lower the learning rate, enable gradient clipping or resume from an earlier checkpoint.")
         return False
-
-
-def precision_context(precision: Precision, device: torch.device) -> contextlib.AbstractContextManager:
-    """``torch.autocast`` for ``autocast-bf16``; DeepSpeed handles ``bf16`` (bf16 weights) itself."""
-    if precision == "autocast-bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,7 +251,8 @@ class TrainLoop:
                  "config": self.cfg.to_dict()}
         self.ckpt.save(step, self.engines, state, self.ema)
         if self.context.rank == 0:
-            record = TrainingRecord(str(self.data.source), self.data.num_examples, step, dict(self.last_eval))
+            record = TrainingRecord(str(self.data.source), self.data.num_examples, step, dict(self.last_eval),
+                                    precision=self.context.precision)
             with torch.random.fork_rng(devices=[]):  # building the copy must not move the training RNG (exact resume)
                 model = self.export_model()
             export_ema(model, self.ema, self.run_dir / "export", record)

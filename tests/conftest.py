@@ -8,6 +8,9 @@ import pytest
 import torch
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# `precision: auto` resolves to fp32 in every test (and its subprocesses) whatever the CPU kind, so results do not
+# depend on the machine; tests/test_precision.py checks the probe itself with this unset.
+os.environ.setdefault("MAGVIT_NATIVE_BF16", "0")
 
 
 @pytest.fixture(autouse=True)

@@ -136,3 +136,25 @@ def test_single_process_collectives_are_identities():
     assert dist.broadcast_tensor_(x, src=0) is x and torch.equal(x, torch.tensor([1.0, -2.0]))
     with pytest.raises(ValueError, match="op must be one of"):
         dist.all_reduce_tensor_(x, op="min")
+
+
+def test_local_world_size_from_each_launcher():
+    assert dist.local_world_size({}) == 1
+    assert dist.local_world_size({"LOCAL_WORLD_SIZE": "4"}) == 4  # torchrun
+    assert dist.local_world_size({"LOCAL_SIZE": "2"}) == 2  # the deepspeed launcher
+    assert dist.local_world_size({"SLURM_TASKS_PER_NODE": "2(x3),1"}) == 2  # this node's entry comes first
+    assert dist.local_world_size({"SLURM_NTASKS_PER_NODE": "8"}) == 8
+    assert dist.local_world_size({"LOCAL_WORLD_SIZE": "junk", "SLURM_NTASKS_PER_NODE": "3"}) == 3
+
+
+def test_share_cores_gives_each_local_process_its_share(monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.setattr(dist, "usable_cores", lambda: 8)
+    try:
+        assert dist.share_cores({"LOCAL_WORLD_SIZE": "2"}) == 4 and torch.get_num_threads() == 4
+        assert dist.share_cores({"LOCAL_WORLD_SIZE": "16"}) == 1 and torch.get_num_threads() == 1  # at least one
+        assert dist.share_cores({}) == 8 and torch.get_num_threads() == 8  # one process: every core
+        torch.set_num_threads(3)
+        assert dist.share_cores({"OMP_NUM_THREADS": "3", "LOCAL_WORLD_SIZE": "2"}) == 3  # an explicit setting wins
+    finally:
+        torch.set_num_threads(before)

@@ -138,9 +138,15 @@ def test_tokenizer_zero2_run_dir_contract(tokenizer_reference):
         assert (run / name).is_file(), name
     ds = json.loads((run / "deepspeed_config.json").read_text())
     assert ds["zero_optimization"]["stage"] == 2 and ds["train_batch_size"] == 4  # 2 per rank x 2 ranks
-    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["max_steps"] == 6
+    recorded = yaml.safe_load((run / "config.yaml").read_text())["train"]
+    assert recorded["max_steps"] == 6
+    # precision auto (the config's) resolved for the device, and recorded as resolved (conftest: no native bf16)
+    assert recorded["precision"] == "fp32"
     assert "deepspeed" in (run / "version.txt").read_text()
-    assert "done: 6 steps" in (run / "logs" / "rank0.log").read_text() and (run / "logs" / "rank1.log").is_file()
+    rank0_log = (run / "logs" / "rank0.log").read_text()
+    assert "done: 6 steps" in rank0_log and (run / "logs" / "rank1.log").is_file()
+    assert "precision: fp32 (auto: " in rank0_log and "MAGVIT_NATIVE_BF16=0" in rank0_log
+    assert "- Precision: fp32 (auto: " in (run / "export" / "README.md").read_text()
     losses = _losses(run, "g/loss")
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]
     assert set(_losses(run, "d/loss")) == {3, 4, 5, 6}  # the discriminator starts at step 2 (0-based)

@@ -32,7 +32,8 @@ from magvit.cli import run_main
 from magvit.launch.train_transformer import build_prior, with_token_sizes
 from magvit.resume import start_run
 from magvit.run_config import AutoregressiveTrainConfig, load_train_config, parse_train_command
-from magvit.trainloop import NonFiniteGuard, Reporting, TrainLoop, precision_context
+from magvit.precision import autocast as precision_autocast
+from magvit.trainloop import NonFiniteGuard, Reporting, TrainLoop
 
 DEFAULT_CONFIG = "configs/autoregressive/tiny.yaml"
 REPORTING = Reporting("AutoregressiveTransformer", loss_key="loss", rate_key="perf/examples_per_s",
@@ -80,7 +81,7 @@ def train(cfg: AutoregressiveTrainConfig, ds_base: dict[str, Any], run_dir: Path
     run = start_run(cfg, ds_base, run_dir, argv, "magvit.train_autoregressive", resume=resume, overwrite=overwrite)
     tc, device = cfg.train, run.device
     ema, engine = build_prior(AutoregressiveTransformer, cfg, run)
-    autocast = precision_context(tc.precision, device)
+    autocast = precision_autocast(tc.precision, device)
     data = token_batches(cfg.data, run.rank, run.world_size, tc.seed, device)
 
     def export_model() -> AutoregressiveTransformer:  # (the loop keeps the training RNG where it was)

@@ -40,7 +40,8 @@ from magvit.resume import start_run
 from magvit.run_config import TokenizerTrainConfig, load_train_config, parse_train_command
 from magvit.tokenizer import TokenizerConfig, VideoTokenizer, check_init_from, init_tokenizer
 from magvit.tracking import Tracker
-from magvit.trainloop import NonFiniteGuard, Reporting, TrainLoop, precision_context
+from magvit.precision import autocast as precision_autocast
+from magvit.trainloop import NonFiniteGuard, Reporting, TrainLoop
 
 DEFAULT_CONFIG = "configs/tokenizer/tiny.yaml"
 REPORTING = Reporting("VideoTokenizer", loss_key="g/loss", rate_key="perf/clips_per_s", rate_label="clips_s",
@@ -251,7 +252,7 @@ def train(cfg: TokenizerTrainConfig, ds_base: dict[str, Any], run_dir: Path, res
     g_engine = dist.build_engine(generator, g_opt, run.ds_config, g_sched)
     d_engine = dist.build_engine(discriminator, d_opt, run.ds_config, d_sched)
     dtype = torch.bfloat16 if tc.precision == "bf16" else torch.float32
-    autocast = precision_context(tc.precision, device)
+    autocast = precision_autocast(tc.precision, device)
     last_input = LastLayerInput(g_engine.module.decoder.conv_out) if lc.adaptive_gan_weight else None
 
     # --- data: training clips; validation clips from the manifest (a streaming run without one validates none) ---

@@ -49,7 +49,8 @@ from magvit.resume import RunContext, start_run
 from magvit.run_config import TransformerTrainConfig, load_train_config, parse_train_command
 from magvit.streaming import resolve_shards
 from magvit.tracking import Tracker
-from magvit.trainloop import NonFiniteGuard, Reporting, TrainLoop, precision_context
+from magvit.precision import autocast as precision_autocast
+from magvit.trainloop import NonFiniteGuard, Reporting, TrainLoop
 from magvit.transformer import MaskedVideoTransformer
 
 DEFAULT_CONFIG = "configs/transformer/tiny.yaml"
@@ -272,7 +273,7 @@ def train(cfg: TransformerTrainConfig, ds_base: dict[str, Any], run_dir: Path, r
     run = start_run(cfg, ds_base, run_dir, argv, "magvit.train_transformer", resume=resume, overwrite=overwrite)
     tc, device = cfg.train, run.device
     ema, engine = build_prior(MaskedVideoTransformer, cfg, run)
-    autocast = precision_context(tc.precision, device)
+    autocast = precision_autocast(tc.precision, device)
     vocab, regions = cfg.model.vocab, condition_regions(cfg)
     data = token_batches(cfg.data, run.rank, run.world_size, tc.seed, device)
     held_out = open_held_out(cfg, data.classes, run.rank, device, run.log)

@@ -30,7 +30,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
-from magvit.cli import ArgumentParser, UsageError, command_name, progress, quiet_decoders, run_main
+from magvit.cli import ArgumentParser, UsageError, command_name, quiet_decoders, run_main
+from magvit.progress import progress
 from magvit.data import write_manifest
 from magvit.fileio import check_writable_file
 from magvit.video_io import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, VideoReadError, probe_video

@@ -38,7 +38,8 @@ from typing import Sequence
 
 import numpy as np
 
-from magvit.cli import ArgumentParser, UsageError, command_name, progress, run_main, write_json
+from magvit.cli import ArgumentParser, UsageError, command_name, run_main, write_json
+from magvit.progress import progress
 from magvit.fileio import write_text_atomic
 
 PROG = command_name("python -m data_prep.moving_mnist")

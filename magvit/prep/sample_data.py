@@ -36,7 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from magvit.cli import ArgumentParser, UsageError, command_name, progress, quiet_decoders, run_main
+from magvit.cli import ArgumentParser, UsageError, command_name, quiet_decoders, run_main
+from magvit.progress import progress
 from magvit.fileio import write_text_atomic
 from magvit.prep.index import build_manifest
 

@@ -128,8 +128,8 @@ def write_shards(dataset, out: Path, shard_size: int, batch_size: int, workers: 
     """
     from torch.utils.data import DataLoader, Subset
 
-    from magvit.cli import progress
     from magvit.data import collate_skip_none
+    from magvit.progress import progress
 
     from magvit.streaming import tar_rows
 

@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from magvit.cli import ArgumentParser, UsageError, command_name, progress, quiet_decoders, run_main
+from magvit.cli import ArgumentParser, UsageError, command_name, quiet_decoders, run_main
+from magvit.progress import progress
 from magvit.sketch import sketch_frames
 
 PROG = command_name("python -m data_prep.sketch")

@@ -32,6 +32,7 @@ from typing import Sequence
 import torch
 
 from magvit.cli import ArgumentParser, UsageError, command_name, quiet_decoders, run_main, write_json
+from magvit.distributed import share_cores
 from magvit.tasks import CONDITION_TASKS
 from magvit.prep.shards import (FORMATS, check_out_dir, file_digest, finish_rank, fingerprint, num_shards,
                                open_out_dir_ranked, rank_from_env, write_shards)
@@ -97,7 +98,8 @@ def build_parser() -> ArgumentParser:
                              "(default 1; e.g. 1,2,5: training draws one of them per example)")
     parser.add_argument("--frame-stride", type=int, default=1)
     parser.add_argument("--workers", type=int, default=None, help="decoding DataLoader workers (default: 2)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, all cores)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the usable cores / this job's processes on this machine, or "
+                        "OMP_NUM_THREADS)")
     parser.add_argument("--device", default=None, help="encoder device (default: cuda when available, else cpu)")
     parser.add_argument("--format", choices=FORMATS, default="safetensors",
                         help="shard format: safetensors (random access) or webdataset (tar shards for streaming)")
@@ -209,6 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet_decoders()
     if args.threads:
         torch.set_num_threads(args.threads)
+    else:  # ranks of one job on one machine share its cores (one process: all of them)
+        share_cores()
     from magvit.pretrained import resolve_pretrained
 
     try:  # a Hub id (org/name) becomes its snapshot folder in the Hub cache; the digest below reads its weights
