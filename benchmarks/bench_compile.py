@@ -105,15 +105,22 @@ def main() -> None:
     p.set_defaults(threads=1)
     p.add_argument("--steps", type=int, default=12, help="steps per side (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=2, help="compiled steps counted as compilation (default: 2)")
+    p.add_argument("--cases", default="mnist-tokenizer,mnist-transformer,demo-tokenizer",
+                   help="which training steps (default: %(default)s)")
     args = p.parse_args()
     common.setup_threads(args.threads)
     header = common.machine_description(args.threads)
     steps = 4 if args.quick else args.steps
     # (case, the steps a run of it takes: the demo's / the config's)
-    cases = [(lambda: tokenizer_case("configs/tokenizer/mnist.yaml", 4), "60 (demo) / 2000 (config)"),
-             (lambda: transformer_case("configs/transformer/mnist.yaml", 8), "150 (demo) / 4000 (config)")]
-    if not args.quick:
-        cases.append((lambda: tokenizer_case("configs/tokenizer/demo.yaml", 2), "400 (demo)"))
+    known = {"mnist-tokenizer": (lambda: tokenizer_case("configs/tokenizer/mnist.yaml", 4), "60 (demo) / 2000 (config)"),
+             "mnist-transformer": (lambda: transformer_case("configs/transformer/mnist.yaml", 8),
+                                   "150 (demo) / 3000 (config)"),
+             "demo-tokenizer": (lambda: tokenizer_case("configs/tokenizer/demo.yaml", 2), "400 (demo)")}
+    names = ["mnist-tokenizer", "mnist-transformer"] if args.quick else args.cases.split(",")
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        p.error(f"--cases: unknown {', '.join(unknown)} (choose from {', '.join(known)})")
+    cases = [known[n] for n in names]
     table = common.Table(
         "torch.compile of training steps on the CPU (eager vs compiled, interleaved)",
         ["training step", "eager s/step", "compiled s/step", "speed-up", "compile overhead s", "pays after (steps)",

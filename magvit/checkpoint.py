@@ -42,7 +42,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from . import distributed as dist
-from .fileio import atomic_path, replace_folder, write_text_atomic
+from .fileio import atomic_path, recover_folder, replace_folder, write_text_atomic
 from .ema import EMA
 
 LATEST = "latest"
@@ -156,8 +156,10 @@ class CheckpointManager:
     def clean_stale(self) -> None:
         """Remove half-written checkpoints left by a crash (rank 0; call before training starts)."""
         if self.rank == 0 and self.root.is_dir():
-            for child in self.root.iterdir():
-                if child.name.startswith(".tmp-"):
+            for child in sorted(self.root.iterdir()):
+                if child.name.startswith(".tmp-old-"):  # a replaced step whose swap was interrupted: put it back
+                    recover_folder(self.root / child.name[len(".tmp-old-"):], child)
+                if child.name.startswith(".tmp-") and child.exists():
                     shutil.rmtree(child, ignore_errors=True)
                 elif child.name.startswith(f".{LATEST}.tmp"):
                     child.unlink(missing_ok=True)

@@ -364,15 +364,38 @@ def make_deepspeed_config(base: Mapping[str, Any], *, micro_batch_size: int, gra
     cfg["bf16"] = {**cfg.get("bf16", {}), "enabled": precision == "bf16"}
     cfg.setdefault("fp16", {})["enabled"] = False
     zero = cfg.setdefault("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ValueError(f"zero_optimization must be a JSON object, got {zero!r}")
     if zero_stage is not None:
-        if zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {zero_stage}")
         zero["stage"] = zero_stage
     zero.setdefault("stage", 0)
+    stage = zero["stage"]
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):  # "2" (a string) fails later inside DeepSpeed
+        raise ValueError(f"ZeRO stage must be the number 0, 1, 2 or 3, got {stage!r}")
     cfg["zero_allow_untested_optimizer"] = True  # torch optimizers are passed in
     cfg.setdefault("steps_per_print", 10**9)  # progress is the script's job
     cfg.setdefault("wall_clock_breakdown", False)
     return cfg
+
+
+def check_deepspeed_config(cfg: Mapping[str, Any]) -> None:
+    """Parse ``cfg`` with DeepSpeed's own schema now, so that a bad key or value is one ``ValueError`` line before
+    a run dir is written, not a traceback inside ``deepspeed.initialize``. Needs the process group
+    (:func:`init_distributed`)."""
+    _disable_jit_ops()
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    try:
+        DeepSpeedConfig(json.loads(json.dumps(dict(cfg))))
+    except Exception as err:  # pydantic's ValidationError, or whatever DeepSpeed raises for the value
+        errors = getattr(err, "errors", None)
+        if callable(errors) and errors():
+            first = errors()[0]
+            where = ".".join(str(part) for part in first.get("loc", ())) or "?"
+            raise ValueError(f"invalid DeepSpeed config: {getattr(err, 'title', '')} {where}: "
+                             f"{first.get('msg', err)} (got {first.get('input')!r})") from None
+        raise ValueError(f"invalid DeepSpeed config: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                         ) from None
 
 
 def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: Mapping[str, Any],

@@ -10,8 +10,10 @@ finished folder ``0777 & ~umask`` (and the same for everything inside it) before
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
+import sys
 import tempfile
 import threading
 from contextlib import contextmanager
@@ -91,8 +93,9 @@ def atomic_folder(directory: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``directory``; when the block succeeds, it (and what it holds) gets
     the umask's permissions and takes the place of ``directory`` (an existing one is replaced, never merged).
 
-    An interrupted swap leaves either the old or the new folder under the final name (plus a ``.NAME.old`` folder
-    that the next save removes); on an error the temporary folder is removed.
+    The swap is one atomic exchange where the OS has it (Linux); elsewhere an interrupted swap can leave the old
+    folder under ``.NAME.old`` and none under the final name, which :func:`recover_folder` (called by the next
+    save, and by a trainer at its start) puts back. On an error the temporary folder is removed.
     """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -105,16 +108,46 @@ def atomic_folder(directory: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def exchange_paths(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the OS, the
+    C library or the filesystem cannot (nothing changed then)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a C library older than glibc 2.28
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    return renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
+def recover_folder(target: Path, old: Path) -> bool:
+    """Undo a swap interrupted between its two renames: ``target`` missing and the previous folder under ``old``
+    -> it goes back under ``target``. True when it did."""
+    if old.is_dir() and not target.exists():
+        old.rename(target)
+        return True
+    return False
+
+
 def replace_folder(source: Path, target: Path, old: Path) -> None:
-    """Rename ``source`` to ``target``; an existing ``target`` is first renamed to ``old`` and removed after, so an
-    interrupted swap leaves the old or the new folder under ``target`` (and at worst ``old``, for a cleanup)."""
-    if target.exists():
+    """Rename ``source`` to ``target``, replacing an existing ``target`` (never merging). With an atomic exchange
+    ``target`` always holds the old or the new folder; without one the old folder waits under ``old`` until the new
+    one is in place, so an interrupted swap loses nothing (:func:`recover_folder`)."""
+    recover_folder(target, old)
+    if not target.exists():
+        source.rename(target)
+    elif exchange_paths(source, target):  # target: the new folder; source: the old one
+        shutil.rmtree(source, ignore_errors=True)
+    else:
         shutil.rmtree(old, ignore_errors=True)
         target.rename(old)
         source.rename(target)
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        source.rename(target)
 
 
 def check_writable_dir(directory: str | os.PathLike) -> Path:

@@ -57,6 +57,7 @@ def start_run(cfg: Config, ds_base: Mapping[str, Any], run_dir: Path, argv: Sequ
                                                grad_accum_steps=tc.grad_accum_steps, grad_clip=cfg.optim.grad_clip,
                                                precision=tc.precision, zero_stage=tc.zero_stage,
                                                world_size=env.world_size)
+        dist.check_deepspeed_config(ds_config)
     except ValueError as err:  # the same on every rank
         raise UsageError(f"{tc.deepspeed_config}: {err}") from None
     stage = ds_config["zero_optimization"]["stage"]

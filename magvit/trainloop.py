@@ -23,6 +23,7 @@ from .batches import TrainData
 from .checkpoint import CheckpointManager, export_ema
 from .config import Config
 from .ema import EMA
+from .fileio import recover_folder
 from .model_card import TrainingRecord
 from .resume import RunContext, resume_latest
 from .runlog import MetricsLogger, MetricsWindow, progress_bar
@@ -66,7 +67,8 @@ class NonFiniteGuard:
 
     ``check`` takes this rank's loss value and a ``reduce_max`` collective; if any rank saw a NaN/inf the step is
     skipped everywhere. ``check_step`` takes whether the engine applied its last optimizer step. Either kind of
-    skip ``max_consecutive`` times in a row raises ``NonFiniteLossError``.
+    skip ``max_consecutive`` times in a row raises ``NonFiniteLossError``, and so does a run whose every optimizer
+    step was skipped, however short (``check_step(..., last=True)``): its export would be untrained.
     """
 
     def __init__(self, max_consecutive: int):
@@ -76,6 +78,7 @@ class NonFiniteGuard:
         self.consecutive_skipped_steps = 0
         self.total_skipped_steps = 0
         self.last_skipped = "loss"  # what the latest skipped check was about, for the log
+        self.run_start = 0  # the step this process's run started (or resumed) at
 
     def state_dict(self) -> dict[str, int]:
         """The totals a checkpoint keeps (the trainer state's ``nonfinite_skipped`` / ``skipped_steps``)."""
@@ -85,14 +88,21 @@ class NonFiniteGuard:
         self.total_skipped = int(state.get("nonfinite_skipped", 0))
         self.total_skipped_steps = int(state.get("skipped_steps", 0))
 
-    def check_step(self, applied: bool, step: int, reduce_max: Callable[[float], float] = float) -> bool:
-        """After an optimizer step: False (on every rank) when any rank's engine skipped the update."""
+    def check_step(self, applied: bool, step: int, reduce_max: Callable[[float], float] = float,
+                   last: bool = False) -> bool:
+        """After optimizer step ``step`` (1-based; ``last``: the run's final one): False (on every rank) when any
+        rank's engine skipped the update."""
         skipped = reduce_max(0.0 if applied else 1.0) > 0.0
         if not skipped:
             self.consecutive_skipped_steps = 0
             return True
         self.consecutive_skipped_steps += 1
         self.total_skipped_steps += 1
+        if last and self.consecutive_skipped_steps >= step - self.run_start:
+            raise NonFiniteLossError(
+                f"every optimizer step of this run ({step - self.run_start}, to step {step}) was skipped for "
+                "non-finite gradients: the weights did not change; stopping without exporting them. Lower the loss "
+                "weights or the learning rate.")
         if self.consecutive_skipped_steps >= self.max_consecutive:
             raise NonFiniteLossError(
                 f"{self.consecutive_skipped_steps} optimizer steps in a row skipped for non-finite gradients (last "
@@ -168,8 +178,11 @@ class TrainLoop:
         written)."""
         tc, lc, r = self.cfg.train, self.cfg.logging, self.reporting
         self.ckpt.clean_stale()
+        if self.context.rank == 0:  # an export swap interrupted by the last run: the previous export back in place
+            recover_folder(self.run_dir / "export", self.run_dir / ".export.old")
         if resume:
             self._resume()
+        self.guard.run_start = self.step
         log, rank = self.context.log, self.context.rank
         self.tracker = Tracker(lc, self.run_dir, is_main=rank == 0, run_config=self.cfg.to_dict(), job_type=r.name)
         self.metrics_log = MetricsLogger(self.run_dir, enabled=rank == 0, tracker=self.tracker)
@@ -281,7 +294,8 @@ class TrainLoop:
     def _count_skipped_step(self) -> None:
         """Log (``event: step_skipped``) when DeepSpeed skipped the update for non-finite gradients; the guard
         raises ``NonFiniteLossError`` after too many in a row. A collective."""
-        if self.guard.check_step(self.engine.was_step_applied(), self.step, dist.all_reduce_max):
+        if self.guard.check_step(self.engine.was_step_applied(), self.step, dist.all_reduce_max,
+                                 last=self.step == self.cfg.train.max_steps):
             return
         self.metrics_log.log(self.step, self.guard.state_dict(), event="step_skipped")
         self.context.log.warning("optimizer step %d skipped by DeepSpeed: non-finite gradients (%d in a row)",

@@ -158,3 +158,20 @@ def test_share_cores_gives_each_local_process_its_share(monkeypatch):
         assert dist.share_cores({"OMP_NUM_THREADS": "3", "LOCAL_WORLD_SIZE": "2"}) == 3  # an explicit setting wins
     finally:
         torch.set_num_threads(before)
+
+
+def test_bad_zero_stage_or_key_in_a_deepspeed_file_is_one_value_error():
+    def build(base):
+        return dist.make_deepspeed_config(base, micro_batch_size=2, grad_accum_steps=1, grad_clip=1.0,
+                                          precision="fp32")
+
+    for stage in ("2", 7, True, None):
+        with pytest.raises(ValueError, match="ZeRO stage must be the number 0, 1, 2 or 3"):
+            build({"zero_optimization": {"stage": stage}})
+    with pytest.raises(ValueError, match="zero_optimization must be a JSON object"):
+        build({"zero_optimization": 2})
+    dist.check_deepspeed_config(build({"zero_optimization": {"stage": 2, "overlap_comm": False}}))
+    with pytest.raises(ValueError) as err:  # DeepSpeed's own schema, checked before anything is written
+        dist.check_deepspeed_config(build({"zero_optimization": {"stage": 2, "bogus_key": 1}}))
+    assert str(err.value) == ("invalid DeepSpeed config: DeepSpeedZeroConfig bogus_key: Extra inputs are not "
+                              "permitted (got 1)")

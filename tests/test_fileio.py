@@ -103,3 +103,55 @@ def test_ema_file_of_a_checkpoint_honours_the_umask(tmp_path, umask_002):
     path = CheckpointManager(tmp_path / "checkpoints").save(3, {"generator": Engine()}, {}, ema=ema)
     assert _mode(path / EMA_FILE) == 0o664
     assert json.loads((path / "trainer_state.json").read_text())["step"] == 3
+
+
+def _folder(path: Path, text: str) -> Path:
+    path.mkdir()
+    (path / "weights").write_text(text)
+    return path
+
+
+def test_replace_folder_swaps_in_one_step_where_the_os_can(tmp_path):
+    target, new = _folder(tmp_path / "export", "old"), _folder(tmp_path / ".export.tmp", "new")
+    if not fileio.exchange_paths(new, target):
+        pytest.skip("no atomic exchange on this OS / filesystem")
+    assert (target / "weights").read_text() == "new" and (new / "weights").read_text() == "old"
+    fileio.replace_folder(_folder(tmp_path / ".export.tmp2", "newer"), target, tmp_path / ".export.old")
+    assert (target / "weights").read_text() == "newer" and not (tmp_path / ".export.old").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".export.tmp", "export"]  # the exchanged-out one is gone
+
+
+def test_replace_folder_interrupted_between_renames_loses_nothing(tmp_path, monkeypatch):
+    """Without an atomic exchange: an interrupt after the old folder moved aside leaves it under `old`, and the
+    next swap (or a trainer's start) puts it back before anything else."""
+    target, old = _folder(tmp_path / "export", "old"), tmp_path / ".export.old"
+    new = _folder(tmp_path / ".export.tmp", "new")
+    monkeypatch.setattr(fileio, "exchange_paths", lambda a, b: False)
+    real_rename = Path.rename
+
+    def interrupted(self, dest):
+        if self == new:
+            raise KeyboardInterrupt
+        return real_rename(self, dest)
+
+    monkeypatch.setattr(Path, "rename", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fileio.replace_folder(new, target, old)
+    monkeypatch.setattr(Path, "rename", real_rename)
+    assert not target.exists() and (old / "weights").read_text() == "old"
+    assert fileio.recover_folder(target, old) and (target / "weights").read_text() == "old"
+    assert not fileio.recover_folder(target, old)  # nothing left to recover
+    fileio.replace_folder(new, target, old)
+    assert (target / "weights").read_text() == "new" and not old.exists()
+
+
+def test_checkpoint_clean_stale_puts_an_interrupted_replacement_back(tmp_path):
+    from magvit.checkpoint import CheckpointManager
+
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    _folder(root / ".tmp-old-step_00000004", "step 4")  # step_00000004 itself was moved aside, never replaced
+    _folder(root / ".tmp-step_00000006", "half-written")
+    CheckpointManager(root).clean_stale()
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000004"]
+    assert (root / "step_00000004" / "weights").read_text() == "step 4"

@@ -369,6 +369,30 @@ def test_plain_python_run_stops_on_repeated_nonfinite_loss(tokens, tmp_path):
     assert '"WORLD_SIZE": "1"' in (run_dir / "command.txt").read_text()
 
 
+def test_short_run_whose_every_step_overflows_fails_without_export(manifest, tmp_path):
+    """A finite loss whose gradients overflow: DeepSpeed skips every optimizer step. A run shorter than
+    max_nonfinite_steps must still fail (status 1), not export untrained weights as done."""
+    run_dir = tmp_path / "run"
+    result = _run("train_tokenizer.py", ["--config", "configs/tokenizer/tiny.yaml", "--run-dir", str(run_dir),
+                                         f"data.manifest={manifest}", "train.max_steps=3", "loss.recon_weight=3e38",
+                                         *TOKENIZER_OVERRIDES], ranks=1)
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "every optimizer step of this run (3, to step 3) was skipped" in result.stderr
+    assert not list(run_dir.glob("export/*.safetensors")) and not list(run_dir.glob("checkpoints/step_*"))
+
+
+def test_bad_deepspeed_config_file_is_refused_before_the_run_dir_is_written(manifest, tmp_path):
+    bad = tmp_path / "zero.json"
+    bad.write_text(json.dumps({"zero_optimization": {"stage": 2, "reduce_bucket_sise": 5}}))  # a typo'd key
+    run_dir = tmp_path / "run"
+    result = _run("train_tokenizer.py", ["--config", "configs/tokenizer/tiny.yaml", "--deepspeed_config", str(bad),
+                                         "--run-dir", str(run_dir), f"data.manifest={manifest}", *TOKENIZER_OVERRIDES],
+                  ranks=1)
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "invalid DeepSpeed config: DeepSpeedZeroConfig reduce_bucket_sise: Extra inputs" in result.stderr
+    assert not (run_dir / "config.yaml").exists()  # a corrected retry is not refused as a rerun
+
+
 def test_resume_with_another_world_size_is_refused_in_one_line(tokenizer_reference, manifest, tmp_path):
     """The 2-rank ZeRO-2 reference resumed by one plain process: exit 2 with one line saying how many ranks wrote
     the checkpoint (before: a ZeRORuntimeException traceback from inside DeepSpeed), config.yaml untouched."""

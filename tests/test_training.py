@@ -117,6 +117,24 @@ def test_nonfinite_guard_skips_and_stops():
         guard.check(float("nan"), step=2)
 
 
+def test_nonfinite_guard_fails_a_short_run_whose_every_step_was_skipped():
+    guard = trainloop.NonFiniteGuard(max_consecutive=20)
+    for step in (1, 2, 3):
+        assert not guard.check_step(False, step)
+    with pytest.raises(trainloop.NonFiniteLossError, match="every optimizer step of this run \\(4, to step 4\\)"):
+        guard.check_step(False, 4, last=True)
+    # one applied step in the run: a finished run, not an error
+    guard = trainloop.NonFiniteGuard(max_consecutive=20)
+    assert guard.check_step(True, 1) and not guard.check_step(False, 2, last=True)
+    # resumed at step 10: only this run's steps count
+    guard = trainloop.NonFiniteGuard(max_consecutive=20)
+    guard.run_start = 10
+    assert guard.check_step(True, 11) and not guard.check_step(False, 12, last=True)
+    guard.run_start = 12
+    with pytest.raises(trainloop.NonFiniteLossError):
+        guard.check_step(False, 13, last=True)
+
+
 def test_sampler_partitions_and_resumes_mid_epoch():
     samplers = [batches.ResumableDistributedSampler(23, rank=r, world_size=2, batch_size=3, seed=7) for r in range(2)]
     for s in samplers:
