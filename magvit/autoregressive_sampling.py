@@ -16,6 +16,9 @@ from typing import Any, Protocol
 
 import torch
 
+from .progress import progress as progress_bar
+from .sampling import ARGMAX_TEMPERATURE
+
 
 class CausalPrior(Protocol):
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor: ...
@@ -47,9 +50,9 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
 def sample_codes(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Codes ``(B,)`` drawn from ``softmax(logits / temperature)`` ``(B, K)`` after :func:`filter_logits` (as
-    ``transformers``' samplers order them: temperature, top-k, top-p); ``temperature=0`` takes the argmax. The
+    ``transformers``' samplers order them: temperature, top-k, top-p); a temperature <= ``ARGMAX_TEMPERATURE`` (0 too) takes the argmax. The
     Gumbel-max trick with noise drawn on the CPU: the same draws from a CPU generator on every device."""
-    if temperature <= 0:
+    if temperature <= ARGMAX_TEMPERATURE:
         return logits.argmax(dim=-1)
     filtered = filter_logits(logits / temperature, top_k, top_p)
     return (filtered + _gumbel(filtered.shape, generator, filtered.device)).argmax(dim=-1)
@@ -97,11 +100,10 @@ def autoregressive_decode(
     guided = uncond_tokens is not None and guidance_scale != 0.0
     batch = tokens.shape[0]
     both = torch.cat([tokens, uncond_tokens]) if guided else tokens.clone()  # (B or 2B, L)
-    from tqdm.auto import tqdm
 
     cache = None
-    for pos in tqdm(range(start, tokens.shape[1]), desc="decoding", unit="token", disable=not progress,
-                    leave=False):
+    for pos in progress_bar(range(start, tokens.shape[1]), desc="decoding", unit="token", disable=not progress,
+                            leave=False, terminal_only=True):
         if not use_cache:
             logits = model(both[:, :pos])  # (B or 2B, pos, V)
         elif cache is None:  # the condition, read once

@@ -28,9 +28,11 @@ import torch
 
 from . import tasks
 from .cli import ArgumentParser, UsageError, command_name, run_main
+from .fileio import check_writable_file
 from .masking import NO_LABEL
 from .pipeline import (Prior, VideoPipeline, generate, generate_codes,  # noqa: F401  generate_codes: re-exported
                        warn_untrained_cond_frames)
+from .sampling import ARGMAX_TEMPERATURE
 
 CLI_TASKS = tasks.cli_names()  # --task: one name per row, or per group of rows told apart by --region
 REGIONS = tuple(dict.fromkeys(region for name in CLI_TASKS for region in tasks.cli_regions(name)))
@@ -40,6 +42,7 @@ PROG = command_name("python -m magvit.generate")
 MAX_SAMPLES = 10_000  # one output file each; more is a typo, not a request
 STRIP_ROWS = 9  # a --strip shows the condition and the first samples only
 # the sampling flags, each passed to a prior whose sampler takes it (pipeline.Prior.options)
+MAX_SCALE = 1e4  # |--guidance-scale| and --choice-temperature: beyond it logits x scale overflow float32 into inf
 SAMPLING_FLAGS = ("steps", "temperature", "choice_temperature", "top_k", "top_p", "guidance_scale")
 
 
@@ -70,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class", dest="class_name", metavar="NAME", default=None,
                    help="class by name, from the transformer export's class_names (instead of --class-id)")
     p.add_argument("--steps", type=int, default=12, help="parallel decoding steps (masked transformer)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = argmax)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help=f"sampling temperature (at most {ARGMAX_TEMPERATURE:g}, 0 included: argmax)")
     p.add_argument("--choice-temperature", type=float, default=4.5,
                    help="confidence noise, annealed to 0 (masked transformer)")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely codes")
@@ -109,9 +113,10 @@ def _check_args(args: argparse.Namespace) -> tasks.Task:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     for flag in ("temperature", "choice_temperature", "guidance_scale"):  # NaN passes every comparison
         value = getattr(args, flag)
-        if not math.isfinite(value) or (flag != "guidance_scale" and value < 0):
-            bound = "a finite number" if flag == "guidance_scale" else "a finite number >= 0"
-            raise UsageError(f"--{flag.replace('_', '-')} must be {bound}, got {value}")
+        low = -MAX_SCALE if flag == "guidance_scale" else 0.0
+        high = MAX_SCALE if flag != "temperature" else math.inf  # any temperature is finite math; scales multiply
+        if not (math.isfinite(value) and low <= value <= high):  # logits and overflow float32 beyond these
+            raise UsageError(f"--{flag.replace('_', '-')} must be a number in [{low:g}, {high:g}], got {value}")
     if args.top_k is not None and args.top_k < 1:
         raise UsageError(f"--top-k must be >= 1, got {args.top_k}")
     if args.top_p is not None and not 0 < args.top_p <= 1:  # also NaN
@@ -140,11 +145,32 @@ def _check_args(args: argparse.Namespace) -> tasks.Task:
         path = getattr(args, flag)
         if path and not Path(path).is_file():
             raise UsageError(f"--{flag.replace('_', '-')} {path}: no such file")
-    if not args.overwrite:
-        for path in _output_paths(Path(args.out), args.num_samples) + ([Path(args.strip)] if args.strip else []):
-            if path.exists():
-                raise UsageError(f"{path} exists; pass --overwrite to replace it")
+    outputs = _output_paths(Path(args.out), args.num_samples) + ([Path(args.strip)] if args.strip else [])
+    for path in outputs:  # before any model is loaded: a bad --out fails in a second, not after the work
+        if path.exists() and not args.overwrite and not path.is_dir():
+            raise UsageError(f"{path} exists; pass --overwrite to replace it")
+        try:
+            check_writable_file(path)
+        except ValueError as err:
+            raise UsageError(f"--{'strip' if args.strip and path == Path(args.strip) else 'out'} {path}: {err}"
+                             ) from None
     return task
+
+
+def output_fps(args: argparse.Namespace, input_fps: float) -> float:
+    """``--fps``, else the condition's own rate brought into what a video file can hold (with a one-line note when
+    it had to move), else ``DEFAULT_FPS``."""
+    from .video_io import MAX_FPS, MIN_FPS
+
+    if args.fps:
+        return args.fps
+    if not input_fps or not math.isfinite(input_fps) or input_fps <= 0:
+        return DEFAULT_FPS
+    fps = min(max(input_fps, MIN_FPS), MAX_FPS)
+    if fps != input_fps:
+        print(f"note: the condition's frame rate {input_fps:g} fps is outside [{MIN_FPS:g}, {MAX_FPS:g}]; writing at "
+              f"{fps:g} fps (--fps sets it)", file=sys.stderr)
+    return fps
 
 
 def _check_model_args(args: argparse.Namespace, task: tasks.Task, num_frames: int, num_tokens: int,
@@ -158,6 +184,12 @@ def _check_model_args(args: argparse.Namespace, task: tasks.Task, num_frames: in
     if args.top_p is not None and "top_p" not in prior.options:
         raise UsageError("--top-p applies to an autoregressive transformer; this transformer export is a "
                          f"{prior.model_class.__name__} (use --top-k)")
+    defaults = build_parser()
+    for flag in ("steps", "choice_temperature"):  # set away from their defaults for a prior that ignores them
+        if flag not in prior.options and getattr(args, flag) != defaults.get_default(flag):
+            raise UsageError(f"--{flag.replace('_', '-')} applies to a masked transformer (parallel decoding); "
+                             f"this transformer export is a {prior.model_class.__name__}, which decodes one token at "
+                             "a time")
 
 
 def sampling_options(args: argparse.Namespace, prior: Prior) -> dict[str, Any]:
@@ -208,7 +240,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     options = sampling_options(args, pipe.prior)
     class_id = class_from_args(args, pipe.class_names)
     condition, fps, truth = read_condition(args, pipe, task)
-    fps = args.fps or fps or DEFAULT_FPS
+    fps = output_fps(args, fps)
 
     from .video_io import save_frame_grid, write_video
 

@@ -100,11 +100,15 @@ def _clock(seconds: float) -> str:
     return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60:02d}:{rest % 60:02d}"
 
 
-def progress(iterable: Iterable | None = None, file: TextIO | None = None, **kwargs: Any):
+def progress(iterable: Iterable | None = None, file: TextIO | None = None, terminal_only: bool = False,
+             **kwargs: Any):
     """A progress bar on ``file`` (default stderr): tqdm under a terminal, :class:`LogProgress` lines otherwise.
-    Takes tqdm's keyword arguments (``total``, ``initial``, ``desc``, ``unit``, ``disable``)."""
+    Takes tqdm's keyword arguments (``total``, ``initial``, ``desc``, ``unit``, ``disable``). ``terminal_only``:
+    nothing in a log (a few seconds' inner loop, e.g. one video's decoding steps)."""
     file = file if file is not None else sys.stderr
     if not is_terminal(file):
+        if terminal_only:
+            kwargs["disable"] = True
         return LogProgress(iterable, file=file, **kwargs)
     from tqdm import tqdm
 

@@ -26,8 +26,12 @@ from typing import Callable
 import torch
 
 from .masking import CodeFactorization, factor_logits, mask_schedule
+from .progress import progress as progress_bar
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # (B, L) long -> (B, L, V) or (B, L, F, S) float
+# At or below this temperature sampling takes the argmax: logits / 1e-300 would overflow float32 to inf (every code
+# tied, code 0 picked), and below 1e-4 the Gumbel noise no longer changes the winner of logits a few nats apart.
+ARGMAX_TEMPERATURE = 1e-4
 StepCallback = Callable[[int, torch.Tensor], None]  # (step, tokens (B, L)) after each step
 
 
@@ -75,9 +79,10 @@ def _check_inputs(tokens: torch.Tensor, uncond_tokens: torch.Tensor | None, mask
 
 def _sample(logits: torch.Tensor, temperature: float, top_k: int | None,
             generator: torch.Generator | None) -> torch.Tensor:
-    """Sample ids ``(...)`` from ``logits`` ``(..., V)`` with temperature (0 = argmax) via the Gumbel-max trick."""
+    """Sample ids ``(...)`` from ``logits`` ``(..., V)`` with temperature (<= ``ARGMAX_TEMPERATURE``: argmax) via
+    the Gumbel-max trick."""
     logits = _top_k_filter(logits, top_k)
-    if temperature <= 0:
+    if temperature <= ARGMAX_TEMPERATURE:
         return logits.argmax(dim=-1)
     return (logits / temperature + _gumbel(logits.shape, generator, logits.device)).argmax(dim=-1)
 
@@ -149,10 +154,10 @@ def iterative_decode(
     tokens = tokens.clone()
     if num_unknown == 0:
         return tokens
-    from tqdm.auto import tqdm
 
     counts = masked_counts(num_unknown, steps, schedule)  # once, not per step
-    for step in tqdm(range(steps), desc="decoding", unit="step", disable=not progress, leave=False):
+    for step in progress_bar(range(steps), desc="decoding", unit="step", disable=not progress, leave=False,
+                             terminal_only=True):
         unknown = tokens == mask_token  # (B, L) still masked, here or in a later call (``positions``)
         shown = tokens if condition_tokens is None else torch.where(unknown, condition_tokens, tokens)  # the refill
         masked = unknown & generate  # (B, L) still to fill in this call
@@ -195,9 +200,9 @@ def sequential_decode(
     generate = _check_inputs(tokens, uncond_tokens, mask_token)
     tokens = tokens.clone()
     positions = generate.nonzero()[:, 1].view(tokens.shape[0], -1)  # (B, N) positions in raster order
-    from tqdm.auto import tqdm
 
-    for i in tqdm(range(positions.shape[1]), desc="decoding", unit="token", disable=not progress, leave=False):
+    for i in progress_bar(range(positions.shape[1]), desc="decoding", unit="token", disable=not progress, leave=False,
+                          terminal_only=True):
         logits = _guided_logits(logits_fn, tokens, tokens, uncond_tokens, generate, guidance_scale, codebook_size)
         pos = positions[:, i : i + 1]  # (B, 1)
         picked = logits.gather(1, pos[..., None, None].expand(-1, -1, *logits.shape[2:]))  # (B, 1, F, S)

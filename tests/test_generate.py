@@ -3,6 +3,8 @@ on real footage against a copy-the-first-frame baseline."""
 
 from __future__ import annotations
 
+import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +32,13 @@ def models(tmp_path_factory, real_video_path):
     MaskedVideoTransformer(TransformerConfig.preset("tiny", num_classes=3)).save_pretrained(root / "transformer")
     MaskedVideoTransformer(TransformerConfig.preset("tiny", token_grid=(2, 8, 8))).save_pretrained(root / "grid")
     MaskedVideoTransformer(TransformerConfig.preset("tiny", codebook_size=128)).save_pretrained(root / "codebook")
+    from magvit.autoregressive import AutoregressiveConfig, AutoregressiveTransformer
+
+    AutoregressiveTransformer(AutoregressiveConfig.preset("tiny")).save_pretrained(root / "autoregressive")
+    (root / "readonly").mkdir()
+    (root / "readonly").chmod(0o555)
+    (root / "afile").write_text("not a folder")
+    (root / "dir.mp4").mkdir()
     clip = load_real_clip(real_video_path, num_frames=10, size=48)[0]  # (3, 10, 48, 48): cropped to 32 by the CLI
     write_video(root / "clip.mp4", clip, fps=12.5)
     write_video(root / "short.mp4", clip[:, :3], fps=12.5)
@@ -122,10 +131,24 @@ def test_cli_same_seed_same_video(models, tmp_path):
         (["--cond", "{m}/clip.mp4", "--steps", "1000"], "--steps must be in [1, 256]"),
         (["--cond", "{m}/clip.mp4", "--steps", "100000000000000000000"], "--steps must be in [1, 256]"),
         (["--cond", "{m}/clip.mp4", "--cond-frames", "8"], "--cond-frames must be < 8"),
-        (["--cond", "{m}/clip.mp4", "--temperature", "nan"], "--temperature must be a finite number >= 0"),
-        (["--cond", "{m}/clip.mp4", "--guidance-scale", "nan"], "--guidance-scale must be a finite number"),
-        (["--cond", "{m}/clip.mp4", "--guidance-scale", "inf"], "--guidance-scale must be a finite number"),
-        (["--cond", "{m}/clip.mp4", "--choice-temperature", "nan"], "--choice-temperature must be a finite"),
+        (["--cond", "{m}/clip.mp4", "--temperature", "nan"], "--temperature must be a number in [0, inf]"),
+        (["--cond", "{m}/clip.mp4", "--temperature", "-1"], "--temperature must be a number in [0, inf]"),
+        (["--cond", "{m}/clip.mp4", "--guidance-scale", "nan"], "--guidance-scale must be a number in [-10000, 10000]"),
+        (["--cond", "{m}/clip.mp4", "--guidance-scale", "inf"], "--guidance-scale must be a number in [-10000, 10000]"),
+        # finite but beyond what float32 logits survive
+        (["--cond", "{m}/clip.mp4", "--guidance-scale", "1e300"], "--guidance-scale must be a number in [-10000"),
+        (["--cond", "{m}/clip.mp4", "--choice-temperature", "nan"], "--choice-temperature must be a number in [0,"),
+        (["--cond", "{m}/clip.mp4", "--choice-temperature", "1e300"], "--choice-temperature must be a number in [0,"),
+        # options the autoregressive prior does not use are refused, not ignored
+        (["--cond", "{m}/clip.mp4", "--transformer", "{m}/autoregressive", "--steps", "4"],
+         "--steps applies to a masked transformer"),
+        (["--cond", "{m}/clip.mp4", "--transformer", "{m}/autoregressive", "--choice-temperature", "1"],
+         "--choice-temperature applies to a masked transformer"),
+        # --out checked before any work
+        (["--cond", "{m}/clip.mp4", "--out", "{m}/readonly/gen.mp4"], "--out {m}/readonly/gen.mp4: cannot write in"),
+        (["--cond", "{m}/clip.mp4", "--out", "{m}/afile/gen.mp4"], "is a file, not a folder"),
+        (["--cond", "{m}/clip.mp4", "--out", "{m}/dir.mp4", "--overwrite"], "is a folder; give a file name"),
+        (["--cond", "{m}/clip.mp4", "--strip", "{m}/readonly/strip.png"], "--strip {m}/readonly/strip.png: cannot"),
         (["--cond", "{m}/clip.mp4", "--fps", "1e-9"], "--fps must be a number in [0.01, 1000]"),
         (["--cond", "{m}/clip.mp4", "--fps", "nan"], "--fps must be a number in [0.01, 1000]"),
         (["--cond", "{m}/clip.mp4", "--num-samples", "100000"], "--num-samples must be in [1, 10000]"),
@@ -139,7 +162,10 @@ def test_cli_same_seed_same_video(models, tmp_path):
     ],
 )
 def test_cli_user_errors_one_line_exit_2(models, capsys, args, message):
+    if "readonly" in message and os.access(models / "readonly", os.W_OK):
+        pytest.skip("a read-only folder is writable here (root without capability checks)")
     args = [a.replace("{m}", str(models)) for a in args]
+    message = message.replace("{m}", str(models))
     before = (models / "clip.mp4").read_bytes()
     assert main(_cli(models, "--out", str(models / "unused.mp4"), *args)) == 2
     err = capsys.readouterr().err
@@ -147,6 +173,32 @@ def test_cli_user_errors_one_line_exit_2(models, capsys, args, message):
     assert "Traceback" not in err
     assert (models / "clip.mp4").read_bytes() == before  # nothing overwritten
     assert not (models / "unused.mp4").exists()
+
+
+def test_output_fps_keeps_the_condition_rate_within_what_a_file_holds(capsys):
+    from argparse import Namespace
+
+    from magvit.generate import DEFAULT_FPS, output_fps
+
+    assert output_fps(Namespace(fps=None), 12.5) == 12.5 and capsys.readouterr().err == ""
+    assert output_fps(Namespace(fps=None), 240000.0) == 1000.0
+    assert "240000 fps is outside [0.01, 1000]; writing at 1000 fps" in capsys.readouterr().err
+    assert output_fps(Namespace(fps=None), 1 / 3600) == 0.01
+    assert output_fps(Namespace(fps=None), 0.0) == DEFAULT_FPS  # an image: no rate
+    assert output_fps(Namespace(fps=None), math.nan) == DEFAULT_FPS
+    assert output_fps(Namespace(fps=24.0), 240000.0) == 24.0  # --fps wins
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 1e-45, 1e-5, 0.0])
+def test_tiny_temperatures_take_the_argmax_without_overflow(temperature):
+    from magvit.autoregressive_sampling import sample_codes
+    from magvit.sampling import _sample
+
+    logits = torch.randn(4, 6, 32) * 3
+    best = logits.argmax(-1)
+    assert torch.equal(_sample(logits, temperature, None, torch.Generator().manual_seed(0)), best)
+    assert torch.equal(sample_codes(logits[:, 0], temperature, generator=torch.Generator().manual_seed(0)),
+                       best[:, 0])
 
 
 def test_cli_non_integer_steps_is_one_line(models, capsys):
