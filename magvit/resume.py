@@ -19,7 +19,7 @@ from .config import Config
 from .ema import EMA
 from .optim import WarmupCosineSchedule
 from .precision import describe, emulation_warning, resolve_precision, warn_once
-from .runlog import clear_run_dir, rerun_problem, setup_run_dir
+from .runlog import RunLock, clear_run_dir, rerun_problem, setup_run_dir
 from .tracking import check_backends
 
 
@@ -35,6 +35,7 @@ class RunContext:
     preempt: dist.PreemptionHandler
     log: logging.Logger
     precision: str = ""  # the precision in force and why (``magvit.precision.describe``), for the model card
+    lock: Any = None  # rank 0's ``runlog.RunLock`` on the run dir, held for the run's life
 
 
 def start_run(cfg: Config, ds_base: Mapping[str, Any], run_dir: Path, argv: Sequence[str],
@@ -62,6 +63,14 @@ def start_run(cfg: Config, ds_base: Mapping[str, Any], run_dir: Path, argv: Sequ
         raise UsageError(f"{tc.deepspeed_config}: {err}") from None
     stage = ds_config["zero_optimization"]["stage"]
     check_backends(cfg.logging)  # a missing wandb package stops every rank alike, before anything is written
+    lock, problem = RunLock(run_dir), None
+    if env.rank == 0:  # one holder per run; the lock lasts this process's life (RunContext.lock)
+        try:
+            problem = lock.acquire()
+        except OSError as err:
+            problem = f"cannot write the run dir {run_dir}: {err}"
+    if dist.all_reduce_max(1.0 if problem else 0.0) > 0:
+        raise UsageError(problem or f"{run_dir} is in use by another run (seen by rank 0)")
     problem = rerun_problem(run_dir, resume, overwrite)  # every rank looks before rank 0 writes anything
     if dist.all_reduce_max(1.0 if problem else 0.0) > 0:
         raise UsageError(problem or f"{run_dir} already holds a run (seen by another rank)")
@@ -83,7 +92,7 @@ def start_run(cfg: Config, ds_base: Mapping[str, Any], run_dir: Path, argv: Sequ
     warn_once(emulation_warning(tc.precision, support), log)
     for line in changes:
         log.info("resume: %s", line)
-    return RunContext(env.rank, env.world_size, dist.device(), ds_config, stage, preempt, log, precision)
+    return RunContext(env.rank, env.world_size, dist.device(), ds_config, stage, preempt, log, precision, lock)
 
 
 # On resume these keys may differ from the checkpoint's config (they change how long the run goes and what it

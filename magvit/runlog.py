@@ -61,6 +61,56 @@ def clear_run_dir(run_dir: str | os.PathLike) -> None:
             path.unlink()
 
 
+class RunLock:
+    """An exclusive lock on a run dir for the life of this process (``flock`` on the folder itself, so nothing is
+    written into it): a second training in the same folder is refused instead of interleaving its metrics and
+    checkpoints with the first. The kernel drops the lock when the holder dies, so a crashed run never leaves a
+    stale lock; the refusal names the holder's pid (from ``/proc/locks``) where the OS tells it."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.run_dir = Path(run_dir)
+        self.fd: int | None = None
+
+    def acquire(self) -> str | None:
+        """Take the lock: None (also where the filesystem has no ``flock``: nothing to hold), or the one-line
+        reason it is held elsewhere. ``OSError`` if the folder cannot be created."""
+        import errno
+        import fcntl
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.run_dir, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            os.close(fd)
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return None  # e.g. a network filesystem without flock: run unlocked, as before
+            holder = _lock_holder(self.run_dir)
+            return (f"{self.run_dir} is in use by another run{f' (pid {holder})' if holder else ''}: wait for it "
+                    "to finish, stop it, or use another --run-dir")
+        self.fd = fd  # held open: the lock lasts as long as this process (or release())
+        return None
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _lock_holder(path: Path) -> int | None:
+    """The pid holding a ``flock`` on ``path``, from ``/proc/locks`` (Linux), else None."""
+    try:
+        inode = path.stat().st_ino
+        with open("/proc/locks", encoding="ascii") as f:
+            for line in f:
+                fields = line.split()  # "1: FLOCK ADVISORY WRITE 1234 08:01:5678 0 EOF"
+                if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5].rsplit(":", 1)[-1] == str(inode):
+                    return int(fields[4])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def rerun_problem(run_dir: Path, resume: bool, overwrite: bool) -> str | None:
     """The one-line refusal of a fresh start (no resume, no overwrite) in a run dir that already holds a run."""
     found = None if resume or overwrite else previous_run(run_dir)

@@ -136,3 +136,37 @@ def test_default_continues_a_run_dir_without_a_checkpoint(tmp_path, empty_manife
     (run / "config.yaml").write_text("old: config\n")
     line = _error_line(_tokenizer(run, empty_manifest))
     assert "already holds a run" not in line and str(empty_manifest) in line, line
+
+
+def test_run_lock_refuses_a_second_holder_and_frees_on_exit(tmp_path):
+    run = tmp_path / "run"
+    first = runlog.RunLock(run)
+    assert first.acquire() is None and run.is_dir() and os.listdir(run) == []  # nothing written into it
+    second = runlog.RunLock(run).acquire()
+    assert second == (f"{run} is in use by another run (pid {os.getpid()}): wait for it to finish, stop it, or use "
+                      "another --run-dir")
+    first.release()
+    again = runlog.RunLock(run)
+    assert again.acquire() is None
+    again.release()
+
+
+def test_second_training_in_a_run_dir_in_use_is_refused(tmp_path, empty_manifest):
+    """Another process holds the run dir (a training in progress): a second one stops in one line before writing
+    anything. When the holder dies, the kernel frees the lock: no stale lock."""
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from magvit.runlog import RunLock; "
+                               f"assert RunLock({str(run)!r}).acquire() is None; print('held', flush=True); "
+                               "time.sleep(600)"], stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        line = _error_line(_tokenizer(run, empty_manifest))
+        assert line == (f"error: {run} is in use by another run (pid {holder.pid}): wait for it to finish, stop it, "
+                        "or use another --run-dir"), line
+        assert os.listdir(run) == []
+    finally:
+        holder.kill()
+        holder.wait()
+    line = _error_line(_tokenizer(run, empty_manifest))  # the holder is gone: past the lock, stopped by the data
+    assert "in use" not in line and str(empty_manifest) in line, line
