@@ -34,3 +34,9 @@ test: setup
 
 clean:
 	rm -rf $(VENV) runs
+
+# The GPU check (benchmarks/gpu_check.sh): demo training, exact resume, throughput and the peer on CUDA in ~10 minutes,
+# a table in benchmarks/results/gpu_check.md; on a machine without CUDA one line. No `setup`: GPU machines may be offline.
+.PHONY: gpu-check
+gpu-check:
+	bash benchmarks/gpu_check.sh
