@@ -207,6 +207,7 @@ class OursSide:
     """Uniform calls on the project's tokenizer."""
 
     name = "magvit (this project)"
+    recon_loss = "mse"  # or "l1" (magvit.losses.reconstruction_loss)
 
     def __init__(self, model, recipe: Recipe = OURS_RECIPE, name: str | None = None):
         self.model = model
@@ -227,7 +228,8 @@ class OursSide:
 
     def train_loss(self, video: torch.Tensor) -> torch.Tensor:
         recon, stats = self.model(video)
-        return F.mse_loss(recon.float(), video) + stats["quantizer_loss"]
+        pixel = F.l1_loss if self.recon_loss == "l1" else F.mse_loss
+        return pixel(recon.float(), video) + stats["quantizer_loss"]
 
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         return self.model.encode(video)

@@ -62,8 +62,20 @@ class QuantizerConfig(Config):
     entropy_temperature: float = 0.01
     entropy_diversity_gamma: float = 1.0
     entropy_loss_type: Literal["softmax", "argmax"] = "softmax"  # VQ only, as in MAGVIT
+    # Entropy weight schedule (VQ and LFQ): with entropy_anneal_steps > 0 the weight moves linearly from
+    # entropy_anneal_from (at training step 0) to entropy_loss_weight (from step entropy_anneal_steps on), counted
+    # in training forward passes of the quantizer (a persistent `entropy_step` buffer, so a resumed run continues;
+    # under gradient accumulation every micro-batch counts). VidTok anneals from 3x its weight; the MAGVIT-v2
+    # author advises annealing the weight down for large vocabularies (vector-quantize-pytorch issue 88).
+    entropy_anneal_steps: int = 0
+    entropy_anneal_from: float = 0.0
     # Lookup-free quantizer (MAGVIT-v2): loss = lfq_commitment_weight * commitment + entropy_loss_weight * entropy.
     lfq_commitment_weight: float = 0.25
+    # Parameter-free normalisation of the LFQ input (vector-quantize-pytorch PR 89: "proved to be important"):
+    # "none" (MAGVIT-v2), "group" = every latent channel (bit) to zero mean and unit variance over each frame's
+    # h x w positions (GroupNorm with one group per channel, no affine; per frame, so causal models stay causal),
+    # "layer" = every token's D channels to zero mean and unit variance (LayerNorm, no affine).
+    lfq_norm: Literal["none", "group", "layer"] = "none"
     # Finite scalar quantization (Mentzer et al. 2023): levels per latent channel; K = prod(levels) codes, latent dim
     # = len(levels), no loss. Empty = the paper's levels for the tokenizer's codebook_size (see FSQ_LEVELS).
     fsq_levels: tuple[int, ...] = ()
@@ -83,12 +95,31 @@ class QuantizerConfig(Config):
             raise ValueError(f"dead_code_threshold must be >= 0 (0 disables restarts), got {self.dead_code_threshold}")
         if self.entropy_temperature <= 0:
             raise ValueError(f"entropy_temperature must be > 0, got {self.entropy_temperature}")
-        for name in ("commitment_beta", "entropy_loss_weight", "lfq_commitment_weight", "kl_weight"):
+        if self.entropy_anneal_steps < 0:
+            raise ValueError(f"entropy_anneal_steps must be >= 0 (0 = a constant weight), got {self.entropy_anneal_steps}")
+        if self.lfq_norm not in ("none", "group", "layer"):
+            raise ValueError(f"lfq_norm must be 'none', 'group' or 'layer', got {self.lfq_norm!r}")
+        for name in ("commitment_beta", "entropy_loss_weight", "entropy_anneal_from", "lfq_commitment_weight",
+                     "kl_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         self.fsq_levels = tuple(self.fsq_levels)
         if any(level < 2 for level in self.fsq_levels):
             raise ValueError(f"fsq_levels must all be >= 2 (one level carries no information), got {self.fsq_levels}")
+
+    def entropy_weight_at(self, step: int) -> float:
+        """The entropy loss weight at training step ``step`` (0-based): ``entropy_anneal_from`` at step 0, linear to
+        ``entropy_loss_weight`` at ``entropy_anneal_steps`` and constant after it (constant throughout without an
+        anneal)."""
+        if self.entropy_anneal_steps <= 0 or step >= self.entropy_anneal_steps:
+            return self.entropy_loss_weight
+        progress = max(step, 0) / self.entropy_anneal_steps
+        return self.entropy_anneal_from + (self.entropy_loss_weight - self.entropy_anneal_from) * progress
+
+    @property
+    def uses_entropy(self) -> bool:
+        """Whether the entropy loss has a non-zero weight at any step."""
+        return self.entropy_loss_weight > 0 or (self.entropy_anneal_steps > 0 and self.entropy_anneal_from > 0)
 
     def fsq_levels_for(self, codebook_size: int) -> tuple[int, ...]:
         """FSQ levels for a codebook of ``codebook_size`` codes: ``fsq_levels`` if set (their product must equal
@@ -173,8 +204,37 @@ def _entropy_of_mean(probs: Tensor) -> Tensor:
     return -(avg_probs * torch.log(avg_probs + 1e-5)).sum()
 
 
+class _EntropySchedule:
+    """The entropy weight of a quantizer under ``QuantizerConfig``'s anneal: a persistent ``entropy_step`` buffer
+    (registered only when an anneal is configured, so the state dicts of constant-weight models are unchanged)
+    counts training forward passes."""
+
+    def _init_entropy_schedule(self) -> None:
+        if self.config.entropy_anneal_steps > 0:
+            self.register_buffer("entropy_step", torch.zeros((), dtype=torch.long))
+
+    def _entropy_weight(self) -> float:
+        """This step's weight; advances the step counter in training mode. The counter is read on the host (a sync
+        on an accelerator) only while the anneal lasts; after it the constant weight is returned without a read.
+        Every rank counts the same forward passes, so all ranks use the same weight."""
+        cfg = self.config
+        if cfg.entropy_anneal_steps <= 0:
+            return cfg.entropy_loss_weight
+        if getattr(self, "_anneal_done", False):
+            return cfg.entropy_loss_weight
+        step = int(self.entropy_step)
+        if self.training:
+            self.entropy_step.add_(1)
+        self._anneal_done = step >= cfg.entropy_anneal_steps
+        return cfg.entropy_weight_at(step)
+
+    def _load_from_state_dict(self, *args, **kwargs):  # noqa: ANN002, ANN003 - torch's signature
+        self._anneal_done = False  # a loaded step may be inside the anneal: read it again
+        super()._load_from_state_dict(*args, **kwargs)
+
+
 # --- vector quantizer -----------------------------------------------------------------------------------------------
-class VectorQuantizer(nn.Module):
+class VectorQuantizer(_EntropySchedule, nn.Module):
     """MAGVIT's vector quantizer: nearest code by L2 with a straight-through estimator.
 
     Loss: ``||sg(z) - e||^2`` (codebook, dropped under EMA) + ``beta * ||z - sg(e)||^2`` (commitment) + MAGVIT's
@@ -215,6 +275,7 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("ema_cluster_size", torch.ones(codebook_size))
         self.register_buffer("initialized", torch.tensor(0 if self.config.kmeans_init else 1, dtype=torch.uint8))
         self._known_initialized = False  # host copy of a True `initialized`: reading the buffer is a host sync
+        self._init_entropy_schedule()
 
     def _load_from_state_dict(self, *args, **kwargs):  # noqa: ANN002, ANN003 - torch's signature
         self._known_initialized = False  # a loaded `initialized` may differ: read it again
@@ -278,8 +339,9 @@ class VectorQuantizer(nn.Module):
             commitment_loss = F.mse_loss(flat, quantized.detach())
             zero = flat.new_zeros(())
             codebook_loss = zero if cfg.use_ema else F.mse_loss(quantized, flat.detach())
-            entropy_loss = self._entropy_loss(distances) if cfg.entropy_loss_weight > 0 else zero
-            loss = codebook_loss + cfg.commitment_beta * commitment_loss + cfg.entropy_loss_weight * entropy_loss
+            entropy_weight = self._entropy_weight()
+            entropy_loss = self._entropy_loss(distances) if cfg.uses_entropy else zero
+            loss = codebook_loss + cfg.commitment_beta * commitment_loss + entropy_weight * entropy_loss
 
             counts = _code_counts(codes, self.codebook_size)  # (K,)
             restarted = zero
@@ -420,7 +482,7 @@ def _kmeans_plus_plus(x: Tensor, k: int) -> Tensor:
 
 
 # --- lookup-free quantizer ------------------------------------------------------------------------------------------
-class LookupFreeQuantizer(nn.Module):
+class LookupFreeQuantizer(_EntropySchedule, nn.Module):
     """MAGVIT-v2's lookup-free quantizer: latent dim D = log2(K), q = sign(z) in {-1, +1}^D, index = sum_i b_i 2^i.
 
     Channel i is bit i (b_i = 1 for q_i = +1). Loss: ``lfq_commitment_weight * ||z - sg(q)||^2`` +
@@ -439,6 +501,20 @@ class LookupFreeQuantizer(nn.Module):
         self.config = config if config is not None else QuantizerConfig()
         self.codebook_size = codebook_size
         self.dim = codebook_size.bit_length() - 1
+        self._init_entropy_schedule()
+
+    def normalize(self, z: Tensor) -> Tensor:
+        """``z`` (B, D, t, h, w) after ``config.lfq_norm`` (parameter-free; ``z`` itself for "none"), in z's dtype:
+        "group" = each channel of each frame to zero mean / unit variance over its h x w positions, "layer" = each
+        token's D channels to zero mean / unit variance."""
+        kind = self.config.lfq_norm
+        if kind == "group":
+            b, d, t, h, w = z.shape
+            frames = z.transpose(1, 2).reshape(b * t, d, h * w)  # (B*t, D, h*w)
+            return F.group_norm(frames, d, eps=1e-5).view(b, t, d, h, w).transpose(1, 2)
+        if kind == "layer":
+            return F.layer_norm(z.movedim(1, -1), (z.shape[1],), eps=1e-5).movedim(-1, 1)
+        return z
 
     def _bit_weights(self, device: torch.device) -> Tensor:
         return torch.pow(2, torch.arange(self.dim, device=device))  # (D,) long: 1, 2, 4, ...
@@ -459,6 +535,9 @@ class LookupFreeQuantizer(nn.Module):
         :meth:`forward` (an (N, K) softmax): the inference path of ``VideoTokenizer.encode``."""
         _check_latents(z, self.dim, type(self).__name__)
         b, _, t, h, w = z.shape
+        if self.config.lfq_norm != "none":
+            with torch.autocast(device_type=z.device.type, enabled=False):
+                z = self.normalize(z.float())
         return ((_flatten(z) > 0).long() * self._bit_weights(z.device)).sum(dim=1).view(b, t, h, w)
 
     def forward(self, z: Tensor) -> QuantizerOutput:
@@ -466,17 +545,18 @@ class LookupFreeQuantizer(nn.Module):
         _check_latents(z, self.dim, type(self).__name__)
         cfg = self.config
         with torch.autocast(device_type=z.device.type, enabled=False):
-            flat = _flatten(z.float())  # (N, D)
+            flat = _flatten(self.normalize(z.float()))  # (N, D)
             bits = flat > 0  # sign(z), with 0 -> -1
             quantized = bits.float() * 2.0 - 1.0
             codes = (bits.long() * self._bit_weights(z.device)).sum(dim=1)  # (N,)
             commitment_loss = F.mse_loss(flat, quantized)
             zero = flat.new_zeros(())
             sample_entropy = codebook_entropy = entropy_loss = zero
-            if cfg.entropy_loss_weight > 0:
+            entropy_weight = self._entropy_weight()
+            if cfg.uses_entropy:
                 sample_entropy, codebook_entropy = self._entropies(flat)
                 entropy_loss = sample_entropy - cfg.entropy_diversity_gamma * codebook_entropy
-            loss = cfg.lfq_commitment_weight * commitment_loss + cfg.entropy_loss_weight * entropy_loss
+            loss = cfg.lfq_commitment_weight * commitment_loss + entropy_weight * entropy_loss
             counts = _code_counts(codes, self.codebook_size)
             usage, perplexity = _usage_stats(counts)
             quantized = flat + (quantized - flat).detach()  # straight-through estimator

@@ -638,3 +638,104 @@ def test_latents_to_codes_equals_forward_codes(kind):
     assert torch.equal(quantizer.latents_to_codes(z), quantizer(z).codes)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(quantizer.latents_to_codes(z), quantizer(z).codes)
+
+
+# --- LFQ input normalisation and the entropy weight schedule (issue: tokenizers that learn fast) ---------------------
+def test_lfq_norm_config_default_and_validation():
+    assert QuantizerConfig().lfq_norm == "none" and QuantizerConfig().entropy_anneal_steps == 0
+    with pytest.raises(ConfigError, match="lfq_norm"):
+        QuantizerConfig.from_dict({"lfq_norm": "batch"})
+    with pytest.raises(ConfigError, match="entropy_anneal_steps"):
+        QuantizerConfig.from_dict({"entropy_anneal_steps": -1})
+    with pytest.raises(ConfigError, match="entropy_anneal_from"):
+        QuantizerConfig.from_dict({"entropy_anneal_from": -0.1})
+
+
+def test_lfq_group_norm_zero_mean_unit_variance_per_channel_and_frame():
+    torch.manual_seed(0)
+    q = LookupFreeQuantizer(16, QuantizerConfig(lfq_norm="group"))
+    z = torch.randn(2, 4, 3, 5, 6) * torch.tensor([0.1, 1.0, 5.0, 20.0]).view(1, 4, 1, 1, 1) + 3.0
+    n = q.normalize(z)
+    assert n.shape == z.shape
+    assert torch.allclose(n.mean(dim=(3, 4)), torch.zeros(2, 4, 3), atol=1e-5)  # every (clip, channel, frame)
+    raw = z.var(dim=(3, 4), unbiased=False)  # unit variance up to GroupNorm's eps 1e-5: var / (var + eps)
+    assert torch.allclose(n.var(dim=(3, 4), unbiased=False), raw / (raw + 1e-5), atol=1e-5)
+    assert torch.allclose(n.var(dim=(3, 4), unbiased=False)[:, 1:], torch.ones(2, 3, 3), atol=1e-3)
+    # per frame: changing frame 2 changes neither frame 0's nor frame 1's normalised values (causal models stay causal)
+    z2 = z.clone()
+    z2[:, :, 2] *= -7.0
+    assert torch.equal(q.normalize(z2)[:, :, :2], n[:, :, :2])
+    # the codes are the signs of the normalised latents, on the training and the inference path alike
+    assert torch.equal(q(z).codes, q.latents_to_codes(z))
+    expected = ((_rows(n) > 0).long() * (2 ** torch.arange(4))).sum(1).view(2, 3, 5, 6)
+    assert torch.equal(q.latents_to_codes(z), expected)
+
+
+def test_lfq_layer_norm_per_token_and_none_is_identity():
+    torch.manual_seed(0)
+    z = torch.randn(2, 6, 2, 3, 3) * 4 + 1
+    n = LookupFreeQuantizer(64, QuantizerConfig(lfq_norm="layer")).normalize(z)
+    assert torch.allclose(n.mean(dim=1), torch.zeros(2, 2, 3, 3), atol=1e-5)
+    assert torch.allclose(n.var(dim=1, unbiased=False), torch.ones(2, 2, 3, 3), atol=1e-3)
+    assert LookupFreeQuantizer(64).normalize(z) is z
+
+
+@pytest.mark.parametrize("norm", ["group", "layer"])
+def test_lfq_norm_straight_through_gradient_reaches_the_encoder(norm):
+    torch.manual_seed(0)
+    cfg = TokenizerConfig.preset("tiny", quantizer="lfq", codebook_size=64,
+                                 quantization=QuantizerConfig(lfq_norm=norm, entropy_loss_weight=0.1))
+    tok = VideoTokenizer(cfg).train()
+    video = torch.rand(2, 3, cfg.num_frames, cfg.image_size, cfg.image_size) * 2 - 1
+    reconstruction, stats = tok(video)
+    ((reconstruction - video).pow(2).mean() + stats["quantizer_loss"]).backward()
+    grads = [p.grad for p in tok.encoder.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+    tok.eval()
+    with torch.no_grad():  # the decoded codes are what forward reconstructs from
+        assert torch.allclose(tok.decode(tok.encode(video)), tok(video)[0], atol=1e-5)
+
+
+def test_entropy_weight_schedule_known_values():
+    cfg = QuantizerConfig(entropy_loss_weight=0.02, entropy_anneal_from=0.1, entropy_anneal_steps=100)
+    assert cfg.entropy_weight_at(0) == pytest.approx(0.1)
+    assert cfg.entropy_weight_at(50) == pytest.approx(0.06)
+    assert cfg.entropy_weight_at(100) == pytest.approx(0.02) and cfg.entropy_weight_at(10_000) == pytest.approx(0.02)
+    constant = QuantizerConfig(entropy_loss_weight=0.1)
+    assert all(constant.entropy_weight_at(s) == 0.1 for s in (0, 5, 10_000))
+    # a warm-up of the entropy term (from 0) still computes it
+    assert QuantizerConfig(entropy_loss_weight=0.0, entropy_anneal_from=0.1, entropy_anneal_steps=5).uses_entropy
+    assert not QuantizerConfig(entropy_loss_weight=0.0).uses_entropy
+
+
+@pytest.mark.parametrize("kind", ["lfq", "vq"])
+def test_annealed_entropy_weight_follows_training_steps(kind):
+    """The quantizer's loss uses the weight of its training step: start value at step 0, final after the anneal;
+    evaluation passes do not advance the schedule; the step travels in the state dict."""
+    torch.manual_seed(0)
+    steps = 4
+    annealed = QuantizerConfig(entropy_loss_weight=0.02, entropy_anneal_from=0.1, entropy_anneal_steps=steps)
+    dim = 4
+    q = build_quantizer(kind, 16, dim, annealed).train()
+    z = torch.randn(2, dim, 2, 3, 3)
+
+    def expected_loss(weight: float) -> torch.Tensor:
+        ref = build_quantizer(kind, 16, dim, QuantizerConfig(entropy_loss_weight=weight)).train()
+        if kind == "vq":
+            ref.load_state_dict({k: v for k, v in q.state_dict().items() if k != "entropy_step"})
+        return ref(z).loss
+
+    assert "entropy_step" in q.state_dict() and "entropy_step" not in build_quantizer(kind, 16, dim).state_dict()
+    q.eval()
+    q(z)  # evaluation does not count
+    q.train()
+    for step in range(steps + 2):
+        weight = annealed.entropy_weight_at(step)
+        expected = expected_loss(weight)
+        assert torch.allclose(q(z).loss, expected, atol=1e-6), (step, weight)
+    assert weight == pytest.approx(0.02)
+    fresh = build_quantizer(kind, 16, dim, annealed)
+    fresh.load_state_dict(q.state_dict())
+    assert int(fresh.entropy_step) == int(q.entropy_step) >= steps
+    assert torch.allclose(fresh.train()(z).loss, expected_loss(0.02), atol=1e-6)
