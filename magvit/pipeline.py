@@ -66,7 +66,8 @@ class Prior:
     """One kind of prior over the tokenizer's codes: the class of its exports and its code sampler."""
 
     model_class: type  # a PretrainedMixin network; its model_type (in config.json) names the row
-    # (prior, task, prefix codes (1, t, h, w) | None, **kw) -> (N, t, h, w); two grids: packed (1, N') -> (top, bottom)
+    # (prior, task, prefix codes (1 or N, t, h, w) | None, **kw) -> (N, t, h, w); two grids: packed (1 or N, N') ->
+    # (top, bottom)
     generate_codes: Callable[..., torch.Tensor]
     options: tuple[str, ...]  # its sampling keywords besides class_id, num_samples, generator, seed, progress
 
@@ -207,10 +208,11 @@ def generate_codes(
     progress: bool = False,
     condition_region: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Sample ``num_samples`` code grids ``(N, t, h, w)`` for ``task`` given prefix codes ``(1, t, h, w)`` (or
-    ``None`` for class / unconditional) and a class id (``NO_LABEL``: unconditional class token). A model with
-    interior conditioning takes them as the condition codes of ``condition_region`` ``(t, h, w)`` bool
-    (``masking.latent_condition_region``), re-filled into its masked slots at every step.
+    """Sample ``num_samples`` code grids ``(N, t, h, w)`` for ``task`` given prefix codes ``(1, t, h, w)`` shared by
+    the samples or ``(N, t, h, w)``, one per sample (a batch of clips, each decoded from its own condition,
+    independently of the others), or ``None`` for class / unconditional, and a class id (``NO_LABEL``: unconditional
+    class token). A model with interior conditioning takes them as the condition codes of ``condition_region``
+    ``(t, h, w)`` bool (``masking.latent_condition_region``), re-filled into its masked slots at every step.
 
     Two code grids (``config.top_grid``): ``prefix_codes`` and ``condition_region`` are packed, top first
     (``magvit.code_grids``); the top grid is decoded first in ``steps`` steps, then the bottom grid given it in
@@ -246,9 +248,9 @@ def generate_codes(
 
 def condition_sequences(prior, task: str, prefix_codes: torch.Tensor | None, class_id: int,
                         num_samples: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The ``(N, L)`` sequences of ``task`` with prefix codes ``(1, t, h, w)`` (two grids: packed ``(1, N_top + N)``,
-    ``magvit.code_grids.pack_codes``; ``None``: all pad; an interior
-    model has no prefix slots) and the class token of ``class_id``, video positions masked; their dropped form for
+    """The ``(N, L)`` sequences of ``task`` with prefix codes ``(1 or N, t, h, w)`` (two grids: packed
+    ``(1 or N, N_top + N)``, ``magvit.code_grids.pack_codes``; ``None``: all pad; an interior model has no prefix
+    slots) and the class token of ``class_id``, video positions masked; their dropped form for
     classifier-free guidance (pad prefix, unconditional class token); and the condition codes ``(N, t, h, w)``
     (``None`` for a task without one). ``UsageError`` for a task or class id the prior does not know."""
     vocab, layout = prior.config.vocab, prior.config.layout

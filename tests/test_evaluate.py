@@ -435,3 +435,117 @@ def test_evaluate_an_interior_export_end_to_end(setup, tmp_path, capsys):
                           str(tmp_path / "shards"), "--no-progress"]) == 0
     mt = json.loads((tmp_path / "shards" / "report.json").read_text())["masked_tokens"]
     assert set(mt["per_task"]) == {"frame_prediction", "unconditional"} and mt["masked_tokens"] > 0
+
+
+# --- batched generation ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("conditioning", ["prefix", "interior"])
+def test_batched_generation_agrees_with_one_clip_at_a_time(setup, conditioning):
+    """A batch of clips decoded together, each from its own condition codes (what evaluate's frame prediction does):
+    with argmax sampling and no choice noise the codes equal those decoded one clip at a time, and every sequence the
+    model sees shows its own clip's condition codes (prefix: in its prefix slots; interior: in the masked slots of
+    the condition region) and, once revealed, its final codes: nothing fixed is ever altered, no row mixed up."""
+    from magvit.masking import two_grid_condition_region
+    from magvit.pipeline import generate_codes
+    from magvit.transformer import MaskedVideoTransformer, TransformerConfig
+
+    cfg, grid = setup["tok_cfg"], setup["grid"]
+    torch.manual_seed(0)
+    config = TransformerConfig.preset("tiny", codebook_size=cfg.codebook_size, token_grid=grid,
+                                      conditioning=conditioning, tasks=["frame_prediction", "unconditional"])
+    model = MaskedVideoTransformer(config).eval()
+    seen = []
+    forward = model.forward
+    model.forward = lambda ids: (seen.append(ids.clone()), forward(ids))[1]
+    cond = torch.randint(0, cfg.codebook_size, (3, *grid), generator=torch.Generator().manual_seed(1))
+    region = two_grid_condition_region("frame_prediction", grid, None, (cfg.num_frames, cfg.image_size,
+                                                                        cfg.image_size), cfg.causal, 3)
+    options = {"steps": 4, "temperature": 0.0, "choice_temperature": 0.0,
+               "condition_region": region if conditioning == "interior" else None}
+    batched = generate_codes(model, "frame_prediction", cond, num_samples=3, seed=0, **options)
+    shown = torch.stack(seen)  # (steps, 3, L)
+    one_at_a_time = torch.cat([generate_codes(model, "frame_prediction", cond[i : i + 1], seed=7 + i, **options)
+                               for i in range(3)])
+    assert torch.equal(batched, one_at_a_time) and bool((batched >= 0).all())
+
+    layout, mask = config.layout, config.vocab.mask_token
+    final, given = batched.reshape(1, 3, -1), cond.reshape(1, 3, -1)
+    video = shown[:, :, layout.video]  # (steps, 3, N)
+    if conditioning == "prefix":
+        assert torch.equal(shown[:, :, layout.prefix], given.expand(shown.shape[0], -1, -1))
+        still_masked = torch.full_like(video, mask)
+    else:  # inside the region a masked slot shows the clip's condition code, outside the mask token
+        still_masked = torch.where(region.reshape(1, 1, -1), given, torch.full_like(given, mask)).expand_as(video)
+        assert torch.equal(video[0], still_masked[0])  # the first step: all masked
+    assert bool(((video == still_masked) | (video == final)).all())
+
+
+def test_frame_prediction_batch_size(setup, tmp_path):
+    """--batch-size changes how many clips are generated at once, not what the entries that do not sample measure
+    (baselines, the reconstruction, the copy through the tokenizer: equal per clip for batch sizes 1 and 2); the
+    generated entry is fixed by the seed and the batch size. The condition is the pipeline's."""
+    from magvit.data import ClipDataset
+    from magvit.masking import build_condition_video
+    from magvit.pipeline import condition_video
+
+    root, cfg = setup["root"], setup["tok_cfg"]
+    reports = {}
+    for run, batch_size in (("one", "1"), ("two", "2"), ("again", "2")):
+        out = tmp_path / run
+        assert evaluate.main(_args(setup, out, "--transformer", str(root / "transformer"), "--steps", "2",
+                                   "--batch-size", batch_size, "--cond-frames", "2",
+                                   "--nll-tasks", "unconditional")) == 0
+        reports[run] = json.loads((out / "report.json").read_text())
+    fp = {run: report["frame_prediction"] for run, report in reports.items()}
+    assert fp["two"]["generated"] == fp["again"]["generated"]
+    for name in FRAME_PREDICTION_ENTRIES:
+        for metric in ("psnr", "ssim", "mse_per_frame"):
+            assert len(fp["one"][name]["per_clip"][metric]) == 2
+            if name != "generated":
+                assert fp["one"][name]["per_clip"][metric] == pytest.approx(fp["two"][name]["per_clip"][metric],
+                                                                            rel=1e-5, abs=1e-4)
+    assert reports["one"]["tokenizer"]["per_clip"]["psnr"] == pytest.approx(
+        reports["two"]["tokenizer"]["per_clip"]["psnr"], abs=1e-4)
+    clips = torch.stack([item["video"] for item in ClipDataset(root / "manifest.jsonl", "val", cfg.num_frames,
+                                                                cfg.image_size)])
+    for clip in clips:  # the batch's condition video is the one pipeline.condition_video builds for one clip
+        assert torch.equal(build_condition_video(clip[None], "frame_prediction", num_cond_frames=2)[0],
+                           condition_video("frame_prediction", clip, cfg.num_frames, num_cond_frames=2))
+
+
+def test_autoregressive_frame_prediction_in_one_batch_equals_one_clip_at_a_time():
+    """The autoregressive prior through the batched frame prediction: greedy (temperature 0), a batch of 3 clips
+    scores each clip as 3 batches of one do."""
+    from magvit.autoregressive import AutoregressiveConfig, AutoregressiveTransformer
+    from magvit.tokenizer import TokenizerConfig, VideoTokenizer
+
+    torch.manual_seed(0)
+    cfg = TokenizerConfig.preset("tiny", num_frames=4, image_size=16)  # 2x4x4 codes: 32 decoding steps
+    tokenizer = VideoTokenizer(cfg).eval()
+    grid = cfg.token_grid(cfg.num_frames, cfg.image_size, cfg.image_size)
+    prior = AutoregressiveTransformer(AutoregressiveConfig.preset("tiny", codebook_size=cfg.codebook_size,
+                                                                  token_grid=grid)).eval()
+    video = torch.rand(3, 3, cfg.num_frames, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(2))
+    video = video * 2 - 1
+    batched, one_by_one = (FramePredictionEvaluation(tokenizer, prior, num_cond_frames=2, temperature=0.0,
+                                                     num_samples=3) for _ in range(2))
+    batched.update(video, video)
+    for clip in video.split(1):
+        one_by_one.update(clip, clip)
+    for a, b in zip(batched.samples, one_by_one.samples):
+        assert torch.allclose(a, b, atol=1e-5)
+    for name in FRAME_PREDICTION_ENTRIES:
+        for metric in ("psnr", "ssim", "mse_per_frame"):
+            for a, b in zip(batched.scores[name][metric], one_by_one.scores[name][metric]):  # per clip
+                assert a == pytest.approx(b, rel=1e-5, abs=1e-4)
+
+
+def test_reuse_freed_memory_is_taken_by_glibc():
+    import os
+
+    try:
+        glibc = bool(os.confstr("CS_GNU_LIBC_VERSION"))
+    except (AttributeError, ValueError, OSError):
+        glibc = False
+    assert evaluate.reuse_freed_memory() is glibc

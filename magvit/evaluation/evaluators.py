@@ -234,40 +234,55 @@ class FramePredictionEvaluation:
         self.generated: list[torch.Tensor] = []  # for FVD, (3, T, H, W) each
 
     @torch.no_grad()
-    def update(self, video: torch.Tensor, reconstruction: torch.Tensor, keep_for_fvd: bool = False) -> None:
-        """Score the clips ``video`` ``(B, 3, T, H, W)`` whose tokenizer reconstructions are ``reconstruction``."""
-        from ..masking import two_grid_condition_region
-        from ..pipeline import condition_video, prior_of
+    def update(self, video: torch.Tensor, reconstruction: torch.Tensor, keep_for_fvd: bool = False,
+               condition_codes: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Score the clips ``video`` ``(B, 3, T, H, W)`` whose tokenizer reconstructions are ``reconstruction``.
+
+        The whole batch is generated at once (one sample per clip, each given its own condition) from one generator
+        seeded with ``seed`` + the number of clips scored before the batch: batch size 1 gives clip ``i`` the seed
+        ``seed + i``; any batch size samples from the same distribution, and a seed and a batch size fix the
+        samples. ``condition_codes``: the tokenizer's codes (two grids: the ``(top, bottom)`` pair) of the clips'
+        condition video (``masking.build_condition_video(video, "frame_prediction", num_cond_frames)``) when the
+        caller has them already; else they are encoded here."""
+        from ..masking import build_condition_video
+        from ..pipeline import prior_of
 
         device = next(self.transformer.parameters()).device
         prior = prior_of(self.transformer)  # masked or autoregressive: the options its sampler takes
+        n, batch = self.num_cond_frames, video.shape[0]
+        self.num_frames = video.shape[2]
+        real = video.cpu()
+        if condition_codes is None:  # the n given frames, the last one repeated (as pipeline.condition_video)
+            condition = build_condition_video(video.to(device), "frame_prediction", num_cond_frames=n)
+            condition_codes = self.tokenizer.encode(condition)  # (B, t, h, w); two grids (top, bottom)
+        codes = prior.generate_codes(self.transformer, "frame_prediction", code_grids.pack_codes(condition_codes),
+                                     num_samples=batch, seed=self.seed + len(self.scores["generated"]["psnr"]),
+                                     **self._sampling_options(prior, video.shape[2:]))
+        generated = self.tokenizer.decode(codes).clamp(-1, 1).float().cpu()  # (B, 3, T, H, W)
+        predictions = {"generated": generated, **frame_prediction_baselines(real, n),
+                       "copy_through_tokenizer": self.tokenizer.decode(condition_codes).clamp(-1, 1).float().cpu(),
+                       "reconstruction": reconstruction.cpu()}
+        for name in FRAME_PREDICTION_ENTRIES:  # scored on the future frames only
+            for metric, values in frame_scores(predictions[name][:, :, n:], real[:, :, n:]).items():
+                self.scores[name][metric] += values.tolist()  # one list per clip
+        self.samples += list(generated[: max(self.num_samples - len(self.samples), 0)])
+        if keep_for_fvd:
+            self.generated += list(generated)
+
+    def _sampling_options(self, prior, clip_size: Sequence[int]) -> dict[str, Any]:
+        """The sampler's keywords: those of ours its prior takes, and an interior model's condition region (the
+        latent slots of the n given frames of ``clip_size`` ``(T, H, W)`` clips)."""
+        from ..masking import two_grid_condition_region
+
         options = {k: v for k, v in (("steps", self.steps), ("temperature", self.temperature),
                                      ("guidance_scale", self.guidance_scale)) if k in prior.options}
-        n = self.num_cond_frames
-        self.num_frames = video.shape[2]
         config = self.transformer.config
-        if getattr(config, "conditioning", "prefix") == "interior":  # its condition slots: the n given frames'
+        if getattr(config, "conditioning", "prefix") == "interior":
             options["condition_region"] = two_grid_condition_region("frame_prediction", config.token_grid,
-                                                                    config.top_grid, video.shape[2:],
-                                                                    self.tokenizer.config.causal, n)
-        for i in range(video.shape[0]):
-            clip = video[i].to(device)  # (3, T, H, W)
-            cond = condition_video("frame_prediction", clip, clip.shape[1], num_cond_frames=n)  # last frame repeated
-            encoded = self.tokenizer.encode(cond.unsqueeze(0))  # (1, t, h, w); two grids (top, bottom)
-            codes = prior.generate_codes(self.transformer, "frame_prediction", code_grids.pack_codes(encoded),
-                                         seed=self.seed + len(self.scores["generated"]["psnr"]), **options)
-            generated = self.tokenizer.decode(codes).clamp(-1, 1).float().cpu()  # (1, 3, T, H, W)
-            real = clip.unsqueeze(0).cpu()
-            predictions = {"generated": generated, **frame_prediction_baselines(real, n),
-                           "copy_through_tokenizer": self.tokenizer.decode(encoded).clamp(-1, 1).float().cpu(),
-                           "reconstruction": reconstruction[i : i + 1].cpu()}
-            for name in FRAME_PREDICTION_ENTRIES:  # scored on the future frames only
-                for metric, values in frame_scores(predictions[name][:, :, n:], real[:, :, n:]).items():
-                    self.scores[name][metric].append(values[0].tolist())
-            if len(self.samples) < self.num_samples:
-                self.samples.append(generated[0])
-            if keep_for_fvd:
-                self.generated.append(generated[0])
+                                                                    config.top_grid, clip_size,
+                                                                    self.tokenizer.config.causal,
+                                                                    self.num_cond_frames)
+        return options
 
     def summary(self) -> dict[str, Any]:
         """Per entry: the means over clips and predicted frames, ``per_clip`` (means over a clip's predicted frames)
@@ -338,20 +353,23 @@ def evaluate_clips(clips: Iterable[torch.Tensor], results: ClipResults, num_cond
 
     tokenizer = results.tokenizer.tokenizer
     for video in clips:
+        video = video.to(results.tokenizer.device)
         codes, recon = results.tokenizer.update(video)
         if keep_videos:
             results.real += list(video.cpu())
             results.reconstructed += list(recon.cpu())
+        condition_codes = None  # the frame-prediction condition's codes: encoded once, for both evaluations
+        if results.masked_tokens is not None or results.frame_prediction is not None:
+            condition = build_condition_video(video, "frame_prediction", num_cond_frames=num_cond_frames)
+            condition_codes = tokenizer.encode(condition)  # (B, t, h, w); two grids (top, bottom)
         if results.masked_tokens is not None:  # the codes and the frame-prediction condition of the same clips
-            condition = build_condition_video(video.to(results.tokenizer.device), "frame_prediction",
-                                              num_cond_frames=num_cond_frames)
             key = f"cond.{condition_name('frame_prediction', num_cond_frames)}"
             grids = {**code_grids.shard_entries("codes", codes),  # two grids: each also its top grid
-                     **code_grids.shard_entries(key, tokenizer.encode(condition))}
+                     **code_grids.shard_entries(key, condition_codes)}
             results.masked_tokens.update({**{k: v.cpu() for k, v in grids.items()},
                                           "label": torch.full((video.shape[0],), -1)})
         if results.frame_prediction is not None:
-            results.frame_prediction.update(video, recon, keep_for_fvd=keep_videos)
+            results.frame_prediction.update(video, recon, keep_for_fvd=keep_videos, condition_codes=condition_codes)
     return results
 
 
