@@ -97,8 +97,8 @@ def start_run(cfg: Config, ds_base: Mapping[str, Any], run_dir: Path, argv: Sequ
 
 # On resume these keys may differ from the checkpoint's config (they change how long the run goes and what it
 # reports, not the state it continues from); every other key is fixed by the checkpoint.
-RESUME_MAY_CHANGE = ("train.max_steps", "train.max_nonfinite_steps", "logging.", "checkpoint.", "data.num_workers",
-                     "data.val_clips", "data.val_tokens")
+RESUME_MAY_CHANGE = ("train.max_steps", "train.max_nonfinite_steps", "train.compile", "logging.", "checkpoint.",
+                     "data.num_workers", "data.val_clips", "data.val_tokens")
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

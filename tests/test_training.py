@@ -206,6 +206,8 @@ def test_load_train_config_expands_presets_and_applies_overrides(tmp_path):
                                        deepspeed_config="x.json")
     assert cfg.model == _Model(width=16, depth=3) and cfg.to_dict()["model"] == {"width": 16, "depth": 3}
     assert cfg.train.max_steps == 5 and cfg.train.precision == "bf16" and cfg.train.deepspeed_config == "x.json"
+    assert not cfg.train.compile  # off by default (BENCHMARKS.md: pays only for long tokenizer runs on CPU)
+    assert run_config.load_train_config(_RunCfg, str(path), ["train.compile=true"]).train.compile is True
     switched = run_config.load_train_config(_RunCfg, str(path), ["model.preset=tiny"])
     assert switched.model == _Model(width=8, depth=3)  # the YAML's depth override survives the preset switch
     # the resolved config (what config.yaml and checkpoints record) reads back as the same values

@@ -241,6 +241,8 @@ def train(cfg: TokenizerTrainConfig, ds_base: dict[str, Any], run_dir: Path, res
         raise UsageError(f"init_from: {err}") from None
     discriminator = Discriminator(cfg.discriminator)
     ema = EMA(generator, tc.ema_decay, warmup=tc.ema_warmup)  # fp32 full copy, before ZeRO partitions anything
+    if tc.compile:  # in place: parameter names (EMA, checkpoints, exports) unchanged
+        generator.compile()
     perceptual = losses.PerceptualLoss(lc.perceptual_model or None).to(device)
     lecam = losses.LeCamRegularizer(lc.lecam_decay).to(device)
     seed_everything(tc.seed + run.rank)

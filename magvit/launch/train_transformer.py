@@ -253,6 +253,8 @@ def build_prior(network: Callable[[Any], torch.nn.Module], cfg: Any, run: RunCon
     seed_everything(tc.seed)  # identical initial weights on every rank
     model = network(cfg.model)
     ema = EMA(model, tc.ema_decay, warmup=tc.ema_warmup)
+    if tc.compile:  # in place: parameter names (EMA, checkpoints, exports) unchanged
+        model.compile()
     seed_everything(tc.seed + run.rank)
     optimizer = build_adam(model, cfg.optim)
     schedule = WarmupCosineSchedule(optimizer, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
