@@ -33,6 +33,8 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
+from .precision import RESOLVED_PRECISIONS
+
 EXIT_CODE_PREEMPTED = 3  # a batch script requeues the job on this status
 DEFAULT_MASTER_PORT = 29500
 _SLURM_PORT_BASE, _SLURM_PORT_SPAN = 15000, 20000
@@ -348,7 +350,7 @@ def make_deepspeed_config(base: Mapping[str, Any], *, micro_batch_size: int, gra
     ``"autocast-bf16"`` (fp32 weights, bf16 matmuls via ``torch.autocast`` in the training script).
     The base file chooses the ZeRO stage and its options unless ``zero_stage`` is given.
     """
-    if precision not in ("fp32", "bf16", "autocast-bf16"):
+    if precision not in RESOLVED_PRECISIONS:  # "auto" is resolved before (magvit.precision.resolve_precision)
         raise ValueError(f"precision must be 'fp32', 'bf16' or 'autocast-bf16', got {precision!r}")
     if micro_batch_size < 1 or grad_accum_steps < 1:
         raise ValueError(f"batch size and accumulation steps must be >= 1, got {micro_batch_size}, {grad_accum_steps}")

@@ -31,7 +31,8 @@ from typing import Literal
 import torch
 
 Precision = Literal["auto", "fp32", "bf16", "autocast-bf16"]
-PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "autocast-bf16")
+RESOLVED_PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "autocast-bf16")  # what a run trains in
+PRECISIONS: tuple[str, ...] = ("auto", *RESOLVED_PRECISIONS)
 _BF16 = ("bf16", "autocast-bf16")
 # CPU feature flags (Linux /proc/cpuinfo) that compute bf16 dot products natively: Intel AMX, AVX512-BF16 (Intel
 # Cooper Lake and newer, AMD Zen 4 and newer), the Armv8.6 BF16 extension.

@@ -63,9 +63,6 @@ class LogProgress:
         items = {**(ordered_dict or {}), **kwargs}
         self.postfix = ", ".join(f"{k}={v}" for k, v in items.items())
 
-    def set_description(self, desc: str | None = None, refresh: bool = True) -> None:
-        self.desc = desc or ""
-
     def close(self) -> None:
         if not self.closed:
             self.closed = True

@@ -4,7 +4,6 @@ on real footage against a copy-the-first-frame baseline."""
 from __future__ import annotations
 
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,8 +34,6 @@ def models(tmp_path_factory, real_video_path):
     from magvit.autoregressive import AutoregressiveConfig, AutoregressiveTransformer
 
     AutoregressiveTransformer(AutoregressiveConfig.preset("tiny")).save_pretrained(root / "autoregressive")
-    (root / "readonly").mkdir()
-    (root / "readonly").chmod(0o555)
     (root / "afile").write_text("not a folder")
     (root / "dir.mp4").mkdir()
     clip = load_real_clip(real_video_path, num_frames=10, size=48)[0]  # (3, 10, 48, 48): cropped to 32 by the CLI
@@ -145,10 +142,11 @@ def test_cli_same_seed_same_video(models, tmp_path):
         (["--cond", "{m}/clip.mp4", "--transformer", "{m}/autoregressive", "--choice-temperature", "1"],
          "--choice-temperature applies to a masked transformer"),
         # --out checked before any work
-        (["--cond", "{m}/clip.mp4", "--out", "{m}/readonly/gen.mp4"], "--out {m}/readonly/gen.mp4: cannot write in"),
+        # /proc: a folder nobody can create files in, root included
+        (["--cond", "{m}/clip.mp4", "--out", "/proc/gen.mp4"], "--out /proc/gen.mp4: cannot write in /proc"),
         (["--cond", "{m}/clip.mp4", "--out", "{m}/afile/gen.mp4"], "is a file, not a folder"),
         (["--cond", "{m}/clip.mp4", "--out", "{m}/dir.mp4", "--overwrite"], "is a folder; give a file name"),
-        (["--cond", "{m}/clip.mp4", "--strip", "{m}/readonly/strip.png"], "--strip {m}/readonly/strip.png: cannot"),
+        (["--cond", "{m}/clip.mp4", "--strip", "/proc/strip.png"], "--strip /proc/strip.png: cannot write in /proc"),
         (["--cond", "{m}/clip.mp4", "--fps", "1e-9"], "--fps must be a number in [0.01, 1000]"),
         (["--cond", "{m}/clip.mp4", "--fps", "nan"], "--fps must be a number in [0.01, 1000]"),
         (["--cond", "{m}/clip.mp4", "--num-samples", "100000"], "--num-samples must be in [1, 10000]"),
@@ -162,8 +160,8 @@ def test_cli_same_seed_same_video(models, tmp_path):
     ],
 )
 def test_cli_user_errors_one_line_exit_2(models, capsys, args, message):
-    if "readonly" in message and os.access(models / "readonly", os.W_OK):
-        pytest.skip("a read-only folder is writable here (root without capability checks)")
+    if "/proc" in message and not Path("/proc/self").is_dir():
+        pytest.skip("no /proc on this OS")
     args = [a.replace("{m}", str(models)) for a in args]
     message = message.replace("{m}", str(models))
     before = (models / "clip.mp4").read_bytes()
