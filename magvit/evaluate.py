@@ -33,12 +33,12 @@ from .cli import ArgumentParser, UsageError, command_name, run_main
 from .evaluation.evaluators import (ClipResults, FramePredictionEvaluation, MaskedTokenEvaluation,
                                     TokenizerEvaluation, clip_condition_regions, evaluate_clips,
                                     evaluate_token_shards, fvd_report)
-from .evaluation.inputs import (check_token_meta, evaluated_videos, held_out_warnings, iterate_clips, open_clips,
-                                resolve_data, supported_tasks)
+from .evaluation.inputs import (check_token_meta, check_tokenizer_weights, evaluated_videos, held_out_warnings,
+                                iterate_clips, open_clips, resolve_data, supported_tasks)
 from .evaluation.report import summary_lines, write_plots, write_report
 from .fileio import check_writable_dir
 from .pipeline import warn_untrained_cond_frames
-from .pretrained import is_hub_id
+from .pretrained import is_hub_id, resolve_pretrained, weights_fingerprint
 
 PROG = command_name("python -m magvit.evaluate")
 
@@ -183,10 +183,10 @@ def _is_masked(transformer) -> bool:
     return isinstance(transformer, MaskedVideoTransformer)
 
 
-def _warn_held_out(tokens_dir: Path | None, evaluated: list[str] | None) -> list[str]:
-    """The report's ``warnings`` (each also one line on stderr, now): token shards that hold the evaluated clips,
-    or that come from a training split (see ``held_out_warnings``)."""
-    warnings = held_out_warnings(tokens_dir, evaluated) if tokens_dir is not None else []
+def _warn_held_out(tokens_dir: Path | None, evaluated: list[str] | None, earlier: Sequence[str] = ()) -> list[str]:
+    """The report's ``warnings`` (each also one line on stderr, now): ``earlier`` ones, then token shards that hold
+    the evaluated clips, or that come from a training split (see ``held_out_warnings``)."""
+    warnings = list(earlier) + (held_out_warnings(tokens_dir, evaluated) if tokens_dir is not None else [])
     for warning in warnings:
         print(f"{PROG}: warning: {warning}", file=sys.stderr)
     return warnings
@@ -240,10 +240,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     clips = masked = dataset = None
     if manifest is not None:
         dataset = open_clips(manifest, args.split, tokenizer.config.num_frames, tokenizer.config.image_size)
+    unrecorded: list[str] = []
     if transformer is not None and tokens_dir is not None:  # shards of other models: one error, before any warning
-        check_token_meta(Path(tokens_dir), tokenizer, transformer)
+        meta = check_token_meta(Path(tokens_dir), tokenizer, transformer)
+        if tokenizer is not None:
+            unrecorded = check_tokenizer_weights(Path(tokens_dir), meta,
+                                                 weights_fingerprint(resolve_pretrained(args.tokenizer)))
     report["warnings"] = _warn_held_out(tokens_dir if transformer is not None else None,
-                                        None if dataset is None else evaluated_videos(dataset, args.max_clips))
+                                        None if dataset is None else evaluated_videos(dataset, args.max_clips),
+                                        unrecorded)
     if dataset is not None:
         clips = _clip_evaluations(args, tokenizer, transformer, tokens_dir is None, nll_tasks)
         batches = iterate_clips(dataset, args.max_clips, args.batch_size, progress, clips.lost)

@@ -8,16 +8,24 @@ good one was.
 ``from_pretrained`` takes a local folder or a Hugging Face Hub id (``org/name``, optionally a ``revision``: branch,
 tag or commit sha), resolved through ``huggingface_hub`` with its usual cache (``HF_HUB_CACHE``) and offline mode
 (``HF_HUB_OFFLINE=1``: the cache only, no network).
+
+An export is untrusted input (DESIGN 18): before anything is allocated, ``from_pretrained`` reads the weights' header
+only (names and shapes), builds the network its ``config.json`` describes on the ``meta`` device (no memory) with a
+budget of tensors the header can account for (so ``num_layers: 1000000000`` stops after a few hundred), and compares
+names and shapes (:func:`check_export`). Only an export whose config and weights agree is built for real.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
+import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, Iterator, Sequence, TypeVar
 
 import torch
 from safetensors.torch import load_model, save_model
@@ -32,6 +40,14 @@ CARD_NAME = "README.md"
 HUB_FILES = [CONFIG_NAME, WEIGHTS_NAME, CARD_NAME]
 # "org/name" as the Hub spells repo ids (letters, digits, '-', '_', '.'); anything else is only ever a local path
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+MAX_CONFIG_BYTES = 16 << 20  # a config.json is a few KB; this leaves room for 100k class names
+# Buffers a network builds from its config that the weights do not hold (e.g. position ids): no more than this
+MAX_BUILT_BUFFER_BYTES = 256 << 20
+# The input a model kind is made for, which no weight bounds (the tokenizer is convolutional): the config fields whose
+# product is the size of one input (a clip's T x H x W), limited because every command allocates inputs of that size.
+INPUT_FIELDS: dict[str, tuple[str, ...]] = {"video_tokenizer": ("num_frames", "image_size", "image_size")}
+MAX_INPUT_ELEMENTS = 1 << 28  # e.g. 256 frames of 1024 x 1024
 
 M = TypeVar("M", bound="PretrainedMixin")
 
@@ -78,6 +94,18 @@ def resolve_pretrained(name_or_path: str | os.PathLike, revision: str | None = N
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise FileNotFoundError(f"{name}: no such local folder, and not found on the Hub ({where}): "
                                 f"{first}") from None
+
+
+def weights_fingerprint(directory: str | os.PathLike) -> str:
+    """``"sha256:<hex>"`` of an export's ``model.safetensors`` (read in 1 MiB blocks): what token shards record of the
+    tokenizer that made them, which tells apart two tokenizers of one config with other weights."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(Path(directory) / WEIGHTS_NAME, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return f"sha256:{digest.hexdigest()}"
 
 
 def _check_class_names(names: Any, num_classes: int, where: str) -> list[str]:
@@ -128,10 +156,13 @@ class PretrainedMixin:
         cfg_path = directory / CONFIG_NAME
         if not cfg_path.is_file():
             raise FileNotFoundError(f"no {cls.__name__} checkpoint at {directory} (missing {CONFIG_NAME})")
+        size = cfg_path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ValueError(f"{cfg_path}: {size} bytes, more than a model config holds ({MAX_CONFIG_BYTES})")
         try:
             meta = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{cfg_path}: not valid JSON ({err})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:  # nesting too deep: RecursionError
+            raise ValueError(f"{cfg_path}: not valid JSON ({type(err).__name__}: {str(err)[:200]})") from None
         if not isinstance(meta, dict):
             raise ValueError(f"{cfg_path}: not a saved model config (a JSON object)")
         if meta.get("model_type") != cls.model_type:
@@ -158,10 +189,12 @@ class PretrainedMixin:
         weights = directory / WEIGHTS_NAME
         if not weights.is_file():
             raise FileNotFoundError(f"no {cls.__name__} weights at {weights}")
+        class_names = _check_class_names(meta.get("class_names", []), config.num_classes,
+                                         str(directory / CONFIG_NAME)) if hasattr(config, "num_classes") else None
+        check_export(cls, config, directory / CONFIG_NAME, weights)  # before anything is allocated
         model = cls(config)  # type: ignore[call-arg]
-        if hasattr(config, "num_classes"):
-            model.class_names = _check_class_names(meta.get("class_names", []), config.num_classes,
-                                                   str(directory / CONFIG_NAME))
+        if class_names is not None:
+            model.class_names = class_names
         load_weights(model, weights, device)
         return model.to(device).eval()
 
@@ -200,3 +233,93 @@ def load_weights(model: torch.nn.Module, weights: str | os.PathLike, device: str
         detail = lines[0] if lines else str(err)
         more = f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""
         raise ValueError(f"{weights} does not fit the model in config.json: {detail[:300]}{more}") from None
+
+
+# --- checks of an untrusted export ---------------------------------------------------------------------------------
+
+
+def read_weights_header(weights: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of a ``model.safetensors``, from its header alone (safetensors bounds the header at
+    100 MB and checks that the file holds every byte it announces; no tensor is read). ``ValueError`` (one line)
+    for a file that is not safetensors."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(weights), "pt") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except SafetensorError as err:  # truncated file, a pickle renamed .safetensors, ...
+        raise ValueError(f"{weights}: not a readable safetensors file ({err})") from None
+
+
+class _TensorBudgetExceeded(Exception):
+    pass
+
+
+@contextmanager
+def _tensor_budget(limit: int) -> Iterator[None]:
+    """Raise ``_TensorBudgetExceeded`` once this thread registers more than ``limit`` parameters: a loop over
+    ``num_layers: 1000000000`` stops after ``limit``, not after a billion meta layers."""
+    owner, count = threading.get_ident(), 0
+
+    def hook(module: torch.nn.Module, name: str, param: Any) -> None:
+        nonlocal count
+        if threading.get_ident() == owner:
+            count += 1
+            if count > limit:
+                raise _TensorBudgetExceeded
+
+    handle = torch.nn.modules.module.register_module_parameter_registration_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _check_input_size(model_type: str, config: Any, where: str) -> None:
+    fields = INPUT_FIELDS.get(model_type, ())
+    values = [getattr(config, name) for name in fields]
+    if values and math.prod(values) > MAX_INPUT_ELEMENTS:
+        sizes = " x ".join(f"{name} {value}" for name, value in zip(fields, values))
+        raise ValueError(f"{where}: an input of {sizes} is beyond the limit of {MAX_INPUT_ELEMENTS} elements")
+
+
+def check_export(cls: type[PretrainedMixin], config: Config, config_path: str | os.PathLike,
+                 weights: str | os.PathLike) -> None:
+    """``ValueError`` (one line) unless the network ``config`` describes has exactly the tensors (names, shapes)
+    of ``weights``' header, builds no more than ``MAX_BUILT_BUFFER_BYTES`` of buffers beyond them and takes inputs of
+    at most ``MAX_INPUT_ELEMENTS``. Allocates nothing: the header is read alone and the network is built on the
+    ``meta`` device, with a budget of parameters the header can account for (tied weights are stored once, and a
+    network may replace a parameter while it is built, hence the slack)."""
+    where = str(config_path)
+    _check_input_size(cls.model_type, config, where)
+    stored = read_weights_header(weights)
+    budget = 2 * len(stored) + 64
+    try:
+        with _tensor_budget(budget), torch.device("meta"):
+            model = cls(config)  # type: ignore[call-arg]
+    except _TensorBudgetExceeded:
+        raise ValueError(f"{where}: the model it describes has more than {budget} parameter tensors, {weights} "
+                         f"holds {len(stored)} (a count such as num_layers or num_res_blocks too large)") from None
+    except Exception as err:  # sizes torch refuses (overflow, negative) or options the network rejects
+        detail = " ".join(str(err).split())[:300] or type(err).__name__
+        raise ValueError(f"{where}: does not describe a buildable model ({detail})") from None
+    state = model.state_dict(keep_vars=True)  # meta tensors; tied weights are one object under several names
+    unexpected = [name for name in stored if name not in state]
+    if unexpected:
+        raise ValueError(f"{weights} does not fit the model in config.json: {len(unexpected)} tensors it does not "
+                         f"have, e.g. {unexpected[0]}")
+    names_of: dict[int, list[str]] = {}
+    for name, tensor in state.items():
+        names_of.setdefault(id(tensor), []).append(name)
+    for name, tensor in state.items():
+        if name in stored:
+            if tuple(tensor.shape) != stored[name]:
+                raise ValueError(f"{weights} does not fit the model in config.json: {name} has shape "
+                                 f"{list(stored[name])}, config.json implies {list(tensor.shape)}")
+        elif not any(other in stored for other in names_of[id(tensor)]):  # saved once under a tied name
+            raise ValueError(f"{weights} does not fit the model in config.json: it lacks {name}")
+    kept = {id(t) for t in state.values()}
+    built = sum(b.numel() * b.element_size() for b in model.buffers() if id(b) not in kept)
+    if built > MAX_BUILT_BUFFER_BYTES:
+        raise ValueError(f"{where}: the model it describes builds {built} bytes of buffers beyond its weights "
+                         f"(limit {MAX_BUILT_BUFFER_BYTES})")

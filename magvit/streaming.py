@@ -19,14 +19,23 @@ worker of any rank can fill); rank batch ``k`` is batch ``k // L`` of worker ``k
 ``(seed, epoch, W, L, batch_size, shuffle_buffer)`` only, never on timing, so a resume at batch ``b`` skips each
 worker's share of the first ``b`` batches (read, not decoded) and sees exactly the batches an uninterrupted run
 would.
+
+Shards are untrusted until checked: before a stream is planned, every local shard is read header by header (tar
+headers and each ``.npy`` header, no data) and compared with ``meta.json``: its sample count, the members of each
+sample (the same fields in every sample, none outside a sample), dtypes (no object arrays; integer codes, uint8
+frames) and shapes, and a complete archive (not cut short). A damaged shard is one :class:`ShardError` line naming
+it, so an epoch is always a pass over the declared samples. Shards at a remote URL are checked as they stream (count,
+fields, decoding), with the same errors.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import posixpath
+import re
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -37,6 +46,14 @@ from .data import crop_offsets, _size_hw
 from .video_io import to_float
 
 TOKEN_KEYS = ("codes", "sketch_codes")  # plus every cond.<task>
+# What every sample of a kind holds (its members' suffixes), and the numpy dtype kinds its arrays may have
+REQUIRED_FIELDS = {"clips": ("frames.npy", "cls"), "tokens": ("codes.npy", "cls")}
+ARRAY_KINDS = {"clips": "u", "tokens": "iu"}  # uint8 frames; int32 codes (any integer type decodes)
+MAX_PATTERN_SHARDS = 1_000_000  # a brace pattern never names more (nor more than meta.json lists)
+
+
+class ShardError(ValueError):
+    """A webdataset shard that does not hold what its ``meta.json`` declares (one line, naming the shard)."""
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -107,14 +124,177 @@ def tar_rows(path: str | os.PathLike) -> int | None:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Checking a shard against meta.json (headers only)
+# --------------------------------------------------------------------------------------------------------------------
+def _npy_layout(f: Any, size: int, known: dict[bytes, tuple[np.dtype, tuple[int, ...], int]]
+                ) -> tuple[np.dtype, tuple[int, ...]]:
+    """dtype and shape of the ``.npy`` member of ``size`` bytes at ``f``'s position, from its header alone;
+    ``ValueError`` for an object array (loading it would unpickle) or data that does not fill the shape the header
+    announces. ``known`` caches parsed headers (every sample of a shard repeats them)."""
+    head = f.read(min(size, 12))
+    if len(head) < 10 or head[:6] != b"\x93NUMPY" or head[6] not in (1, 2):
+        raise ValueError("not a .npy array (of format version 1 or 2)")
+    start, length = (10, int.from_bytes(head[8:10], "little")) if head[6] == 1 else \
+        (12, int.from_bytes(head[8:12], "little"))
+    if start + length > min(size, 1 << 16):
+        raise ValueError("its .npy header runs past the member (or past 64 KiB)")
+    header = (head + f.read(max(0, start + length - len(head))))[:start + length]
+    if header not in known:
+        reader = np.lib.format.read_array_header_1_0 if head[6] == 1 else np.lib.format.read_array_header_2_0
+        stream = io.BytesIO(header)
+        np.lib.format.read_magic(stream)
+        shape, _, dtype = reader(stream)
+        known[header] = (dtype, tuple(shape), len(header))
+    dtype, shape, offset = known[header]
+    if dtype.hasobject:
+        raise ValueError("an object array (loading it would unpickle)")
+    if offset + math.prod(shape) * dtype.itemsize != size:
+        raise ValueError(f"its {size} bytes do not hold the {dtype} array of shape {shape} it announces")
+    return dtype, shape
+
+
+def scan_tar_shard(path: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
+    """The samples of a local tar shard in stored order, read from the tar and ``.npy`` headers (no array data):
+    ``[(key, {field: (dtype, shape) of a .npy member, or the text of a small one like cls})]``.
+
+    Raises :class:`ShardError` naming the shard for a file that is not a tar, a member that belongs to no sample
+    (a name other than ``KEY.FIELD`` with a numeric key, a link, a folder), a sample split in two, an object or
+    damaged ``.npy``, and an archive cut short (inside a member, or before its end-of-archive blocks)."""
+    import tarfile
+
+    name = os.path.basename(path)
+    samples: list[tuple[str, dict[str, Any]]] = []
+    seen: set[str] = set()
+    known: dict[bytes, Any] = {}
+    try:
+        size = os.path.getsize(path)
+        end = 0
+        with tarfile.open(path, "r:") as tar, open(path, "rb") as raw:
+            for member in tar:  # headers only: tarfile seeks over the data
+                key, dot, field = member.name.partition(".")
+                field = field.lower()  # as webdataset's grouping reads it
+                if not member.isreg() or "/" in member.name or not dot or not key.isdigit():
+                    raise ShardError(f"{name}: member {member.name!r} belongs to no sample (expected KEY.FIELD "
+                                     "files like 000000123.codes.npy)")
+                if member.offset_data + member.size > size:
+                    raise ShardError(f"{name}: cut short inside member {member.name} (an interrupted copy?)")
+                if not samples or samples[-1][0] != key:
+                    if key in seen:
+                        raise ShardError(f"{name}: the members of sample {key} are not stored together")
+                    seen.add(key)
+                    samples.append((key, {}))
+                fields = samples[-1][1]
+                if field in fields:
+                    raise ShardError(f"{name}: sample {key} holds {field} twice")
+                raw.seek(member.offset_data)
+                try:
+                    fields[field] = _npy_layout(raw, member.size, known) if field.endswith(".npy") else \
+                        raw.read(member.size).decode("ascii", "replace") if member.size <= 64 else None
+                except ValueError as err:
+                    raise ShardError(f"{name}: member {member.name}: {err}") from None
+                end = max(end, member.offset_data + -(-member.size // 512) * 512)
+            raw.seek(end)  # two zero blocks end an archive; a cut at a member boundary lacks them
+            complete = end + 1024 <= size and not raw.read(1024).strip(b"\0")
+    except (tarfile.TarError, EOFError) as err:
+        raise ShardError(f"{name}: not a readable tar ({err})") from None
+    if not complete:
+        raise ShardError(f"{name}: cut short after {len(samples)} samples (no end-of-archive blocks; an "
+                         "interrupted copy?)")
+    return samples
+
+
+def check_tar_shard(path: str | os.PathLike, declared: int, kind: str, meta: dict[str, Any],
+                    expected: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Compare a local tar shard with what ``meta.json`` declares of it: ``declared`` samples, each with the same
+    fields as ``expected`` (the first sample's of the first shard checked; ``None``: this shard's first), arrays of
+    the kind's dtypes with one shape per field (token grids: ``token_grid`` / ``top_grid``), labels as integers.
+    Returns the fields of a sample, ``{field: (dtype, shape) or None}``; raises :class:`ShardError`."""
+    name = os.path.basename(path)
+    samples = scan_tar_shard(path)
+    if len(samples) != declared:
+        raise ShardError(f"{name}: holds {len(samples)} samples, meta.json declares {declared}")
+    if not samples:
+        return expected or {}
+    reference = expected if expected is not None else samples[0][1]
+    missing = [field for field in REQUIRED_FIELDS[kind] if field not in reference]
+    if missing:
+        raise ShardError(f"{name}: its samples lack {missing[0]} ({kind} shards hold "
+                         f"{', '.join(REQUIRED_FIELDS[kind])})")
+    grids = {"": meta.get("token_grid"), "top.": meta.get("top_grid")} if kind == "tokens" else {}
+    for key, fields in samples:
+        if fields.keys() != reference.keys():
+            odd = sorted(fields.keys() ^ reference.keys())[0]
+            where = "lacks" if odd in reference else "has a member the others lack:"
+            raise ShardError(f"{name}: sample {key} {where} {odd}")
+        for field, layout in fields.items():
+            if field == "cls":
+                if layout is None or not re.fullmatch(r"\s*-?\d+\s*", layout):
+                    raise ShardError(f"{name}: sample {key}: cls is not an integer label")
+            elif field.endswith(".npy"):
+                dtype, shape = layout
+                if dtype.kind not in ARRAY_KINDS[kind]:
+                    raise ShardError(f"{name}: sample {key}: {field} holds {dtype}, {kind} shards hold "
+                                     f"{'uint8 frames' if kind == 'clips' else 'integer codes'}")
+                if shape != reference[field][1]:
+                    raise ShardError(f"{name}: sample {key}: {field} has shape {shape}, the others "
+                                     f"{reference[field][1]}")
+                grid = grids.get("top." if field.startswith("top.") else "")
+                if grid and shape != tuple(grid):
+                    raise ShardError(f"{name}: sample {key}: {field} has shape {shape}, meta.json's grid is "
+                                     f"{tuple(grid)}")
+    return reference
+
+
+def _is_local(url: str) -> bool:
+    return url.startswith("file://") or "://" not in url
+
+
+def check_shards(urls: Sequence[str], counts: Sequence[int], kind: str, meta: dict[str, Any]) -> None:
+    """:func:`check_tar_shard` on every local shard of ``urls`` (``counts``: what meta.json declares of each);
+    remote shards are checked as they stream. Raises :class:`ShardError` for the first that does not fit."""
+    expected = None
+    for url, declared in zip(urls, counts):
+        if _is_local(url):
+            path = url[len("file://"):] if url.startswith("file://") else url
+            try:
+                expected = check_tar_shard(path, declared, kind, meta, expected)
+            except FileNotFoundError:
+                raise ShardError(f"{posixpath.basename(url)}: listed in meta.json, missing") from None
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Where the shards are
 # --------------------------------------------------------------------------------------------------------------------
+def pattern_size(pattern: str) -> int:
+    """An upper bound on the names a brace pattern expands to (``{a..b}``, ``{a..b..step}``, ``{x,y,z}``, nested),
+    computed without expanding it: the product of each group's alternatives."""
+    total, stack = 1, []  # stack: per open group, [start index, top-level commas]
+    for i, char in enumerate(pattern):
+        if char == "{":
+            stack.append([i, 0])
+        elif char == "," and stack:
+            stack[-1][1] += 1
+        elif char == "}" and stack:
+            start, commas = stack.pop()
+            body = pattern[start + 1:i]
+            span = re.fullmatch(r"(-?\d+)\.\.(-?\d+)(?:\.\.(-?\d+))?", body)
+            letters = re.fullmatch(r"([A-Za-z])\.\.([A-Za-z])(?:\.\.(-?\d+))?", body)
+            if span or letters:
+                lo, hi = (int(span[1]), int(span[2])) if span else (ord(letters[1]), ord(letters[2]))
+                step = abs(int((span or letters)[3] or 1)) or 1
+                total *= abs(hi - lo) // step + 1
+            else:
+                total *= commas + 1
+    return total
+
+
 def resolve_shards(location: str) -> tuple[dict[str, Any], list[str], list[int]]:
     """``(meta, shard URLs, examples per shard)`` of a folder/URL holding ``meta.json``, or of a brace pattern of
     tar URLs (``s3://bucket/tok/shard-{00000..00099}.tar``) whose ``meta.json`` sits in the same folder.
 
     Raises:
-        FileNotFoundError: no ``meta.json``. ValueError: a shard that ``meta.json`` does not list, or no shards.
+        FileNotFoundError: no ``meta.json``. ValueError: a ``meta.json`` without a shard list, a shard that it does
+        not list, no shards, or a brace pattern naming more shards than it lists (refused before expanding it).
     """
     import fsspec
     from braceexpand import braceexpand
@@ -127,7 +307,16 @@ def resolve_shards(location: str) -> tuple[dict[str, Any], list[str], list[int]]
             meta = json.load(f)
     except FileNotFoundError:
         raise FileNotFoundError(f"no streaming shards at {location} (missing {meta_url}; did the run finish?)") from None
-    counts = {s["file"]: int(s["num_examples"]) for s in meta.get("shards", [])}
+    try:
+        counts = {str(s["file"]): int(s["num_examples"]) for s in meta.get("shards", [])}
+    except (AttributeError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{meta_url}: not a shard meta.json (its shards need file and num_examples; "
+                         f"{type(err).__name__}: {err})") from None
+    if is_pattern:  # sized before it is expanded: a typo like {00000..99999999} would take GBs
+        names_at_most = pattern_size(location)
+        if names_at_most > min(len(counts), MAX_PATTERN_SHARDS):
+            raise ValueError(f"{location}: the brace pattern names up to {names_at_most} shards, more than the "
+                             f"{len(counts)} that {meta_url} lists")
     names = [posixpath.basename(u) for u in braceexpand(location)] if is_pattern else list(counts)
     unknown = [name for name in names if name not in counts]
     if unknown:
@@ -177,6 +366,7 @@ class ShardStream(IterableDataset):
             raise ValueError(f"need batch_size >= 1, shuffle_buffer >= 0, 0 <= rank < world_size (got {batch_size}, "
                              f"{shuffle_buffer}, {rank}, {world_size})")
         self.meta, self.urls, self.counts = resolve_shards(location)
+        check_shards(self.urls, self.counts, kind, self.meta)  # an epoch is a pass over the declared samples
         self.kind, self.location, self.batch_size = kind, location, batch_size
         self.rank, self.world_size, self.workers = rank, world_size, max(1, num_workers)
         if len(self.urls) < world_size * self.workers:
@@ -226,7 +416,14 @@ class ShardStream(IterableDataset):
 
     # --- items -----------------------------------------------------------------------------------------------------
     def _prepare(self, sample: dict[str, Any]) -> dict[str, Any]:
-        item = decode_sample(sample)
+        name = posixpath.basename(str(sample.get("__url__", self.location)))
+        missing = [field for field in REQUIRED_FIELDS[self.kind] if field not in sample]
+        if missing:  # a member outside any sample, or a sample cut short (remote shards are checked here)
+            raise ShardError(f"{name}: sample {sample.get('__key__')!r} lacks {missing[0]}")
+        try:
+            item = decode_sample(sample)
+        except ValueError as err:  # an object array, a damaged .npy, a label that is not a number
+            raise ShardError(f"{name}: sample {sample.get('__key__')!r}: {err}") from None
         if self.kind == "tokens":
             return {key: (value.long() if isinstance(value, torch.Tensor) else value) for key, value in item.items()
                     if key not in ("labels", "clip_index")}
@@ -242,7 +439,7 @@ class ShardStream(IterableDataset):
         """Batches of this rank's ``worker`` in the current epoch, after its first ``skip`` (read, not decoded)."""
         shards = self._assignment(self.epoch)[self.rank][worker]
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
-        raw = (sample for s in shards for sample in iter_tar_samples(self.urls[s]))
+        raw = (sample for s in shards for sample in self._counted_samples(s))
         total = self._worker_batches(self.epoch) * self.batch_size
         batch: list[dict[str, Any]] = []
         for n, sample in enumerate(shuffled(raw, self.shuffle_buffer, rng)):
@@ -254,6 +451,22 @@ class ShardStream(IterableDataset):
             if len(batch) == self.batch_size:
                 yield default_collate(batch)
                 batch = []
+
+    def _counted_samples(self, shard: int) -> Iterator[dict[str, Any]]:
+        """The raw samples of shard number ``shard``; :class:`ShardError` when it is unreadable or holds another
+        count than meta.json declares (a shard changed since it was checked, or a remote one)."""
+        url, count = self.urls[shard], 0
+        try:
+            for count, sample in enumerate(iter_tar_samples(url), 1):
+                yield sample
+        except Exception as err:  # a tar cut inside a member, a stream that broke off
+            # webdataset appends the stream and URL to the arguments: the first one is the reason
+            reason = err.args[0] if err.args and isinstance(err.args[0], str) else str(err)
+            raise ShardError(f"{posixpath.basename(url)}: not a readable tar ({reason.split(' @ ')[0][:200]})") \
+                from None
+        if count != self.counts[shard]:
+            raise ShardError(f"{posixpath.basename(url)}: holds {count} samples, meta.json declares "
+                             f"{self.counts[shard]}")
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()

@@ -218,3 +218,104 @@ def test_token_shards_are_validated_at_load(tmp_path):
     floats = _token_dir(tmp_path / "floats", good.float())
     with pytest.raises(ValueError, match="token codes are integers"):
         TokenShardDataset(floats)
+
+
+# --- token shard folders: one tokenize at a time, settings recorded, the tokenizer's weights fingerprinted ----------
+@pytest.fixture(scope="module")
+def tokenize_setup(tmp_path_factory, frames) -> dict[str, Path]:
+    """4 real clips indexed, two tiny tokenizers of one config with other weights, a transformer that fits both."""
+    from magvit import MaskedVideoTransformer, TokenizerConfig, TransformerConfig, VideoTokenizer
+    from magvit.prep.index import build_manifest
+
+    root = tmp_path_factory.mktemp("tokenize")
+    for i in range(4):
+        write_video(root / "clips" / f"c{i % 2}" / f"v{i}.mp4", frames[i * 5:i * 5 + 10], fps=10)
+    build_manifest([root / "clips"], root / "manifest.jsonl", val_fraction=0.0, workers=1, show_progress=False)
+    cfg = TokenizerConfig.preset("tiny")
+    for seed, name in ((0, "tokenizer"), (1, "retrained")):
+        torch.manual_seed(seed)
+        VideoTokenizer(cfg).save_pretrained(root / name)
+    grid = cfg.token_grid(cfg.num_frames, cfg.image_size, cfg.image_size)
+    MaskedVideoTransformer(TransformerConfig.preset("tiny", codebook_size=cfg.codebook_size, token_grid=grid)
+                           ).save_pretrained(root / "transformer")
+    return {"root": root, "manifest": root / "manifest.jsonl", "tokenizer": root / "tokenizer",
+            "retrained": root / "retrained", "transformer": root / "transformer"}
+
+
+def _tokenize(setup: dict[str, Path], out: Path, *extra) -> int:
+    from magvit.cli import run_main
+    from magvit.prep import tokenize
+
+    argv = ["--tokenizer", setup["tokenizer"], "--manifest", setup["manifest"], "--out", out, "--split", "all",
+            "--workers", "0", "--no-conditions", "--sketch", "none", *extra]
+    try:
+        return run_main(tokenize.PROG, tokenize.main, [str(a) for a in argv])
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+
+
+def _one_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_a_second_tokenize_into_a_folder_in_use_is_refused(tokenize_setup, tmp_path, capsys):
+    """While one tokenize holds --out (here: this process's other lock on it), a second one refuses in one line
+    naming the holder and touches nothing; once the first is done, the folder is free again."""
+    from magvit.prep.tokenize import lock_out_dir
+
+    out = tmp_path / "tokens"
+    first = lock_out_dir(out)
+    try:
+        assert _tokenize(tokenize_setup, out) == 2
+        line = _one_line(capsys.readouterr().err)
+        assert f"--out {out} is being written by another tokenize run (pid {os.getpid()})" in line
+        assert list(out.iterdir()) == []  # no plan, no shard: nothing mixed
+    finally:
+        first.release()
+    assert _tokenize(tokenize_setup, out) == 0
+    assert _tokenize(tokenize_setup, out) == 0  # the lock went with the first run: a rerun resumes
+
+
+def test_a_tokenize_rerun_with_other_settings_needs_overwrite(tokenize_setup, tmp_path, capsys):
+    out = tmp_path / "tokens"
+    assert _tokenize(tokenize_setup, out, "--shard-size", "2") == 0
+    capsys.readouterr()
+    assert _tokenize(tokenize_setup, out, "--shard-size", "3") == 2
+    assert "holds shards made with other inputs or settings" in _one_line(capsys.readouterr().err)
+    assert [s["num_examples"] for s in json.loads((out / "meta.json").read_text())["shards"]] == [2, 2]
+    assert _tokenize(tokenize_setup, out, "--shard-size", "3", "--overwrite") == 0
+    assert [s["num_examples"] for s in json.loads((out / "meta.json").read_text())["shards"]] == [3, 1]
+
+
+def test_evaluate_tokens_of_a_tokenizer_with_the_same_config_but_other_weights(tokenize_setup, tmp_path, capsys):
+    """The shards record their tokenizer's weights (sha256): evaluate refuses them with another tokenizer of the
+    same config, accepts them with their own, and accepts older shards without the record with a warning."""
+    from magvit import evaluate
+    from magvit.pretrained import weights_fingerprint
+
+    out = tmp_path / "tokens"
+    assert _tokenize(tokenize_setup, out) == 0
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["tokenizer_weights"] == weights_fingerprint(tokenize_setup["tokenizer"])
+    assert meta["tokenizer_weights"].startswith("sha256:") and len(meta["tokenizer_weights"]) == 7 + 64
+    capsys.readouterr()
+
+    def run(tokenizer: str, report: str) -> int:
+        return evaluate.main(["--tokenizer", str(tokenize_setup[tokenizer]), "--transformer",
+                              str(tokenize_setup["transformer"]), "--tokens", str(out), "--out", str(tmp_path / report),
+                              "--no-progress", "--nll-tasks", "unconditional"])
+
+    assert run("retrained", "other") == 2
+    line = _one_line(capsys.readouterr().err)
+    assert "was made by a tokenizer with other weights than --tokenizer" in line
+    assert not (tmp_path / "other" / "report.json").exists()
+    assert run("tokenizer", "own") == 0
+    assert "tokenizer's weights" not in capsys.readouterr().err
+    del meta["tokenizer_weights"]  # shards made before the record
+    (out / "meta.json").write_text(json.dumps(meta))
+    assert run("retrained", "old") == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "tokenizer's weights" in line]
+    assert len(warnings) == 1 and "warning: the token shards" in warnings[0] and "do not record" in warnings[0]
+    assert json.loads((tmp_path / "old" / "report.json").read_text())["warnings"][0] in warnings[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -133,6 +134,129 @@ def test_batch_stream_resumes_a_streaming_run_exactly(tmp_path):
     assert all(torch.equal(next(resumed)["index"], expected) for expected in reference[5:])
     with pytest.raises(ValueError, match="needs data.shards"):
         DataConfig(format="webdataset")
+
+
+# --- damaged shards: checked against meta.json before a stream is planned -------------------------------------------
+def _members(path) -> list[tuple[str, bytes]]:
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+
+
+def _write_tar(path, members: list[tuple[str, bytes]]) -> None:
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _npy(array) -> bytes:
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=True)
+    return buffer.getvalue()
+
+
+def _damage(shard, case: str) -> None:
+    """Damage ``shard`` (6 samples of codes.npy, cond.interpolation.npy, cls) the way ``case`` says."""
+    import tarfile
+
+    import numpy as np
+
+    members = _members(shard)
+    with tarfile.open(shard) as tar:
+        infos = tar.getmembers()
+    if case == "cut at a member boundary":  # an interrupted copy: 4 whole samples, no end-of-archive blocks
+        shard.write_bytes(shard.read_bytes()[:infos[12].offset])
+    elif case == "cut inside a member":
+        shard.write_bytes(shard.read_bytes()[:infos[7].offset_data + 10])
+    elif case == "fewer samples than declared":  # a complete archive of 4 of its 6 samples
+        _write_tar(shard, members[:12])
+    elif case == "a member of no sample":
+        _write_tar(shard, members[:6] + [("notes.txt", b"hello")] + members[6:])
+    elif case == "a member one sample has":
+        _write_tar(shard, members[:3] + [(members[0][0].split(".")[0] + ".extra.txt", b"x")] + members[3:])
+    elif case == "an object array":
+        _write_tar(shard, [(n, _npy(np.array([None, 1], dtype=object)) if i == 4 else d)
+                           for i, (n, d) in enumerate(members)])
+    elif case == "float codes":
+        _write_tar(shard, [(n, _npy(np.zeros(GRID, np.float32)) if n.endswith(".codes.npy") else d)
+                           for n, d in members])
+    elif case == "another shape":
+        _write_tar(shard, [(n, _npy(np.zeros((2, 2, 2), np.int32)) if n.endswith(".codes.npy") else d)
+                           for n, d in members])
+    elif case == "a grid meta.json does not declare":
+        meta = json.loads((shard.parent / "meta.json").read_text())
+        (shard.parent / "meta.json").write_text(json.dumps({**meta, "token_grid": [4, 4, 4]}))
+
+
+DAMAGE = {"cut at a member boundary": "shard-00001.tar: cut short after 4 samples",
+          "cut inside a member": "shard-00001.tar: cut short inside member 000000008.codes.npy",
+          "fewer samples than declared": "shard-00001.tar: holds 4 samples, meta.json declares 6",
+          "a member of no sample": "shard-00001.tar: member 'notes.txt' belongs to no sample",
+          "a member one sample has": "shard-00001.tar: sample 000000006 has a member the others lack: extra.txt",
+          "an object array": "shard-00001.tar: member 000000007.codes.npy: an object array",
+          "float codes": "shard-00001.tar: sample 000000006: codes.npy holds float32",
+          "another shape": "shard-00001.tar: sample 000000006: codes.npy has shape (2, 2, 2), the others (2, 4, 4)",
+          "a grid meta.json does not declare": "shard-00000.tar: sample 000000000: codes.npy has shape (2, 4, 4), "
+                                               "meta.json's grid is (4, 4, 4)"}
+
+
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_a_damaged_shard_is_one_line_naming_it_before_training(tmp_path, case):
+    """Each damage is found before the first batch, by the stream and by the trainer's data loading (one line),
+    instead of an epoch of 4 of 24 samples or a traceback mid-training."""
+    from magvit.batches import DataConfig, token_batches
+    from magvit.cli import UsageError
+    from magvit.streaming import ShardError
+
+    _token_tars(tmp_path / "wds", shards=4, rows=6)
+    _damage(tmp_path / "wds" / "shard-00001.tar", case)
+    with pytest.raises(ShardError, match=re.escape(DAMAGE[case])):
+        ShardStream(str(tmp_path / "wds"), "tokens", batch_size=2)
+    data = DataConfig(format="webdataset", shards=str(tmp_path / "wds"), batch_size=2, num_workers=0)
+    with pytest.raises(UsageError) as refused:
+        token_batches(data, 0, 1, 0, torch.device("cpu"))
+    assert DAMAGE[case] in str(refused.value) and "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("fewer samples than declared", "shard-00002.tar: holds 4 samples, meta.json declares 6"),
+    ("cut inside a member", "shard-00002.tar: not a readable tar (unexpected end of data)"),
+    ("an object array", "shard-00002.tar: sample '000000013': Object arrays cannot be loaded")])
+def test_a_shard_changed_after_the_check_is_an_error_while_streaming(tmp_path, case, message):
+    """An epoch is a pass over the declared samples: a shard damaged while the run streams (or a remote one, checked
+    as it streams) is an error naming it, not a shorter epoch or a traceback from numpy."""
+    from magvit.streaming import ShardError
+
+    _token_tars(tmp_path / "wds", shards=4, rows=6)
+    stream = ShardStream(str(tmp_path / "wds"), "tokens", batch_size=2, shuffle_buffer=0)
+    assert len(_batches(stream, 0)) == 12
+    _damage(tmp_path / "wds" / "shard-00002.tar", case)
+    with pytest.raises(ShardError, match=re.escape(message)):
+        _batches(stream, 0)
+
+
+def test_a_huge_brace_pattern_is_refused_without_expanding_it(tmp_path):
+    import time
+
+    from magvit.streaming import pattern_size
+
+    _token_tars(tmp_path / "wds", shards=4, rows=2)
+    assert pattern_size("s-{00000..00003}.tar") == 4 and pattern_size("{a,b}-{0..9..2}-{x,{1..3}}") == 2 * 5 * 2 * 3
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=r"names up to 100000000 shards, more than the 4 that .*meta.json lists"):
+        resolve_shards(f"{tmp_path}/wds/shard-{{00000..99999999}}.tar")
+    assert time.perf_counter() - start < 1
+    assert resolve_shards(f"{tmp_path}/wds/shard-{{00001..00002}}.tar")[2] == [2, 2]  # a subset is fine
 
 
 # --- writers: data_prep.extract / data_prep.tokenize --format webdataset, tokenize on several ranks -------------------

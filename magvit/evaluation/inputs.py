@@ -174,6 +174,21 @@ def check_token_meta(directory: Path, tokenizer, transformer) -> dict:
     return meta
 
 
+def check_tokenizer_weights(directory: Path, meta: dict, fingerprint: str) -> list[str]:
+    """``UsageError`` when the shards' ``meta.json`` records other tokenizer weights than ``fingerprint``
+    (``magvit.pretrained.weights_fingerprint`` of ``--tokenizer``): a tokenizer of the same config with other weights
+    has other codes. Shards older than the record pass with the one-line warning returned."""
+    recorded = meta.get("tokenizer_weights")
+    if recorded is None:
+        return [f"the token shards {directory} do not record their tokenizer's weights (made before tokenize "
+                f"recorded them): they are assumed to come from --tokenizer"]
+    if recorded != fingerprint:
+        raise UsageError(f"--tokens: {directory} was made by a tokenizer with other weights than --tokenizer "
+                         f"({str(recorded)[:20]}... in meta.json, {fingerprint[:20]}... in the tokenizer): "
+                         "tokenize the clips again with this tokenizer")
+    return []
+
+
 def token_batches_from_shards(directory: Path, batch_size: int, max_examples: int | None) -> Iterator[dict]:
     from torch.utils.data import DataLoader, Subset
 

@@ -10,16 +10,18 @@ Clips of the tokenizer's ``num_frames`` x ``image_size`` (center start and crop,
 from ``build_condition_video``; frame prediction once per given-frame count of ``--cond-frames``:
 ``cond.frame_prediction`` for one frame, ``cond.frame_prediction.<n>`` for ``n``), ``sketch_codes`` (N, t, h, w)
 from the sketch video (the manifest's ``sketch`` when every clip has one, else ``data_prep.sketch.sketch_video`` of
-the clip), ``labels`` (N,) and ``clip_index`` (N,). ``meta.json`` (written last) holds the tokenizer config,
-``token_grid``, ``codebook_size``, ``classes``, ``condition_tasks``, ``num_examples`` and (``--cond-frames`` other
-than 1) ``cond_frames``. A ``hierarchy=2`` tokenizer's top grid goes beside each of them as ``top.codes``,
+the clip), ``labels`` (N,) and ``clip_index`` (N,). ``meta.json`` (written last) holds the tokenizer config and
+its weights' fingerprint (``tokenizer_weights``, ``magvit.pretrained.weights_fingerprint``), ``token_grid``,
+``codebook_size``, ``classes``, ``condition_tasks``, ``num_examples`` and (``--cond-frames`` other than 1)
+``cond_frames``. A ``hierarchy=2`` tokenizer's top grid goes beside each of them as ``top.codes``,
 ``top.cond.<condition>``, ``top.sketch_codes`` (N, t, h/2, w/2), and ``meta.json`` records its ``top_grid``
 (``magvit.code_grids``). Codes are stored as int32. Rerunning resumes: finished shards are kept (each is written to
 a temp file and renamed). Decoding runs in DataLoader workers, encoding on all torch threads of ``--device``
 (default: the GPU when there is one). ``--format webdataset`` writes ``shard-XXXXX.tar`` streaming shards instead
 (``magvit.streaming``; the same ``meta.json``). Several processes (``--rank R --world-size W``, or torchrun's /
 SLURM's environment) split the work: rank ``r`` writes shards ``r, r + W, ...``, and the last rank to finish writes
-``meta.json``; the shards are the ones a single process writes.
+``meta.json``; the shards are the ones a single process writes. A run holds a lock on ``--out`` (rank 0 of several),
+so a second tokenize into the same folder at the same time refuses.
 """
 
 from __future__ import annotations
@@ -139,6 +141,20 @@ def check_args(args) -> None:
     check_out_dir(Path(args.out))
 
 
+def lock_out_dir(out: Path):
+    """An exclusive lock on ``--out`` for this run's life (``magvit.runlog.RunLock``), so that a second tokenize
+    into the same folder refuses instead of mixing its shards (or its plan) with this one's. Rank 0 holds it for a
+    multi-process run: the other ranks share the folder and follow rank 0's plan."""
+    from magvit.runlog import RunLock, _lock_holder
+
+    lock = RunLock(out)
+    if lock.acquire() is not None:
+        holder = _lock_holder(out)
+        raise UsageError(f"--out {out} is being written by another tokenize run{f' (pid {holder})' if holder else ''}: "
+                         "wait for it to finish, stop it, or use another --out")
+    return lock
+
+
 def pick_device(device: str | None, rank: int, world: int) -> str:
     """``--device``, by default the GPU when there is one; with several ranks on a node, this rank's GPU."""
     if device is None:
@@ -207,13 +223,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
     rank, world = rank_from_env(args.rank, args.world_size)
+    lock = lock_out_dir(Path(args.out)) if rank == 0 else None
+    try:
+        return run(args, rank, world)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def run(args, rank: int, world: int) -> int:
+    """Tokenize as the checked command line ``args`` says, as rank ``rank`` of ``world`` processes."""
     args.device = pick_device(args.device, rank, world)
     quiet_decoders()
     if args.threads:
         torch.set_num_threads(args.threads)
     else:  # ranks of one job on one machine share its cores (one process: all of them)
         share_cores()
-    from magvit.pretrained import resolve_pretrained
+    from magvit.pretrained import resolve_pretrained, weights_fingerprint
 
     try:  # a Hub id (org/name) becomes its snapshot folder in the Hub cache; the digest below reads its weights
         args.tokenizer = str(resolve_pretrained(args.tokenizer))
@@ -242,7 +268,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                              format=args.format, numbers=numbers)
     shards = finish_rank(out, plan["fingerprint"], rank, world, mine)
     meta = {"format": "magvit-tokens", "tokenizer": config.to_dict(),
-            "tokenizer_dir": str(Path(args.tokenizer).resolve()), "token_grid": list(grid),
+            "tokenizer_dir": str(Path(args.tokenizer).resolve()),
+            "tokenizer_weights": weights_fingerprint(args.tokenizer),  # evaluate --tokens compares it
+            "token_grid": list(grid),
             **({"top_grid": list(config.top_grid(num_frames, size, size))} if config.hierarchy == 2 else {}),
             "codebook_size": config.codebook_size, "classes": dataset.classes, "condition_tasks": tasks,
             **({"cond_frames": args.cond_frames} if args.cond_frames != [1] else {}),
