@@ -181,6 +181,9 @@ class AutoregressiveObjectiveConfig(Config):
     label_smoothing: float = 0.0
 
     def __post_init__(self):
+        if self.tasks is not None and not self.tasks:
+            raise ValueError("tasks is an empty list, which trains nothing: name the tasks to train, or null "
+                             "for every task of the model that the token shards carry")
         for name in self.tasks or []:
             _tasks.task(name)  # raises naming the known tasks
         require_finite(self, ("cond_dropout_prob", "label_smoothing"))

@@ -141,10 +141,17 @@ def _check_args(args: argparse.Namespace) -> tasks.Task:
         raise UsageError("give --class NAME or --class-id N, not both")
     if task.needs_label and args.class_id is None and args.class_name is None:
         raise UsageError(f"--task {args.task} needs --class-id N or --class NAME")
+    from .video_io import VideoReadError, image_size, is_image
+
     for flag in ("cond", "sketch"):
         path = getattr(args, flag)
         if path and not Path(path).is_file():
             raise UsageError(f"--{flag.replace('_', '-')} {path}: no such file")
+        if path and is_image(path):  # its header, before any model is loaded: a huge image is refused undecoded
+            try:
+                image_size(path)
+            except VideoReadError as err:
+                raise UsageError(f"--{flag} {path}: {err.reason}") from None
     outputs = _output_paths(Path(args.out), args.num_samples) + ([Path(args.strip)] if args.strip else [])
     for path in outputs:  # before any model is loaded: a bad --out fails in a second, not after the work
         if path.exists() and not args.overwrite and not path.is_dir():

@@ -53,6 +53,9 @@ class MaskingConfig(Config):
 
     def __post_init__(self):
         require_finite(self, ("cond_dropout_prob", "uncond_prob", "unmasked_weight", "label_smoothing"))
+        if self.tasks is not None and not self.tasks:
+            raise ValueError("tasks is an empty list, which trains nothing: name the tasks to train, or null "
+                             "for every task of the model that the token shards carry")
         if self.two_grid_masking not in TWO_GRID_MASKINGS:
             raise ValueError(f"masking.two_grid_masking must be one of {list(TWO_GRID_MASKINGS)}, got "
                              f"{self.two_grid_masking!r}")

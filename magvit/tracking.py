@@ -3,7 +3,7 @@ and, optionally, Weights & Biases.
 
 Only the main process (rank 0) writes. Every rank checks the options (:func:`check_backends`, which the
 :class:`Tracker` calls too), so a missing ``wandb`` package or missing credentials stop all ranks alike, before the
-first step.
+first step. A W&B server that cannot be reached does not stop the run: it logs to W&B offline (:func:`start_wandb`).
 
 Videos reach TensorBoard as ``SummaryWriter.add_video`` would write them (an image summary holding an animated
 GIF), but encoded by :func:`magvit.video_io.write_video`: ``add_video`` needs moviepy and, without it, prints a line
@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import logging
 import math
 import netrc
 import os
 import secrets
+import socket
 import tempfile
+import threading
+import urllib.request
 from pathlib import Path
 from typing import Any, Literal, Mapping
 from urllib.parse import urlparse
@@ -36,6 +40,12 @@ WANDB_MODES = ("online", "offline", "disabled")
 #: the run's Weights & Biases id, so a resumed run (``--resume auto``, a requeued job) logs into the same W&B run
 RUN_ID_FILE = "wandb_run_id"
 INSTALL_WANDB = "pip install wandb (or pip install 'magvit[wandb]')"
+#: Online mode: how long start-up waits for the W&B server to accept a connection, then for ``wandb.init``
+#: (wandb's own default waits 90 s and then raises). Either failing logs the run offline instead (:func:`start_wandb`).
+WANDB_CONNECT_TIMEOUT_S = 5.0
+WANDB_INIT_TIMEOUT_S = 30.0
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -46,7 +56,8 @@ class TrackingConfig(Config):
     wandb: bool = False  # also to Weights & Biases (needs the wandb package)
     wandb_project: str = "magvit"
     # offline: no server, no API key; the run lands in WANDB_DIR/wandb/offline-run-*, `wandb sync` uploads it later.
-    # online: needs `wandb login` or WANDB_API_KEY beforehand (never asked for). disabled: as wandb: false.
+    # online: needs `wandb login` or WANDB_API_KEY beforehand (never asked for); a server it cannot reach logs the run
+    # offline instead, with one warning (start_wandb). disabled: as wandb: false.
     wandb_mode: WandbMode = "offline"
     wandb_dir: str = ""  # the folder wandb writes its wandb/ folder into; empty: the run dir
     wandb_entity: str = ""  # W&B team or user (online); empty: the API key's default entity
@@ -135,18 +146,65 @@ def check_backends(config: TrackingConfig):
     return wandb
 
 
+def wandb_server_problem(timeout: float = WANDB_CONNECT_TIMEOUT_S) -> str | None:
+    """Why the W&B server (``WANDB_BASE_URL``, default https://api.wandb.ai; its proxy when ``HTTPS_PROXY`` /
+    ``HTTP_PROXY`` name one) does not accept a TCP connection within ``timeout`` seconds; None when it does. The
+    name lookup and the connect run in a daemon thread: a resolver that hangs holds start-up ``timeout`` s at most."""
+    url = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass(url.hostname or ""):
+        url = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    outcome: list[str | None] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome.append(None)
+        except OSError as err:
+            outcome.append(f"{host}:{port}: {type(err).__name__}: {err}")
+
+    thread = threading.Thread(target=connect, name="wandb-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return outcome[0] if outcome else f"{host}:{port}: no connection within {timeout:g} s"
+
+
 def start_wandb(wandb, config: TrackingConfig, run_dir: Path, run_config: Mapping[str, Any] | None,
                 job_type: str):
     """``wandb.init`` for this run dir: the id in ``RUN_DIR/wandb_run_id`` is reused (``resume="allow"``) so a
-    resumed run continues its W&B run; wandb's console capture is off (the run's logs/ already hold the output)."""
+    resumed run continues its W&B run; wandb's console capture is off (the run's logs/ already hold the output).
+
+    Online mode whose server cannot be reached (:func:`wandb_server_problem`) or whose ``wandb.init`` fails within
+    ``WANDB_INIT_TIMEOUT_S`` logs the run offline, with one warning: training is not held up or stopped by its
+    tracker (wandb alone waits 90 s, then raises), nothing is lost (metrics.jsonl and tb/ as always, the offline
+    run in ``WANDB_DIR/wandb/offline-run-*`` under the same run id for ``wandb sync``)."""
     directory = Path(config.wandb_dir or run_dir)
     directory.mkdir(parents=True, exist_ok=True)
     id_file = run_dir / RUN_ID_FILE
     run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(8)
-    run = wandb.init(project=config.wandb_project, entity=config.wandb_entity or None,
-                     name=config.wandb_name or run_dir.resolve().name, dir=str(directory), mode=config.wandb_mode,
-                     id=run_id, resume="allow", job_type=job_type or None, config=dict(run_config or {}),
-                     settings=wandb.Settings(silent=True, console="off"))
+
+    def init(mode: str):
+        return wandb.init(project=config.wandb_project, entity=config.wandb_entity or None,
+                          name=config.wandb_name or run_dir.resolve().name, dir=str(directory), mode=mode, id=run_id,
+                          resume="allow", job_type=job_type or None, config=dict(run_config or {}),
+                          settings=wandb.Settings(silent=True, console="off", init_timeout=WANDB_INIT_TIMEOUT_S))
+
+    mode, problem = config.wandb_mode, None
+    if mode == "online":
+        problem = wandb_server_problem()
+    try:
+        run = init("offline" if problem else mode)
+    except Exception as err:  # online: wandb's CommError, an auth or a timeout error; any other mode: a real error
+        if mode != "online" or problem:
+            raise
+        problem = f"wandb.init: {type(err).__name__}: {' '.join(str(err).split())[:200]}"
+        wandb.teardown()  # the failed online start still holds the run id in wandb's service process
+        run = init("offline")
+    if problem:
+        logger.warning("W&B is unreachable (%s): this run logs to W&B offline in %s (upload it later with `wandb sync "
+                       "%s`); metrics.jsonl and tb/ are unaffected", problem, directory / "wandb",
+                       directory / "wandb" / f"offline-run-*-{run_id}")
     write_text_atomic(id_file, run_id + "\n")
     return run
 

@@ -13,6 +13,7 @@ import functools
 import math
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
@@ -24,6 +25,9 @@ from .fileio import atomic_path
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".mpg", ".mpeg", ".m4v", ".gif")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 BACKENDS = ("auto", "decord", "pyav")
+#: The most pixels (width x height) a still image may have: 8192 x 8192. Checked from its header before anything is
+#: decoded: Pillow itself refuses only above ~179 megapixels, and reading a 144-megapixel PNG took 4.2 GB.
+MAX_IMAGE_PIXELS = 8192 * 8192
 
 
 class VideoReadError(ValueError):
@@ -78,14 +82,52 @@ def _check_indices(path: Path, indices: Sequence[int], num_frames: int) -> list[
     return indices
 
 
-def _read_image(path: Path, indices: Sequence[int] | None) -> VideoFrames:
+def _too_many_pixels(pixels: int | None, size: str = "") -> str:
+    """Why an image of ``pixels`` (None: unknown, over Pillow's own limit; ``size``: ``"WxH"``) is refused."""
+    found = f"{pixels / 1e6:.1f} megapixels" if pixels else "more pixels than Pillow opens"
+    found = f"{size} = {found}" if size else found
+    return (f"{found}, more than the {MAX_IMAGE_PIXELS / 1e6:.1f} (8192 x 8192) an image may have here; downscale it "
+            "first")
+
+
+def _open_image(path: Path):
+    """The opened image: header read, nothing decoded yet; ``VideoReadError`` for an unreadable one or one of more
+    than ``MAX_IMAGE_PIXELS`` pixels."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():  # Pillow warns above its own limit, which is higher than ours: refused below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+    except Image.DecompressionBombError as err:  # above twice Pillow's limit it refuses before we see the size
+        found = re.search(r"\((\d+) pixels\)", str(err))
+        raise VideoReadError(path, _too_many_pixels(int(found.group(1)) if found else None)) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise VideoReadError(path, f"not a readable image ({_short(err)})") from None
+    width, height = img.size
+    if width * height > MAX_IMAGE_PIXELS:
+        img.close()
+        raise VideoReadError(path, _too_many_pixels(width * height, f"{width}x{height}"))
+    return img
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """``(width, height)`` of an image from its header (nothing decoded). Raises ``VideoReadError`` for a missing or
+    unreadable file and for one of more than ``MAX_IMAGE_PIXELS`` pixels."""
+    path = Path(path)
+    _check_file(path)
+    with _open_image(path) as img:
+        return img.size
+
+
+def _read_image(path: Path, indices: Sequence[int] | None) -> VideoFrames:
+    try:
+        with _open_image(path) as img:
             img.load()
             rgb = np.array(img.convert("RGB"))  # grayscale / palette / RGBA -> (H, W, 3)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+    except VideoReadError:
+        raise
+    except (OSError, ValueError, SyntaxError) as err:  # damaged after a sound header
         raise VideoReadError(path, f"not a readable image ({_short(err)})") from None
     if indices is not None:
         _check_indices(path, indices, 1)
@@ -356,15 +398,15 @@ def _probed(frames: int, fps: float, width: int, height: int, codec: str) -> _Pr
 
 
 def _probe_image(path: Path, check: str) -> _Probe:
-    from PIL import Image, UnidentifiedImageError
-
     try:
-        with Image.open(path) as img:
+        with _open_image(path) as img:
             fmt = (img.format or path.suffix[1:]).lower()
             if check != "none":
                 img.load()
             width, height = img.size
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+    except VideoReadError:
+        raise
+    except (OSError, ValueError, SyntaxError) as err:  # damaged after a sound header
         raise VideoReadError(path, f"not a readable image ({_short(err)})") from None
     return _Probe(1, 0.0, width, height, 0.0, fmt)
 

@@ -1,8 +1,15 @@
-"""A real single-node SLURM cluster on localhost for integration tests (Debian's Slurm 22.05 + MUNGE).
+"""A real SLURM cluster on localhost for integration tests (Debian's Slurm 22.05 + MUNGE): one node, or several
+nodes on this one machine (``SlurmCluster.start(nodes=2)``).
 
 Everything lives in one temporary directory: a private munged (own key and socket), slurmctld and slurmd on free
 ports, state, spool, logs and PID files. Nothing system-wide is started or changed, so several clusters (or a
 system one) can coexist. ``stop()`` cancels remaining jobs and ends the daemons it started by their PID files.
+
+Several nodes use SLURM's multiple-slurmd mode, which Debian's build has: one ``slurmd -N node<i>`` per node, each on
+its own port, spool, log and PID file, and each reached at its own loopback address (``NodeAddr=127.0.0.1<i>``:
+all of 127/8 is this machine), so a job spans ``node[1-N]`` with one slurmstepd per node and its tasks tell their
+node by SLURM's variables (``SLURMD_NODENAME``, ``SLURM_NODEID``) and the first node by its address, as on a real
+cluster. Every node declares all of this machine's CPUs (``slurmd -C``): the nodes share them.
 
 Needs root (slurmd runs jobs as their user; munged is started as the ``munge`` user). ``ensure_slurm_installed``
 installs the Debian packages with apt-get when they are missing.
@@ -80,14 +87,18 @@ def _free_ports(n: int) -> list[int]:
             sock.close()
 
 
-def _node_line(hostname: str) -> str:
-    """This machine's ``NodeName=...`` line from ``slurmd -C`` (CPUs, sockets, cores, memory) for ``hostname``."""
+def _hardware_fields() -> list[str]:
+    """This machine's CPUs, sockets, cores and memory as ``slurmd -C`` reports them (``CPUs=2 ... RealMemory=N``)."""
     out = subprocess.run([_sbin("slurmd"), "-C"], capture_output=True, text=True, timeout=30).stdout
     line = next((ln for ln in out.splitlines() if ln.startswith("NodeName=")), None)
     if line is None:
         raise SlurmUnavailable(f"'slurmd -C' printed no NodeName line: {out.strip()!r}")
-    fields = [f for f in line.split() if not f.startswith(("NodeName=", "UpTime="))]
-    return " ".join([f"NodeName={hostname}", "NodeAddr=127.0.0.1", *fields, "State=UNKNOWN"])
+    return [f for f in line.split() if not f.startswith(("NodeName=", "UpTime="))]
+
+
+def _node_line(hostname: str) -> str:
+    """This machine's ``NodeName=...`` line from ``slurmd -C`` (CPUs, sockets, cores, memory) for ``hostname``."""
+    return " ".join([f"NodeName={hostname}", "NodeAddr=127.0.0.1", *_hardware_fields(), "State=UNKNOWN"])
 
 
 def _read_pid(path: Path) -> int | None:
@@ -112,17 +123,27 @@ def _alive(pid: int) -> bool:
 
 
 class SlurmCluster:
-    """A one-node cluster (partition ``debug``) whose client commands run with ``env`` (``SLURM_CONF`` set)."""
+    """A cluster of ``nodes`` nodes on this machine (partition ``debug``) whose client commands run with ``env``
+    (``SLURM_CONF`` set). One node is this host by its name; several are ``node1``, ``node2``, ... (``node_names``)
+    at ``node_addrs`` (multiple-slurmd mode, see the module docstring)."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, nodes: int = 1):
+        if nodes < 1:
+            raise ValueError(f"nodes must be >= 1, got {nodes}")
         self.root = root
         self.hostname = socket.gethostname().split(".")[0]
+        self.node_names = [self.hostname] if nodes == 1 else [f"node{i}" for i in range(1, nodes + 1)]
+        self.node_addrs = ["127.0.0.1"] if nodes == 1 else [f"127.0.0.1{i}" for i in range(1, nodes + 1)]
         self.munge_dir = root / "munge"
         self.slurm_dir = root / "slurm"
         self.conf = self.slurm_dir / "slurm.conf"
         self.munge_socket = self.munge_dir / "run" / "munge.sock"
-        self.pid_files = {"slurmd": self.slurm_dir / "slurmd.pid", "slurmctld": self.slurm_dir / "slurmctld.pid",
+        self.pid_files = {"slurmctld": self.slurm_dir / "slurmctld.pid",
                           "munged": self.munge_dir / "run" / "munged.pid"}
+        if nodes == 1:
+            self.pid_files["slurmd"] = self.slurm_dir / "slurmd.pid"
+        else:  # one slurmd per node: "slurmd:node1", ... (SlurmdPidFile's %n is the node name)
+            self.pid_files.update({f"slurmd:{name}": self.slurm_dir / f"slurmd-{name}.pid" for name in self.node_names})
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
         # sbatch exports the submitting environment to the job: keep the caller's SLURM job variables (tests may
         # run inside a job) and rendezvous variables left by in-process distributed tests out of it.
@@ -135,22 +156,26 @@ class SlurmCluster:
 
     # --- life cycle ---------------------------------------------------------------------------------------------
     @classmethod
-    def start(cls, root: str | os.PathLike | None = None, timeout: float = 30.0) -> "SlurmCluster":
-        """Install SLURM if needed, write the configuration, start munged, slurmctld and slurmd, and wait until
-        the node is idle. Raises ``SlurmUnavailable`` when SLURM cannot run here."""
+    def start(cls, root: str | os.PathLike | None = None, timeout: float = 30.0, nodes: int = 1) -> "SlurmCluster":
+        """Install SLURM if needed, write the configuration, start munged, slurmctld and a slurmd per node, and wait
+        until every node is idle. Raises ``SlurmUnavailable`` when SLURM cannot run here."""
         if os.geteuid() != 0:
             raise SlurmUnavailable("a local SLURM cluster needs root (slurmd, munged as the munge user)")
         ensure_slurm_installed()
         owns_root = root is None
         if root is None:
             root = tempfile.mkdtemp(prefix="magvit-slurm-")
-        cluster = cls(Path(root))
+        cluster = cls(Path(root), nodes)
         cluster._owns_root = owns_root
         try:
             cluster._start_munge()
             cluster._write_conf()
             cluster._start_daemon("slurmctld")
-            cluster._start_daemon("slurmd")
+            if nodes == 1:
+                cluster._start_daemon("slurmd")
+            else:
+                for name in cluster.node_names:
+                    cluster._run_daemon(f"slurmd:{name}", [_sbin("slurmd"), "-f", str(cluster.conf), "-N", name])
             cluster.wait_for_node(timeout)
         except BaseException:
             cluster.stop()
@@ -184,11 +209,21 @@ class SlurmCluster:
     def _write_conf(self) -> None:
         for sub in ("state", "spool", "log"):
             (self.slurm_dir / sub).mkdir(parents=True, exist_ok=True)
-        node = _node_line(self.hostname)
-        match = re.search(r"\bCPUs=(\d+)", node)
-        self.cpus = int(match.group(1)) if match else 1
+        hardware = _hardware_fields()
+        match = re.search(r"\bCPUs=(\d+)", " ".join(hardware))
+        self.cpus = int(match.group(1)) if match else 1  # per node
         d = self.slurm_dir
-        ctld_port, slurmd_port = _free_ports(2)
+        ctld_port, slurmd_port, *node_ports = _free_ports(2 + len(self.node_names))
+        if len(self.node_names) == 1:
+            nodes = [_node_line(self.hostname)]
+            slurmd_files = [f"SlurmdSpoolDir={d / 'spool'}", f"SlurmdPidFile={self.pid_files['slurmd']}",
+                            f"SlurmdLogFile={d / 'log' / 'slurmd.log'}"]
+        else:  # multiple-slurmd mode: one port each; %n in the slurmd paths is the node name
+            nodes = [" ".join([f"NodeName={name}", f"NodeHostname={self.hostname}", f"NodeAddr={addr}", f"Port={port}",
+                               *hardware, "State=UNKNOWN"])
+                     for name, addr, port in zip(self.node_names, self.node_addrs, node_ports)]
+            slurmd_files = [f"SlurmdSpoolDir={d / 'spool' / '%n'}", f"SlurmdPidFile={d / 'slurmd-%n.pid'}",
+                            f"SlurmdLogFile={d / 'log' / 'slurmd-%n.log'}"]
         lines = [
             "ClusterName=magvit-test",
             # Jobs derive their rendezvous port from the job id: a random first id keeps two test clusters on one
@@ -216,13 +251,11 @@ class SlurmCluster:
             "KillWait=15",
             "SchedulerParameters=sched_interval=1,bf_interval=1",
             f"StateSaveLocation={d / 'state'}",
-            f"SlurmdSpoolDir={d / 'spool'}",
             f"SlurmctldPidFile={self.pid_files['slurmctld']}",
-            f"SlurmdPidFile={self.pid_files['slurmd']}",
             f"SlurmctldLogFile={d / 'log' / 'slurmctld.log'}",
-            f"SlurmdLogFile={d / 'log' / 'slurmd.log'}",
-            node,
-            f"PartitionName=debug Nodes={self.hostname} Default=YES MaxTime=INFINITE State=UP",
+            *slurmd_files,
+            *nodes,
+            f"PartitionName=debug Nodes={','.join(self.node_names)} Default=YES MaxTime=INFINITE State=UP",
         ]
         self.conf.write_text("\n".join(lines) + "\n")
 
@@ -245,7 +278,8 @@ class SlurmCluster:
         self._run_daemon(name, [_sbin(name), "-f", str(self.conf)])
 
     def _log_tail(self, name: str, lines: int = 8) -> str:
-        path = {"munged": self.munge_dir / "log" / "munged.log"}.get(name, self.slurm_dir / "log" / f"{name}.log")
+        log_name = name.replace(":", "-")  # "slurmd:node1" logs to slurmd-node1.log
+        path = {"munged": self.munge_dir / "log" / "munged.log"}.get(name, self.slurm_dir / "log" / f"{log_name}.log")
         try:
             text = path.read_text().strip().splitlines()[-lines:]
         except OSError:
@@ -254,18 +288,20 @@ class SlurmCluster:
 
     def logs(self) -> str:
         """The last lines of every daemon log (for failure messages)."""
-        return "".join(self._log_tail(name, 15) for name in ("slurmctld", "slurmd", "munged"))
+        slurmds = [name for name in self.pid_files if name.startswith("slurmd")]
+        return "".join(self._log_tail(name, 15) for name in ("slurmctld", *slurmds, "munged"))
 
     def wait_for_node(self, timeout: float = 30.0) -> None:
+        """Wait until every node is idle."""
         deadline = time.monotonic() + timeout
-        state = ""
+        states: list[str] = []
         while time.monotonic() < deadline:
             proc = self.command("sinfo", "-h", "-N", "-o", "%T", check=False)
-            state = proc.stdout.strip()
-            if state.startswith("idle"):
+            states = proc.stdout.split()
+            if len(states) == len(self.node_names) and all(s.startswith("idle") for s in states):
                 return
             time.sleep(0.2)
-        raise SlurmUnavailable(f"node not idle after {timeout:.0f} s (state {state!r}){self.logs()}")
+        raise SlurmUnavailable(f"nodes not idle after {timeout:.0f} s (states {states!r}){self.logs()}")
 
     def stop(self, timeout: float = 30.0) -> None:
         """Cancel remaining jobs, then end the daemons this object started (reverse order) by their PID files."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from contextlib import contextmanager
@@ -239,3 +240,41 @@ def test_decoding_with_a_thousand_steps_and_the_schedule_loop():
     logits_fn = lambda t: torch.randn(t.shape[0], t.shape[1], 8, generator=torch.Generator().manual_seed(0))
     out = iterative_decode(logits_fn, tokens, mask_token=7, codebook_size=4, steps=1000)
     assert out.shape == (1, 1200) and int(out.max()) < 4
+
+
+# --- images too large to decode -------------------------------------------------------------------------------------
+def _png_header(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header says ``width x height`` RGB and whose pixel data is empty: all a reader sees before it
+    decodes (a real 144-megapixel PNG took 4.2 GB to read)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("width, height, shown", [(12000, 12000, "12000x12000 = 144.0 megapixels"),
+                                                  (20000, 20000, "400.0 megapixels")],
+                         ids=["144-megapixels", "400-megapixels-past-pillow-limit"])
+def test_huge_images_are_refused_from_their_header(tmp_path, capsys, width, height, shown):
+    """Above 8192 x 8192 an image is refused before it is decoded, by every reader and by generate's --cond /
+    --sketch before any model is loaded (Pillow itself warns at 89 and raises its own error at 179 megapixels)."""
+    from magvit import generate
+    from magvit.video_io import MAX_IMAGE_PIXELS, VideoReadError, image_size
+
+    big = _png_header(tmp_path / "big.png", width, height)
+    for read in (image_size, read_video, probe_video):
+        with pytest.raises(VideoReadError, match=re.escape(f"cannot read {big}: {shown}, more than the 67.1 ")):
+            read(big)
+    for flag in ("--cond", "--sketch"):
+        task = ["--task", "sketch"] if flag == "--sketch" else []
+        assert generate.main([flag, str(big), *task, "--out", str(tmp_path / "out.mp4"), "--tokenizer",
+                              str(tmp_path / "none"), "--transformer", str(tmp_path / "none")]) == 2
+        line = one_line(capsys.readouterr().err)
+        assert line == f"error: {flag} {big}: {shown}, more than the 67.1 (8192 x 8192) an image may have here; " \
+                       "downscale it first", line
+    assert image_size(_png_header(tmp_path / "limit.png", 8192, MAX_IMAGE_PIXELS // 8192)) == (8192, 8192)

@@ -325,3 +325,72 @@ def test_transformer_on_bad_token_shards_is_one_line_exit_2(damage, expected, to
     line = _error_line(result)
     assert line.startswith(f"error: {bad}:") and expected in line, line
     assert json.loads((bad / "meta.json").read_text())["codebook_size"] == 64
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Options only the network or the first step would reject: one line, exit 2, before the run dir is written
+# --------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def token_shards(tmp_path_factory) -> Path:
+    """One token shard of 4 random (2, 4, 4) grids and its meta.json: what the priors' trainers read before a run
+    starts."""
+    import torch
+
+    from magvit.cli import write_json
+    from magvit.prep.shards import save_shard
+
+    root = tmp_path_factory.mktemp("tokens")
+    codes = torch.randint(0, 64, (4, 2, 4, 4), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    save_shard(root / "shard-00000.safetensors", {"codes": codes, "labels": torch.full((4,), -1)})  # -1: no class
+    write_json(root / "meta.json", {"token_grid": [2, 4, 4], "codebook_size": 64, "classes": [], "num_examples": 4,
+                                    "shards": [{"file": "shard-00000.safetensors", "num_examples": 4}]})
+    return root
+
+
+def _flash_attention_2() -> bool:
+    from transformers.utils import is_flash_attn_2_available
+
+    return is_flash_attn_2_available()
+
+
+@pytest.mark.parametrize("trainer, override, expected", [
+    ("transformer", "masking.tasks=[]", "error: masking: tasks is an empty list, which trains nothing"),
+    ("transformer", "masking.tasks=[sketch]", "error: masking.tasks: 'sketch' is not one of the model's tasks"),
+    ("transformer", "model.hidden_act=bogus", "error: model.hidden_act: 'bogus' is not an activation transformers"),
+    ("transformer", "model.attn_implementation=flash_attention_2",
+     "error: model: MaskedVideoTransformer cannot be built with this config (ImportError: FlashAttention2"),
+    ("transformer", "model.attn_implementation=bogus", 'attn_implementation="bogus"` is not supported'),
+    ("autoregressive", "objective.tasks=[]", "error: objective: tasks is an empty list, which trains nothing"),
+    ("autoregressive", "model.tasks=[class,unconditional] objective.tasks=[sketch]",
+     "error: objective.tasks: 'sketch' is not one of the model's tasks (model.tasks: class, unconditional)"),
+    ("autoregressive", "model.hidden_act=bogus", "error: model.hidden_act: 'bogus' is not an activation"),
+    ("autoregressive", "model.attn_implementation=flex_attention",
+     "error: model: AutoregressiveTransformer cannot be built with this config (ValueError: GPT2LMHeadModel does "
+     "not support"),
+    ("tokenizer", "loss.perceptual_model=/nonexistent",
+     "error: loss.perceptual_model: perceptual loss: expected a local ResNet directory, got '/nonexistent'"),
+], ids=["tasks-empty", "task-not-in-model", "hidden-act", "flash-attention-2", "attn-bogus", "ar-tasks-empty",
+        "ar-task-not-in-model", "ar-hidden-act", "ar-flex-attention", "perceptual-model-missing"])
+def test_trainer_option_errors_are_one_line_before_the_run_dir(trainer, override, expected, token_shards, tmp_path,
+                                                                capsys, monkeypatch):
+    """In-process (the checks come before any process group): ``start_run``, which writes the run dir, is never
+    reached."""
+    import importlib
+
+    from magvit.cli import run_main
+
+    if "flash_attention_2" in override and _flash_attention_2():
+        pytest.skip("flash-attn is installed here")
+    module = importlib.import_module(f"magvit.launch.train_{trainer}")
+    monkeypatch.setattr(module, "start_run", lambda *a, **k: pytest.fail("start_run reached: the run dir is written"))
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("")  # the tokenizer's main checks it exists; nothing reads it before the option check
+    data = f"data.manifest={manifest}" if trainer == "tokenizer" else f"data.tokens={token_shards}"
+    run_dir = tmp_path / "run"
+    status = run_main(None, module.main, ["--config", f"configs/{trainer}/tiny.yaml", "--run-dir", str(run_dir),
+                                          data, *override.split()])
+    err = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and expected in lines[0], err
+    assert not run_dir.exists()

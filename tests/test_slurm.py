@@ -1,5 +1,6 @@
-"""SLURM submission: the submit helper (fast, with a recording ``sbatch`` on PATH) and, against a real one-node
-SLURM cluster started on localhost, multi-task jobs through the project's batch scripts, preemption and requeue."""
+"""SLURM submission: the submit helper (fast, with a recording ``sbatch`` on PATH) and, against real SLURM clusters
+started on localhost (one node; two nodes in multiple-slurmd mode), multi-task jobs through the project's batch
+scripts, preemption, requeue and cancel."""
 
 from __future__ import annotations
 
@@ -167,6 +168,29 @@ def test_user_errors_are_one_line_and_status_2(capsys, tmp_path, tiny_config, ar
     assert proc.stdout == ""
 
 
+@pytest.mark.parametrize("where, value", [
+    ("override", "logging.wandb_name=run\nmodel: {preset: B}"),
+    ("override", "logging.wandb_name=run\r"),
+    ("override", "train.max_steps=3\n"),
+    ("override", "logging.wandb_name=a\tb"),
+    ("--config", "tok\n.yaml"),
+], ids=["newline-in-value", "carriage-return", "trailing-newline", "tab", "config-path"])
+def test_values_with_control_characters_are_refused_before_anything_is_written(
+        capsys, monkeypatch, tmp_path, tiny_config, fake_sbatch, where, value):
+    """The config snapshot's header and the batch script hold each value on one line: a control character in an
+    override or a path is one line, status 2, nothing written and no sbatch call."""
+    monkeypatch.setenv("PATH", f"{fake_sbatch}:{os.environ['PATH']}")
+    config = str(tiny_config)
+    if where == "--config":
+        config = str(tmp_path / value)
+        Path(config).write_text(tiny_config.read_text())
+    args = ["tokenizer", "--config", config, "--gpus-per-node", "0", "--run-dir", str(tmp_path / "run")]
+    proc = _submit(capsys, *args, *([value] if where == "override" else []))
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and "control character" in proc.stderr, proc.stderr
+    assert not (tmp_path / "run").exists() and not (tmp_path / "sbatch_calls.txt").exists()
+
+
 def test_submit_writes_script_and_config_then_calls_sbatch(capsys, monkeypatch, tmp_path, tiny_config, fake_sbatch):
     run_dir = tmp_path / "run"
     monkeypatch.setenv("PATH", f"{fake_sbatch}:{os.environ['PATH']}")
@@ -243,10 +267,10 @@ def _wait_finished(cluster: SlurmCluster, job: int, timeout: float, run_dir: Pat
         raise TimeoutError(f"{err}{_job_logs(run_dir) if (run_dir / 'logs').is_dir() else ''}") from None
 
 
-def _static_sbatch_args(run_dir: Path, job_name: str) -> list[str]:
-    """Flags that fit the project's batch script to the test node: 2 CPU tasks, no GPUs."""
+def _static_sbatch_args(run_dir: Path, job_name: str, nodes: int = 1, tasks_per_node: int = 2) -> list[str]:
+    """Flags that fit the project's batch script to the test nodes: CPU tasks, no GPUs."""
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    return [f"--job-name={job_name}", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0",
+    return [f"--job-name={job_name}", f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}", "--gpus-per-node=0",
             "--cpus-per-task=1", "--time=10", f"--output={run_dir}/logs/%x-%j.out",
             f"--error={run_dir}/logs/%x-%j.err"]
 
@@ -339,3 +363,134 @@ def test_preempted_tokenizer_job_requeues_and_resumes_from_checkpoint(cluster, t
     batch_log = (run_dir / "logs" / f"tok-preempt-{job}.out").read_text()
     assert "start 1:" in batch_log and "requeueing" in batch_log and "start 2:" in batch_log, batch_log
     assert "training finished" in batch_log, batch_log
+
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_requeue_and_cancel_stop_every_rank(cluster, tmp_path, sample_manifest):
+    """SIGTERM from SLURM reaches every rank and the batch shell: `scontrol requeue` -> every rank checkpoints
+    after the same step and SLURM (not the script: one restart, not two) requeues the job, which resumes there; then
+    `scancel` -> every rank checkpoints again and the job stays cancelled (the script must not requeue it) with no
+    training process left."""
+    run_dir = tmp_path / "run"
+    job = cluster.sbatch(*_static_sbatch_args(run_dir, "tok-stop"), str(ROOT / "launch" / "slurm" / "tokenizer.sbatch"),
+                         "--config", "configs/tokenizer/tiny.yaml", "--run-dir", str(run_dir),
+                         f"data.manifest={sample_manifest}", "train.max_steps=1000", "checkpoint.every=1000",
+                         *TINY_TRAINING, cwd=ROOT, env={"MAGVIT_PYTHON": PYTHON})
+    rank_logs = [run_dir / "logs" / f"tok-stop-{job}-rank{r}.log" for r in range(2)]
+
+    def saved() -> list[set[str]]:
+        return [set(re.findall(r"checkpointing at step (\d+) and exiting", p.read_text()) if p.exists() else set())
+                for p in rank_logs]
+
+    _wait(cluster, lambda: len(_train_steps(run_dir)) >= 1, 150, f"the first step of job {job}", run_dir)
+    cluster.command("scontrol", "requeue", str(job))
+    _wait(cluster, lambda: len(re.findall(r"resumed from", rank_logs[0].read_text())) == 1, 150,
+          f"job {job} to resume after the requeue", run_dir)
+    first = saved()
+    assert first[0] == first[1] and len(first[0]) == 1, _job_logs(run_dir)  # both ranks, the same step
+    cluster.command("scancel", str(job))
+    info = _wait_finished(cluster, job, 60, run_dir)
+
+    def training_processes() -> list[str]:  # the ranks and the batch shell (their command lines name the run dir)
+        return [p.name for p in Path("/proc").glob("[0-9]*") if str(run_dir).encode() in _cmdline(p)]
+
+    _wait(cluster, lambda: not training_processes(), 30, f"the processes of job {job} to end", run_dir)
+    logs = _job_logs(run_dir)
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "1", f"{info}{logs}"
+    second = saved()
+    assert second[0] == second[1] and len(second[0]) == 2, logs  # the cancel checkpointed on both ranks too
+    batch_log = (run_dir / "logs" / f"tok-stop-{job}.out").read_text()
+    assert batch_log.count("stopped by SIGTERM") == 2 and "requeueing" not in batch_log, batch_log
+    assert cluster.job(job).get("Restarts") == "1"  # still cancelled, never requeued by the script
+
+
+def _cmdline(proc: Path) -> bytes:
+    try:
+        return (proc / "cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Two nodes on this machine (SLURM's multiple-slurmd mode): a job over both, requeued on a signal
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def two_nodes():
+    try:
+        c = SlurmCluster.start(nodes=2)
+    except SlurmUnavailable as err:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"no local SLURM cluster: {err}")
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def _comparable(records: list[dict]) -> list[dict]:
+    """The per-step training records without wall-clock, speed and memory values."""
+    return [{k: v for k, v in r.items() if not k.startswith(("time", "perf/", "mem/"))}
+            for r in records if "lr/generator" in r]
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_two_node_job_requeued_by_a_signal_resumes_exactly(two_nodes, tmp_path, sample_manifest):
+    """The tokenizer's batch script over node[1-2], 2 tasks each (4 ranks, ZeRO-2 across both nodes). Mid-training
+    SIGUSR1 reaches only the batch shell (`scancel --batch --signal=USR1`: what `--signal=B:USR1@T` delivers); the
+    shell forwards it through srun to every rank on both nodes, which checkpoint after the same step and exit 3; the
+    job requeues itself and its second start resumes there. Every step's losses and the exported weights equal
+    those of the same job run uninterrupted; the rendezvous is the first node's address and every rank says where
+    SLURM placed it."""
+    nodes, per_node, max_steps = 2, 2, 12
+    overrides = [f"data.manifest={sample_manifest}", f"train.max_steps={max_steps}", "checkpoint.every=1000",
+                 "loss.disc_start=2", *TINY_TRAINING]
+    script = str(ROOT / "launch" / "slurm" / "tokenizer.sbatch")
+
+    def submit(run_dir: Path, name: str) -> int:
+        return two_nodes.sbatch(*_static_sbatch_args(run_dir, name, nodes, per_node), script, "--config",
+                                "configs/tokenizer/tiny.yaml", "--run-dir", str(run_dir), *overrides, cwd=ROOT,
+                                env={"MAGVIT_PYTHON": PYTHON})
+
+    reference = tmp_path / "reference"
+    info = _wait_finished(two_nodes, submit(reference, "ref"), 240, reference)
+    assert info["JobState"] == "COMPLETED", f"{info}{_job_logs(reference)}"
+
+    run_dir = tmp_path / "run"
+    job = submit(run_dir, "two-node")
+    _wait(two_nodes, lambda: len(_train_steps(run_dir)) >= 1, 240, f"the first step of job {job}", run_dir)
+    two_nodes.command("scancel", "--batch", "--signal=USR1", str(job))
+    info = _wait_finished(two_nodes, job, 300, run_dir)
+    logs = _job_logs(run_dir)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", f"{info}{logs}"
+    assert info["NodeList"] == "node[1-2]" and info["NumNodes"] == "2", info
+
+    batch_log = (run_dir / "logs" / f"two-node-{job}.out").read_text()
+    port = 15000 + job % 20000
+    assert batch_log.count(f"4 tasks on 2 node(s) (node[1-2]), master 127.0.0.11:{port},") == 2, batch_log
+    assert "got SIGUSR1: forwarding it to every rank" in batch_log and "requeueing" in batch_log, batch_log
+    saved = set()
+    for rank in range(nodes * per_node):
+        text = (run_dir / "logs" / f"two-node-{job}-rank{rank}.log").read_text()
+        node = rank // per_node
+        where = (f"rank {rank} of 4 on node node{node + 1} (node rank {node}, local rank {rank % per_node}), "
+                 f"master 127.0.0.11:{port}")
+        assert text.count(where) == 2, text  # both starts: the same placement
+        saved |= set(re.findall(r"checkpointing at step (\d+) and exiting with status 3", text))
+    assert len(saved) == 1, logs  # every rank stopped after the same step
+    step = int(saved.pop())
+    rank0 = (run_dir / "logs" / f"two-node-{job}-rank0.log").read_text()
+    assert re.findall(r"resumed from \S+ \(step (\d+)", rank0) == [str(step)], logs
+    assert len(list((run_dir / "checkpoints" / f"step_{step:08d}" / "generator").glob("zero_pp_rank_*"))) == 4
+
+    # Exactly the uninterrupted run: every step's losses, then the exported EMA weights bit for bit.
+    assert _train_steps(run_dir) == list(range(1, max_steps + 1)), logs
+    assert _comparable(_read_metrics(run_dir)) == _comparable(_read_metrics(reference))
+    from safetensors.torch import load_file
+
+    resumed, uninterrupted = (load_file(d / "export" / "model.safetensors") for d in (run_dir, reference))
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(resumed[k].equal(uninterrupted[k]) for k in resumed)

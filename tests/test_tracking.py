@@ -1,12 +1,15 @@
 """magvit.tracking: TensorBoard events hold the scalars, image grids and GIF videos; W&B offline writes a run folder
 with the media and no server or key; a missing wandb package or missing online credentials are one UsageError on
-every rank; ranks other than 0 write nothing."""
+every rank; an unreachable W&B server logs the run offline at once; ranks other than 0 write nothing."""
 
 from __future__ import annotations
 
 import dataclasses
 import io
+import logging
+import socket
 import sys
+import time
 import types
 
 import numpy as np
@@ -16,8 +19,8 @@ from PIL import Image
 
 from magvit.cli import UsageError
 from magvit.config import ConfigError
-from magvit.tracking import (RUN_ID_FILE, Tracker, TrackingConfig, check_backends, has_wandb_credentials,
-                             tile_videos)
+from magvit.tracking import (RUN_ID_FILE, WANDB_CONNECT_TIMEOUT_S, WANDB_INIT_TIMEOUT_S, Tracker, TrackingConfig,
+                             check_backends, has_wandb_credentials, start_wandb, tile_videos, wandb_server_problem)
 
 
 def constant_videos(values: list[float], frames: int = 4, height: int = 8, width: int = 10) -> torch.Tensor:
@@ -180,3 +183,79 @@ def test_other_ranks_write_nothing(tmp_path, wandb_env, stub_wandb):
     tracker.log_video(1, "val/video", constant_videos([0.0]), fps=8.0)
     tracker.close()
     assert not run_dir.exists()
+
+
+# --- online mode without a reachable server: the run logs offline at once, with one warning -----------------------
+def test_unreachable_server_logs_the_run_offline_at_once(tmp_path, monkeypatch, wandb_env, caplog):
+    """Online mode with a key whose server refuses connections (no network needed: a closed local port) starts in
+    seconds, not after wandb's 90 s timeout and a traceback: the run is written offline under its run id."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef0123456789abcdef01234567")
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:1")  # nothing listens on port 1
+    run_dir = tmp_path / "run"
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="magvit.tracking"):
+        tracker = Tracker(TrackingConfig(tensorboard=False, wandb=True, wandb_mode="online"), run_dir, is_main=True)
+    elapsed = time.monotonic() - start
+    tracker.log_scalars(1, {"loss": 0.5})
+    tracker.close()
+    run_id = (run_dir / RUN_ID_FILE).read_text().strip()
+    (run,) = wandb_runs(run_dir)
+    assert run.name.endswith(f"-{run_id}") and elapsed < WANDB_CONNECT_TIMEOUT_S + 20, elapsed
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "magvit.tracking"]
+    assert "W&B is unreachable (127.0.0.1:1: ConnectionRefusedError" in warning and "wandb sync" in warning
+
+
+def test_server_probe_is_bounded_and_goes_through_the_proxy(monkeypatch):
+    """A name lookup or connect that hangs costs the probe's timeout, not more; with HTTPS_PROXY the proxy is what
+    must answer."""
+    calls = []
+
+    def hanging(address, timeout=None):
+        calls.append(address)
+        time.sleep(30)
+
+    monkeypatch.setattr(socket, "create_connection", hanging)
+    for name in ("HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    start = time.monotonic()
+    assert wandb_server_problem(timeout=0.5) == "api.wandb.ai:443: no connection within 0.5 s"
+    assert time.monotonic() - start < 2 and calls == [("api.wandb.ai", 443)]
+
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    monkeypatch.setattr(socket, "create_connection",
+                        lambda address, timeout=None: calls.append(address) or io.BytesIO())
+    assert wandb_server_problem(timeout=0.5) is None and calls[-1] == ("proxy.example", 3128)
+
+
+def test_failed_online_start_falls_back_to_offline(tmp_path, monkeypatch, caplog):
+    """The server answers a connect but wandb.init fails (a timeout, an error response): the same run id is started
+    offline after wandb's service is torn down; any other mode's failure is raised as it is."""
+    calls = []
+
+    class FakeWandb(types.ModuleType):
+        Settings = dict
+
+        def init(self, mode, **kwargs):
+            calls.append((mode, kwargs["id"], kwargs["settings"]["init_timeout"]))
+            if mode == "online":
+                raise TimeoutError("context deadline exceeded")
+            return types.SimpleNamespace(finish=lambda exit_code=0: None)
+
+        def teardown(self):
+            calls.append(("teardown",))
+
+    monkeypatch.setattr("magvit.tracking.wandb_server_problem", lambda: None)
+    run_dir = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="magvit.tracking"):
+        start_wandb(FakeWandb("wandb"), TrackingConfig(wandb=True, wandb_mode="online"), run_dir, None, "")
+    run_id = (run_dir / RUN_ID_FILE).read_text().strip()
+    assert calls == [("online", run_id, WANDB_INIT_TIMEOUT_S), ("teardown",), ("offline", run_id, WANDB_INIT_TIMEOUT_S)]
+    assert "wandb.init: TimeoutError: context deadline exceeded" in caplog.text
+
+    class BrokenOffline(FakeWandb):
+        def init(self, mode, **kwargs):
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        start_wandb(BrokenOffline("wandb"), TrackingConfig(wandb=True, wandb_mode="offline"), run_dir, None, "")

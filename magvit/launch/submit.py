@@ -35,6 +35,7 @@ import shutil
 import subprocess
 import sys
 import time
+import unicodedata
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -77,7 +78,9 @@ def resolve_config(kind: str, config_path: str | os.PathLike, overrides: Sequenc
 
     if kind not in KINDS:
         raise UsageError(f"unknown kind '{kind}'; expected one of {', '.join(KINDS)}")
+    check_one_line("--config", str(config_path))
     for word in overrides:
+        check_one_line("override", word)
         if "=" not in word or word.startswith("-"):
             raise UsageError(f"expected key.path=value, got '{word}'")
     module_name = KINDS[kind].train_module
@@ -93,6 +96,14 @@ def resolve_config(kind: str, config_path: str | os.PathLike, overrides: Sequenc
             return load_config(str(config_path), list(overrides)).to_dict()
     except (ConfigError, UsageError) as err:
         raise UsageError(str(err)) from None
+
+
+def check_one_line(what: str, text: str) -> None:
+    """``UsageError`` when ``text`` holds a control character (a newline, a carriage return, a tab, ...): the config
+    snapshot's header comment and the batch script hold each value on one line, so one would make them invalid."""
+    bad = next((ch for ch in text if unicodedata.category(ch) == "Cc"), None)
+    if bad is not None:
+        raise UsageError(f"{what} {text!r} contains the control character {bad!r}: give each value on one line")
 
 
 def check_paths(config: Mapping[str, Any], kind: str, root: Path) -> list[str]:
@@ -282,6 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     kind = KINDS[args.kind]
     config_path = find_config(args.config or kind.default_config)
     workdir = Path(args.workdir or Path.cwd()).resolve()
+    check_one_line("--workdir", str(workdir))  # exported by the batch script, recorded in submissions.jsonl
     if not workdir.is_dir():
         raise UsageError(f"--workdir {workdir} is not a directory")
     resources = Resources(nodes=args.nodes, gpus_per_node=args.gpus_per_node, ntasks_per_node=args.ntasks_per_node,

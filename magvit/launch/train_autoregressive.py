@@ -29,7 +29,7 @@ from magvit import distributed as dist
 from magvit.autoregressive import AutoregressiveTransformer, next_token_loss, training_sequence, video_logits
 from magvit.batches import token_batches
 from magvit.cli import run_main
-from magvit.launch.train_transformer import build_prior, with_token_sizes
+from magvit.launch.train_transformer import build_prior, check_network, check_trained_tasks, with_token_sizes
 from magvit.resume import start_run
 from magvit.run_config import AutoregressiveTrainConfig, load_train_config, parse_train_command
 from magvit.precision import autocast as precision_autocast
@@ -44,7 +44,9 @@ def load_config(config_path: str, overrides: Sequence[str], deepspeed_config: st
                 ) -> AutoregressiveTrainConfig:
     """The training config (YAML + overrides), strictly checked; the model's data-dependent sizes are filled in
     later by ``with_token_sizes``."""
-    return load_train_config(AutoregressiveTrainConfig, config_path, overrides, deepspeed_config)
+    cfg = load_train_config(AutoregressiveTrainConfig, config_path, overrides, deepspeed_config)
+    check_trained_tasks("objective.tasks", cfg.objective.tasks, cfg.model.tasks)
+    return cfg
 
 
 def autoregressive_step(engine, batch: dict[str, Any], step: int, cfg: AutoregressiveTrainConfig,
@@ -71,6 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, cfg, ds_base = parse_train_command(__doc__.split("\n")[0], DEFAULT_CONFIG, "autoregressive", load_config,
                                              argv)
     cfg = with_token_sizes(cfg)
+    check_network(AutoregressiveTransformer, cfg.model)
     return train(cfg, ds_base, args.run_dir, resume=args.resume == "auto" and not args.overwrite,
                  argv=sys.argv if argv is None else argv, overwrite=args.overwrite)
 

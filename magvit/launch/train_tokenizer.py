@@ -229,9 +229,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def train(cfg: TokenizerTrainConfig, ds_base: dict[str, Any], run_dir: Path, resume: bool,
           argv: Sequence[str], overwrite: bool = False) -> int:
+    lc = cfg.loss
+    try:  # a perceptual network that cannot be loaded is one line before the run dir is written
+        perceptual = losses.PerceptualLoss(lc.perceptual_model or None)
+    except (ValueError, OSError) as err:
+        raise UsageError(f"loss.perceptual_model: {' '.join(str(err).split())}") from None
     # from here on SIGTERM/SIGUSR1 mean "checkpoint and exit 3"
     run = start_run(cfg, ds_base, run_dir, argv, "magvit.train_tokenizer", resume=resume, overwrite=overwrite)
-    tc, lc, device = cfg.train, cfg.loss, run.device
+    tc, device = cfg.train, run.device
 
     # --- networks: identical initial weights on every rank, then per-rank randomness ---------------------------
     seed_everything(tc.seed)
@@ -243,7 +248,7 @@ def train(cfg: TokenizerTrainConfig, ds_base: dict[str, Any], run_dir: Path, res
     ema = EMA(generator, tc.ema_decay, warmup=tc.ema_warmup)  # fp32 full copy, before ZeRO partitions anything
     if tc.compile:  # in place: parameter names (EMA, checkpoints, exports) unchanged
         generator.compile()
-    perceptual = losses.PerceptualLoss(lc.perceptual_model or None).to(device)
+    perceptual = perceptual.to(device)
     lecam = losses.LeCamRegularizer(lc.lecam_decay).to(device)
     seed_everything(tc.seed + run.rank)
 

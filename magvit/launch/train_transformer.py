@@ -69,7 +69,35 @@ def load_config(config_path: str, overrides: Sequence[str], deepspeed_config: st
     unknown = [t for t in (m.tasks or []) if t not in TASKS]
     if unknown:
         raise ConfigError(f"masking.tasks: unknown task {unknown[0]!r}; known: {', '.join(TASKS)}")
+    check_trained_tasks("masking.tasks", m.tasks, cfg.model.tasks)
     return cfg
+
+
+def check_trained_tasks(key: str, tasks: Sequence[str] | None, model_tasks: Sequence[str]) -> None:
+    """``ConfigError`` when the trained ``tasks`` (the config's ``key``; None: all) name a task the model has no
+    task token for (its ``model.tasks``), which the first step would find."""
+    foreign = [name for name in tasks or [] if name not in model_tasks]
+    if foreign:
+        raise ConfigError(f"{key}: {foreign[0]!r} is not one of the model's tasks (model.tasks: "
+                          f"{', '.join(model_tasks)})")
+
+
+def check_network(network: Callable[[Any], torch.nn.Module], model_cfg: Any) -> None:
+    """Build ``network(model_cfg)`` on the meta device (shapes only: no memory, no RNG draw) so that a value only
+    transformers checks when the network is built (``model.hidden_act``, ``model.attn_implementation``: an unknown
+    name, a kernel that is not installed) is one ``UsageError`` before the run dir is written."""
+    from transformers.activations import ACT2CLS
+
+    if model_cfg.hidden_act not in ACT2CLS:  # transformers' own KeyError names nothing but the value
+        raise UsageError(f"model.hidden_act: {model_cfg.hidden_act!r} is not an activation transformers knows; one "
+                         f"of {', '.join(sorted(ACT2CLS))}")
+    try:
+        with torch.device("meta"):
+            network(model_cfg)
+    except (ImportError, ValueError, KeyError, TypeError, RuntimeError) as err:
+        reason = " ".join(str(err).split())
+        raise UsageError(f"model: {network.__name__} cannot be built with this config ({type(err).__name__}: "
+                         f"{reason[:400]})") from None
 
 
 def with_token_sizes(cfg: TransformerTrainConfig) -> TransformerTrainConfig:
@@ -265,6 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, cfg, ds_base = parse_train_command(__doc__.split("\n")[0], DEFAULT_CONFIG, "transformer", load_config,
                                              argv)
     cfg = with_token_sizes(cfg)
+    check_network(MaskedVideoTransformer, cfg.model)
     return train(cfg, ds_base, args.run_dir, resume=args.resume == "auto" and not args.overwrite,
                  argv=sys.argv if argv is None else argv, overwrite=args.overwrite)
 

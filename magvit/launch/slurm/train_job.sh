@@ -11,8 +11,10 @@
 # What it does: one task per GPU (or per CPU task) on every node via srun; every task gets RANK, WORLD_SIZE,
 # LOCAL_RANK, MASTER_ADDR (first host of the allocation) and MASTER_PORT (derived from the job id, as
 # magvit.distributed does), so DeepSpeed needs no launcher of its own. Training always runs with --resume auto.
-# When training exits with status 3 (checkpoint saved after SIGUSR1/SIGTERM, e.g. --signal=USR1@120 before
-# the time limit or a preemption), the job requeues itself and the next start resumes from that checkpoint.
+# When training exits with status 3 after SIGUSR1 (checkpoint saved: --signal=USR1@120 before the time limit, sent
+# to the ranks or, with B:, to this shell, which forwards it to every rank), the job requeues itself and the next
+# start resumes from that checkpoint. After SIGTERM (scancel, scontrol requeue, preemption) every rank checkpoints
+# and stops, and SLURM decides: a cancelled job stays cancelled, a requeued or preempted one is requeued.
 
 set -uo pipefail
 
@@ -80,14 +82,46 @@ log "job ${SLURM_JOB_ID} start $((${SLURM_RESTART_COUNT:-0} + 1)): ${SLURM_NTASK
     "(${SLURM_JOB_NODELIST}), master ${MASTER_ADDR}:${MASTER_PORT}, run dir ${RUN_DIR}"
 log "command: ${PYTHON} -m ${TRAIN_MODULE} ${ARGS[*]} (in ${WORKDIR})"
 
+# Stop signals. SLURM delivers SIGTERM (scancel, `scontrol requeue`, preemption, the time limit) to every rank
+# itself, and this shell too. A USR1 meant for the ranks may reach only this shell (`--signal=B:USR1@120`,
+# `scancel --batch --signal=USR1`): untrapped, it would kill the shell and leave the job FAILED, unrequeued. So srun
+# runs in the background (bash runs a trap only between commands, never during a foreground one) and each signal
+# is forwarded through srun, which hands it to every task on every node: every rank checkpoints and exits 3.
+STOP_SIGNAL=""
+SRUN_PID=""
+forward() {
+    STOP_SIGNAL=$1
+    log "got SIG$1: forwarding it to every rank"
+    [ -z "$SRUN_PID" ] || kill -s "$1" "$SRUN_PID" 2>/dev/null
+}
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
+
 # One process per task. srun of Slurm 22.05 does not inherit --cpus-per-task from the allocation: pass it.
-# Per-rank logs: RUN_DIR/logs/<job name>-<job id>-rank<N>.log, appended across requeues.
+# Per-rank logs: RUN_DIR/logs/<job name>-<job id>-rank<N>.log, appended across requeues; each start of a rank
+# first says where it runs. NODE_RANK: the node's index in the allocation (SLURM_NODEID), torchrun's name for it.
 # shellcheck disable=SC2016  # the inner variables are expanded by each task, not here
 srun --kill-on-bad-exit=0 --cpus-per-task="$CPUS_PER_TASK" --open-mode=append \
     --output="$RUN_DIR/logs/%x-%j-rank%t.log" \
-    bash -c 'export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID; exec "$@"' magvit-rank \
-    "$PYTHON" -m "$TRAIN_MODULE" "${ARGS[@]}"
+    bash -c 'export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID NODE_RANK=$SLURM_NODEID
+             echo "magvit-slurm: rank $RANK of $WORLD_SIZE on node $SLURMD_NODENAME (node rank $NODE_RANK," \
+                  "local rank $LOCAL_RANK), master $MASTER_ADDR:$MASTER_PORT"
+             exec "$@"' magvit-rank \
+    "$PYTHON" -m "$TRAIN_MODULE" "${ARGS[@]}" &
+SRUN_PID=$!
+[ -z "$STOP_SIGNAL" ] || kill -s "$STOP_SIGNAL" "$SRUN_PID" 2>/dev/null  # a signal that came before srun did
+# A trapped signal ends `wait` early (status 128 + n) while srun runs on: wait again until it has exited, then
+# once more for its own status (bash keeps the status of a background process it has reaped).
+while wait "$SRUN_PID"; kill -0 "$SRUN_PID" 2>/dev/null; do :; done
+wait "$SRUN_PID"
 STATUS=$?
+
+# SIGTERM: SLURM ends this start of the job. A cancelled job stays cancelled and a requeued or preempted one is
+# requeued by SLURM itself, so this script never requeues after it (a requeue here would revive a cancelled job).
+if [ "$STOP_SIGNAL" = TERM ]; then
+    log "stopped by SIGTERM (scancel, scontrol requeue, preemption or the time limit; training status ${STATUS})"
+    exit "$STATUS"
+fi
 
 # 3: checkpoint saved after the signal. 128 + SIGUSR1: the signal came while Python was still starting, before
 # the trainer's handler was installed; the latest earlier checkpoint (if any) is where the next start resumes.
