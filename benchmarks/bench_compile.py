@@ -49,7 +49,8 @@ def tokenizer_case(config: str, batch: int):
 
 def transformer_case(config: str, batch: int):
     """The masked transformer of a config on random codes, with its own masking (interior frame prediction)."""
-    from magvit.masking import latent_condition_region, make_training_batch, masked_token_loss
+    from magvit.conditions import latent_condition_region
+    from magvit.masking import make_training_batch, masked_token_loss
     from magvit.run_config import TransformerTrainConfig
     from magvit.transformer import MaskedVideoTransformer
 

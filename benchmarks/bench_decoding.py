@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 
-from magvit.masking import build_sequence  # noqa: E402
+from magvit.sequence import build_sequence  # noqa: E402
 from magvit.sampling import iterative_decode, sequential_decode  # noqa: E402
 from magvit.transformer import MaskedVideoTransformer, TransformerConfig  # noqa: E402
 

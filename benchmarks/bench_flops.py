@@ -142,7 +142,8 @@ def _optimizer_step(model: torch.nn.Module, recipe: Recipe):
 
 
 def transformer_step(preset: str, grid: tuple[int, int, int], batch: int, conditioning: str, recipe: Recipe):
-    from magvit.masking import latent_condition_regions, make_training_batch, masked_token_loss
+    from magvit.conditions import latent_condition_regions
+    from magvit.masking import make_training_batch, masked_token_loss
     from magvit.transformer import MaskedVideoTransformer, TransformerConfig
 
     interior = conditioning == "interior"

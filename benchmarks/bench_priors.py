@@ -195,8 +195,8 @@ def masked_side(name: str, conditioning: str, sizes: dict, region: torch.Tensor,
 
 
 def autoregressive_side(name: str, sizes: dict) -> Side:
-    from magvit.autoregressive import (AutoregressiveConfig, AutoregressiveTransformer, next_token_loss,
-                                       training_sequence)
+    from magvit.autoregressive import AutoregressiveConfig, AutoregressiveTransformer, next_token_loss
+    from magvit.prior_training import training_sequence
     from magvit.pipeline import generate_codes_autoregressive
 
     config = AutoregressiveConfig.preset(sizes.pop("preset"), **sizes)
@@ -242,7 +242,8 @@ def masked_nll(model, val: dict, region: torch.Tensor, seed: int, passes: int, l
     whole set), for either conditioning, also over the masked tokens outside ``region`` (the predicted frames'
     tokens), which that class does not report. ``layout``: the sequence the maskings are drawn for, when it is not
     the model's (the ``masked-joint`` side: the two-stage sequence, positions alike)."""
-    from magvit.masking import code_nll, make_training_batch
+    from magvit.sequence import code_nll
+    from magvit.masking import make_training_batch
 
     config, layout = model.config, layout or model.config.layout
     generator = torch.Generator().manual_seed(seed)
@@ -281,7 +282,7 @@ def autoregressive_nll(model, val: dict, region: torch.Tensor) -> dict[str, floa
     """Exact NLL of every held-out video code given the frame-prediction condition and the codes before it."""
     from magvit.autoregressive import video_logits
     from magvit.code_grids import pack_batch
-    from magvit.masking import build_sequence, code_nll
+    from magvit.sequence import build_sequence, code_nll
 
     val = pack_batch(val)[0]  # two grids: packed, top first
     config, codes = model.config, val["codes"]
@@ -559,7 +560,7 @@ def arguments():
 
 
 def run(args) -> None:
-    from magvit.masking import two_grid_condition_region
+    from magvit.conditions import two_grid_condition_region
     from magvit.prep.tokenize import load_tokenizer
 
     common.setup_threads(args.threads)

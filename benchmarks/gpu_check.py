@@ -863,7 +863,7 @@ def transformer_step(model: Model, precision: str, device: str) -> tuple[Callabl
 
     from magvit.launch import train_tokenizer as tt
     from magvit.launch import train_transformer as tr
-    from magvit.masking import shard_condition_regions
+    from magvit.shard_meta import TokenShardMeta
     from magvit.optim import build_adam
     from magvit.tasks import task as task_row
     from magvit.trainloop import NonFiniteGuard
@@ -884,7 +884,8 @@ def transformer_step(model: Model, precision: str, device: str) -> tuple[Callabl
     batch["label"] = torch.randint(0, UCF101_CLASSES, (batch_size,), device=device)
     meta = {"num_frames": clip[0], "image_size": clip[1], "tokenizer": {"causal": tok.model.causal},
             "token_grid": list(grid)}
-    regions = shard_condition_regions(meta, cfg.model.tasks) if cfg.model.conditioning == "interior" else None
+    regions = TokenShardMeta.from_dict({**meta, "codebook_size": codebook}).condition_regions(cfg.model.tasks) \
+        if cfg.model.conditioning == "interior" else None
     guard, autocast = NonFiniteGuard(cfg.train.max_nonfinite_steps), autocast_for(precision, device)
 
     def step() -> None:

@@ -2,8 +2,8 @@
 
 VQGAN (Esser et al. 2021) models ``p(s_i | s_<i, c)`` with a causal transformer over the codes in raster order, a
 spatial condition's codes placed before the image codes and the loss taken on the image codes only. Here the
-sequence is the masked transformer's (:class:`magvit.masking.SequenceLayout`, the same vocabulary
-:class:`magvit.masking.TokenVocabulary`)::
+sequence is the masked transformer's prefix layout (:class:`magvit.sequence.SequenceLayout`, the same vocabulary
+:class:`magvit.sequence.TokenVocabulary`)::
 
     [task token][class or unconditional token][prefix: t*h*w condition codes][video: t*h*w codes, raster (t, h, w)]
 
@@ -12,16 +12,16 @@ all pad for class / unconditional). The network is ``transformers``' GPT-2 (pre-
 tanh GELU, output layer tied to the token embedding), sized like the masked transformer's presets. The mask token of
 the vocabulary is never used.
 
-Training sequences (:func:`training_sequence`: the task, condition and classifier-free guidance dropout drawn as for
-the masked transformer, with every video code visible) and the next-token loss on the video positions
-(:func:`next_token_loss`, :func:`video_logits`) live here; decoding with a key/value cache is
+The next-token loss on the video positions (:func:`next_token_loss`, :func:`video_logits`) lives here; the training
+sequences (the task, condition and classifier-free guidance dropout drawn as for the masked transformer, every video
+code visible) are ``magvit.prior_training.training_sequence``; decoding with a key/value cache is
 ``magvit/autoregressive_sampling.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -29,7 +29,7 @@ from torch import nn
 from . import tasks as _tasks
 from .code_grids import check_grids
 from .config import Config, require_finite
-from .masking import IGNORE_INDEX, SequenceLayout, TokenVocabulary, code_nll, make_training_batch
+from .sequence import SequenceLayout, TokenVocabulary, code_nll
 from .pretrained import PretrainedMixin
 from .tasks import DEFAULT_TASKS
 from .transformer import TransformerConfig
@@ -93,6 +93,16 @@ class AutoregressiveConfig(Config):
     @property
     def layout(self) -> SequenceLayout:
         return SequenceLayout(self.token_grid, top_grid=self.top_grid)
+
+    @property
+    def conditioning(self) -> str:
+        """Always ``"prefix"`` (``sequence.PriorConfig``): the condition codes precede the video codes."""
+        return "prefix"
+
+    @property
+    def cond_frames(self) -> tuple[int, ...]:
+        """Frame prediction's trained given-frame counts (``sequence.PriorConfig``): not recorded, so unknown."""
+        return ()
 
     @property
     def vocab_size(self) -> int:
@@ -174,7 +184,7 @@ class AutoregressiveTransformer(nn.Module, PretrainedMixin):
 
 @dataclasses.dataclass
 class AutoregressiveObjectiveConfig(Config):
-    """Options of :func:`training_sequence` and :func:`next_token_loss`."""
+    """Options of ``prior_training.training_sequence`` and :func:`next_token_loss`."""
 
     tasks: list[str] | None = None  # None: every task of the model that the token shards support
     cond_dropout_prob: float = 0.1  # classifier-free guidance: drop the condition / class
@@ -189,21 +199,6 @@ class AutoregressiveObjectiveConfig(Config):
         require_finite(self, ("cond_dropout_prob", "label_smoothing"))
         if not 0 <= self.cond_dropout_prob <= 1 or not 0 <= self.label_smoothing < 1:
             raise ValueError("objective: need 0 <= cond_dropout_prob <= 1 and 0 <= label_smoothing < 1")
-
-
-def training_sequence(batch: Mapping[str, torch.Tensor], vocab: TokenVocabulary, *,
-                      tasks: Sequence[str] | None = None, cond_dropout_prob: float = 0.1,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
-    """Input ids ``(B, L)`` of token-shard items ``batch`` (as for ``masking.make_training_batch``): per example a
-    task, its condition codes in the prefix, its class in the class slot, each dropped with ``cond_dropout_prob``,
-    drawn exactly as for the masked transformer (that function's draws), and every video code in place.
-
-    No host sync; the values are checked where the batch is read (``masking.check_training_batch``).
-    """
-    masked = make_training_batch(batch, vocab, tasks=tasks, cond_dropout_prob=cond_dropout_prob, mask_ratio=0.0,
-                                 generator=generator)
-    # ratio 0 still masks one video token per example: the labels hold every video code (two grids: packed, top first)
-    return torch.where(masked.labels != IGNORE_INDEX, masked.labels, masked.input_ids)
 
 
 def video_logits(logits: torch.Tensor, layout: SequenceLayout, codebook_size: int) -> torch.Tensor:

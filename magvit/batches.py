@@ -12,7 +12,6 @@ sees exactly the batches an uninterrupted one would. :func:`held_out_tokens` rea
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -21,7 +20,7 @@ import torch
 from .cli import UsageError
 from .config import Config
 from .data import ClipDataset, ClipShardDataset, TokenShardDataset
-from .masking import shard_cond_frames
+from .shard_meta import META_NAME, TokenShardMeta, read_meta_json
 from .streaming import ShardStream, resolve_shards
 
 FORMATS = ("files", "safetensors", "webdataset")
@@ -235,11 +234,9 @@ def token_folder(data: DataConfig) -> str:
     return data.tokens if data.format == "files" else data.shards
 
 
-def token_sizes(data: DataConfig) -> dict[str, Any]:
-    """``codebook_size``, ``token_grid``, ``num_classes``, ``cond_frames`` (frame prediction's given-frame counts)
-    and ``top_grid`` (two code grids; else None) of the token shards (from their ``meta.json``): what they fix for a
-    model trained on them. Read before any process group exists; ``UsageError`` when the meta.json is missing or is
-    not one of token shards."""
+def token_meta(data: DataConfig) -> TokenShardMeta:
+    """The training token shards' ``meta.json`` (:class:`magvit.shard_meta.TokenShardMeta`). Read before any process
+    group exists; ``UsageError`` when it is missing or is not one of token shards."""
     if data.format == "webdataset":  # meta.json beside the tar shards, wherever they are
         where = data.shards
         try:
@@ -247,22 +244,29 @@ def token_sizes(data: DataConfig) -> dict[str, Any]:
         except (OSError, ValueError) as err:
             raise UsageError(f"data.shards: {err}") from None
     else:
-        path = Path(token_folder(data)) / "meta.json"
+        path = Path(token_folder(data)) / META_NAME
         where = str(path)
         if not path.is_file():
             raise UsageError(f"token shards not found: {path} (make them with `python -m data_prep.tokenize`, "
                              f"or set data.{'tokens' if data.format == 'files' else 'shards'}=DIR)")
+        try:
+            meta = read_meta_json(token_folder(data))
+        except (OSError, ValueError) as err:
+            raise UsageError(str(err)) from None
     try:
-        if data.format != "webdataset":
-            meta = json.loads(path.read_text())
-        return {"codebook_size": int(meta["codebook_size"]), "token_grid": list(meta["token_grid"]),
-                "num_classes": len(meta.get("classes") or []), "cond_frames": list(shard_cond_frames(meta)),
-                "top_grid": list(meta["top_grid"]) if meta.get("top_grid") else None}
-    except (json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError) as err:
-        raise UsageError(f"{where}: not a token shard meta.json ({err})") from None
+        return TokenShardMeta.from_dict(meta, where)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
-def held_out_tokens(data: DataConfig, classes: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]] | None:
+def token_sizes(data: DataConfig) -> dict[str, Any]:
+    """``codebook_size``, ``token_grid``, ``num_classes``, ``cond_frames`` (frame prediction's given-frame counts)
+    and ``top_grid`` (two code grids; else None) of the token shards (``TokenShardMeta.sizes``): what they fix for a
+    model trained on them; ``UsageError`` as :func:`token_meta`."""
+    return token_meta(data).sizes()
+
+
+def held_out_tokens(data: DataConfig, classes: Sequence[str]) -> tuple[dict[str, Any], TokenShardMeta] | None:
     """The first ``data.val_clips`` token grids of ``data.val_tokens``, collated (``{"codes": (V, t, h, w),
     "cond.<task>"..., "label": (V,), "index": (V,)}``), and their ``meta.json``; None when there are none to read.
     Labels are mapped by name to the training shards' class ids ``classes`` (-1 for a class they lack). Read
@@ -274,12 +278,10 @@ def held_out_tokens(data: DataConfig, classes: Sequence[str]) -> tuple[dict[str,
         dataset = TokenShardDataset(data.val_tokens)
     except (OSError, ValueError, KeyError) as err:
         raise UsageError(f"data.val_tokens: {' '.join(str(err).split())}") from None
-    train = token_sizes(data)
-    held = {"codebook_size": dataset.codebook_size, "token_grid": list(dataset.token_grid)}
-    if any(held[key] != train[key] for key in held) or dataset.meta.get("top_grid") != train.get("top_grid"):
-        raise UsageError(f"data.val_tokens: {data.val_tokens} holds codes of a {held['codebook_size']}-code book on "
-                         f"a {tuple(held['token_grid'])} grid, the training shards a {train['codebook_size']}-code "
-                         f"book on {tuple(train['token_grid'])}: tokenize both with the same tokenizer")
+    train = token_meta(data)
+    problem = dataset.meta.fit_problem(train.codebook_size, train.token_grid, train.top_grid, "the training data")
+    if problem:
+        raise UsageError(f"data.val_tokens: {data.val_tokens} holds {problem}: tokenize both with the same tokenizer")
     if len(dataset) == 0:
         raise UsageError(f"data.val_tokens: no token grid in {data.val_tokens}")
     batch = torch.utils.data.default_collate([dataset[i] for i in range(min(data.val_clips, len(dataset)))])

@@ -109,7 +109,7 @@ def check_grids(token_grid: Sequence[int], top_grid: Sequence[int] | None) -> tu
 
 
 def decoding_phases(layout) -> list[torch.Tensor]:
-    """The positions ``(L,)`` bool of a :class:`magvit.masking.SequenceLayout` that a masked prior fills, phase by
+    """The positions ``(L,)`` bool of a :class:`magvit.sequence.SequenceLayout` that a masked prior fills, phase by
     phase: the video; with two grids the top grid's, then the bottom grid's (given the fixed top)."""
     video, split = layout.video, layout.video.start + layout.num_top_tokens
     parts = [video] if split == video.start else [slice(video.start, split), slice(split, video.stop)]

@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 
 from .code_grids import TOP
 from .fileio import atomic_path
+from .shard_meta import META_NAME, TokenShardMeta, read_meta_json
 from .video_io import VideoReadError, read_video, to_float
 
 logger = logging.getLogger(__name__)
@@ -383,13 +384,13 @@ class ClipDataset(Dataset):
 # Clips from pre-extracted shards (data_prep.extract)
 # --------------------------------------------------------------------------------------------------------------------
 def _read_meta(directory: Path, kind: str) -> dict[str, Any]:
-    meta_path = directory / "meta.json"
-    if not meta_path.is_file():
+    """The ``meta.json`` of a shard folder (``shard_meta.read_meta_json``), its shards listed and present."""
+    if not (directory / META_NAME).is_file():
         raise FileNotFoundError(f"no {kind} shards at {directory} (missing meta.json; did the run finish?)")
-    meta = json.loads(meta_path.read_text())
+    meta = read_meta_json(directory)
     shards = meta.get("shards")
     if not shards:
-        raise ValueError(f"{meta_path}: no shards listed")
+        raise ValueError(f"{directory / META_NAME}: no shards listed")
     missing = [s["file"] for s in shards if not (directory / s["file"]).is_file()]
     if missing:
         raise FileNotFoundError(f"{directory}: shard {missing[0]} listed in meta.json is missing")
@@ -454,6 +455,16 @@ class ClipShardDataset(Dataset):
 # --------------------------------------------------------------------------------------------------------------------
 # Token shards (data_prep.tokenize)
 # --------------------------------------------------------------------------------------------------------------------
+def check_label_range(labels: torch.Tensor, num_classes: int, where: str) -> None:
+    """``ValueError`` naming ``where`` unless every class label is -1 (none) or one of meta.json's ``num_classes``
+    classes: a foreign label would index past the class embeddings mid-training."""
+    if labels.numel():
+        low, high = int(labels.min()), int(labels.max())
+        if low < -1 or high >= num_classes:
+            raise ValueError(f"{where}: class labels in [{low}, {high}], outside the {num_classes} classes of "
+                             f"meta.json (-1: none, else 0..{num_classes - 1})")
+
+
 def check_code_range(tensors: dict[str, torch.Tensor], codebook_size: int, where: str) -> None:
     """``ValueError`` unless every token grid (``codes``, ``cond.<task>``, ``sketch_codes``) is an integer tensor with
     values in ``[0, codebook_size)``: a damaged shard or codes of another tokenizer fail here, not inside a step."""
@@ -486,16 +497,12 @@ class TokenShardDataset(Dataset):
 
     def __init__(self, directory: str | os.PathLike):
         self.directory = Path(directory)
-        self.meta = _read_meta(self.directory, "token")
-        self.classes = list(self.meta.get("classes", []))
-        self.condition_tasks = list(self.meta.get("condition_tasks", []))
-        try:
-            self.token_grid = tuple(int(n) for n in self.meta["token_grid"])
-            self.codebook_size = int(self.meta["codebook_size"])
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{self.directory}/meta.json: needs 'token_grid' (3 numbers) and 'codebook_size'") from None
-        self.top_grid = tuple(int(n) for n in self.meta["top_grid"]) if self.meta.get("top_grid") else None
-        self._files = [str(self.directory / shard["file"]) for shard in self.meta["shards"]]
+        self.meta = TokenShardMeta.from_dict(_read_meta(self.directory, "token"), str(self.directory / META_NAME))
+        self.classes = list(self.meta.classes)
+        self.condition_tasks = list(self.meta.condition_tasks)
+        self.token_grid, self.codebook_size, self.top_grid = self.meta.token_grid, self.meta.codebook_size, \
+            self.meta.top_grid
+        self._files = [str(self.directory / shard["file"]) for shard in self.meta.shards]
         self._layout: dict[str, tuple[str, tuple[int, ...]]] | None = None  # key -> (dtype, row shape)
         counts = [self._check_shard(path) for path in self._files]
         self._starts = np.cumsum([0] + counts)
@@ -533,6 +540,8 @@ class TokenShardDataset(Dataset):
                 for key in [k for k in layout if k in ("codes", "sketch_codes") or k.startswith(("cond.", TOP))]:
                     # one tensor at a time, dropped after the check: at most one grid of one shard is resident
                     check_code_range({key: f.get_tensor(key)}, self.codebook_size, str(self.directory))
+                if "labels" in layout:
+                    check_label_range(f.get_tensor("labels"), len(self.classes), path)
         except SafetensorError as err:  # truncated, overwritten, not safetensors at all
             raise ValueError(f"{path}: damaged token shard ({err}); re-run data_prep.tokenize") from None
         return int(rows)

@@ -143,12 +143,12 @@ def _data_sources(args: argparse.Namespace, out: Path, tokenizer, transformer) -
 
 def _nll_tasks(args: argparse.Namespace, transformer) -> list[str]:
     """The tasks of ``--nll-tasks`` (checked against the task table when a transformer is evaluated)."""
-    from .masking import TASKS
+    from .tasks import TASK_NAMES
 
     requested = [t.strip() for t in args.nll_tasks.split(",") if t.strip()]
-    unknown = [t for t in requested if t not in TASKS]
+    unknown = [t for t in requested if t not in TASK_NAMES]
     if transformer is not None and unknown:
-        raise UsageError(f"--nll-tasks: unknown task '{unknown[0]}'; expected some of {', '.join(TASKS)}")
+        raise UsageError(f"--nll-tasks: unknown task '{unknown[0]}'; expected some of {', '.join(TASK_NAMES)}")
     return requested
 
 

@@ -7,8 +7,9 @@ Example::
 
 The command reads the condition file, checks the flags, and writes the videos; the generation itself is
 ``magvit.pipeline`` (``VideoPipeline``): the condition (video or image, any size / fps) is resized (short side) and
-centre-cropped to the tokenizer's resolution, turned into the task's COMMIT condition video in pixel space,
-tokenized into the prefix, and the video tokens are decoded in ``--steps`` parallel steps. When ``--transformer`` is an
+centre-cropped to the tokenizer's resolution, turned into the task's COMMIT condition video in pixel space and
+tokenized (its codes fill the condition region's slots of an interior model, the prefix of a prefix one), and the
+video tokens are decoded in ``--steps`` parallel steps. When ``--transformer`` is an
 autoregressive export (``magvit.autoregressive``), the video tokens are drawn one at a time in raster order instead,
 with ``--temperature``, ``--top-k`` and ``--top-p``::
 
@@ -29,9 +30,8 @@ import torch
 from . import tasks
 from .cli import ArgumentParser, UsageError, command_name, run_main
 from .fileio import check_writable_file
-from .masking import NO_LABEL
-from .pipeline import (Prior, VideoPipeline, generate, generate_codes,  # noqa: F401  generate_codes: re-exported
-                       warn_untrained_cond_frames)
+from .sequence import NO_LABEL
+from .pipeline import Prior, VideoPipeline, generate, warn_untrained_cond_frames
 from .sampling import ARGMAX_TEMPERATURE
 
 CLI_TASKS = tasks.cli_names()  # --task: one name per row, or per group of rows told apart by --region
@@ -224,7 +224,7 @@ def read_condition(args: argparse.Namespace, pipe: VideoPipeline,
     without one: class, unconditional), the input's frame rate (0 when it has none) and, for frame prediction
     from a whole clip of the model's length, that clip ``(3, T, S, S)`` (the truth the prediction is shown
     against; ``None`` otherwise)."""
-    if not task.needs_prefix:
+    if not task.has_condition_codes:
         return None, 0.0, None
     video, fps = pipe.load_video(args.sketch if task.condition == "sketch" and args.sketch else args.cond)
     truth = video if task.frames == "first" and video.shape[1] == pipe.num_frames else None

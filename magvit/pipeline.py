@@ -12,10 +12,10 @@ Example::
                   generator=torch.Generator().manual_seed(0))  # (4, 3, T, S, S) in [-1, 1]
 
 The condition (a float video of any size) is resized (short side) and centre-cropped to the tokenizer's resolution,
-turned into the task's COMMIT condition video in pixel space (:func:`condition_video`), tokenized into the prefix,
-and the video tokens are decoded in ``steps`` parallel steps (``magvit.sampling.iterative_decode``), then decoded
-to pixels. The sketch task takes a sketch video (``magvit.sketch.sketch_video``); class and unconditional
-generation take no condition.
+turned into the task's COMMIT condition video in pixel space (:func:`condition_video`) and tokenized (the codes fill
+an interior model's condition region slots, a prefix model's prefix), and the video tokens are decoded in ``steps``
+parallel steps (``magvit.sampling.iterative_decode``), then decoded to pixels. The sketch task takes a sketch video
+(``magvit.sketch.sketch_video``); class and unconditional generation take no condition.
 
 The prior is the export's (:data:`priors`, by its config.json's ``model_type``): the masked transformer decodes in
 parallel steps (:func:`generate_codes`), the autoregressive transformer (VQGAN's prior) one code at a time with a
@@ -26,7 +26,6 @@ sequence.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 from pathlib import Path
@@ -35,9 +34,17 @@ from typing import Callable, Sequence
 import torch
 
 from . import code_grids, tasks
+from .autoregressive import AutoregressiveTransformer
+from .autoregressive_sampling import autoregressive_decode
+from .data import crop_offsets, resize_short_side
+from .pretrained import CONFIG_NAME, read_config_json, resolve_pretrained
+from .sampling import iterative_decode
+from .tokenizer import VideoTokenizer
+from .transformer import MaskedVideoTransformer
+from .video_io import VideoReadError, read_video, to_float
 from .cli import UsageError
-from .masking import (NO_LABEL, build_condition_video, build_sequence, interior_condition_tokens,
-                      two_grid_condition_region)
+from .sequence import NO_LABEL, build_sequence, interior_condition_tokens
+from .conditions import build_condition_video, two_grid_condition_region
 
 
 # --- the model pair ------------------------------------------------------------------------------------------------
@@ -74,9 +81,6 @@ class Prior:
 
 def priors() -> dict[str, Prior]:
     """``model_type`` -> :class:`Prior`: the masked transformer (MAGVIT) and the autoregressive one (VQGAN)."""
-    from .autoregressive import AutoregressiveTransformer
-    from .transformer import MaskedVideoTransformer
-
     return {
         MaskedVideoTransformer.model_type: Prior(MaskedVideoTransformer, generate_codes, (
             "steps", "temperature", "choice_temperature", "top_k", "guidance_scale", "schedule")),
@@ -93,12 +97,9 @@ def prior_of(model) -> Prior:
 def _prior_class(directory: Path) -> type:
     """The class of the prior exported in ``directory`` (by config.json's ``model_type``); for any other folder
     the masked transformer's, whose ``from_pretrained`` then says what is wrong with it."""
-    from .pretrained import CONFIG_NAME
-    from .transformer import MaskedVideoTransformer
-
-    try:
-        model_type = json.loads((directory / CONFIG_NAME).read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):  # no config.json, not JSON, not an object
+    try:  # bounded like every read of an export's config (pretrained.MAX_CONFIG_BYTES)
+        model_type = read_config_json(directory / CONFIG_NAME).get("model_type")
+    except (OSError, ValueError):  # no config.json, too large, not JSON, not an object
         model_type = None
     rows = priors()
     return rows.get(model_type, rows[MaskedVideoTransformer.model_type]).model_class
@@ -108,10 +109,6 @@ def load_pretrained(kind: str, name_or_path: str | os.PathLike, device: str | to
     """``VideoTokenizer`` (``kind="tokenizer"``), ``MaskedVideoTransformer`` (``"transformer"``) or either prior
     (``"prior"``: the class its export's ``model_type`` names, :func:`priors`) from an export folder or a Hub id; any
     failure (missing folder, foreign or damaged export) is one ``UsageError``."""
-    from .pretrained import resolve_pretrained
-    from .tokenizer import VideoTokenizer
-    from .transformer import MaskedVideoTransformer
-
     classes = {"tokenizer": VideoTokenizer, "transformer": MaskedVideoTransformer, "prior": None}
     if kind not in classes:
         raise ValueError(f"kind must be one of {', '.join(classes)}, got {kind!r}")
@@ -137,8 +134,6 @@ def task_row(name: str) -> tasks.Task:
 def fit_video(video: torch.Tensor, image_size: int) -> torch.Tensor:
     """Float ``(3, T, H, W)`` -> ``(3, T, S, S)`` in [-1, 1]: short side resized to ``S``, centre crop (as the
     clip datasets do)."""
-    from .data import crop_offsets, resize_short_side
-
     size = (image_size, image_size)
     video = resize_short_side(video, size)
     top, left = crop_offsets(video.shape[-2], video.shape[-1], size, None)
@@ -179,7 +174,7 @@ def warn_untrained_cond_frames(prior, num_cond_frames: int) -> None:
     """One line on stderr when ``prior`` records the frame-prediction given-frame counts of its training shards
     (``TransformerConfig.cond_frames``) and ``num_cond_frames`` is not one of them: it was never trained on that
     condition."""
-    trained = tuple(getattr(prior.config, "cond_frames", ()))
+    trained = tuple(prior.config.cond_frames)  # empty: not recorded (sequence.PriorConfig)
     if trained and "frame_prediction" in prior.config.tasks and num_cond_frames not in trained:
         print(f"warning: the transformer was trained on frame prediction given {', '.join(map(str, trained))} "
               f"frame(s), not {num_cond_frames} (tokenize with --cond-frames {num_cond_frames} to train it)",
@@ -193,7 +188,7 @@ def warn_untrained_cond_frames(prior, num_cond_frames: int) -> None:
 def generate_codes(
     transformer,
     task: str,
-    prefix_codes: torch.Tensor | None,
+    condition_codes: torch.Tensor | None,
     *,
     class_id: int = NO_LABEL,
     num_samples: int = 1,
@@ -212,22 +207,20 @@ def generate_codes(
     the samples or ``(N, t, h, w)``, one per sample (a batch of clips, each decoded from its own condition,
     independently of the others), or ``None`` for class / unconditional, and a class id (``NO_LABEL``: unconditional
     class token). A model with interior conditioning takes them as the condition codes of ``condition_region``
-    ``(t, h, w)`` bool (``masking.latent_condition_region``), re-filled into its masked slots at every step.
+    ``(t, h, w)`` bool (``conditions.latent_condition_region``), re-filled into its masked slots at every step.
 
-    Two code grids (``config.top_grid``): ``prefix_codes`` and ``condition_region`` are packed, top first
+    Two code grids (``config.top_grid``): ``condition_codes`` and ``condition_region`` are packed, top first
     (``magvit.code_grids``); the top grid is decoded first in ``steps`` steps, then the bottom grid given it in
     ``steps`` more; returns the ``(top (N, t, h', w'), bottom (N, t, h, w))`` pair.
 
     ``generator`` (a CPU ``torch.Generator``) or ``seed`` (shorthand for a fresh one seeded with it) makes the
     samples reproducible on every device.
     """
-    from .sampling import iterative_decode
-
     if generator is not None and seed is not None:
         raise ValueError("give a generator or a seed, not both")
     config = transformer.config
     vocab, layout = config.vocab, config.layout
-    tokens, uncond, prefix = condition_sequences(transformer, task, prefix_codes, class_id, num_samples)
+    tokens, uncond, prefix = condition_sequences(transformer, task, condition_codes, class_id, num_samples)
     condition = None
     if layout.interior and prefix is not None:
         if condition_region is None:
@@ -246,19 +239,20 @@ def generate_codes(
     return code_grids.video_codes(tokens[:, layout.video], layout.token_grid, layout.top_grid)
 
 
-def condition_sequences(prior, task: str, prefix_codes: torch.Tensor | None, class_id: int,
+def condition_sequences(prior, task: str, condition_codes: torch.Tensor | None, class_id: int,
                         num_samples: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The ``(N, L)`` sequences of ``task`` with prefix codes ``(1 or N, t, h, w)`` (two grids: packed
-    ``(1 or N, N_top + N)``, ``magvit.code_grids.pack_codes``; ``None``: all pad; an interior model has no prefix
-    slots) and the class token of ``class_id``, video positions masked; their dropped form for
-    classifier-free guidance (pad prefix, unconditional class token); and the condition codes ``(N, t, h, w)``
-    (``None`` for a task without one). ``UsageError`` for a task or class id the prior does not know."""
+    """The ``(N, L)`` sequences of ``task`` with its condition codes ``(1 or N, t, h, w)`` (two grids: packed
+    ``(1 or N, N_top + N)``, ``magvit.code_grids.pack_codes``; ``None``: all pad) in the prefix (an interior model
+    has no prefix slots: the decoder shows them in the condition region) and the class token of ``class_id``, video
+    positions masked; their dropped form for classifier-free guidance (pad prefix, unconditional class token); and
+    the condition codes ``(N, t, h, w)`` (``None`` for a task without one). ``UsageError`` for a task or class id
+    the prior does not know."""
     vocab, layout = prior.config.vocab, prior.config.layout
     device = next(prior.parameters()).device
-    needs_prefix = task_row(task).needs_prefix
-    if needs_prefix and prefix_codes is None:
+    has_condition_codes = task_row(task).has_condition_codes
+    if has_condition_codes and condition_codes is None:
         raise UsageError(f"task '{task}' needs a condition")
-    prefix = prefix_codes.to(device).expand(num_samples, *layout.video_shape) if needs_prefix else None
+    prefix = condition_codes.to(device).expand(num_samples, *layout.video_shape) if has_condition_codes else None
     try:  # a task this model was not trained with, a class id out of its range
         task_token, class_token = vocab.task_token(task), vocab.class_token(class_id)
     except ValueError as err:
@@ -275,7 +269,7 @@ def condition_sequences(prior, task: str, prefix_codes: torch.Tensor | None, cla
 def generate_codes_autoregressive(
     prior,
     task: str,
-    prefix_codes: torch.Tensor | None,
+    condition_codes: torch.Tensor | None,
     *,
     class_id: int = NO_LABEL,
     num_samples: int = 1,
@@ -293,12 +287,10 @@ def generate_codes_autoregressive(
     (``magvit.autoregressive_sampling.autoregressive_decode``, with a key/value cache unless ``use_cache=False``)
     with ``temperature``, ``top_k`` and ``top_p``. Returns ``(N, t, h, w)``; two code grids (``config.top_grid``):
     the ``(top, bottom)`` pair, the top grid's codes generated first (raster order of the packed video)."""
-    from .autoregressive_sampling import autoregressive_decode
-
     if generator is not None and seed is not None:
         raise ValueError("give a generator or a seed, not both")
     layout = prior.config.layout
-    tokens, uncond, _ = condition_sequences(prior, task, prefix_codes, class_id, num_samples)
+    tokens, uncond, _ = condition_sequences(prior, task, condition_codes, class_id, num_samples)
     if seed is not None:
         generator = torch.Generator().manual_seed(seed)
     out = autoregressive_decode(prior, tokens, start=layout.video.start, codebook_size=prior.config.codebook_size,
@@ -320,15 +312,15 @@ def generate(tokenizer, transformer, task: str, condition: torch.Tensor | None =
     autoregressive one).
     """
     device, layout = next(transformer.parameters()).device, transformer.config.layout
-    prefix_codes = None
-    if condition is not None and task_row(task).needs_prefix:
+    condition_codes = None
+    if condition is not None and task_row(task).has_condition_codes:
         # (1, t, h, w); two grids: (top, bottom) packed to (1, N_top + N)
-        prefix_codes = code_grids.pack_codes(tokenizer.encode(condition.unsqueeze(0).to(device)))
+        condition_codes = code_grids.pack_codes(tokenizer.encode(condition.unsqueeze(0).to(device)))
         if layout.interior and task_row(task).condition == "video":
             kwargs["condition_region"] = two_grid_condition_region(task, layout.token_grid, layout.top_grid,
                                                                    condition.shape[1:], tokenizer.config.causal,
                                                                    num_cond_frames)
-    codes = prior_of(transformer).generate_codes(transformer, task, prefix_codes, **kwargs)
+    codes = prior_of(transformer).generate_codes(transformer, task, condition_codes, **kwargs)
     return tokenizer.decode(codes).clamp(-1, 1)
 
 
@@ -375,8 +367,6 @@ class VideoPipeline:
     def load_video(self, path: str | os.PathLike) -> tuple[torch.Tensor, float]:
         """Read a video or an image (``UsageError`` if unreadable) and fit it to the tokenizer: ``((3, T, S, S),
         fps)`` with at most ``num_frames`` frames (fps 0 for an image)."""
-        from .video_io import VideoReadError, read_video, to_float
-
         try:
             frames, fps = read_video(path, max_frames=self.num_frames)
         except VideoReadError as err:
@@ -386,7 +376,7 @@ class VideoPipeline:
     def prepare_condition(self, task: str, video: torch.Tensor | None, num_cond_frames: int = 1) -> torch.Tensor | None:
         """The pixel-space condition ``(3, T, S, S)`` of ``task`` from a float video ``(3, T', H, W)`` or
         ``(1, 3, T', H, W)`` of any size in [-1, 1]; ``None`` for the tasks without one (class, unconditional)."""
-        if not task_row(task).needs_prefix:
+        if not task_row(task).has_condition_codes:
             if video is not None:
                 raise UsageError(f"task '{task}' takes no condition video")
             return None

@@ -52,6 +52,22 @@ MAX_INPUT_ELEMENTS = 1 << 28  # e.g. 256 frames of 1024 x 1024
 M = TypeVar("M", bound="PretrainedMixin")
 
 
+def read_config_json(path: str | os.PathLike) -> dict[str, Any]:
+    """An export's ``config.json`` as a dict, read only up to ``MAX_CONFIG_BYTES`` (the file is untrusted):
+    ``ValueError`` for one too large, not JSON, or not a JSON object; ``OSError`` if it cannot be read."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ValueError(f"{path}: {size} bytes, more than a model config holds ({MAX_CONFIG_BYTES})")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:  # nesting too deep: RecursionError
+        raise ValueError(f"{path}: not valid JSON ({type(err).__name__}: {str(err)[:200]})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: not a saved model config (a JSON object)")
+    return meta
+
+
 def _env_true(name: str) -> bool:
     return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
 
@@ -156,15 +172,7 @@ class PretrainedMixin:
         cfg_path = directory / CONFIG_NAME
         if not cfg_path.is_file():
             raise FileNotFoundError(f"no {cls.__name__} checkpoint at {directory} (missing {CONFIG_NAME})")
-        size = cfg_path.stat().st_size
-        if size > MAX_CONFIG_BYTES:
-            raise ValueError(f"{cfg_path}: {size} bytes, more than a model config holds ({MAX_CONFIG_BYTES})")
-        try:
-            meta = json.loads(cfg_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:  # nesting too deep: RecursionError
-            raise ValueError(f"{cfg_path}: not valid JSON ({type(err).__name__}: {str(err)[:200]})") from None
-        if not isinstance(meta, dict):
-            raise ValueError(f"{cfg_path}: not a saved model config (a JSON object)")
+        meta = read_config_json(cfg_path)
         if meta.get("model_type") != cls.model_type:
             raise ValueError(
                 f"{directory} holds a '{meta.get('model_type')}' checkpoint, expected '{cls.model_type}'"

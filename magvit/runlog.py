@@ -65,10 +65,12 @@ class RunLock:
     """An exclusive lock on a run dir for the life of this process (``flock`` on the folder itself, so nothing is
     written into it): a second training in the same folder is refused instead of interleaving its metrics and
     checkpoints with the first. The kernel drops the lock when the holder dies, so a crashed run never leaves a
-    stale lock; the refusal names the holder's pid (from ``/proc/locks``) where the OS tells it."""
+    stale lock; the refusal names the holder's pid (from ``/proc/locks``) where the OS tells it, what holds it
+    (``holder``: "run", "tokenize run") and the option to change (``option``: "--run-dir", "--out")."""
 
-    def __init__(self, run_dir: str | os.PathLike):
+    def __init__(self, run_dir: str | os.PathLike, option: str = "--run-dir", holder: str = "run"):
         self.run_dir = Path(run_dir)
+        self.option, self.holder = option, holder
         self.fd: int | None = None
 
     def acquire(self) -> str | None:
@@ -85,9 +87,9 @@ class RunLock:
             os.close(fd)
             if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                 return None  # e.g. a network filesystem without flock: run unlocked, as before
-            holder = _lock_holder(self.run_dir)
-            return (f"{self.run_dir} is in use by another run{f' (pid {holder})' if holder else ''}: wait for it "
-                    "to finish, stop it, or use another --run-dir")
+            pid = lock_holder(self.run_dir)
+            return (f"{self.run_dir} is in use by another {self.holder}{f' (pid {pid})' if pid else ''}: wait for "
+                    f"it to finish, stop it, or use another {self.option}")
         self.fd = fd  # held open: the lock lasts as long as this process (or release())
         return None
 
@@ -97,10 +99,10 @@ class RunLock:
             self.fd = None
 
 
-def _lock_holder(path: Path) -> int | None:
+def lock_holder(path: str | os.PathLike) -> int | None:
     """The pid holding a ``flock`` on ``path``, from ``/proc/locks`` (Linux), else None."""
     try:
-        inode = path.stat().st_ino
+        inode = Path(path).stat().st_ino
         with open("/proc/locks", encoding="ascii") as f:
             for line in f:
                 fields = line.split()  # "1: FLOCK ADVISORY WRITE 1234 08:01:5678 0 EOF"

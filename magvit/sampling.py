@@ -11,7 +11,7 @@ shows the model its condition token instead of the mask token, re-filled before 
 does; it is still generated (the model refines the condition, it is not pinned).
 
 The callable returns flat logits ``(B, L, V)`` (codes first, then special tokens) or, for a factorised model
-(MAGVIT-v2's token factorization, :class:`magvit.masking.CodeFactorization`), ``(B, L, F, S)``: one head per
+(MAGVIT-v2's token factorization, :class:`magvit.sequence.CodeFactorization`), ``(B, L, F, S)``: one head per
 sub-token. Internally both are code logits in factor form ``(B, L, F, S)`` (flat: ``F = 1``); every sub-token is
 sampled from its own head and the sub-tokens are merged into the code.
 
@@ -25,7 +25,8 @@ from typing import Callable
 
 import torch
 
-from .masking import CodeFactorization, factor_logits, mask_schedule
+from .sequence import CodeFactorization, factor_logits
+from .masking import mask_schedule
 from .progress import progress as progress_bar
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # (B, L) long -> (B, L, V) or (B, L, F, S) float
@@ -138,7 +139,7 @@ def iterative_decode(
       dropped form) the logits are ``cond + guidance_scale * (cond - uncond)``.
     - Interior conditioning: ``condition_tokens`` ``(B, L)`` is what each still-masked position shows the model (the
       condition token inside the condition region, ``mask_token`` elsewhere;
-      ``masking.interior_condition_tokens``), re-filled before every step; the unconditional branch sees the mask
+      ``sequence.interior_condition_tokens``), re-filled before every step; the unconditional branch sees the mask
       token there. Those positions are generated like every masked one.
     - ``positions`` ``(L,)`` or ``(B, L)`` bool: fill only the mask positions among them; the other mask positions
       stay masked and are shown as such (two code grids decode the top grid first, ``magvit.code_grids``).

@@ -31,7 +31,6 @@ fields, decoding), with the same errors.
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
 import posixpath
@@ -43,6 +42,7 @@ import torch
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
 from .data import crop_offsets, _size_hw
+from .shard_meta import meta_location, read_meta_json
 from .video_io import to_float
 
 TOKEN_KEYS = ("codes", "sketch_codes")  # plus every cond.<task>
@@ -230,6 +230,8 @@ def check_tar_shard(path: str | os.PathLike, declared: int, kind: str, meta: dic
             if field == "cls":
                 if layout is None or not re.fullmatch(r"\s*-?\d+\s*", layout):
                     raise ShardError(f"{name}: sample {key}: cls is not an integer label")
+                if kind == "tokens":
+                    _check_label(int(layout), meta, f"{name}: sample {key}")
             elif field.endswith(".npy"):
                 dtype, shape = layout
                 if dtype.kind not in ARRAY_KINDS[kind]:
@@ -243,6 +245,14 @@ def check_tar_shard(path: str | os.PathLike, declared: int, kind: str, meta: dic
                     raise ShardError(f"{name}: sample {key}: {field} has shape {shape}, meta.json's grid is "
                                      f"{tuple(grid)}")
     return reference
+
+
+def _check_label(label: int, meta: dict[str, Any], where: str) -> None:
+    """:class:`ShardError` unless a token sample's label is -1 (none) or one of meta.json's classes."""
+    num_classes = len(meta.get("classes") or [])
+    if not -1 <= label < num_classes:
+        raise ShardError(f"{where}: class label {label} outside the {num_classes} classes of meta.json (-1: none, "
+                         f"else 0..{num_classes - 1})")
 
 
 def _is_local(url: str) -> bool:
@@ -296,15 +306,13 @@ def resolve_shards(location: str) -> tuple[dict[str, Any], list[str], list[int]]
         FileNotFoundError: no ``meta.json``. ValueError: a ``meta.json`` without a shard list, a shard that it does
         not list, no shards, or a brace pattern naming more shards than it lists (refused before expanding it).
     """
-    import fsspec
-    from braceexpand import braceexpand
+    from braceexpand import braceexpand  # imported where used: only brace patterns need it
 
     is_pattern = location.endswith(".tar") or "{" in location
     folder = posixpath.dirname(location) if is_pattern else location.rstrip("/")
-    meta_url = f"{folder}/meta.json"
+    meta_url = meta_location(folder)
     try:
-        with fsspec.open(meta_url, "r") as f:
-            meta = json.load(f)
+        meta = read_meta_json(folder)
     except FileNotFoundError:
         raise FileNotFoundError(f"no streaming shards at {location} (missing {meta_url}; did the run finish?)") from None
     try:
@@ -424,7 +432,8 @@ class ShardStream(IterableDataset):
             item = decode_sample(sample)
         except ValueError as err:  # an object array, a damaged .npy, a label that is not a number
             raise ShardError(f"{name}: sample {sample.get('__key__')!r}: {err}") from None
-        if self.kind == "tokens":
+        if self.kind == "tokens":  # a remote shard's labels are checked here, a local one's before training
+            _check_label(int(item["label"]), self.meta, f"{name}: sample {sample.get('__key__')!r}")
             return {key: (value.long() if isinstance(value, torch.Tensor) else value) for key, value in item.items()
                     if key not in ("labels", "clip_index")}
         rng = np.random.default_rng([self.seed, self.epoch, item["index"]])

@@ -1,7 +1,7 @@
 """The COMMIT task table: one row per task the masked transformer knows, and everything that varies by task.
 
 Adding a task is one row in :data:`TASKS` (plus, for a new kind of region or fill, its few lines in
-``magvit/masking.py``). A model's own task list is saved in its ``TransformerConfig.tasks`` (config.json) and fixes
+``magvit/conditions.py``). A model's own task list is saved in its ``TransformerConfig.tasks`` (config.json) and fixes
 its task-token ids, so a new row never changes the ids of a saved model; an export whose config.json names no task
 list has :data:`DEFAULT_TASKS`.
 
@@ -21,7 +21,8 @@ API:
   need ``area="all"``; ``"edge"`` needs ``frames="all"`` and a box-shaped area (not ``"outside_central"``).
   Derived: ``shard_key`` (the token-shard key of the condition codes, which fill the prefix, or with interior
   conditioning the condition region's masked slots: ``"cond.<name>"``, ``"sketch_codes"`` or ``None``),
-  ``needs_prefix`` (the task has condition codes), ``needs_label`` (trains / generates only with a class label),
+  ``has_condition_codes`` (the task is conditioned on codes, in either layout), ``needs_label`` (trains / generates
+  only with a class label),
   ``uses_label`` (``False``: the class slot always holds the unconditional token).
 - :data:`TASKS`: ``tuple[Task, ...]``, the table; :func:`task` ``(name) -> Task`` (``ValueError`` naming the
   known tasks).
@@ -37,7 +38,7 @@ API:
   :func:`cli_regions` ``(cli_name) -> tuple[str, ...]`` (its ``--region`` choices; empty when it has one row) and
   :func:`from_cli` ``(cli_name, region=None) -> Task``.
 
-The condition region and video of a task are built by ``magvit.masking.condition_region`` /
+The condition region and video of a task are built by ``magvit.conditions.condition_region`` /
 ``build_condition_video``, which read the row.
 """
 
@@ -86,7 +87,9 @@ class Task:
         return {"video": f"cond.{self.name}", "sketch": "sketch_codes"}.get(self.condition)
 
     @property
-    def needs_prefix(self) -> bool:
+    def has_condition_codes(self) -> bool:
+        """Whether the task is conditioned on codes (a condition video's or a sketch's): the prefix of a prefix
+        model, the condition region's slots of an interior one."""
         return self.shard_key is not None
 
     @property

@@ -171,14 +171,15 @@ def wandb_server_problem(timeout: float = WANDB_CONNECT_TIMEOUT_S) -> str | None
 
 
 def start_wandb(wandb, config: TrackingConfig, run_dir: Path, run_config: Mapping[str, Any] | None,
-                job_type: str):
+                job_type: str, log: logging.Logger | None = None):
     """``wandb.init`` for this run dir: the id in ``RUN_DIR/wandb_run_id`` is reused (``resume="allow"``) so a
     resumed run continues its W&B run; wandb's console capture is off (the run's logs/ already hold the output).
 
     Online mode whose server cannot be reached (:func:`wandb_server_problem`) or whose ``wandb.init`` fails within
     ``WANDB_INIT_TIMEOUT_S`` logs the run offline, with one warning: training is not held up or stopped by its
     tracker (wandb alone waits 90 s, then raises), nothing is lost (metrics.jsonl and tb/ as always, the offline
-    run in ``WANDB_DIR/wandb/offline-run-*`` under the same run id for ``wandb sync``)."""
+    run in ``WANDB_DIR/wandb/offline-run-*`` under the same run id for ``wandb sync``). The warning goes to ``log``
+    (a trainer's: stderr and ``logs/rank0.log``), else this module's logger."""
     directory = Path(config.wandb_dir or run_dir)
     directory.mkdir(parents=True, exist_ok=True)
     id_file = run_dir / RUN_ID_FILE
@@ -202,9 +203,9 @@ def start_wandb(wandb, config: TrackingConfig, run_dir: Path, run_config: Mappin
         wandb.teardown()  # the failed online start still holds the run id in wandb's service process
         run = init("offline")
     if problem:
-        logger.warning("W&B is unreachable (%s): this run logs to W&B offline in %s (upload it later with `wandb sync "
-                       "%s`); metrics.jsonl and tb/ are unaffected", problem, directory / "wandb",
-                       directory / "wandb" / f"offline-run-*-{run_id}")
+        (log or logger).warning("W&B is unreachable (%s): this run logs to W&B offline in %s (upload it later with "
+                                "`wandb sync %s`); metrics.jsonl and tb/ are unaffected", problem, directory / "wandb",
+                                directory / "wandb" / f"offline-run-*-{run_id}")
     write_text_atomic(id_file, run_id + "\n")
     return run
 
@@ -217,10 +218,11 @@ class Tracker:
 
     ``is_main``: this process writes (rank 0); elsewhere every call is a no-op, after the same start-up checks.
     ``run_config``: the resolved run config, recorded as the W&B run's config. ``job_type``: e.g. ``"tokenizer"``.
+    ``log``: where its warnings go (a trainer's logger, so they land in the run's logs too).
     """
 
     def __init__(self, config: TrackingConfig, run_dir: str | os.PathLike, is_main: bool,
-                 run_config: Mapping[str, Any] | None = None, job_type: str = ""):
+                 run_config: Mapping[str, Any] | None = None, job_type: str = "", log: logging.Logger | None = None):
         wandb = check_backends(config)  # on every rank: all refuse alike
         self.enabled = is_main
         self._tb = None
@@ -235,7 +237,7 @@ class Tracker:
             self._tb = SummaryWriter(str(run_dir / "tb"))
         if wandb is not None:
             self._wandb = wandb
-            self._wandb_run = start_wandb(wandb, config, run_dir, run_config, job_type)
+            self._wandb_run = start_wandb(wandb, config, run_dir, run_config, job_type, log)
 
     def log_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         """One value per key; TensorBoard skips NaN / inf (W&B shows them)."""

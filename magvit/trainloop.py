@@ -183,7 +183,8 @@ class TrainLoop:
             self._resume()
         self.guard.run_start = self.step
         log, rank = self.context.log, self.context.rank
-        self.tracker = Tracker(lc, self.run_dir, is_main=rank == 0, run_config=self.cfg.to_dict(), job_type=r.name)
+        self.tracker = Tracker(lc, self.run_dir, is_main=rank == 0, run_config=self.cfg.to_dict(), job_type=r.name,
+                               log=log)  # its warnings (W&B offline) in logs/rank0.log too
         self.metrics_log = MetricsLogger(self.run_dir, enabled=rank == 0, tracker=self.tracker)
         bar = progress_bar(tc.max_steps, self.step, enabled=rank == 0 and lc.progress)
         items_per_step = self.cfg.data.batch_size * self.context.world_size * tc.grad_accum_steps

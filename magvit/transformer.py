@@ -7,7 +7,7 @@ embedding and has its own bias; it is built here from ``transformers``' ``BertFo
 decoding live in ``magvit/masking.py`` and ``magvit/sampling.py``.
 
 Large codebooks (MAGVIT-v2's 2^18 LFQ codes) use token factorization (``token_factorization = F > 1``): a code is
-``F`` sub-tokens of ``S = codebook_size ** (1/F)`` values (:class:`magvit.masking.CodeFactorization`). Its input
+``F`` sub-tokens of ``S = codebook_size ** (1/F)`` values (:class:`magvit.sequence.CodeFactorization`). Its input
 embedding combines ``F`` sub-token embeddings (summed, or concatenated), the special tokens keep their own rows, and
 ``F`` output heads, tied to the sub-token embeddings, predict the sub-tokens: logits ``(B, L, F, S)``. The tables
 hold ``F * S`` code rows instead of ``codebook_size`` (2 x 512 instead of 262144).
@@ -23,7 +23,7 @@ from torch import nn
 
 from .code_grids import check_grids
 from .config import Config
-from .masking import CONDITIONINGS, CodeFactorization, SequenceLayout, TokenVocabulary
+from .sequence import CONDITIONINGS, CodeFactorization, SequenceLayout, TokenVocabulary
 from .pretrained import PretrainedMixin
 from .tasks import DEFAULT_TASKS, task
 
@@ -32,8 +32,8 @@ from .tasks import DEFAULT_TASKS, task
 class TransformerConfig(Config):
     """Size and vocabulary of :class:`MaskedVideoTransformer`.
 
-    The vocabulary (codebook + named special tokens, :class:`magvit.masking.TokenVocabulary`) and the sequence
-    length (:class:`magvit.masking.SequenceLayout`) follow from ``codebook_size``, ``tasks``, ``num_classes``,
+    The vocabulary (codebook + named special tokens, :class:`magvit.sequence.TokenVocabulary`) and the sequence
+    length (:class:`magvit.sequence.SequenceLayout`) follow from ``codebook_size``, ``tasks``, ``num_classes``,
     ``token_grid`` and ``conditioning``. ``tasks`` is the model's task list (names of rows of
     ``magvit.tasks.TASKS``): its order fixes the task-token ids and the class tokens come after them, so rows added
     to the table later change no id of a saved model; a config.json without it (every export written before it

@@ -641,17 +641,3 @@ def frame_grid(rows: Sequence[torch.Tensor] | torch.Tensor, pad: int = 2, backgr
 def save_frame_grid(path: str | os.PathLike, rows: Sequence[torch.Tensor] | torch.Tensor, pad: int = 2) -> Path:
     """Write a PNG grid of frames: rows = videos, columns = frames (see :func:`frame_grid`)."""
     return write_image(path, frame_grid(rows, pad=pad))
-
-
-def frame_indices(num_available: int, num_frames: int, step: float, start: float = 0.0) -> list[int]:
-    """``num_frames`` frame numbers from ``start`` every ``step`` source frames (rounded), all ``< num_available``.
-
-    ``step`` may be fractional (resampling to a target fps). Raises ``ValueError`` when the span does not fit.
-    """
-    if step <= 0:
-        raise ValueError(f"step must be > 0, got {step}")
-    idx = [int(math.floor(start + k * step + 0.5)) for k in range(num_frames)]
-    if idx[-1] >= num_available:
-        raise ValueError(f"{num_frames} frames every {step:g} from {start:g} need {idx[-1] + 1} frames, "
-                         f"the video has {num_available}")
-    return idx

@@ -208,3 +208,38 @@ def test_functions_read_as_one_idea(folder):
                     too_long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
     assert not too_long, f"functions over {MAX_FUNCTION_LINES} lines (split them into named steps):\n" + "\n".join(
         too_long)
+
+
+# The networks map tokens to logits: they need the vocabulary and layout (magvit.sequence), never the masking.
+NETWORKS = ("magvit.transformer", "magvit.autoregressive")
+FORBIDDEN_FOR_NETWORKS = ("magvit.masking",)
+
+
+def network_offences(graph: dict[str, set[str]]) -> list[str]:
+    return [f"{network} imports {target}" for network in NETWORKS for target in sorted(graph.get(network, ()))
+            if target in FORBIDDEN_FOR_NETWORKS]
+
+
+def test_the_networks_never_import_the_masking():
+    offences = network_offences(_import_graph())
+    assert not offences, "transformer.py / autoregressive.py map tokens to logits, nothing more:\n" + "\n".join(
+        offences)
+    # the check sees an offence where there is one (module- or function-level)
+    assert network_offences({"magvit.transformer": {"magvit.masking", "magvit.sequence"}}) == [
+        "magvit.transformer imports magvit.masking"]
+
+
+def test_a_shard_meta_json_is_parsed_in_one_place():
+    """``magvit/shard_meta.py`` is the one reader of a shard folder's meta.json: nowhere else in the library (or
+    its commands) is a ``json.load`` near a ``meta.json``."""
+    offences = []
+    for path in sorted(LIBRARY.rglob("*.py")):
+        if path.name == "shard_meta.py":
+            continue
+        lines = path.read_text().splitlines()
+        for number, line in enumerate(lines, 1):
+            window = " ".join(lines[max(0, number - 4):number + 1])
+            if ("json.load(" in line or "json.loads(" in line) and ("meta.json" in window or "meta_path" in window
+                                                                      or "META_NAME" in window):
+                offences.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert not offences, "meta.json parsed outside magvit/shard_meta.py:\n" + "\n".join(offences)

@@ -13,7 +13,8 @@ import torch
 from conftest import load_real_clip
 from magvit import TokenizerConfig, TransformerConfig, VideoPipeline, VideoTokenizer
 from magvit.autoregressive import (AutoregressiveConfig, AutoregressiveObjectiveConfig, AutoregressiveTransformer,
-                                   next_token_loss, training_sequence, video_logits)
+                                   next_token_loss, video_logits)
+from magvit.prior_training import training_sequence
 from magvit.autoregressive_sampling import autoregressive_decode, filter_logits, sample_codes
 from magvit.masking import make_training_batch
 from magvit.pipeline import load_pretrained

@@ -14,9 +14,11 @@ import pytest
 import torch
 
 from magvit import code_grids
-from magvit.autoregressive import AutoregressiveConfig, AutoregressiveTransformer, training_sequence
-from magvit.masking import (IGNORE_INDEX, SequenceLayout, TokenVocabulary, latent_condition_regions,
-                            make_training_batch)
+from magvit.autoregressive import AutoregressiveConfig, AutoregressiveTransformer
+from magvit.prior_training import training_sequence
+from magvit.sequence import IGNORE_INDEX, SequenceLayout, TokenVocabulary
+from magvit.conditions import latent_condition_regions
+from magvit.masking import make_training_batch
 from magvit.tokenizer import HierarchicalCodes
 from magvit.transformer import MaskedVideoTransformer, TransformerConfig
 
@@ -152,7 +154,7 @@ def test_interior_training_batch_shows_the_condition_at_both_grids():
 
 
 def test_frame_prediction_given_several_frame_counts_at_both_grids():
-    from magvit.masking import build_condition_video
+    from magvit.conditions import build_condition_video
     from magvit.prep.tokenize import encode_batch
     from magvit.tokenizer import TokenizerConfig, VideoTokenizer
 

@@ -305,7 +305,8 @@ def tiny_tokenizer(tmp_path_factory):
 
 
 def test_tokenize_writes_shards_with_conditions_and_resumes(small_manifest, tiny_tokenizer, tmp_path, capsys):
-    from magvit.masking import CONDITION_TASKS, build_condition_video
+    from magvit.tasks import CONDITION_TASKS
+    from magvit.conditions import build_condition_video
     from magvit.tokenizer import VideoTokenizer
 
     out = tmp_path / "tokens"
@@ -352,7 +353,7 @@ def test_tokenize_writes_shards_with_conditions_and_resumes(small_manifest, tiny
 def test_tokenize_cond_frames_writes_each_count_in_both_formats(small_manifest, tiny_tokenizer, tmp_path, capsys):
     """``--cond-frames 1,3``: frame prediction's 1-frame key as before and ``cond.frame_prediction.3``, the codes of
     ``build_condition_video(..., num_cond_frames=3)``, in safetensors and webdataset shards; counts in meta.json."""
-    from magvit.masking import build_condition_video
+    from magvit.conditions import build_condition_video
     from magvit.streaming import decode_sample, iter_tar_samples
     from magvit.tokenizer import VideoTokenizer
 

@@ -108,7 +108,16 @@ def test_preemption_handler_sets_flag_on_sigusr1_and_sigterm():
 
 
 def test_exit_code_contract():
-    assert dist.EXIT_CODE_PREEMPTED == 3
+    """The SLURM job script requeues on the status the trainers exit with after a preemption signal: its
+    ``EXIT_CODE_PREEMPTED`` is the Python constant (the packaged script and the checkout's link alike)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for script in (root / "magvit" / "launch" / "slurm" / "train_job.sh", root / "launch" / "slurm" / "train_job.sh"):
+        values = re.findall(r"^EXIT_CODE_PREEMPTED=(\d+)", script.read_text(), flags=re.M)
+        assert values == [str(dist.EXIT_CODE_PREEMPTED)], (script, values)
+        assert '"$STATUS" -eq "$EXIT_CODE_PREEMPTED"' in script.read_text()  # ... and the requeue branch reads it
 
 
 def test_rank_logger_writes_every_rank_to_its_file_and_prints_rank0_only(tmp_path, capsys):

@@ -49,7 +49,7 @@ def _args(setup, out: Path, *extra: str) -> list[str]:
 
 def test_tokenizer_and_transformer_report(setup, tmp_path, capsys):
     from magvit.data import ClipDataset
-    from magvit.masking import build_condition_video
+    from magvit.conditions import build_condition_video
     from magvit.tokenizer import VideoTokenizer
 
     root, cfg = setup["root"], setup["tok_cfg"]
@@ -151,7 +151,7 @@ def test_masked_token_nll_on_shards_is_deterministic(setup, tmp_path):
 
 def test_masked_token_evaluation_known_values():
     """With a fake transformer whose logits put all mass on the right code, NLL -> 0 and accuracy = 1."""
-    from magvit.masking import TokenVocabulary
+    from magvit.sequence import TokenVocabulary
 
     vocab = TokenVocabulary(8)
 
@@ -160,7 +160,8 @@ def test_masked_token_evaluation_known_values():
             super().__init__()
             self.codes = codes
             self.anchor = torch.nn.Parameter(torch.zeros(()))
-            self.config = type("C", (), {"vocab": vocab, "codebook_size": 8, "num_classes": 0})()
+            self.config = type("C", (), {"vocab": vocab, "codebook_size": 8, "num_classes": 0,
+                                         "conditioning": "prefix"})()  # what sequence.PriorConfig asks of it
 
         def forward(self, ids):
             logits = torch.full((*ids.shape, vocab.size), -50.0)
@@ -367,7 +368,8 @@ def test_interior_masked_token_evaluation_shows_the_condition_in_its_region():
     """The sequences an interior model is scored on, rebuilt by hand: a masked slot shows the condition code inside
     the frame-prediction region and the mask token outside; only masked slots are scored (a uniform model there, a
     wrong confident one at the visible slots: the NLL is exactly log K)."""
-    from magvit.masking import TokenVocabulary, latent_condition_regions
+    from magvit.sequence import TokenVocabulary
+    from magvit.conditions import latent_condition_regions
 
     vocab, grid = TokenVocabulary(8, tasks=("frame_prediction", "unconditional")), (2, 2, 2)
     regions = latent_condition_regions(vocab.tasks, grid, (4, 4, 4), causal=False)  # latent frame 0
@@ -446,7 +448,7 @@ def test_batched_generation_agrees_with_one_clip_at_a_time(setup, conditioning):
     with argmax sampling and no choice noise the codes equal those decoded one clip at a time, and every sequence the
     model sees shows its own clip's condition codes (prefix: in its prefix slots; interior: in the masked slots of
     the condition region) and, once revealed, its final codes: nothing fixed is ever altered, no row mixed up."""
-    from magvit.masking import two_grid_condition_region
+    from magvit.conditions import two_grid_condition_region
     from magvit.pipeline import generate_codes
     from magvit.transformer import MaskedVideoTransformer, TransformerConfig
 
@@ -486,7 +488,7 @@ def test_frame_prediction_batch_size(setup, tmp_path):
     (baselines, the reconstruction, the copy through the tokenizer: equal per clip for batch sizes 1 and 2); the
     generated entry is fixed by the seed and the batch size. The condition is the pipeline's."""
     from magvit.data import ClipDataset
-    from magvit.masking import build_condition_video
+    from magvit.conditions import build_condition_video
     from magvit.pipeline import condition_video
 
     root, cfg = setup["root"], setup["tok_cfg"]

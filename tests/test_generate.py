@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from conftest import load_real_clip
 from magvit import MaskedVideoTransformer, TokenizerConfig, TransformerConfig, VideoTokenizer
 from magvit.generate import main
-from magvit.masking import build_condition_video, make_training_batch, masked_token_loss
+from magvit.conditions import build_condition_video
+from magvit.masking import make_training_batch, masked_token_loss
 from magvit.pipeline import fit_video, generate, generate_codes
 from magvit.video_io import read_video, to_float, write_image, write_video
 
@@ -325,7 +326,7 @@ def test_interior_generation_keeps_the_given_frames_condition_codes(models, tmp_
     exactly the condition codes there and 0 elsewhere, so the output codes show the region used."""
     import torch.nn.functional as F
 
-    from magvit.masking import latent_condition_region
+    from magvit.conditions import latent_condition_region
     from magvit.pipeline import VideoPipeline
 
     config = TransformerConfig.preset("tiny", conditioning="interior", tasks=["frame_prediction", "unconditional"],

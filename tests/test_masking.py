@@ -10,29 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from magvit import tasks
-from magvit.masking import (
-    CONDITION_TASKS,
-    IGNORE_INDEX,
-    NO_LABEL,
-    SCHEDULES,
-    TASKS,
-    CodeFactorization,
-    SequenceLayout,
-    TokenVocabulary,
-    build_condition_video,
-    check_training_batch,
-    code_nll,
-    condition_region,
-    factor_logits,
-    latent_condition_region,
-    latent_condition_regions,
-    make_training_batch,
-    mask_schedule,
-    masked_token_loss,
-    predicted_codes,
-    random_mask,
-    training_tasks,
-)
+from magvit.tasks import CONDITION_TASKS
+from magvit.sequence import (CodeFactorization, IGNORE_INDEX, NO_LABEL, SequenceLayout, TokenVocabulary, code_nll,
+                             factor_logits, predicted_codes)
+from magvit.masking import (SCHEDULES, check_training_batch, make_training_batch, mask_schedule, masked_token_loss,
+                            random_mask, training_tasks)
+from magvit.tasks import TASK_NAMES
+from magvit.conditions import build_condition_video, condition_region, latent_condition_region, latent_condition_regions
 
 GRID = (2, 4, 4)
 N = 32
@@ -63,7 +47,7 @@ def test_schedule_known_values_and_errors():
 def test_vocabulary_tokens_are_distinct_and_after_codebook():
     vocab = TokenVocabulary(codebook_size=16, num_classes=3)
     special = [vocab.mask_token, vocab.pad_token, vocab.unconditional_token]
-    special += [vocab.task_token(t) for t in TASKS] + [vocab.class_token(c) for c in range(3)]
+    special += [vocab.task_token(t) for t in TASK_NAMES] + [vocab.class_token(c) for c in range(3)]
     assert len(set(special)) == len(special) == vocab.size - 16
     assert min(special) == 16 and max(special) == vocab.size - 1
     assert vocab.class_token(NO_LABEL) == vocab.unconditional_token
@@ -194,7 +178,7 @@ def test_training_batch_layout_and_requested_ratio():
     assert bool((weights[:, : layout.video.start] == 0).all())
     assert torch.equal(weights[:, layout.video], torch.where(masked, 1.0, 0.25))
     # prefix and class slots agree with the task chosen for each example
-    task_of = {vocab.task_token(t): t for t in TASKS}
+    task_of = {vocab.task_token(t): t for t in TASK_NAMES}
     for i in range(6):
         task = task_of[int(ids[i, 0])]
         prefix = ids[i, layout.prefix]
@@ -217,7 +201,7 @@ def test_training_batch_schedule_ratios_and_task_mix():
     # ratio = cos(pi/2 u), u ~ U(0,1): mean 2/pi
     assert fraction.mean().item() == pytest.approx(2 / math.pi, abs=0.05)
     tasks = {int(t) for t in ids[:, 0]}
-    assert tasks == {vocab.task_token(t) for t in TASKS}
+    assert tasks == {vocab.task_token(t) for t in TASK_NAMES}
     # unlabelled examples never get the class task
     unlabelled = batch["label"] < 0
     assert not bool((ids[unlabelled, 0] == vocab.task_token("class")).any())
@@ -429,7 +413,7 @@ def test_training_batch_reads_no_tensor_value_on_the_host():
 
 
 def test_task_table_rows_and_cli_lookup():
-    assert tasks.TASK_NAMES == tasks.DEFAULT_TASKS == TASKS  # today's table is the default list, in its order
+    assert tasks.TASK_NAMES == tasks.DEFAULT_TASKS == TASK_NAMES  # today's table is the default list, in its order
     assert CONDITION_TASKS == tuple(t.name for t in tasks.TASKS if t.shard_key == f"cond.{t.name}")
     assert tasks.cli_names() == ("frame_prediction", "interpolation", "outpaint", "inpaint", "sketch", "class",
                                  "unconditional")

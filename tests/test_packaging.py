@@ -170,3 +170,14 @@ def test_tiny_generation_from_a_packaged_config(installed, elsewhere):
                  "--cond", "frame.png", "--steps", "2", "--out", "generated.mp4", "--device", "cpu"], cwd=elsewhere)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "generated 1 video(s)" in proc.stdout and (elsewhere / "generated.mp4").stat().st_size > 0
+
+
+def test_setup_py_defers_everything_to_pyproject(tmp_path):
+    """The top-level ``setup.py`` is a shim: ``setup()`` with no arguments, so the metadata lives in pyproject.toml
+    alone (name and version come from there)."""
+    import ast
+
+    calls = [node for node in ast.walk(ast.parse((ROOT / "setup.py").read_text())) if isinstance(node, ast.Call)]
+    assert [(ast.unparse(c.func), c.args, c.keywords) for c in calls] == [("setup", [], [])]
+    name = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert name.returncode == 0 and name.stdout.split()[-1] == "magvit", name.stderr

@@ -12,7 +12,8 @@ import torch
 from conftest import load_real_clip
 from magvit import MaskedVideoTransformer, TokenizerConfig, TransformerConfig, VideoPipeline, VideoTokenizer
 from magvit.cli import UsageError
-from magvit.masking import TASKS, build_condition_video
+from magvit.tasks import TASK_NAMES
+from magvit.conditions import build_condition_video
 from magvit.pipeline import check_pair, fit_video, generate
 from magvit.video_io import to_float, to_uint8, write_video
 
@@ -79,7 +80,7 @@ def test_condition_errors(pipe, clip):
     assert pipe.prepare_condition("unconditional", None) is None
 
 
-@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("task", TASK_NAMES)
 def test_every_task_generates_videos(pipe, clip, task):
     from magvit.sketch import sketch_video
 

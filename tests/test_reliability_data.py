@@ -186,13 +186,16 @@ def test_manifest_with_all_paths_missing_or_a_list_label_is_a_value_error(tmp_pa
         ClipDataset([{"path": "a.mp4", "frames": 30, "label": ["cat"], "split": "train"}], "train")
 
 
-def _token_dir(root: Path, codes: torch.Tensor, codebook_size: int = 64) -> Path:
+def _token_dir(root: Path, codes: torch.Tensor, codebook_size: int = 64, labels: torch.Tensor | None = None,
+               classes: tuple[str, ...] = ()) -> Path:
     from magvit.cli import write_json
     from magvit.prep.shards import save_shard
 
     root.mkdir(parents=True, exist_ok=True)
-    save_shard(root / "shard-00000.safetensors", {"codes": codes, "labels": torch.zeros(len(codes), dtype=torch.long)})
+    labels = torch.full((len(codes),), -1, dtype=torch.long) if labels is None else labels  # -1: no class
+    save_shard(root / "shard-00000.safetensors", {"codes": codes, "labels": labels})
     write_json(root / "meta.json", {"token_grid": list(codes.shape[1:]), "codebook_size": codebook_size,
+                                    "classes": list(classes),
                                     "shards": [{"file": "shard-00000.safetensors", "num_examples": len(codes)}]})
     return root
 
@@ -218,6 +221,29 @@ def test_token_shards_are_validated_at_load(tmp_path):
     floats = _token_dir(tmp_path / "floats", good.float())
     with pytest.raises(ValueError, match="token codes are integers"):
         TokenShardDataset(floats)
+
+
+def test_token_shard_labels_outside_the_classes_are_refused_at_load(tmp_path):
+    """A label past meta.json's classes would index past the class embeddings mid-training: refused when the
+    shards open, naming the shard. -1 (no class) is always fine."""
+    from magvit.batches import DataConfig, token_batches
+    from magvit.cli import UsageError
+    from magvit.data import TokenShardDataset
+
+    codes = torch.randint(0, 64, (3, 2, 4, 4), dtype=torch.int32)
+    fine = _token_dir(tmp_path / "fine", codes, labels=torch.tensor([0, -1, 1]), classes=("a", "b"))
+    assert [TokenShardDataset(fine)[i]["label"] for i in range(3)] == [0, -1, 1]
+    shard = tmp_path / "past" / "shard-00000.safetensors"
+    cases = [("past", [0, 2, 1], ("a", "b")), ("none", [0, -1, -1], ()), ("low", [-2, 0, 0], ("a",))]
+    for folder, labels, classes in cases:
+        bad = _token_dir(tmp_path / folder, codes, labels=torch.tensor(labels), classes=classes)
+        with pytest.raises(ValueError, match=f"shard-00000.safetensors: class labels in \\[-?\\d+, \\d+\\], outside the "
+                                             f"{len(classes)} classes of meta.json"):
+            TokenShardDataset(bad)
+    data = DataConfig(tokens=str(shard.parent), batch_size=2, num_workers=0)
+    with pytest.raises(UsageError) as refused:
+        token_batches(data, 0, 1, 0, torch.device("cpu"))
+    assert str(shard) in str(refused.value) and "\n" not in str(refused.value)
 
 
 # --- token shard folders: one tokenize at a time, settings recorded, the tokenizer's weights fingerprinted ----------
@@ -270,7 +296,8 @@ def test_a_second_tokenize_into_a_folder_in_use_is_refused(tokenize_setup, tmp_p
     try:
         assert _tokenize(tokenize_setup, out) == 2
         line = _one_line(capsys.readouterr().err)
-        assert f"--out {out} is being written by another tokenize run (pid {os.getpid()})" in line
+        assert line.endswith(f"error: {out} is in use by another tokenize run (pid {os.getpid()}): wait for it to "
+                             "finish, stop it, or use another --out"), line
         assert list(out.iterdir()) == []  # no plan, no shard: nothing mixed
     finally:
         first.release()

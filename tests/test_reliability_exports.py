@@ -139,3 +139,21 @@ def test_every_command_refuses_a_hostile_export_in_one_line(exports, tmp_path, c
     assert gb < 1.0, f"{gb:.2f} GB"
     assert seconds < 60, f"{seconds:.1f} s"  # mostly interpreter start and imports on a busy 2-core machine
     assert not (tmp_path / "out.mp4").exists() and not (tmp_path / "tokens" / "meta.json").exists()
+
+
+def test_the_prior_kind_is_read_through_the_bounded_config_reader(exports, tmp_path, monkeypatch):
+    """``load_pretrained("prior")`` picks the class from config.json's ``model_type`` with the same size limit as
+    ``from_pretrained``: an oversized config.json is never read whole, and the load is one error."""
+    from magvit import pipeline, pretrained
+    from magvit.cli import UsageError
+
+    folder = shutil.copytree(exports / "autoregressive", tmp_path / "big")
+    assert pipeline._prior_class(folder) is AutoregressiveTransformer
+    reads = []
+    monkeypatch.setattr(pretrained.Path, "read_text", lambda self, *a, **k: reads.append(self) or "")
+    with open(folder / "config.json", "a") as f:
+        f.truncate(17 << 20)  # sparse: 17 MiB of zeros after the JSON
+    assert pipeline._prior_class(folder) is MaskedVideoTransformer and reads == []  # refused by its size, unread
+    monkeypatch.undo()
+    with pytest.raises(UsageError, match="more than a model config holds"):
+        pipeline.load_pretrained("prior", folder)

@@ -343,6 +343,7 @@ def token_shards(tmp_path_factory) -> Path:
     codes = torch.randint(0, 64, (4, 2, 4, 4), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
     save_shard(root / "shard-00000.safetensors", {"codes": codes, "labels": torch.full((4,), -1)})  # -1: no class
     write_json(root / "meta.json", {"token_grid": [2, 4, 4], "codebook_size": 64, "classes": [], "num_examples": 4,
+                                    "condition_tasks": [], "has_sketch": False,  # no condition codes at all
                                     "shards": [{"file": "shard-00000.safetensors", "num_examples": 4}]})
     return root
 
@@ -356,6 +357,8 @@ def _flash_attention_2() -> bool:
 @pytest.mark.parametrize("trainer, override, expected", [
     ("transformer", "masking.tasks=[]", "error: masking: tasks is an empty list, which trains nothing"),
     ("transformer", "masking.tasks=[sketch]", "error: masking.tasks: 'sketch' is not one of the model's tasks"),
+    ("transformer", "masking.tasks=[interpolation,class]", "error: masking.tasks: the token shards {tokens} hold no "
+     "condition codes of 'interpolation'"),
     ("transformer", "model.hidden_act=bogus", "error: model.hidden_act: 'bogus' is not an activation transformers"),
     ("transformer", "model.attn_implementation=flash_attention_2",
      "error: model: MaskedVideoTransformer cannot be built with this config (ImportError: FlashAttention2"),
@@ -363,14 +366,17 @@ def _flash_attention_2() -> bool:
     ("autoregressive", "objective.tasks=[]", "error: objective: tasks is an empty list, which trains nothing"),
     ("autoregressive", "model.tasks=[class,unconditional] objective.tasks=[sketch]",
      "error: objective.tasks: 'sketch' is not one of the model's tasks (model.tasks: class, unconditional)"),
+    ("autoregressive", "objective.tasks=[sketch]", "error: objective.tasks: the token shards {tokens} hold no "
+     "condition codes of 'sketch' (they carry class, unconditional)"),
     ("autoregressive", "model.hidden_act=bogus", "error: model.hidden_act: 'bogus' is not an activation"),
     ("autoregressive", "model.attn_implementation=flex_attention",
      "error: model: AutoregressiveTransformer cannot be built with this config (ValueError: GPT2LMHeadModel does "
      "not support"),
     ("tokenizer", "loss.perceptual_model=/nonexistent",
      "error: loss.perceptual_model: perceptual loss: expected a local ResNet directory, got '/nonexistent'"),
-], ids=["tasks-empty", "task-not-in-model", "hidden-act", "flash-attention-2", "attn-bogus", "ar-tasks-empty",
-        "ar-task-not-in-model", "ar-hidden-act", "ar-flex-attention", "perceptual-model-missing"])
+], ids=["tasks-empty", "task-not-in-model", "task-not-in-shards", "hidden-act", "flash-attention-2", "attn-bogus",
+        "ar-tasks-empty", "ar-task-not-in-model", "ar-task-not-in-shards", "ar-hidden-act", "ar-flex-attention",
+        "perceptual-model-missing"])
 def test_trainer_option_errors_are_one_line_before_the_run_dir(trainer, override, expected, token_shards, tmp_path,
                                                                 capsys, monkeypatch):
     """In-process (the checks come before any process group): ``start_run``, which writes the run dir, is never
@@ -392,5 +398,5 @@ def test_trainer_option_errors_are_one_line_before_the_run_dir(trainer, override
     err = capsys.readouterr().err
     assert status == 2 and "Traceback" not in err, err
     lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1 and expected in lines[0], err
+    assert len(lines) == 1 and expected.format(tokens=token_shards) in lines[0], err
     assert not run_dir.exists()

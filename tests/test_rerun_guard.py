@@ -145,7 +145,12 @@ def test_run_lock_refuses_a_second_holder_and_frees_on_exit(tmp_path):
     second = runlog.RunLock(run).acquire()
     assert second == (f"{run} is in use by another run (pid {os.getpid()}): wait for it to finish, stop it, or use "
                       "another --run-dir")
+    named = runlog.RunLock(run, option="--out", holder="tokenize run").acquire()
+    assert named == (f"{run} is in use by another tokenize run (pid {os.getpid()}): wait for it to finish, stop it, "
+                     "or use another --out")
+    assert runlog.lock_holder(run) == os.getpid()
     first.release()
+    assert runlog.lock_holder(run) is None
     again = runlog.RunLock(run)
     assert again.acquire() is None
     again.release()

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from magvit.masking import CodeFactorization, mask_schedule
+from magvit.sequence import CodeFactorization
+from magvit.masking import mask_schedule
 from magvit.sampling import iterative_decode, num_masked_after_step, sequential_decode
 
 V = 16  # codebook size

@@ -193,6 +193,8 @@ def _damage(shard, case: str) -> None:
     elif case == "another shape":
         _write_tar(shard, [(n, _npy(np.zeros((2, 2, 2), np.int32)) if n.endswith(".codes.npy") else d)
                            for n, d in members])
+    elif case == "a label outside the classes":  # meta.json declares 3 classes
+        _write_tar(shard, [(n, b"3") if n.endswith(".cls") else (n, d) for n, d in members])
     elif case == "a grid meta.json does not declare":
         meta = json.loads((shard.parent / "meta.json").read_text())
         (shard.parent / "meta.json").write_text(json.dumps({**meta, "token_grid": [4, 4, 4]}))
@@ -206,6 +208,8 @@ DAMAGE = {"cut at a member boundary": "shard-00001.tar: cut short after 4 sample
           "an object array": "shard-00001.tar: member 000000007.codes.npy: an object array",
           "float codes": "shard-00001.tar: sample 000000006: codes.npy holds float32",
           "another shape": "shard-00001.tar: sample 000000006: codes.npy has shape (2, 2, 2), the others (2, 4, 4)",
+          "a label outside the classes": "shard-00001.tar: sample 000000006: class label 3 outside the 3 classes "
+                                         "of meta.json",
           "a grid meta.json does not declare": "shard-00000.tar: sample 000000000: codes.npy has shape (2, 4, 4), "
                                                "meta.json's grid is (4, 4, 4)"}
 
@@ -231,7 +235,8 @@ def test_a_damaged_shard_is_one_line_naming_it_before_training(tmp_path, case):
 @pytest.mark.parametrize(("case", "message"), [
     ("fewer samples than declared", "shard-00002.tar: holds 4 samples, meta.json declares 6"),
     ("cut inside a member", "shard-00002.tar: not a readable tar (unexpected end of data)"),
-    ("an object array", "shard-00002.tar: sample '000000013': Object arrays cannot be loaded")])
+    ("an object array", "shard-00002.tar: sample '000000013': Object arrays cannot be loaded"),
+    ("a label outside the classes", "shard-00002.tar: sample '000000012': class label 3 outside the 3 classes")])
 def test_a_shard_changed_after_the_check_is_an_error_while_streaming(tmp_path, case, message):
     """An epoch is a pass over the declared samples: a shard damaged while the run streams (or a remote one, checked
     as it streams) is an error naming it, not a shorter epoch or a traceback from numpy."""
@@ -306,7 +311,7 @@ def test_tokenize_webdataset_and_two_ranks_write_the_same_tokens(small_manifest,
     assert [p.wait(timeout=300) for p in procs] == [0, 0], [p.stderr.read() for p in procs]
     two = TokenShardDataset(tmp_path / "two")
     assert len(two) == len(reference) == 4
-    assert json.loads((tmp_path / "two" / "meta.json").read_text())["shards"] == reference.meta["shards"]
+    assert two.meta.shards == reference.meta.shards
     for key, value in reference.tensors.items():
         assert torch.equal(two.tensors[key], value), key
     # the streaming format holds the same codes

@@ -259,3 +259,24 @@ def test_failed_online_start_falls_back_to_offline(tmp_path, monkeypatch, caplog
 
     with pytest.raises(OSError, match="disk full"):
         start_wandb(BrokenOffline("wandb"), TrackingConfig(wandb=True, wandb_mode="offline"), run_dir, None, "")
+
+
+def test_the_offline_fallback_warning_lands_in_the_run_log(tmp_path, monkeypatch):
+    """A trainer hands its logger to the tracker: the W&B offline fallback's warning is in logs/rank0.log, not only
+    on stderr (a fake wandb: no network, no wandb run)."""
+    from magvit import tracking
+    from magvit.distributed import rank_zero_logger
+
+    modes = []
+    fake = types.SimpleNamespace(init=lambda **kw: modes.append(kw["mode"]) or types.SimpleNamespace(),
+                                 Settings=lambda **kw: kw, teardown=lambda: None)
+    monkeypatch.setattr(tracking, "check_backends", lambda config: fake)
+    monkeypatch.setattr(tracking, "wandb_server_problem", lambda: "api.example:443: ConnectionRefusedError")
+    run_dir = tmp_path / "run"
+    log = rank_zero_logger("magvit.test_tracking_log", 0, run_dir / "logs" / "rank0.log")
+    Tracker(TrackingConfig(tensorboard=False, wandb=True, wandb_mode="online"), run_dir, is_main=True, log=log)
+    for handler in log.handlers:
+        handler.flush()
+    assert modes == ["offline"]
+    text = (run_dir / "logs" / "rank0.log").read_text()
+    assert "W&B is unreachable (api.example:443: ConnectionRefusedError)" in text and "wandb sync" in text

@@ -289,7 +289,7 @@ def test_repository_configs_load_strictly(kind, monkeypatch):
             assert (cfg.discriminator.num_frames, cfg.discriminator.image_size) == (cfg.model.num_frames,
                                                                                     cfg.model.image_size)
             if name == "mnist":  # Moving MNIST: 17 frames -> 5 latent frames; the 5 given ones are latent frames 0-1
-                from magvit.masking import latent_condition_region
+                from magvit.conditions import latent_condition_region
 
                 grid = cfg.model.token_grid(17, 64, 64)
                 region = latent_condition_region("frame_prediction", grid, (17, 64, 64), True, num_cond_frames=5)

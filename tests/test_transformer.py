@@ -204,8 +204,8 @@ def test_factorised_save_load_and_old_exports(tmp_path):
 
 
 def test_factorised_model_decodes_with_fixed_tokens_kept():
-    from magvit.generate import generate_codes
-    from magvit.masking import build_sequence
+    from magvit.pipeline import generate_codes
+    from magvit.sequence import build_sequence
     from magvit.sampling import iterative_decode
 
     torch.manual_seed(0)
@@ -239,7 +239,8 @@ def test_factorization_config_errors():
 
 def test_evaluate_reports_the_summed_sub_token_nll():
     from magvit.evaluate import MaskedTokenEvaluation
-    from magvit.masking import code_nll, make_training_batch
+    from magvit.sequence import code_nll
+    from magvit.masking import make_training_batch
 
     torch.manual_seed(0)
     model = MaskedVideoTransformer(_factorised("sum", token_grid=(1, 4, 4))).eval()
@@ -351,8 +352,8 @@ def test_export_without_conditioning_loads_as_prefix():
 
 
 def test_interior_model_generates_with_its_condition_refilled():
-    from magvit.generate import generate_codes
-    from magvit.masking import latent_condition_region
+    from magvit.pipeline import generate_codes
+    from magvit.conditions import latent_condition_region
     from magvit.cli import UsageError
 
     torch.manual_seed(0)

@@ -15,7 +15,6 @@ from magvit.video_io import (
     VideoReadError,
     decord_available,
     frame_grid,
-    frame_indices,
     probe_video,
     read_video,
     save_frame_grid,
@@ -243,13 +242,6 @@ def test_write_gif_and_png_grid(tmp_path, real_clip):
     assert (grid[68:132, 3 * 66 + 2:] == 255).all()  # missing frames of the short row stay background
     png = save_frame_grid(tmp_path / "grid.png", rows)
     assert torch.equal(read_video(png).frames[0], grid)
-
-
-def test_frame_indices():
-    assert frame_indices(10, 4, 2.0) == [0, 2, 4, 6]
-    assert frame_indices(10, 3, 1.5, start=1) == [1, 3, 4]  # 1, 2.5 -> 3, 4
-    with pytest.raises(ValueError, match="need 9 frames"):
-        frame_indices(8, 5, 2.0)
 
 
 @needs_decord

@@ -19,9 +19,16 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from .. import code_grids, metrics, tasks
+from ..conditions import build_condition_video, latent_condition_regions, two_grid_condition_region
+from ..masking import make_training_batch
+from ..pipeline import prior_of
+from ..sequence import NO_LABEL, code_nll, predicted_codes
+from ..tasks import condition_name
 from ..cli import UsageError
+from ..shard_meta import TokenShardMeta
 from .inputs import check_token_meta, shard_tasks, supported_tasks, token_batches_from_shards
 
 
@@ -110,15 +117,15 @@ class MaskedTokenEvaluation:
 
     The sequences are the model's own (``config.conditioning``): an interior model's masked slots inside a task's
     latent condition region show the condition codes, so it needs ``condition_regions`` (by condition name, as
-    ``masking.make_training_batch`` takes them: ``masking.latent_condition_regions`` of the clips' size, the
-    tokenizer's causality and the token grid, or ``masking.shard_condition_regions`` of token shards). Only the
+    ``masking.make_training_batch`` takes them: ``conditions.latent_condition_regions`` of the clips' size, the
+    tokenizer's causality and the token grid, or ``TokenShardMeta.condition_regions`` of token shards). Only the
     masked positions are scored."""
 
     def __init__(self, transformer, tasks: Sequence[str], seed: int = 0,
                  condition_regions: Mapping[str, torch.Tensor] | None = None):
         self.transformer = transformer
         self.condition_regions = condition_regions
-        self.conditioning = getattr(transformer.config, "conditioning", "prefix")  # a config without it: prefix
+        self.conditioning = transformer.config.conditioning  # sequence.PriorConfig: either prior answers
         if self.conditioning == "interior" and condition_regions is None:
             raise ValueError("a model with interior conditioning is scored with the condition regions of its clips")
         self.tasks = list(tasks)
@@ -130,8 +137,6 @@ class MaskedTokenEvaluation:
     @torch.no_grad()
     def update(self, batch: dict[str, torch.Tensor]) -> None:
         """``batch``: collated token items ``{"codes": (B, t, h, w), "cond.<task>": ..., "label": (B,)}``."""
-        from ..masking import NO_LABEL, code_nll, make_training_batch, predicted_codes
-
         config = self.transformer.config
         device = next(self.transformer.parameters()).device
         labels = torch.as_tensor(batch.get("label", NO_LABEL)).long().reshape(-1).expand(batch["codes"].shape[0])
@@ -207,8 +212,6 @@ def frame_scores(prediction: torch.Tensor, target: torch.Tensor) -> dict[str, to
 def frame_prediction_baselines(real: torch.Tensor, num_cond_frames: int) -> dict[str, torch.Tensor]:
     """Predictions that need no model, ``(B, 3, T, H, W)`` like ``real``: the last given frame repeated
     (``copy_baseline``), all black (-1, ``black_baseline``) and the mean of the given frames (``mean_baseline``)."""
-    from ..masking import build_condition_video
-
     mean = real[:, :, :num_cond_frames].mean(2, keepdim=True).expand_as(real)
     return {"copy_baseline": build_condition_video(real, "frame_prediction", num_cond_frames=num_cond_frames),
             "black_baseline": torch.full_like(real, -1.0), "mean_baseline": mean}
@@ -242,11 +245,8 @@ class FramePredictionEvaluation:
         seeded with ``seed`` + the number of clips scored before the batch: batch size 1 gives clip ``i`` the seed
         ``seed + i``; any batch size samples from the same distribution, and a seed and a batch size fix the
         samples. ``condition_codes``: the tokenizer's codes (two grids: the ``(top, bottom)`` pair) of the clips'
-        condition video (``masking.build_condition_video(video, "frame_prediction", num_cond_frames)``) when the
+        condition video (``conditions.build_condition_video(video, "frame_prediction", num_cond_frames)``) when the
         caller has them already; else they are encoded here."""
-        from ..masking import build_condition_video
-        from ..pipeline import prior_of
-
         device = next(self.transformer.parameters()).device
         prior = prior_of(self.transformer)  # masked or autoregressive: the options its sampler takes
         n, batch = self.num_cond_frames, video.shape[0]
@@ -272,12 +272,10 @@ class FramePredictionEvaluation:
     def _sampling_options(self, prior, clip_size: Sequence[int]) -> dict[str, Any]:
         """The sampler's keywords: those of ours its prior takes, and an interior model's condition region (the
         latent slots of the n given frames of ``clip_size`` ``(T, H, W)`` clips)."""
-        from ..masking import two_grid_condition_region
-
         options = {k: v for k, v in (("steps", self.steps), ("temperature", self.temperature),
                                      ("guidance_scale", self.guidance_scale)) if k in prior.options}
         config = self.transformer.config
-        if getattr(config, "conditioning", "prefix") == "interior":
+        if config.conditioning == "interior":
             options["condition_region"] = two_grid_condition_region("frame_prediction", config.token_grid,
                                                                     config.top_grid, clip_size,
                                                                     self.tokenizer.config.causal,
@@ -348,9 +346,6 @@ def evaluate_clips(clips: Iterable[torch.Tensor], results: ClipResults, num_cond
     reconstructed clips (and the generated ones) for FVD. The masked tokens score frame prediction given
     ``num_cond_frames`` frames (its condition ``cond.<magvit.tasks.condition_name>``; an interior model's
     ``condition_regions`` must hold its region, :func:`clip_condition_regions`)."""
-    from ..masking import build_condition_video
-    from ..tasks import condition_name
-
     tokenizer = results.tokenizer.tokenizer
     for video in clips:
         video = video.to(results.tokenizer.device)
@@ -378,8 +373,6 @@ def evaluate_token_shards(directory: Path, tokenizer, transformer, requested: Se
     """Masked-token NLL over held-out token shards (checked to hold this model pair's codes), on the requested
     tasks whose condition codes the shards hold (an interior model: in the latent condition regions of the shards'
     clips, tokenizer and given-frame counts, from their ``meta.json``)."""
-    from tqdm.auto import tqdm
-
     meta = check_token_meta(directory, tokenizer, transformer)
     batches = token_batches_from_shards(directory, batch_size, max_examples)
     first = next(batches, None)
@@ -399,21 +392,17 @@ def evaluate_token_shards(directory: Path, tokenizer, transformer, requested: Se
 
 
 def clip_condition_regions(tokenizer, transformer, num_cond_frames: int = 1) -> dict[str, torch.Tensor]:
-    """The latent condition regions (``masking.latent_condition_regions``) of an interior transformer's tasks for the
+    """The latent condition regions (``conditions.latent_condition_regions``) of an interior transformer's tasks for the
     tokenizer's clips, frame prediction given ``num_cond_frames`` frames (two code grids: both, packed)."""
-    from ..masking import latent_condition_regions
-
     tc, xc = tokenizer.config, transformer.config
     return latent_condition_regions(xc.tasks, xc.token_grid, (tc.num_frames, tc.image_size, tc.image_size), tc.causal,
                                     (num_cond_frames,), xc.top_grid)
 
 
-def _shard_regions(directory: Path, meta: dict[str, Any], transformer) -> dict[str, torch.Tensor]:
-    """``masking.shard_condition_regions`` of the shards' ``meta.json``; ``UsageError`` when it lacks the clip size."""
-    from ..masking import shard_condition_regions
-
+def _shard_regions(directory: Path, meta: TokenShardMeta, transformer) -> dict[str, torch.Tensor]:
+    """``TokenShardMeta.condition_regions`` of the shards; ``UsageError`` when their meta.json lacks the clip size."""
     try:
-        return shard_condition_regions(meta, transformer.config.tasks)
+        return meta.condition_regions(transformer.config.tasks)
     except (KeyError, TypeError, ValueError) as err:
         raise UsageError(f"--tokens: {directory}/meta.json does not tell the clips' size and tokenizer an interior "
                          f"model's condition regions need ({type(err).__name__}: {err})") from None

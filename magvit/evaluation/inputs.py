@@ -11,9 +11,14 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
 
 from .. import tasks
 from ..cli import UsageError
+from ..data import ClipDataset, TokenShardDataset, collate_skip_none, read_manifest
+from ..prep.index import build_manifest
+from ..shard_meta import META_NAME, TokenShardMeta, read_meta_json
 
 MANIFEST_NAME = "manifest.jsonl"
 
@@ -31,18 +36,16 @@ def resolve_data(path: str | os.PathLike, scratch: Path) -> tuple[str, Path]:
         raise UsageError(f"--data: no such file or folder: {path}")
     if (path / MANIFEST_NAME).is_file():
         return "manifest", path / MANIFEST_NAME
-    meta = path / "meta.json"
+    meta = path / META_NAME
     if meta.is_file():
         try:
-            is_tokens = "token_grid" in json.loads(meta.read_text())
-        except json.JSONDecodeError as err:
-            raise UsageError(f"--data: {meta} is not valid JSON ({err})") from None
+            is_tokens = "token_grid" in read_meta_json(path)
+        except ValueError as err:
+            raise UsageError(f"--data: {err}") from None
         if is_tokens:
             return "tokens", path
         raise UsageError(f"--data: {path} holds clip shards; give the manifest they were extracted from")
     # A plain folder of videos: index it (all clips held out, since nothing here was trained on them).
-    from ..prep.index import build_manifest
-
     out = scratch / "clips_manifest.jsonl"  # beside the report, never over a manifest of the user's
     try:
         summary = build_manifest([path], out, val_fraction=0.0, labels=False, show_progress=False)
@@ -58,8 +61,6 @@ def resolve_data(path: str | os.PathLike, scratch: Path) -> tuple[str, Path]:
 def open_clips(manifest: Path, split: str, num_frames: int, image_size: int):
     """The ``split`` clips of the manifest as a ``ClipDataset`` (centred crops, evenly spaced starts, unreadable
     files skipped); ``UsageError`` when there is none."""
-    from ..data import ClipDataset
-
     try:
         dataset = ClipDataset(manifest, split=split, num_frames=num_frames, image_size=image_size, on_error="skip")
     except (FileNotFoundError, ValueError) as err:
@@ -83,15 +84,12 @@ def iterate_clips(clips, max_clips: int | None, batch_size: int, progress: bool,
     failed to decode (a damaged file, or one shorter than the manifest says), ``"skipped"`` each video left out
     before decoding (missing, too short).
     """
-    from torch.utils.data import DataLoader, Subset
 
-    from ..data import collate_skip_none
 
     lost = {} if lost is None else lost
     lost.setdefault("skipped", []).extend({"path": path, "reason": reason} for path, reason in clips.skipped)
     dataset = clips if max_clips is None else Subset(clips, range(min(max_clips, len(clips))))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_skip_none)  # in-process
-    from tqdm.auto import tqdm
 
     with tqdm(total=len(dataset), desc="clips", unit="clip", disable=not progress, file=sys.stderr,
               dynamic_ncols=True) as bar:
@@ -104,18 +102,16 @@ def iterate_clips(clips, max_clips: int | None, batch_size: int, progress: bool,
         for path, count in sorted(clips.failures.items()))
 
 
-def tokenized_videos(meta: dict) -> set[str] | None:
+def tokenized_videos(meta: TokenShardMeta) -> set[str] | None:
     """Resolved paths of the videos whose clips token shards hold: their ``meta.json``'s ``videos`` (written by
     ``data_prep.tokenize``), else the ``split`` of the ``manifest`` it names (older shards); ``None`` when neither
     tells."""
-    if isinstance(meta.get("videos"), list):
-        return {str(Path(p).resolve()) for p in meta["videos"]}
-    if not meta.get("manifest") or meta.get("split") not in ("train", "val", "all"):
+    if meta.videos is not None:
+        return {str(Path(p).resolve()) for p in meta.videos}
+    if not meta.manifest or meta.split not in ("train", "val", "all"):
         return None
-    from ..data import read_manifest
-
     try:
-        return {str(Path(r["path"]).resolve()) for r in read_manifest(meta["manifest"], meta["split"])}
+        return {str(Path(r["path"]).resolve()) for r in read_manifest(meta.manifest, meta.split)}
     except (OSError, ValueError):  # the manifest moved or changed since: no way to tell
         return None
 
@@ -125,7 +121,7 @@ def held_out_warnings(directory: Path, evaluated: Sequence[str] | None) -> list[
     ``evaluated`` videos (resolved paths; ``None``: no clips are evaluated), or come from a manifest's ``train``
     (or ``all``) split, which a transformer trained on these shards has seen."""
     try:
-        meta = json.loads((directory / "meta.json").read_text())
+        meta = TokenShardMeta.read(directory)
     except (OSError, ValueError):
         return []  # check_token_meta reports a missing or broken meta.json
     warnings = []
@@ -136,49 +132,46 @@ def held_out_warnings(directory: Path, evaluated: Sequence[str] | None) -> list[
             warnings.append(f"the token shards {directory} hold {len(shared)} of the {len(evaluated)} evaluated clips "
                             f"(e.g. {shared[0]}): a transformer trained on them has seen these clips, so its scores "
                             f"on them are not held-out")
-    if meta.get("split") in ("train", "all"):
-        warnings.append(f"the token shards {directory} were tokenized from the '{meta['split']}' split of "
-                        f"{meta.get('manifest', 'their manifest')}: their masked-token NLL is not held-out for a "
+    if meta.split in ("train", "all"):
+        warnings.append(f"the token shards {directory} were tokenized from the '{meta.split}' split of "
+                        f"{meta.manifest or 'their manifest'}: their masked-token NLL is not held-out for a "
                         f"transformer trained on that split")
     return warnings
 
 
-def check_token_meta(directory: Path, tokenizer, transformer) -> dict:
+def check_token_meta(directory: Path, tokenizer, transformer) -> TokenShardMeta:
     """The shards' ``meta.json``; ``UsageError`` unless it says they hold codes of this tokenizer / transformer's
-    codebook and grid (and top grid, two code grids): codes of another codebook score a meaningless NLL without any
-    other sign."""
+    codebook and grid (and top grid, two code grids; ``TokenShardMeta.fit_problem``): codes of another codebook
+    score a meaningless NLL without any other sign."""
     try:
-        meta = json.loads((directory / "meta.json").read_text())
-        codebook, grid = int(meta["codebook_size"]), tuple(int(n) for n in meta["token_grid"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
+        meta = TokenShardMeta.read(directory)
+    except (OSError, ValueError) as err:
         raise UsageError(f"--tokens: {directory}/meta.json is missing or lacks codebook_size / token_grid "
                          f"({type(err).__name__})") from None
-    expected = [("transformer", transformer.config.codebook_size, tuple(transformer.config.token_grid))]
     if tokenizer is not None:
         tc = tokenizer.config
-        expected.append(("tokenizer", tc.codebook_size, tuple(tc.token_grid(tc.num_frames, tc.image_size,
-                                                                             tc.image_size))))
-        made_by, current = meta.get("tokenizer"), tc.to_dict()
-        differ = [k for k in made_by if k in current and made_by[k] != current[k]] if isinstance(made_by, dict) else []
+        made_by, current = meta.tokenizer, tc.to_dict()
+        differ = [k for k in made_by if k in current and made_by[k] != current[k]] if made_by is not None else []
         if differ:  # keys only one side has: options added in another version, not a different tokenizer
             raise UsageError(f"--tokens: {directory} was made by another tokenizer than --tokenizer ({differ[0]} "
                              f"{made_by[differ[0]]!r} in meta.json, {current[differ[0]]!r} in the tokenizer)")
-    for name, model_codebook, model_grid in expected:
-        if (codebook, grid) != (model_codebook, model_grid):
-            raise UsageError(f"--tokens: {directory} holds codes of a {codebook}-code book on a {grid} grid "
-                             f"(meta.json), the {name} has {model_codebook} codes on {model_grid}")
-    top = tuple(meta["top_grid"]) if meta.get("top_grid") else None  # two code grids (VQ-VAE-2)
-    if top != transformer.config.top_grid:
-        raise UsageError(f"--tokens: {directory} holds a top code grid {top} (meta.json), the transformer models "
-                         f"{transformer.config.top_grid} (None: one grid)")
+        grid = tc.token_grid(tc.num_frames, tc.image_size, tc.image_size)
+        top = tc.top_grid(tc.num_frames, tc.image_size, tc.image_size) if tc.hierarchy == 2 else None
+        problem = meta.fit_problem(tc.codebook_size, grid, top, "the tokenizer")
+        if problem:
+            raise UsageError(f"--tokens: {directory} holds {problem} (meta.json)")
+    xc = transformer.config
+    problem = meta.fit_problem(xc.codebook_size, xc.token_grid, xc.top_grid, "the transformer")
+    if problem:
+        raise UsageError(f"--tokens: {directory} holds {problem} (meta.json)")
     return meta
 
 
-def check_tokenizer_weights(directory: Path, meta: dict, fingerprint: str) -> list[str]:
+def check_tokenizer_weights(directory: Path, meta: TokenShardMeta, fingerprint: str) -> list[str]:
     """``UsageError`` when the shards' ``meta.json`` records other tokenizer weights than ``fingerprint``
     (``magvit.pretrained.weights_fingerprint`` of ``--tokenizer``): a tokenizer of the same config with other weights
     has other codes. Shards older than the record pass with the one-line warning returned."""
-    recorded = meta.get("tokenizer_weights")
+    recorded = meta.tokenizer_weights
     if recorded is None:
         return [f"the token shards {directory} do not record their tokenizer's weights (made before tokenize "
                 f"recorded them): they are assumed to come from --tokenizer"]
@@ -190,9 +183,7 @@ def check_tokenizer_weights(directory: Path, meta: dict, fingerprint: str) -> li
 
 
 def token_batches_from_shards(directory: Path, batch_size: int, max_examples: int | None) -> Iterator[dict]:
-    from torch.utils.data import DataLoader, Subset
 
-    from ..data import TokenShardDataset
 
     try:
         dataset = TokenShardDataset(directory)
@@ -207,7 +198,7 @@ def supported_tasks(requested: Sequence[str], available: Sequence[str]) -> list[
     """The requested tasks the data can score: a task with a prefix needs its condition codes in the data
     (``available``: the names of the tasks whose shard key the data holds); ``class`` is scored on the labelled
     examples only."""
-    keep = [name for name in requested if not tasks.task(name).needs_prefix or name in available]
+    keep = [name for name in requested if not tasks.task(name).has_condition_codes or name in available]
     if not keep:
         raise UsageError(f"--nll-tasks: none of {', '.join(requested)} can be evaluated on this data "
                          f"(condition tasks available: {', '.join(available) or 'none'})")

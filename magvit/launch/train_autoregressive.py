@@ -8,7 +8,7 @@ Also runs under ``torchrun``, ``srun`` (one process per task) and as plain ``pyt
 
 The token shards are the masked transformer's (``python -m data_prep.tokenize``); their ``meta.json`` fixes the
 model's codebook size, token grid and number of classes. Each step draws a task and its condition per example as
-the masked transformer's trainer does (``autoregressive.training_sequence``) and minimises the next-token
+the masked transformer's trainer does (``prior_training.training_sequence``) and minimises the next-token
 cross-entropy of the video codes (``autoregressive.next_token_loss``). Everything else (checkpoints, exact resume,
 preemption, the EMA export in ``RUN_DIR/export``) is ``magvit.trainloop.TrainLoop``'s, as for the other trainers.
 """
@@ -26,10 +26,11 @@ if __package__ in (None, ""):  # `python launch/train_autoregressive.py` / the d
 import torch
 
 from magvit import distributed as dist
-from magvit.autoregressive import AutoregressiveTransformer, next_token_loss, training_sequence, video_logits
+from magvit.autoregressive import AutoregressiveTransformer, next_token_loss, video_logits
 from magvit.batches import token_batches
 from magvit.cli import run_main
-from magvit.launch.train_transformer import build_prior, check_network, check_trained_tasks, with_token_sizes
+from magvit.prior_training import (build_prior, check_carried_tasks, check_network, check_trained_tasks,
+                                   training_sequence, with_token_sizes)
 from magvit.resume import start_run
 from magvit.run_config import AutoregressiveTrainConfig, load_train_config, parse_train_command
 from magvit.precision import autocast as precision_autocast
@@ -73,6 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, cfg, ds_base = parse_train_command(__doc__.split("\n")[0], DEFAULT_CONFIG, "autoregressive", load_config,
                                              argv)
     cfg = with_token_sizes(cfg)
+    check_carried_tasks("objective.tasks", cfg.objective.tasks, cfg)
     check_network(AutoregressiveTransformer, cfg.model)
     return train(cfg, ds_base, args.run_dir, resume=args.resume == "auto" and not args.overwrite,
                  argv=sys.argv if argv is None else argv, overwrite=args.overwrite)

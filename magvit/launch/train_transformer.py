@@ -24,31 +24,34 @@ their ``meta.json``, writes a few decoded samples to ``RUN_DIR/samples/step_XXXX
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 if __package__ in (None, ""):  # `python launch/train_transformer.py` / the deepspeed launcher
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
 
+from magvit import code_grids
 from magvit import distributed as dist
-from magvit.batches import held_out_tokens, token_batches, token_folder, token_sizes
-from magvit.checkpoint import seed_everything
+from magvit.batches import held_out_tokens, token_batches, token_folder, token_meta
 from magvit.cli import UsageError, run_main
-from magvit.config import ConfigError
 from magvit.ema import EMA
 from magvit.evaluation.evaluators import MaskedTokenEvaluation
-from magvit.masking import (SCHEDULES, TASKS, make_training_batch, masked_token_loss, predicted_codes,
-                            shard_condition_regions, training_tasks)
-from magvit.optim import WarmupCosineSchedule, build_adam
-from magvit.resume import RunContext, start_run
+from magvit.masking import make_training_batch, masked_token_loss, training_tasks
+from magvit.pipeline import check_pair, generate_codes
+from magvit.prior_training import (build_prior, check_carried_tasks, check_network, check_trained_tasks,
+                                   with_token_sizes)
+from magvit.resume import start_run
 from magvit.run_config import TransformerTrainConfig, load_train_config, parse_train_command
-from magvit.streaming import resolve_shards
+from magvit.sequence import predicted_codes
+from magvit.shard_meta import TokenShardMeta
+from magvit.tasks import carried_cond_frames, condition_name
+from magvit.tokenizer import VideoTokenizer
 from magvit.tracking import Tracker
+from magvit.video_io import write_video
 from magvit.precision import autocast as precision_autocast
 from magvit.trainloop import NonFiniteGuard, Reporting, TrainLoop
 from magvit.transformer import MaskedVideoTransformer
@@ -61,53 +64,10 @@ REPORTING = Reporting("MaskedVideoTransformer", loss_key="loss", rate_key="perf/
 def load_config(config_path: str, overrides: Sequence[str], deepspeed_config: str | None = None
                 ) -> TransformerTrainConfig:
     """The training config (YAML + overrides), strictly checked; the model's data-dependent sizes are filled in
-    later by :func:`with_token_sizes`."""
+    later by ``prior_training.with_token_sizes``."""
     cfg = load_train_config(TransformerTrainConfig, config_path, overrides, deepspeed_config)
-    m = cfg.masking
-    if m.schedule not in SCHEDULES:
-        raise ConfigError(f"masking.schedule: {m.schedule!r} is not one of {list(SCHEDULES)}")
-    unknown = [t for t in (m.tasks or []) if t not in TASKS]
-    if unknown:
-        raise ConfigError(f"masking.tasks: unknown task {unknown[0]!r}; known: {', '.join(TASKS)}")
-    check_trained_tasks("masking.tasks", m.tasks, cfg.model.tasks)
+    check_trained_tasks("masking.tasks", cfg.masking.tasks, cfg.model.tasks)  # the rest: MaskingConfig's own checks
     return cfg
-
-
-def check_trained_tasks(key: str, tasks: Sequence[str] | None, model_tasks: Sequence[str]) -> None:
-    """``ConfigError`` when the trained ``tasks`` (the config's ``key``; None: all) name a task the model has no
-    task token for (its ``model.tasks``), which the first step would find."""
-    foreign = [name for name in tasks or [] if name not in model_tasks]
-    if foreign:
-        raise ConfigError(f"{key}: {foreign[0]!r} is not one of the model's tasks (model.tasks: "
-                          f"{', '.join(model_tasks)})")
-
-
-def check_network(network: Callable[[Any], torch.nn.Module], model_cfg: Any) -> None:
-    """Build ``network(model_cfg)`` on the meta device (shapes only: no memory, no RNG draw) so that a value only
-    transformers checks when the network is built (``model.hidden_act``, ``model.attn_implementation``: an unknown
-    name, a kernel that is not installed) is one ``UsageError`` before the run dir is written."""
-    from transformers.activations import ACT2CLS
-
-    if model_cfg.hidden_act not in ACT2CLS:  # transformers' own KeyError names nothing but the value
-        raise UsageError(f"model.hidden_act: {model_cfg.hidden_act!r} is not an activation transformers knows; one "
-                         f"of {', '.join(sorted(ACT2CLS))}")
-    try:
-        with torch.device("meta"):
-            network(model_cfg)
-    except (ImportError, ValueError, KeyError, TypeError, RuntimeError) as err:
-        reason = " ".join(str(err).split())
-        raise UsageError(f"model: {network.__name__} cannot be built with this config ({type(err).__name__}: "
-                         f"{reason[:400]})") from None
-
-
-def with_token_sizes(cfg: TransformerTrainConfig) -> TransformerTrainConfig:
-    """Set ``model.codebook_size``/``token_grid``/``num_classes`` (and, for a model that records them,
-    ``cond_frames``) from the token shards' ``meta.json``."""
-    fields = {f.name for f in dataclasses.fields(cfg.model)}
-    try:
-        return cfg.replace(model=cfg.model.replace(**{k: v for k, v in token_sizes(cfg.data).items() if k in fields}))
-    except ConfigError as err:
-        raise ConfigError(f"model (with the token shards' sizes): {err}") from None
 
 
 def condition_regions(cfg: TransformerTrainConfig) -> dict[str, torch.Tensor] | None:
@@ -116,16 +76,15 @@ def condition_regions(cfg: TransformerTrainConfig) -> dict[str, torch.Tensor] | 
     if cfg.model.conditioning != "interior":
         return None
     data = cfg.data
-    meta = resolve_shards(data.shards)[0] if data.format == "webdataset" else \
-        json.loads((Path(token_folder(data)) / "meta.json").read_text())
-    return shards_regions(meta, cfg.model.tasks, data.shards if data.format == "webdataset" else token_folder(data))
+    return shards_regions(token_meta(data), cfg.model.tasks, data.shards if data.format == "webdataset" else
+                          token_folder(data))
 
 
-def shards_regions(meta: dict[str, Any], tasks: Sequence[str], where: str) -> dict[str, torch.Tensor]:
-    """``masking.shard_condition_regions`` of the token shards at ``where``; ``UsageError`` when their meta.json
+def shards_regions(meta: TokenShardMeta, tasks: Sequence[str], where: str) -> dict[str, torch.Tensor]:
+    """``TokenShardMeta.condition_regions`` of the token shards at ``where``; ``UsageError`` when their meta.json
     lacks what they need."""
     try:
-        return shard_condition_regions(meta, tasks)
+        return meta.condition_regions(tasks)
     except (KeyError, TypeError, ValueError) as err:
         raise UsageError(f"{where}: its meta.json does not tell the clips' size and tokenizer that the condition "
                          f"regions of an interior model need ({type(err).__name__}: {err}); tokenize with "
@@ -196,13 +155,10 @@ def open_held_out(cfg: TransformerTrainConfig, classes: list[str], rank: int, de
     return HeldOut(batch, tasks, sample_tokenizer(meta, cfg, device, log) if rank == 0 else None, regions)
 
 
-def sample_tokenizer(meta: dict[str, Any], cfg: TransformerTrainConfig, device: torch.device, log):
+def sample_tokenizer(meta: TokenShardMeta, cfg: TransformerTrainConfig, device: torch.device, log):
     """The tokenizer the held-out shards name (``meta.json``'s ``tokenizer_dir``), checked to fit the transformer;
     None, with one warning, when it cannot be loaded: the run then writes no sample videos."""
-    from magvit.pipeline import check_pair
-    from magvit.tokenizer import VideoTokenizer
-
-    directory = meta.get("tokenizer_dir")
+    directory = meta.tokenizer_dir
     try:
         if not directory or not Path(directory).is_dir():  # never a Hub lookup for a folder that has gone
             raise FileNotFoundError(f"no tokenizer folder {directory!r}")
@@ -231,10 +187,6 @@ def sample_videos(model: MaskedVideoTransformer, tokenizer, batch: dict[str, Any
     condition codes of the fewest given frames they carry (an interior model: in that count's region of
     ``regions``), generated | truth (the tokenizer's decoding of the held-out codes) side by side (``W' = 2W``);
     unconditional samples (``W' = W``) when the model has no frame prediction. None: neither task."""
-    from magvit import code_grids
-    from magvit.pipeline import generate_codes
-    from magvit.tasks import carried_cond_frames, condition_name
-
     tasks, device, layout = model.config.tasks, next(model.parameters()).device, model.config.layout
     batch, _ = code_grids.pack_batch(batch)  # two grids: packed, as the prior's sequences hold them
     n = min(SAMPLE_VIDEOS, batch["codes"].shape[0])
@@ -261,8 +213,6 @@ def validate(model: MaskedVideoTransformer, held_out: HeldOut, samples_dir: Path
     """Masked-token NLL (nats per code) and accuracy of the held-out grids on a masking seeded by ``seed`` (the
     same at every step), and the sample videos: ``samples_dir/step_XXXXXXXX.mp4`` (the samples one after another)
     and the tracker's ``samples/generated``."""
-    from magvit.video_io import write_video
-
     evaluation = MaskedTokenEvaluation(model, held_out.tasks, seed, held_out.regions)
     evaluation.update(held_out.batch)
     summary = evaluation.summary()
@@ -274,25 +224,11 @@ def validate(model: MaskedVideoTransformer, held_out: HeldOut, samples_dir: Path
     return {"val/nll": summary["masked_token_nll"], "val/accuracy": summary["masked_token_accuracy"]}
 
 
-def build_prior(network: Callable[[Any], torch.nn.Module], cfg: Any, run: RunContext) -> tuple[EMA, Any]:
-    """A prior's network from ``cfg.model`` (the same initial weights on every rank), the EMA of its weights and its
-    DeepSpeed engine (Adam(W) of ``cfg.optim``, warmup + cosine of ``cfg.train``); shared by the priors' trainers."""
-    tc = cfg.train
-    seed_everything(tc.seed)  # identical initial weights on every rank
-    model = network(cfg.model)
-    ema = EMA(model, tc.ema_decay, warmup=tc.ema_warmup)
-    if tc.compile:  # in place: parameter names (EMA, checkpoints, exports) unchanged
-        model.compile()
-    seed_everything(tc.seed + run.rank)
-    optimizer = build_adam(model, cfg.optim)
-    schedule = WarmupCosineSchedule(optimizer, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
-    return ema, dist.build_engine(model, optimizer, run.ds_config, schedule)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args, cfg, ds_base = parse_train_command(__doc__.split("\n")[0], DEFAULT_CONFIG, "transformer", load_config,
                                              argv)
     cfg = with_token_sizes(cfg)
+    check_carried_tasks("masking.tasks", cfg.masking.tasks, cfg)
     check_network(MaskedVideoTransformer, cfg.model)
     return train(cfg, ds_base, args.run_dir, resume=args.resume == "auto" and not args.overwrite,
                  argv=sys.argv if argv is None else argv, overwrite=args.overwrite)

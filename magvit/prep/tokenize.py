@@ -6,7 +6,7 @@
 
 Clips of the tokenizer's ``num_frames`` x ``image_size`` (center start and crop, deterministic) are encoded with
 ``VideoTokenizer.from_pretrained(DIR)``. Each ``shard-XXXXX.safetensors`` holds, per clip: ``codes`` (N, t, h, w),
-``cond.<task>`` (N, t, h, w) for every pixel-space COMMIT task (``magvit.masking.CONDITION_TASKS``, condition video
+``cond.<task>`` (N, t, h, w) for every pixel-space COMMIT task (``magvit.tasks.CONDITION_TASKS``, condition video
 from ``build_condition_video``; frame prediction once per given-frame count of ``--cond-frames``:
 ``cond.frame_prediction`` for one frame, ``cond.frame_prediction.<n>`` for ``n``), ``sketch_codes`` (N, t, h, w)
 from the sketch video (the manifest's ``sketch`` when every clip has one, else ``data_prep.sketch.sketch_video`` of
@@ -33,9 +33,13 @@ from typing import Sequence
 
 import torch
 
-from magvit.cli import ArgumentParser, UsageError, command_name, quiet_decoders, run_main, write_json
+from magvit import code_grids
+from magvit.cli import ArgumentParser, UsageError, command_name, quiet_decoders, run_main
+from magvit.conditions import build_condition_video
 from magvit.distributed import share_cores
-from magvit.tasks import CONDITION_TASKS
+from magvit.runlog import RunLock
+from magvit.shard_meta import META_NAME, TokenShardMeta
+from magvit.tasks import CONDITION_TASKS, condition_name, task as task_row
 from magvit.prep.shards import (FORMATS, check_out_dir, file_digest, finish_rank, fingerprint, num_shards,
                                open_out_dir_ranked, rank_from_env, write_shards)
 
@@ -64,10 +68,6 @@ def encode_batch(tokenizer, video: torch.Tensor, tasks: Sequence[str], sketch: t
 
     All variants go through the encoder as one batch (one call instead of one per variant).
     """
-    from magvit import code_grids
-    from magvit.masking import build_condition_video
-    from magvit.tasks import condition_name, task as task_row
-
     conditions = [(task, n) for task in tasks for n in (cond_frames if task_row(task).frames == "first" else (1,))]
     names = (["codes"] + [f"cond.{condition_name(task, n)}" for task, n in conditions]
              + (["sketch_codes"] if sketch is not None else []))
@@ -145,13 +145,10 @@ def lock_out_dir(out: Path):
     """An exclusive lock on ``--out`` for this run's life (``magvit.runlog.RunLock``), so that a second tokenize
     into the same folder refuses instead of mixing its shards (or its plan) with this one's. Rank 0 holds it for a
     multi-process run: the other ranks share the folder and follow rank 0's plan."""
-    from magvit.runlog import RunLock, _lock_holder
-
-    lock = RunLock(out)
-    if lock.acquire() is not None:
-        holder = _lock_holder(out)
-        raise UsageError(f"--out {out} is being written by another tokenize run{f' (pid {holder})' if holder else ''}: "
-                         "wait for it to finish, stop it, or use another --out")
+    lock = RunLock(out, option="--out", holder="tokenize run")
+    problem = lock.acquire()
+    if problem is not None:
+        raise UsageError(problem)
     return lock
 
 
@@ -280,7 +277,7 @@ def run(args, rank: int, world: int) -> int:
             "videos": [str(Path(r["path"]).resolve()) for r in dataset.records],  # clip_index -> its video
             "num_examples": sum(s["num_examples"] for s in shards or mine), "shards": shards or mine}
     if shards:
-        write_json(out / "meta.json", meta)
+        TokenShardMeta.from_dict(meta, str(out / META_NAME)).write(out)  # the schema checks what it writes
     elif world > 1:
         print(f"rank {rank}: wrote its shards; meta.json follows when all {world} ranks have finished",
               file=sys.stderr)
