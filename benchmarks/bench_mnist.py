@@ -7,10 +7,10 @@ each side's decoding temperature. Every system gets the same ``--budget`` second
 the same way (``--tokenizer-share`` of it for the tokenizer, the rest for the prior):
 
 - ``ours-interior`` / ``ours-prefix``: our causal MAGVIT-v2 tokenizer (``configs/tokenizer/mnist.yaml``: 17x64x64 ->
-  5x8x8 codes of 2^10; the 5 given frames are exactly latent frames 0-1), then the masked transformer
+  5x8x8 codes of 2^16; the 5 given frames are exactly latent frames 0-1), then the masked transformer
   (``configs/transformer/mnist.yaml``) on its codes with COMMIT (interior) or prefix conditioning on the condition
   codes of ``build_condition_video(video, "frame_prediction", num_cond_frames=5)``. Both share one tokenizer run.
-- ``phenaki``: phenaki-pytorch's C-ViViT (the same 5x8x8 grid of 2^10 LFQ codes: first frame alone, then 4-frame
+- ``phenaki``: phenaki-pytorch's C-ViViT (the same 5x8x8 grid of 2^16 LFQ codes: first frame alone, then 4-frame
   tubelets of 8x8 patches) and its MaskGIT transformer, unconditioned on text (its T5 text encoder needs weights that
   cannot be downloaded), conditioned on the 5 given frames by its prime frames.
 - baselines: all black, the last given frame copied, the mean of the given frames; and each tokenizer's
@@ -255,7 +255,7 @@ def encode_ours(tokenizer, frames: torch.Tensor, bf16: bool, keys: tuple[str, ..
     """``{"codes", "cond.frame_prediction"}`` (or those of ``keys``) int32 ``(N, t, h, w)``: the clips' codes and
     those of their condition video (the 5 given frames, the last one repeated after them), as
     ``data_prep.tokenize --cond-frames 5``."""
-    from magvit.masking import build_condition_video
+    from magvit.conditions import build_condition_video
 
     parts = {key: [] for key in keys}
     for video in batches(frames, 16):
@@ -381,7 +381,7 @@ def reference_rows(test: torch.Tensor, ours, cvivit, bf16: bool) -> dict[str, di
 def build_systems(names: list[str], train: torch.Tensor, args) -> tuple[list[System], dict]:
     """Train the tokenizers, tokenize the train sequences with each, train the priors; the systems to score and
     what the notes report (``{"tokenizers": [...], "priors": [...], "tokenize_seconds", "ours", "cvivit"}``)."""
-    from magvit.masking import latent_condition_region
+    from magvit.conditions import latent_condition_region
 
     ours, cvivit = tokenizer_trainees(train, args)
     tokenizers = ([ours] if any(n.startswith("ours") for n in names) else []) + ([cvivit] if "phenaki" in names
@@ -443,6 +443,7 @@ def results_table(systems: list[System], references: dict, args) -> common.Table
 
 def notes(systems: list[System], info: dict, args, load_start: str, plot: Path | None) -> list[str]:
     t, h, w = info["grid"]
+    bits = info["ours"].model.config.codebook_size.bit_length() - 1 if info.get("ours") else 16
     trained = "; ".join(f"{r.name} {r.num_parameters / 1e6:.2f} M, {r.steps} steps, final loss "
                         f"{sum(r.losses[-20:]) / max(len(r.losses[-20:]), 1):.4f}"
                         for r in info["tokenizers"] + info["priors"])
@@ -462,14 +463,14 @@ def notes(systems: list[System], info: dict, args, load_start: str, plot: Path |
         f"{'bf16 autocast' if args.bf16 else 'fp32'}; LR linear warm-up over {args.warmup_steps} steps then "
         f"constant; no EMA. Tokenizing the train sequences for the priors ({info['tokenize_seconds']:.0f} s for all "
         "tokenizers), decoding selection and scoring are outside the budget. Trained: " + trained + ".",
-        f"Ours: configs/tokenizer/mnist.yaml (causal MAGVIT-v2 blocks, LFQ 2^10, 17x64x64 -> {t}x{h}x{w}; MSE + "
+        f"Ours: configs/tokenizer/mnist.yaml (causal MAGVIT-v2 blocks, LFQ 2^{bits}, 17x64x64 -> {t}x{h}x{w}; MSE + "
         "the LFQ loss, no GAN) and configs/transformer/mnist.yaml (the prefix side: the same with "
         "conditioning=prefix, sequence 2 + 2N instead of 2 + N); condition codes of build_condition_video(video, "
         "'frame_prediction', num_cond_frames=5) (the 5 given frames, the 5th repeated), region "
         "latent_condition_region(..., num_cond_frames=5) = latent frames 0-1. Decoding: "
         f"{args.steps} parallel steps (generate_codes, choice temperature 4.5, cosine), one sample per clip.",
         "phenaki-pytorch 0.5.0: C-ViViT (dim 128, 2 spatial + 2 temporal layers, 8x8 patches, 4-frame tubelets after "
-        f"the first frame: 17 frames -> the same {t}x{h}x{w} grid, LFQ 2^10; use_vgg_and_gan=False, so its loss is "
+        f"the first frame: 17 frames -> the same {t}x{h}x{w} grid, LFQ 2^{bits}; use_vgg_and_gan=False, so its loss is "
         "its MSE: its forward adds the LFQ loss only with the GAN on) and MaskGit (4 layers of 128, 4 heads, "
         "unconditional: no text; its T5 encoder needs downloaded weights, so a local T5Config is registered under a "
         "placeholder name, of which only the width is read); Phenaki.sample primed with the 5 given frames "

@@ -18,7 +18,8 @@ autocast where the CPU computes bf16 natively, else fp32).
 A side is ``ours`` (the recommended configuration, or with ``--tokenizer-config`` that YAML's model and optimiser), a
 variant name of ``peers.VARIANTS`` or ``magvit2``, optionally with a changed recipe (``SIDE_KEYS``):
 ``magvit2@lr=1e-4``, ``ours@beta1=0.9,warmup=0``, ``ours@lfq_norm=1``, ``ours@quantizer=fsq``, ``ours@recon=l1``,
-``ours@batch=8``, ``ours@grid=16``. ``--data mnist`` uses Moving MNIST (train / test digits) instead of real footage:
+``ours@batch=8``, ``ours@grid=16``, ``ours@codebook=65536``, ``ours@model=configs/tokenizer/x.yaml`` (that YAML's
+model, the base's recipe). ``--data mnist`` uses Moving MNIST (train / test digits) instead of real footage:
 
     .venv-bench/bin/python benchmarks/bench_reconstruction.py --data mnist \
         --tokenizer-config configs/tokenizer/mnist.yaml --batch-size 4 --clock cpu \
@@ -141,6 +142,8 @@ SIDE_KEYS = {
     "quantizer": (_MODEL, "quantizer", str),  # fsq / vq / lfq at about the base's codebook size
     "grid": (_MODEL, "grid", int),  # token grid height = width: twice the base's (one spatial downsampling fewer)
     "base": (_MODEL, "base_channels", int),
+    "codebook": (_MODEL, "codebook_size", int),
+    "model": (_MODEL, "model", str),  # a tokenizer YAML whose model replaces the base's (the recipe stays)
     "recon": (_LOSS, "recon", str),  # mse / l1
     "batch": (_BATCH, "batch", int),
 }
@@ -213,6 +216,13 @@ def changed_config(config, changes: dict, frames: int, size: int):
     """Our ``TokenizerConfig`` with the model and quantizer keys of ``changes`` applied."""
     from magvit.quantizers import FSQ_LEVELS
 
+    if "model" in changes:
+        from magvit.run_config import TokenizerTrainConfig
+
+        path = Path(changes["model"])
+        if not path.is_file():
+            raise BenchError(f"model={path}: no such tokenizer config")
+        config = TokenizerTrainConfig.load(path).model.replace(num_frames=frames, image_size=size)
     quant = {SIDE_KEYS[k][1]: v for k, v in changes.items() if SIDE_KEYS[k][0] == _QUANT}
     if quant:
         config = config.replace(quantization={**config.quantization.to_dict(), **quant})
@@ -228,6 +238,8 @@ def changed_config(config, changes: dict, frames: int, size: int):
             raise BenchError(f"quantizer={kind}: use lfq, fsq or vq")
     if "base" in changes:
         config = config.replace(base_channels=changes["base"])
+    if "codebook" in changes:
+        config = config.replace(codebook_size=changes["codebook"])
     if "grid" in changes:
         _, h, _ = config.token_grid(frames, size, size)
         if changes["grid"] != 2 * h:

@@ -105,6 +105,10 @@ class TokenizerConfig(Config):
     # Code grids: 1 = one grid (MAGVIT); 2 = VQ-VAE-2's top grid at half the bottom grid's H and W (same t) with its
     # own quantizer of the same kind and size, the bottom quantized given the decoded top (discrete quantizers only).
     hierarchy: int = 1
+    # Space-to-depth of each frame by ``patch_size`` before the encoder's first conv (depth-to-space after the
+    # decoder's last): the full-resolution 3D convs, most of a step's cost, run at (H / p, W / p) with p^2 times the
+    # input channels. Part of the spatial factor (BENCHMARKS.md "Tokenizer recipe": Moving MNIST learns faster).
+    patch_size: int = 1
 
     def __post_init__(self) -> None:
         if self.continuous:
@@ -117,7 +121,7 @@ class TokenizerConfig(Config):
                 f"channel_multipliers={tuple(self.channel_multipliers)}), got {tuple(self.temporal_downsample)}"
             )
         for name in ("num_frames", "image_size", "in_channels", "base_channels", "num_res_blocks", "embedding_dim",
-                     "norm_groups"):
+                     "norm_groups", "patch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         levels = len(self.channel_multipliers)
@@ -159,7 +163,7 @@ class TokenizerConfig(Config):
 
     @property
     def spatial_factor(self) -> int:
-        return 2 ** (len(self.channel_multipliers) - 1)
+        return self.patch_size * 2 ** (len(self.channel_multipliers) - 1)
 
     @property
     def decoder_multipliers(self) -> tuple[int, ...]:
@@ -418,7 +422,8 @@ class Encoder(nn.Module):
         self.config = config
         k = (config.temporal_kernel_size, 3, 3)
         width = config.base_channels
-        self.conv_in = Conv3d(config.in_channels, width, k, causal=config.causal, bias=False)
+        p = config.patch_size
+        self.conv_in = Conv3d(config.in_channels * p * p, width, k, causal=config.causal, bias=False)
         self.levels = nn.ModuleList()
         # downsample="conv": a strided conv (stride 2 in H, W and in T where temporal_downsample says) per level.
         self.downsample_convs = nn.ModuleList() if config.downsample == "conv" else None
@@ -437,6 +442,9 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config
+        p = cfg.patch_size
+        if p > 1:  # (B, C, T, H, W) -> (B, C * p * p, T, H / p, W / p)
+            x = rearrange(x, "b c t (h p) (w q) -> b (c p q) t h w", p=p, q=p)
         x = self.conv_in(x)
         for i, blocks in enumerate(self.levels):
             for block in blocks:
@@ -488,7 +496,8 @@ class Decoder(nn.Module):
                 self.upsample_convs.append(Conv3d(width, width, k, causal=config.causal))
         self.norm_out = (AdaptiveGroupNorm(config.norm_groups, width, cond, causal=config.causal) if cond
                          else GroupNorm(config.norm_groups, width, per_frame=config.causal))
-        self.conv_out = Conv3d(width, config.in_channels, k, causal=config.causal)
+        p = config.patch_size
+        self.conv_out = Conv3d(width, config.in_channels * p * p, k, causal=config.causal)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -506,7 +515,9 @@ class Decoder(nn.Module):
                     x = self.upsample_convs[j](x)
                 else:
                     x = self.upsample_convs[j](upsample(x, cfg.temporal_downsample[i - 1], cfg.causal))
-        return self.conv_out(F.silu(_normalize(self.norm_out, x, latents)))
+        x = self.conv_out(F.silu(_normalize(self.norm_out, x, latents)))
+        p = cfg.patch_size  # (B, C * p * p, T, H / p, W / p) -> (B, C, T, H, W)
+        return rearrange(x, "b (c p q) t h w -> b c t (h p) (w q)", p=p, q=p) if p > 1 else x
 
 
 class HierarchicalCodes(NamedTuple):

@@ -600,3 +600,35 @@ def test_two_level_tokenizer_is_evaluated_on_both_grids(tmp_path):
     assert summary["bits_per_pixel"] == pytest.approx(bits_per_pixel(tok.config.codebook_size, (2, 4, 4), (4, 16, 16))
                                                       + bits_per_pixel(tok.config.codebook_size, (2, 2, 2),
                                                                        (4, 16, 16)))
+
+
+def test_patch_size_space_to_depth_grid_locality_and_gradient():
+    """``patch_size`` p: each frame's p x p pixel blocks become channels before the first conv and come back after the
+    last, so the grid is p x coarser, pixels of one block share the first conv's input position, the decoder's
+    output blocks are independent sub-pixels, and the straight-through gradient still reaches ``conv_in``."""
+    base = TokenizerConfig.preset("tiny", causal=True, quantizer="lfq")
+    cfg = base.replace(patch_size=2)
+    assert cfg.spatial_factor == 2 * base.spatial_factor
+    assert cfg.token_grid(9, 32, 32) == (5, 4, 4) and base.token_grid(9, 32, 32) == (5, 8, 8)
+    with pytest.raises(ValueError, match="divisible by the spatial factor 8"):
+        cfg.token_grid(9, 28, 28)
+    with pytest.raises(ConfigError, match="patch_size must be >= 1"):
+        TokenizerConfig.from_dict({**cfg.to_dict(), "patch_size": 0})
+    tok = VideoTokenizer(cfg)
+    assert tok.encoder.conv_in.weight.shape[1] == 3 * 2 * 2 and tok.decoder.conv_out.weight.shape[0] == 3 * 2 * 2
+    video = _video(cfg, batch=1)
+    with torch.no_grad():
+        codes = tok.encode(video)
+        assert codes.shape == (1, 5, 4, 4) and tok.decode(codes).shape == video.shape
+        # Space-to-depth layout: input pixel (y, x) of channel c is channel c * 4 + (y % 2) * 2 + x % 2 at (y // 2,
+        # x // 2) of conv_in's input; checked by the conv_in input that a hook sees.
+        seen = {}
+        hook = tok.encoder.conv_in.register_forward_hook(lambda m, args, out: seen.update(x=args[0]))
+        tok.encoder(video)
+        hook.remove()
+        x = seen["x"]
+        assert x.shape == (1, 12, 9, 16, 16)
+        assert torch.equal(x[0, 1 * 4 + 1 * 2 + 0, :, 3, 5], video[0, 1, :, 7, 10])
+    reconstruction, stats = tok(video)
+    ((reconstruction - video).pow(2).mean() + stats["quantizer_loss"]).backward()
+    assert tok.encoder.conv_in.weight.grad.abs().sum() > 0
