@@ -64,11 +64,12 @@ def transformer_case(config: str, batch: int):
     regions = ({"frame_prediction": latent_condition_region("frame_prediction", grid, (17, 64, 64), True,
                                                              num_cond_frames=5)}
                if config_.conditioning == "interior" else None)
+    masking = cfg.masking.replace(tasks=["frame_prediction"])  # the config's masking, on the one task
 
     def loss(net, step: int) -> torch.Tensor:
-        tb = make_training_batch({"codes": codes, "cond.frame_prediction": codes}, config_.vocab,
-                                 tasks=("frame_prediction",), conditioning=config_.conditioning,
-                                 generator=torch.Generator().manual_seed(step), condition_regions=regions)
+        tb = make_training_batch({"codes": codes, "cond.frame_prediction": codes}, config_.vocab, masking,
+                                 conditioning=config_.conditioning, generator=torch.Generator().manual_seed(step),
+                                 condition_regions=regions)
         return masked_token_loss(net(tb.input_ids), tb.labels, tb.loss_mask, config_.codebook_size)
 
     params = sum(p.numel() for p in model.parameters()) / 1e6

@@ -143,7 +143,7 @@ def _optimizer_step(model: torch.nn.Module, recipe: Recipe):
 
 def transformer_step(preset: str, grid: tuple[int, int, int], batch: int, conditioning: str, recipe: Recipe):
     from magvit.conditions import latent_condition_regions
-    from magvit.masking import make_training_batch, masked_token_loss
+    from magvit.masking import MaskingConfig, make_training_batch, masked_token_loss
     from magvit.transformer import MaskedVideoTransformer, TransformerConfig
 
     interior = conditioning == "interior"
@@ -159,11 +159,12 @@ def transformer_step(preset: str, grid: tuple[int, int, int], batch: int, condit
     regions = (latent_condition_regions(INTERIOR_TASKS, grid, (4 * grid[0], 8 * grid[1], 8 * grid[2]), False)
                if interior else None)
     generator = torch.Generator().manual_seed(0)
+    masking = MaskingConfig(tasks=["frame_prediction"])
 
     def step():
         model.zero_grad(set_to_none=True)
-        tb = make_training_batch({"codes": codes, "cond.frame_prediction": codes}, config.vocab, generator=generator,
-                                 tasks=("frame_prediction",), conditioning=conditioning, condition_regions=regions)
+        tb = make_training_batch({"codes": codes, "cond.frame_prediction": codes}, config.vocab, masking,
+                                 generator=generator, conditioning=conditioning, condition_regions=regions)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not recipe.bf16_weights):
             logits = model(tb.input_ids)
         loss = masked_token_loss(logits, tb.labels, tb.loss_mask, config.codebook_size)

@@ -7,10 +7,10 @@ each side's decoding temperature. Every system gets the same ``--budget`` second
 the same way (``--tokenizer-share`` of it for the tokenizer, the rest for the prior):
 
 - ``ours-interior`` / ``ours-prefix``: our causal MAGVIT-v2 tokenizer (``configs/tokenizer/mnist.yaml``: 17x64x64 ->
-  5x8x8 codes of 2^16; the 5 given frames are exactly latent frames 0-1), then the masked transformer
+  5x8x8 codes of 2^18 (FSQ 8^6); the 5 given frames are exactly latent frames 0-1), then the masked transformer
   (``configs/transformer/mnist.yaml``) on its codes with COMMIT (interior) or prefix conditioning on the condition
   codes of ``build_condition_video(video, "frame_prediction", num_cond_frames=5)``. Both share one tokenizer run.
-- ``phenaki``: phenaki-pytorch's C-ViViT (the same 5x8x8 grid of 2^16 LFQ codes: first frame alone, then 4-frame
+- ``phenaki``: phenaki-pytorch's C-ViViT (the same 5x8x8 grid, LFQ with as many codes: first frame alone, then 4-frame
   tubelets of 8x8 patches) and its MaskGIT transformer, unconditioned on text (its T5 text encoder needs weights that
   cannot be downloaded), conditioned on the 5 given frames by its prime frames.
 - baselines: all black, the last given frame copied, the mean of the given frames; and each tokenizer's
@@ -165,10 +165,8 @@ def ours_prior(conditioning: str, codes: dict, grid, codebook_size: int, region:
 
     def loss(indices: torch.Tensor, step: int) -> torch.Tensor:
         batch = {key: codes[key][indices].long() for key in ("codes", COND_KEY)}
-        tb = make_training_batch(batch, config.vocab, tasks=m.tasks, schedule=m.schedule,
-                                 cond_dropout_prob=m.cond_dropout_prob, unmasked_weight=m.unmasked_weight,
-                                 generator=torch.Generator().manual_seed(seed * 1_000_003 + step),
-                                 conditioning=conditioning, condition_regions=regions)
+        tb = make_training_batch(batch, config.vocab, m, conditioning=conditioning, condition_regions=regions,
+                                 generator=torch.Generator().manual_seed(seed * 1_000_003 + step))
         return masked_token_loss(model(tb.input_ids), tb.labels, tb.loss_mask, config.codebook_size,
                                  label_smoothing=m.label_smoothing)
 
@@ -443,7 +441,9 @@ def results_table(systems: list[System], references: dict, args) -> common.Table
 
 def notes(systems: list[System], info: dict, args, load_start: str, plot: Path | None) -> list[str]:
     t, h, w = info["grid"]
-    bits = info["ours"].model.config.codebook_size.bit_length() - 1 if info.get("ours") else 16
+    ours_config = info["ours"].model.config if info.get("ours") else None
+    bits = ours_config.codebook_size.bit_length() - 1 if ours_config else 18
+    kind = ours_config.quantizer.upper() if ours_config else "FSQ"
     trained = "; ".join(f"{r.name} {r.num_parameters / 1e6:.2f} M, {r.steps} steps, final loss "
                         f"{sum(r.losses[-20:]) / max(len(r.losses[-20:]), 1):.4f}"
                         for r in info["tokenizers"] + info["priors"])
@@ -463,8 +463,8 @@ def notes(systems: list[System], info: dict, args, load_start: str, plot: Path |
         f"{'bf16 autocast' if args.bf16 else 'fp32'}; LR linear warm-up over {args.warmup_steps} steps then "
         f"constant; no EMA. Tokenizing the train sequences for the priors ({info['tokenize_seconds']:.0f} s for all "
         "tokenizers), decoding selection and scoring are outside the budget. Trained: " + trained + ".",
-        f"Ours: configs/tokenizer/mnist.yaml (causal MAGVIT-v2 blocks, LFQ 2^{bits}, 17x64x64 -> {t}x{h}x{w}; MSE + "
-        "the LFQ loss, no GAN) and configs/transformer/mnist.yaml (the prefix side: the same with "
+        f"Ours: configs/tokenizer/mnist.yaml (causal MAGVIT-v2 blocks, {kind} 2^{bits}, 17x64x64 -> {t}x{h}x{w}; MSE + "
+        "the quantizer's loss (none for FSQ), no GAN) and configs/transformer/mnist.yaml (the prefix side: the same with "
         "conditioning=prefix, sequence 2 + 2N instead of 2 + N); condition codes of build_condition_video(video, "
         "'frame_prediction', num_cond_frames=5) (the 5 given frames, the 5th repeated), region "
         "latent_condition_region(..., num_cond_frames=5) = latent frames 0-1. Decoding: "

@@ -52,11 +52,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 from bench_reconstruction import CLOCKS, BatchOrder, BenchError, check_held_out, clock, load_clips  # noqa: E402
+from magvit.masking import MaskingConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = ("frame_prediction", "unconditional")  # every side's task list and training mix
 TASK = "frame_prediction"  # the evaluated task, one given frame
 COND_KEY = f"cond.{TASK}"
+# The masked sides' masking: the trainer's defaults (cosine, condition dropout 0.1, loss on every video token) with
+# the two training stages over two grids, the states two-phase decoding visits; their held-out NLL masks alike.
+STAGES = MaskingConfig(two_grid_masking="stages")
 SIDES = ("masked-prefix", "masked-interior", "autoregressive", "masked-joint")  # masked-joint: two grids only
 DEFAULT_SIDES = SIDES[:3]
 
@@ -181,9 +185,7 @@ def masked_side(name: str, conditioning: str, sizes: dict, region: torch.Tensor,
     vocab, regions = config.vocab, {TASK: region} if conditioning == "interior" else None
 
     def loss(batch: dict, generator: torch.Generator) -> torch.Tensor:
-        # the trainer's defaults (magvit.masking.MaskingConfig): cosine schedule, condition dropout 0.1, loss on all
-        # video tokens (visible ones weigh 1)
-        tb = make_training_batch(batch, vocab, tasks=TASKS, cond_dropout_prob=0.1, generator=generator,
+        tb = make_training_batch(batch, vocab, STAGES.replace(tasks=list(TASKS)), generator=generator,
                                  conditioning=conditioning, condition_regions=regions)
         return masked_token_loss(model(tb.input_ids), tb.labels, tb.loss_mask, vocab.codebook_size)
 
@@ -195,7 +197,8 @@ def masked_side(name: str, conditioning: str, sizes: dict, region: torch.Tensor,
 
 
 def autoregressive_side(name: str, sizes: dict) -> Side:
-    from magvit.autoregressive import AutoregressiveConfig, AutoregressiveTransformer, next_token_loss
+    from magvit.autoregressive import (AutoregressiveConfig, AutoregressiveObjectiveConfig, AutoregressiveTransformer,
+                                       next_token_loss)
     from magvit.prior_training import training_sequence
     from magvit.pipeline import generate_codes_autoregressive
 
@@ -204,7 +207,7 @@ def autoregressive_side(name: str, sizes: dict) -> Side:
     vocab, layout = config.vocab, config.layout
 
     def loss(batch: dict, generator: torch.Generator) -> torch.Tensor:
-        ids = training_sequence(batch, vocab, tasks=TASKS, cond_dropout_prob=0.1, generator=generator)
+        ids = training_sequence(batch, vocab, AutoregressiveObjectiveConfig(tasks=list(TASKS)), generator)
         return next_token_loss(model(ids), ids, layout, vocab.codebook_size)
 
     def sampler(use_cache: bool):
@@ -246,13 +249,13 @@ def masked_nll(model, val: dict, region: torch.Tensor, seed: int, passes: int, l
     from magvit.masking import make_training_batch
 
     config, layout = model.config, layout or model.config.layout
+    scoring = STAGES.replace(tasks=[TASK], cond_dropout_prob=0.0, unmasked_weight=0.0)
     generator = torch.Generator().manual_seed(seed)
     regions = {TASK: region} if layout.interior else None
     outside = ~region.reshape(-1)  # (N,)
     nll, count, future, future_count = 0.0, 0, 0.0, 0
     for _ in range(passes):
-        tb = make_training_batch(val, config.vocab, tasks=[TASK], cond_dropout_prob=0.0, unmasked_weight=0.0,
-                                 schedule="cosine", generator=generator, conditioning=layout.conditioning,
+        tb = make_training_batch(val, config.vocab, scoring, generator=generator, conditioning=layout.conditioning,
                                  condition_regions=regions)
         logits = model(tb.input_ids).float()  # (B, L, V)
         scored = tb.loss_mask > 0  # (B, L): the masked video positions
@@ -269,7 +272,7 @@ def check_against_library(model, val: dict, region: torch.Tensor, seed: int, pas
     from magvit.evaluation.evaluators import MaskedTokenEvaluation
 
     regions = {TASK: region} if model.config.layout.interior else None
-    evaluation = MaskedTokenEvaluation(model, [TASK], seed, regions)
+    evaluation = MaskedTokenEvaluation(model, [TASK], seed, regions, STAGES)
     for _ in range(passes):
         evaluation.update(val)
     theirs = evaluation.summary()["masked_token_nll"]

@@ -381,13 +381,32 @@ def train_step(run: Run, video: torch.Tensor, bf16: bool) -> tuple[float, float]
     return wall, cpu
 
 
+def flat_patches(video: torch.Tensor, grid: tuple[int, int, int], tolerance: float = 0.1) -> torch.Tensor:
+    """``(t, h, w)`` bools: which tokens of ``video`` (1, C, T, H, W) in [-1, 1] cover a flat patch (every pixel of
+    its frames within ``tolerance`` of one value, e.g. Moving MNIST's black background). A causal grid's first
+    latent frame covers frame 0 alone, every later one ``(T - 1) / (t - 1)`` frames; otherwise ``T / t`` each."""
+    _, _, frames, height, _ = video.shape
+    t, h, _ = grid
+    s = height // h
+    hi = torch.nn.functional.max_pool2d(video.amax(1)[0], s)  # (T, h, w) per-frame patch maxima
+    lo = -torch.nn.functional.max_pool2d(-video.amin(1)[0], s)
+    causal = t > 1 and (frames - 1) % (t - 1) == 0 and frames % t != 0
+    f = (frames - 1) // (t - 1) if causal else frames // t
+    starts = [0, *range(1, frames, f)] if causal else list(range(0, frames, f))
+    ends = [1, *range(1 + f, frames + 1, f)] if causal else list(range(f, frames + 1, f))
+    return torch.stack([(hi[a:b].amax(0) - lo[a:b].amin(0)) <= tolerance for a, b in zip(starts, ends)])
+
+
 @torch.no_grad()
 def evaluate(side, clips: torch.Tensor, bf16: bool) -> dict:
-    """Mean PSNR / SSIM over the held-out clips (one at a time) and codebook usage of all their tokens."""
+    """Mean PSNR / SSIM over the held-out clips (one at a time), codebook usage of all their tokens, and how many
+    distinct codes the flat patches get (a prior must predict a code: flat patches that get many codes make the
+    background noise to it)."""
     from magvit import metrics
 
     side.model.eval()
     usage = metrics.CodebookUsage(max(side.codebook_size, 1))
+    flat_codes: list[torch.Tensor] = []
     psnr, ssim, mse = [], [], []
     for i in range(clips.shape[0]):
         video = clips[i : i + 1]
@@ -397,6 +416,7 @@ def evaluate(side, clips: torch.Tensor, bf16: bool) -> dict:
         grid = codes[-1] if isinstance(codes, tuple) else codes  # two grids (VQ-VAE-2): the bottom one's usage
         if not grid.is_floating_point():  # continuous latents have no codebook
             usage.update(grid)
+            flat_codes.append(grid[0][flat_patches(video, tuple(grid.shape[1:]))])
         recon = recon.float().clamp(-1, 1)
         psnr.append(float(metrics.video_psnr(recon, video)))
         ssim.append(float(metrics.video_ssim(recon, video)))
@@ -406,8 +426,10 @@ def evaluate(side, clips: torch.Tensor, bf16: bool) -> dict:
     side.model.train()
     means = {"psnr": sum(psnr) / len(psnr), "ssim": sum(ssim) / len(ssim), "mse_per_frame": sum(mse) / len(mse)}
     if not usage.counts.any():  # continuous latents
-        return {**means, "used": 0, "usage": math.nan, "perplexity": math.nan}
-    return {**means, "used": usage.used_codes, "usage": usage.usage, "perplexity": usage.perplexity}
+        return {**means, "used": 0, "usage": math.nan, "perplexity": math.nan, "flat": 0, "flat_codes": 0}
+    flat = torch.cat(flat_codes)
+    return {**means, "used": usage.used_codes, "usage": usage.usage, "perplexity": usage.perplexity,
+            "flat": flat.numel(), "flat_codes": int(flat.unique().numel())}
 
 
 def record_point(run: Run, val: torch.Tensor, bf16: bool) -> None:
@@ -415,7 +437,8 @@ def record_point(run: Run, val: torch.Tensor, bf16: bool) -> None:
              "train_loss": sum(run.losses[-10:]) / max(len(run.losses[-10:]), 1), "load": common.load_average()}
     run.curve.append(point)
     print(f"  {run.side.name}: {run.seconds:.0f} s, {run.steps} steps: PSNR {point['psnr']:.2f} dB, "
-          f"SSIM {point['ssim']:.4f}, MSE/frame {point['mse_per_frame']:.1f}, usage {point['usage']:.1%} "
+          f"SSIM {point['ssim']:.4f}, MSE/frame {point['mse_per_frame']:.1f}, usage {point['usage']:.1%}, "
+          f"{point['flat_codes']} codes on {point['flat']} flat patches "
           f"(load {point['load']})", file=sys.stderr, flush=True)
 
 
@@ -473,14 +496,14 @@ def point_at(run: Run, seconds: float) -> dict | None:
 def results_table(runs: list[Run], report_at: list[float], title: str) -> common.Table:
     table = common.Table(title, ["tokenizer", "parameters", "budget", "steps", "wall s / step", "CPU s / step",
                                  "held-out PSNR (dB)", "PSNR, mean of last 3 points", "held-out SSIM",
-                                 "MSE / frame", "codebook usage (held-out)", "perplexity"])
+                                 "MSE / frame", "codebook usage (held-out)", "perplexity", "codes of flat patches"])
     for seconds in report_at:
         for run in runs:
             size, budget = f"{run.side.num_parameters() / 1e6:.2f} M", f"{seconds / 60:g} min"
             p = point_at(run, seconds)
             if p is None:
                 reason = f"diverged at step {run.steps}" if run.diverged else "not reached"
-                table.add(run.side.name, size, budget, reason, *[""] * 8)
+                table.add(run.side.name, size, budget, reason, *[""] * 9)
                 continue
             steps = max(p["steps"], 1)
             index = run.curve.index(p)
@@ -491,11 +514,12 @@ def results_table(runs: list[Run], report_at: list[float], title: str) -> common
     return table
 
 
-def _usage_cells(side, point: dict) -> tuple[str, str]:
-    """Codebook usage and perplexity cells (continuous latents: none)."""
+def _usage_cells(side, point: dict) -> tuple[str, str, str]:
+    """Codebook usage, perplexity and flat-patch code cells (continuous latents: none)."""
     if not side.codebook_size:
-        return "continuous latents", ""
-    return f"{point['used']} / {side.codebook_size} ({point['usage']:.1%})", f"{point['perplexity']:.0f}"
+        return "continuous latents", "", ""
+    return (f"{point['used']} / {side.codebook_size} ({point['usage']:.1%})", f"{point['perplexity']:.0f}",
+            f"{point['flat_codes']} / {point['flat']}")
 
 
 def curve_table(runs: list[Run]) -> common.Table:
@@ -564,6 +588,9 @@ def notes(runs: list[Run], data: dict, args, load_start: str) -> list[str]:
         "Evaluation time is excluded from the budget.",
         "Optimiser settings: " + recipes + ".",
         "Codebook usage: distinct codes among all held-out tokens / codebook size (perplexity = 2^entropy). "
+        "Codes of flat patches: distinct codes / tokens among held-out tokens whose pixels are all one value "
+        "(within 0.05 of the range; Moving MNIST's black background): 1 means the background is one code a prior "
+        "predicts at once, a number near the count means it is noise to the prior. "
         "Train losses are not comparable across sides (each adds its own quantizer loss); PSNR and SSIM are.",
         f"Load average (1 / 5 / 15 min) at the start: {load_start}; at the end: {common.load_average()} (the "
         f"machine's 2 cores are shared with other work; interleaving makes any load hit every side alike). Torch "

@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence
+from .config import ConfigError
+from .fileio import write_text_atomic
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -38,7 +40,6 @@ def command_name(module_command: str) -> str:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .checkpoint import CheckpointError  # lazy: keeps `import magvit.cli` free of torch
-    from .config import ConfigError
 
     return UsageError, ConfigError, CheckpointError
 
@@ -67,7 +68,6 @@ def run_main(prog: str | None, main: Callable[[Sequence[str] | None], Any], argv
 
 def write_json(path: str | os.PathLike, data: Any) -> Path:
     """Write JSON atomically (temp file, then rename)."""
-    from .fileio import write_text_atomic
 
     return write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 

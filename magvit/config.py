@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, Mapping, Sequence, TypeVar, Union, get_args, get_origin
 
 import yaml
+from .fileio import write_text_atomic
 
 C = TypeVar("C", bound="Config")
 
@@ -221,8 +222,6 @@ class Config:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
     def to_json(self, path: str | Path) -> None:
-        from .fileio import write_text_atomic
-
         write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod

@@ -37,8 +37,11 @@ from .evaluation.inputs import (check_token_meta, check_tokenizer_weights, evalu
                                 iterate_clips, open_clips, resolve_data, supported_tasks)
 from .evaluation.report import summary_lines, write_plots, write_report
 from .fileio import check_writable_dir
-from .pipeline import warn_untrained_cond_frames
-from .pretrained import is_hub_id, resolve_pretrained, weights_fingerprint
+from .pipeline import check_pair, load_pretrained, warn_untrained_cond_frames
+from .pretrained import is_hub_id, resolve_pretrained, weights_fingerprint, write_record
+from .sampling import DECODING_DEFAULTS, check_decoding, recorded_decoding
+from .tasks import TASK_NAMES
+from .transformer import MaskedVideoTransformer
 
 PROG = command_name("python -m magvit.evaluate")
 
@@ -69,9 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training run folder whose metrics.jsonl is plotted (repeatable)")
     p.add_argument("--i3d", metavar="PATH", help="local I3D TorchScript file (i3d_torchscript.pt) for FVD")
     p.add_argument("--cond-frames", type=int, default=1, help="frames given for frame prediction (default: 1)")
-    p.add_argument("--steps", type=int, default=12, help="parallel decoding steps (default: %(default)s)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: %(default)s)")
-    p.add_argument("--guidance-scale", type=float, default=0.0, help="classifier-free guidance (default: 0)")
+    recorded = "default: the masked transformer export's recorded decoding, else %s"
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"parallel decoding steps ({recorded % DECODING_DEFAULTS['steps']})")
+    p.add_argument("--temperature", type=float, default=None,
+                   help=f"sampling temperature ({recorded % DECODING_DEFAULTS['temperature']})")
+    p.add_argument("--choice-temperature", type=float, default=None,
+                   help=f"confidence noise of parallel decoding ({recorded % DECODING_DEFAULTS['choice_temperature']})")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help=f"classifier-free guidance ({recorded % DECODING_DEFAULTS['guidance_scale']})")
+    p.add_argument("--record-decoding", action="store_true",
+                   help="write the decoding settings of this evaluation into the masked transformer export's "
+                        "config.json (a local folder), so that generate and evaluate use them by default: choose "
+                        "them on clips no model trained on")
     p.add_argument("--nll-tasks", default="frame_prediction,unconditional",
                    help="comma-separated tasks for the masked-token NLL (default: %(default)s; tasks the data "
                         "lacks are left out)")
@@ -102,11 +115,14 @@ def _check_args(args: argparse.Namespace) -> None:
             raise UsageError(f"--run-dir: no metrics.jsonl in {run_dir}")
     if args.i3d is not None and not Path(args.i3d).is_file():
         raise UsageError(f"--i3d: no such file: {args.i3d}")
-    for name in ("temperature", "guidance_scale"):  # NaN passes every comparison
-        value = getattr(args, name)
-        if not math.isfinite(value) or (name == "temperature" and value < 0):
-            raise UsageError(f"--{name.replace('_', '-')} must be a finite number"
-                             f"{' >= 0' if name == 'temperature' else ''}, got {value}")
+    given = {k: getattr(args, k) for k in DECODING_DEFAULTS if getattr(args, k) is not None}
+    try:
+        check_decoding(given, "the command line")
+    except ValueError as err:  # NaN, inf, negative temperatures, scales that overflow float32
+        raise UsageError(str(err).replace("the command line: decoding ", "--").replace("_", "-")) from None
+    if args.record_decoding and (args.transformer is None or not Path(args.transformer).is_dir()):
+        raise UsageError("--record-decoding writes into the masked transformer export: give --transformer as a "
+                         "local folder")
     try:
         check_writable_dir(args.out)  # now, not after every clip has been evaluated
     except ValueError as err:
@@ -119,7 +135,6 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def load_models(tokenizer_dir: str | None, transformer_dir: str | None, device: torch.device):
     """Load the tokenizer and (optionally) the transformer; check that they belong together."""
-    from .pipeline import check_pair, load_pretrained
 
     tokenizer = load_pretrained("tokenizer", tokenizer_dir, device) if tokenizer_dir is not None else None
     transformer = load_pretrained("prior", transformer_dir, device) if transformer_dir is not None else None
@@ -143,7 +158,6 @@ def _data_sources(args: argparse.Namespace, out: Path, tokenizer, transformer) -
 
 def _nll_tasks(args: argparse.Namespace, transformer) -> list[str]:
     """The tasks of ``--nll-tasks`` (checked against the task table when a transformer is evaluated)."""
-    from .tasks import TASK_NAMES
 
     requested = [t.strip() for t in args.nll_tasks.split(",") if t.strip()]
     unknown = [t for t in requested if t not in TASK_NAMES]
@@ -162,11 +176,13 @@ def _clip_evaluations(args: argparse.Namespace, tokenizer, transformer, on_the_f
     num_frames, num_tokens = tokenizer.config.num_frames, math.prod(transformer.config.token_grid)
     if not 1 <= args.cond_frames < num_frames:
         raise UsageError(f"--cond-frames must be in [1, {num_frames}), got {args.cond_frames}")
-    if args.steps > num_tokens:  # each step reveals at least one token
-        raise UsageError(f"--steps must be in [1, {num_tokens}] (the tokens of one clip), got {args.steps}")
-    results.frame_prediction = FramePredictionEvaluation(tokenizer, transformer, args.cond_frames, args.steps,
-                                                         args.temperature, args.guidance_scale, args.seed,
-                                                         num_samples=args.num_samples)
+    decoding = decoding_settings(args, transformer)
+    if decoding["steps"] > num_tokens:  # each step reveals at least one token
+        raise UsageError(f"--steps must be in [1, {num_tokens}] (the tokens of one clip), got {decoding['steps']}")
+    results.frame_prediction = FramePredictionEvaluation(tokenizer, transformer, args.cond_frames, decoding["steps"],
+                                                         decoding["temperature"], decoding["guidance_scale"],
+                                                         args.seed, num_samples=args.num_samples,
+                                                         choice_temperature=decoding["choice_temperature"])
     warn_untrained_cond_frames(transformer, args.cond_frames)
     if on_the_fly and _is_masked(transformer):  # the clips' codes + their frame-prediction condition
         regions = clip_condition_regions(tokenizer, transformer, args.cond_frames) \
@@ -176,9 +192,29 @@ def _clip_evaluations(args: argparse.Namespace, tokenizer, transformer, on_the_f
     return results
 
 
+def decoding_settings(args: argparse.Namespace, transformer) -> dict[str, float]:
+    """Each decoding flag given, else the masked transformer export's recorded decoding, else the default."""
+    try:
+        recorded = recorded_decoding(transformer) if _is_masked(transformer) else dict(DECODING_DEFAULTS)
+    except ValueError as err:  # an untrusted export's record
+        raise UsageError(str(err)) from None
+    return {k: recorded[k] if getattr(args, k) is None else getattr(args, k) for k in DECODING_DEFAULTS}
+
+
+def record_decoding(args: argparse.Namespace, transformer) -> dict[str, float]:
+    """Write the decoding this evaluation used into ``--transformer``'s config.json (``--record-decoding``)."""
+    if not _is_masked(transformer):
+        raise UsageError("--record-decoding: only a masked transformer export records its decoding")
+    settings = decoding_settings(args, transformer)
+    try:
+        write_record(args.transformer, "decoding", settings)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"--record-decoding: {err}") from None
+    return settings
+
+
 def _is_masked(transformer) -> bool:
     """A masked prior: the one with a masked-token NLL (an autoregressive prior is scored by frame prediction)."""
-    from .transformer import MaskedVideoTransformer
 
     return isinstance(transformer, MaskedVideoTransformer)
 
@@ -263,6 +299,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report["fvd"] = fvd_report(extractor, clips, args.batch_size)
     report["plots"] = write_plots(out, report, [Path(d) for d in args.run_dir],
                                   clips.sample_rows() if clips is not None else [])
+    if args.record_decoding:
+        report["recorded_decoding"] = record_decoding(args, transformer)
     report["seconds"] = round(time.time() - started, 2)
     report["report"] = str(out / "report.json")
     write_report(out / "report.json", report)

@@ -32,7 +32,10 @@ from .cli import ArgumentParser, UsageError, command_name, run_main
 from .fileio import check_writable_file
 from .sequence import NO_LABEL
 from .pipeline import Prior, VideoPipeline, generate, warn_untrained_cond_frames
-from .sampling import ARGMAX_TEMPERATURE
+from .sampling import ARGMAX_TEMPERATURE, DECODING_DEFAULTS, MAX_SCALE, recorded_decoding
+from .video_io import (MAX_FPS, MIN_FPS, VideoReadError, check_fps, image_size, is_image, save_frame_grid,
+                       write_video)
+from .sketch import sketch_video
 
 CLI_TASKS = tasks.cli_names()  # --task: one name per row, or per group of rows told apart by --region
 REGIONS = tuple(dict.fromkeys(region for name in CLI_TASKS for region in tasks.cli_regions(name)))
@@ -42,7 +45,6 @@ PROG = command_name("python -m magvit.generate")
 MAX_SAMPLES = 10_000  # one output file each; more is a typo, not a request
 STRIP_ROWS = 9  # a --strip shows the condition and the first samples only
 # the sampling flags, each passed to a prior whose sampler takes it (pipeline.Prior.options)
-MAX_SCALE = 1e4  # |--guidance-scale| and --choice-temperature: beyond it logits x scale overflow float32 into inf
 SAMPLING_FLAGS = ("steps", "temperature", "choice_temperature", "top_k", "top_p", "guidance_scale")
 
 
@@ -72,16 +74,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-id", type=int, default=None, help="class label (class task, or with any other task)")
     p.add_argument("--class", dest="class_name", metavar="NAME", default=None,
                    help="class by name, from the transformer export's class_names (instead of --class-id)")
-    p.add_argument("--steps", type=int, default=12, help="parallel decoding steps (masked transformer)")
-    p.add_argument("--temperature", type=float, default=1.0,
-                   help=f"sampling temperature (at most {ARGMAX_TEMPERATURE:g}, 0 included: argmax)")
-    p.add_argument("--choice-temperature", type=float, default=4.5,
-                   help="confidence noise, annealed to 0 (masked transformer)")
+    recorded = "default: the export's recorded decoding, else %s"
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"parallel decoding steps (masked transformer; {recorded % DECODING_DEFAULTS['steps']})")
+    p.add_argument("--temperature", type=float, default=None,
+                   help=f"sampling temperature (at most {ARGMAX_TEMPERATURE:g}, 0 included: argmax; "
+                        f"{recorded % DECODING_DEFAULTS['temperature']})")
+    p.add_argument("--choice-temperature", type=float, default=None,
+                   help="confidence noise, annealed to 0 (masked transformer; "
+                        f"{recorded % DECODING_DEFAULTS['choice_temperature']})")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely codes")
     p.add_argument("--top-p", type=float, default=None,
                    help="autoregressive transformer: sample within the smallest set of codes whose probability "
                         "reaches p (nucleus)")
-    p.add_argument("--guidance-scale", type=float, default=0.0, help="classifier-free guidance scale (0 = off)")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help=f"classifier-free guidance scale (0 = off; {recorded % DECODING_DEFAULTS['guidance_scale']})")
     p.add_argument("--num-samples", type=int, default=1, help=f"videos to generate (at most {MAX_SAMPLES})")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH,
                    help="videos generated at once (memory grows with it; samples are written batch by batch)")
@@ -105,7 +112,7 @@ def _output_paths(out: Path, num_samples: int) -> list[Path]:
 
 def _check_args(args: argparse.Namespace) -> tasks.Task:
     """Check the flags that need no model; returns the task's row."""
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
     if not 1 <= args.num_samples <= MAX_SAMPLES:
         raise UsageError(f"--num-samples must be in [1, {MAX_SAMPLES}], got {args.num_samples}")
@@ -113,6 +120,8 @@ def _check_args(args: argparse.Namespace) -> tasks.Task:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     for flag in ("temperature", "choice_temperature", "guidance_scale"):  # NaN passes every comparison
         value = getattr(args, flag)
+        if value is None:  # not given: the export's record or the default, filled in by decoding_options
+            continue
         low = -MAX_SCALE if flag == "guidance_scale" else 0.0
         high = MAX_SCALE if flag != "temperature" else math.inf  # any temperature is finite math; scales multiply
         if not (math.isfinite(value) and low <= value <= high):  # logits and overflow float32 beyond these
@@ -124,8 +133,6 @@ def _check_args(args: argparse.Namespace) -> tasks.Task:
     if args.cond_frames < 1:
         raise UsageError(f"--cond-frames must be >= 1, got {args.cond_frames}")
     if args.fps is not None:
-        from .video_io import check_fps
-
         try:
             check_fps(args.fps)
         except ValueError as err:
@@ -141,7 +148,6 @@ def _check_args(args: argparse.Namespace) -> tasks.Task:
         raise UsageError("give --class NAME or --class-id N, not both")
     if task.needs_label and args.class_id is None and args.class_name is None:
         raise UsageError(f"--task {args.task} needs --class-id N or --class NAME")
-    from .video_io import VideoReadError, image_size, is_image
 
     for flag in ("cond", "sketch"):
         path = getattr(args, flag)
@@ -167,8 +173,6 @@ def _check_args(args: argparse.Namespace) -> tasks.Task:
 def output_fps(args: argparse.Namespace, input_fps: float) -> float:
     """``--fps``, else the condition's own rate brought into what a video file can hold (with a one-line note when
     it had to move), else ``DEFAULT_FPS``."""
-    from .video_io import MAX_FPS, MIN_FPS
-
     if args.fps:
         return args.fps
     if not input_fps or not math.isfinite(input_fps) or input_fps <= 0:
@@ -186,22 +190,31 @@ def _check_model_args(args: argparse.Namespace, task: tasks.Task, num_frames: in
     if task.frames == "first" and not args.cond_frames < num_frames:
         raise UsageError(f"--cond-frames must be < {num_frames} (the model's clip length: at least one frame "
                          f"must be predicted), got {args.cond_frames}")
-    if "steps" in prior.options and args.steps > num_tokens:  # each step reveals at least one token
+    if "steps" in prior.options and args.steps is not None and args.steps > num_tokens:  # >= 1 token per step
         raise UsageError(f"--steps must be in [1, {num_tokens}] (the tokens of one video), got {args.steps}")
     if args.top_p is not None and "top_p" not in prior.options:
         raise UsageError("--top-p applies to an autoregressive transformer; this transformer export is a "
                          f"{prior.model_class.__name__} (use --top-k)")
-    defaults = build_parser()
-    for flag in ("steps", "choice_temperature"):  # set away from their defaults for a prior that ignores them
-        if flag not in prior.options and getattr(args, flag) != defaults.get_default(flag):
+    for flag in ("steps", "choice_temperature"):  # given for a prior that ignores them
+        if flag not in prior.options and getattr(args, flag) is not None:
             raise UsageError(f"--{flag.replace('_', '-')} applies to a masked transformer (parallel decoding); "
                              f"this transformer export is a {prior.model_class.__name__}, which decodes one token at "
                              "a time")
 
 
-def sampling_options(args: argparse.Namespace, prior: Prior) -> dict[str, Any]:
-    """The sampling flags that the loaded prior's sampler takes, as its keywords."""
-    return {flag: getattr(args, flag) for flag in SAMPLING_FLAGS if flag in prior.options}
+def sampling_options(args: argparse.Namespace, prior: Prior, model: torch.nn.Module) -> dict[str, Any]:
+    """The sampling flags that the loaded prior's sampler takes, as its keywords: each flag given, else the
+    export's recorded decoding (a masked transformer's ``decoding``), else ``DECODING_DEFAULTS``."""
+    try:
+        recorded = recorded_decoding(model) if "steps" in prior.options else DECODING_DEFAULTS
+    except ValueError as err:  # an untrusted export's record
+        raise UsageError(str(err)) from None
+    options = {}
+    for flag in SAMPLING_FLAGS:
+        if flag in prior.options:
+            value = getattr(args, flag)
+            options[flag] = recorded.get(flag) if value is None else value
+    return options
 
 
 def class_from_args(args: argparse.Namespace, class_names: Sequence[str]) -> int:
@@ -229,7 +242,6 @@ def read_condition(args: argparse.Namespace, pipe: VideoPipeline,
     video, fps = pipe.load_video(args.sketch if task.condition == "sketch" and args.sketch else args.cond)
     truth = video if task.frames == "first" and video.shape[1] == pipe.num_frames else None
     if task.condition == "sketch" and not args.sketch:  # the sketch of --cond, at the model's resolution
-        from .sketch import sketch_video
 
         video = sketch_video(video)
     return pipe.prepare_condition(task.name, video, args.cond_frames), fps, truth
@@ -241,15 +253,17 @@ def run(args: argparse.Namespace) -> list[Path]:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device}: no CUDA device available")
     pipe = VideoPipeline.from_pretrained(args.tokenizer, args.transformer, device=args.device)
-    _check_model_args(args, task, pipe.num_frames, math.prod(pipe.token_grid), pipe.prior)
+    _check_model_args(args, task, pipe.num_frames, math.prod(pipe.token_grid), pipe.prior_kind)
     if task.frames == "first":
-        warn_untrained_cond_frames(pipe.transformer, args.cond_frames)
-    options = sampling_options(args, pipe.prior)
+        warn_untrained_cond_frames(pipe.prior, args.cond_frames)
+    options = sampling_options(args, pipe.prior_kind, pipe.prior)
+    if options.get("steps", 0) > math.prod(pipe.token_grid):  # a recorded number of steps
+        raise UsageError(f"the export's recorded decoding steps ({options['steps']}) exceed the tokens of one "
+                         f"video ({math.prod(pipe.token_grid)}): pass --steps")
     class_id = class_from_args(args, pipe.class_names)
     condition, fps, truth = read_condition(args, pipe, task)
     fps = output_fps(args, fps)
 
-    from .video_io import save_frame_grid, write_video
 
     paths = _output_paths(Path(args.out), args.num_samples)
     start = time.perf_counter()
@@ -257,7 +271,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     for first in range(0, args.num_samples, args.batch_size):
         # batch k is seeded with seed + k: the samples do not depend on how many are asked for after them
         batch = paths[first:first + args.batch_size]
-        videos = generate(pipe.tokenizer, pipe.transformer, task.name, condition, class_id=class_id,
+        videos = generate(pipe.tokenizer, pipe.prior, task.name, condition, class_id=class_id,
                           num_cond_frames=args.cond_frames, num_samples=len(batch), seed=args.seed + first // args.batch_size, progress=True,
                           **options).cpu()  # (b, 3, T, H, W)
         for path, video in zip(batch, videos):
@@ -265,7 +279,8 @@ def run(args: argparse.Namespace) -> list[Path]:
         if args.strip and len(strip_rows) < STRIP_ROWS:
             strip_rows += list(videos[:STRIP_ROWS - len(strip_rows)])
     elapsed = time.perf_counter() - start
-    decoding = f"{args.steps} steps" if "steps" in options else "autoregressive"
+    decoding = (f"{options['steps']} steps, temperature {options['temperature']:g}" if "steps" in options
+                else f"autoregressive, temperature {options['temperature']:g}")
     if args.strip:  # given | predicted | truth (frame prediction from a whole clip)
         save_frame_grid(args.strip, strip_rows + ([truth.cpu()] if truth is not None else []))
     print(f"generated {len(paths)} video(s) of {videos.shape[2]} frames at {videos.shape[3]}x{videos.shape[4]} "

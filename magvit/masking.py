@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import torch
 
 from . import code_grids
 from . import tasks as _tasks
-from .config import Config, require_finite
+from .config import Config, ConfigError, require_finite
 from .sequence import IGNORE_INDEX, NO_LABEL, SequenceLayout, TokenVocabulary, build_sequence, code_nll
 
 #: How a masked prior over two code grids trains (``MaskingConfig.two_grid_masking``, :func:`make_training_batch`).
@@ -28,7 +28,9 @@ _EXPONENTIAL_RATE = 5.0  # steepness of the "exponential" schedule
 
 @dataclasses.dataclass
 class MaskingConfig(Config):
-    """Options of ``masking.make_training_batch`` and ``masking.masked_token_loss``."""
+    """The options of a masked prior's training masks (:func:`make_training_batch`, passed whole) and its loss
+    (``label_smoothing``, :func:`masked_token_loss`): each default is here and nowhere else. An export records the
+    masking it was trained with (:func:`recorded_masking`), so held-out scoring masks as training did."""
 
     tasks: list[str] | None = None  # None: every task of the model that the token shards support
     schedule: str = "cosine"
@@ -46,9 +48,11 @@ class MaskingConfig(Config):
         if self.tasks is not None and not self.tasks:
             raise ValueError("tasks is an empty list, which trains nothing: name the tasks to train, or null "
                              "for every task of the model that the token shards carry")
-        unknown = [name for name in self.tasks or [] if name not in _tasks.TASK_NAMES]
-        if unknown:
-            raise ValueError(f"tasks: unknown task {unknown[0]!r}; known: {', '.join(_tasks.TASK_NAMES)}")
+        for name in self.tasks or []:
+            try:
+                _tasks.task(name)  # the table as it is now: a row added later is known
+            except ValueError as err:
+                raise ValueError(f"tasks: {err}") from None
         if self.schedule not in _GAMMAS:
             raise ValueError(f"schedule: {self.schedule!r} is not one of {list(SCHEDULES)}")
         if self.two_grid_masking not in TWO_GRID_MASKINGS:
@@ -58,6 +62,20 @@ class MaskingConfig(Config):
                 or not 0 <= self.label_smoothing < 1:
             raise ValueError("masking: need 0 <= cond_dropout_prob <= 1, 0 <= uncond_prob <= 1, unmasked_weight >= 0 "
                              "and 0 <= label_smoothing < 1")
+
+
+def recorded_masking(prior: Any) -> MaskingConfig:
+    """The masking a masked prior was trained with: its export's ``training_masking`` (config.json, written by the
+    trainer). An export without it (written before the record) gets ``MaskingConfig()``, the trainer's defaults, so
+    a two-grid export of a run that set ``masking.two_grid_masking: stages`` before then is scored ``joint``.
+    ``ConfigError`` (one line) for a record that is not a valid masking."""
+    record = getattr(prior, "training_masking", None)
+    if record is None:
+        return MaskingConfig()
+    try:
+        return MaskingConfig.from_dict(record)
+    except ValueError as err:  # ConfigError, or a value __post_init__ refuses
+        raise ConfigError(f"the prior's config.json: training_masking: {err}") from None
 
 
 # --- the mask schedule ---------------------------------------------------------------------------------------------
@@ -198,24 +216,23 @@ class _Draws(NamedTuple):
     count_scores: torch.Tensor | None  # (B,) U(0, 1): the given-frame count of frame prediction (None: one carried)
 
 
-def _draw(batch_size: int, num_tasks: int, num_tokens: int, schedule: str, cond_dropout_prob: float,
-          uncond_prob: float, mask_ratio: float | None, generator: torch.Generator | None,
-          top_tokens: int = 0, draw_counts: bool = False) -> _Draws:
+def _draw(batch_size: int, num_tasks: int, num_tokens: int, masking: MaskingConfig, mask_ratio: float | None,
+          generator: torch.Generator | None, top_tokens: int = 0, draw_counts: bool = False) -> _Draws:
     # The order of the draws is part of the training RNG's stream (exact resume replays it): keep it. The joint drop
     # and the given-frame count draw last and only when asked, so a run without them draws what it always drew.
     task_scores = _rand((batch_size, num_tasks), generator)
-    drop_prefix = _rand((batch_size,), generator) < cond_dropout_prob
-    drop_class = _rand((batch_size,), generator) < cond_dropout_prob
+    drop_prefix = _rand((batch_size,), generator) < masking.cond_dropout_prob
+    drop_class = _rand((batch_size,), generator) < masking.cond_dropout_prob
     if mask_ratio is None:
-        ratio = _gamma(_rand((batch_size,), generator), schedule)  # U(0, 1) through the schedule
+        ratio = _gamma(_rand((batch_size,), generator), masking.schedule)  # U(0, 1) through the schedule
     else:
         ratio = torch.full((batch_size,), float(mask_ratio), dtype=torch.float64)
     if top_tokens:  # two code grids: a top or a bottom stage per example
         masked, scored = two_stage_mask(top_tokens, num_tokens - top_tokens, ratio, generator)
     else:
         masked, scored = random_mask(num_tokens, ratio, generator), None
-    if uncond_prob > 0:
-        both = _rand((batch_size,), generator) < uncond_prob
+    if masking.uncond_prob > 0:
+        both = _rand((batch_size,), generator) < masking.uncond_prob
         drop_prefix, drop_class = drop_prefix | both, drop_class | both
     count_scores = _rand((batch_size,), generator) if draw_counts else None
     return _Draws(task_scores, drop_prefix, drop_class, masked, scored, count_scores)
@@ -343,27 +360,24 @@ def _assemble(vocab: TokenVocabulary, layout: SequenceLayout, codes: torch.Tenso
 def make_training_batch(
     batch: Mapping[str, torch.Tensor],
     vocab: TokenVocabulary,
+    masking: MaskingConfig,
     *,
-    tasks: Sequence[str] | None = None,
-    schedule: str = "cosine",
-    cond_dropout_prob: float = 0.1,
-    uncond_prob: float = 0.0,
-    unmasked_weight: float = 1.0,
-    mask_ratio: float | None = None,
     generator: torch.Generator | None = None,
+    mask_ratio: float | None = None,
     conditioning: str = "prefix",
     condition_regions: Mapping[str, torch.Tensor] | None = None,
-    two_grid_masking: str = "stages",
 ) -> TrainingBatch:
     """Turn token-shard items into a masked-token training batch.
 
     ``batch``: collated items ``{"codes": (B, t, h, w), "cond.<task>": (B, t, h, w)..., "sketch_codes": (B, t, h, w)
     (optional), "label": (B,)}``. For every example a task is drawn uniformly among ``tasks`` (default: every task
     of the model the batch supports, :func:`training_tasks`; ``class`` for labelled examples only). The task's
-    condition tokens go into the prefix and the label (if any) into the class slot. For classifier-free guidance
+    condition tokens go into the prefix and the label (if any) into the class slot. ``masking`` (the run's
+    :class:`MaskingConfig`, validated when it was made) holds every option; the arguments after it are per call:
+    the generator, a fixed ratio, and the model's conditioning and the clips' regions. For classifier-free guidance
     the condition and the class are each dropped (replaced by the pad / unconditional token) with probability
-    ``cond_dropout_prob``, and both together with probability ``uncond_prob`` on top (so the unconditional branch
-    trains ``uncond_prob + (1 - uncond_prob) * cond_dropout_prob**2`` of the time).
+    ``masking.cond_dropout_prob``, and both together with probability ``masking.uncond_prob`` on top (so the
+    unconditional branch trains ``uncond_prob + (1 - uncond_prob) * cond_dropout_prob**2`` of the time).
 
     ``conditioning="interior"`` (MAGVIT's COMMIT; sequence ``2 + N``): no prefix; a masked video slot inside the
     task's latent condition region (``condition_regions[task]`` ``(t, h, w)`` bool, e.g. from
@@ -378,14 +392,14 @@ def make_training_batch(
 
     Two code grids (VQ-VAE-2; the batch also holds ``top.codes``, ``top.cond.<condition>``... ``(B, t, h', w')``,
     ``magvit.code_grids``): every grid is packed top first, the region of ``condition_regions[<condition>]`` is the
-    packed ``(N_top + N,)`` one (``conditions.two_grid_condition_region``). With ``two_grid_masking="stages"`` (the
-    states two-phase decoding visits: what held-out scoring uses) each example trains the top or the bottom stage
-    (:func:`two_stage_mask`; its draws replace the one-grid mask's, so one-grid batches draw as before); with
-    ``"joint"`` (the trainer's default, ``MaskingConfig``) one mask covers the packed sequence like one grid.
+    packed ``(N_top + N,)`` one (``conditions.two_grid_condition_region``). With
+    ``masking.two_grid_masking="stages"`` (the states two-phase decoding visits) each example trains the top or the
+    bottom stage (:func:`two_stage_mask`; its draws replace the one-grid mask's, so one-grid batches draw as before);
+    with ``"joint"`` (the default) one mask covers the packed sequence like one grid.
 
-    The video tokens are masked with ratio ``mask_schedule(r, schedule)``, ``r ~ U(0, 1)`` per example (or the fixed
-    ``mask_ratio``). As in MAGVIT the loss covers all video positions: masked ones with weight 1, unmasked ones with
-    ``unmasked_weight``.
+    The video tokens are masked with ratio ``mask_schedule(r, masking.schedule)``, ``r ~ U(0, 1)`` per example (or
+    the fixed ``mask_ratio``). As in MAGVIT the loss covers all video positions: masked ones with weight 1, unmasked
+    ones with ``masking.unmasked_weight``.
 
     All randomness comes from ``generator`` (CPU); the outputs live on the device of ``batch["codes"]``, and nothing
     waits for that device: the tensors' values are not checked here (:func:`check_training_batch` does).
@@ -393,21 +407,15 @@ def make_training_batch(
     grid = tuple(_video_codes(batch).shape[1:])  # (t, h, w): the bottom grid when there are two
     batch, top_grid = code_grids.pack_batch(batch)  # two grids: each of them (B, N_top + N), top first
     codes = batch["codes"].long()  # (B, t, h, w), or packed (B, N_top + N)
-    rows = training_tasks(batch, vocab, tasks)
-    check_schedule(schedule)
-    for name, p in (("cond_dropout_prob", cond_dropout_prob), ("uncond_prob", uncond_prob)):
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"{name} must be in [0, 1], got {p}")
-    if mask_ratio is not None and not 0.0 <= mask_ratio <= 1.0:
+    rows = training_tasks(batch, vocab, masking.tasks)
+    if mask_ratio is not None and not 0.0 <= mask_ratio <= 1.0:  # the options' checks are MaskingConfig's own
         raise ValueError(f"mask_ratio must be in [0, 1], got {mask_ratio}")
-    if two_grid_masking not in TWO_GRID_MASKINGS:
-        raise ValueError(f"two_grid_masking must be one of {list(TWO_GRID_MASKINGS)}, got {two_grid_masking!r}")
     b, device = codes.shape[0], codes.device
     layout = SequenceLayout(grid, conditioning, top_grid)  # type: ignore[arg-type]
     variants, sizes = _variants(batch, rows)
     table = _region_table(variants, condition_regions, layout) if layout.interior else None  # (num_variants, N)
-    draws = _draw(b, len(rows), layout.num_video_tokens, schedule, cond_dropout_prob, uncond_prob, mask_ratio,
-                  generator, layout.num_top_tokens if two_grid_masking == "stages" else 0,
+    draws = _draw(b, len(rows), layout.num_video_tokens, masking, mask_ratio, generator,
+                  layout.num_top_tokens if masking.two_grid_masking == "stages" else 0,
                   draw_counts=bool((sizes > 1).any()))
 
     labels = _on(device, _batch_labels(batch, b))  # (B,)
@@ -419,7 +427,7 @@ def make_training_batch(
     region = None if table is None else _on(device, table)[variant_index] & ~_on(device, draws.drop_prefix)[:, None]
     scored = None if draws.scored is None else _on(device, draws.scored)
     return _assemble(vocab, layout, codes, task_tokens, class_tokens, condition, region, _on(device, draws.masked),
-                     unmasked_weight, scored)
+                     masking.unmasked_weight, scored)
 
 
 def masked_token_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, codebook_size: int,

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -328,28 +329,35 @@ def generate(tokenizer, transformer, task: str, condition: torch.Tensor | None =
 
 
 class VideoPipeline:
-    """A ``VideoTokenizer`` and the prior trained on its codes (``MaskedVideoTransformer`` or
+    """A ``VideoTokenizer`` and the prior trained on its codes (:attr:`prior`: a ``MaskedVideoTransformer`` or an
     ``AutoregressiveTransformer``, :func:`priors`), checked to belong together."""
 
-    def __init__(self, tokenizer, transformer):
-        self.token_grid = check_pair(tokenizer.config, transformer.config)  # (t, h, w)
-        self.tokenizer, self.transformer = tokenizer, transformer
+    def __init__(self, tokenizer, prior):
+        self.token_grid = check_pair(tokenizer.config, prior.config)  # (t, h, w)
+        self.tokenizer, self.prior = tokenizer, prior
 
     @classmethod
-    def from_pretrained(cls, tokenizer: str | os.PathLike, transformer: str | os.PathLike,
+    def from_pretrained(cls, tokenizer: str | os.PathLike, prior: str | os.PathLike,
                         device: str | torch.device = "cpu") -> VideoPipeline:
         """Both models from their export folders or Hub ids (``org/name``), in eval mode on ``device``; the
-        ``transformer`` export may be either prior (:func:`priors`)."""
-        return cls(load_pretrained("tokenizer", tokenizer, device), load_pretrained("prior", transformer, device))
+        ``prior`` export (what the commands' ``--transformer`` names) may be either kind (:func:`priors`)."""
+        return cls(load_pretrained("tokenizer", tokenizer, device), load_pretrained("prior", prior, device))
+
+    @property
+    def transformer(self):
+        """Deprecated alias of :attr:`prior` (kept for one release; read-only)."""
+        warnings.warn("VideoPipeline.transformer is deprecated; use VideoPipeline.prior", DeprecationWarning,
+                      stacklevel=2)
+        return self.prior
 
     @property
     def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
+        return next(self.prior.parameters()).device
 
     @property
-    def prior(self) -> Prior:
+    def prior_kind(self) -> Prior:
         """The prior's row of :func:`priors`: its code sampler and the sampling keywords it takes."""
-        return prior_of(self.transformer)
+        return prior_of(self.prior)
 
     @property
     def num_frames(self) -> int:
@@ -361,8 +369,8 @@ class VideoPipeline:
 
     @property
     def class_names(self) -> Sequence[str]:
-        """The transformer export's class names (class id = index); empty for exports without them."""
-        return self.transformer.class_names
+        """The prior export's class names (class id = index); empty for exports without them."""
+        return self.prior.class_names
 
     def load_video(self, path: str | os.PathLike) -> tuple[torch.Tensor, float]:
         """Read a video or an image (``UsageError`` if unreadable) and fit it to the tokenizer: ``((3, T, S, S),
@@ -396,10 +404,10 @@ class VideoPipeline:
 
         ``task``: a task name of ``magvit.tasks.TASKS``; ``condition``: the user's video (:meth:`prepare_condition`) or,
         for ``"sketch"``, the sketch video; ``sampling``: ``num_samples``, ``class_id``, ``generator``, ``seed``,
-        ``progress`` and the prior's own keywords (:attr:`prior`: the masked transformer's ``steps``,
+        ``progress`` and the prior's own keywords (:attr:`prior_kind`: the masked transformer's ``steps``,
         ``temperature``, ``choice_temperature``, ``top_k``, ``guidance_scale``, ``schedule``; the autoregressive
         one's ``temperature``, ``top_k``, ``top_p``, ``guidance_scale``).
         """
         prepared = self.prepare_condition(task, condition, num_cond_frames)
-        return generate(self.tokenizer, self.transformer, task, prepared, num_cond_frames=num_cond_frames,
+        return generate(self.tokenizer, self.prior, task, prepared, num_cond_frames=num_cond_frames,
                         **sampling)

@@ -25,7 +25,7 @@ import tempfile
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence, TypeVar
+from typing import Any, ClassVar, Iterator, Sequence, TypeVar
 
 import torch
 from safetensors.torch import load_model, save_model
@@ -33,6 +33,7 @@ from safetensors.torch import load_model, save_model
 from .config import Config
 from .fileio import atomic_folder
 from .model_card import TrainingRecord, render_model_card
+from . import __version__
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -66,6 +67,28 @@ def read_config_json(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise ValueError(f"{path}: not a saved model config (a JSON object)")
     return meta
+
+
+def write_record(directory: str | os.PathLike, key: str, value: dict[str, Any]) -> Path:
+    """Set the record ``key`` (a JSON object, e.g. a masked transformer's ``decoding``) in the ``config.json`` of the
+    local export ``directory``, replacing the file atomically (a crash leaves the old or the new one whole)."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no export at {directory} (missing {CONFIG_NAME})")
+    meta = read_config_json(path)
+    meta[key] = value
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{CONFIG_NAME}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(meta, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, path.stat().st_mode & 0o777)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 def _env_true(name: str) -> bool:
@@ -144,18 +167,21 @@ class PretrainedMixin:
     config_class: type[Config]
     model_type: str  # written into config.json so that a tokenizer dir is never loaded as a transformer
     class_names: Sequence[str] = ()  # class id -> name; an instance sets its own list
+    #: config.json keys beside ``config`` that a kind keeps of its training run, each the instance attribute of that
+    #: name: saved when set, loaded back as saved (a JSON object, validated by its reader), None in an export
+    #: written before the record (e.g. the masked transformer's ``training_masking``, ``masking.recorded_masking``)
+    records: ClassVar[tuple[str, ...]] = ()
 
     def save_pretrained(self, directory: str | os.PathLike, training: TrainingRecord | None = None) -> Path:
         """Write ``config.json``, ``model.safetensors`` and the model card ``README.md`` (``training``: what the run
         knows about the data and its last evaluation numbers) into ``directory``, atomically."""
-        from . import __version__
-
         directory = Path(directory)
         meta: dict[str, Any] = {"model_type": self.model_type, "magvit_version": __version__,
                                 "config": self.config.to_dict()}
         if hasattr(self.config, "num_classes"):
             meta["class_names"] = _check_class_names(list(self.class_names), self.config.num_classes,
                                                      type(self).__name__)
+        meta.update({key: getattr(self, key) for key in self.records if getattr(self, key, None) is not None})
         num_parameters = sum(p.numel() for p in self.parameters())  # type: ignore[attr-defined]
         card = render_model_card(type(self).__name__, self.model_type, self.config, num_parameters,
                                  meta.get("class_names"), training, __version__)
@@ -190,7 +216,8 @@ class PretrainedMixin:
     def from_pretrained(cls: type[M], name_or_path: str | os.PathLike, device: str | torch.device = "cpu",
                         revision: str | None = None, cache_dir: str | os.PathLike | None = None) -> M:
         """Load an export from a local folder or a Hub id (``revision``: branch, tag or commit; see
-        :func:`resolve_pretrained`). Exports older than ``class_names`` load with none."""
+        :func:`resolve_pretrained`). Exports older than ``class_names`` load with none, older than a record of
+        ``records`` with ``None``."""
         directory = resolve_pretrained(name_or_path, revision, cache_dir)
         meta = cls.read_meta(directory)
         config = cls.config_class.from_dict(meta["config"])
@@ -199,10 +226,16 @@ class PretrainedMixin:
             raise FileNotFoundError(f"no {cls.__name__} weights at {weights}")
         class_names = _check_class_names(meta.get("class_names", []), config.num_classes,
                                          str(directory / CONFIG_NAME)) if hasattr(config, "num_classes") else None
+        records = {key: meta[key] for key in cls.records if meta.get(key) is not None}
+        for key, value in records.items():
+            if not isinstance(value, dict):
+                raise ValueError(f"{directory / CONFIG_NAME}: {key} must be a JSON object")
         check_export(cls, config, directory / CONFIG_NAME, weights)  # before anything is allocated
         model = cls(config)  # type: ignore[call-arg]
         if class_names is not None:
             model.class_names = class_names
+        for key, value in records.items():
+            setattr(model, key, value)
         load_weights(model, weights, device)
         return model.to(device).eval()
 

@@ -1,24 +1,121 @@
 """What the priors' trainers share (``magvit.launch.train_transformer``, ``magvit.launch.train_autoregressive``):
-the model's sizes from the token shards, the checks of the trained tasks and of the network before a run dir is
-written, the network with its EMA and engine, and the autoregressive prior's training sequences (the masked
-transformer's task and condition draws, every video code visible)."""
+the skeleton both commands run (:class:`PriorCommand`: the command line and config, the checks before a run dir is
+written, :func:`start_prior_run`: the run, the network with its EMA and engine, the rank's token batches and the
+training loop), the model's sizes from the token shards, and the autoregressive prior's training sequences (the
+masked transformer's task and condition draws, every video code visible). A command keeps what differs: its micro-step
+and, for the masked transformer, the held-out validation.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import sys
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from . import distributed as dist
-from .batches import token_meta
+from .autoregressive import AutoregressiveObjectiveConfig
+from .batches import TrainData, token_batches, token_meta
 from .checkpoint import seed_everything
 from .cli import UsageError
-from .config import ConfigError
+from .config import Config, ConfigError
 from .ema import EMA
-from .masking import make_training_batch
+from .masking import MaskingConfig, make_training_batch
 from .optim import WarmupCosineSchedule, build_adam
+from .precision import autocast as precision_autocast
+from .resume import RunContext, start_run
+from .run_config import load_train_config, parse_train_command
 from .sequence import IGNORE_INDEX, TokenVocabulary
+from .trainloop import Reporting, TrainLoop
+
+
+# --- the skeleton of a prior's trainer -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PriorCommand:
+    """What tells one prior's trainer from the other's; the rest (:meth:`main`, :func:`start_prior_run`) is shared."""
+
+    description: str  # the command's one line (its module docstring's first line)
+    kind: str  # the default run dir's folder, runs/<kind>/<config name>
+    default_config: str
+    config_class: type[Config]  # the run config (TransformerTrainConfig, AutoregressiveTrainConfig)
+    network: Callable[[Any], torch.nn.Module]  # the exported network's class, built from ``cfg.model``
+    tasks_key: str  # the run config's key of the trained tasks: "masking.tasks" | "objective.tasks"
+    logger_name: str  # the run's logger (logs/rank<r>.log)
+    reporting: Reporting
+
+    def trained_tasks(self, cfg: Any) -> Sequence[str] | None:
+        section, field = self.tasks_key.split(".")
+        return getattr(getattr(cfg, section), field)
+
+    def load_config(self, config_path: str, overrides: Sequence[str], deepspeed_config: str | None = None) -> Any:
+        """The training config (YAML + overrides), strictly checked; the model's data-dependent sizes are filled
+        in later by :func:`with_token_sizes`."""
+        cfg = load_train_config(self.config_class, config_path, overrides, deepspeed_config)
+        check_trained_tasks(self.tasks_key, self.trained_tasks(cfg), cfg.model.tasks)  # the rest: the config's own
+        return cfg
+
+    def main(self, train: Callable[..., int], argv: Sequence[str] | None = None) -> int:
+        """Parse the command line, load and check the config (the shards' sizes, the trained tasks they carry, the
+        network buildable) before any run dir is written, then ``train(cfg, ds_base, run_dir, resume, argv,
+        overwrite)``."""
+        args, cfg, ds_base = parse_train_command(self.description, self.default_config, self.kind, self.load_config,
+                                                 argv)
+        cfg = with_token_sizes(cfg)
+        check_carried_tasks(self.tasks_key, self.trained_tasks(cfg), cfg)
+        check_network(self.network, cfg.model)
+        return train(cfg, ds_base, args.run_dir, resume=args.resume == "auto" and not args.overwrite,
+                     argv=sys.argv if argv is None else argv, overwrite=args.overwrite)
+
+
+@dataclasses.dataclass
+class PriorRun:
+    """A started prior's run: this rank's context, the network's EMA and DeepSpeed engine, the autocast of the
+    resolved precision and the rank's token batches."""
+
+    command: PriorCommand
+    cfg: Any
+    run_dir: Path
+    context: RunContext
+    ema: EMA
+    engine: Any
+    autocast: Any
+    data: TrainData
+
+    def on_device(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        device = self.context.device
+        return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def loop(self, records: Mapping[str, Any] | None = None) -> TrainLoop:
+        """The training loop, whose exports hold the shards' class names and ``records`` (the network's
+        ``PretrainedMixin.records``, e.g. the masked transformer's ``training_masking``)."""
+        def export_model() -> torch.nn.Module:  # (the loop keeps the training RNG where it was)
+            plain = self.command.network(self.cfg.model)
+            plain.class_names = list(self.data.classes)  # class id -> name, from the shards' meta.json
+            for key, value in (records or {}).items():
+                setattr(plain, key, value)
+            return plain
+
+        return TrainLoop(self.context, self.cfg, self.run_dir, {"transformer": self.engine}, self.ema, self.data,
+                         export_model, self.command.reporting)
+
+
+def start_prior_run(command: PriorCommand, cfg: Any, ds_base: Mapping[str, Any], run_dir: Path, resume: bool,
+                    argv: Sequence[str], overwrite: bool = False) -> PriorRun:
+    """Start the run (``resume.start_run``: from here on SIGTERM/SIGUSR1 mean "checkpoint and exit 3"), build the
+    network, its EMA and engine (:func:`build_prior`) and open this rank's token batches. The order is the one
+    exact resume replays: keep it."""
+    run = start_run(cfg, ds_base, run_dir, argv, command.logger_name, resume=resume, overwrite=overwrite)
+    ema, engine = build_prior(command.network, cfg, run)
+    autocast = precision_autocast(cfg.train.precision, run.device)
+    data = token_batches(cfg.data, run.rank, run.world_size, cfg.train.seed, run.device)
+    return PriorRun(command, cfg, Path(run_dir), run, ema, engine, autocast, data)
+
+
+# --- the checks and the build --------------------------------------------------------------------------------------
 
 
 def with_token_sizes(cfg: Any) -> Any:
@@ -86,17 +183,20 @@ def build_prior(network: Callable[[Any], torch.nn.Module], cfg: Any, run: Any) -
     return ema, dist.build_engine(model, optimizer, run.ds_config, schedule)
 
 
-def training_sequence(batch: Mapping[str, torch.Tensor], vocab: TokenVocabulary, *,
-                      tasks: Sequence[str] | None = None, cond_dropout_prob: float = 0.1,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
+def training_sequence(batch: Mapping[str, torch.Tensor], vocab: TokenVocabulary,
+                      objective: AutoregressiveObjectiveConfig, generator: torch.Generator | None = None
+                      ) -> torch.Tensor:
     """The autoregressive prior's input ids ``(B, L)`` of token-shard items ``batch`` (as for
-    ``masking.make_training_batch``): per example a task, its condition codes in the prefix, its class in the class
-    slot, each dropped with ``cond_dropout_prob``, drawn exactly as for the masked transformer (that function's
-    draws, so a run's random stream is the one it always was), and every video code in place.
+    ``masking.make_training_batch``): per example a task of ``objective.tasks``, its condition codes in the prefix,
+    its class in the class slot, each dropped with ``objective.cond_dropout_prob``, drawn exactly as for the masked
+    transformer (that function's draws, so a run's random stream is the one it always was), and every video code in
+    place.
 
     No host sync; the values are checked where the batch is read (``masking.check_training_batch``).
     """
-    masked = make_training_batch(batch, vocab, tasks=tasks, cond_dropout_prob=cond_dropout_prob, mask_ratio=0.0,
-                                 generator=generator)
+    # The mask is thrown away; "stages" keeps the draws two-grid runs always made (its stage draw included).
+    masking = MaskingConfig(tasks=objective.tasks, cond_dropout_prob=objective.cond_dropout_prob,
+                            two_grid_masking="stages")
+    masked = make_training_batch(batch, vocab, masking, generator=generator, mask_ratio=0.0)
     # ratio 0 still masks one video token per example: the labels hold every video code (two grids: packed, top first)
     return torch.where(masked.labels != IGNORE_INDEX, masked.labels, masked.input_ids)

@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import yaml
 
+from . import __version__
 from . import distributed as dist
 from .config import Config
 from .fileio import write_text_atomic
@@ -123,8 +124,6 @@ def rerun_problem(run_dir: Path, resume: bool, overwrite: bool) -> str | None:
 
 
 def version_info() -> dict[str, str]:
-    from . import __version__
-
     info = {"magvit": __version__, "torch": torch.__version__, "python": platform.python_version()}
     try:
         import deepspeed

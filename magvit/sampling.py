@@ -34,6 +34,38 @@ LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # (B, L) long -> (B, L, V) or
 # tied, code 0 picked), and below 1e-4 the Gumbel noise no longer changes the winner of logits a few nats apart.
 ARGMAX_TEMPERATURE = 1e-4
 StepCallback = Callable[[int, torch.Tensor], None]  # (step, tokens (B, L)) after each step
+# Parallel decoding's settings when neither a flag nor the export's ``decoding`` record gives one (MAGVIT: 12 steps,
+# choice temperature 4.5).
+DECODING_DEFAULTS: dict[str, float] = {"steps": 12, "temperature": 1.0, "choice_temperature": 4.5,
+                                       "guidance_scale": 0.0}
+MAX_SCALE = 1e4  # |guidance_scale| and choice_temperature: beyond it logits x scale overflow float32 into inf
+
+
+def check_decoding(settings: dict, where: str) -> dict[str, float]:
+    """``settings`` (a subset of ``DECODING_DEFAULTS``' keys, e.g. an export's untrusted ``decoding`` record) checked:
+    ``ValueError`` naming ``where`` for an unknown key or a value out of range; returns it with ints / floats."""
+    unknown = sorted(set(settings) - set(DECODING_DEFAULTS))
+    if unknown:
+        raise ValueError(f"{where}: unknown decoding setting(s) {', '.join(map(repr, unknown))}; known: "
+                         f"{', '.join(DECODING_DEFAULTS)}")
+    checked: dict[str, float] = {}
+    for key, value in settings.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{where}: decoding {key} must be a finite number, got {value!r}")
+        if key == "steps" and (int(value) != value or not 1 <= value <= 1 << 20):
+            raise ValueError(f"{where}: decoding steps must be a whole number >= 1, got {value!r}")
+        low, high = (-MAX_SCALE, MAX_SCALE) if key == "guidance_scale" else (0.0, MAX_SCALE)
+        if not low <= value <= high:
+            raise ValueError(f"{where}: decoding {key} must be in [{low:g}, {high:g}], got {value!r}")
+        checked[key] = int(value) if key == "steps" else float(value)
+    return checked
+
+
+def recorded_decoding(model) -> dict[str, float]:
+    """The decoding settings a masked transformer export records (its ``decoding``, chosen on held-out clips), each
+    missing one at ``DECODING_DEFAULTS``."""
+    record = getattr(model, "decoding", None) or {}
+    return {**DECODING_DEFAULTS, **check_decoding(record, f"{type(model).__name__}'s decoding record")}
 
 
 def _gumbel(shape: torch.Size, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:

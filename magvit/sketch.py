@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from .video_io import to_float, to_uint8
 
 #: Canny hysteresis thresholds on 8-bit gradients and the Gaussian blur applied first (pixels)
 CANNY_LOW = 50
@@ -42,8 +43,6 @@ def sketch_video(video: torch.Tensor, low: int = CANNY_LOW, high: int = CANNY_HI
 
     Edges are -1 (black) on +1 (white), identical in the three channels; deterministic.
     """
-    from .video_io import to_float, to_uint8
-
     if not isinstance(video, torch.Tensor) or video.dim() not in (4, 5) or video.shape[-4] != 3:
         raise ValueError(f"expected a float video (3, T, H, W) or (B, 3, T, H, W), got "
                          f"{tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__}")

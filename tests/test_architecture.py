@@ -243,3 +243,30 @@ def test_a_shard_meta_json_is_parsed_in_one_place():
                                                                       or "META_NAME" in window):
                 offences.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
     assert not offences, "meta.json parsed outside magvit/shard_meta.py:\n" + "\n".join(offences)
+
+
+def unexplained_function_imports(source: str) -> list[int]:
+    """Lines of project imports (``from .x``, ``from magvit.x``, ``import magvit.x``) inside functions that carry no
+    comment on their line or the line above: an import belongs at module top unless a cycle or a heavy dependency
+    keeps it inside, and then it says which."""
+    lines = source.splitlines()
+    found = []
+    for function in ast.walk(ast.parse(source)):
+        if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for node in ast.walk(function):
+            project = (isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("magvit"))
+                       or isinstance(node, ast.Import) and any(a.name.startswith("magvit") for a in node.names))
+            if project and "#" not in lines[node.lineno - 1] and not lines[node.lineno - 2].strip().startswith("#"):
+                found.append(node.lineno)
+    return sorted(set(found))
+
+
+def test_function_level_project_imports_say_why():
+    offences = [f"{path.relative_to(ROOT)}:{line}" for path in sorted(LIBRARY.rglob("*.py"))
+                for line in unexplained_function_imports(path.read_text())]
+    assert not offences, ("project imports inside functions without a comment saying why (a cycle, a heavy "
+                          "dependency); move them to module top:\n" + "\n".join(offences))
+    # the check sees what it claims to
+    code = "def f():\n    from .a import b\n    # a cycle: x imports us\n    from .x import y\n    import os\n"
+    assert unexplained_function_imports(code) == [2]

@@ -16,9 +16,9 @@ from magvit.autoregressive import (AutoregressiveConfig, AutoregressiveObjective
                                    next_token_loss, video_logits)
 from magvit.prior_training import training_sequence
 from magvit.autoregressive_sampling import autoregressive_decode, filter_logits, sample_codes
-from magvit.masking import make_training_batch
+from magvit.masking import MaskingConfig, make_training_batch
 from magvit.pipeline import load_pretrained
-from test_train_e2e import ROOT, _kill_after_checkpoint_and_resume, _losses, _run, manifest  # noqa: F401
+from test_train_e2e import ROOT, _kill_after_checkpoint_and_resume, _losses, _run
 
 GRID = (2, 4, 4)  # the tiny tokenizer's codes of 4x16x16 clips
 
@@ -119,8 +119,9 @@ def test_training_sequence_holds_every_code_and_the_masked_transformers_conditio
     vocab, layout = config.vocab, config.layout
     batch = {"codes": torch.randint(0, 64, (4, *GRID)), "cond.frame_prediction": torch.randint(0, 64, (4, *GRID)),
              "label": torch.tensor([0, 1, -1, 1])}
-    ids = training_sequence(batch, vocab, cond_dropout_prob=0.3, generator=torch.Generator().manual_seed(1))
-    masked = make_training_batch(batch, vocab, cond_dropout_prob=0.3, mask_ratio=0.0,
+    ids = training_sequence(batch, vocab, AutoregressiveObjectiveConfig(cond_dropout_prob=0.3),
+                            torch.Generator().manual_seed(1))
+    masked = make_training_batch(batch, vocab, MaskingConfig(cond_dropout_prob=0.3), mask_ratio=0.0,
                                  generator=torch.Generator().manual_seed(1))
     assert torch.equal(ids[:, layout.video], batch["codes"].reshape(4, -1))
     assert torch.equal(ids[:, :layout.video.start], masked.input_ids[:, :layout.video.start])  # the same draws
@@ -172,7 +173,7 @@ def test_pipeline_samples_an_autoregressive_prior(real_video_path):
     tokenizer = VideoTokenizer(TokenizerConfig.preset("tiny", num_frames=4, image_size=16)).eval()
     pipe = VideoPipeline(tokenizer, _prior(num_classes=2))
     clip = load_real_clip(real_video_path, num_frames=4, size=24)[0]  # (3, 4, 24, 24): cropped to 16
-    assert "top_p" in pipe.prior.options and "steps" not in pipe.prior.options
+    assert "top_p" in pipe.prior_kind.options and "steps" not in pipe.prior_kind.options
     for task, condition in (("frame_prediction", clip), ("class", None)):
         videos = pipe(task, condition, num_samples=2, class_id=1 if task == "class" else -1, seed=4, top_k=8,
                       top_p=0.95, guidance_scale=1.0)
@@ -196,14 +197,14 @@ def test_trainer_config_errors_are_one_line_exit_2(capsys, monkeypatch):
 
 
 # --- end to end: 2 ranks with the deepspeed launcher, SIGKILL, exact resume, generation ---------------------------
-# (the launch helpers and the sample-data fixture `manifest` are the masked transformer's, from test_train_e2e)
+# (the launch helpers are the masked transformer's, from test_train_e2e; the sample data is conftest's)
 
 AR_OVERRIDES = ["data.batch_size=2", "train.max_steps=6", "train.warmup_steps=2", "checkpoint.every=2",
                 "logging.log_every=1", "logging.tensorboard=false", "logging.progress=false"]
 
 
 @pytest.fixture(scope="module")
-def tiny_tokens(tmp_path_factory, manifest) -> Path:
+def tiny_tokens(tmp_path_factory, sample_manifest) -> Path:
     """Token shards (2x4x4 codes) of the sample clips, by a tiny tokenizer export (random weights: the prior's
     training and decoding, not the codes' quality, are under test)."""
     from magvit.prep import tokenize
@@ -211,7 +212,7 @@ def tiny_tokens(tmp_path_factory, manifest) -> Path:
     root = tmp_path_factory.mktemp("ar_tokens")
     torch.manual_seed(0)
     VideoTokenizer(TokenizerConfig.preset("tiny", num_frames=4, image_size=16)).save_pretrained(root / "tokenizer")
-    assert tokenize.main(["--tokenizer", str(root / "tokenizer"), "--manifest", str(manifest), "--out",
+    assert tokenize.main(["--tokenizer", str(root / "tokenizer"), "--manifest", str(sample_manifest), "--out",
                           str(root / "tokens"), "--split", "all", "--workers", "0"]) == 0  # in-process: no start-up
     return root
 

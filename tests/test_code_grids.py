@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from magvit import code_grids
-from magvit.autoregressive import AutoregressiveConfig, AutoregressiveTransformer
+from magvit.autoregressive import AutoregressiveConfig, AutoregressiveObjectiveConfig, AutoregressiveTransformer
 from magvit.prior_training import training_sequence
 from magvit.sequence import IGNORE_INDEX, SequenceLayout, TokenVocabulary
 from magvit.conditions import latent_condition_regions
-from magvit.masking import make_training_batch
+from magvit.masking import MaskingConfig, make_training_batch
 from magvit.tokenizer import HierarchicalCodes
 from magvit.transformer import MaskedVideoTransformer, TransformerConfig
 
@@ -91,7 +91,8 @@ def test_masked_training_batch_has_a_top_stage_and_a_bottom_stage():
     vocab = TokenVocabulary(K)
     layout = SequenceLayout(GRID, "prefix", TOP_GRID)
     batch = _shard_batch(64)
-    tb = make_training_batch(batch, vocab, tasks=["frame_prediction"], cond_dropout_prob=0.0,
+    tb = make_training_batch(batch, vocab, MaskingConfig(tasks=["frame_prediction"], cond_dropout_prob=0.0,
+                                                         two_grid_masking="stages"),
                              generator=torch.Generator().manual_seed(1))
     video = slice(layout.video.start, layout.video.stop)
     top, bottom = slice(video.start, video.start + N_TOP), slice(video.start + N_TOP, video.stop)
@@ -116,16 +117,15 @@ def test_masked_training_batch_has_a_top_stage_and_a_bottom_stage():
 
 def test_joint_masking_masks_both_grids_with_one_mask_and_scores_every_position():
     """The trainer's default for two grids (MaskingConfig.two_grid_masking): one mask over the packed sequence."""
-    from magvit.masking import MaskingConfig
-
     assert MaskingConfig().two_grid_masking == "joint"
     with pytest.raises(ValueError, match="two_grid_masking"):
         MaskingConfig(two_grid_masking="both")
     vocab = TokenVocabulary(K)
     layout = SequenceLayout(GRID, "prefix", TOP_GRID)
     batch = _shard_batch(64)
-    tb = make_training_batch(batch, vocab, tasks=["frame_prediction"], cond_dropout_prob=0.0,
-                             two_grid_masking="joint", generator=torch.Generator().manual_seed(1))
+    tb = make_training_batch(batch, vocab, MaskingConfig(tasks=["frame_prediction"], cond_dropout_prob=0.0,
+                                                         two_grid_masking="joint"),
+                             generator=torch.Generator().manual_seed(1))
     video = slice(layout.video.start, layout.video.stop)
     masked = tb.input_ids[:, video] == vocab.mask_token  # (B, N_TOP + N_BOTTOM)
     in_top, in_bottom = masked[:, :N_TOP].any(1), masked[:, N_TOP:].any(1)
@@ -141,8 +141,10 @@ def test_interior_training_batch_shows_the_condition_at_both_grids():
     region = regions["frame_prediction"]
     assert region.shape == (N,) and bool(region[:4].all()) and not bool(region[4:8].any())  # latent frame 0 known
     batch = _shard_batch(32)
-    tb = make_training_batch(batch, vocab, tasks=["frame_prediction"], cond_dropout_prob=0.0, conditioning="interior",
-                             condition_regions=regions, generator=torch.Generator().manual_seed(2))
+    tb = make_training_batch(batch, vocab, MaskingConfig(tasks=["frame_prediction"], cond_dropout_prob=0.0,
+                                                         two_grid_masking="stages"),
+                             conditioning="interior", condition_regions=regions,
+                             generator=torch.Generator().manual_seed(2))
     video = tb.input_ids[:, 2:]  # (B, N): no prefix
     condition = code_grids.pack(batch["top.cond.frame_prediction"], batch["cond.frame_prediction"])
     truth = code_grids.pack(batch["top.codes"], batch["codes"])
@@ -179,8 +181,10 @@ def test_frame_prediction_given_several_frame_counts_at_both_grids():
     assert bool(all_frames.all()) and not bool(one.all())  # 3 of 4 frames: both latent frames of both grids
     batch = {**_shard_batch(64), **code_grids.shard_entries("cond.frame_prediction.3",
                                                             _codes(64, torch.Generator().manual_seed(4)))}
-    tb = make_training_batch(batch, vocab, tasks=["frame_prediction"], cond_dropout_prob=0.0, conditioning="interior",
-                             condition_regions=regions, generator=torch.Generator().manual_seed(5))
+    tb = make_training_batch(batch, vocab, MaskingConfig(tasks=["frame_prediction"], cond_dropout_prob=0.0,
+                                                         two_grid_masking="stages"),
+                             conditioning="interior", condition_regions=regions,
+                             generator=torch.Generator().manual_seed(5))
     video_ids, mask = tb.input_ids[:, 2:], vocab.mask_token
     packed = {key: code_grids.pack(batch[f"top.{key}"], batch[key]) for key in keys}
     hidden = video_ids != packed["codes"]
@@ -241,7 +245,8 @@ def test_autoregressive_prior_models_the_top_before_the_bottom():
     prior = AutoregressiveTransformer(config).eval()
     layout = config.layout
     batch = _shard_batch(2)
-    ids = training_sequence(batch, config.vocab, tasks=["frame_prediction"], cond_dropout_prob=0.0)
+    ids = training_sequence(batch, config.vocab,
+                            AutoregressiveObjectiveConfig(tasks=["frame_prediction"], cond_dropout_prob=0.0))
     assert ids.shape == (2, layout.length)
     assert torch.equal(ids[:, layout.video], code_grids.pack(batch["top.codes"], batch["codes"]))
     changed = ids.clone()

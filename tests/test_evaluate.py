@@ -177,6 +177,41 @@ def test_masked_token_evaluation_known_values():
     assert summary["masked_token_nll"] == pytest.approx(0.0, abs=1e-6)
 
 
+@pytest.mark.parametrize("two_grid_masking", ["joint", "stages"])
+def test_masked_token_evaluation_masks_as_the_prior_was_trained(two_grid_masking):
+    """Two code grids: the held-out sequences are the recorded training masking's (``training_masking``), with no
+    condition dropout and only the masked tokens weighed; a prior without the record gets the trainer's default."""
+    from magvit.masking import MaskingConfig, make_training_batch
+    from magvit.sequence import TokenVocabulary
+
+    vocab, seen = TokenVocabulary(8, tasks=("unconditional",)), []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self, record):
+            super().__init__()
+            self.anchor = torch.nn.Parameter(torch.zeros(()))
+            self.training_masking = record
+            self.config = type("C", (), {"vocab": vocab, "codebook_size": 8, "num_classes": 0,
+                                         "conditioning": "prefix"})()
+
+        def forward(self, ids):
+            seen.append(ids.clone())
+            return torch.zeros(*ids.shape, vocab.size)
+
+    g = torch.Generator().manual_seed(0)
+    batch = {"codes": torch.randint(0, 8, (16, 2, 4, 4), generator=g),
+             "top.codes": torch.randint(0, 8, (16, 2, 2, 2), generator=g), "label": torch.full((16,), -1)}
+    trained = MaskingConfig(two_grid_masking=two_grid_masking)
+    for record in (trained.to_dict(), None if two_grid_masking == "joint" else trained.to_dict()):
+        MaskedTokenEvaluation(Recorder(record), ["unconditional"], seed=3).update(batch)
+    scoring = trained.replace(tasks=["unconditional"], cond_dropout_prob=0.0, unmasked_weight=0.0)
+    expected = make_training_batch(batch, vocab, scoring, generator=torch.Generator().manual_seed(3)).input_ids
+    assert torch.equal(seen[0], expected) and torch.equal(seen[1], expected)
+    other = make_training_batch(batch, vocab, scoring.replace(two_grid_masking={"joint": "stages", "stages": "joint"}[
+        two_grid_masking]), generator=torch.Generator().manual_seed(3)).input_ids
+    assert not torch.equal(other, expected)
+
+
 def test_fvd_with_scripted_extractor(setup, tmp_path):
     class Features(torch.nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -200,6 +235,9 @@ def test_fvd_with_scripted_extractor(setup, tmp_path):
     ("missing_i3d", "--i3d: no such file"),
     ("bad_run_dir", "no metrics.jsonl"),
     ("bad_flag", "unrecognized arguments"),
+    ("nan_temperature", "--temperature must be a finite number"),
+    ("negative_choice", "--choice-temperature must be in [0, "),
+    ("record_without_transformer", "--record-decoding writes into the masked transformer export"),
 ])
 def test_user_errors_are_one_line_exit_2(setup, tmp_path, capsys, case, message):
     root = setup["root"]
@@ -212,6 +250,9 @@ def test_user_errors_are_one_line_exit_2(setup, tmp_path, capsys, case, message)
         "missing_i3d": _args(setup, tmp_path / "o", "--i3d", str(tmp_path / "i3d.pt")),
         "bad_run_dir": _args(setup, tmp_path / "o", "--run-dir", str(tmp_path)),
         "bad_flag": ["--tokenizer", str(root / "tokenizer"), "--frobnicate"],
+        "nan_temperature": _args(setup, tmp_path / "o", "--temperature", "nan"),
+        "negative_choice": _args(setup, tmp_path / "o", "--choice-temperature", "-1"),
+        "record_without_transformer": _args(setup, tmp_path / "o", "--record-decoding"),
     }[case]
     with pytest.raises(SystemExit) if case == "bad_flag" else _nullcontext() as exit_info:
         code = evaluate.main(args)
@@ -220,6 +261,31 @@ def test_user_errors_are_one_line_exit_2(setup, tmp_path, capsys, case, message)
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert message in err and "\n" not in err and "Traceback" not in err
+
+
+def test_recorded_decoding_is_what_later_evaluations_use(setup, tmp_path, capsys):
+    """``--record-decoding`` writes the settings it evaluated into the export; later runs decode so by default."""
+    import shutil
+
+    from magvit.transformer import MaskedVideoTransformer
+
+    export = tmp_path / "transformer"
+    shutil.copytree(setup["root"] / "transformer", export)
+    common = ["--transformer", str(export), "--cond-frames", "2", "--nll-tasks", "frame_prediction", "--max-clips", "1"]
+    chosen = _args(setup, tmp_path / "a", *common, "--steps", "2", "--temperature", "0", "--record-decoding")
+    assert evaluate.main(chosen) == 0
+    expected = {"steps": 2, "temperature": 0.0, "choice_temperature": 4.5, "guidance_scale": 0.0}
+    assert json.loads((export / "config.json").read_text())["decoding"] == expected
+    assert MaskedVideoTransformer.from_pretrained(export).decoding == expected  # a record of the export
+    assert evaluate.main(_args(setup, tmp_path / "b", *common)) == 0
+    later = json.loads((tmp_path / "b" / "report.json").read_text())["frame_prediction"]
+    assert (later["steps"], later["temperature"], later["choice_temperature"]) == (2, 0.0, 4.5)
+    assert evaluate.main(_args(setup, tmp_path / "c", *common, "--temperature", "0.5")) == 0  # a flag wins
+    assert json.loads((tmp_path / "c" / "report.json").read_text())["frame_prediction"]["temperature"] == 0.5
+    # the same scores as the run that chose them: recording changed nothing but the defaults
+    first = json.loads((tmp_path / "a" / "report.json").read_text())["frame_prediction"]["generated"]
+    assert later["generated"]["psnr"] == first["psnr"]
+    capsys.readouterr()
 
 
 class _nullcontext:

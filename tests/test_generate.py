@@ -3,6 +3,8 @@ on real footage against a copy-the-first-frame baseline."""
 
 from __future__ import annotations
 
+import json
+
 import math
 import subprocess
 import sys
@@ -16,7 +18,7 @@ from conftest import load_real_clip
 from magvit import MaskedVideoTransformer, TokenizerConfig, TransformerConfig, VideoTokenizer
 from magvit.generate import main
 from magvit.conditions import build_condition_video
-from magvit.masking import make_training_batch, masked_token_loss
+from magvit.masking import MaskingConfig, make_training_batch, masked_token_loss
 from magvit.pipeline import fit_video, generate, generate_codes
 from magvit.video_io import read_video, to_float, write_image, write_video
 
@@ -51,6 +53,12 @@ def models(tmp_path_factory, real_video_path):
     (root / "codebook_weights").mkdir()  # the 128-code model's weights under the 64-code model's config
     (root / "codebook_weights" / "config.json").write_text((root / "transformer" / "config.json").read_text())
     (root / "codebook_weights" / "model.safetensors").write_bytes((root / "codebook" / "model.safetensors").read_bytes())
+    for name, record in (("decoding", {"steps": 3, "temperature": 0.0}), ("bad_decoding", {"temperature": -1.0}),
+                         ("odd_decoding", {"stepz": 3}), ("many_steps", {"steps": 500})):
+        (root / name).mkdir()  # the transformer with a decoding record in its config.json
+        meta = json.loads((root / "transformer" / "config.json").read_text())
+        (root / name / "config.json").write_text(json.dumps({**meta, "decoding": record}))
+        (root / name / "model.safetensors").write_bytes((root / "transformer" / "model.safetensors").read_bytes())
     return root
 
 
@@ -154,6 +162,10 @@ def test_cli_same_seed_same_video(models, tmp_path):
         (["--cond", "{m}/clip.mp4", "--batch-size", "0"], "--batch-size must be >= 1"),
         (["--cond", "{m}/clip.mp4", "--transformer", "{m}/pickled"], "not a readable safetensors file"),
         (["--cond", "{m}/clip.mp4", "--transformer", "{m}/codebook_weights"], "does not fit the model"),
+        # an export's decoding record is untrusted input too
+        (["--cond", "{m}/clip.mp4", "--transformer", "{m}/bad_decoding"], "decoding temperature must be in [0, "),
+        (["--cond", "{m}/clip.mp4", "--transformer", "{m}/odd_decoding"], "unknown decoding setting(s) 'stepz'"),
+        (["--cond", "{m}/clip.mp4", "--transformer", "{m}/many_steps"], "recorded decoding steps (500) exceed"),
         # --top-p: the autoregressive prior's nucleus, in (0, 1]
         (["--cond", "{m}/clip.mp4", "--top-p", "0.9"], "--top-p applies to an autoregressive transformer"),
         (["--cond", "{m}/clip.mp4", "--top-p", "0"], "--top-p must be in (0, 1]"),
@@ -172,6 +184,23 @@ def test_cli_user_errors_one_line_exit_2(models, capsys, args, message):
     assert "Traceback" not in err
     assert (models / "clip.mp4").read_bytes() == before  # nothing overwritten
     assert not (models / "unused.mp4").exists()
+
+
+def test_cli_decodes_as_the_export_records_unless_a_flag_says_otherwise(models, tmp_path, capsys, monkeypatch):
+    import magvit.generate as generate_module
+
+    seen = []
+    real = generate_module.generate
+    monkeypatch.setattr(generate_module, "generate", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    args = ["--cond", str(models / "frame.png"), "--out", str(tmp_path / "g.mp4"), "--overwrite"]
+    assert main(_cli(models, *args)) == 0  # no record: the defaults
+    assert "12 steps, temperature 1" in capsys.readouterr().out
+    assert main(_cli(models, *args, "--transformer", str(models / "decoding"))) == 0
+    assert "3 steps, temperature 0" in capsys.readouterr().out
+    assert main(_cli(models, *args, "--transformer", str(models / "decoding"), "--steps", "5")) == 0
+    assert "5 steps, temperature 0" in capsys.readouterr().out
+    assert [(kw["steps"], kw["temperature"], kw["choice_temperature"]) for kw in seen] == [
+        (12, 1.0, 4.5), (3, 0.0, 4.5), (5, 0.0, 4.5)]
 
 
 def test_output_fps_keeps_the_condition_rate_within_what_a_file_holds(capsys):
@@ -270,8 +299,8 @@ def _train_transformer(batch: dict, tasks: list[str], steps: int) -> MaskedVideo
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(0)
     for _ in range(steps):
-        ids, labels, weights = make_training_batch(batch, model.vocab, tasks=tasks, cond_dropout_prob=0.0,
-                                                   generator=generator)
+        masking = MaskingConfig(tasks=tasks, cond_dropout_prob=0.0)
+        ids, labels, weights = make_training_batch(batch, model.vocab, masking, generator=generator)
         loss = masked_token_loss(model(ids), labels, weights, model.config.codebook_size)
         opt.zero_grad()
         loss.backward()

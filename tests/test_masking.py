@@ -13,8 +13,8 @@ from magvit import tasks
 from magvit.tasks import CONDITION_TASKS
 from magvit.sequence import (CodeFactorization, IGNORE_INDEX, NO_LABEL, SequenceLayout, TokenVocabulary, code_nll,
                              factor_logits, predicted_codes)
-from magvit.masking import (SCHEDULES, check_training_batch, make_training_batch, mask_schedule, masked_token_loss,
-                            random_mask, training_tasks)
+from magvit.masking import (SCHEDULES, MaskingConfig, check_training_batch, make_training_batch, mask_schedule,
+                            masked_token_loss, random_mask, training_tasks)
 from magvit.tasks import TASK_NAMES
 from magvit.conditions import build_condition_video, condition_region, latent_condition_region, latent_condition_regions
 
@@ -164,7 +164,7 @@ def test_training_batch_layout_and_requested_ratio():
     vocab = TokenVocabulary(16, num_classes=3)
     layout = SequenceLayout(GRID)
     batch = _batch()
-    out = make_training_batch(batch, vocab, mask_ratio=0.5, cond_dropout_prob=0.0, unmasked_weight=0.25,
+    out = make_training_batch(batch, vocab, MaskingConfig(cond_dropout_prob=0.0, unmasked_weight=0.25), mask_ratio=0.5,
                               generator=torch.Generator().manual_seed(0))
     ids, labels, weights = out
     assert ids.shape == labels.shape == weights.shape == (6, layout.length)
@@ -196,7 +196,8 @@ def test_training_batch_layout_and_requested_ratio():
 def test_training_batch_schedule_ratios_and_task_mix():
     vocab = TokenVocabulary(16, num_classes=3)
     batch = {k: v.repeat(50, *[1] * (v.dim() - 1)) for k, v in _batch().items()}  # 300 examples
-    ids, _, _ = make_training_batch(batch, vocab, cond_dropout_prob=0.0, generator=torch.Generator().manual_seed(3))
+    ids, _, _ = make_training_batch(batch, vocab, MaskingConfig(cond_dropout_prob=0.0),
+                                    generator=torch.Generator().manual_seed(3))
     fraction = (ids[:, SequenceLayout(GRID).video] == vocab.mask_token).float().mean(dim=1)
     # ratio = cos(pi/2 u), u ~ U(0,1): mean 2/pi
     assert fraction.mean().item() == pytest.approx(2 / math.pi, abs=0.05)
@@ -210,9 +211,9 @@ def test_training_batch_schedule_ratios_and_task_mix():
 def test_training_batch_condition_dropout_and_determinism():
     vocab = TokenVocabulary(16, num_classes=3)
     batch = {k: v.repeat(50, *[1] * (v.dim() - 1)) for k, v in _batch().items()}
-    kwargs = dict(tasks=["frame_prediction"], cond_dropout_prob=0.3)
-    a = make_training_batch(batch, vocab, generator=torch.Generator().manual_seed(5), **kwargs)
-    b = make_training_batch(batch, vocab, generator=torch.Generator().manual_seed(5), **kwargs)
+    masking = MaskingConfig(tasks=["frame_prediction"], cond_dropout_prob=0.3)
+    a = make_training_batch(batch, vocab, masking, generator=torch.Generator().manual_seed(5))
+    b = make_training_batch(batch, vocab, masking, generator=torch.Generator().manual_seed(5))
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     layout = SequenceLayout(GRID)
     dropped_prefix = (a.input_ids[:, layout.prefix] == vocab.pad_token).all(dim=1).float().mean().item()
@@ -220,7 +221,7 @@ def test_training_batch_condition_dropout_and_determinism():
     dropped_class = (a.input_ids[labelled, 1] == vocab.unconditional_token).float().mean().item()
     assert dropped_prefix == pytest.approx(0.3, abs=0.1)
     assert dropped_class == pytest.approx(0.3, abs=0.1)
-    none = make_training_batch(batch, vocab, tasks=["frame_prediction"], cond_dropout_prob=0.0)
+    none = make_training_batch(batch, vocab, MaskingConfig(tasks=["frame_prediction"], cond_dropout_prob=0.0))
     assert not bool((none.input_ids[:, layout.prefix] == vocab.pad_token).all(dim=1).any())
 
 
@@ -228,9 +229,9 @@ def test_training_batch_errors():
     vocab = TokenVocabulary(16, num_classes=3)
     batch = {"codes": torch.randint(0, 16, (2, *GRID)), "label": torch.tensor([-1, -1])}
     with pytest.raises(ValueError, match="cond.interpolation"):
-        make_training_batch(batch, vocab, tasks=["interpolation"])
+        make_training_batch(batch, vocab, MaskingConfig(tasks=["interpolation"]))
     with pytest.raises(ValueError, match="unknown task"):
-        make_training_batch(batch, vocab, tasks=["deblur"])
+        make_training_batch(batch, vocab, MaskingConfig(tasks=["deblur"]))
     # Checks of the tensors' values are check_training_batch's: make_training_batch never waits for the device.
     with pytest.raises(ValueError, match="no label"):
         check_training_batch(batch, vocab, tasks=["class"])
@@ -242,14 +243,14 @@ def test_training_batch_errors():
         check_training_batch({**batch, "label": torch.tensor([3, -1])}, vocab)
     check_training_batch(_batch(), vocab)  # a valid batch passes
     # unchecked, an unlabelled example of a class-only batch trains with the unconditional class token
-    ids = make_training_batch(batch, vocab, tasks=["class"]).input_ids
+    ids = make_training_batch(batch, vocab, MaskingConfig(tasks=["class"])).input_ids
     assert bool((ids[:, 0] == vocab.task_token("class")).all() and (ids[:, 1] == vocab.unconditional_token).all())
 
 
 def test_masked_token_loss_matches_reference_and_ignores_special_logits():
     torch.manual_seed(0)
     vocab = TokenVocabulary(16, num_classes=3)
-    ids, labels, weights = make_training_batch(_batch(), vocab, mask_ratio=0.5, unmasked_weight=0.5)
+    ids, labels, weights = make_training_batch(_batch(), vocab, MaskingConfig(unmasked_weight=0.5), mask_ratio=0.5)
     logits = torch.randn(*ids.shape, vocab.size)
     loss = masked_token_loss(logits, labels, weights, 16)
     video = SequenceLayout(GRID).video
@@ -271,7 +272,8 @@ def test_training_batch_from_token_shard_items():
     items = _batch()
     items = {k: (v.to(torch.int32) if k != "label" else v) for k, v in items.items()}
     items["index"] = torch.arange(6)
-    ids, labels, weights = make_training_batch(items, vocab, generator=torch.Generator().manual_seed(0))
+    ids, labels, weights = make_training_batch(items, vocab, MaskingConfig(),
+                                               generator=torch.Generator().manual_seed(0))
     assert ids.dtype == labels.dtype == torch.long
     assert torch.equal(labels[:, SequenceLayout(GRID).video], items["codes"].long().reshape(6, N))
 
@@ -307,7 +309,7 @@ def test_flat_loss_is_bit_identical_to_the_unfactorised_formula():
     """The flat path of ``masked_token_loss`` is the formula it had before factorization, to the last bit."""
     torch.manual_seed(1)
     vocab = TokenVocabulary(16, num_classes=3)
-    ids, labels, weights = make_training_batch(_batch(), vocab, mask_ratio=0.5, unmasked_weight=0.3)
+    ids, labels, weights = make_training_batch(_batch(), vocab, MaskingConfig(unmasked_weight=0.3), mask_ratio=0.5)
     logits = torch.randn(*ids.shape, vocab.size)
     for smoothing in (0.0, 0.1):
         valid = labels != IGNORE_INDEX
@@ -320,7 +322,7 @@ def test_flat_loss_is_bit_identical_to_the_unfactorised_formula():
 def test_factorised_loss_is_the_joint_code_nll():
     torch.manual_seed(2)
     vocab = TokenVocabulary(16, num_classes=3)  # 16 codes = 2 sub-tokens of 4
-    ids, labels, weights = make_training_batch(_batch(), vocab, mask_ratio=0.5, unmasked_weight=0.5)
+    ids, labels, weights = make_training_batch(_batch(), vocab, MaskingConfig(unmasked_weight=0.5), mask_ratio=0.5)
     logits = torch.randn(*ids.shape, 2, 4)  # (B, L, F, S)
     loss = masked_token_loss(logits, labels, weights, 16)
     # reference: the softmax over all 16 codes of the joint logit l_0[c >> 2] + l_1[c & 3]
@@ -390,9 +392,11 @@ def test_training_batch_is_pinned_for_a_fixed_seed(case):
 
     expected = load_file(str(FIXTURES / "training_batches.safetensors"))
     batch_kwargs, options, seed = PINNED[case]
+    options = dict(options)
+    mask_ratio = options.pop("mask_ratio", None)  # per call; the rest are the MaskingConfig's
     g = torch.Generator().manual_seed(seed)
     ids, labels, weights = make_training_batch(_pinned_batch(**batch_kwargs), TokenVocabulary(16, num_classes=3),
-                                               generator=g, **options)
+                                               MaskingConfig(**options), generator=g, mask_ratio=mask_ratio)
     assert torch.equal(ids, expected[f"{case}.input_ids"].long())
     assert torch.equal(labels, expected[f"{case}.labels"].long())
     assert torch.equal(weights, expected[f"{case}.loss_mask"])
@@ -403,9 +407,10 @@ def test_training_batch_reads_no_tensor_value_on_the_host():
     """On the ``meta`` device tensors have no values: every host sync (``.item()``, ``bool(t)``, boolean indexing,
     a device-to-host copy) raises there, so a batch built from meta tensors proves the per-batch path has none."""
     vocab = TokenVocabulary(16, num_classes=3)
-    for options in (dict(), dict(tasks=["class", "sketch"], mask_ratio=0.3), dict(tasks=["unconditional"])):
+    for masking, ratio in ((MaskingConfig(), None), (MaskingConfig(tasks=["class", "sketch"]), 0.3),
+                           (MaskingConfig(tasks=["unconditional"]), None)):
         batch = {k: v.to("meta") for k, v in _batch().items()}
-        out = make_training_batch(batch, vocab, generator=torch.Generator().manual_seed(0), **options)
+        out = make_training_batch(batch, vocab, masking, generator=torch.Generator().manual_seed(0), mask_ratio=ratio)
         assert all(t.device.type == "meta" and t.shape == (6, SequenceLayout(GRID).length) for t in out)
 
 
@@ -445,17 +450,17 @@ def test_a_new_task_is_one_table_row(monkeypatch):
     assert tasks.from_cli("outpaint", "wide") is wide and "wide" in tasks.cli_regions("outpaint")
     vocab = TokenVocabulary(16, num_classes=3, tasks=(*tasks.DEFAULT_TASKS, "outpaint_wide"))
     batch = {**_batch(), "cond.outpaint_wide": torch.randint(0, 16, (6, *GRID))}
-    ids = make_training_batch(batch, vocab, tasks=["outpaint_wide"], cond_dropout_prob=0.0).input_ids
+    ids = make_training_batch(batch, vocab, MaskingConfig(tasks=["outpaint_wide"], cond_dropout_prob=0.0)).input_ids
     assert bool((ids[:, 0] == vocab.task_token("outpaint_wide")).all())
     assert torch.equal(ids[:, SequenceLayout(GRID).prefix], batch["cond.outpaint_wide"].reshape(6, N))
     # by default a model trains on every task of its list whose condition the batch carries
     chosen = make_training_batch({k: v.repeat(20, *[1] * (v.dim() - 1)) for k, v in batch.items()}, vocab,
-                                 generator=torch.Generator().manual_seed(0)).input_ids[:, 0]
+                                 MaskingConfig(), generator=torch.Generator().manual_seed(0)).input_ids[:, 0]
     assert {int(t) for t in chosen} == {vocab.task_token(t) for t in vocab.tasks}
     old = TokenVocabulary(16, num_classes=3)  # a model of the old list does not train on it
     assert "outpaint_wide" not in {t.name for t in training_tasks(batch, old)}
     with pytest.raises(ValueError, match="unknown task 'outpaint_wide'"):
-        make_training_batch(batch, old, tasks=["outpaint_wide"])
+        make_training_batch(batch, old, MaskingConfig(tasks=["outpaint_wide"]))
 
 
 # --- interior COMMIT conditioning (MAGVIT's official layout: no prefix) -------------------------------------------
@@ -492,9 +497,10 @@ def test_latent_condition_region_from_the_pixel_region():
 INTERIOR_TASKS = tuple(t for t in tasks.DEFAULT_TASKS if t != "sketch")
 
 
-def _interior(batch, vocab, **options):
+def _interior(batch, vocab, generator=None, **options):
     regions = latent_condition_regions(vocab.tasks, GRID, (8, 16, 16), causal=False)
-    return make_training_batch(batch, vocab, conditioning="interior", condition_regions=regions, **options), regions
+    return make_training_batch(batch, vocab, MaskingConfig(**options), generator=generator, conditioning="interior",
+                               condition_regions=regions), regions
 
 
 def test_interior_training_batch_puts_condition_tokens_in_the_masked_region_slots():
@@ -532,14 +538,14 @@ def test_interior_training_batch_errors_and_no_host_sync():
     with pytest.raises(ValueError, match="no sketch condition"):
         _interior(_batch(), vocab, tasks=["sketch"])
     with pytest.raises(ValueError, match=r"condition_regions\['interpolation'\]"):
-        make_training_batch(_batch(), vocab, tasks=["interpolation"], conditioning="interior")
+        make_training_batch(_batch(), vocab, MaskingConfig(tasks=["interpolation"]), conditioning="interior")
     with pytest.raises(ValueError, match="conditioning must be one of"):
-        make_training_batch(_batch(), vocab, conditioning="suffix")
+        make_training_batch(_batch(), vocab, MaskingConfig(), conditioning="suffix")
     interior = TokenVocabulary(16, num_classes=3, tasks=INTERIOR_TASKS)
     regions = latent_condition_regions(INTERIOR_TASKS, GRID, (8, 16, 16), causal=False)
     batch = {k: v.to("meta") for k, v in _batch().items()}
-    out = make_training_batch(batch, interior, conditioning="interior", condition_regions=regions, uncond_prob=0.2,
-                              generator=torch.Generator().manual_seed(0))
+    out = make_training_batch(batch, interior, MaskingConfig(uncond_prob=0.2), conditioning="interior",
+                              condition_regions=regions, generator=torch.Generator().manual_seed(0))
     assert all(t.device.type == "meta" and t.shape == (6, 2 + N) for t in out)
 
 
@@ -552,8 +558,8 @@ def test_uncond_prob_drops_condition_and_class_together():
     layout = SequenceLayout(GRID)
 
     def drops(**options):
-        ids = make_training_batch(batch, vocab, tasks=["frame_prediction"], generator=torch.Generator().manual_seed(1),
-                                  **options).input_ids
+        ids = make_training_batch(batch, vocab, MaskingConfig(tasks=["frame_prediction"], **options),
+                                  generator=torch.Generator().manual_seed(1)).input_ids
         return (ids[:, layout.prefix] == vocab.pad_token).all(dim=1), ids[:, 1] == vocab.unconditional_token
 
     prefix, label = drops(cond_dropout_prob=0.0, uncond_prob=0.3)
@@ -563,11 +569,11 @@ def test_uncond_prob_drops_condition_and_class_together():
     assert (prefix & label).float().mean().item() == pytest.approx(0.1 + 0.9 * 0.04, abs=0.02)
     assert prefix.float().mean().item() == pytest.approx(0.1 + 0.9 * 0.2, abs=0.03)
     # uncond_prob = 0 is today's batch, draw for draw (the pinned fixture holds it too)
-    a = make_training_batch(batch, vocab, generator=torch.Generator().manual_seed(2), uncond_prob=0.0)
-    c = make_training_batch(batch, vocab, generator=torch.Generator().manual_seed(2))
+    a = make_training_batch(batch, vocab, MaskingConfig(uncond_prob=0.0), generator=torch.Generator().manual_seed(2))
+    c = make_training_batch(batch, vocab, MaskingConfig(), generator=torch.Generator().manual_seed(2))
     assert all(torch.equal(x, y) for x, y in zip(a, c))
     with pytest.raises(ValueError, match="uncond_prob"):
-        make_training_batch(batch, vocab, uncond_prob=1.5)
+        MaskingConfig(uncond_prob=1.5)
 
 
 # --- frame prediction given several frame counts (tokenize --cond-frames) ------------------------------------------
@@ -603,8 +609,9 @@ def test_training_batch_draws_a_given_frame_count_per_frame_prediction_example(c
     regions = latent_condition_regions(vocab.tasks, grid, (17, 8, 8), causal=True, cond_frames=(1, 5))
 
     def make(seed):
-        return make_training_batch(batch, vocab, tasks=["frame_prediction"], cond_dropout_prob=0.0, mask_ratio=1.0,
-                                   generator=torch.Generator().manual_seed(seed), conditioning=conditioning,
+        return make_training_batch(batch, vocab, MaskingConfig(tasks=["frame_prediction"], cond_dropout_prob=0.0),
+                                   mask_ratio=1.0, generator=torch.Generator().manual_seed(seed),
+                                   conditioning=conditioning,
                                    condition_regions=regions if conditioning == "interior" else None)
 
     ids = make(0).input_ids
@@ -622,5 +629,5 @@ def test_training_batch_draws_a_given_frame_count_per_frame_prediction_example(c
     assert bool((video[five][:, :2] == 7).all()) and bool((video[five][:, 2:] == vocab.mask_token).all())
     assert bool((video[~five][:, :1] == 3).all()) and bool((video[~five][:, 1:] == vocab.mask_token).all())
     with pytest.raises(ValueError, match=r"condition_regions\['frame_prediction.5'\]"):
-        make_training_batch(batch, vocab, conditioning="interior", condition_regions={
+        make_training_batch(batch, vocab, MaskingConfig(), conditioning="interior", condition_regions={
             "frame_prediction": regions["frame_prediction"]})

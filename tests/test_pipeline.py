@@ -44,6 +44,16 @@ def test_a_pair_that_does_not_belong_together_is_refused():
                                                                                                token_grid=(2, 8, 8))))
 
 
+def test_the_prior_and_its_deprecated_alias(pipe):
+    """``pipe.prior`` is the model, ``pipe.prior_kind`` its row of the ``Prior`` table; ``pipe.transformer`` still
+    reads the model for one release, with a DeprecationWarning, and cannot be set."""
+    assert isinstance(pipe.prior, MaskedVideoTransformer) and pipe.prior_kind.model_class is MaskedVideoTransformer
+    with pytest.warns(DeprecationWarning, match="use VideoPipeline.prior"):
+        assert pipe.transformer is pipe.prior
+    with pytest.raises(AttributeError):
+        pipe.transformer = pipe.prior
+
+
 def test_fit_video_is_the_datasets_centre_crop(clip):
     from magvit.data import preprocess_frames
 
@@ -94,7 +104,7 @@ def test_same_generator_same_videos_as_the_function(pipe, clip):
     kwargs = {"num_samples": 2, "steps": 3, "guidance_scale": 1.0}
     first = pipe("frame_prediction", clip, generator=torch.Generator().manual_seed(5), **kwargs)
     again = pipe("frame_prediction", clip, seed=5, **kwargs)
-    by_function = generate(pipe.tokenizer, pipe.transformer, "frame_prediction",
+    by_function = generate(pipe.tokenizer, pipe.prior, "frame_prediction",
                            pipe.prepare_condition("frame_prediction", clip), seed=5, **kwargs)
     assert torch.equal(first, again) and torch.equal(first, by_function)
     with pytest.raises(ValueError, match="not both"):
@@ -103,7 +113,7 @@ def test_same_generator_same_videos_as_the_function(pipe, clip):
 
 def test_from_pretrained_and_load_video(pipe, clip, tmp_path):
     pipe.tokenizer.save_pretrained(tmp_path / "tokenizer")
-    pipe.transformer.save_pretrained(tmp_path / "transformer")
+    pipe.prior.save_pretrained(tmp_path / "transformer")
     loaded = VideoPipeline.from_pretrained(tmp_path / "tokenizer", tmp_path / "transformer", device="cpu")
     assert loaded.token_grid == (4, 8, 8) and loaded.num_frames == 8 and loaded.image_size == 32
     write_video(tmp_path / "clip.mp4", clip, fps=12.5)

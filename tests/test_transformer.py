@@ -152,13 +152,14 @@ def test_factorised_forward_shapes_embedding_and_tied_heads(mode):
 
 @pytest.mark.parametrize("mode", ["sum", "concat"])
 def test_factorised_model_learns_a_fixed_batch(mode):
-    from magvit.masking import make_training_batch, masked_token_loss
+    from magvit.masking import MaskingConfig, make_training_batch, masked_token_loss
 
     torch.manual_seed(0)
     config = _factorised(mode, token_grid=(1, 4, 4), dropout=0.0, attention_dropout=0.0)
     model = MaskedVideoTransformer(config)
     batch = {"codes": torch.randint(0, 256, (4, 1, 4, 4))}
-    tb = make_training_batch(batch, config.vocab, mask_ratio=0.5, generator=torch.Generator().manual_seed(0))
+    tb = make_training_batch(batch, config.vocab, MaskingConfig(), mask_ratio=0.5,
+                             generator=torch.Generator().manual_seed(0))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     losses = []
     for _ in range(15):
@@ -240,7 +241,7 @@ def test_factorization_config_errors():
 def test_evaluate_reports_the_summed_sub_token_nll():
     from magvit.evaluate import MaskedTokenEvaluation
     from magvit.sequence import code_nll
-    from magvit.masking import make_training_batch
+    from magvit.masking import MaskingConfig, make_training_batch
 
     torch.manual_seed(0)
     model = MaskedVideoTransformer(_factorised("sum", token_grid=(1, 4, 4))).eval()
@@ -249,7 +250,8 @@ def test_evaluate_reports_the_summed_sub_token_nll():
     ev.update(batch)
     summary = ev.summary()
     # the same masking (same seed), scored by hand: mean over masked tokens of -log p_0(c >> 4) - log p_1(c & 15)
-    tb = make_training_batch(batch, model.vocab, tasks=["unconditional"], cond_dropout_prob=0.0, unmasked_weight=0.0,
+    tb = make_training_batch(batch, model.vocab, MaskingConfig(tasks=["unconditional"], cond_dropout_prob=0.0,
+                                                               unmasked_weight=0.0),
                              generator=torch.Generator().manual_seed(4))
     scored = tb.loss_mask > 0
     with torch.no_grad():
@@ -288,6 +290,27 @@ def test_export_without_a_task_list_loads_with_its_ids():
     assert [vocab.task_token(t) for t in DEFAULT_TASKS] == list(range(19, 28))
     assert (vocab.class_token(0), vocab.class_token(1), vocab.size) == (28, 29, 30)
     assert _expected_logits_match(model)
+
+
+def test_export_records_its_training_masking(tmp_path):
+    """An export keeps the masking it was trained with (config.json's ``training_masking``) for held-out scoring;
+    one written before the record reads as the trainer's defaults."""
+    from magvit.masking import MaskingConfig, recorded_masking
+
+    model = MaskedVideoTransformer(TransformerConfig.preset("tiny"))
+    trained = MaskingConfig(schedule="linear", two_grid_masking="stages", cond_dropout_prob=0.2)
+    model.training_masking = trained.to_dict()
+    model.save_pretrained(tmp_path / "model")
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["training_masking"]["schedule"] == "linear"
+    assert recorded_masking(MaskedVideoTransformer.from_pretrained(tmp_path / "model")) == trained
+    old = MaskedVideoTransformer.from_pretrained(OLD_EXPORT)
+    assert old.training_masking is None and recorded_masking(old) == MaskingConfig()
+    meta = json.loads((tmp_path / "model" / "config.json").read_text())
+    for record, error, message in ((["cosine"], ValueError, "training_masking must be a JSON object"),
+                                   ({"schedule": "cubic"}, ConfigError, "training_masking: .*schedule: 'cubic'")):
+        (tmp_path / "model" / "config.json").write_text(json.dumps({**meta, "training_masking": record}))
+        with pytest.raises(error, match=message):
+            recorded_masking(MaskedVideoTransformer.from_pretrained(tmp_path / "model"))
 
 
 def test_new_task_rows_change_no_id_of_a_saved_model(tmp_path, monkeypatch):

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .. import code_grids, metrics, tasks
 from ..conditions import build_condition_video, latent_condition_regions, two_grid_condition_region
-from ..masking import make_training_batch
+from ..masking import MaskingConfig, make_training_batch, recorded_masking
 from ..pipeline import prior_of
 from ..sequence import NO_LABEL, code_nll, predicted_codes
 from ..tasks import condition_name
@@ -111,20 +111,26 @@ def mean_finite(values: Sequence[float]) -> float:
 
 
 class MaskedTokenEvaluation:
-    """Masked-token NLL (nats) and accuracy per task, on a fixed random masking (seeded) of held-out token grids (two
-    code grids: the two training stages' maskings, ``masking.two_stage_mask``: top tokens with the bottom unknown,
-    bottom tokens given the top).
+    """Masked-token NLL (nats) and accuracy per task, on a fixed random masking (seeded) of held-out token grids.
+
+    The maskings are the model's training masking (``masking``; by default the one its export recorded,
+    ``masking.recorded_masking``): its schedule draws the ratios and, over two code grids, its
+    ``two_grid_masking`` says whether one mask covers both grids (``joint``) or each example is in the top or the
+    bottom stage (``stages``). Nothing is dropped and only the masked positions are scored.
 
     The sequences are the model's own (``config.conditioning``): an interior model's masked slots inside a task's
     latent condition region show the condition codes, so it needs ``condition_regions`` (by condition name, as
     ``masking.make_training_batch`` takes them: ``conditions.latent_condition_regions`` of the clips' size, the
-    tokenizer's causality and the token grid, or ``TokenShardMeta.condition_regions`` of token shards). Only the
-    masked positions are scored."""
+    tokenizer's causality and the token grid, or ``TokenShardMeta.condition_regions`` of token shards)."""
 
     def __init__(self, transformer, tasks: Sequence[str], seed: int = 0,
-                 condition_regions: Mapping[str, torch.Tensor] | None = None):
+                 condition_regions: Mapping[str, torch.Tensor] | None = None, masking: MaskingConfig | None = None):
         self.transformer = transformer
         self.condition_regions = condition_regions
+        # held-out scoring: the training masking without condition dropout, the masked tokens alone weighed
+        trained = recorded_masking(transformer) if masking is None else masking
+        self.maskings = {t: trained.replace(tasks=[t], cond_dropout_prob=0.0, uncond_prob=0.0, unmasked_weight=0.0)
+                         for t in tasks}
         self.conditioning = transformer.config.conditioning  # sequence.PriorConfig: either prior answers
         if self.conditioning == "interior" and condition_regions is None:
             raise ValueError("a model with interior conditioning is scored with the condition regions of its clips")
@@ -150,9 +156,8 @@ class MaskedTokenEvaluation:
                 if not bool(keep.any()):
                     continue
                 rows = {k: (v[keep] if isinstance(v, torch.Tensor) and v.dim() > 0 else v) for k, v in batch.items()}
-            tb = make_training_batch(rows, config.vocab, tasks=[task], cond_dropout_prob=0.0, unmasked_weight=0.0,
-                                     schedule="cosine", generator=self.generator, conditioning=self.conditioning,
-                                     condition_regions=self.condition_regions)
+            tb = make_training_batch(rows, config.vocab, self.maskings[task], generator=self.generator,
+                                     conditioning=self.conditioning, condition_regions=self.condition_regions)
             logits = self.transformer(tb.input_ids.to(device)).float().cpu()  # (B, L, V) or factorised (B, L, F, S)
             scored = tb.loss_mask > 0  # (B, L): the masked video positions
             target = tb.labels[scored]  # (M,)
@@ -223,10 +228,11 @@ class FramePredictionEvaluation:
     predicted frame (the curves of a PSNR / SSIM / MSE-per-frame plot)."""
 
     def __init__(self, tokenizer, transformer, num_cond_frames: int = 1, steps: int = 12, temperature: float = 1.0,
-                 guidance_scale: float = 0.0, seed: int = 0, num_samples: int = 1):
+                 guidance_scale: float = 0.0, seed: int = 0, num_samples: int = 1, choice_temperature: float = 4.5):
         self.tokenizer, self.transformer = tokenizer, transformer
         self.num_cond_frames = num_cond_frames
         self.steps, self.temperature, self.guidance_scale, self.seed = steps, temperature, guidance_scale, seed
+        self.choice_temperature = choice_temperature
         # entry -> metric -> one list of per-predicted-frame values per clip
         self.scores: dict[str, dict[str, list[list[float]]]] = {
             name: {metric: [] for metric in FRAME_METRICS} for name in FRAME_PREDICTION_ENTRIES
@@ -273,6 +279,7 @@ class FramePredictionEvaluation:
         """The sampler's keywords: those of ours its prior takes, and an interior model's condition region (the
         latent slots of the n given frames of ``clip_size`` ``(T, H, W)`` clips)."""
         options = {k: v for k, v in (("steps", self.steps), ("temperature", self.temperature),
+                                     ("choice_temperature", self.choice_temperature),
                                      ("guidance_scale", self.guidance_scale)) if k in prior.options}
         config = self.transformer.config
         if config.conditioning == "interior":
@@ -287,7 +294,8 @@ class FramePredictionEvaluation:
         and ``per_frame`` (means over clips of each predicted frame; an infinite PSNR, an exact frame, is left out
         of the mean unless every clip has it)."""
         n = self.num_cond_frames
-        out: dict[str, Any] = {"num_cond_frames": n, "steps": self.steps,
+        out: dict[str, Any] = {"num_cond_frames": n, "steps": self.steps, "temperature": self.temperature,
+                               "choice_temperature": self.choice_temperature, "guidance_scale": self.guidance_scale,
                                "num_clips": len(self.scores["generated"]["psnr"]),
                                "predicted_frames": list(range(n, self.num_frames or n)), "units": FRAME_METRIC_UNITS}
         for name, scores in self.scores.items():

@@ -11,6 +11,8 @@ from typing import Any, Sequence
 import torch
 
 from ..fileio import write_text_atomic
+from ..runlog import read_metrics
+from ..video_io import frame_grid
 
 
 def _pyplot():
@@ -24,7 +26,6 @@ def _pyplot():
 
 def plot_training_curves(run_dirs: Sequence[Path], path: Path, max_panels: int = 12) -> Path | None:
     """One panel per logged scalar of each run's ``metrics.jsonl`` against ``step``; ``None`` if nothing to plot."""
-    from ..runlog import read_metrics
 
     series: dict[str, tuple[list[float], list[float]]] = {}
     for run_dir in run_dirs:
@@ -125,7 +126,6 @@ def plot_frame_prediction(report: dict[str, Any], path: Path) -> Path | None:
 
 def plot_sample_strip(rows: Sequence[tuple[str, torch.Tensor]], path: Path, max_frames: int = 8) -> Path:
     """A strip of frames, one labelled row per video (e.g. real | reconstructed | generated), ``(3, T, H, W)`` each."""
-    from ..video_io import frame_grid
 
     num_frames = rows[0][1].shape[1]
     keep = sorted({round(i * (num_frames - 1) / max(max_frames - 1, 1)) for i in range(min(max_frames, num_frames))})

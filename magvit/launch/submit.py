@@ -43,6 +43,7 @@ import yaml
 
 from magvit.cli import ArgumentParser, UsageError, command_name, run_main
 from magvit.resources import SLURM_DIR, find_config
+from magvit.config import ConfigError
 
 PROG = command_name("python -m launch.submit")
 _TIME_RE = re.compile(r"^(\d+-\d{1,2}(:\d{1,2}){0,2}|\d+(:\d{1,2}){0,2}|unlimited|infinite)$", re.IGNORECASE)
@@ -74,8 +75,6 @@ def resolve_config(kind: str, config_path: str | os.PathLike, overrides: Sequenc
     """The resolved training config of ``kind`` as a plain dict: exactly what ``magvit.launch.train_<kind>`` runs
     with ``--config config_path overrides...`` (its own ``load_config``) in ``workdir`` (default: the current
     directory). ``UsageError`` on any config mistake."""
-    from magvit.config import ConfigError
-
     if kind not in KINDS:
         raise UsageError(f"unknown kind '{kind}'; expected one of {', '.join(KINDS)}")
     check_one_line("--config", str(config_path))

@@ -9,8 +9,9 @@ Also runs under ``torchrun``, ``srun`` (one process per task) and as plain ``pyt
 The token shards are the masked transformer's (``python -m data_prep.tokenize``); their ``meta.json`` fixes the
 model's codebook size, token grid and number of classes. Each step draws a task and its condition per example as
 the masked transformer's trainer does (``prior_training.training_sequence``) and minimises the next-token
-cross-entropy of the video codes (``autoregressive.next_token_loss``). Everything else (checkpoints, exact resume,
-preemption, the EMA export in ``RUN_DIR/export``) is ``magvit.trainloop.TrainLoop``'s, as for the other trainers.
+cross-entropy of the video codes (``autoregressive.next_token_loss``). Everything else (the command line, checks,
+checkpoints, exact resume, preemption, the EMA export in ``RUN_DIR/export``) is the priors' shared skeleton
+(``magvit.prior_training``) and ``magvit.trainloop.TrainLoop``'s, as for the other trainers.
 """
 
 from __future__ import annotations
@@ -27,27 +28,19 @@ import torch
 
 from magvit import distributed as dist
 from magvit.autoregressive import AutoregressiveTransformer, next_token_loss, video_logits
-from magvit.batches import token_batches
 from magvit.cli import run_main
-from magvit.prior_training import (build_prior, check_carried_tasks, check_network, check_trained_tasks,
-                                   training_sequence, with_token_sizes)
-from magvit.resume import start_run
-from magvit.run_config import AutoregressiveTrainConfig, load_train_config, parse_train_command
-from magvit.precision import autocast as precision_autocast
-from magvit.trainloop import NonFiniteGuard, Reporting, TrainLoop
+from magvit.prior_training import PriorCommand, start_prior_run, training_sequence
+from magvit.run_config import AutoregressiveTrainConfig
+from magvit.trainloop import NonFiniteGuard, Reporting
 
-DEFAULT_CONFIG = "configs/autoregressive/tiny.yaml"
-REPORTING = Reporting("AutoregressiveTransformer", loss_key="loss", rate_key="perf/examples_per_s",
-                      rate_label="ex_s", lr_keys={"transformer": "lr"}, card_keys=("loss", "next_token_accuracy"))
-
-
-def load_config(config_path: str, overrides: Sequence[str], deepspeed_config: str | None = None
-                ) -> AutoregressiveTrainConfig:
-    """The training config (YAML + overrides), strictly checked; the model's data-dependent sizes are filled in
-    later by ``with_token_sizes``."""
-    cfg = load_train_config(AutoregressiveTrainConfig, config_path, overrides, deepspeed_config)
-    check_trained_tasks("objective.tasks", cfg.objective.tasks, cfg.model.tasks)
-    return cfg
+COMMAND = PriorCommand(
+    __doc__.split("\n")[0], kind="autoregressive", default_config="configs/autoregressive/tiny.yaml",
+    config_class=AutoregressiveTrainConfig, network=AutoregressiveTransformer, tasks_key="objective.tasks",
+    logger_name="magvit.train_autoregressive",
+    reporting=Reporting("AutoregressiveTransformer", loss_key="loss", rate_key="perf/examples_per_s",
+                        rate_label="ex_s", lr_keys={"transformer": "lr"}, card_keys=("loss", "next_token_accuracy")))
+DEFAULT_CONFIG = COMMAND.default_config
+load_config = COMMAND.load_config
 
 
 def autoregressive_step(engine, batch: dict[str, Any], step: int, cfg: AutoregressiveTrainConfig,
@@ -55,8 +48,7 @@ def autoregressive_step(engine, batch: dict[str, Any], step: int, cfg: Autoregre
     """One micro-step: the conditioned sequences, their next-token logits, back-propagate the loss on the video
     codes. Returns metrics, or None when a non-finite loss on any rank made every rank skip it."""
     o, vocab, layout = cfg.objective, cfg.model.vocab, cfg.model.layout
-    # randomness from the (checkpointed) global RNG
-    input_ids = training_sequence(batch, vocab, tasks=o.tasks, cond_dropout_prob=o.cond_dropout_prob)  # (B, L)
+    input_ids = training_sequence(batch, vocab, o)  # (B, L); randomness from the (checkpointed) global RNG
     with autocast:
         logits = engine(input_ids)  # (B, L, vocab)
     loss = next_token_loss(logits, input_ids, layout, vocab.codebook_size, o.label_smoothing)
@@ -71,34 +63,16 @@ def autoregressive_step(engine, batch: dict[str, Any], step: int, cfg: Autoregre
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args, cfg, ds_base = parse_train_command(__doc__.split("\n")[0], DEFAULT_CONFIG, "autoregressive", load_config,
-                                             argv)
-    cfg = with_token_sizes(cfg)
-    check_carried_tasks("objective.tasks", cfg.objective.tasks, cfg)
-    check_network(AutoregressiveTransformer, cfg.model)
-    return train(cfg, ds_base, args.run_dir, resume=args.resume == "auto" and not args.overwrite,
-                 argv=sys.argv if argv is None else argv, overwrite=args.overwrite)
+    return COMMAND.main(train, argv)
 
 
 def train(cfg: AutoregressiveTrainConfig, ds_base: dict[str, Any], run_dir: Path, resume: bool,
           argv: Sequence[str], overwrite: bool = False) -> int:
-    # from here on SIGTERM/SIGUSR1 mean "checkpoint and exit 3"
-    run = start_run(cfg, ds_base, run_dir, argv, "magvit.train_autoregressive", resume=resume, overwrite=overwrite)
-    tc, device = cfg.train, run.device
-    ema, engine = build_prior(AutoregressiveTransformer, cfg, run)
-    autocast = precision_autocast(tc.precision, device)
-    data = token_batches(cfg.data, run.rank, run.world_size, tc.seed, device)
-
-    def export_model() -> AutoregressiveTransformer:  # (the loop keeps the training RNG where it was)
-        plain = AutoregressiveTransformer(cfg.model)
-        plain.class_names = list(data.classes)  # class id -> name, from the shards' meta.json
-        return plain
-
-    loop = TrainLoop(run, cfg, run_dir, {"transformer": engine}, ema, data, export_model, REPORTING)
+    prior = start_prior_run(COMMAND, cfg, ds_base, run_dir, resume, argv, overwrite)
+    loop = prior.loop()
 
     def micro_step(batch: dict[str, Any], step: int) -> dict[str, float] | None:
-        batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        return autoregressive_step(engine, batch, step, cfg, loop.guard, autocast)
+        return autoregressive_step(prior.engine, prior.on_device(batch), step, cfg, loop.guard, prior.autocast)
 
     return loop.run(micro_step, resume)
 

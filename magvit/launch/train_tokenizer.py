@@ -42,6 +42,9 @@ from magvit.tokenizer import TokenizerConfig, VideoTokenizer, check_init_from, i
 from magvit.tracking import Tracker
 from magvit.precision import autocast as precision_autocast
 from magvit.trainloop import NonFiniteGuard, Reporting, TrainLoop
+from magvit.metrics import video_psnr
+from magvit.video_io import save_frame_grid, write_video
+from magvit.data import ClipDataset
 
 DEFAULT_CONFIG = "configs/tokenizer/tiny.yaml"
 REPORTING = Reporting("VideoTokenizer", loss_key="g/loss", rate_key="perf/clips_per_s", rate_label="clips_s",
@@ -187,9 +190,6 @@ def validate(model: torch.nn.Module, val_videos: torch.Tensor, samples_dir: Path
     """Reconstruct the validation clips (V, 3, T, H, W); write ``step_XXXXXXXX.mp4`` (real | reconstruction side
     by side, clips one after another) and a PNG grid (rows: real, reconstruction, ...), and give the same video and
     the middle frames to the run's tracker (TensorBoard / W&B). Returns PSNR."""
-    from magvit.metrics import video_psnr
-    from magvit.video_io import save_frame_grid, write_video
-
     recon = model(val_videos)[0].float().clamp(-1, 1)
     psnr = video_psnr(recon, val_videos).mean().item()
     pairs = torch.cat([val_videos, recon], dim=-1)  # (V, 3, T, H, 2W)
@@ -204,7 +204,6 @@ def validate(model: torch.nn.Module, val_videos: torch.Tensor, samples_dir: Path
 
 def load_val_videos(cfg: TokenizerTrainConfig, num: int) -> torch.Tensor:
     """The first ``num`` validation clips (center crops); the train split if the manifest has no val records."""
-    from magvit.data import ClipDataset
 
     d = cfg.data
     kwargs = dict(num_frames=d.num_frames, image_size=d.image_size, frame_stride=d.frame_stride, seed=cfg.train.seed)

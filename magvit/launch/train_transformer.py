@@ -36,38 +36,31 @@ import torch
 
 from magvit import code_grids
 from magvit import distributed as dist
-from magvit.batches import held_out_tokens, token_batches, token_folder, token_meta
+from magvit.batches import held_out_tokens, token_folder, token_meta
 from magvit.cli import UsageError, run_main
 from magvit.ema import EMA
 from magvit.evaluation.evaluators import MaskedTokenEvaluation
-from magvit.masking import make_training_batch, masked_token_loss, training_tasks
+from magvit.masking import MaskingConfig, make_training_batch, masked_token_loss, training_tasks
 from magvit.pipeline import check_pair, generate_codes
-from magvit.prior_training import (build_prior, check_carried_tasks, check_network, check_trained_tasks,
-                                   with_token_sizes)
-from magvit.resume import start_run
-from magvit.run_config import TransformerTrainConfig, load_train_config, parse_train_command
+from magvit.prior_training import PriorCommand, start_prior_run
+from magvit.run_config import TransformerTrainConfig
 from magvit.sequence import predicted_codes
 from magvit.shard_meta import TokenShardMeta
 from magvit.tasks import carried_cond_frames, condition_name
 from magvit.tokenizer import VideoTokenizer
 from magvit.tracking import Tracker
 from magvit.video_io import write_video
-from magvit.precision import autocast as precision_autocast
-from magvit.trainloop import NonFiniteGuard, Reporting, TrainLoop
+from magvit.trainloop import NonFiniteGuard, Reporting
 from magvit.transformer import MaskedVideoTransformer
 
-DEFAULT_CONFIG = "configs/transformer/tiny.yaml"
-REPORTING = Reporting("MaskedVideoTransformer", loss_key="loss", rate_key="perf/examples_per_s", rate_label="ex_s",
-                      lr_keys={"transformer": "lr"}, card_keys=("loss", "masked_accuracy"))
-
-
-def load_config(config_path: str, overrides: Sequence[str], deepspeed_config: str | None = None
-                ) -> TransformerTrainConfig:
-    """The training config (YAML + overrides), strictly checked; the model's data-dependent sizes are filled in
-    later by ``prior_training.with_token_sizes``."""
-    cfg = load_train_config(TransformerTrainConfig, config_path, overrides, deepspeed_config)
-    check_trained_tasks("masking.tasks", cfg.masking.tasks, cfg.model.tasks)  # the rest: MaskingConfig's own checks
-    return cfg
+COMMAND = PriorCommand(
+    __doc__.split("\n")[0], kind="transformer", default_config="configs/transformer/tiny.yaml",
+    config_class=TransformerTrainConfig, network=MaskedVideoTransformer, tasks_key="masking.tasks",
+    logger_name="magvit.train_transformer",
+    reporting=Reporting("MaskedVideoTransformer", loss_key="loss", rate_key="perf/examples_per_s",
+                        rate_label="ex_s", lr_keys={"transformer": "lr"}, card_keys=("loss", "masked_accuracy")))
+DEFAULT_CONFIG = COMMAND.default_config
+load_config = COMMAND.load_config  # (MaskingConfig checks its own options)
 
 
 def condition_regions(cfg: TransformerTrainConfig) -> dict[str, torch.Tensor] | None:
@@ -98,10 +91,8 @@ def transformer_step(engine, batch: dict[str, Any], step: int, cfg: TransformerT
     Returns metrics, or None when a non-finite loss on any rank made every rank skip it. ``regions``: the latent
     condition regions of an interior model (:func:`condition_regions`)."""
     m = cfg.masking
-    tb = make_training_batch(batch, vocab, tasks=m.tasks, schedule=m.schedule, cond_dropout_prob=m.cond_dropout_prob,
-                             uncond_prob=m.uncond_prob, unmasked_weight=m.unmasked_weight,
-                             conditioning=cfg.model.conditioning, condition_regions=regions,
-                             two_grid_masking=m.two_grid_masking)  # global RNG's draws
+    tb = make_training_batch(batch, vocab, m, conditioning=cfg.model.conditioning,
+                             condition_regions=regions)  # global RNG's draws
     with autocast:
         logits = engine(tb.input_ids)  # (B, L, vocab), or (B, L, F, S) with token_factorization F
     loss = masked_token_loss(logits, tb.labels, tb.loss_mask, vocab.codebook_size, m.label_smoothing)
@@ -209,11 +200,11 @@ def sample_videos(model: MaskedVideoTransformer, tokenizer, batch: dict[str, Any
 
 
 def validate(model: MaskedVideoTransformer, held_out: HeldOut, samples_dir: Path, step: int, tracker: Tracker,
-             seed: int) -> dict[str, float]:
-    """Masked-token NLL (nats per code) and accuracy of the held-out grids on a masking seeded by ``seed`` (the
-    same at every step), and the sample videos: ``samples_dir/step_XXXXXXXX.mp4`` (the samples one after another)
-    and the tracker's ``samples/generated``."""
-    evaluation = MaskedTokenEvaluation(model, held_out.tasks, seed, held_out.regions)
+             seed: int, masking: MaskingConfig) -> dict[str, float]:
+    """Masked-token NLL (nats per code) and accuracy of the held-out grids on the run's ``masking`` seeded by
+    ``seed`` (the same at every step), and the sample videos: ``samples_dir/step_XXXXXXXX.mp4`` (the samples one
+    after another) and the tracker's ``samples/generated``."""
+    evaluation = MaskedTokenEvaluation(model, held_out.tasks, seed, held_out.regions, masking)
     evaluation.update(held_out.batch)
     summary = evaluation.summary()
     videos = sample_videos(model, held_out.tokenizer, held_out.batch, seed, held_out.regions) \
@@ -225,41 +216,25 @@ def validate(model: MaskedVideoTransformer, held_out: HeldOut, samples_dir: Path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args, cfg, ds_base = parse_train_command(__doc__.split("\n")[0], DEFAULT_CONFIG, "transformer", load_config,
-                                             argv)
-    cfg = with_token_sizes(cfg)
-    check_carried_tasks("masking.tasks", cfg.masking.tasks, cfg)
-    check_network(MaskedVideoTransformer, cfg.model)
-    return train(cfg, ds_base, args.run_dir, resume=args.resume == "auto" and not args.overwrite,
-                 argv=sys.argv if argv is None else argv, overwrite=args.overwrite)
+    return COMMAND.main(train, argv)
 
 
 def train(cfg: TransformerTrainConfig, ds_base: dict[str, Any], run_dir: Path, resume: bool,
           argv: Sequence[str], overwrite: bool = False) -> int:
-    # from here on SIGTERM/SIGUSR1 mean "checkpoint and exit 3"
-    run = start_run(cfg, ds_base, run_dir, argv, "magvit.train_transformer", resume=resume, overwrite=overwrite)
-    tc, device = cfg.train, run.device
-    ema, engine = build_prior(MaskedVideoTransformer, cfg, run)
-    autocast = precision_autocast(tc.precision, device)
+    prior = start_prior_run(COMMAND, cfg, ds_base, run_dir, resume, argv, overwrite)
+    run, device = prior.context, prior.context.device
     vocab, regions = cfg.model.vocab, condition_regions(cfg)
-    data = token_batches(cfg.data, run.rank, run.world_size, tc.seed, device)
-    held_out = open_held_out(cfg, data.classes, run.rank, device, run.log)
-
-    def export_model() -> MaskedVideoTransformer:  # (the loop keeps the training RNG where it was)
-        plain = MaskedVideoTransformer(cfg.model)
-        plain.class_names = list(data.classes)  # class id -> name, from the shards' meta.json
-        return plain
-
-    loop = TrainLoop(run, cfg, run_dir, {"transformer": engine}, ema, data, export_model, REPORTING)
+    held_out = open_held_out(cfg, prior.data.classes, run.rank, device, run.log)
+    loop = prior.loop(records={"training_masking": cfg.masking.to_dict()})  # evaluate masks as training did
 
     def micro_step(batch: dict[str, Any], step: int) -> dict[str, float] | None:
-        batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        return transformer_step(engine, batch, step, cfg, vocab, loop.guard, autocast, regions)
+        return transformer_step(prior.engine, prior.on_device(batch), step, cfg, vocab, loop.guard, prior.autocast,
+                                regions)
 
     def sample(step: int) -> dict[str, float]:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # exact resume: RNG untouched
-            model = ema_transformer(cfg, ema, device)
-            return validate(model, held_out, run_dir / "samples", step, loop.tracker, tc.seed)
+            model = ema_transformer(cfg, prior.ema, device)
+            return validate(model, held_out, run_dir / "samples", step, loop.tracker, cfg.train.seed, cfg.masking)
 
     return loop.run(micro_step, resume, sample=sample if run.rank == 0 and held_out is not None else None)
 

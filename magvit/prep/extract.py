@@ -22,6 +22,7 @@ from typing import Sequence
 
 from magvit.cli import ArgumentParser, UsageError, command_name, quiet_decoders, run_main, write_json
 from magvit.prep.shards import FORMATS, check_out_dir, fingerprint, open_out_dir, write_shards
+from magvit.data import ClipDataset
 
 PROG = command_name("python -m data_prep.extract")
 
@@ -47,7 +48,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     check_out_dir(Path(args.out))
     quiet_decoders()
-    from magvit.data import ClipDataset
 
     try:
         dataset = ClipDataset(args.manifest, args.split, num_frames=args.num_frames, image_size=args.image_size,

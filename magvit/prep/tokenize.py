@@ -42,13 +42,15 @@ from magvit.shard_meta import META_NAME, TokenShardMeta
 from magvit.tasks import CONDITION_TASKS, condition_name, task as task_row
 from magvit.prep.shards import (FORMATS, check_out_dir, file_digest, finish_rank, fingerprint, num_shards,
                                open_out_dir_ranked, rank_from_env, write_shards)
+from magvit.tokenizer import VideoTokenizer
+from magvit.data import ClipDataset, read_manifest
+from magvit.sketch import sketch_video
+from magvit.pretrained import resolve_pretrained, weights_fingerprint
 
 PROG = command_name("python -m data_prep.tokenize")
 
 
 def load_tokenizer(directory: str, device: str):
-    from magvit.tokenizer import VideoTokenizer
-
     try:
         tokenizer = VideoTokenizer.from_pretrained(directory, device=device)
     except (FileNotFoundError, ValueError) as err:
@@ -164,8 +166,6 @@ def pick_device(device: str | None, rank: int, world: int) -> str:
 def open_clips(args, config) -> tuple:
     """The manifest's clips of ``--split`` at the tokenizer's size and the sketch source they use:
     ``(ClipDataset, sketch_mode)`` with ``sketch_mode`` ``"manifest"``, ``"compute"`` or ``"none"``."""
-    from magvit.data import ClipDataset, read_manifest
-
     try:
         records = read_manifest(args.manifest)
     except (OSError, ValueError) as err:
@@ -201,7 +201,6 @@ def shard_plan(args, config, dataset, sketch_mode: str, tasks: Sequence[str]) ->
 
 def make_encoder(tokenizer, tasks: Sequence[str], sketch_mode: str, device: str, cond_frames: Sequence[int] = (1,)):
     """``batch -> tensors of the shard``: codes, condition codes, sketch codes, labels and clip indices."""
-    from magvit.sketch import sketch_video
 
     def encode(batch: dict) -> dict[str, torch.Tensor]:
         video = batch["video"]  # (B, 3, T, H, W) in [-1, 1]
@@ -236,7 +235,6 @@ def run(args, rank: int, world: int) -> int:
         torch.set_num_threads(args.threads)
     else:  # ranks of one job on one machine share its cores (one process: all of them)
         share_cores()
-    from magvit.pretrained import resolve_pretrained, weights_fingerprint
 
     try:  # a Hub id (org/name) becomes its snapshot folder in the Hub cache; the digest below reads its weights
         args.tokenizer = str(resolve_pretrained(args.tokenizer))

