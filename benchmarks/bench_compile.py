@@ -70,7 +70,8 @@ def transformer_case(config: str, batch: int):
         tb = make_training_batch({"codes": codes, "cond.frame_prediction": codes}, config_.vocab, masking,
                                  conditioning=config_.conditioning, generator=torch.Generator().manual_seed(step),
                                  condition_regions=regions)
-        return masked_token_loss(net(tb.input_ids), tb.labels, tb.loss_mask, config_.codebook_size)
+        return masked_token_loss(net(tb.input_ids), tb.labels, tb.loss_mask, config_.codebook_size,
+                                 masking.label_smoothing)
 
     params = sum(p.numel() for p in model.parameters()) / 1e6
     return model, loss, f"transformer {Path(config).stem} ({params:.1f} M), grid {grid}, batch {batch}"

@@ -167,7 +167,7 @@ def transformer_step(preset: str, grid: tuple[int, int, int], batch: int, condit
                                  generator=generator, conditioning=conditioning, condition_regions=regions)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not recipe.bf16_weights):
             logits = model(tb.input_ids)
-        loss = masked_token_loss(logits, tb.labels, tb.loss_mask, config.codebook_size)
+        loss = masked_token_loss(logits, tb.labels, tb.loss_mask, config.codebook_size, masking.label_smoothing)
         loss.backward()
         optimizer_step()
 

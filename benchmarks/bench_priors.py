@@ -187,7 +187,8 @@ def masked_side(name: str, conditioning: str, sizes: dict, region: torch.Tensor,
     def loss(batch: dict, generator: torch.Generator) -> torch.Tensor:
         tb = make_training_batch(batch, vocab, STAGES.replace(tasks=list(TASKS)), generator=generator,
                                  conditioning=conditioning, condition_regions=regions)
-        return masked_token_loss(model(tb.input_ids), tb.labels, tb.loss_mask, vocab.codebook_size)
+        return masked_token_loss(model(tb.input_ids), tb.labels, tb.loss_mask, vocab.codebook_size,
+                                 STAGES.label_smoothing)
 
     def generate(condition: torch.Tensor, seed: int) -> torch.Tensor:
         return generate_codes(model, TASK, condition, steps=steps, seed=seed,

@@ -431,7 +431,7 @@ def make_training_batch(
 
 
 def masked_token_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, codebook_size: int,
-                      label_smoothing: float = 0.0) -> torch.Tensor:
+                      label_smoothing: float) -> torch.Tensor:
     """Weighted mean cross-entropy over the video positions, with logits restricted to the codebook.
 
     ``logits``: ``(B, L, V)``, or ``(B, L, F, S)`` from a factorised model (then the per-position loss is the sum of

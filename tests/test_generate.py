@@ -301,7 +301,7 @@ def _train_transformer(batch: dict, tasks: list[str], steps: int) -> MaskedVideo
     for _ in range(steps):
         masking = MaskingConfig(tasks=tasks, cond_dropout_prob=0.0)
         ids, labels, weights = make_training_batch(batch, model.vocab, masking, generator=generator)
-        loss = masked_token_loss(model(ids), labels, weights, model.config.codebook_size)
+        loss = masked_token_loss(model(ids), labels, weights, model.config.codebook_size, 0.0)
         opt.zero_grad()
         loss.backward()
         opt.step()

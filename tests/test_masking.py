@@ -252,17 +252,17 @@ def test_masked_token_loss_matches_reference_and_ignores_special_logits():
     vocab = TokenVocabulary(16, num_classes=3)
     ids, labels, weights = make_training_batch(_batch(), vocab, MaskingConfig(unmasked_weight=0.5), mask_ratio=0.5)
     logits = torch.randn(*ids.shape, vocab.size)
-    loss = masked_token_loss(logits, labels, weights, 16)
+    loss = masked_token_loss(logits, labels, weights, 16, 0.0)
     video = SequenceLayout(GRID).video
     ce = F.cross_entropy(logits[:, video, :16].reshape(-1, 16), labels[:, video].reshape(-1), reduction="none")
     w = weights[:, video].reshape(-1)
     assert loss.item() == pytest.approx(((ce * w).sum() / w.sum()).item(), rel=1e-5)
     # huge logits on special tokens change nothing: the loss sees the codebook only
     logits[..., 16:] = 1e4
-    assert masked_token_loss(logits, labels, weights, 16).item() == pytest.approx(loss.item(), rel=1e-5)
+    assert masked_token_loss(logits, labels, weights, 16, 0.0).item() == pytest.approx(loss.item(), rel=1e-5)
     # label smoothing raises the loss of a confident correct prediction
     perfect = F.one_hot(labels.clamp_min(0), vocab.size).float() * 20
-    assert masked_token_loss(perfect, labels, weights, 16).item() < 1e-6
+    assert masked_token_loss(perfect, labels, weights, 16, 0.0).item() < 1e-6
     assert masked_token_loss(perfect, labels, weights, 16, label_smoothing=0.1).item() > 0.5
 
 
@@ -324,7 +324,7 @@ def test_factorised_loss_is_the_joint_code_nll():
     vocab = TokenVocabulary(16, num_classes=3)  # 16 codes = 2 sub-tokens of 4
     ids, labels, weights = make_training_batch(_batch(), vocab, MaskingConfig(unmasked_weight=0.5), mask_ratio=0.5)
     logits = torch.randn(*ids.shape, 2, 4)  # (B, L, F, S)
-    loss = masked_token_loss(logits, labels, weights, 16)
+    loss = masked_token_loss(logits, labels, weights, 16, 0.0)
     # reference: the softmax over all 16 codes of the joint logit l_0[c >> 2] + l_1[c & 3]
     video = SequenceLayout(GRID).video
     joint = (logits[:, video, 0, :, None] + logits[:, video, 1, None, :]).reshape(-1, 16)  # (M, 16)
@@ -336,7 +336,7 @@ def test_factorised_loss_is_the_joint_code_nll():
     # a confident correct prediction costs nothing, label smoothing (per sub-token) makes it cost
     sub = CodeFactorization(16, 2).split(labels.clamp_min(0))  # (B, L, 2)
     perfect = F.one_hot(sub, 4).float() * 20
-    assert masked_token_loss(perfect, labels, weights, 16).item() < 1e-6
+    assert masked_token_loss(perfect, labels, weights, 16, 0.0).item() < 1e-6
     smoothed = masked_token_loss(perfect, labels, weights, 16, label_smoothing=0.1).item()
     per_factor = F.cross_entropy(perfect[:, video, 0].reshape(-1, 4), sub[:, video, 0].reshape(-1),
                                  label_smoothing=0.1).item()

@@ -379,7 +379,8 @@ def test_trainer_option_errors_are_one_line_before_the_run_dir(trainer, override
     if "flash_attention_2" in override and _flash_attention_2():
         pytest.skip("flash-attn is installed here")
     module = importlib.import_module(f"magvit.launch.train_{trainer}")
-    monkeypatch.setattr(module, "start_run", lambda *a, **k: pytest.fail("start_run reached: the run dir is written"))
+    starts = module if trainer == "tokenizer" else importlib.import_module("magvit.prior_training")  # both priors'
+    monkeypatch.setattr(starts, "start_run", lambda *a, **k: pytest.fail("start_run reached: the run dir is written"))
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text("")  # the tokenizer's main checks it exists; nothing reads it before the option check
     data = f"data.manifest={manifest}" if trainer == "tokenizer" else f"data.tokens={token_shards}"
