@@ -39,7 +39,7 @@ from .evaluation.report import summary_lines, write_plots, write_report
 from .fileio import check_writable_dir
 from .pipeline import check_pair, load_pretrained, warn_untrained_cond_frames
 from .pretrained import is_hub_id, resolve_pretrained, weights_fingerprint, write_record
-from .sampling import DECODING_DEFAULTS, check_decoding, recorded_decoding
+from .sampling import DECODING_DEFAULTS, check_decoding, decoding_settings
 from .tasks import TASK_NAMES
 from .transformer import MaskedVideoTransformer
 
@@ -176,13 +176,13 @@ def _clip_evaluations(args: argparse.Namespace, tokenizer, transformer, on_the_f
     num_frames, num_tokens = tokenizer.config.num_frames, math.prod(transformer.config.token_grid)
     if not 1 <= args.cond_frames < num_frames:
         raise UsageError(f"--cond-frames must be in [1, {num_frames}), got {args.cond_frames}")
-    decoding = decoding_settings(args, transformer)
-    if decoding["steps"] > num_tokens:  # each step reveals at least one token
-        raise UsageError(f"--steps must be in [1, {num_tokens}] (the tokens of one clip), got {decoding['steps']}")
-    results.frame_prediction = FramePredictionEvaluation(tokenizer, transformer, args.cond_frames, decoding["steps"],
-                                                         decoding["temperature"], decoding["guidance_scale"],
+    settings = decoding(args, transformer)
+    if settings["steps"] > num_tokens:  # each step reveals at least one token
+        raise UsageError(f"--steps must be in [1, {num_tokens}] (the tokens of one clip), got {settings['steps']}")
+    results.frame_prediction = FramePredictionEvaluation(tokenizer, transformer, args.cond_frames, settings["steps"],
+                                                         settings["temperature"], settings["guidance_scale"],
                                                          args.seed, num_samples=args.num_samples,
-                                                         choice_temperature=decoding["choice_temperature"])
+                                                         choice_temperature=settings["choice_temperature"])
     warn_untrained_cond_frames(transformer, args.cond_frames)
     if on_the_fly and _is_masked(transformer):  # the clips' codes + their frame-prediction condition
         regions = clip_condition_regions(tokenizer, transformer, args.cond_frames) \
@@ -192,20 +192,19 @@ def _clip_evaluations(args: argparse.Namespace, tokenizer, transformer, on_the_f
     return results
 
 
-def decoding_settings(args: argparse.Namespace, transformer) -> dict[str, float]:
+def decoding(args: argparse.Namespace, transformer) -> dict[str, float]:
     """Each decoding flag given, else the masked transformer export's recorded decoding, else the default."""
     try:
-        recorded = recorded_decoding(transformer) if _is_masked(transformer) else dict(DECODING_DEFAULTS)
+        return decoding_settings(transformer, {k: getattr(args, k) for k in DECODING_DEFAULTS})
     except ValueError as err:  # an untrusted export's record
         raise UsageError(str(err)) from None
-    return {k: recorded[k] if getattr(args, k) is None else getattr(args, k) for k in DECODING_DEFAULTS}
 
 
 def record_decoding(args: argparse.Namespace, transformer) -> dict[str, float]:
     """Write the decoding this evaluation used into ``--transformer``'s config.json (``--record-decoding``)."""
     if not _is_masked(transformer):
         raise UsageError("--record-decoding: only a masked transformer export records its decoding")
-    settings = decoding_settings(args, transformer)
+    settings = decoding(args, transformer)
     try:
         write_record(args.transformer, "decoding", settings)
     except (OSError, ValueError) as err:

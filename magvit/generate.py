@@ -32,7 +32,7 @@ from .cli import ArgumentParser, UsageError, command_name, run_main
 from .fileio import check_writable_file
 from .sequence import NO_LABEL
 from .pipeline import Prior, VideoPipeline, generate, warn_untrained_cond_frames
-from .sampling import ARGMAX_TEMPERATURE, DECODING_DEFAULTS, MAX_SCALE, recorded_decoding
+from .sampling import ARGMAX_TEMPERATURE, DECODING_DEFAULTS, MAX_SCALE, decoding_settings
 from .video_io import (MAX_FPS, MIN_FPS, VideoReadError, check_fps, image_size, is_image, save_frame_grid,
                        write_video)
 from .sketch import sketch_video
@@ -206,15 +206,10 @@ def sampling_options(args: argparse.Namespace, prior: Prior, model: torch.nn.Mod
     """The sampling flags that the loaded prior's sampler takes, as its keywords: each flag given, else the
     export's recorded decoding (a masked transformer's ``decoding``), else ``DECODING_DEFAULTS``."""
     try:
-        recorded = recorded_decoding(model) if "steps" in prior.options else DECODING_DEFAULTS
+        settings = decoding_settings(model, {flag: getattr(args, flag) for flag in SAMPLING_FLAGS})
     except ValueError as err:  # an untrusted export's record
         raise UsageError(str(err)) from None
-    options = {}
-    for flag in SAMPLING_FLAGS:
-        if flag in prior.options:
-            value = getattr(args, flag)
-            options[flag] = recorded.get(flag) if value is None else value
-    return options
+    return {flag: settings.get(flag) for flag in SAMPLING_FLAGS if flag in prior.options}
 
 
 def class_from_args(args: argparse.Namespace, class_names: Sequence[str]) -> int:

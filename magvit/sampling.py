@@ -68,6 +68,12 @@ def recorded_decoding(model) -> dict[str, float]:
     return {**DECODING_DEFAULTS, **check_decoding(record, f"{type(model).__name__}'s decoding record")}
 
 
+def decoding_settings(model, given: dict) -> dict:
+    """``given`` (flag name -> value, ``None`` where not given) over the export's recorded decoding over the
+    defaults: what a command decodes with. ``ValueError`` for a bad record."""
+    return {**recorded_decoding(model), **{k: v for k, v in given.items() if v is not None}}
+
+
 def _gumbel(shape: torch.Size, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     # Drawn on the CPU so that a CPU generator gives the same numbers on every device.
     u = torch.rand(shape, generator=generator, dtype=torch.float32).to(device)
