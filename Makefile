@@ -30,7 +30,7 @@ demo: setup
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash launch/demo.sh
 
 test: setup
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q tests
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -n auto --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) runs

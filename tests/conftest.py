@@ -15,6 +15,13 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 # `precision: auto` resolves to fp32 in every test (and its subprocesses) whatever the CPU kind, so results do not
 # depend on the machine; tests/test_precision.py checks the probe itself with this unset.
 os.environ.setdefault("MAGVIT_NATIVE_BF16", "0")
+# Under pytest-xdist (`make test` runs one worker per core) each worker takes its share of the cores, and so do the
+# processes its tests start (they inherit OMP_NUM_THREADS): a worker per core of all-core torch would oversubscribe
+# every core (measured: 4x slower steps with 2 ranks x 2 threads on 2 cores, magvit.distributed.share_cores).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _THREADS = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(autouse=True)

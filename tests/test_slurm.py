@@ -381,6 +381,10 @@ def test_requeue_and_cancel_stop_every_rank(cluster, tmp_path, sample_manifest):
           f"job {job} to resume after the requeue", run_dir)
     first = saved()
     assert first[0] == first[1] and len(first[0]) == 1, _job_logs(run_dir)  # both ranks, the same step
+    # A step past the saved one first: a cancel right after the resume would checkpoint the same step again.
+    step = int(next(iter(first[0])))
+    _wait(cluster, lambda: max(_train_steps(run_dir), default=0) > step, 150,
+          f"job {job} to train past step {step}", run_dir)
     cluster.command("scancel", str(job))
     info = _wait_finished(cluster, job, 60, run_dir)
 
