@@ -128,7 +128,8 @@ def tokenizer_trainees(frames: torch.Tensor, args) -> tuple[Trainee, Trainee]:
     ours, optim = ours_tokenizer(args.tokenizer_config)
     grid = ours.config.token_grid(NUM_FRAMES, FRAME_SIZE, FRAME_SIZE)
     torch.manual_seed(args.seed)
-    cvivit = peers.build_cvivit(grid, NUM_FRAMES, FRAME_SIZE, ours.config.codebook_size)
+    # LFQ needs a power of 2: ours' codebook size, or the next one up (FSQ 8x5x5x5 = 1000 -> 1024)
+    cvivit = peers.build_cvivit(grid, NUM_FRAMES, FRAME_SIZE, 1 << (ours.config.codebook_size - 1).bit_length())
     fetch = lambda indices: to_video(frames[indices])  # (B, 3, T, H, W)
 
     def ours_loss(video: torch.Tensor, step: int) -> torch.Tensor:
@@ -441,9 +442,10 @@ def results_table(systems: list[System], references: dict, args) -> common.Table
 
 def notes(systems: list[System], info: dict, args, load_start: str, plot: Path | None) -> list[str]:
     t, h, w = info["grid"]
-    ours_config = info["ours"].model.config if info.get("ours") else None
-    bits = ours_config.codebook_size.bit_length() - 1 if ours_config else 18
-    kind = ours_config.quantizer.upper() if ours_config else "FSQ"
+    ours_config = info["ours"].config if info.get("ours") is not None else None  # the VideoTokenizer itself
+    codes = f"{ours_config.quantizer.upper()} {ours_config.codebook_size} codes" if ours_config else "its codes"
+    # C-ViViT's LFQ has ours' codebook size or the next power of 2 (tokenizer_trainees)
+    cvivit_bits = (ours_config.codebook_size - 1).bit_length() if ours_config else 18
     trained = "; ".join(f"{r.name} {r.num_parameters / 1e6:.2f} M, {r.steps} steps, final loss "
                         f"{sum(r.losses[-20:]) / max(len(r.losses[-20:]), 1):.4f}"
                         for r in info["tokenizers"] + info["priors"])
@@ -463,14 +465,14 @@ def notes(systems: list[System], info: dict, args, load_start: str, plot: Path |
         f"{'bf16 autocast' if args.bf16 else 'fp32'}; LR linear warm-up over {args.warmup_steps} steps then "
         f"constant; no EMA. Tokenizing the train sequences for the priors ({info['tokenize_seconds']:.0f} s for all "
         "tokenizers), decoding selection and scoring are outside the budget. Trained: " + trained + ".",
-        f"Ours: configs/tokenizer/mnist.yaml (causal MAGVIT-v2 blocks, {kind} 2^{bits}, 17x64x64 -> {t}x{h}x{w}; MSE + "
-        "the quantizer's loss (none for FSQ), no GAN) and configs/transformer/mnist.yaml (the prefix side: the same with "
+        f"Ours: {args.tokenizer_config} (causal MAGVIT-v2 blocks, {codes}, 17x64x64 -> {t}x{h}x{w}; MSE + "
+        f"the quantizer's loss (none for FSQ), no GAN) and {args.transformer_config} (the prefix side: the same with "
         "conditioning=prefix, sequence 2 + 2N instead of 2 + N); condition codes of build_condition_video(video, "
         "'frame_prediction', num_cond_frames=5) (the 5 given frames, the 5th repeated), region "
         "latent_condition_region(..., num_cond_frames=5) = latent frames 0-1. Decoding: "
         f"{args.steps} parallel steps (generate_codes, choice temperature 4.5, cosine), one sample per clip.",
         "phenaki-pytorch 0.5.0: C-ViViT (dim 128, 2 spatial + 2 temporal layers, 8x8 patches, 4-frame tubelets after "
-        f"the first frame: 17 frames -> the same {t}x{h}x{w} grid, LFQ 2^{bits}; use_vgg_and_gan=False, so its loss is "
+        f"the first frame: 17 frames -> the same {t}x{h}x{w} grid, LFQ 2^{cvivit_bits}; use_vgg_and_gan=False, so its loss is "
         "its MSE: its forward adds the LFQ loss only with the GAN on) and MaskGit (4 layers of 128, 4 heads, "
         "unconditional: no text; its T5 encoder needs downloaded weights, so a local T5Config is registered under a "
         "placeholder name, of which only the width is read); Phenaki.sample primed with the 5 given frames "

@@ -98,6 +98,13 @@ def test_tokenizer_and_transformer_report(setup, tmp_path, capsys):
     gray = lambda v: (v.mean(1) + 1) / 2  # (B, T, H, W) in [0, 1]
     expected_mse = (gray(baseline[:, :, 1:]) - gray(videos[:, :, 1:])).pow(2).sum((2, 3)).mean(1)
     assert fp["copy_baseline"]["per_clip"]["mse_per_frame"] == pytest.approx(expected_mse.tolist(), rel=1e-5)
+    # The generated codes against the clips' own on the predicted latent slots: latent frames 1-3 (frame 0 given,
+    # latent frame 0 holds frames 0-1).
+    agreement, future = fp["generated_codes"], codes[:, 1:].flatten()
+    assert agreement["slots"] == future.numel() == 2 * 3 * 64 and 0.0 <= agreement["accuracy"] <= 1.0
+    assert agreement["distinct_real"] == len(future.unique())
+    assert agreement["its_share_of_real"] == pytest.approx(future.bincount().max().item() / future.numel())
+    assert "generated codes on the 384 predicted latent slots" in printed
     assert report["warnings"] == []
 
     # Masked tokens, tokenized on the fly: a random 64-way model is near log(64) nats.
@@ -352,6 +359,23 @@ def _frame_prediction(setup, video: torch.Tensor, num_cond_frames: int) -> dict:
     evaluation = FramePredictionEvaluation(tokenizer, transformer, num_cond_frames=num_cond_frames, steps=2)
     evaluation.update(video, video)  # a perfect reconstruction
     return evaluation.summary(), tokenizer
+
+
+def test_code_agreement_known_values():
+    """Accuracy and the most common code's shares, counted on the predicted slots only."""
+    from magvit.evaluation.evaluators import CodeAgreement
+
+    real = torch.tensor([[[[7, 7], [7, 1]], [[2, 7], [3, 7]]]])  # (1, t=2, 2, 2); slot (0, 0, 0) is given
+    generated = torch.tensor([[[[9, 7], [7, 7]], [[7, 7], [7, 7]]]])  # the mode everywhere
+    predicted = torch.ones(2, 2, 2, dtype=torch.bool)
+    predicted[0, 0, 0] = False
+    agreement = CodeAgreement()
+    assert agreement.summary() == {}
+    agreement.update(generated, real, predicted)
+    agreement.update(generated, real, predicted)  # counts add up over batches
+    assert agreement.summary() == {"slots": 14, "accuracy": 8 / 14, "most_common_real_code": 7,
+                                   "its_share_of_real": 8 / 14, "its_share_of_generated": 1.0,
+                                   "generated_most_common_share": 1.0, "distinct_real": 4, "distinct_generated": 1}
 
 
 def test_frame_prediction_baselines_known_values(setup):

@@ -22,7 +22,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import code_grids, metrics, tasks
-from ..conditions import build_condition_video, latent_condition_regions, two_grid_condition_region
+from ..conditions import (build_condition_video, latent_condition_region, latent_condition_regions,
+                          two_grid_condition_region)
 from ..masking import MaskingConfig, make_training_batch, recorded_masking
 from ..pipeline import prior_of
 from ..sequence import NO_LABEL, code_nll, predicted_codes
@@ -222,6 +223,45 @@ def frame_prediction_baselines(real: torch.Tensor, num_cond_frames: int) -> dict
             "black_baseline": torch.full_like(real, -1.0), "mean_baseline": mean}
 
 
+class CodeAgreement:
+    """The generated codes against the real clips' own codes on the predicted latent slots (those outside the
+    condition region): how often the prior drew the very code, and how concentrated its draws are. A prior that
+    regresses to the most frequent code (Moving MNIST's flat background) shows it here before any pixel does: its
+    most common code takes a far larger share of its draws than of the real codes."""
+
+    def __init__(self):
+        self.matches = self.slots = 0
+        self.real: dict[int, int] = {}  # code -> count over the predicted slots
+        self.generated: dict[int, int] = {}
+
+    @staticmethod
+    def _count(counts: dict[int, int], codes: torch.Tensor) -> None:
+        values, numbers = torch.unique(codes, return_counts=True)
+        for value, number in zip(values.tolist(), numbers.tolist()):
+            counts[value] = counts.get(value, 0) + number
+
+    def update(self, generated: torch.Tensor, real: torch.Tensor, predicted: torch.Tensor) -> None:
+        """``generated`` and ``real`` codes ``(B, t, h, w)``; ``predicted`` bool ``(t, h, w)``: the slots scored."""
+        generated, real = generated[:, predicted].cpu(), real[:, predicted].cpu()  # (B, slots)
+        self.matches += int((generated == real).sum())
+        self.slots += real.numel()
+        self._count(self.real, real)
+        self._count(self.generated, generated)
+
+    def summary(self) -> dict[str, Any]:
+        """``accuracy`` (the generated code is the real one), the most common real code and its share of the real
+        codes and of the generated ones, the generated codes' own most common share, and the distinct codes of
+        each; ``{}`` before any update."""
+        if not self.slots:
+            return {}
+        top_real = max(self.real, key=self.real.get)
+        return {"slots": self.slots, "accuracy": self.matches / self.slots,
+                "most_common_real_code": top_real, "its_share_of_real": self.real[top_real] / self.slots,
+                "its_share_of_generated": self.generated.get(top_real, 0) / self.slots,
+                "generated_most_common_share": max(self.generated.values()) / self.slots,
+                "distinct_real": len(self.real), "distinct_generated": len(self.generated)}
+
+
 class FramePredictionEvaluation:
     """Frame prediction from the first ``num_cond_frames`` frames: the generated future frames against the real
     ones, next to the baselines of ``FRAME_PREDICTION_ENTRIES``, scored by ``frame_scores`` per clip and per
@@ -241,10 +281,12 @@ class FramePredictionEvaluation:
         self.num_samples = num_samples
         self.samples: list[torch.Tensor] = []  # generated (3, T, H, W)
         self.generated: list[torch.Tensor] = []  # for FVD, (3, T, H, W) each
+        self.codes = CodeAgreement()
 
     @torch.no_grad()
     def update(self, video: torch.Tensor, reconstruction: torch.Tensor, keep_for_fvd: bool = False,
-               condition_codes: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+               condition_codes: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
+               real_codes: torch.Tensor | None = None) -> None:
         """Score the clips ``video`` ``(B, 3, T, H, W)`` whose tokenizer reconstructions are ``reconstruction``.
 
         The whole batch is generated at once (one sample per clip, each given its own condition) from one generator
@@ -252,7 +294,8 @@ class FramePredictionEvaluation:
         ``seed + i``; any batch size samples from the same distribution, and a seed and a batch size fix the
         samples. ``condition_codes``: the tokenizer's codes (two grids: the ``(top, bottom)`` pair) of the clips'
         condition video (``conditions.build_condition_video(video, "frame_prediction", num_cond_frames)``) when the
-        caller has them already; else they are encoded here."""
+        caller has them already; else they are encoded here. ``real_codes`` ``(B, t, h, w)``: the clips' own codes,
+        for :class:`CodeAgreement` (one code grid only)."""
         device = next(self.transformer.parameters()).device
         prior = prior_of(self.transformer)  # masked or autoregressive: the options its sampler takes
         n, batch = self.num_cond_frames, video.shape[0]
@@ -264,6 +307,10 @@ class FramePredictionEvaluation:
         codes = prior.generate_codes(self.transformer, "frame_prediction", code_grids.pack_codes(condition_codes),
                                      num_samples=batch, seed=self.seed + len(self.scores["generated"]["psnr"]),
                                      **self._sampling_options(prior, video.shape[2:]))
+        if isinstance(real_codes, torch.Tensor) and isinstance(codes, torch.Tensor):
+            given = latent_condition_region("frame_prediction", codes.shape[1:], video.shape[2:],
+                                            self.tokenizer.config.causal, n)
+            self.codes.update(codes, real_codes, ~given.to(codes.device))
         generated = self.tokenizer.decode(codes).clamp(-1, 1).float().cpu()  # (B, 3, T, H, W)
         predictions = {"generated": generated, **frame_prediction_baselines(real, n),
                        "copy_through_tokenizer": self.tokenizer.decode(condition_codes).clamp(-1, 1).float().cpu(),
@@ -297,7 +344,8 @@ class FramePredictionEvaluation:
         out: dict[str, Any] = {"num_cond_frames": n, "steps": self.steps, "temperature": self.temperature,
                                "choice_temperature": self.choice_temperature, "guidance_scale": self.guidance_scale,
                                "num_clips": len(self.scores["generated"]["psnr"]),
-                               "predicted_frames": list(range(n, self.num_frames or n)), "units": FRAME_METRIC_UNITS}
+                               "predicted_frames": list(range(n, self.num_frames or n)), "units": FRAME_METRIC_UNITS,
+                               "generated_codes": self.codes.summary()}
         for name, scores in self.scores.items():
             per_clip = {m: [sum(v) / len(v) for v in clips] for m, clips in scores.items()}
             per_frame = {m: [mean_finite(frame) for frame in zip(*clips)] for m, clips in scores.items()}
@@ -372,7 +420,8 @@ def evaluate_clips(clips: Iterable[torch.Tensor], results: ClipResults, num_cond
             results.masked_tokens.update({**{k: v.cpu() for k, v in grids.items()},
                                           "label": torch.full((video.shape[0],), -1)})
         if results.frame_prediction is not None:
-            results.frame_prediction.update(video, recon, keep_for_fvd=keep_videos, condition_codes=condition_codes)
+            results.frame_prediction.update(video, recon, keep_for_fvd=keep_videos, condition_codes=condition_codes,
+                                            real_codes=codes)
     return results
 
 
