@@ -37,6 +37,10 @@ class MaskingConfig(Config):
     cond_dropout_prob: float = 0.1  # classifier-free guidance: drop the condition / class, each independently
     uncond_prob: float = 0.0  # ... and drop both together (the unconditional branch of guidance), on top of that
     unmasked_weight: float = 1.0  # loss weight of the visible video tokens (masked ones weigh 1)
+    # Examples with every video token (two grids' stages: of the stage) masked, their condition shown as always: the
+    # state of decoding's first step, which the schedule's draw never gives exactly (a cosine draw masks all but a
+    # few tokens, and those few tell where things are). 0: the draws of a run without it, unchanged.
+    full_mask_prob: float = 0.0
     label_smoothing: float = 0.0
     # Two code grids (VQ-VAE-2): "joint" masks both grids with one mask; "stages" trains a top or a bottom stage per
     # example (two_stage_mask). Decoding is top first either way. "joint" measured 1.4-2.3% lower held-out NLL on the
@@ -44,7 +48,8 @@ class MaskingConfig(Config):
     two_grid_masking: str = "joint"
 
     def __post_init__(self):
-        require_finite(self, ("cond_dropout_prob", "uncond_prob", "unmasked_weight", "label_smoothing"))
+        require_finite(self, ("cond_dropout_prob", "uncond_prob", "unmasked_weight", "label_smoothing",
+                              "full_mask_prob"))
         if self.tasks is not None and not self.tasks:
             raise ValueError("tasks is an empty list, which trains nothing: name the tasks to train, or null "
                              "for every task of the model that the token shards carry")
@@ -59,9 +64,9 @@ class MaskingConfig(Config):
             raise ValueError(f"masking.two_grid_masking must be one of {list(TWO_GRID_MASKINGS)}, got "
                              f"{self.two_grid_masking!r}")
         if not (0 <= self.cond_dropout_prob <= 1 and 0 <= self.uncond_prob <= 1) or self.unmasked_weight < 0 \
-                or not 0 <= self.label_smoothing < 1:
-            raise ValueError("masking: need 0 <= cond_dropout_prob <= 1, 0 <= uncond_prob <= 1, unmasked_weight >= 0 "
-                             "and 0 <= label_smoothing < 1")
+                or not 0 <= self.label_smoothing < 1 or not 0 <= self.full_mask_prob <= 1:
+            raise ValueError("masking: need 0 <= cond_dropout_prob <= 1, 0 <= uncond_prob <= 1, unmasked_weight >= 0, "
+                             "0 <= label_smoothing < 1 and 0 <= full_mask_prob <= 1")
 
 
 def recorded_masking(prior: Any) -> MaskingConfig:
@@ -235,6 +240,9 @@ def _draw(batch_size: int, num_tasks: int, num_tokens: int, masking: MaskingConf
         both = _rand((batch_size,), generator) < masking.uncond_prob
         drop_prefix, drop_class = drop_prefix | both, drop_class | both
     count_scores = _rand((batch_size,), generator) if draw_counts else None
+    if masking.full_mask_prob > 0 and mask_ratio is None:  # a fixed ratio (held-out scoring) stays what it says
+        full = (_rand((batch_size,), generator) < masking.full_mask_prob)[:, None]  # (B, 1)
+        masked = masked | (full if scored is None else full & scored)  # two grids' stages: the stage's tokens
     return _Draws(task_scores, drop_prefix, drop_class, masked, scored, count_scores)
 
 
@@ -398,7 +406,8 @@ def make_training_batch(
     with ``"joint"`` (the default) one mask covers the packed sequence like one grid.
 
     The video tokens are masked with ratio ``mask_schedule(r, masking.schedule)``, ``r ~ U(0, 1)`` per example (or
-    the fixed ``mask_ratio``). As in MAGVIT the loss covers all video positions: masked ones with weight 1, unmasked
+    the fixed ``mask_ratio``); without a fixed ratio, ``masking.full_mask_prob`` of the examples have every video token
+    masked (drawn last, only when it is above 0). As in MAGVIT the loss covers all video positions: masked ones with weight 1, unmasked
     ones with ``masking.unmasked_weight``.
 
     All randomness comes from ``generator`` (CPU); the outputs live on the device of ``batch["codes"]``, and nothing

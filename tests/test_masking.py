@@ -631,3 +631,32 @@ def test_training_batch_draws_a_given_frame_count_per_frame_prediction_example(c
     with pytest.raises(ValueError, match=r"condition_regions\['frame_prediction.5'\]"):
         make_training_batch(batch, vocab, MaskingConfig(), conditioning="interior", condition_regions={
             "frame_prediction": regions["frame_prediction"]})
+
+
+def test_full_mask_prob_masks_every_video_token_of_that_share():
+    """``full_mask_prob`` of the examples have every video slot masked (interior: the region shows the condition,
+    the rest the mask token), as at decoding's first step; the others draw as before; a fixed ratio is kept."""
+    vocab = TokenVocabulary(16, num_classes=3, tasks=INTERIOR_TASKS)
+    g = torch.Generator().manual_seed(0)
+    b = 2000
+    batch = {"codes": torch.randint(0, 16, (b, *GRID), generator=g), "label": torch.full((b,), -1),
+             "cond.frame_prediction": torch.randint(0, 16, (b, *GRID), generator=g)}
+    options = dict(tasks=["frame_prediction"], cond_dropout_prob=0.0, unmasked_weight=0.0)
+    (ids, _, weights), regions = _interior(batch, vocab, torch.Generator().manual_seed(1), full_mask_prob=0.25,
+                                           **options)
+    full = (weights[:, 2:] == 1.0).all(dim=1)  # (B,) every video slot masked (scored)
+    assert full.float().mean().item() == pytest.approx(0.25, abs=0.03)  # a cosine draw alone never masks all
+    region = regions["frame_prediction"].reshape(N)
+    video = ids[full, 2:]
+    assert torch.equal(video[:, region], batch["cond.frame_prediction"].reshape(b, N)[full][:, region])
+    assert bool((video[:, ~region] == vocab.mask_token).all())
+    # the other examples are the batch without the option, draw for draw (the new draw comes last)
+    (plain, _, plain_weights), _ = _interior(batch, vocab, torch.Generator().manual_seed(1), **options)
+    assert torch.equal(ids[~full], plain[~full]) and torch.equal(weights[~full], plain_weights[~full])
+    # a fixed ratio (held-out scoring at one ratio) is what it says
+    fixed = make_training_batch(batch, vocab, MaskingConfig(full_mask_prob=1.0, **options), mask_ratio=0.5,
+                                generator=torch.Generator().manual_seed(1), conditioning="interior",
+                                condition_regions=regions)
+    assert bool(((fixed.loss_mask[:, 2:] == 1.0).sum(dim=1) == N // 2).all())
+    with pytest.raises(ValueError, match="full_mask_prob"):
+        MaskingConfig(full_mask_prob=1.5)
