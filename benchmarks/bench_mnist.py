@@ -472,8 +472,8 @@ def notes(systems: list[System], info: dict, args, load_start: str, plot: Path |
         "latent_condition_region(..., num_cond_frames=5) = latent frames 0-1. Decoding: "
         f"{args.steps} parallel steps (generate_codes, choice temperature 4.5, cosine), one sample per clip.",
         "phenaki-pytorch 0.5.0: C-ViViT (dim 128, 2 spatial + 2 temporal layers, 8x8 patches, 4-frame tubelets after "
-        f"the first frame: 17 frames -> the same {t}x{h}x{w} grid, LFQ 2^{cvivit_bits}; use_vgg_and_gan=False, so its loss is "
-        "its MSE: its forward adds the LFQ loss only with the GAN on) and MaskGit (4 layers of 128, 4 heads, "
+        f"the first frame: 17 frames -> the same {t}x{h}x{w} grid, LFQ 2^{cvivit_bits}; use_vgg_and_gan=False, so its "
+        "loss is its MSE: its forward adds the LFQ loss only with the GAN on) and MaskGit (4 layers of 128, 4 heads, "
         "unconditional: no text; its T5 encoder needs downloaded weights, so a local T5Config is registered under a "
         "placeholder name, of which only the width is read); Phenaki.sample primed with the 5 given frames "
         "(encoded alone by its causal C-ViViT: 2 latent frames) generates the 3 latent frames of frames 6-17 in its "

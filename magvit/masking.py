@@ -407,8 +407,8 @@ def make_training_batch(
 
     The video tokens are masked with ratio ``mask_schedule(r, masking.schedule)``, ``r ~ U(0, 1)`` per example (or
     the fixed ``mask_ratio``); without a fixed ratio, ``masking.full_mask_prob`` of the examples have every video token
-    masked (drawn last, only when it is above 0). As in MAGVIT the loss covers all video positions: masked ones with weight 1, unmasked
-    ones with ``masking.unmasked_weight``.
+    masked (drawn last, only when it is above 0). As in MAGVIT the loss covers all video positions: masked ones with
+    weight 1, unmasked ones with ``masking.unmasked_weight``.
 
     All randomness comes from ``generator`` (CPU); the outputs live on the device of ``batch["codes"]``, and nothing
     waits for that device: the tensors' values are not checked here (:func:`check_training_batch` does).

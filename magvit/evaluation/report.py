@@ -211,9 +211,10 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
                 lines.append(f"  {name:<24} {entry['psnr']:>7.2f} {entry['ssim']:>7.4f} {entry['mse_per_frame']:>9.2f}")
         codes = fp.get("generated_codes")
         if codes:
-            lines.append(f"  generated codes on the {codes['slots']} predicted latent slots: {codes['accuracy']:.1%} the "
-                         f"real code; the most common real code is {codes['its_share_of_real']:.1%} of the real codes, "
-                         f"{codes['its_share_of_generated']:.1%} of the generated")
+            lines.append(f"  generated codes on the {codes['slots']} predicted latent slots: "
+                         f"{codes['accuracy']:.1%} the real code; the most common real code is "
+                         f"{codes['its_share_of_real']:.1%} of the real codes, {codes['its_share_of_generated']:.1%} "
+                         "of the generated")
     fvd = report.get("fvd", {})
     if "skipped" in fvd:
         lines.append(f"FVD skipped: {fvd['skipped']}")
