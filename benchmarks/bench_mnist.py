@@ -121,6 +121,11 @@ def ours_tokenizer(config_path: str):
     return VideoTokenizer(cfg.model), cfg.optim
 
 
+def peer_codebook_size(codebook_size: int) -> int:
+    """C-ViViT's LFQ needs a power of 2: ours' codebook size, or the next one up (FSQ 8x5x5x5 = 1000 -> 1024)."""
+    return 1 << (codebook_size - 1).bit_length()
+
+
 def tokenizer_trainees(frames: torch.Tensor, args) -> tuple[Trainee, Trainee]:
     """Our tokenizer (MSE + its quantizer loss) and C-ViViT (its own training loss with GAN and VGG off: MSE) on
     the train sequences ``frames`` uint8 ``(N, T, H, W)``."""
@@ -128,8 +133,7 @@ def tokenizer_trainees(frames: torch.Tensor, args) -> tuple[Trainee, Trainee]:
     ours, optim = ours_tokenizer(args.tokenizer_config)
     grid = ours.config.token_grid(NUM_FRAMES, FRAME_SIZE, FRAME_SIZE)
     torch.manual_seed(args.seed)
-    # LFQ needs a power of 2: ours' codebook size, or the next one up (FSQ 8x5x5x5 = 1000 -> 1024)
-    cvivit = peers.build_cvivit(grid, NUM_FRAMES, FRAME_SIZE, 1 << (ours.config.codebook_size - 1).bit_length())
+    cvivit = peers.build_cvivit(grid, NUM_FRAMES, FRAME_SIZE, peer_codebook_size(ours.config.codebook_size))
     fetch = lambda indices: to_video(frames[indices])  # (B, 3, T, H, W)
 
     def ours_loss(video: torch.Tensor, step: int) -> torch.Tensor:
@@ -444,8 +448,7 @@ def notes(systems: list[System], info: dict, args, load_start: str, plot: Path |
     t, h, w = info["grid"]
     ours_config = info["ours"].config if info.get("ours") is not None else None  # the VideoTokenizer itself
     codes = f"{ours_config.quantizer.upper()} {ours_config.codebook_size} codes" if ours_config else "its codes"
-    # C-ViViT's LFQ has ours' codebook size or the next power of 2 (tokenizer_trainees)
-    cvivit_bits = (ours_config.codebook_size - 1).bit_length() if ours_config else 18
+    cvivit_bits = peer_codebook_size(ours_config.codebook_size).bit_length() - 1 if ours_config else 18
     trained = "; ".join(f"{r.name} {r.num_parameters / 1e6:.2f} M, {r.steps} steps, final loss "
                         f"{sum(r.losses[-20:]) / max(len(r.losses[-20:]), 1):.4f}"
                         for r in info["tokenizers"] + info["priors"])

@@ -369,7 +369,7 @@ def test_code_agreement_known_values():
     generated = torch.tensor([[[[9, 7], [7, 7]], [[7, 7], [7, 7]]]])  # the mode everywhere
     predicted = torch.ones(2, 2, 2, dtype=torch.bool)
     predicted[0, 0, 0] = False
-    agreement = CodeAgreement()
+    agreement = CodeAgreement(16)
     assert agreement.summary() == {}
     agreement.update(generated, real, predicted)
     agreement.update(generated, real, predicted)  # counts add up over batches

@@ -229,37 +229,30 @@ class CodeAgreement:
     regresses to the most frequent code (Moving MNIST's flat background) shows it here before any pixel does: its
     most common code takes a far larger share of its draws than of the real codes."""
 
-    def __init__(self):
-        self.matches = self.slots = 0
-        self.real: dict[int, int] = {}  # code -> count over the predicted slots
-        self.generated: dict[int, int] = {}
-
-    @staticmethod
-    def _count(counts: dict[int, int], codes: torch.Tensor) -> None:
-        values, numbers = torch.unique(codes, return_counts=True)
-        for value, number in zip(values.tolist(), numbers.tolist()):
-            counts[value] = counts.get(value, 0) + number
+    def __init__(self, codebook_size: int):
+        self.matches = 0
+        self.real, self.generated = metrics.CodebookUsage(codebook_size), metrics.CodebookUsage(codebook_size)
 
     def update(self, generated: torch.Tensor, real: torch.Tensor, predicted: torch.Tensor) -> None:
         """``generated`` and ``real`` codes ``(B, t, h, w)``; ``predicted`` bool ``(t, h, w)``: the slots scored."""
         generated, real = generated[:, predicted].cpu(), real[:, predicted].cpu()  # (B, slots)
         self.matches += int((generated == real).sum())
-        self.slots += real.numel()
-        self._count(self.real, real)
-        self._count(self.generated, generated)
+        self.real.update(real)
+        self.generated.update(generated)
 
     def summary(self) -> dict[str, Any]:
         """``accuracy`` (the generated code is the real one), the most common real code and its share of the real
         codes and of the generated ones, the generated codes' own most common share, and the distinct codes of
         each; ``{}`` before any update."""
-        if not self.slots:
+        slots = self.real.num_tokens
+        if not slots:
             return {}
-        top_real = max(self.real, key=self.real.get)
-        return {"slots": self.slots, "accuracy": self.matches / self.slots,
-                "most_common_real_code": top_real, "its_share_of_real": self.real[top_real] / self.slots,
-                "its_share_of_generated": self.generated.get(top_real, 0) / self.slots,
-                "generated_most_common_share": max(self.generated.values()) / self.slots,
-                "distinct_real": len(self.real), "distinct_generated": len(self.generated)}
+        top_real = int(self.real.counts.argmax())
+        return {"slots": slots, "accuracy": self.matches / slots,
+                "most_common_real_code": top_real, "its_share_of_real": int(self.real.counts[top_real]) / slots,
+                "its_share_of_generated": int(self.generated.counts[top_real]) / slots,
+                "generated_most_common_share": int(self.generated.counts.max()) / slots,
+                "distinct_real": self.real.used_codes, "distinct_generated": self.generated.used_codes}
 
 
 class FramePredictionEvaluation:
@@ -281,7 +274,7 @@ class FramePredictionEvaluation:
         self.num_samples = num_samples
         self.samples: list[torch.Tensor] = []  # generated (3, T, H, W)
         self.generated: list[torch.Tensor] = []  # for FVD, (3, T, H, W) each
-        self.codes = CodeAgreement()
+        self.codes = CodeAgreement(transformer.config.codebook_size)
 
     @torch.no_grad()
     def update(self, video: torch.Tensor, reconstruction: torch.Tensor, keep_for_fvd: bool = False,
