@@ -202,13 +202,13 @@ def run(args) -> None:
         future = model(split_codes(test_codes, radices)[:, :, :given]).argmax(dim=3)  # (N, D, f, h, w)
     forecast = test_codes.clone()
     forecast[:, given:] = merge_codes(future, radices)
-    black = torch.full_like(test_codes, background)
-    black[:, :given] = test_codes[:, :given]
+    background_codes = torch.full_like(test_codes, background)  # the given latent frames kept, as every row
+    background_codes[:, :given] = test_codes[:, :given]
 
     real = to_video(test)  # (N, 3, T, H, W)
     rows = {"all black": torch.full_like(real, -1.0),
             "last given frame copied": real[:, :, NUM_GIVEN - 1:NUM_GIVEN].expand_as(real)}
-    codes_rows = {"background code everywhere (decoded)": black,
+    codes_rows = {"background code everywhere (decoded)": background_codes,
                   f"conv forecaster, {steps} steps, argmax": forecast,
                   "tokenizer reconstruction (bound)": test_codes}
     if args.prior:
