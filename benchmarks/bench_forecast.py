@@ -121,19 +121,19 @@ def decode_frames(tokenizer, codes: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def prior_first_step(prior, given: int, codes: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-    """The masked prior's one-step argmax codes ``(N, t, h, w)``: the condition codes ``cond`` in the given latent
-    frames (their condition region), every future slot masked, as decoding's first step sees it."""
-    from magvit.sequence import predicted_codes
+def prior_first_step(prior, region: torch.Tensor, codes: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    """An interior masked prior's one-step argmax codes ``(N, t, h, w)``: every video slot masked, the condition codes
+    ``cond`` shown in the condition ``region`` ``(t, h, w)``, as decoding's first step sees it; the region's slots
+    are then set to the true ``codes``, as decoding keeps them."""
+    from magvit.sequence import build_sequence, interior_condition_tokens, predicted_codes
 
-    vocab, n = prior.vocab, codes.shape[0]
-    video = cond.clone().long()
-    video[:, given:] = vocab.mask_token
-    ids = torch.cat([torch.full((n, 1), vocab.task_token(TASK)), torch.full((n, 1), vocab.unconditional_token),
-                     video.reshape(n, -1)], dim=1)
+    vocab, layout, n = prior.vocab, prior.config.layout, codes.shape[0]
+    masked = build_sequence(vocab, layout, torch.full((n,), vocab.task_token(TASK)),
+                            torch.full((n,), vocab.unconditional_token), None, None)  # (N, L)
+    ids = interior_condition_tokens(vocab, layout, masked, cond, region)
     out = torch.cat([predicted_codes(prior(ids[i:i + 16]), vocab.codebook_size) for i in range(0, n, 16)])
-    prediction = out[:, 2:].reshape(codes.shape)
-    prediction[:, :given] = codes[:, :given]
+    prediction = out[:, layout.video].reshape(codes.shape)
+    prediction[:, region] = codes[:, region]
     return prediction
 
 
@@ -171,6 +171,7 @@ def arguments():
 
 def run(args) -> None:
     from magvit.conditions import latent_condition_region
+    from magvit.evaluation.evaluators import frame_prediction_baselines
     from magvit.tokenizer import VideoTokenizer
 
     common.setup_threads(args.threads)
@@ -182,8 +183,8 @@ def run(args) -> None:
     test = moving_mnist("test", 0, args.test_sequences, args.seed, args.offline)
     print(f"bench_forecast: encoding {len(train)} + {len(test)} sequences", file=sys.stderr, flush=True)
     train_codes = encode_ours(tokenizer, train, False, keys=("codes",))["codes"].long()
-    test_enc = encode_ours(tokenizer, test, False)
-    test_codes, test_cond = test_enc["codes"].long(), test_enc[COND_KEY].long()
+    test_enc = encode_ours(tokenizer, test, False, keys=("codes", COND_KEY) if args.prior else ("codes",))
+    test_codes = test_enc["codes"].long()
     grid = tuple(train_codes.shape[1:])
     region = latent_condition_region(TASK, grid, (config.num_frames, config.image_size, config.image_size),
                                      config.causal, NUM_GIVEN)  # (t, h, w)
@@ -206,8 +207,8 @@ def run(args) -> None:
     background_codes[:, :given] = test_codes[:, :given]
 
     real = to_video(test)  # (N, 3, T, H, W)
-    rows = {"all black": torch.full_like(real, -1.0),
-            "last given frame copied": real[:, :, NUM_GIVEN - 1:NUM_GIVEN].expand_as(real)}
+    baselines = frame_prediction_baselines(real, NUM_GIVEN)
+    rows = {"all black": baselines["black_baseline"], "last given frame copied": baselines["copy_baseline"]}
     codes_rows = {"background code everywhere (decoded)": background_codes,
                   f"conv forecaster, {steps} steps, argmax": forecast,
                   "tokenizer reconstruction (bound)": test_codes}
@@ -215,13 +216,15 @@ def run(args) -> None:
         from magvit.transformer import MaskedVideoTransformer
 
         prior = MaskedVideoTransformer.from_pretrained(args.prior).eval()
-        if tuple(prior.config.token_grid) != grid or prior.config.codebook_size != config.codebook_size:
-            raise BenchError(f"--prior models a {tuple(prior.config.token_grid)} grid of "
-                             f"{prior.config.codebook_size} codes; the tokenizer gives {grid} of "
-                             f"{config.codebook_size}")
-        shuffled = test_cond.roll(1, dims=0)
-        codes_rows["prior, first decoding step"] = prior_first_step(prior, given, test_codes, test_cond)
-        codes_rows["prior, first step, another clip's condition"] = prior_first_step(prior, given, test_codes, shuffled)
+        if tuple(prior.config.token_grid) != grid or prior.config.codebook_size != config.codebook_size \
+                or prior.config.top_grid is not None or prior.config.conditioning != "interior":
+            raise BenchError(f"--prior: an interior prior over one {grid} grid of {config.codebook_size} codes is "
+                             f"needed; this one is {prior.config.conditioning}, grid {tuple(prior.config.token_grid)}, "
+                             f"{prior.config.codebook_size} codes")
+        test_cond = test_enc[COND_KEY].long()
+        codes_rows["prior, first decoding step"] = prior_first_step(prior, region, test_codes, test_cond)
+        codes_rows["prior, first step, another clip's condition"] = prior_first_step(
+            prior, region, test_codes, test_cond.roll(1, dims=0))
 
     table = common.Table(f"Forecasting a tokenizer's future codes: {len(test)} test sequences, {NUM_GIVEN} given "
                          f"frames, {real.shape[2] - NUM_GIVEN} predicted",
