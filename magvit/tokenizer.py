@@ -86,6 +86,9 @@ class TokenizerConfig(Config):
     channel_multipliers: tuple[int, ...] = (1, 2, 2, 4)
     num_res_blocks: int = 2
     temporal_downsample: tuple[bool, ...] = (True, True, False)  # one flag per downsample (len(multipliers) - 1)
+    # One flag per downsample: halve H and W there (empty = every downsample does). False keeps a level's H, W, so a
+    # finer grid can keep the levels and time's downsampling, e.g. Moving MNIST's 5x16x16 from 17x64x64.
+    spatial_downsample: tuple[bool, ...] = ()
     # VQ code dimension, the latent channels of none / kl (LFQ: log2(codebook_size), FSQ: len(levels); `latent_dim`)
     embedding_dim: int = 256
     # FSQ: the product of quantization.fsq_levels (empty levels: the paper's for this size). Continuous latents
@@ -120,6 +123,11 @@ class TokenizerConfig(Config):
             raise ValueError(
                 f"temporal_downsample needs one flag per downsample ({len(self.channel_multipliers) - 1} for "
                 f"channel_multipliers={tuple(self.channel_multipliers)}), got {tuple(self.temporal_downsample)}"
+            )
+        if self.spatial_downsample and len(self.spatial_downsample) != len(self.channel_multipliers) - 1:
+            raise ValueError(
+                f"spatial_downsample needs one flag per downsample ({len(self.channel_multipliers) - 1} for "
+                f"channel_multipliers={tuple(self.channel_multipliers)}) or none, got {tuple(self.spatial_downsample)}"
             )
         for name in ("num_frames", "image_size", "in_channels", "base_channels", "num_res_blocks", "embedding_dim",
                      "norm_groups", "patch_size"):
@@ -163,8 +171,13 @@ class TokenizerConfig(Config):
         return 2 ** sum(bool(flag) for flag in self.temporal_downsample)
 
     @property
+    def spatial_flags(self) -> tuple[bool, ...]:
+        """Whether each downsample halves H and W (``spatial_downsample``, else all of them)."""
+        return tuple(bool(f) for f in self.spatial_downsample) or (True,) * (len(self.channel_multipliers) - 1)
+
+    @property
     def spatial_factor(self) -> int:
-        return self.patch_size * 2 ** (len(self.channel_multipliers) - 1)
+        return self.patch_size * 2 ** sum(self.spatial_flags)
 
     @property
     def decoder_multipliers(self) -> tuple[int, ...]:
@@ -366,24 +379,29 @@ def avg_pool3d(x: torch.Tensor, kernel: tuple[int, int, int], ceil_mode: bool = 
     return F.avg_pool3d(x, kernel, ceil_mode=ceil_mode)
 
 
-def downsample(x: torch.Tensor, temporal: bool, causal: bool) -> torch.Tensor:
-    """Average pooling by 2 in H, W (and T if ``temporal``). Causal: frame 0 is pooled alone in space, frames
-    1.. in pairs, so ``1 + 2k`` frames become ``1 + k`` and frame 0 stays separate."""
+def downsample(x: torch.Tensor, temporal: bool, causal: bool, spatial: bool = True) -> torch.Tensor:
+    """Average pooling by 2 in H, W (if ``spatial``) and T (if ``temporal``). Causal: frame 0 is pooled alone in
+    space, frames 1.. in pairs, so ``1 + 2k`` frames become ``1 + k`` and frame 0 stays separate."""
+    s = 2 if spatial else 1
     if not temporal:
-        return avg_pool3d(x, (1, 2, 2))
+        return avg_pool3d(x, (1, s, s)) if spatial else x
     if causal:
-        first = avg_pool3d(x[:, :, :1], (1, 2, 2))  # (B, C, 1, H/2, W/2)
-        rest = avg_pool3d(x[:, :, 1:], (2, 2, 2)) if x.shape[2] > 1 else x[:, :, :0, ::2, ::2]
+        first = avg_pool3d(x[:, :, :1], (1, s, s)) if spatial else x[:, :, :1]  # (B, C, 1, H/s, W/s)
+        rest = avg_pool3d(x[:, :, 1:], (2, s, s)) if x.shape[2] > 1 else x[:, :, :0, ::s, ::s]
         return torch.cat([first, rest], dim=2)
-    return avg_pool3d(x, (2, 2, 2))
+    return avg_pool3d(x, (2, s, s))
 
 
-def upsample(x: torch.Tensor, temporal: bool, causal: bool) -> torch.Tensor:
-    """Nearest upsampling by 2 in H, W (and T if ``temporal``); the inverse layout of :func:`downsample`."""
+def upsample(x: torch.Tensor, temporal: bool, causal: bool, spatial: bool = True) -> torch.Tensor:
+    """Nearest upsampling by 2 in H, W (if ``spatial``) and T (if ``temporal``); the inverse layout of
+    :func:`downsample`."""
+    s = 2 if spatial else 1
     if causal and temporal:  # 1 + k -> 1 + 2k frames: frame 0 is only upsampled in space
-        x = F.interpolate(x, scale_factor=(1, 2, 2), mode="nearest")
+        x = F.interpolate(x, scale_factor=(1, s, s), mode="nearest") if spatial else x
         return torch.cat([x[:, :, :1], x[:, :, 1:].repeat_interleave(2, dim=2)], dim=2)
-    return F.interpolate(x, scale_factor=(2 if temporal else 1, 2, 2), mode="nearest")
+    if not (temporal or spatial):
+        return x
+    return F.interpolate(x, scale_factor=(2 if temporal else 1, s, s), mode="nearest")
 
 
 def depth_to_space(x: torch.Tensor, factors: tuple[int, int, int], causal: bool) -> torch.Tensor:
@@ -400,9 +418,10 @@ class DepthToSpaceUpsample(nn.Module):
     """MAGVIT-v2 upsampling: a conv at the low resolution makes ``rt * rh * rw`` times the output channels, then
     :func:`depth_to_space`. Initialised as nearest upsampling of one conv (each sub-pixel gets the same kernel)."""
 
-    def __init__(self, in_channels: int, out_channels: int, temporal: bool, config: TokenizerConfig) -> None:
+    def __init__(self, in_channels: int, out_channels: int, temporal: bool, config: TokenizerConfig,
+                 spatial: bool = True) -> None:
         super().__init__()
-        self.factors = (2 if temporal else 1, 2, 2)
+        self.factors = (2 if temporal else 1, 2 if spatial else 1, 2 if spatial else 1)
         self.causal = config.causal
         r = math.prod(self.factors)
         k = (config.temporal_kernel_size, 3, 3)
@@ -426,7 +445,7 @@ class Encoder(nn.Module):
         p = config.patch_size
         self.conv_in = Conv3d(config.in_channels * p * p, width, k, causal=config.causal, bias=False)
         self.levels = nn.ModuleList()
-        # downsample="conv": a strided conv (stride 2 in H, W and in T where temporal_downsample says) per level.
+        # downsample="conv": a strided conv per level (stride 2 in H, W and T where spatial / temporal_downsample say).
         self.downsample_convs = nn.ModuleList() if config.downsample == "conv" else None
         for i, mult in enumerate(config.channel_multipliers):
             blocks = nn.ModuleList()
@@ -435,7 +454,8 @@ class Encoder(nn.Module):
                 width = config.base_channels * mult
             self.levels.append(blocks)
             if self.downsample_convs is not None and i < len(config.channel_multipliers) - 1:
-                stride = (2 if config.temporal_downsample[i] else 1, 2, 2)
+                s = 2 if config.spatial_flags[i] else 1
+                stride = (2 if config.temporal_downsample[i] else 1, s, s)
                 self.downsample_convs.append(Conv3d(width, width, k, causal=config.causal, stride=stride))
         self.mid = nn.Sequential(*[ResBlock(width, width, config) for _ in range(config.num_res_blocks)])
         self.norm_out = GroupNorm(config.norm_groups, width, per_frame=config.causal)
@@ -454,7 +474,7 @@ class Encoder(nn.Module):
                 if self.downsample_convs is not None:
                     x = self.downsample_convs[i](x)
                 else:
-                    x = downsample(x, cfg.temporal_downsample[i], cfg.causal)
+                    x = downsample(x, cfg.temporal_downsample[i], cfg.causal, cfg.spatial_flags[i])
         x = self.mid(x)
         return self.conv_out(F.silu(self.norm_out(x)))
 
@@ -489,9 +509,9 @@ class Decoder(nn.Module):
             self.levels.append(blocks)
             if i == 0:
                 continue
-            temporal = config.temporal_downsample[i - 1]
+            temporal, spatial = config.temporal_downsample[i - 1], config.spatial_flags[i - 1]
             if config.upsample == "depth_to_space":
-                self.upsample_convs.append(DepthToSpaceUpsample(width, b * mults[i - 1], temporal, config))
+                self.upsample_convs.append(DepthToSpaceUpsample(width, b * mults[i - 1], temporal, config, spatial))
                 width = b * mults[i - 1]
             else:
                 self.upsample_convs.append(Conv3d(width, width, k, causal=config.causal))
@@ -515,7 +535,8 @@ class Decoder(nn.Module):
                 if cfg.upsample == "depth_to_space":
                     x = self.upsample_convs[j](x)
                 else:
-                    x = self.upsample_convs[j](upsample(x, cfg.temporal_downsample[i - 1], cfg.causal))
+                    x = self.upsample_convs[j](upsample(x, cfg.temporal_downsample[i - 1], cfg.causal,
+                                                        cfg.spatial_flags[i - 1]))
         x = self.conv_out(F.silu(_normalize(self.norm_out, x, latents)))
         p = cfg.patch_size  # (B, C * p * p, T, H / p, W / p) -> (B, C, T, H, W)
         return rearrange(x, "b (c p q) t h w -> b c t (h p) (w q)", p=p, q=p) if p > 1 else x
@@ -774,7 +795,7 @@ def _check_inflation_configs(src_cfg: TokenizerConfig, video_config: TokenizerCo
         raise ValueError(f"expected a 2D tokenizer (temporal_kernel_size=1), got {src_cfg.temporal_kernel_size}")
     same = ("in_channels", "base_channels", "channel_multipliers", "num_res_blocks", "embedding_dim",
             "codebook_size", "quantizer", "norm_groups", "downsample", "upsample", "decoder_norm",
-            "decoder_multipliers", "decoder_blocks", "hierarchy")
+            "decoder_multipliers", "decoder_blocks", "hierarchy", "spatial_flags")
     diff = [n for n in same if getattr(src_cfg, n) != getattr(video_config, n)]
     if diff:
         raise ValueError(f"2D and 3D configs must agree on {', '.join(diff)} to inflate")

@@ -631,3 +631,50 @@ def test_patch_size_space_to_depth_grid_locality_and_gradient():
     reconstruction, stats = tok(video)
     ((reconstruction - video).pow(2).mean() + stats["quantizer_loss"]).backward()
     assert tok.encoder.conv_in.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("options", [dict(), dict(downsample="conv", upsample="depth_to_space")])
+def test_spatial_downsample_keeps_h_w_where_told(options, tmp_path):
+    """``spatial_downsample``: a downsample flagged False halves time only (where ``temporal_downsample`` says), so the
+    grid is twice as fine per such flag; empty flags are every downsample halving H and W (the same model, draw for
+    draw); the flags travel with an export, and the straight-through gradient reaches the first conv."""
+    base = TokenizerConfig.preset("tiny", causal=True, quantizer="fsq", codebook_size=240, **options)
+    assert base.spatial_flags == (True, True) and base.token_grid(9, 32, 32) == (5, 8, 8)
+    torch.manual_seed(0)
+    default = VideoTokenizer(base)
+    torch.manual_seed(0)
+    explicit = VideoTokenizer(base.replace(spatial_downsample=(True, True)))
+    video = _video(base, batch=1)
+    with torch.no_grad():
+        assert torch.equal(default.encode(video), explicit.encode(video))
+    cfg = base.replace(spatial_downsample=(True, False))
+    assert cfg.spatial_factor == 2 and cfg.token_grid(9, 32, 32) == (5, 16, 16)
+    with pytest.raises(ValueError, match="spatial_downsample needs one flag per downsample"):
+        base.replace(spatial_downsample=(True,))
+    tok = VideoTokenizer(cfg)
+    with torch.no_grad():
+        codes = tok.encode(video)
+        assert codes.shape == (1, 5, 16, 16) and tok.decode(codes).shape == video.shape
+    tok.save_pretrained(tmp_path / "export")
+    loaded = VideoTokenizer.from_pretrained(tmp_path / "export")
+    assert loaded.config.spatial_flags == (True, False)
+    with torch.no_grad():
+        assert torch.equal(loaded.encode(video), codes)
+    reconstruction, stats = tok(video)
+    ((reconstruction - video).pow(2).mean() + stats["quantizer_loss"]).backward()
+    assert tok.encoder.conv_in.weight.grad.abs().sum() > 0
+
+
+def test_downsample_upsample_time_only_known_values():
+    """Pooling with ``spatial=False``: causal frame 0 kept, frames 1.. averaged in pairs, H and W untouched; the
+    nearest upsampling puts each latent frame back on its frames (frame 0 alone)."""
+    from magvit.tokenizer import downsample, upsample
+
+    x = torch.arange(5 * 2 * 2, dtype=torch.float32).view(1, 1, 5, 2, 2)
+    pooled = downsample(x, temporal=True, causal=True, spatial=False)
+    assert pooled.shape == (1, 1, 3, 2, 2)
+    assert torch.equal(pooled[0, 0, 0], x[0, 0, 0]) and torch.equal(pooled[0, 0, 2], (x[0, 0, 3] + x[0, 0, 4]) / 2)
+    assert torch.equal(downsample(x, temporal=False, causal=True, spatial=False), x)
+    back = upsample(pooled, temporal=True, causal=True, spatial=False)
+    assert back.shape == x.shape and torch.equal(back[:, :, 1], pooled[:, :, 1]) and torch.equal(back[:, :, 2], pooled[:, :, 1])
+    assert torch.equal(downsample(x, temporal=True, causal=False, spatial=False)[0, 0, 0], (x[0, 0, 0] + x[0, 0, 1]) / 2)
