@@ -12,6 +12,7 @@ sees exactly the batches an uninterrupted one would. :func:`held_out_tokens` rea
 from __future__ import annotations
 
 import dataclasses
+import signal
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -148,6 +149,15 @@ class BatchStream:
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: SIGTERM / SIGUSR1 leave a worker alone. SLURM (at a time limit or ``scancel``)
+    and ``kill`` of a process group signal the workers too; a worker killed by it makes the rank's next batch raise,
+    so the rank could not finish its step and checkpoint (``magvit.distributed.PreemptionHandler``). The rank owns
+    its workers and ends them when it exits."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def make_batch_stream(dataset: Any, data: DataConfig, rank: int, world_size: int, seed: int,
                       device: torch.device) -> BatchStream:
     """This rank's endless, resumable micro-batches of ``dataset`` (``data.batch_size`` items, drop_last).
@@ -157,13 +167,14 @@ def make_batch_stream(dataset: Any, data: DataConfig, rank: int, world_size: int
         # a generator of its own: the loader must not draw its worker seeds from the (checkpointed) global RNG
         return BatchStream(None, dataset, lambda s: torch.utils.data.DataLoader(
             s, batch_size=None, num_workers=data.num_workers, pin_memory=device.type == "cuda",
-            generator=torch.Generator().manual_seed(seed + rank)))
+            generator=torch.Generator().manual_seed(seed + rank), worker_init_fn=ignore_stop_signals))
     sampler = ResumableDistributedSampler(len(dataset), rank, world_size, data.batch_size, seed=seed)
 
     def make_loader(s: ResumableDistributedSampler) -> torch.utils.data.DataLoader:
         return torch.utils.data.DataLoader(dataset, batch_size=data.batch_size, sampler=s, drop_last=True,
                                            num_workers=data.num_workers, pin_memory=device.type == "cuda",
-                                           generator=torch.Generator().manual_seed(seed + rank))
+                                           generator=torch.Generator().manual_seed(seed + rank),
+                                           worker_init_fn=ignore_stop_signals)
 
     return BatchStream(dataset, sampler, make_loader)
 

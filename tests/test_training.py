@@ -361,6 +361,46 @@ def test_make_batch_stream_shards_and_rejects_tiny_data():
                                   torch.device("cpu"))
 
 
+def _child_pids() -> list[int]:
+    """This process's children (Linux /proc): the DataLoader workers."""
+    import os
+    from pathlib import Path
+
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid():
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads /proc")
+def test_loader_workers_outlive_a_sigterm_to_the_process_group():
+    """SLURM and ``kill`` of a process group send SIGTERM to the DataLoader workers too: they must live on, so the
+    rank can finish its step and checkpoint (without ``ignore_stop_signals`` the next batch raises "DataLoader
+    worker ... is killed by signal: Terminated")."""
+    import os
+    import signal
+    import time
+
+    dataset = torch.utils.data.TensorDataset(torch.arange(64))
+    stream = batches.make_batch_stream(dataset, batches.DataConfig(batch_size=2, num_workers=2), 0, 1, seed=3,
+                                       device=torch.device("cpu"))
+    first = [next(stream)[0] for _ in range(2)]
+    workers = _child_pids()
+    assert len(workers) >= 2
+    for pid in workers:
+        os.kill(pid, signal.SIGTERM)
+    time.sleep(0.5)
+    assert all(os.path.exists(f"/proc/{pid}") for pid in workers)
+    rest = [next(stream)[0] for _ in range(stream.sampler.batches_per_epoch - 2)]
+    drawn = torch.cat(first + rest).tolist()
+    assert sorted(drawn) == list(range(64))  # the whole epoch arrives, nothing lost
+
+
 def test_parse_train_command_defaults_and_user_errors(monkeypatch):
     from pathlib import Path
 
