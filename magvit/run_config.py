@@ -35,6 +35,10 @@ class TrainConfig(Config):
     """Length, schedule, precision and parallelism of a run."""
 
     max_steps: int = 1000  # optimizer steps
+    # Also stop (checkpoint, export, exit 0) after the first optimizer step that ends this many minutes of wall time
+    # after this process's loop started (0: no limit). A resume gets the budget anew. The LR schedule still runs to
+    # max_steps, so the stopped run is the start of that schedule, and resuming continues it exactly.
+    max_minutes: float = 0.0
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at max_steps
     grad_accum_steps: int = 1
@@ -54,7 +58,9 @@ class TrainConfig(Config):
     compile: bool = False
 
     def __post_init__(self):
-        require_finite(self, ("min_lr_ratio", "ema_decay"))
+        require_finite(self, ("min_lr_ratio", "ema_decay", "max_minutes"))
+        if self.max_minutes < 0:
+            raise ValueError(f"train: max_minutes must be >= 0 (0: no time limit), got {self.max_minutes}")
         if self.max_steps < 1 or self.warmup_steps < 0 or self.grad_accum_steps < 1 or self.max_nonfinite_steps < 1:
             raise ValueError("train: need max_steps >= 1, warmup_steps >= 0, grad_accum_steps >= 1, "
                              "max_nonfinite_steps >= 1")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -140,7 +141,8 @@ class Reporting:
 
 
 class TrainLoop:
-    """Runs ``micro_step(batch, step)`` until ``train.max_steps`` optimizer steps are done.
+    """Runs ``micro_step(batch, step)`` until ``train.max_steps`` optimizer steps are done (or, with
+    ``train.max_minutes``, until a step ends that much wall time after the loop started: the same end as the last).
 
     ``engines`` are the run's DeepSpeed engines (checkpointed together); the first one is the network whose EMA
     ``ema`` is updated each optimizer step and exported with every checkpoint (``export_model()``: a plain copy
@@ -165,6 +167,9 @@ class TrainLoop:
         self.step, self.last_saved = 0, -1
         self.last_eval: dict[str, float] = {}  # the latest card metrics, for the export's model card
         self.metrics_log = MetricsLogger(self.run_dir, enabled=False)  # opened by `run`
+        self.clock = time.monotonic  # seconds; ``train.max_minutes`` counts from the loop's start on it
+        self.started: float | None = None
+        self.out_of_time = False  # the step just done used up ``train.max_minutes``
         self.tracker = Tracker(cfg.logging, self.run_dir, is_main=False)  # opened by `run`; a sample() logs media to it
 
     # --- the run ---------------------------------------------------------------------------------------------------
@@ -190,8 +195,9 @@ class TrainLoop:
         items_per_step = self.cfg.data.batch_size * self.context.world_size * tc.grad_accum_steps
         self.window = MetricsWindow(self.metrics_log, bar, items_per_step, r.rate_key, loss_key=r.loss_key,
                                     rate_label=r.rate_label)
-        log.info("training %s (%.1fM parameters) for %d steps on %d rank(s), ZeRO-%d, %s, run dir %s", r.name,
-                 sum(p.numel() for p in self.ema.shadow.values()) / 1e6, tc.max_steps, self.context.world_size,
+        log.info("training %s (%.1fM parameters) for %d steps%s on %d rank(s), ZeRO-%d, %s, run dir %s", r.name,
+                 sum(p.numel() for p in self.ema.shadow.values()) / 1e6, tc.max_steps,
+                 f" or {tc.max_minutes:g} minutes" if tc.max_minutes else "", self.context.world_size,
                  self.context.zero_stage, tc.precision, self.run_dir)
         exit_code = 1  # until the loop returns: an exception marks the tracked run failed
         try:
@@ -206,7 +212,8 @@ class TrainLoop:
             self.metrics_log.close()
             self.tracker.close(exit_code)
         if exit_code == 0:
-            log.info("done: %d steps, EMA weights exported to %s", self.step, self.run_dir / "export")
+            budget = f" (train.max_minutes={tc.max_minutes:g} reached)" if self.out_of_time else ""
+            log.info("done: %d steps%s, EMA weights exported to %s", self.step, budget, self.run_dir / "export")
         dist.shutdown(*self.engines.values())
         return exit_code
 
@@ -221,7 +228,8 @@ class TrainLoop:
 
     def _loop(self, micro_step: MicroStep, sample: Callable[[int], dict[str, float]] | None) -> int:
         micro = 0  # micro-steps of the current optimizer step done
-        while self.step < self.cfg.train.max_steps:
+        self.started = self.clock()
+        while self.step < self.cfg.train.max_steps and not self.out_of_time:
             if micro == 0 and self._preempted():  # only between optimizer steps
                 return dist.EXIT_CODE_PREEMPTED
             batch = next(self.data.stream)
@@ -244,7 +252,9 @@ class TrainLoop:
         with dist.gathered_parameters(self.engine.module, self.context.zero_stage):
             self.ema.update(self.engine.module)
         self.step += 1
-        step, lc, last = self.step, self.cfg.logging, self.step == self.cfg.train.max_steps
+        self.out_of_time = self._time_is_up()
+        step, lc = self.step, self.cfg.logging
+        last = step == self.cfg.train.max_steps or self.out_of_time
         self._count_skipped_step()
         self.window.end_step()
         if step % lc.log_every == 0 or last:
@@ -272,6 +282,14 @@ class TrainLoop:
         dist.barrier()
         self.last_saved = step
 
+    def _time_is_up(self) -> bool:
+        """Whether ``train.max_minutes`` of this loop have passed on any rank (a collective, so that every rank
+        stops after the same step)."""
+        limit = self.cfg.train.max_minutes
+        if not limit or self.started is None:
+            return False
+        return dist.all_reduce_max(self.clock() - self.started) >= limit * 60
+
     def _preempted(self) -> bool:
         """True when a preemption signal reached any rank (a collective); the checkpoint of this step is then on
         disk."""
@@ -295,7 +313,7 @@ class TrainLoop:
         """Log (``event: step_skipped``) when DeepSpeed skipped the update for non-finite gradients; the guard
         raises ``NonFiniteLossError`` after too many in a row. A collective."""
         if self.guard.check_step(self.engine.was_step_applied(), self.step, dist.all_reduce_max,
-                                 last=self.step == self.cfg.train.max_steps):
+                                 last=self.step == self.cfg.train.max_steps or self.out_of_time):
             return
         self.metrics_log.log(self.step, self.guard.state_dict(), event="step_skipped")
         self.context.log.warning("optimizer step %d skipped by DeepSpeed: non-finite gradients (%d in a row)",

@@ -534,14 +534,15 @@ class _Engine:
         return str(Path(load_dir, tag)), {}
 
 
-def _train(run_dir, max_steps, resume_run=False, nan_from=None, preempted=False, accum=2):
+def _train(run_dir, max_steps, resume_run=False, nan_from=None, preempted=False, accum=2, max_minutes=0.0,
+           clock=None):
     """One run of the loop on the numbers 0..7 (batch 2): returns (exit status, module, EMA, loop)."""
     from magvit import distributed as dist
 
     cfg = run_config.TransformerTrainConfig().with_overrides([
         f"train.max_steps={max_steps}", f"train.grad_accum_steps={accum}", "train.max_nonfinite_steps=2",
         "logging.log_every=2", "logging.tensorboard=false", "logging.progress=false", "checkpoint.every=3",
-        "data.batch_size=2", "data.num_workers=0"])
+        "data.batch_size=2", "data.num_workers=0", f"train.max_minutes={max_minutes}"])
     for sub in runlog.RUN_SUBDIRS:
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
     log = dist.rank_zero_logger("magvit.test_loop", 0, run_dir / "logs" / "rank0.log")
@@ -556,6 +557,8 @@ def _train(run_dir, max_steps, resume_run=False, nan_from=None, preempted=False,
     reporting = trainloop.Reporting("Tiny", loss_key="loss", rate_key="perf/examples_per_s", rate_label="ex_s",
                                     lr_keys={"net": "lr"}, card_keys=("loss",))
     loop = trainloop.TrainLoop(run, cfg, run_dir, {"net": engine}, ema, data, _exportable, reporting)
+    if clock is not None:
+        loop.clock = clock
 
     def micro_step(batch, step):
         (x,) = batch
@@ -584,6 +587,29 @@ def test_train_loop_accumulates_logs_checkpoints_and_resumes_exactly(tmp_path):
     assert status == 0 and again.step == 4 and again.data.stream.state_dict() == loop.data.stream.state_dict()
     assert torch.equal(resumed.proj.weight, model.proj.weight) and torch.equal(resumed.proj.bias, model.proj.bias)
     assert all(torch.equal(resumed_ema.shadow[k], ema.shadow[k]) for k in ema.shadow)
+
+
+def test_train_loop_stops_at_max_minutes_like_a_last_step_and_resumes_exactly(tmp_path):
+    """``train.max_minutes``: the first optimizer step that ends past the budget is the run's last (log, checkpoint,
+    export, exit 0); a resume continues to ``max_steps`` with the weights of an uncut run."""
+    import itertools
+
+    minutes = itertools.count()  # each reading of the clock is one minute later: the loop starts at 0
+    status, _, _, loop = _train(tmp_path / "cut", max_steps=4, max_minutes=2.5, clock=lambda: 60.0 * next(minutes))
+    assert status == 0 and loop.step == 3 and loop.out_of_time  # 1 and 2 minutes go on, 3 minutes stop
+    assert [p.name for p in sorted((tmp_path / "cut" / "checkpoints").glob("step_*"))] == ["step_00000003"]
+    assert "Optimizer steps: 3" in (tmp_path / "cut" / "export" / "README.md").read_text()
+    assert "done: 3 steps (train.max_minutes=2.5 reached)" in (tmp_path / "cut" / "logs" / "rank0.log").read_text()
+    assert [r["step"] for r in runlog.read_metrics(tmp_path / "cut" / "metrics.jsonl")] == [2, 3]
+    status, resumed, resumed_ema, again = _train(tmp_path / "cut", max_steps=4, resume_run=True)
+    _, model, ema, _ = _train(tmp_path / "ref", max_steps=4)
+    assert status == 0 and again.step == 4
+    assert torch.equal(resumed.proj.weight, model.proj.weight) and torch.equal(resumed.proj.bias, model.proj.bias)
+    assert all(torch.equal(resumed_ema.shadow[k], ema.shadow[k]) for k in ema.shadow)
+    status, _, _, loop = _train(tmp_path / "long", max_steps=4, max_minutes=10, clock=lambda: 60.0 * next(minutes))
+    assert status == 0 and loop.step == 4 and not loop.out_of_time  # the budget not reached: max_steps ends it
+    with pytest.raises(ConfigError, match="max_minutes must be >= 0"):
+        run_config.TransformerTrainConfig().with_overrides(["train.max_minutes=-1"])
 
 
 def test_train_loop_checkpoints_on_preemption_and_stops_on_nonfinite_losses(tmp_path):
