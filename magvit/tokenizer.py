@@ -764,8 +764,9 @@ def inflate_tokenizer(image_tokenizer: VideoTokenizer, video_config: TokenizerCo
     source = image_tokenizer.state_dict()
     target = video.state_dict()
     centre = video_config.temporal_kernel_size - 1 if video_config.causal else video_config.temporal_kernel_size // 2
+    subpixels = _subpixels(video)
     for name, tensor in target.items():
-        inflated = _inflate_tensor(name, source[name], tuple(tensor.shape), centre)
+        inflated = _inflate_tensor(source[name], tuple(tensor.shape), centre, subpixels.get(name))
         if inflated is None:
             raise ValueError(f"cannot inflate '{name}': 2D shape {tuple(source[name].shape)} vs 3D {tuple(tensor.shape)}")
         tensor.copy_(inflated)
@@ -773,14 +774,23 @@ def inflate_tokenizer(image_tokenizer: VideoTokenizer, video_config: TokenizerCo
     return video
 
 
-def _inflate_tensor(name: str, src: torch.Tensor, shape: tuple[int, ...], centre: int) -> torch.Tensor | None:
+def _subpixels(model: VideoTokenizer) -> dict[str, int]:
+    """Spatial sub-pixels (4, or 1 where ``spatial_downsample`` is False) of each depth-to-space conv's weight and
+    bias, by state-dict name."""
+    return {f"{n}.conv.{p}": m.factors[1] * m.factors[2] for n, m in model.named_modules()
+            if isinstance(m, DepthToSpaceUpsample) for p in ("weight", "bias")}
+
+
+def _inflate_tensor(src: torch.Tensor, shape: tuple[int, ...], centre: int,
+                    subpixels: int | None = None) -> torch.Tensor | None:
     """The 3D tensor of ``shape`` made from the 2D tensor ``src`` (None if there is no such rule): equal shapes are
     copied; a kernel ``(O, I, 1, kh, kw)`` goes into the slice ``centre`` of ``(O, I, kt, kh, kw)``, zeros elsewhere.
-    A depth-to-space conv that gains ``rt`` temporal sub-frames (``C * 4`` -> ``C * rt * 4`` outputs) gives each
-    sub-frame the 2D sub-pixel's kernel, so a static video decodes to the 2D model's image in every frame."""
-    if ".upsample_convs." in name and src.shape[0] != shape[0] and src.shape[0] % 4 == 0 and shape[0] % src.shape[0] == 0:
-        rt = shape[0] // src.shape[0]  # output channel c * rt * 4 + a * 4 + s <- 2D channel c * 4 + s
-        src = src.unflatten(0, (-1, 1, 4)).expand(-1, rt, -1, *src.shape[1:]).flatten(0, 2)
+    A depth-to-space conv (``subpixels`` r spatial sub-pixels: 4, or 1 where ``spatial_downsample`` is False) that
+    gains ``rt`` temporal sub-frames (``C * r`` -> ``C * rt * r`` outputs) gives each sub-frame the 2D sub-pixel's
+    kernel, so a static video decodes to the 2D model's image in every frame."""
+    if subpixels and src.shape[0] != shape[0] and src.shape[0] % subpixels == 0 and shape[0] % src.shape[0] == 0:
+        rt = shape[0] // src.shape[0]  # output channel c * rt * r + a * r + s <- 2D channel c * r + s
+        src = src.unflatten(0, (-1, 1, subpixels)).expand(-1, rt, -1, *src.shape[1:]).flatten(0, 2)
     if tuple(src.shape) == shape:
         return src.clone()
     if not _inflatable(tuple(src.shape), shape):
@@ -827,12 +837,14 @@ def check_init_from(config: TokenizerConfig, path: str | Path, inflate: bool = F
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{weights}: not a readable safetensors file ({err})") from None
     with torch.device("meta"):
-        target = {name: tuple(t.shape) for name, t in VideoTokenizer(config).state_dict().items()}
+        model = VideoTokenizer(config)
+    target, subpixels = {name: tuple(t.shape) for name, t in model.state_dict().items()}, _subpixels(model)
     problems = [f"'{n}' is missing from the export" for n in target if n not in source]
     problems += [f"'{n}' is in the export but not in the model" for n in source if n not in target]
     problems += [f"'{n}' is {source[n]} in the export but {shape} in the model" for n, shape in target.items()
                  if n in source and source[n] != shape
-                 and not (inflate and _inflate_tensor(n, torch.empty(source[n], device="meta"), shape, 0) is not None)]
+                 and not (inflate and _inflate_tensor(torch.empty(source[n], device="meta"), shape, 0,
+                                                      subpixels.get(n)) is not None)]
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise ValueError(f"{path} does not fit the model config: {problems[0]}{more}")

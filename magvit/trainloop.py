@@ -286,7 +286,7 @@ class TrainLoop:
         """Whether ``train.max_minutes`` of this loop have passed on any rank (a collective, so that every rank
         stops after the same step)."""
         limit = self.cfg.train.max_minutes
-        if not limit or self.started is None:
+        if not limit:
             return False
         return dist.all_reduce_max(self.clock() - self.started) >= limit * 60
 

@@ -207,11 +207,14 @@ def test_config_presets_and_validation(tmp_path):
     assert TokenizerConfig.from_dict(cfg.to_dict()) == cfg
 
 
+@pytest.mark.parametrize("options", [dict(), dict(downsample="conv", upsample="depth_to_space",
+                                                 spatial_downsample=(False, True))], ids=["v1", "v2-time-only-level"])
 @pytest.mark.parametrize("causal", [False, True], ids=["central", "causal"])
-def test_inflation_matches_image_tokenizer_on_static_video(causal):
-    image_cfg = TokenizerConfig.preset("tiny", temporal_kernel_size=1, num_frames=1, temporal_downsample=(False, False))
+def test_inflation_matches_image_tokenizer_on_static_video(causal, options):
+    image_cfg = TokenizerConfig.preset("tiny", temporal_kernel_size=1, num_frames=1, temporal_downsample=(False, False),
+                                       **options)
     image_tok = VideoTokenizer(image_cfg).eval()
-    video_cfg = TokenizerConfig.preset("tiny", causal=causal)
+    video_cfg = TokenizerConfig.preset("tiny", causal=causal, **options)
     video_tok = inflate_tokenizer(image_tok, video_cfg).eval()
     conv = video_tok.encoder.levels[0][0].conv1.weight  # (O, I, 3, 3, 3)
     centre = 2 if causal else 1
